@@ -1,0 +1,122 @@
+"""SimMIM (Xie et al., 2021, arXiv 2111.09886): mask token, one-layer linear pixel decoder, L1 on masked pixels."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import MaskConfig, ModelConfig
+from .swinv2 import SwinTransformerV2, create_swinv2
+
+NORM_TARGET_EPS = 1e-6
+LOSS_EPS = 1e-5
+
+
+def _local_mean_var(images: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pixel mean and unbiased variance over a window x window neighbourhood, padded cells not counted."""
+    pool = dict(kernel_size=window, stride=1, padding=window // 2, count_include_pad=False)
+    mean = F.avg_pool2d(images, **pool)
+    mean_sq = F.avg_pool2d(images**2, **pool)
+    # cells inside the image under each window; the count/(count-1) factor makes the variance unbiased
+    count = F.avg_pool2d(torch.ones_like(images[:1, :1]), window, 1, window // 2, count_include_pad=True) * window**2
+    var = ((mean_sq - mean**2) * (count / (count - 1))).clamp(min=0.0)
+    return mean, var
+
+
+def make_norm_target(images: torch.Tensor, window: int = 47) -> torch.Tensor:
+    """SwinV2's reconstruction target: each pixel normalised by the mean / std of its window x window neighbourhood."""
+    mean, var = _local_mean_var(images.float(), window)
+    return (images.float() - mean) / (var + NORM_TARGET_EPS).sqrt()
+
+
+def upsample_mask(mask: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Token mask (B, H/p, W/p) -> pixel mask (B, 1, H, W)."""
+    return mask.repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2).unsqueeze(1)
+
+
+class SimMIM(nn.Module):
+    """SwinV2 encoder with a mask token and a linear decoder, trained to reconstruct the masked pixels.
+
+    Args:
+        encoder: a SwinTransformerV2 built with num_classes=0; its mask token is created if missing.
+        norm_target: window of the per-pixel target normalisation (47 for SwinV2), or None to reconstruct the
+            (ImageNet-normalised) input itself.
+    """
+
+    def __init__(self, encoder: SwinTransformerV2, norm_target: int | None = 47) -> None:
+        super().__init__()
+        if encoder.num_classes != 0:
+            raise ValueError(
+                f"SimMIM needs a headless encoder, got num_classes={encoder.num_classes}; build it with num_classes=0"
+            )
+        if norm_target is not None and (norm_target < 3 or norm_target % 2 == 0):
+            raise ValueError(f"norm_target window must be an odd size >= 3 (47 in SwinV2), got {norm_target}")
+        self.encoder = encoder
+        encoder.enable_mask_token()
+        self.norm_target = norm_target
+        self.in_chans = encoder.in_chans
+        self.patch_size = encoder.patch_size
+        self.encoder_stride = encoder.patch_size * 2 ** (encoder.num_layers - 1)  # total downsampling
+        # the paper's decoder is linear: a 1x1 conv to stride^2 * C pixel values, rearranged to full resolution
+        self.decoder = nn.Sequential(
+            nn.Conv2d(encoder.num_features, self.encoder_stride**2 * self.in_chans, kernel_size=1),
+            nn.PixelShuffle(self.encoder_stride),
+        )
+
+    def target(self, images: torch.Tensor) -> torch.Tensor:
+        """What the decoder is trained to output for `images`."""
+        return images if self.norm_target is None else make_norm_target(images, self.norm_target)
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, C, H, W) normalised, mask (B, H/p, W/p) 0/1 -> (loss, reconstruction (B, C, H, W))."""
+        z = self.encoder.forward_features(images, mask)  # B, H/s, W/s, C_last
+        reconstruction = self.decoder(z.permute(0, 3, 1, 2))  # B, C, H, W
+        loss = self.loss(reconstruction, self.target(images), mask)
+        return loss, reconstruction
+
+    def loss(self, reconstruction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """L1 summed over masked pixels and channels / (masked pixels + 1e-5) / channels; visible pixels add 0."""
+        pixel_mask = upsample_mask(mask, self.patch_size).to(torch.float32)  # B, 1, H, W
+        l1 = F.l1_loss(reconstruction.float(), target.float(), reduction="none")
+        return (l1 * pixel_mask).sum() / (pixel_mask.sum() + LOSS_EPS) / self.in_chans
+
+    @torch.no_grad()
+    def target_to_image(self, images: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+        """Map a reconstruction back to the normalised-image space of `images` (undoing norm_target), for display."""
+        if self.norm_target is None:
+            return reconstruction.float()
+        mean, var = _local_mean_var(images.float(), self.norm_target)
+        return reconstruction.float() * (var + NORM_TARGET_EPS).sqrt() + mean
+
+
+def build_encoder(model_cfg: ModelConfig, num_classes: int = 0) -> SwinTransformerV2:
+    """The SwinV2 encoder described by `model_cfg` (named size plus overrides)."""
+    overrides = {
+        key: value
+        for key, value in dict(
+            embed_dim=model_cfg.embed_dim, depths=model_cfg.depths, num_heads=model_cfg.num_heads
+        ).items()
+        if value is not None
+    }
+    return create_swinv2(
+        model_cfg.arch,
+        img_size=model_cfg.img_size,
+        patch_size=model_cfg.patch_size,
+        in_chans=model_cfg.in_chans,
+        num_classes=num_classes,
+        window_size=model_cfg.window_size,
+        pretrained_window_sizes=model_cfg.pretrained_window_sizes,
+        mlp_ratio=model_cfg.mlp_ratio,
+        drop_path_rate=model_cfg.drop_path_rate,
+        ape=model_cfg.ape,
+        fused_attn=model_cfg.fused_attn,
+        grad_checkpointing=model_cfg.grad_checkpointing,
+        **overrides,
+    )
+
+
+def build_simmim(model_cfg: ModelConfig, mask_cfg: MaskConfig) -> SimMIM:
+    """SimMIM model for the given encoder and masking configuration."""
+    encoder = build_encoder(model_cfg, num_classes=0)
+    return SimMIM(encoder, norm_target=mask_cfg.norm_target_window if mask_cfg.norm_target else None)
