@@ -129,7 +129,6 @@ class PretrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    experiment: str | None = None  # name of the preset in conf/experiment/, if any
 
 
 def _check_type(value: Any, annotation: Any, path: str) -> Any:
@@ -141,8 +140,9 @@ def _check_type(value: Any, annotation: Any, path: str) -> Any:
             try:
                 return _check_type(value, option, path)
             except ConfigError as e:
-                errors.append(e)
-        raise errors[-1]
+                errors.append((option is type(None), e))
+        # report what was wrong with the value against the real type, not "expected null"
+        raise sorted(errors, key=lambda pair: pair[0])[0][1]
     if annotation is type(None):
         if value is None:
             return None

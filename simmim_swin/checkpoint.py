@@ -1,0 +1,154 @@
+"""Training checkpoints: atomic save, keep-last-k with a `latest` pointer, auto-resume lookup, RNG state.
+
+Layout: <run_dir>/checkpoints/step_00001000.pt ... plus `latest`, a text file holding the newest file name.
+Every file is written to a temporary name in the same folder and renamed over the target, so a crash leaves
+either the old file or the new one, never a torn one. Checkpoints hold only tensors and plain Python types:
+they load with torch.load(weights_only=True).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+
+CHECKPOINT_DIR = "checkpoints"
+LATEST_POINTER = "latest"
+_STEP_FILE = re.compile(r"step_(\d+)\.pt")
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (the rename) to disk."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """Write through `write(file)` into a temp file beside `path`, fsync it, rename it onto `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A dot-prefixed temp name never matches step_*.pt, so a crash mid-write leaves nothing a resume would pick.
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def save_checkpoint(path: str | Path, state: dict) -> Path:
+    """torch.save `state` to `path` atomically (temp file, fsync, rename, fsync of the folder)."""
+    return _atomic_write(Path(path), lambda f: torch.save(state, f))
+
+
+def _step_files(folder: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete step_*.pt in `folder`, oldest first."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        match = _STEP_FILE.fullmatch(path.name)
+        if match and path.is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def save_and_prune(run_dir: str | Path, step: int, state: dict, keep_last: int) -> Path:
+    """Save run_dir/checkpoints/step_{step:08d}.pt, point `latest` at it, delete all but the newest keep_last."""
+    if keep_last < 1:
+        raise ValueError(f"run.keep_last={keep_last} must be at least 1 (the checkpoint just written)")
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    path = save_checkpoint(folder / f"step_{step:08d}.pt", state)
+    _atomic_write(folder / LATEST_POINTER, lambda f: f.write(path.name.encode()))
+    files = _step_files(folder)
+    for _, old in files[: max(len(files) - keep_last, 0)]:
+        if old != path:  # never the file `latest` now names, even if an older run left higher steps behind
+            old.unlink(missing_ok=True)
+    return path
+
+
+def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint to resume from: the one `latest` names if it exists, else the highest step, else None."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    pointer = folder / LATEST_POINTER
+    if pointer.is_file():
+        # Only a bare file name inside the checkpoint folder is trusted.
+        target = folder / Path(pointer.read_text().strip()).name
+        if _STEP_FILE.fullmatch(target.name) and target.is_file():
+            return target
+    files = _step_files(folder)
+    return files[-1][1] if files else None
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """torch.load(weights_only=True) with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; check the path or the run directory")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(
+            f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it is truncated, corrupt or holds "
+            f"objects that weights_only=True refuses. Delete it to resume from an older one."
+        ) from e
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
+    return state
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Python, numpy (global), torch CPU and all CUDA generators, as plain types that weights_only=True loads."""
+    py_version, py_state, py_gauss = random.getstate()
+    # np.random.get_state() holds an ndarray that weights_only=True refuses: keep the dict form, key as a list.
+    np_state = np.random.get_state(legacy=False)
+    state: dict[str, Any] = {
+        "python": {"version": py_version, "state": list(py_state), "gauss_next": py_gauss},
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": np_state["state"]["key"].tolist(),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Restore what capture_rng_state saved; CUDA states are skipped on a machine without CUDA."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+    np_state = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": np_state["bit_generator"],
+            "state": {"key": np.asarray(np_state["key"], dtype=np.uint32), "pos": np_state["pos"]},
+            "has_gauss": np_state["has_gauss"],
+            "gauss": np_state["gauss"],
+        }
+    )
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        # Resuming on fewer visible devices restores the ones present.
+        cuda_states = state["cuda"][: torch.cuda.device_count()]
+        for index, cuda_state in enumerate(cuda_states):
+            torch.cuda.set_rng_state(cuda_state.cpu(), index)

@@ -1,0 +1,149 @@
+"""Map-style datasets for SimMIM pretraining: bundled scikit-image photographs and image folders.
+
+Every sample is (augmented image (3, H, W) float, token mask (H/p, W/p) uint8); labels are not used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from simmim_swin.config import DataConfig
+from simmim_swin.data.transforms import ImageTransform, build_pretrain_transform
+
+# The colour photographs shipped inside the scikit-image wheel (skimage/data); none needs a download.
+PHOTO_FILES: tuple[str, ...] = (
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "rocket.jpg",
+    "hubble_deep_field.jpg",
+    "ihc.png",  # skimage.data.immunohistochemistry()
+    "retina.jpg",
+    "motorcycle_left.png",  # skimage.data.stereo_motorcycle() left / right views
+    "motorcycle_right.png",
+)
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+
+DATA_SOURCES: tuple[str, ...] = ("photos", "folder")
+
+MaskFn = Callable[[], torch.Tensor]
+
+
+def _load_rgb(path: Path) -> Image.Image:
+    """Decode one image file to an RGB PIL image, naming the file if it cannot be read."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except OSError as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+        raise OSError(f"cannot read image {path}: {e}") from e
+
+
+def skimage_data_dir() -> Path:
+    """The folder of data files shipped inside the installed scikit-image package (skimage/data)."""
+    import skimage.data  # imported here: only source=photos needs scikit-image
+
+    # not skimage.data.data_dir: that is pooch's download cache, empty until something is fetched
+    return Path(skimage.data.__file__).parent
+
+
+class PhotoCrops(Dataset):
+    """Random crops of the real photographs bundled with scikit-image; an epoch is `samples_per_epoch` crops.
+
+    The photos are decoded once (about 15 MB in memory); sample i uses photo i % num_images, and the random
+    crop / flip / mask make every sample different.
+    """
+
+    def __init__(self, transform: ImageTransform, mask_generator: MaskFn, samples_per_epoch: int) -> None:
+        if samples_per_epoch <= 0:
+            raise ValueError(f"samples_per_epoch={samples_per_epoch} must be positive, e.g. 8192")
+        data_dir = skimage_data_dir()
+        missing = [name for name in PHOTO_FILES if not (data_dir / name).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"scikit-image's bundled photos {missing} are not in {data_dir}; reinstall scikit-image "
+                "(pip install --force-reinstall scikit-image) or use data.source=folder"
+            )
+        self.paths = [data_dir / name for name in PHOTO_FILES]
+        self.photos = [_load_rgb(p) for p in self.paths]
+        self.transform = transform
+        self.mask_generator = mask_generator
+        self.samples_per_epoch = samples_per_epoch
+
+    @property
+    def num_images(self) -> int:
+        """Number of distinct photographs."""
+        return len(self.photos)
+
+    def load_image(self, k: int) -> Image.Image:
+        """The k-th distinct photograph as an RGB PIL image (a copy: callers may modify it)."""
+        return self.photos[k].copy()
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.transform(self.photos[index % len(self.photos)]), self.mask_generator()
+
+    def __repr__(self) -> str:
+        return f"PhotoCrops(num_images={self.num_images}, samples_per_epoch={self.samples_per_epoch})"
+
+
+def find_images(root: str | Path) -> list[Path]:
+    """All image files under `root`, recursively, sorted; extensions matched case-insensitively."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"image folder {str(root)!r} does not exist or is not a directory; set data.root to one")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise ValueError(
+            f"image folder {str(root)!r} holds no images (looked recursively for {sorted(IMAGE_EXTENSIONS)})"
+        )
+    return files
+
+
+class ImageFolderMIM(Dataset):
+    """Every image file under `root` (recursively, sorted), decoded on access; one epoch = each file once."""
+
+    def __init__(self, root: str | Path, transform: ImageTransform, mask_generator: MaskFn) -> None:
+        self.root = Path(root)
+        self.paths = find_images(self.root)
+        self.transform = transform
+        self.mask_generator = mask_generator
+
+    @property
+    def num_images(self) -> int:
+        """Number of image files."""
+        return len(self.paths)
+
+    def load_image(self, k: int) -> Image.Image:
+        """The k-th image file (sorted order) as an RGB PIL image."""
+        return _load_rgb(self.paths[k])
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.transform(_load_rgb(self.paths[index])), self.mask_generator()
+
+    def __repr__(self) -> str:
+        return f"ImageFolderMIM(root={str(self.root)!r}, num_images={self.num_images})"
+
+
+def build_pretrain_dataset(data_cfg: DataConfig, img_size: int, mask_generator: MaskFn) -> Dataset:
+    """The pretraining dataset named by `data_cfg.source`, with the SimMIM augmentation at `img_size`."""
+    if data_cfg.source not in DATA_SOURCES:
+        raise ValueError(f"data.source={data_cfg.source!r} is not one of {list(DATA_SOURCES)}")
+    transform = build_pretrain_transform(
+        img_size, crop_scale=data_cfg.crop_scale, crop_ratio=data_cfg.crop_ratio, hflip=data_cfg.hflip
+    )
+    if data_cfg.source == "photos":
+        return PhotoCrops(transform, mask_generator, samples_per_epoch=data_cfg.samples_per_epoch)
+    if not data_cfg.root:
+        raise ValueError("data.source=folder needs data.root: the folder of images to pretrain on")
+    return ImageFolderMIM(data_cfg.root, transform, mask_generator)

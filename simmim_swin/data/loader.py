@@ -1,0 +1,184 @@
+"""Deterministic data loading for map-style pretraining datasets, and the fixed batch shown in image panels.
+
+Every sample's randomness (crop, flip, mask) comes from its own seed, drawn together with the shuffle order
+from one torch.Generator seeded by (seed, epoch). So a batch depends on the seed, the epoch and the rank only:
+not on num_workers, not on which worker runs it, and not on whatever else used the process's global RNG.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from simmim_swin.data.transforms import build_eval_transform
+
+_MAX_SAMPLE_SEED = 2**62  # torch and python take seeds this large; numpy's legacy seeding gets them mod 2**32
+
+
+def make_epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """A CPU torch.Generator whose state is a function of (seed, epoch) alone."""
+    if seed < 0 or epoch < 0:
+        raise ValueError(f"seed={seed} and epoch={epoch} must be non-negative integers")
+    # SeedSequence hashes the pair: neighbouring pairs give unrelated streams (seed + epoch would equate (0, 1), (1, 0))
+    state = np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) % _MAX_SAMPLE_SEED)
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
+
+
+class SeededSampler(Sampler[tuple[int, int]]):
+    """Yields (index, sample_seed) in a shuffled order; each pass draws a new order and new seeds from `generator`.
+
+    With world_size > 1 every rank draws the same permutation (same generator seed) and takes every
+    world_size-th position starting at its rank, truncated so all ranks see the same number of samples.
+    `skip` drops this rank's first samples without loading them (resuming in the middle of an epoch).
+    """
+
+    def __init__(
+        self, num_samples: int, generator: torch.Generator, rank: int = 0, world_size: int = 1, skip: int = 0
+    ) -> None:
+        _check_rank(rank, world_size)
+        self.num_samples = num_samples
+        self.generator = generator
+        self.rank = rank
+        self.world_size = world_size
+        self.per_rank = num_samples // world_size
+        if not 0 <= skip <= self.per_rank:
+            raise ValueError(f"skip={skip} must lie in [0, {self.per_rank}], the samples per process in an epoch")
+        self.skip = skip
+
+    def __len__(self) -> int:
+        return self.per_rank - self.skip
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = torch.randperm(self.num_samples, generator=self.generator)
+        # seeds are indexed by position in the global order, so ranks never share a sample seed
+        seeds = torch.randint(0, _MAX_SAMPLE_SEED, (self.num_samples,), generator=self.generator)
+        start = self.rank + self.skip * self.world_size
+        for pos in range(start, self.per_rank * self.world_size, self.world_size):
+            yield int(order[pos]), int(seeds[pos])
+
+
+class SeededSamples(Dataset):
+    """Wraps a map-style dataset: item (index, seed) runs dataset[index] with torch, python and numpy RNGs seeded.
+
+    The caller's RNG states are restored afterwards, so with num_workers=0 the training process's random
+    streams (dropout, drop path) are left untouched. Other attributes are forwarded to the wrapped dataset.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        py_state, np_state = random.getstate(), np.random.get_state()
+        # devices=[]: only the CPU generator is forked; transforms and masks run on the CPU
+        with torch.random.fork_rng(devices=[]):
+            # not torch.manual_seed: that would also reseed CUDA, outside what fork_rng restores
+            torch.default_generator.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+
+    def __getattr__(self, name: str) -> Any:
+        # only public names: dunders (e.g. __getitems__) must not bypass the seeding, and guarding "dataset"
+        # avoids infinite recursion while unpickling in a worker
+        if name.startswith("_") or name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def build_pretrain_loader(
+    dataset: Dataset,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    epoch: int = 0,
+    pin_memory: bool = False,
+    drop_last: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+    skip_batches: int = 0,
+) -> DataLoader:
+    """DataLoader over `dataset` for one epoch, shuffled and augmented deterministically from (seed, epoch).
+
+    Yields what the dataset's items collate to, e.g. (images (B, 3, H, W), masks (B, h, w)). Build a new loader
+    per epoch; iterating one loader again draws a fresh order and fresh augmentations from its generator.
+    With world_size > 1 each rank gets a disjoint share of one permutation. `skip_batches` starts the epoch
+    that many batches in, without loading them, and yields exactly the batches an uninterrupted run would have.
+    Worker processes need no worker_init_fn: torch seeds torch, `random` and numpy in each worker from the
+    loader generator already (torch.utils.data._utils.worker), and the per-sample seeds override them anyway.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size={batch_size} must be positive")
+    if num_workers < 0:
+        raise ValueError(f"num_workers={num_workers} must be >= 0 (0 loads in the main process)")
+    _check_rank(rank, world_size)
+    per_rank = len(dataset) // world_size
+    if per_rank < batch_size:
+        total = f" ({len(dataset)} across world_size={world_size})" if world_size > 1 else ""
+        raise ValueError(
+            f"the dataset gives {per_rank} samples per process{total}, fewer than one batch of {batch_size}; "
+            "lower data.batch_size or add images (data.samples_per_epoch for source=photos)"
+        )
+    if not 0 <= skip_batches * batch_size <= per_rank:
+        num_batches = per_rank // batch_size
+        raise ValueError(f"skip_batches={skip_batches} must lie in [0, {num_batches}], the batches in one epoch")
+    generator = make_epoch_generator(seed, epoch)
+    # the DataLoader draws its workers' base seed from a generator on every iter(); give it its own, derived from
+    # (seed, epoch), so that draw never consumes the process's global torch RNG
+    worker_generator = torch.Generator().manual_seed(int(torch.randint(_MAX_SAMPLE_SEED, (1,), generator=generator)))
+    sampler = SeededSampler(len(dataset), generator, rank=rank, world_size=world_size, skip=skip_batches * batch_size)
+    return DataLoader(
+        SeededSamples(dataset),
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        # pinning needs an accelerator; without one torch only warns, so skip it
+        pin_memory=pin_memory and torch.cuda.is_available(),
+        drop_last=drop_last,
+        persistent_workers=num_workers > 0,
+        generator=worker_generator,
+    )
+
+
+def make_fixed_batch(
+    dataset: Any,
+    num_images: int,
+    img_size: int,
+    mask_generator: Callable[..., torch.Tensor],
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same images and masks every call: the first `num_images` distinct images (cycled if fewer).
+
+    Args:
+        dataset: anything with `num_images` and `load_image(k) -> PIL.Image` (PhotoCrops, ImageFolderMIM).
+        mask_generator: called as mask_generator(generator=g), e.g. a MaskGenerator.
+
+    Returns:
+        images (N, 3, img_size, img_size) float, normalised through the eval transform; masks (N, h, w) uint8.
+    """
+    if num_images <= 0:
+        raise ValueError(f"num_images={num_images} must be positive")
+    if dataset.num_images <= 0:
+        raise ValueError(f"{dataset!r} has no images to show")
+    transform = build_eval_transform(img_size)
+    images = torch.stack([transform(dataset.load_image(k % dataset.num_images)) for k in range(num_images)])
+    generator = torch.Generator().manual_seed(seed)
+    masks = torch.stack([mask_generator(generator=generator) for _ in range(num_images)]).to(torch.uint8)
+    return images, masks  # N, 3, H, W and N, h, w

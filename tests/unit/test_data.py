@@ -1,0 +1,280 @@
+"""Transforms, datasets and the deterministic loader of simmim_swin.data."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from simmim_swin.config import DataConfig
+from simmim_swin.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PHOTO_FILES,
+    ImageFolderMIM,
+    PhotoCrops,
+    SeededSampler,
+    build_eval_transform,
+    build_pretrain_dataset,
+    build_pretrain_loader,
+    build_pretrain_transform,
+    denormalize,
+    make_epoch_generator,
+    make_fixed_batch,
+)
+from simmim_swin.masking import MaskGenerator
+
+IMG = 32
+MASK_PATCH = 8
+PATCH = 4
+RATIO = 0.6
+
+
+@pytest.fixture(scope="module")
+def mask_generator() -> MaskGenerator:
+    return MaskGenerator(IMG, MASK_PATCH, PATCH, RATIO)
+
+
+@pytest.fixture(scope="module")
+def photos(mask_generator: MaskGenerator) -> PhotoCrops:
+    return PhotoCrops(build_pretrain_transform(IMG), mask_generator, samples_per_epoch=36)
+
+
+def _noise_image(seed: int, size: tuple[int, int] = (80, 60)) -> Image.Image:
+    """An RGB image of uniform noise, size = (width, height)."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+class _IndexDataset(torch.utils.data.Dataset):
+    """Item i -> (i, a draw from torch's global RNG): shows both the order and the per-sample seeding."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
+        return index, torch.rand(())
+
+
+# ----------------------------------------------------------------------------------------------- transforms
+
+
+def test_pretrain_transform_shape_dtype_and_normalisation() -> None:
+    rgb = (200, 100, 50)
+    out = build_pretrain_transform(IMG)(Image.new("RGB", (90, 70), rgb))
+    assert out.shape == (3, IMG, IMG) and out.dtype == torch.float32
+    # a flat colour survives any crop, so every pixel must be exactly the normalised colour
+    expected = torch.tensor([(c / 255 - m) / s for c, m, s in zip(rgb, IMAGENET_MEAN, IMAGENET_STD)])
+    torch.testing.assert_close(out, expected.view(3, 1, 1).expand_as(out), atol=1e-5, rtol=0)
+
+
+def test_pretrain_transform_is_random_and_follows_torch_rng() -> None:
+    transform = build_pretrain_transform(IMG)
+    img = _noise_image(0)
+    torch.manual_seed(1)
+    a, b = transform(img), transform(img)
+    torch.manual_seed(1)
+    assert not torch.equal(a, b)
+    assert torch.equal(transform(img), a)
+
+
+def test_pretrain_transform_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="crop_scale"):
+        build_pretrain_transform(IMG, crop_scale=(0.5, 1.5))
+    with pytest.raises(ValueError, match="crop_ratio"):
+        build_pretrain_transform(IMG, crop_ratio=(4 / 3, 3 / 4))
+    with pytest.raises(ValueError, match="img_size"):
+        build_pretrain_transform(0)
+
+
+def test_eval_transform_is_a_deterministic_centre_crop() -> None:
+    # 90 x 60 px: blue in the middle, red in the outer 12 columns on each side. Shorter side 60 -> 32 scales
+    # the width to 48 and the centre crop keeps resized columns 8..40 = original 15..75: only blue remains.
+    pixels = np.zeros((60, 90, 3), dtype=np.uint8)
+    pixels[:, :, 2] = 255
+    pixels[:, :12] = pixels[:, 78:] = (255, 0, 0)
+    img = Image.fromarray(pixels)
+    transform = build_eval_transform(IMG)
+    out = transform(img)
+    assert out.shape == (3, IMG, IMG)
+    assert torch.equal(out, transform(img))
+    np.testing.assert_array_equal(denormalize(out), np.broadcast_to(np.array([0, 0, 255], np.uint8), (IMG, IMG, 3)))
+
+
+def test_denormalize_inverts_normalisation_and_clamps() -> None:
+    pixels = np.random.default_rng(2).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    normalised = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - mean) / std
+    out = denormalize(normalised)
+    assert out.dtype == np.uint8 and out.shape == (2, 8, 8, 3)
+    np.testing.assert_array_equal(out, pixels)
+    np.testing.assert_array_equal(denormalize(normalised[0]), pixels[0])
+    extremes = denormalize(torch.stack([torch.full((3, 2, 2), -100.0), torch.full((3, 2, 2), 100.0)]))
+    assert extremes[0].max() == 0 and extremes[1].min() == 255
+    with pytest.raises(ValueError, match="shape"):
+        denormalize(torch.zeros(2, 1, 8, 8))
+
+
+# ----------------------------------------------------------------------------------------------- datasets
+
+
+def test_photo_crops_are_distinct_with_masks_of_the_right_shape(photos: PhotoCrops) -> None:
+    assert photos.num_images == len(PHOTO_FILES) and len(photos) == 36
+    first = photos.load_image(0)
+    assert first.mode == "RGB" and min(first.size) >= 256  # a real photograph, not a thumbnail
+    torch.manual_seed(0)
+    samples = [photos[i] for i in range(2 * photos.num_images)]
+    images = torch.stack([s[0] for s in samples])
+    assert images.shape == (2 * photos.num_images, 3, IMG, IMG)
+    # sample i and i + num_images come from the same photo but are different random crops
+    for i in range(photos.num_images):
+        assert not torch.equal(images[i], images[i + photos.num_images])
+    num_mask_patches = (IMG // MASK_PATCH) ** 2
+    scale = MASK_PATCH // PATCH
+    for _, mask in samples:
+        assert mask.shape == (IMG // PATCH, IMG // PATCH) and mask.dtype == torch.uint8
+        assert int(mask[::scale, ::scale].sum()) == math.ceil(num_mask_patches * RATIO)
+        assert int(mask.sum()) == math.ceil(num_mask_patches * RATIO) * scale**2
+
+
+@pytest.fixture()
+def image_folder(tmp_path):
+    root = tmp_path / "images"
+    (root / "sub" / "deeper").mkdir(parents=True)
+    _noise_image(0).save(root / "b.png")
+    _noise_image(1).save(root / "sub" / "A.JPG")
+    Image.fromarray(np.full((40, 50), 77, dtype=np.uint8)).save(root / "sub" / "deeper" / "grey.Png")  # mode L
+    _noise_image(3).convert("RGBA").save(root / "sub" / "deeper" / "rgba.TIFF")
+    (root / "notes.txt").write_text("not an image")
+    (root / "dir.png").mkdir()  # a directory with an image-like name is not an image
+    return root
+
+
+def test_image_folder_finds_images_recursively(image_folder, mask_generator: MaskGenerator) -> None:
+    ds = ImageFolderMIM(image_folder, build_pretrain_transform(IMG), mask_generator)
+    names = [p.relative_to(image_folder).as_posix() for p in ds.paths]
+    assert names == ["b.png", "sub/A.JPG", "sub/deeper/grey.Png", "sub/deeper/rgba.TIFF"]
+    assert len(ds) == ds.num_images == 4
+    for k in range(len(ds)):
+        assert ds.load_image(k).mode == "RGB"
+        image, mask = ds[k]
+        assert image.shape == (3, IMG, IMG) and mask.shape == (IMG // PATCH, IMG // PATCH)
+    assert np.all(np.asarray(ds.load_image(2)) == 77)  # greyscale expanded to three equal channels
+
+
+def test_image_folder_errors_name_the_folder(tmp_path, mask_generator: MaskGenerator) -> None:
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "sub" / "readme.md").write_text("no images here")
+    with pytest.raises(ValueError, match="holds no images") as err:
+        ImageFolderMIM(empty, build_pretrain_transform(IMG), mask_generator)
+    assert str(empty) in str(err.value)
+    with pytest.raises(ValueError, match="does not exist"):
+        ImageFolderMIM(tmp_path / "missing", build_pretrain_transform(IMG), mask_generator)
+
+
+def test_image_folder_corrupt_file_names_the_file(tmp_path, mask_generator: MaskGenerator) -> None:
+    (tmp_path / "broken.jpg").write_bytes(b"definitely not a jpeg")
+    ds = ImageFolderMIM(tmp_path, build_pretrain_transform(IMG), mask_generator)
+    with pytest.raises(OSError, match="broken.jpg"):
+        ds[0]
+
+
+def test_build_pretrain_dataset_sources(image_folder, mask_generator: MaskGenerator) -> None:
+    photos = build_pretrain_dataset(DataConfig(source="photos", samples_per_epoch=20), IMG, mask_generator)
+    assert isinstance(photos, PhotoCrops) and len(photos) == 20
+    folder = build_pretrain_dataset(DataConfig(source="folder", root=str(image_folder)), IMG, mask_generator)
+    assert isinstance(folder, ImageFolderMIM) and len(folder) == 4
+    assert folder[0][0].shape == (3, IMG, IMG)
+    with pytest.raises(ValueError, match="data.root"):
+        build_pretrain_dataset(DataConfig(source="folder"), IMG, mask_generator)
+    with pytest.raises(ValueError, match="'photos', 'folder'"):
+        build_pretrain_dataset(DataConfig(source="imagenet"), IMG, mask_generator)
+
+
+# ----------------------------------------------------------------------------------------------- loader
+
+
+def _first_batch(dataset, num_workers: int, seed: int = 0, epoch: int = 0):
+    return next(iter(build_pretrain_loader(dataset, batch_size=8, num_workers=num_workers, seed=seed, epoch=epoch)))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loader_is_deterministic_in_seed_and_epoch(photos: PhotoCrops, num_workers: int) -> None:
+    images, masks = _first_batch(photos, num_workers)
+    assert images.shape == (8, 3, IMG, IMG) and masks.shape == (8, IMG // PATCH, IMG // PATCH)
+    torch.manual_seed(123)  # the global RNG must not matter
+    again_images, again_masks = _first_batch(photos, num_workers)
+    assert torch.equal(images, again_images) and torch.equal(masks, again_masks)
+    other_epoch, _ = _first_batch(photos, num_workers, epoch=1)
+    other_seed, _ = _first_batch(photos, num_workers, seed=1)
+    assert not torch.equal(images, other_epoch)
+    assert not torch.equal(images, other_seed)
+
+
+def test_loader_batches_do_not_depend_on_num_workers(photos: PhotoCrops) -> None:
+    in_process = _first_batch(photos, 0, seed=5, epoch=3)
+    with_workers = _first_batch(photos, 2, seed=5, epoch=3)
+    assert torch.equal(in_process[0], with_workers[0]) and torch.equal(in_process[1], with_workers[1])
+
+
+def test_loader_order_and_global_rng() -> None:
+    loader = build_pretrain_loader(_IndexDataset(20), batch_size=4, num_workers=0, seed=0, epoch=0)
+    assert len(loader) == 5
+    state = torch.get_rng_state()
+    first = [(int(i), float(r)) for idx, rand in loader for i, r in zip(idx, rand)]
+    assert torch.equal(torch.get_rng_state(), state)  # the training process's RNG stream is untouched
+    assert sorted(i for i, _ in first) == list(range(20))
+    assert [i for i, _ in first] != list(range(20))
+    assert len({r for _, r in first}) == 20  # each sample has its own seed
+    second = [(int(i), float(r)) for idx, rand in loader for i, r in zip(idx, rand)]
+    assert second != first  # iterating the same loader again draws a fresh order and fresh seeds
+
+
+def test_loader_drop_last_and_too_small_dataset() -> None:
+    assert len(build_pretrain_loader(_IndexDataset(10), batch_size=4, num_workers=0, seed=0)) == 2
+    assert len(build_pretrain_loader(_IndexDataset(10), batch_size=4, num_workers=0, seed=0, drop_last=False)) == 3
+    with pytest.raises(ValueError, match=r"gives 3 samples.*one batch of 4"):
+        build_pretrain_loader(_IndexDataset(3), batch_size=4, num_workers=0, seed=0)
+
+
+def test_loader_skip_batches_resumes_mid_epoch() -> None:
+    def batches(**kwargs):
+        loader = build_pretrain_loader(_IndexDataset(20), batch_size=4, num_workers=0, seed=3, epoch=1, **kwargs)
+        return [(idx.tolist(), rand.tolist()) for idx, rand in loader]
+
+    full = batches()
+    assert batches(skip_batches=2) == full[2:]
+    assert batches(skip_batches=5) == []
+    with pytest.raises(ValueError, match="skip_batches=6"):
+        batches(skip_batches=6)
+
+
+def test_sampler_splits_ranks_disjointly() -> None:
+    parts = [list(SeededSampler(10, make_epoch_generator(0, 2), rank=r, world_size=3)) for r in range(3)]
+    assert all(len(p) == 3 for p in parts)
+    indices = [i for p in parts for i, _ in p]
+    seeds = [s for p in parts for _, s in p]
+    assert len(set(indices)) == 9 and len(set(seeds)) == 9
+    with pytest.raises(ValueError, match="rank"):
+        SeededSampler(10, make_epoch_generator(0, 0), rank=3, world_size=3)
+
+
+def test_make_fixed_batch_is_deterministic(photos: PhotoCrops, mask_generator: MaskGenerator) -> None:
+    n = photos.num_images + 2  # more than there are photos: cycles
+    images, masks = make_fixed_batch(photos, n, IMG, mask_generator, seed=0)
+    assert images.shape == (n, 3, IMG, IMG) and images.dtype == torch.float32
+    assert masks.shape == (n, IMG // PATCH, IMG // PATCH) and masks.dtype == torch.uint8
+    torch.manual_seed(99)
+    images2, masks2 = make_fixed_batch(photos, n, IMG, mask_generator, seed=0)
+    assert torch.equal(images, images2) and torch.equal(masks, masks2)
+    assert torch.equal(images[0], images[photos.num_images]) and not torch.equal(images[0], images[1])
+    assert torch.equal(images[0], build_eval_transform(IMG)(photos.load_image(0)))
+    _, other_masks = make_fixed_batch(photos, n, IMG, mask_generator, seed=1)
+    assert not torch.equal(masks, other_masks)

@@ -1,0 +1,268 @@
+"""Parameter groups (SPEC section 2 weight-decay exclusions), lr scaling and the per-step lr schedules."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from simmim_swin.config import OptimConfig, ScheduleConfig
+from simmim_swin.optim import (
+    NO_WEIGHT_DECAY_PATTERNS,
+    build_optimizer,
+    build_scheduler,
+    lr_at_step,
+    param_groups,
+    scaled_lrs,
+)
+
+
+class _Attn(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.logit_scale = nn.Parameter(torch.ones(heads, 1, 1))
+        self.cpb_mlp = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, heads, bias=False))
+        self.proj = nn.Linear(dim, dim)
+
+
+class _Mlp(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.fc2 = nn.Linear(2 * dim, dim)
+
+
+class _Block(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.attn = _Attn(dim, heads)
+        self.norm1 = nn.LayerNorm(dim)
+        self.mlp = _Mlp(dim)
+        self.norm2 = nn.LayerNorm(dim)
+
+
+class _Merge(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = nn.LayerNorm(2 * dim)
+
+
+class _Stage(nn.Module):
+    def __init__(self, dim: int, heads: int, merge: bool) -> None:
+        super().__init__()
+        self.downsample = _Merge(dim // 2) if merge else nn.Identity()
+        self.blocks = nn.ModuleList([_Block(dim, heads) for _ in range(2)])
+
+
+class _PatchEmbed(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, 4, 4)
+        self.norm = nn.LayerNorm(dim)
+
+
+class _Head(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(dim, 10)
+
+
+class _Encoder(nn.Module):
+    """Stand-in with the parameter names and shapes of the real SwinV2 encoder (plus SimMIM's mask_token)."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.patch_embed = _PatchEmbed(dim)
+        self.absolute_pos_embed = nn.Parameter(torch.zeros(1, 16, dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.layers = nn.ModuleList([_Stage(dim, 1, False), _Stage(2 * dim, 2, True)])
+        self.norm = nn.LayerNorm(2 * dim)
+        self.head = _Head(2 * dim)
+
+
+class _SimMIM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = _Encoder()
+        self.decoder = nn.Sequential(nn.Conv2d(16, 3 * 4, 1), nn.PixelShuffle(2))
+
+
+def _excluded_2d(name: str) -> bool:
+    return any(key in name for key in ("absolute_pos_embed", "mask_token", "cpb_mlp", "logit_scale"))
+
+
+def _split(model: nn.Module, groups: list[dict]) -> tuple[set[str], set[str]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    no_decay = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    return decay, no_decay
+
+
+@pytest.mark.parametrize("wrap", ["bare", "simmim", "ddp"])
+def test_param_groups_exclusions(wrap: str) -> None:
+    if wrap == "bare":
+        model = _Encoder()
+    elif wrap == "simmim":
+        model = _SimMIM()
+    else:  # DistributedDataParallel prefixes every name with `module.`
+        model = nn.Module()
+        model.module = _SimMIM()
+    groups = param_groups(model, 0.05)
+    decay, no_decay = _split(model, groups)
+    all_names = {n for n, _ in model.named_parameters()}
+    assert decay | no_decay == all_names and not decay & no_decay
+    for name, param in model.named_parameters():
+        expect_no_decay = param.ndim <= 1 or name.endswith(".bias") or _excluded_2d(name)
+        assert (name in no_decay) == expect_no_decay, name
+    # The traps the patterns exist for: >= 2-D parameters that the 1-D rule alone would decay.
+    prefix = {"bare": "", "simmim": "encoder.", "ddp": "module.encoder."}[wrap]
+    for name in (
+        "absolute_pos_embed",
+        "mask_token",
+        "layers.0.blocks.0.attn.cpb_mlp.0.weight",
+        "layers.1.blocks.1.attn.cpb_mlp.2.weight",
+        "layers.0.blocks.0.attn.logit_scale",
+    ):
+        assert prefix + name in no_decay
+    for name in ("patch_embed.proj.weight", "layers.0.blocks.0.attn.qkv.weight", "layers.1.downsample.reduction.weight",
+                 "layers.1.blocks.0.mlp.fc1.weight", "head.fc.weight"):
+        assert prefix + name in decay
+    assert {g["weight_decay"] for g in groups} == {0.0, 0.05}
+
+
+def test_param_groups_on_timm_swinv2() -> None:
+    """The real parameter names (timm's swinv2 layout, which our encoder keeps) hit every exclusion."""
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
+
+    model = SwinTransformerV2(img_size=32, embed_dim=8, depths=(1, 1), num_heads=(1, 2), window_size=4)
+    decay, no_decay = _split(model, param_groups(model, 0.05))
+    cpb = {n for n in no_decay if "cpb_mlp" in n}
+    assert {n for n, _ in model.named_parameters() if "cpb_mlp" in n} == cpb and len(cpb) == 6
+    assert {n for n in no_decay if n.endswith("logit_scale")} == {
+        "layers.0.blocks.0.attn.logit_scale",
+        "layers.1.blocks.0.attn.logit_scale",
+    }
+    assert all(p.ndim >= 2 for n, p in model.named_parameters() if n in decay)
+    assert all(not _excluded_2d(n) and not n.endswith(".bias") for n in decay)
+
+
+def test_param_groups_skip_frozen_and_custom_patterns() -> None:
+    model = _Encoder()
+    model.head.fc.weight.requires_grad_(False)
+    decay, no_decay = _split(model, param_groups(model, 0.05, no_weight_decay_patterns=("*patch_embed.*",)))
+    assert "head.fc.weight" not in decay | no_decay
+    assert "patch_embed.proj.weight" in no_decay
+    assert "mask_token" in decay  # the defaults are replaced, not extended
+    assert "*mask_token" in NO_WEIGHT_DECAY_PATTERNS
+
+
+def test_scaled_lrs() -> None:
+    cfg = OptimConfig(base_lr=1e-4, warmup_lr=5e-7, min_lr=5e-6, lr_reference_batch=512)
+    lr, warmup_lr, min_lr = scaled_lrs(cfg, 2048)
+    assert (lr, warmup_lr, min_lr) == pytest.approx((4e-4, 2e-6, 2e-5))
+    assert scaled_lrs(cfg, 512) == pytest.approx((1e-4, 5e-7, 5e-6))
+    with pytest.raises(ValueError, match="total_batch"):
+        scaled_lrs(cfg, 0)
+
+
+def test_build_optimizer_settings() -> None:
+    model = _Encoder()
+    cfg = OptimConfig(weight_decay=0.1, betas=[0.8, 0.95], eps=1e-6, fused=None)
+    opt = build_optimizer(model, cfg, lr=3e-4)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert all(g["lr"] == 3e-4 and g["betas"] == (0.8, 0.95) and g["eps"] == 1e-6 for g in opt.param_groups)
+    assert sorted(g["weight_decay"] for g in opt.param_groups) == [0.0, 0.1]
+    assert not opt.defaults["fused"]
+    with pytest.warns(UserWarning, match="fused"):
+        opt = build_optimizer(model, OptimConfig(fused=True), lr=1e-3)
+    assert not opt.defaults["fused"]  # never fused on the CPU
+    with pytest.raises(ValueError, match="betas"):
+        build_optimizer(model, OptimConfig(betas=[0.9]), lr=1e-3)
+
+
+def _scheduler(kind: str, **overrides):
+    opt = torch.optim.AdamW(nn.Linear(2, 2).parameters(), lr=1e-3)
+    cfg = ScheduleConfig(**{"epochs": 10, "warmup_epochs": 2, "kind": kind, "decay_epochs": [6], **overrides})
+    return opt, build_scheduler(opt, cfg, steps_per_epoch=5, warmup_lr=1e-6, min_lr=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "multistep"])
+def test_warmup(kind: str) -> None:
+    opt, sched = _scheduler(kind)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-6)  # set at construction
+    assert lr_at_step(sched, 0) == pytest.approx(1e-6)
+    warm = [lr_at_step(sched, s) for s in range(11)]
+    assert all(b > a for a, b in zip(warm[:10], warm[1:10]))
+    assert warm[5] == pytest.approx(1e-6 + 0.5 * (1e-3 - 1e-6))
+    assert warm[10] == pytest.approx(1e-3)  # first update after the 10 warm-up steps runs at the peak lr
+
+
+def test_multistep_drops_exactly_at_milestone() -> None:
+    _, sched = _scheduler("multistep", decay_epochs=[6, 8], decay_rate=0.1)
+    assert lr_at_step(sched, 29) == pytest.approx(1e-3)
+    assert lr_at_step(sched, 30) == pytest.approx(1e-4)  # epoch 6 * 5 steps
+    assert lr_at_step(sched, 39) == pytest.approx(1e-4)
+    assert lr_at_step(sched, 40) == pytest.approx(1e-5)
+    assert lr_at_step(sched, 49) == pytest.approx(1e-5)
+
+
+def test_cosine_shape_and_end() -> None:
+    _, sched = _scheduler("cosine")
+    lrs = [lr_at_step(sched, s) for s in range(10, 51)]
+    assert all(b < a for a, b in zip(lrs, lrs[1:]))
+    assert lr_at_step(sched, 30) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))  # half-way through the cosine
+    assert lr_at_step(sched, 50) == pytest.approx(1e-5)  # after the last of 50 updates
+    last = lr_at_step(sched, 49)
+    assert 1e-5 < last < 1e-5 + (1e-3 - 1e-5) * (1 - math.cos(math.pi / 40)) / 2 + 1e-12
+
+
+@pytest.mark.parametrize("kind", ["cosine", "multistep"])
+def test_lr_at_step_matches_step_update(kind: str) -> None:
+    opt, sched = _scheduler(kind)
+    expected = [lr_at_step(sched, s) for s in range(50)]
+    seen = []
+    for step in range(50):
+        sched.step_update(step)
+        seen.append(opt.param_groups[0]["lr"])
+    assert seen == pytest.approx(expected)
+    assert lr_at_step(sched, 3) == pytest.approx(expected[3])  # pure: stepping did not change the function
+
+
+def test_lr_at_step_honours_lr_scale() -> None:
+    opt = torch.optim.AdamW([{"params": [nn.Parameter(torch.zeros(2))], "lr_scale": 0.5}], lr=1e-3)
+    sched = build_scheduler(opt, ScheduleConfig(epochs=4, warmup_epochs=0, kind="cosine"), 2, 0.0, 0.0)
+    sched.step_update(3)
+    assert lr_at_step(sched, 3) == pytest.approx(opt.param_groups[0]["lr"])
+    assert lr_at_step(sched, 0) == pytest.approx(5e-4)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"kind": "linear"}, r"\['cosine', 'multistep'\]"),
+        ({"warmup_epochs": 11}, "warmup_epochs=11"),
+        ({"kind": "cosine", "warmup_epochs": 10}, "after warm-up"),
+        ({"decay_epochs": [10]}, "milestone 10"),
+        ({"decay_epochs": [0]}, "milestone 0"),
+        ({"decay_epochs": [1]}, "inside the warm-up"),
+    ],
+)
+def test_schedule_errors(overrides: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        _scheduler(overrides.pop("kind", "multistep"), **overrides)
+
+
+def test_reference_recipe_numbers() -> None:
+    """SwinV2-B SimMIM: total batch 2048, 800 epochs, 10 warm-up, x0.1 at 700."""
+    opt_cfg = OptimConfig()
+    lr, warmup_lr, min_lr = scaled_lrs(opt_cfg, 2048)
+    opt = build_optimizer(nn.Linear(4, 4), opt_cfg, lr)
+    sched = build_scheduler(opt, ScheduleConfig(), steps_per_epoch=3, warmup_lr=warmup_lr, min_lr=min_lr)
+    assert lr_at_step(sched, 0) == pytest.approx(2e-6)
+    assert lr_at_step(sched, 30) == pytest.approx(4e-4)
+    assert lr_at_step(sched, 2099) == pytest.approx(4e-4)
+    assert lr_at_step(sched, 2100) == pytest.approx(4e-5)
