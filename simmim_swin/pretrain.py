@@ -12,7 +12,7 @@ import yaml
 from .checkpoint import capture_rng_state, find_latest_checkpoint, load_checkpoint, restore_rng_state, save_and_prune
 from .config import ConfigError, PretrainConfig, to_dict
 from .data import build_pretrain_dataset, build_pretrain_loader, make_fixed_batch
-from .engine import train_step
+from .engine import simmim_loss, train_step
 from .masking import MaskGenerator
 from .models import SimMIM, build_simmim
 from .optim import build_optimizer, build_scheduler, scaled_lrs
@@ -171,7 +171,7 @@ def run_pretrain(config: PretrainConfig) -> Path:
             micro_batches = [next(batches) for _ in range(accum)]
             scheduler.step_update(step)  # the lr is a function of the optimizer step
             loss, grad_norm = train_step(
-                step_model, micro_batches, optimizer, scaler, precision, device, config.optim.clip_grad
+                step_model, micro_batches, simmim_loss, optimizer, scaler, precision, device, config.optim.clip_grad
             )
             step += 1
             loss_sum += loss

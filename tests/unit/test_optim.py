@@ -128,8 +128,13 @@ def test_param_groups_exclusions(wrap: str) -> None:
         "layers.0.blocks.0.attn.logit_scale",
     ):
         assert prefix + name in no_decay
-    for name in ("patch_embed.proj.weight", "layers.0.blocks.0.attn.qkv.weight", "layers.1.downsample.reduction.weight",
-                 "layers.1.blocks.0.mlp.fc1.weight", "head.fc.weight"):
+    for name in (
+        "patch_embed.proj.weight",
+        "layers.0.blocks.0.attn.qkv.weight",
+        "layers.1.downsample.reduction.weight",
+        "layers.1.blocks.0.mlp.fc1.weight",
+        "head.fc.weight",
+    ):
         assert prefix + name in decay
     assert {g["weight_decay"] for g in groups} == {0.0, 0.05}
 
