@@ -1,0 +1,173 @@
+"""Process groups from whatever started the job (torchrun, submitit, raw Slurm), model wrapping, and the few
+collectives the training loops need. Model code never asks for the rank; the loops get it from here."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+import subprocess
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes logs, metrics and checkpoints."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _slurm_master_addr() -> str:
+    """First host of the Slurm allocation (what torchrun's rendezvous would pick)."""
+    nodelist = os.environ["SLURM_JOB_NODELIST"]
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+        return out.stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        # a single host name needs no expansion; a compressed list like node[1-4] without scontrol cannot be read
+        if "[" in nodelist:
+            raise RuntimeError(
+                f"cannot expand SLURM_JOB_NODELIST={nodelist} without scontrol; set MASTER_ADDR explicitly"
+            ) from None
+        return nodelist.split(",")[0]
+
+
+def export_launcher_env() -> None:
+    """Fill RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT from submitit or Slurm when torchrun did not.
+
+    torchrun sets them itself. Under submitit (hydra's submitit launcher) submitit's helper exports them; under
+    a bare `srun` (one task per GPU, e.g. launch/pretrain_srun.sbatch) they come from SLURM_* variables.
+    """
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    if "SUBMITIT_EXECUTOR" in os.environ or "SUBMITIT_FOLDER" in os.environ:
+        import submitit
+
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        return
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+        os.environ.setdefault("MASTER_ADDR", _slurm_master_addr())
+        # every task of the job derives the same port from the job id
+        job_id = os.environ.get("SLURM_JOB_ID", "0")
+        os.environ.setdefault("MASTER_PORT", str(20000 + zlib.crc32(job_id.encode()) % 20000))
+
+
+def launcher_rank() -> int:
+    """This process's global rank as the launcher set it, before any process group exists (0 if none)."""
+    for name in ("RANK", "SLURM_PROCID"):
+        if name in os.environ and (name == "RANK" or int(os.environ.get("SLURM_NTASKS", "1")) > 1):
+            return int(os.environ[name])
+    return 0
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join the job's process group (NCCL on CUDA, gloo on CPU) if there is more than one process."""
+    export_launcher_env()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistInfo()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+def process_device(device: torch.device, info: DistInfo) -> torch.device:
+    """One process per GPU: rank r of a node uses cuda:LOCAL_RANK."""
+    if device.type == "cuda" and info.distributed:
+        return torch.device("cuda", info.local_rank)
+    return device
+
+
+def wrap_model(model: nn.Module, info: DistInfo, device: torch.device, strategy: str = "ddp") -> nn.Module:
+    """DDP (default) or FSDP (fully_shard, parameters sharded across ranks) around `model`; as is on one process."""
+    if not info.distributed:
+        return model
+    if strategy == "ddp":
+        device_ids = [device.index] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        # shard block by block, then the rest: each block's parameters are gathered just for its own forward
+        for module in model.modules():
+            if type(module).__name__ == "SwinTransformerV2Block":
+                fully_shard(module)
+        fully_shard(model)
+        return model
+    raise ValueError(f"run.parallel={strategy!r} is unknown; use ddp or fsdp")
+
+
+def all_reduce_mean(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Mean of `tensor` over ranks (a copy); the tensor itself on one process."""
+    if not info.distributed:
+        return tensor
+    tensor = tensor.detach().clone()
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor / info.world_size
+
+
+def all_gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    """Every rank's `obj`, in rank order (pickled; for small things such as RNG states)."""
+    if not info.distributed:
+        return [obj]
+    gathered: list[Any] = [None] * info.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+class StopSignal:
+    """Turns SIGTERM (Slurm preemption, `scancel`, a requeue) into a flag the loop checks between steps.
+
+    With several processes the ranks must stop at the same step: `should_stop()` all-reduces the flag on a gloo
+    group, a CPU collective that never waits on the GPU stream.
+    """
+
+    def __init__(self, info: DistInfo) -> None:
+        self.info = info
+        self.received: int | None = None
+        self._group = dist.new_group(backend="gloo") if info.distributed else None
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def should_stop(self) -> bool:
+        """True on every rank once any rank has received SIGTERM."""
+        flag = torch.tensor([1 if self.received is not None else 0])
+        if self._group is not None:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        """Put back the previous SIGTERM handler."""
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def cleanup(info: DistInfo) -> None:
+    """Leave the process group."""
+    if info.distributed and dist.is_initialized():
+        dist.destroy_process_group()
