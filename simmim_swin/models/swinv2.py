@@ -87,16 +87,21 @@ def make_shift_attn_mask(
         for ws in (slice(0, -ww), slice(-ww, -sw), slice(-sw, None)):
             region[:, hs, ws, :] = label
             label += 1
-    region_windows = window_partition(region, window_size).view(-1, wh * ww)  # nW, N
+    region_windows = window_partition(region, window_size).reshape(-1, wh * ww)  # nW, N
     diff = region_windows[:, None, :] - region_windows[:, :, None]  # nW, N, N
     return torch.zeros_like(diff).masked_fill(diff != 0, SHIFT_MASK_VALUE)
 
 
 def clip_window(feat_size: tuple[int, int], window_size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
-    """The (window, shift) a shifted block uses: a window no larger than the map, and no shift if it covers it."""
-    window = tuple(min(r, w) for r, w in zip(feat_size, window_size))
-    shift = tuple(0 if r <= w else w // 2 for r, w in zip(feat_size, window))
-    return window, shift
+    """The (window, shift) a shifted block of a stage uses.
+
+    As in the reference: once the map's shorter side is no larger than the window, the stage attends over
+    windows of that side (square) and does not shift; the pretrained window size is left as it was.
+    """
+    side = min(feat_size)
+    if side <= max(window_size):
+        return (side, side), (0, 0)
+    return tuple(window_size), (window_size[0] // 2, window_size[1] // 2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -259,7 +264,7 @@ class SwinTransformerV2Block(nn.Module):
         has_shift = any(self.shift_size)
         if has_shift:
             x = torch.roll(x, shifts=(-self.shift_size[0], -self.shift_size[1]), dims=(1, 2))
-        windows = window_partition(x, self.window_size).view(-1, self.window_size[0] * self.window_size[1], C)
+        windows = window_partition(x, self.window_size).reshape(-1, self.window_size[0] * self.window_size[1], C)
         windows = self.attn(windows, mask=self.attn_mask)  # B*nW, N, C
         x = window_reverse(windows.view(-1, *self.window_size, C), self.window_size, (H, W))  # B, H, W, C
         if has_shift:

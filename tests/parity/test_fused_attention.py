@@ -33,12 +33,17 @@ def _attention_pair(window: int, pretrained: int, heads: int = 4, dim: int = 32)
     return eager, fused
 
 
-def _assert_close_scaled(got: torch.Tensor, expected: torch.Tensor, name: str = "", rel: float = 2e-5) -> None:
-    """max |got - expected| <= rel * max |expected|: fp32 gradients summed over many windows carry rounding
-    noise that grows with their magnitude (both paths sit ~5e-6 relative from a float64 eager reference)."""
+def _assert_close_scaled(
+    got: torch.Tensor, expected: torch.Tensor, name: str = "", rel: float = 5e-5, atol: float = 1e-7
+) -> None:
+    """max |got - expected| <= rel * max |expected| + atol.
+
+    fp32 gradients summed over many windows carry rounding noise that grows with their magnitude: both paths sit
+    about 5e-6 (relative to the largest entry) from a float64 eager reference.
+    """
     scale = expected.abs().max().item()
     diff = (got - expected).abs().max().item()
-    assert diff <= rel * scale + 1e-7, f"{name}: max abs diff {diff:.3g} vs max abs {scale:.3g}"
+    assert diff <= rel * scale + atol, f"{name}: max abs diff {diff:.3g} vs max abs {scale:.3g}"
 
 
 def _run(attn, x, mask, grad_out):
@@ -98,8 +103,11 @@ def test_model_fused_matches_eager(tiny_encoder, randomize, pretrained) -> None:
     out_e.square().sum().backward()
     out_f.square().sum().backward()
     fused_params = dict(fused.named_parameters())
+    # some gradients are pure rounding noise (q, k and logit_scale of the 1x1-window stage are exactly 0 in
+    # exact arithmetic): allow noise at 1e-6 of the largest gradient in the model besides 1e-4 of each tensor's
+    global_scale = max(p.grad.abs().max().item() for p in eager.parameters())
     for name, p in eager.named_parameters():
-        _assert_close_scaled(fused_params[name].grad, p.grad, name)
+        _assert_close_scaled(fused_params[name].grad, p.grad, name, rel=1e-4, atol=1e-6 * global_scale)
 
 
 def _check_low_precision_agreement(eager, fused, x: torch.Tensor, dtype: torch.dtype) -> None:

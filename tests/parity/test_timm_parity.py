@@ -103,3 +103,31 @@ def test_gradients_match_timm(randomize) -> None:
     ref_grads = dict(ref.named_parameters())
     for name, p in ours.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_from_timm_drops_derived_tables(randomize) -> None:
+    """Original checkpoints carry the coords table, position index and shift mask; they are rebuilt, not loaded."""
+    ref = randomize(_timm_model(SMALL_32))
+    sd = dict(ref.state_dict())
+    blk = "layers.0.blocks.1"
+    sd[f"{blk}.attn.relative_position_index"] = torch.zeros(16, 16, dtype=torch.long)
+    sd[f"{blk}.attn.relative_coords_table"] = torch.zeros(1, 7, 7, 2)
+    sd[f"{blk}.attn_mask"] = torch.zeros(4, 16, 16)
+    ours = _ours(SMALL_32, fused=False)
+    ours.load_state_dict(simmim_swin.from_timm(sd), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert _max_diff(ours(x), ref(x)) <= TOL
+
+
+def test_simmim_encoder_exports_to_timm(randomize) -> None:
+    """A SimMIM state dict converts to a headless timm model: encoder. prefix, mask_token and decoder dropped."""
+    from simmim_swin.models.simmim import SimMIM
+
+    config = {**SMALL_32, "num_classes": 0}
+    model = randomize(SimMIM(_ours(config, fused=False), norm_target=None)).eval()
+    ref = _timm_model(config)
+    ref.load_state_dict(simmim_swin.to_timm(model.state_dict()), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert _max_diff(model.encoder.forward_features(x), ref.forward_features(x)) <= TOL

@@ -262,6 +262,29 @@ def test_stage_windows_and_shifts(img_size, window, expected) -> None:
             assert _as_tuple(blk.shift_size) == ((0, 0) if j % 2 == 0 else (shift, shift)), f"block {j}"
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_non_square_image_builds_and_runs(batch) -> None:
+    """64x128 px, window 4: the third stage's 4x8 map is one window high and two wide."""
+    model = SwinTransformerV2(
+        img_size=(64, 128), embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4, num_classes=3
+    ).eval()
+    feats = model.forward_features(torch.randn(batch, 3, 64, 128))
+    assert feats.shape == (batch, 2, 4, 128)
+    assert torch.isfinite(feats).all()
+
+
+def test_non_square_stage_clipping_follows_min_resolution() -> None:
+    """SPEC 1: if min(stage resolution) <= window the stage uses window min(resolution) and shift 0 (both axes)."""
+    model = SwinTransformerV2(
+        img_size=(64, 128), embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4, num_classes=0
+    )
+    # stage maps (16, 32), (8, 16), (4, 8), (2, 4)
+    expected = [((4, 4), (2, 2)), ((4, 4), (2, 2)), ((4, 4), (0, 0)), ((2, 2), (0, 0))]
+    for layer, (window, shift) in zip(model.layers, expected, strict=True):
+        assert _as_tuple(layer.blocks[1].window_size) == window
+        assert _as_tuple(layer.blocks[1].shift_size) == shift
+
+
 def test_base_depths_at_192_window_12() -> None:
     model = create_swinv2("base", img_size=192, window_size=12, embed_dim=16, num_heads=(1, 2, 4, 8), num_classes=0)
     assert [len(layer.blocks) for layer in model.layers] == [2, 2, 18, 2]
