@@ -1,6 +1,7 @@
 """Training checkpoints: atomic save, keep-last-k with a `latest` pointer, auto-resume lookup, RNG state.
 
-Layout: <run_dir>/checkpoints/step_00001000.pt ... plus `latest`, a text file holding the newest file name.
+Layout: <run_dir>/checkpoints/step_00001000.pt (or step_00001000.dcp/ for FSDP) ... plus `latest`, a text file
+holding the newest name.
 Every file is written to a temporary name in the same folder and renamed over the target, so a crash leaves
 either the old file or the new one, never a torn one. Checkpoints hold only tensors and plain Python types:
 they load with torch.load(weights_only=True).
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +23,10 @@ import torch
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST_POINTER = "latest"
-_STEP_FILE = re.compile(r"step_(\d+)\.pt")
+# step_N.pt: a whole-model checkpoint (one process or DDP); step_N.dcp/: a sharded one (FSDP), a folder written
+# by every rank through torch.distributed.checkpoint plus meta.pt (step, config, RNG states) from rank 0
+_STEP_FILE = re.compile(r"step_(\d+)\.(pt|dcp)")
+SHARDED_META = "meta.pt"
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -63,7 +68,7 @@ def _step_files(folder: Path) -> list[tuple[int, Path]]:
     found = []
     for path in folder.iterdir():
         match = _STEP_FILE.fullmatch(path.name)
-        if match and path.is_file():
+        if match and (path.is_file() or (path / SHARDED_META).is_file()):
             found.append((int(match.group(1)), path))
     return sorted(found)
 
@@ -75,11 +80,85 @@ def save_and_prune(run_dir: str | Path, step: int, state: dict, keep_last: int) 
     folder = Path(run_dir) / CHECKPOINT_DIR
     path = save_checkpoint(folder / f"step_{step:08d}.pt", state)
     _atomic_write(folder / LATEST_POINTER, lambda f: f.write(path.name.encode()))
+    _prune(folder, keep=path, keep_last=keep_last)
+    return path
+
+
+def _prune(folder: Path, keep: Path, keep_last: int) -> None:
+    """Delete all but the newest keep_last checkpoints, never `keep` (the one `latest` names)."""
     files = _step_files(folder)
     for _, old in files[: max(len(files) - keep_last, 0)]:
-        if old != path:  # never the file `latest` now names, even if an older run left higher steps behind
+        if old == keep:  # even if an older run left higher steps behind
+            continue
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
             old.unlink(missing_ok=True)
+
+
+def save_sharded_and_prune(
+    run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict,
+    keep_last: int, is_main: bool,
+) -> Path:  # fmt: skip
+    """Every rank writes its shards of model and optimizer to run_dir/checkpoints/step_{step:08d}.dcp.
+
+    The folder is written under a temporary name and renamed by rank 0 once every rank is done and meta.pt
+    (`meta`: step, config, RNG states ...) is in it, so a crash never leaves a partial checkpoint that a resume
+    would pick. It loads at any world size, also into one process without FSDP (load_sharded_checkpoint).
+    """
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    path = folder / f"step_{step:08d}.dcp"
+    tmp = folder / f".step_{step:08d}.dcp.tmp"
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
+    if dist.is_initialized():
+        dist.barrier()
+    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.save(state, checkpoint_id=str(tmp))
+    if dist.is_initialized():
+        dist.barrier()
+    if is_main:
+        save_checkpoint(tmp / SHARDED_META, meta)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+        _fsync_dir(folder)
+        _atomic_write(folder / LATEST_POINTER, lambda f: f.write(path.name.encode()))
+        _prune(folder, keep=path, keep_last=keep_last)
+    if dist.is_initialized():
+        dist.barrier()
     return path
+
+
+def load_sharded_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """Load a step_N.dcp folder into `model` (FSDP-sharded or not, any world size) and `optimizer`; returns meta."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    path = Path(path)
+    meta = load_checkpoint(path / SHARDED_META)
+    state = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(model, state["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    return meta
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """True for an FSDP checkpoint folder (step_N.dcp)."""
+    return Path(path).is_dir()
 
 
 def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -89,7 +168,7 @@ def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
     if pointer.is_file():
         # Only a bare file name inside the checkpoint folder is trusted.
         target = folder / Path(pointer.read_text().strip()).name
-        if _STEP_FILE.fullmatch(target.name) and target.is_file():
+        if _STEP_FILE.fullmatch(target.name) and (target.is_file() or (target / SHARDED_META).is_file()):
             return target
     files = _step_files(folder)
     return files[-1][1] if files else None

@@ -51,15 +51,22 @@ class MaskConfig:
 class DataConfig:
     """Where images come from and how they are batched (batch_size is per process)."""
 
-    source: str = "photos"  # photos (bundled scikit-image photographs) | folder
+    source: str = "photos"  # photos (bundled scikit-image photographs) | folder | shards | fashion_mnist
     root: str | None = None  # image folder for source=folder
+    urls: str | list[str] | None = None  # source=shards: index .json, brace pattern, `a::b`, or `pipe:CMD` URLs
+    split: str = "train"  # source=fashion_mnist: train (60k) | test (10k)
     batch_size: int = 128
     num_workers: int = 4
-    samples_per_epoch: int = 8192  # length of one epoch of random crops for source=photos
+    samples_per_epoch: int = 8192  # photos: crops per epoch; shards: samples per epoch (0: the index's total)
+    shuffle_buffer: int = 2000  # source=shards: samples held per worker for shuffling (0: no shuffle)
     crop_scale: list[float] = field(default_factory=lambda: [0.67, 1.0])
     crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
     hflip: bool = True
     pin_memory: bool = True
+    max_bad_fraction: float = 0.01  # stop when skipped (corrupt / non-image / empty) samples exceed this fraction
+    bad_check_after: int = 1000  # the fraction is bad / max(samples read, this): early stragglers never stop a run
+    val_urls: str | list[str] | None = None  # held-out shards (same forms as urls) for the validation loss
+    val_samples: int = 256  # the first N samples of val_urls, with fixed masks, every logger.val_every steps
 
 
 @dataclass
@@ -101,6 +108,7 @@ class LoggerConfig:
     log_every: int = 20  # optimizer steps between metric lines (each one syncs the host)
     image_every: int = 1000  # optimizer steps between reconstruction panels
     num_images: int = 4  # fixed images in the panel
+    val_every: int = 1000  # optimizer steps between validation losses (needs data.val_urls), and at the end
 
 
 @dataclass
@@ -116,6 +124,8 @@ class RunConfig:
     keep_last: int = 3  # checkpoints kept on disk
     max_steps: int | None = None  # stop after this many optimizer steps (the schedule is unchanged)
     compile: bool = False  # torch.compile the model
+    parallel: str = "ddp"  # ddp | fsdp (parameters sharded across ranks, for models too large for DDP)
+    max_consecutive_skips: int = 10  # stop after this many optimizer steps in a row with a non-finite loss/gradient
 
 
 @dataclass
@@ -188,3 +198,92 @@ def from_dict(cls: type, data: dict[str, Any] | None, path: str = "") -> Any:
 def to_dict(config: Any) -> dict[str, Any]:
     """Plain nested dict of a config dataclass (what checkpoints store: no pickled objects)."""
     return dataclasses.asdict(config)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fine-tuning (simmim-finetune)
+
+
+@dataclass
+class FinetuneModelConfig:
+    """The classifier to fine-tune; null fields come from the pretrained checkpoint (its config or its weights)."""
+
+    arch: str | None = None  # a key of SWINV2_SIZES; null: the checkpoint's (required when training from scratch)
+    img_size: int | None = None  # null: the checkpoint's pretraining size
+    window_size: int | None = None  # null: the checkpoint's window
+    pretrained_window_sizes: list[int] | None = None  # one per stage; null: the windows each stage used in pretraining
+    patch_size: int | None = None
+    in_chans: int | None = None
+    embed_dim: int | None = None
+    depths: list[int] | None = None
+    num_heads: list[int] | None = None
+    mlp_ratio: float | None = None
+    ape: bool | None = None
+    drop_path_rate: float = 0.1
+    grad_checkpointing: bool = False
+    fused_attn: bool | None = None  # None: SDPA on CUDA, eager elsewhere
+
+
+@dataclass
+class FinetuneDataConfig:
+    """Labelled images; batch sizes are per process."""
+
+    source: str = "folder"  # folder (one sub-folder per class) | fashion_mnist (Debian's package; test split = val)
+    root: str | None = None  # source=folder: training images, or a folder holding train/ and val/
+    val_root: str | None = None  # source=folder: validation images (same class folders); null: <root>/val
+    num_labelled: int | None = None  # train on this many labelled images, class-balanced; null: all of them
+    subset_seed: int = 0  # which images num_labelled picks
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    num_workers: int = 4
+    crop_pct: float = 0.875  # evaluation: resize to img_size / crop_pct, then centre crop img_size (224 of 256)
+    pin_memory: bool = True
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation (timm's create_transform and Mixup); zero / null switches a part off."""
+
+    rand_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm auto_augment string
+    color_jitter: float = 0.4
+    interpolation: str = "bicubic"
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
+    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    hflip: float = 0.5  # probability of a horizontal flip
+    reprob: float = 0.25  # random erasing probability
+    remode: str = "pixel"  # random erasing fill: const | rand | pixel
+    recount: int = 1
+    mixup: float = 0.8  # mixup alpha
+    cutmix: float = 1.0  # cutmix alpha
+    mixup_prob: float = 1.0  # probability of mixing a batch at all
+    mixup_switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
+    mixup_mode: str = "batch"  # batch | pair | elem
+    label_smoothing: float = 0.1
+
+
+@dataclass
+class FinetuneTrainConfig:
+    """Fine-tuning specifics: layer-wise lr decay, weight EMA, evaluation cadence, ablations."""
+
+    layer_decay: float = 0.75  # lr scale decay^(num_layers - 1 - layer_id); 1.0 disables it
+    ema: bool = False  # keep an exponential moving average of the weights and evaluate it too
+    ema_decay: float = 0.9998
+    eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
+    reinit_cpb_mlp: bool = False  # ablation: fresh continuous-position-bias MLPs instead of the pretrained ones
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything a fine-tuning run needs; `evaluate` turns it into an evaluation of a fine-tuned checkpoint."""
+
+    pretrained: str | None = None  # run dir, checkpoint (.pt / .pth) or export (.safetensors); null: from scratch
+    pretrained_format: str = "auto"  # auto | simmim (ours) | reference (Microsoft's SimMIM / Swin) | timm
+    evaluate: str | None = None  # fine-tuned run dir or checkpoint: evaluate it at model.img_size / window_size
+    model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    run: RunConfig = field(default_factory=RunConfig)

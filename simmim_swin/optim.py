@@ -7,8 +7,6 @@ update number `step` (0-indexed) runs with `lr_at_step(scheduler, step)`. The lo
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
@@ -59,19 +57,16 @@ def scaled_lrs(optim_cfg: OptimConfig, total_batch: int) -> tuple[float, float, 
 
 
 def build_optimizer(model: nn.Module, optim_cfg: OptimConfig, lr: float) -> torch.optim.AdamW:
-    """AdamW over `param_groups(model)`; fused kernel when asked for (or by default) and the params are on CUDA."""
+    """AdamW over `param_groups(model)`, with the fused kernel unless optim_cfg.fused is False."""
     if len(optim_cfg.betas) != 2:
         raise ValueError(f"optim.betas must have two values (beta1, beta2), got {optim_cfg.betas}")
     groups = param_groups(model, optim_cfg.weight_decay)
     params = [p for group in groups for p in group["params"]]
     if not params:
         raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
-    on_cuda = all(p.is_cuda for p in params)
-    fused = on_cuda if optim_cfg.fused is None else optim_cfg.fused
-    if fused and not on_cuda:
-        # A preset written for GPUs must still run a CPU smoke test: fall back instead of failing.
-        warnings.warn("optim.fused=true ignored: the parameters are not all on CUDA", stacklevel=2)
-        fused = False
+    # the fused kernel runs on CUDA and on the CPU; the training step also relies on it to skip a non-finite
+    # step on the device (engine.step_unless), so it is the default
+    fused = True if optim_cfg.fused is None else optim_cfg.fused
     return torch.optim.AdamW(
         groups,
         lr=lr,

@@ -2,26 +2,58 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-from .checkpoint import capture_rng_state, find_latest_checkpoint, load_checkpoint, restore_rng_state, save_and_prune
+from .checkpoint import (
+    capture_rng_state,
+    find_latest_checkpoint,
+    is_sharded_checkpoint,
+    load_checkpoint,
+    load_sharded_checkpoint,
+    restore_rng_state,
+    save_and_prune,
+    save_sharded_and_prune,
+)
 from .config import ConfigError, PretrainConfig, to_dict
-from .data import build_pretrain_dataset, build_pretrain_loader, make_fixed_batch
-from .engine import simmim_loss, train_step
+from .data import DATA_SOURCES, build_pretrain_data, make_fixed_batch, normalize_images
+from .distributed import (
+    DistInfo,
+    StopSignal,
+    all_gather_objects,
+    all_reduce_mean,
+    cleanup,
+    init_distributed,
+    process_device,
+    wrap_model,
+)
+from .engine import evaluate_reconstruction, simmim_loss, train_step
 from .masking import MaskGenerator
 from .models import SimMIM, build_simmim
 from .optim import build_optimizer, build_scheduler, scaled_lrs
 from .panel import save_reconstruction_panel
 from .precision import autocast_context, build_grad_scaler, resolve_device, resolve_precision
-from .tracking import MetricsLogger, ProgressPrinter
+from .tracking import MetricsLogger, ProgressPrinter, StepTimer, lr_metrics, system_metrics
+from .viz import make_position_bias_maps, save_position_bias_figure
 
 # parts of the config that must match a checkpoint for it to be resumed into this run
 RESUME_MUST_MATCH = ("model", "mask")
+PARALLEL_STRATEGIES = ("ddp", "fsdp")
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient; the last good checkpoint is kept."""
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; a checkpoint at the current step was saved. `step` is where the run stopped."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"received SIGTERM: saved a checkpoint at step {step}; start the same run to resume")
+        self.step = step
 
 
 def validate_config(config: PretrainConfig) -> MaskGenerator:
@@ -45,6 +77,11 @@ def validate_config(config: PretrainConfig) -> MaskGenerator:
         )
     if config.logger.log_every < 1 or config.run.save_every < 1 or config.logger.image_every < 1:
         raise ConfigError("logger.log_every, logger.image_every and run.save_every must be >= 1")
+    if config.run.parallel not in PARALLEL_STRATEGIES:
+        raise ConfigError(f"run.parallel={config.run.parallel!r} is unknown; use one of {list(PARALLEL_STRATEGIES)}")
+    if config.run.max_consecutive_skips < 1:
+        raise ConfigError(f"run.max_consecutive_skips={config.run.max_consecutive_skips} must be >= 1")
+    _validate_data(config)
     try:
         return MaskGenerator(
             input_size=model_cfg.img_size,
@@ -54,6 +91,29 @@ def validate_config(config: PretrainConfig) -> MaskGenerator:
         )
     except ValueError as e:
         raise ConfigError(f"mask: {e}") from e
+
+
+def _validate_data(config: PretrainConfig) -> None:
+    """The data settings that can be checked without reading any data."""
+    data_cfg = config.data
+    if data_cfg.source not in DATA_SOURCES:
+        raise ConfigError(f"data.source={data_cfg.source!r} is not one of {list(DATA_SOURCES)}")
+    if data_cfg.source == "shards" and not data_cfg.urls:
+        raise ConfigError("data=shards needs data.urls: the index .json written by `simmim-swin make-shards`")
+    if data_cfg.num_workers < 0 or data_cfg.shuffle_buffer < 0 or data_cfg.val_samples < 0:
+        raise ConfigError(
+            f"data.num_workers={data_cfg.num_workers}, data.shuffle_buffer={data_cfg.shuffle_buffer} and "
+            f"data.val_samples={data_cfg.val_samples} must be >= 0"
+        )
+    if not 0.0 <= data_cfg.max_bad_fraction <= 1.0:
+        raise ConfigError(f"data.max_bad_fraction={data_cfg.max_bad_fraction} must lie in [0, 1], e.g. 0.01")
+    if config.logger.val_every < 1:
+        raise ConfigError(f"logger.val_every={config.logger.val_every} must be >= 1")
+
+
+def simmim_loss_uint8(model: SimMIM, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """simmim_loss on a batch whose images are still uint8: normalised here, on the device."""
+    return simmim_loss(model, (normalize_images(batch[0]), *batch[1:]))
 
 
 def _check_resumable(saved: dict[str, Any], config: PretrainConfig, path: Path) -> None:
@@ -70,8 +130,10 @@ def _check_resumable(saved: dict[str, Any], config: PretrainConfig, path: Path) 
 
 
 @torch.no_grad()
-def write_panel(model: SimMIM, batch: tuple[torch.Tensor, torch.Tensor], path: Path, precision: str) -> Path:
-    """Reconstruct the fixed panel images and save original | masked | reconstruction as a PNG."""
+def write_panel(
+    model: SimMIM, batch: tuple[torch.Tensor, torch.Tensor], path: Path, precision: str, write: bool = True
+) -> Path:
+    """Reconstruct the fixed panel images and save original | masked | reconstruction as a PNG (if `write`)."""
     images, masks = batch
     device = next(model.parameters()).device
     was_training = model.training
@@ -80,29 +142,75 @@ def write_panel(model: SimMIM, batch: tuple[torch.Tensor, torch.Tensor], path: P
         _, reconstruction = model(images.to(device), masks.to(device))
     reconstruction = model.target_to_image(images.to(device), reconstruction).cpu()
     model.train(was_training)
+    if not write:
+        return path
     return save_reconstruction_panel(path, images, masks, reconstruction, patch_size=model.patch_size)
 
 
+def _restore(latest: Path, model: SimMIM, optimizer, scaler, config: PretrainConfig, info: DistInfo) -> dict:
+    """Load a checkpoint (whole-model .pt or FSDP folder) into this run; returns its metadata."""
+    if is_sharded_checkpoint(latest):
+        state = load_sharded_checkpoint(latest, model, optimizer)
+    else:
+        if config.run.parallel == "fsdp" and info.distributed:
+            raise ConfigError(f"{latest} is a whole-model checkpoint; resume it with run.parallel=ddp")
+        state = load_checkpoint(latest)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    _check_resumable(state["config"], config, latest)
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    rng = state["rng"]
+    # one RNG state per rank; a run resumed on a different number of processes reuses them round-robin
+    restore_rng_state(rng[info.rank % len(rng)] if isinstance(rng, list) else rng)
+    return state
+
+
 def run_pretrain(config: PretrainConfig) -> Path:
-    """Train SimMIM as configured; resumes from the latest checkpoint in the run directory. Returns the run dir."""
+    """Train SimMIM as configured; resumes from the latest checkpoint in the run directory. Returns the run dir.
+
+    Raises Preempted after saving when SIGTERM arrives, and TrainingDiverged after run.max_consecutive_skips
+    non-finite steps in a row.
+    """
     mask_generator = validate_config(config)
     device = resolve_device(config.run.device)
+    info = init_distributed(device)
+    device = process_device(device, info)
+    stop_signal = StopSignal(info)
+    try:
+        return _train(config, mask_generator, device, info, stop_signal)
+    finally:
+        stop_signal.restore()
+        cleanup(info)
+
+
+def _train(
+    config: PretrainConfig, mask_generator: MaskGenerator, device: torch.device, info: DistInfo, stop: StopSignal
+) -> Path:
     precision = resolve_precision(config.run.precision, device)
     run_dir = Path(config.run.output_dir) / config.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.run.seed)
+    torch.manual_seed(config.run.seed)  # the same initial weights on every rank
 
     model = build_simmim(config.model, config.mask).to(device)
-    dataset = build_pretrain_dataset(config.data, config.model.img_size, mask_generator)
     micro_batch, accum = config.data.batch_size, config.optim.accum_steps
-    steps_per_epoch = len(dataset) // (micro_batch * accum)
-    if steps_per_epoch < 1:
-        raise ConfigError(
-            f"one optimizer step needs data.batch_size * optim.accum_steps = {micro_batch * accum} images but the "
-            f"dataset has {len(dataset)}; lower the batch size or use more data"
-        )
-    total_batch = micro_batch * accum  # x world size once runs are distributed
+    data = build_pretrain_data(
+        config.data,
+        config.model.img_size,
+        mask_generator,
+        seed=config.run.seed,
+        accum_steps=accum,
+        rank=info.rank,
+        world_size=info.world_size,
+        pin_memory=config.data.pin_memory and device.type == "cuda",
+        num_panel_images=config.logger.num_images,
+    )
+    steps_per_epoch = data.steps_per_epoch
+    total_batch = micro_batch * accum * info.world_size
     lr, warmup_lr, min_lr = scaled_lrs(config.optim, total_batch)
+    # FSDP shards the parameters in place, so it comes before the optimizer is built over them
+    wrapped = wrap_model(model, info, device, config.run.parallel)
+    sharded = config.run.parallel == "fsdp" and info.distributed
     optimizer = build_optimizer(model, config.optim, lr)
     scheduler = build_scheduler(optimizer, config.schedule, steps_per_epoch, warmup_lr, min_lr)
     scaler = build_grad_scaler(precision, device)
@@ -112,93 +220,147 @@ def run_pretrain(config: PretrainConfig) -> Path:
     step, wandb_run_id = 0, None
     latest = find_latest_checkpoint(run_dir)
     if latest is not None:
-        state = load_checkpoint(latest)
-        _check_resumable(state["config"], config, latest)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        restore_rng_state(state["rng"])
+        state = _restore(latest, model, optimizer, scaler, config, info)
         step, wandb_run_id = state["step"], state.get("wandb_run_id")
-        print(f"resuming {run_dir} from {latest.name} at step {step}", flush=True)
+        if info.is_main:
+            print(f"resuming {run_dir} from {latest.name} at step {step}", flush=True)
 
     config_dict = to_dict(config)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
-    logger = MetricsLogger(run_dir, config.logger, config_dict, run_id=wandb_run_id)
+    if info.is_main:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
+    logger = MetricsLogger(
+        run_dir, config.logger, config_dict, run_id=wandb_run_id, enabled=info.is_main, run_name=config.run.name
+    )
     progress = ProgressPrinter(total_steps=stop_step, start_step=step, steps_per_epoch=steps_per_epoch)
     panel_batch = make_fixed_batch(
-        dataset, config.logger.num_images, config.model.img_size, mask_generator, seed=config.run.seed
+        data.panel_source, config.logger.num_images, config.model.img_size, mask_generator, seed=config.run.seed
     )
-    step_model = torch.compile(model) if config.run.compile else model
-    print(
-        f"pretraining {config.model.arch} at {config.model.img_size}px on {device} ({precision}): "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {steps_per_epoch} steps/epoch, "
-        f"total batch {total_batch}, lr {lr:.3g}; run dir {run_dir}",
-        flush=True,
-    )
+    step_model = torch.compile(wrapped) if config.run.compile else wrapped
+    if info.is_main:
+        print(
+            f"pretraining {config.model.arch} at {config.model.img_size}px on {info.world_size} x {device} "
+            f"({precision}, {config.run.parallel if info.distributed else 'one process'}): "
+            f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {steps_per_epoch} steps/epoch, "
+            f"total batch {total_batch}, lr {lr:.3g}; data: {data.description}"
+            + (f", {sum(len(b[0]) for b in data.val_batches)} validation images" if data.val_batches else "")
+            + f"; run dir {run_dir}",
+            flush=True,
+        )
 
     def save(step: int) -> None:
-        state = {
-            "model": model.state_dict(),  # the uncompiled module: no _orig_mod. prefixes
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
+        # every rank's RNG state, so a resumed run continues each rank's random stream
+        meta = {
             "step": step,
             "config": config_dict,
             "stage_window_sizes": model.encoder.stage_window_sizes,
-            "rng": capture_rng_state(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": all_gather_objects(capture_rng_state(), info),
             "wandb_run_id": logger.run_id,
         }
-        save_and_prune(run_dir, step, state, keep_last=config.run.keep_last)
+        if sharded:
+            save_sharded_and_prune(run_dir, step, model, optimizer, meta, config.run.keep_last, info.is_main)
+        elif info.is_main:
+            # the unwrapped, uncompiled module: no `module.` or `_orig_mod.` prefixes
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **meta}
+            save_and_prune(run_dir, step, state, keep_last=config.run.keep_last)
 
-    panel_path = None
+    def save_images(step: int) -> Path | None:
+        # under FSDP every rank runs the forward (each holds a shard); rank 0 alone writes
+        if not (info.is_main or sharded):
+            return None
+        panel_file = run_dir / "images" / f"recon_{step:08d}.png"
+        panel = write_panel(model, panel_batch, panel_file, precision, write=info.is_main)
+        images = {"reconstruction": panel}
+        if not sharded and info.is_main:  # the CPB MLPs are sharded under FSDP
+            bias_path = run_dir / "images" / f"position_bias_{step:08d}.png"
+            images["position_bias"] = save_position_bias_figure(make_position_bias_maps(model), bias_path)
+        logger.log_images(step, images)
+        return panel
+
+    # device-side counters: read on the host only when checked (every step on the CPU, where a read is free)
     loss_sum, logged_steps = torch.zeros((), device=device), 0
-    last_log_time, images_since_log = time.perf_counter(), 0
+    skipped_since_log = torch.zeros((), dtype=torch.long, device=device)
+    skipped_total = torch.zeros((), dtype=torch.long, device=device)
+    consecutive_skips = torch.zeros((), dtype=torch.long, device=device)
+    check_every = 1 if device.type == "cpu" else config.logger.log_every
+    panel_path, last_loss = None, float("nan")
+    timer = StepTimer()
     model.train()
+    # the data position is the step: map-style sources skip to it exactly, shards draw a new order from it
+    batches = data.batches(step)
     while step < stop_step:
-        epoch = step // steps_per_epoch
-        loader = build_pretrain_loader(
-            dataset,
-            batch_size=micro_batch,
-            num_workers=config.data.num_workers,
-            seed=config.run.seed,
-            epoch=epoch,
-            pin_memory=config.data.pin_memory and device.type == "cuda",
-            # a resumed run continues this epoch where it stopped, without loading the batches it already saw
-            skip_batches=(step % steps_per_epoch) * accum,
-        )
-        batches = iter(loader)
-        while step < stop_step and step // steps_per_epoch == epoch:
+        with timer.data():
             micro_batches = [next(batches) for _ in range(accum)]
-            scheduler.step_update(step)  # the lr is a function of the optimizer step
-            loss, grad_norm = train_step(
-                step_model, micro_batches, simmim_loss, optimizer, scaler, precision, device, config.optim.clip_grad
-            )
-            step += 1
-            loss_sum += loss
-            logged_steps += 1
-            images_since_log += total_batch
+        scheduler.step_update(step)  # the lr is a function of the optimizer step
+        loss, grad_norm, skipped = train_step(
+            step_model, micro_batches, simmim_loss_uint8, optimizer, scaler, precision, device, config.optim.clip_grad
+        )
+        step += 1
+        skipped_total += skipped
+        skipped_since_log += skipped
+        consecutive_skips = (consecutive_skips + 1) * skipped  # resets on a good step
+        loss_sum += torch.where(skipped, 0.0, loss.detach())
+        logged_steps += 1
+        num_skipped_in_a_row = int(consecutive_skips) if step % check_every == 0 else 0
 
-            if step % config.logger.log_every == 0 or step == stop_step:
-                now = time.perf_counter()  # .item() below syncs the device: only here, every log_every steps
-                metrics = {
-                    "loss": loss_sum.item() / logged_steps,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "grad_norm": float(grad_norm),
-                    "images_per_sec": images_since_log / max(now - last_log_time, 1e-9),
-                    "epoch": step / steps_per_epoch,
-                }
-                logger.log(step, metrics)
+        if step % config.logger.log_every == 0 or step == stop_step:
+            # .item() syncs the device: only here, every log_every steps
+            good_steps = logged_steps - int(skipped_since_log)
+            last_loss = all_reduce_mean(loss_sum, info).item() / good_steps if good_steps else float("nan")
+            bad = torch.tensor(float(data.monitor.num_bad))
+            metrics = {
+                "loss": last_loss,
+                **lr_metrics(optimizer),
+                "grad_norm": float(grad_norm),
+                **timer.pop(images_per_step=total_batch, world_size=info.world_size),
+                **system_metrics(device),
+                "epoch": step / steps_per_epoch,
+                "skipped_steps": int(skipped_total),
+                "bad_samples": int(all_reduce_mean(bad, info).item() * info.world_size),
+            }
+            if data.val_batches and (step % config.logger.val_every == 0 or step == stop_step):
+                with timer.exclude():
+                    metrics["val_loss"] = evaluate_reconstruction(model, data.val_batches, precision, device)
+                logger.update_best(step, "best_val_loss", metrics["val_loss"], mode="min")
+            logger.log(step, metrics)
+            if info.is_main:
                 progress.update(step, metrics)
-                loss_sum.zero_()
-                logged_steps, images_since_log, last_log_time = 0, 0, now
-            if step % config.logger.image_every == 0 or step == stop_step:
-                panel_path = write_panel(model, panel_batch, run_dir / "images" / f"recon_{step:08d}.png", precision)
-                logger.log_image(step, "reconstruction", panel_path)
-            if step % config.run.save_every == 0 or step == stop_step:
+            loss_sum.zero_()
+            skipped_since_log.zero_()
+            logged_steps = 0
+        elif data.val_batches and step % config.logger.val_every == 0:
+            with timer.exclude():
+                val_loss = evaluate_reconstruction(model, data.val_batches, precision, device)
+            logger.log(step, {"val_loss": val_loss})
+            logger.update_best(step, "best_val_loss", val_loss, mode="min")
+
+        if num_skipped_in_a_row >= config.run.max_consecutive_skips:
+            progress.close()
+            logger.close()
+            raise TrainingDiverged(
+                f"{num_skipped_in_a_row} consecutive optimizer steps (up to step {step}) had a non-finite loss or "
+                f"gradient and were skipped; stopping. The last good checkpoint is kept in {run_dir / 'checkpoints'}. "
+                "Lower optim.base_lr, keep optim.clip_grad on, or use run.precision=bf16 instead of fp16."
+            )
+        last_step_ok = int(consecutive_skips) == 0 if step % config.run.save_every == 0 else True
+        if step % config.logger.image_every == 0 or step == stop_step:
+            with timer.exclude():
+                panel_path = save_images(step)
+        if (step % config.run.save_every == 0 or step == stop_step) and last_step_ok:
+            with timer.exclude():
                 save(step)
+        if stop.should_stop():
+            if step % config.run.save_every != 0 and step != stop_step:
+                save(step)
+            progress.close()
+            logger.close()
+            raise Preempted(step)
 
     if panel_path is None:  # nothing left to train: still show where the run stands
-        panel_path = write_panel(model, panel_batch, run_dir / "images" / f"recon_{step:08d}.png", precision)
+        panel_path = save_images(step)
+    progress.close()
+    logger.log_summary({"final_loss": last_loss, "steps": step})
     logger.close()
-    print(f"done at step {step}/{total_steps}. reconstructions: {panel_path}", flush=True)
+    if info.is_main:
+        print(f"done at step {step}/{total_steps}. reconstructions: {panel_path}", flush=True)
     return run_dir

@@ -1,13 +1,19 @@
-"""Metrics sinks: metrics.jsonl (always), Weights & Biases (optional, rank 0 only) and a terminal progress line."""
+"""Metrics sinks: metrics.jsonl and summary.json (always), Weights & Biases (optional, rank 0 only), the terminal
+progress display, and the small measurements the loops log (data-wait fraction, GPU memory, per-group lrs)."""
 
 from __future__ import annotations
 
 import json
 import math
 import numbers
+import os
+import shutil
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -19,7 +25,9 @@ from simmim_swin.config import LoggerConfig
 
 WANDB_MODES = ("online", "offline", "disabled")
 METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
 RUN_ID_FILE = "wandb_run_id"
+GIB = 2**30
 
 
 def _plain(value: Any) -> Any:
@@ -33,6 +41,18 @@ def _plain(value: Any) -> Any:
     return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and os.replace, so a reader or a crash never leaves half a file."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
 class MetricsLogger:
     """Appends one JSON object per `log` call to run_dir/metrics.jsonl and mirrors it to wandb when enabled.
 
@@ -42,6 +62,8 @@ class MetricsLogger:
         config: the resolved run config as a plain dict, stored with the wandb run.
         run_id: wandb run id to resume; None reads run_dir/wandb_run_id, else wandb makes a new one.
         enabled: False on non-zero ranks: nothing is written anywhere.
+        experiment: the experiment preset's name; the wandb group and tag when logger_cfg sets none.
+        run_name: the wandb display name (the run directory's name).
     """
 
     def __init__(
@@ -51,6 +73,8 @@ class MetricsLogger:
         config: dict,
         run_id: str | None = None,
         enabled: bool = True,
+        experiment: str | None = None,
+        run_name: str | None = None,
     ) -> None:
         if logger_cfg.wandb not in WANDB_MODES:
             raise ValueError(f"logger.wandb={logger_cfg.wandb!r} is unknown; use one of {list(WANDB_MODES)}")
@@ -59,14 +83,17 @@ class MetricsLogger:
         self.run_id = run_id
         self._file: TextIO | None = None
         self._wandb_run = None
+        summary_path = self.run_dir / SUMMARY_FILE
+        # a restarted run keeps its best values: update_best compares against them
+        self.summary: dict[str, Any] = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         if logger_cfg.wandb != "disabled":
-            self._init_wandb(logger_cfg, config)
+            self._init_wandb(logger_cfg, config, experiment, run_name)
 
-    def _init_wandb(self, logger_cfg: LoggerConfig, config: dict) -> None:
+    def _init_wandb(self, logger_cfg: LoggerConfig, config: dict, experiment: str | None, run_name: str | None) -> None:
         """Start (or resume) the wandb run; its id is kept in self.run_id and run_dir/wandb_run_id."""
         import wandb  # imported here: a run with wandb disabled never pays its import time
 
@@ -78,8 +105,9 @@ class MetricsLogger:
             dir=str(self.run_dir),
             project=logger_cfg.project,
             entity=logger_cfg.entity,
-            group=logger_cfg.group,
-            tags=list(logger_cfg.tags),
+            group=logger_cfg.group or experiment,
+            tags=list(logger_cfg.tags) or ([experiment] if experiment else []),
+            name=run_name,
             config=config,
             id=self.run_id,  # None: wandb generates one
             resume="allow",
@@ -87,6 +115,13 @@ class MetricsLogger:
         )
         self.run_id = self._wandb_run.id
         id_file.write_text(self.run_id)
+        if self.summary:  # an offline restart starts a fresh local run file: carry the best values over
+            self._wandb_run.summary.update(self.summary)
+
+    @property
+    def wandb_run(self) -> Any:
+        """The wandb Run (None when wandb is disabled or on other ranks)."""
+        return self._wandb_run
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """Write {"step": step, **metrics} to metrics.jsonl and to wandb at `step` (which must not decrease)."""
@@ -98,16 +133,49 @@ class MetricsLogger:
         if self._wandb_run is not None:
             self._wandb_run.log({key: value for key, value in record.items() if key != "step"}, step=int(step))
 
-    def log_image(self, step: int, key: str, png_path: str | Path) -> None:
-        """Send the PNG at `png_path` to wandb under `key` (the PNG itself is the local record)."""
-        if not self.enabled or self._wandb_run is None:
+    def log_images(self, step: int, images: Mapping[str, str | Path]) -> None:
+        """Send PNGs ({wandb key: png path}) to wandb at `step` in one call (the PNGs are the local record)."""
+        if not self.enabled or self._wandb_run is None or not images:
             return
         import wandb
 
-        # uint8 pixels: wandb renders a float array in [0, 1] as black.
-        with Image.open(png_path) as image:
-            pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)  # H, W, 3
-        self._wandb_run.log({key: wandb.Image(pixels, caption=Path(png_path).name)}, step=int(step))
+        payload = {}
+        for key, png_path in images.items():
+            # uint8 pixels: wandb renders a float array in [0, 1] as black.
+            with Image.open(png_path) as image:
+                pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)  # H, W, 3
+            payload[key] = wandb.Image(pixels, caption=Path(png_path).name)
+        self._wandb_run.log(payload, step=int(step))
+
+    def log_image(self, step: int, key: str, png_path: str | Path) -> None:
+        """Send the PNG at `png_path` to wandb under `key`."""
+        self.log_images(step, {key: png_path})
+
+    def log_summary(self, values: Mapping[str, Any]) -> None:
+        """Merge `values` into run_dir/summary.json and the wandb run summary (final or best numbers of the run)."""
+        values = {key: _plain(value) for key, value in values.items()}
+        self.summary.update(values)
+        if not self.enabled:
+            return
+        _write_text_atomic(self.run_dir / SUMMARY_FILE, json.dumps(self.summary, indent=2, sort_keys=True) + "\n")
+        if self._wandb_run is not None:
+            self._wandb_run.summary.update(values)
+
+    def update_best(self, step: int, key: str, value: Any, mode: str = "min") -> bool:
+        """Record `value` as summary[key] (and the step as summary[key + "_step"]) if it beats the stored one.
+
+        Returns True when it did (e.g. to save a best checkpoint); mode is "min" (losses) or "max" (accuracies).
+        """
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode={mode!r} must be 'min' or 'max'")
+        value = _plain(value)
+        if not isinstance(value, numbers.Number) or not math.isfinite(value):
+            return False
+        best = self.summary.get(key)
+        if best is not None and (value >= best if mode == "min" else value <= best):
+            return False
+        self.log_summary({key: value, f"{key}_step": int(step)})
+        return True
 
     def close(self) -> None:
         """Flush and close metrics.jsonl and finish the wandb run."""
@@ -119,6 +187,113 @@ class MetricsLogger:
             self._wandb_run = None
 
 
+def load_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl (or of the one in run directory `path`), in file order.
+
+    Lines that are not a JSON object with an integer "step" (a line cut short by a crash, say) are skipped with
+    a warning. Raises FileNotFoundError when there is no metrics file.
+    """
+    path = Path(path)
+    file = path / METRICS_FILE if path.is_dir() else path
+    if not file.is_file():
+        where = f"{path} has no {METRICS_FILE}" if path.is_dir() else f"{path} does not exist"
+        raise FileNotFoundError(f"{where}; pass a run directory written by simmim-pretrain or simmim-finetune")
+    records = []
+    for lineno, line in enumerate(file.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            warnings.warn(f"{file}:{lineno}: skipped a malformed line ({e.msg})", stacklevel=2)
+            continue
+        step = record.get("step") if isinstance(record, dict) else None
+        if type(step) is not int:  # not isinstance: True is an int
+            warnings.warn(f"{file}:{lineno}: skipped a line without an integer 'step'", stacklevel=2)
+            continue
+        records.append(record)
+    return records
+
+
+def lr_metrics(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """{"lr": the largest group lr} plus "lr/group{i}" per parameter group when the groups' lrs differ."""
+    lrs = [float(group["lr"]) for group in optimizer.param_groups]
+    metrics = {"lr": max(lrs)}
+    if len(set(lrs)) > 1:  # layer decay: one lr per depth; equal lrs (pretraining's two groups) add nothing
+        metrics.update({f"lr/group{i}": lr for i, lr in enumerate(lrs)})
+    return metrics
+
+
+def system_metrics(device: torch.device | str, reset_peak: bool = False) -> dict[str, float]:
+    """GPU memory allocated now and at peak (GiB) on a CUDA device, {} elsewhere. No device sync.
+
+    reset_peak: start a new peak window, so the next call reports the peak since this one.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return {}
+    metrics = {
+        "gpu_mem_alloc_gib": torch.cuda.memory_allocated(device) / GIB,
+        "gpu_mem_peak_gib": torch.cuda.max_memory_allocated(device) / GIB,
+        "gpu_mem_reserved_gib": torch.cuda.memory_reserved(device) / GIB,
+    }
+    if reset_peak:
+        torch.cuda.reset_peak_memory_stats(device)
+    return metrics
+
+
+class StepTimer:
+    """Splits the wall time between two `pop` calls into waiting for data (inside `data()`) and the rest.
+
+    Host clocks only, no device sync: the data wait is the time the loop blocks on the loader. With CUDA the
+    compute part is only exact over a whole interval, which is why `pop` belongs right after the log step's sync.
+    Time inside `exclude()` (checkpoints, panels, evaluation) counts in neither part.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
+        self._start = clock()
+        self._data_s = self._excluded_s = 0.0
+        self._steps = 0
+
+    @contextmanager
+    def data(self) -> Iterator[None]:
+        """Wrap the fetch of one optimizer step's batches (all its micro-batches)."""
+        start = self.clock()
+        try:
+            yield
+        finally:
+            self._data_s += self.clock() - start
+            self._steps += 1
+
+    @contextmanager
+    def exclude(self) -> Iterator[None]:
+        """Wrap work that is neither training nor data loading."""
+        start = self.clock()
+        try:
+            yield
+        finally:
+            self._excluded_s += self.clock() - start
+
+    def pop(self, images_per_step: int | None = None, world_size: int = 1) -> dict[str, float]:
+        """Metrics of the interval since the last pop, then start a new one.
+
+        Returns data_wait_frac and step_time_s, and with images_per_step (the global batch) images_per_sec
+        and images_per_sec_per_gpu.
+        """
+        now = self.clock()
+        elapsed = max(now - self._start - self._excluded_s, 1e-9)
+        steps = max(self._steps, 1)
+        metrics = {"data_wait_frac": min(self._data_s / elapsed, 1.0), "step_time_s": elapsed / steps}
+        if images_per_step is not None:
+            metrics["images_per_sec"] = self._steps * images_per_step / elapsed
+            metrics["images_per_sec_per_gpu"] = metrics["images_per_sec"] / world_size
+        self._start = now
+        self._data_s = self._excluded_s = 0.0
+        self._steps = 0
+        return metrics
+
+
 def _format_duration(seconds: float) -> str:
     """H:MM:SS, hours unbounded."""
     seconds = int(round(seconds))
@@ -126,10 +301,16 @@ def _format_duration(seconds: float) -> str:
 
 
 class ProgressPrinter:
-    """One plain line per update (safe for Slurm logs): step, epoch, known metrics, then the rest, and the ETA.
+    """Progress of a run: step, epoch, known metrics, then the rest, and the ETA.
 
+    On a terminal (stream.isatty()) one status line is redrawn in place with the known metrics only; elsewhere
+    (Slurm logs, pipes) every update is a plain line with all numeric metrics.
     Known keys and their labels: loss, lr, grad_norm (grad), images_per_sec (img/s); other numeric metrics
     follow as `name value` (except `epoch`, shown as `ep`). The ETA extrapolates the rate since construction.
+
+    Args:
+        tty: force the terminal (True) or line (False) display; None asks the stream.
+        width: terminal columns for the status line; None asks the terminal.
     """
 
     _KNOWN = (
@@ -146,6 +327,8 @@ class ProgressPrinter:
         steps_per_epoch: int,
         stream: TextIO = sys.stdout,
         clock: Callable[[], float] = time.monotonic,
+        tty: bool | None = None,
+        width: int | None = None,
     ) -> None:
         if steps_per_epoch <= 0:
             raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
@@ -155,9 +338,12 @@ class ProgressPrinter:
         self.stream = stream
         self.clock = clock
         self.start_time = clock()
+        self.tty = bool(getattr(stream, "isatty", lambda: False)()) if tty is None else tty
+        self.width = width if width is not None else shutil.get_terminal_size(fallback=(120, 24)).columns
+        self._line_open = False  # a status line is on screen without its newline
 
-    def format(self, step: int, metrics: dict[str, Any]) -> str:
-        """The progress line for `step` (without a newline)."""
+    def format(self, step: int, metrics: dict[str, Any], compact: bool = False) -> str:
+        """The progress line for `step` (without a newline); compact leaves out the metrics not in _KNOWN."""
         parts = [f"step {step}/{self.total_steps}", f"ep {step // self.steps_per_epoch}"]
         known = {key for key, _, _ in self._KNOWN} | {"step", "epoch"}
         for key, label, spec in self._KNOWN:
@@ -165,7 +351,7 @@ class ProgressPrinter:
                 parts.append(f"{label} {_plain(metrics[key]):{spec}}")
         for key, value in metrics.items():
             value = _plain(value)
-            if key not in known and isinstance(value, numbers.Number):
+            if not compact and key not in known and isinstance(value, numbers.Number):
                 parts.append(f"{key} {value:.4g}")
         done = step - self.start_step
         elapsed = self.clock() - self.start_time
@@ -177,5 +363,23 @@ class ProgressPrinter:
         return " ".join(parts)
 
     def update(self, step: int, metrics: dict[str, Any]) -> None:
-        """Print the progress line for `step`."""
-        print(self.format(step, metrics), file=self.stream, flush=True)
+        """Show the progress for `step`: redraw the status line on a terminal, else print a line."""
+        if not self.tty:
+            print(self.format(step, metrics), file=self.stream, flush=True)
+            return
+        line = self.format(step, metrics, compact=True)[: max(self.width - 1, 20)]  # a wrapped line cannot be redrawn
+        self.stream.write("\r" + line + "\x1b[K")  # carriage return, text, erase the rest of the old line
+        self.stream.flush()
+        self._line_open = True
+
+    def message(self, text: str) -> None:
+        """Print a line of text without garbling the status line (it is redrawn at the next update)."""
+        self.close()
+        print(text, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        """End the status line on a terminal so later output starts on a fresh line."""
+        if self._line_open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._line_open = False

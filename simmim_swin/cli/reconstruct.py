@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from ..checkpoint import load_checkpoint
 from ..config import MaskConfig, ModelConfig, from_dict
@@ -28,6 +28,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def load_image(path: str | Path) -> Image.Image:
+    """An RGB image from a file, with an error that names the file when it is missing or not an image."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} does not exist")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{path} is not an image PIL can read ({e}); pass PNG, JPEG or other image files") from e
+
+
 def run(args: argparse.Namespace) -> None:
     """Mask the user's images and write the checkpoint's reconstructions as a PNG panel."""
     path = resolve_checkpoint(args.checkpoint)
@@ -41,7 +53,7 @@ def run(args: argparse.Namespace) -> None:
     model = build_simmim(model_cfg, mask_cfg)
     model.load_state_dict(state["model"])
     transform = build_eval_transform(model_cfg.img_size)
-    images = torch.stack([transform(Image.open(f).convert("RGB")) for f in args.images])
+    images = torch.stack([transform(load_image(f)) for f in args.images])
     mask_generator = MaskGenerator(
         model_cfg.img_size, mask_cfg.mask_patch_size, model_cfg.patch_size, mask_cfg.mask_ratio
     )

@@ -1,6 +1,7 @@
-"""Map-style datasets for SimMIM pretraining: bundled scikit-image photographs and image folders.
+"""Map-style datasets for SimMIM pretraining: bundled scikit-image photographs, image folders, Fashion-MNIST.
 
-Every sample is (augmented image (3, H, W) float, token mask (H/p, W/p) uint8); labels are not used.
+Every sample is (augmented image (3, H, W) uint8, token mask (H/p, W/p) uint8); labels are not used. Images are
+normalised on the device (transforms.normalize_images). Webdataset shards stream through data/stream.py instead.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from simmim_swin.config import DataConfig
+from simmim_swin.data.fashion_mnist import load_fashion_mnist
 from simmim_swin.data.transforms import ImageTransform, build_pretrain_transform
 
 # The colour photographs shipped inside the scikit-image wheel (skimage/data); none needs a download.
@@ -30,7 +32,8 @@ PHOTO_FILES: tuple[str, ...] = (
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 
-DATA_SOURCES: tuple[str, ...] = ("photos", "folder")
+DATA_SOURCES: tuple[str, ...] = ("photos", "folder", "fashion_mnist", "shards")
+MAP_STYLE_SOURCES: tuple[str, ...] = ("photos", "folder", "fashion_mnist")  # shards stream: data/stream.py
 
 MaskFn = Callable[[], torch.Tensor]
 
@@ -129,21 +132,81 @@ class ImageFolderMIM(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.transform(_load_rgb(self.paths[index])), self.mask_generator()
+        path = self.paths[index]
+        try:
+            # opened lazily: the transform decodes a JPEG at reduced size when its crop allows (draft mode)
+            with Image.open(path) as img:
+                image = self.transform(img)
+        except OSError as e:
+            raise OSError(f"cannot read image {path}: {e}") from e
+        return image, self.mask_generator()
 
     def __repr__(self) -> str:
         return f"ImageFolderMIM(root={str(self.root)!r}, num_images={self.num_images})"
 
 
+class FashionMNISTMIM(Dataset):
+    """Fashion-MNIST from Debian's dataset-fashion-mnist: 28x28 grey images as RGB, cropped and resized to the
+    pretraining size; one epoch = the whole split (60k train, 10k test)."""
+
+    def __init__(self, split: str, transform: ImageTransform, mask_generator: MaskFn) -> None:
+        self.split = split
+        self.images, self.labels = load_fashion_mnist(split)  # N, 28, 28 uint8 and N int64
+        self.transform = transform
+        self.mask_generator = mask_generator
+
+    @property
+    def num_images(self) -> int:
+        """Number of images in the split."""
+        return len(self.images)
+
+    def load_image(self, k: int) -> Image.Image:
+        """The k-th image of the split as an RGB PIL image (grey copied to three channels)."""
+        return Image.fromarray(self.images[k]).convert("RGB")  # 2-D uint8 -> mode L
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.transform(self.load_image(index)), self.mask_generator()
+
+    def __repr__(self) -> str:
+        return f"FashionMNISTMIM(split={self.split!r}, num_images={self.num_images})"
+
+
+class ImageList:
+    """A fixed list of RGB PIL images with the `num_images` / `load_image` interface of the datasets above
+    (what make_fixed_batch takes), e.g. the first images of a shard set."""
+
+    def __init__(self, images: list[Image.Image], name: str = "images") -> None:
+        self.images = images
+        self.name = name
+
+    @property
+    def num_images(self) -> int:
+        """Number of images."""
+        return len(self.images)
+
+    def load_image(self, k: int) -> Image.Image:
+        """The k-th image (a copy: callers may modify it)."""
+        return self.images[k].copy()
+
+    def __repr__(self) -> str:
+        return f"ImageList({self.name}, num_images={self.num_images})"
+
+
 def build_pretrain_dataset(data_cfg: DataConfig, img_size: int, mask_generator: MaskFn) -> Dataset:
-    """The pretraining dataset named by `data_cfg.source`, with the SimMIM augmentation at `img_size`."""
-    if data_cfg.source not in DATA_SOURCES:
-        raise ValueError(f"data.source={data_cfg.source!r} is not one of {list(DATA_SOURCES)}")
+    """The map-style pretraining dataset named by `data_cfg.source`, with the SimMIM augmentation at `img_size`."""
+    if data_cfg.source not in MAP_STYLE_SOURCES:
+        hint = " (source=shards streams: use build_pretrain_data)" if data_cfg.source == "shards" else ""
+        raise ValueError(f"data.source={data_cfg.source!r} is not one of {list(MAP_STYLE_SOURCES)}{hint}")
     transform = build_pretrain_transform(
         img_size, crop_scale=data_cfg.crop_scale, crop_ratio=data_cfg.crop_ratio, hflip=data_cfg.hflip
     )
     if data_cfg.source == "photos":
         return PhotoCrops(transform, mask_generator, samples_per_epoch=data_cfg.samples_per_epoch)
+    if data_cfg.source == "fashion_mnist":
+        return FashionMNISTMIM(data_cfg.split, transform, mask_generator)
     if not data_cfg.root:
         raise ValueError("data.source=folder needs data.root: the folder of images to pretrain on")
     return ImageFolderMIM(data_cfg.root, transform, mask_generator)

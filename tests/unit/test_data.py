@@ -2,29 +2,38 @@
 
 from __future__ import annotations
 
+import io
 import math
 
 import numpy as np
 import pytest
+import skimage.data
 import torch
 from PIL import Image
+from torchvision import transforms as T
 
 from simmim_swin.config import DataConfig
 from simmim_swin.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     PHOTO_FILES,
+    FashionMNISTMIM,
     ImageFolderMIM,
     PhotoCrops,
+    PretrainCrop,
     SeededSampler,
     build_eval_transform,
+    build_pretrain_data,
     build_pretrain_dataset,
     build_pretrain_loader,
     build_pretrain_transform,
     denormalize,
     make_epoch_generator,
     make_fixed_batch,
+    normalize_images,
+    sample_crop_box,
 )
+from simmim_swin.data.fashion_mnist import FASHION_MNIST_DIR
 from simmim_swin.masking import MaskGenerator
 
 IMG = 32
@@ -65,13 +74,20 @@ class _IndexDataset(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------------------------- transforms
 
 
-def test_pretrain_transform_shape_dtype_and_normalisation() -> None:
+def test_pretrain_transform_gives_uint8_and_normalize_images_matches_torchvision() -> None:
     rgb = (200, 100, 50)
     out = build_pretrain_transform(IMG)(Image.new("RGB", (90, 70), rgb))
-    assert out.shape == (3, IMG, IMG) and out.dtype == torch.float32
-    # a flat colour survives any crop, so every pixel must be exactly the normalised colour
+    assert out.shape == (3, IMG, IMG) and out.dtype == torch.uint8
+    # a flat colour survives any crop, so every pixel must be exactly that colour
+    assert torch.equal(out, torch.tensor(rgb, dtype=torch.uint8).view(3, 1, 1).expand_as(out))
+    normalised = normalize_images(out[None])
     expected = torch.tensor([(c / 255 - m) / s for c, m, s in zip(rgb, IMAGENET_MEAN, IMAGENET_STD)])
-    torch.testing.assert_close(out, expected.view(3, 1, 1).expand_as(out), atol=1e-5, rtol=0)
+    torch.testing.assert_close(normalised[0], expected.view(3, 1, 1).expand_as(out), atol=1e-5, rtol=0)
+    # the same numbers as torchvision's ToTensor + Normalize on a real image
+    img = _noise_image(4)
+    reference = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)(T.ToTensor()(img))
+    torch.testing.assert_close(normalize_images(T.PILToTensor()(img)), reference, atol=1e-5, rtol=0)
+    assert normalize_images(reference) is reference  # floats are taken as normalised already
 
 
 def test_pretrain_transform_is_random_and_follows_torch_rng() -> None:
@@ -278,3 +294,81 @@ def test_make_fixed_batch_is_deterministic(photos: PhotoCrops, mask_generator: M
     assert torch.equal(images[0], build_eval_transform(IMG)(photos.load_image(0)))
     _, other_masks = make_fixed_batch(photos, n, IMG, mask_generator, seed=1)
     assert not torch.equal(masks, other_masks)
+
+
+# ----------------------------------------------------------------------------------------------- crop and draft
+
+
+def test_crop_box_is_torchvisions_random_resized_crop():
+    img = Image.new("RGB", (500, 375))
+    for seed in range(50):
+        torch.manual_seed(seed)
+        top, left, h, w = T.RandomResizedCrop.get_params(img, (0.67, 1.0), (3 / 4, 4 / 3))
+        torch.manual_seed(seed)
+        assert sample_crop_box(500, 375, (0.67, 1.0), (3 / 4, 4 / 3)) == (left, top, w, h)
+    # an impossible ratio falls back to a centred crop of the whole height, clipped to the allowed ratio
+    assert sample_crop_box(400, 100, (0.99, 1.0), (1.0, 1.0)) == (150, 0, 100, 100)
+
+
+def _jpeg(size: tuple[int, int]) -> bytes:
+    photo = Image.fromarray(skimage.data.chelsea()).resize(size, Image.BICUBIC)  # a real, smooth photograph
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def test_large_jpegs_are_decoded_at_reduced_size_with_the_same_crop():
+    data = _jpeg((1000, 750))
+    lazy = Image.open(io.BytesIO(data))
+    drafted = PretrainCrop(192)(lazy, generator=torch.Generator().manual_seed(5))
+    # crops of this photo are >= 613 px a side, >= 2 x 192: the decoder ran at half scale
+    assert lazy.size == (500, 375)
+
+    def full_decode(seed: int) -> torch.Tensor:
+        crop = PretrainCrop(192, draft=False)
+        return crop(Image.open(io.BytesIO(data)), generator=torch.Generator().manual_seed(seed)).float()
+
+    same = (drafted.float() - full_decode(5)).abs().mean()
+    other = (drafted.float() - full_decode(6)).abs().mean()
+    assert drafted.dtype == torch.uint8 and drafted.shape == (3, 192, 192)
+    # the same region as a full decode, within a few grey levels (measured: 2.1 against 32 for another crop)
+    assert same < 4.0 and other > 5 * same
+
+
+def test_jpegs_are_decoded_in_full_when_the_crop_needs_it():
+    lazy = Image.open(io.BytesIO(_jpeg((500, 375))))
+    PretrainCrop(192)(lazy, generator=torch.Generator().manual_seed(0))  # crops of 300-375 px < 2 x 192
+    assert lazy.size == (500, 375)
+
+
+# ----------------------------------------------------------------------------------------------- fashion-mnist
+
+
+@pytest.mark.skipif(not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(), reason="no dataset-fashion-mnist")
+def test_fashion_mnist_dataset_gives_rgb_crops_at_the_model_size(mask_generator: MaskGenerator) -> None:
+    ds = build_pretrain_dataset(DataConfig(source="fashion_mnist", split="test"), IMG, mask_generator)
+    assert isinstance(ds, FashionMNISTMIM) and len(ds) == ds.num_images == 10000
+    grey = ds.load_image(0)
+    assert grey.mode == "RGB" and grey.size == (28, 28)
+    pixels = np.asarray(grey)
+    assert (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 0] == pixels[..., 2]).all()
+    image, mask = ds[0]
+    assert image.shape == (3, IMG, IMG) and image.dtype == torch.uint8 and mask.shape == (IMG // PATCH,) * 2
+
+
+# ----------------------------------------------------------------------------------------------- run data
+
+
+def test_map_style_run_data_gives_whole_steps_per_epoch_and_resumes_exactly(mask_generator: MaskGenerator):
+    cfg = DataConfig(source="photos", samples_per_epoch=44, batch_size=4, num_workers=0)
+    data = build_pretrain_data(cfg, IMG, mask_generator, seed=1, accum_steps=2)
+    assert data.steps_per_epoch == 5  # 11 batches of 4 make 5 optimizer steps of 2 micro-batches; 1 left over
+    assert data.panel_source.num_images == len(PHOTO_FILES) and data.val_batches == []
+    stream = data.batches(0)
+    full = [next(stream) for _ in range(14)]  # 7 steps: all of epoch 0 and two steps of epoch 1
+    images, masks = full[0]
+    assert images.dtype == torch.uint8 and images.shape == (4, 3, IMG, IMG) and masks.shape == (4, 8, 8)
+    resumed = data.batches(3)  # resume at step 3 of epoch 0
+    for expected in full[6:]:
+        got = next(resumed)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])

@@ -1,4 +1,5 @@
-"""metrics.jsonl content, wandb offline runs (existence only: offline runs write no summary), the progress line."""
+"""metrics.jsonl and summary.json content, wandb offline runs (existence and images only: offline runs write no
+summary), the step timer, system metrics and the progress display on a terminal and in a log."""
 
 import io
 import json
@@ -10,8 +11,19 @@ import pytest
 import torch
 from PIL import Image
 
-from simmim_swin.config import LoggerConfig
-from simmim_swin.tracking import MetricsLogger, ProgressPrinter
+from simmim_swin.config import LoggerConfig, MaskConfig, ModelConfig
+from simmim_swin.data import build_eval_transform
+from simmim_swin.masking import MaskGenerator
+from simmim_swin.models import build_simmim
+from simmim_swin.panel import GUTTER_PX, MASK_GREY, save_reconstruction_panel
+from simmim_swin.tracking import (
+    MetricsLogger,
+    ProgressPrinter,
+    StepTimer,
+    load_metrics,
+    lr_metrics,
+    system_metrics,
+)
 
 
 @pytest.fixture
@@ -96,6 +108,23 @@ def test_wandb_run_id_reused(tmp_path: Path, wandb_env: None) -> None:
     assert len(run_files) == 2 and {p.name for p in run_files} == {"run-given123.wandb"}
 
 
+def test_resumed_logger_keeps_its_generated_run_id(tmp_path: Path, wandb_env: None) -> None:
+    import wandb
+
+    cfg = LoggerConfig(wandb="offline")
+    first = MetricsLogger(tmp_path / "run", cfg, config={})
+    first.log(10, {"loss": 1.0})
+    run_id = first.run_id
+    first.close()
+    wandb.teardown()  # a new process in real life
+    resumed = MetricsLogger(tmp_path / "run", cfg, config={})
+    resumed.log(20, {"loss": 0.5})
+    resumed.close()
+    assert resumed.run_id == run_id and (tmp_path / "run" / "wandb_run_id").read_text() == run_id
+    assert {p.name for p in (tmp_path / "run" / "wandb").glob("*run-*/run-*.wandb")} == {f"run-{run_id}.wandb"}
+    assert [r["step"] for r in load_metrics(tmp_path / "run")] == [10, 20]
+
+
 def test_progress_printer_format() -> None:
     now = [100.0]
     stream = io.StringIO()
@@ -116,3 +145,194 @@ def test_progress_printer_long_eta() -> None:
     now[0] = 100.0
     printer.update(10, {})
     assert stream.getvalue() == "step 10/100000 ep 0 eta 277:45:00\n"  # 99990 steps at 0.1 step/s
+
+
+def test_summary_and_best_values_survive_a_restart(tmp_path: Path) -> None:
+    logger = MetricsLogger(tmp_path / "run", LoggerConfig(), config={})
+    assert logger.update_best(10, "best_val_loss", torch.tensor(0.5)) is True
+    assert logger.update_best(20, "best_val_loss", 0.7) is False  # worse
+    assert logger.update_best(30, "best_val_loss", float("nan")) is False
+    assert logger.update_best(30, "best_val_top1", 61.5, mode="max") is True
+    assert logger.update_best(40, "best_val_top1", 60.0, mode="max") is False
+    logger.log_summary({"final_loss": np.float32(0.25)})
+    logger.close()
+    expected = {"best_val_loss": 0.5, "best_val_loss_step": 10, "best_val_top1": 61.5, "best_val_top1_step": 30}
+    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == {**expected, "final_loss": 0.25}
+    # a restarted run compares against the stored best values
+    logger = MetricsLogger(tmp_path / "run", LoggerConfig(), config={})
+    assert logger.update_best(50, "best_val_loss", 0.6) is False
+    assert logger.update_best(60, "best_val_loss", 0.4) is True
+    logger.close()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["best_val_loss"], summary["best_val_loss_step"], summary["best_val_top1"]) == (0.4, 60, 61.5)
+    with pytest.raises(ValueError, match="mode='mean'"):
+        logger.update_best(0, "x", 1.0, mode="mean")
+
+
+def test_disabled_rank_writes_no_summary(tmp_path: Path) -> None:
+    logger = MetricsLogger(tmp_path / "run", LoggerConfig(), config={}, enabled=False)
+    assert logger.update_best(1, "best_val_loss", 1.0) is True  # tracked in memory on every rank
+    logger.close()
+    assert not (tmp_path / "run").exists()
+
+
+def test_load_metrics_skips_malformed_lines(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    lines = ['{"step": 1, "loss": 2.0}', "", "[1, 2]", '{"loss": 1.0}', '{"step": true}', '{"step": 3, "lo']
+    (run_dir / "metrics.jsonl").write_text("\n".join([*lines[:2], '{"step": 2, "loss": 1.5}', *lines[2:]]))
+    with pytest.warns(UserWarning) as caught:
+        records = load_metrics(run_dir)
+    assert records == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 4 and all("metrics.jsonl:" in m for m in messages)
+    assert "metrics.jsonl:7: skipped a malformed line" in messages[-1]
+    with pytest.warns(UserWarning):
+        assert load_metrics(run_dir / "metrics.jsonl")[0]["step"] == 1
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty has no metrics.jsonl"):
+        load_metrics(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match=r"missing.jsonl does not exist"):
+        load_metrics(tmp_path / "missing.jsonl")
+
+
+def test_lr_metrics_per_group_only_when_they_differ() -> None:
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(3)]
+    same = torch.optim.SGD([{"params": params[:1]}, {"params": params[1:]}], lr=0.1)
+    assert lr_metrics(same) == {"lr": 0.1}
+    layered = torch.optim.SGD([{"params": [p], "lr": 0.1 * 0.5**i} for i, p in enumerate(params)], lr=0.1)
+    assert lr_metrics(layered) == {"lr": 0.1, "lr/group0": 0.1, "lr/group1": 0.05, "lr/group2": 0.025}
+
+
+def test_system_metrics_on_cpu_is_empty() -> None:
+    assert system_metrics("cpu") == {}
+    assert system_metrics(torch.device("cpu"), reset_peak=True) == {}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_system_metrics_on_cuda() -> None:
+    x = torch.empty(256, 2**20, dtype=torch.uint8, device="cuda")  # 0.25 GiB
+    metrics = system_metrics("cuda", reset_peak=True)
+    assert metrics["gpu_mem_alloc_gib"] >= 0.25 and metrics["gpu_mem_peak_gib"] >= metrics["gpu_mem_alloc_gib"]
+    del x
+    assert system_metrics("cuda")["gpu_mem_peak_gib"] < metrics["gpu_mem_peak_gib"]  # the peak was reset
+
+
+def test_step_timer_splits_data_wait_from_compute() -> None:
+    now = [0.0]
+    timer = StepTimer(clock=lambda: now[0])
+    for _ in range(4):  # 1 s waiting for data, 3 s computing, per step
+        with timer.data():
+            now[0] += 1.0
+        now[0] += 3.0
+    with timer.exclude():  # a checkpoint: in neither part
+        now[0] += 100.0
+    metrics = timer.pop(images_per_step=32, world_size=4)
+    assert metrics == {
+        "data_wait_frac": 0.25,
+        "step_time_s": 4.0,
+        "images_per_sec": 8.0,
+        "images_per_sec_per_gpu": 2.0,
+    }
+    with timer.data():  # the next interval starts at the pop
+        now[0] += 2.0
+    now[0] += 2.0
+    assert timer.pop() == {"data_wait_frac": 0.5, "step_time_s": 4.0}
+
+
+class _FakeStream(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self._tty = tty
+
+    def isatty(self) -> bool:
+        return self._tty
+
+
+def test_progress_plain_lines_when_not_a_terminal() -> None:
+    stream, now = _FakeStream(tty=False), [0.0]
+    printer = ProgressPrinter(100, start_step=0, steps_per_epoch=10, stream=stream, clock=lambda: now[0])
+    now[0] = 10.0
+    printer.update(10, {"loss": 0.5, "lr": 1e-3, "images_per_sec": 64.0, "data_wait_frac": 0.125})
+    printer.update(20, {"loss": 0.25})
+    printer.close()  # nothing to end in line mode
+    assert stream.getvalue().splitlines() == [
+        "step 10/100 ep 1 loss 0.5000 lr 1.00e-03 img/s 64.0 data_wait_frac 0.125 eta 0:01:30",
+        "step 20/100 ep 2 loss 0.2500 eta 0:00:40",
+    ]
+    assert "\r" not in stream.getvalue()
+
+
+def test_progress_redraws_one_line_on_a_terminal() -> None:
+    stream, now = _FakeStream(tty=True), [0.0]
+    printer = ProgressPrinter(100, start_step=0, steps_per_epoch=10, stream=stream, clock=lambda: now[0], width=200)
+    now[0] = 10.0
+    printer.update(10, {"loss": 0.5, "lr": 1e-3, "images_per_sec": 64.0, "data_wait_frac": 0.125})
+    printer.update(20, {"loss": 0.25})
+    printer.message("saved checkpoint")
+    printer.update(30, {"loss": 0.125})
+    printer.close()
+    assert stream.getvalue() == (
+        "\rstep 10/100 ep 1 loss 0.5000 lr 1.00e-03 img/s 64.0 eta 0:01:30\x1b[K"  # compact: known metrics only
+        "\rstep 20/100 ep 2 loss 0.2500 eta 0:00:40\x1b[K\n"
+        "saved checkpoint\n"
+        "\rstep 30/100 ep 3 loss 0.1250 eta 0:00:23\x1b[K\n"
+    )
+    narrow = _FakeStream(tty=True)
+    ProgressPrinter(100, 0, 10, stream=narrow, width=30).update(10, {"loss": 0.5, "lr": 1e-3})
+    assert narrow.getvalue() == "\r" + "step 10/100 ep 1 loss 0.5000 lr"[:29] + "\x1b[K"  # never wraps
+
+
+def _real_photo_panel(path: Path, img_size: int = 64, patch: int = 4) -> Path:
+    """A panel of scikit-image's astronaut, masked, with a tiny untrained SimMIM's reconstruction."""
+    skimage_data = pytest.importorskip("skimage.data")
+    image = build_eval_transform(img_size)(Image.fromarray(skimage_data.astronaut()))[None]  # 1, 3, H, W
+    mask = MaskGenerator(img_size, 16, patch, 0.6)(torch.Generator().manual_seed(0))[None]  # 1, H/4, W/4
+    model_cfg = ModelConfig(arch="pico", img_size=img_size, window_size=4, drop_path_rate=0.0)
+    model = build_simmim(model_cfg, MaskConfig(mask_patch_size=16)).eval()
+    with torch.no_grad():
+        _, reconstruction = model(image, mask)
+        reconstruction = model.target_to_image(image, reconstruction)
+    return save_reconstruction_panel(path, image, mask, reconstruction, patch_size=patch)
+
+
+def test_wandb_offline_logs_images_and_the_jsonl_holds_the_scalars(tmp_path: Path, wandb_env: None) -> None:
+    panel = _real_photo_panel(tmp_path / "recon.png")
+    with Image.open(panel) as png:
+        pixels = np.asarray(png.convert("RGB"))
+    tile = (pixels.shape[1] - 2 * GUTTER_PX) // 3
+    original, masked = pixels[:, :tile].astype(float), pixels[:, tile + GUTTER_PX : 2 * tile + GUTTER_PX]
+    assert original.std() > 20  # a photograph, not a blank tile
+    grey = (masked == MASK_GREY).all(axis=-1).mean()
+    assert 0.5 < grey < 0.7  # mask ratio 0.6: the masked column is mostly grey ...
+    assert np.abs(masked - original).mean() > 20  # ... so its pixel statistics differ from the original's
+    bias = tmp_path / "bias.png"
+    Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8)).save(bias)
+
+    cfg = LoggerConfig(wandb="offline", project="test")
+    logger = MetricsLogger(tmp_path / "run", cfg, config={}, experiment="swinv2_tiny_w8", run_name="tiny-run")
+    assert logger.wandb_run.group == "swinv2_tiny_w8" and list(logger.wandb_run.tags) == ["swinv2_tiny_w8"]
+    assert logger.wandb_run.name == "tiny-run"
+    scalars = [{"loss": 1.0 / (s + 1), "lr/group0": 1e-3, "data_wait_frac": 0.1, "skipped_steps": 0} for s in range(3)]
+    for step, metrics in enumerate(scalars):
+        logger.log(step * 10, metrics)
+    logger.log_images(20, {"reconstruction": panel, "position_bias": bias})
+    logger.log_summary({"best_val_loss": 0.5})
+    run_id = logger.run_id
+    logger.close()
+
+    run_folder = next((tmp_path / "run" / "wandb").glob(f"*run-*-{run_id}"))
+    recon = list(run_folder.glob("files/media/images/reconstruction_20_*.png"))
+    assert len(recon) == 1 and list(run_folder.glob("files/media/images/position_bias_20_*.png"))
+    with Image.open(recon[0]) as logged:
+        assert np.array_equal(np.asarray(logged.convert("RGB")), pixels)  # uint8 as drawn, not a black image
+    assert load_metrics(tmp_path / "run") == [{"step": s * 10, **m} for s, m in enumerate(scalars)]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == {"best_val_loss": 0.5}
+
+
+def test_wandb_tags_and_group_from_the_config_win(tmp_path: Path, wandb_env: None) -> None:
+    cfg = LoggerConfig(wandb="offline", group="ablation", tags=["a", "b"])
+    logger = MetricsLogger(tmp_path / "run", cfg, config={}, experiment="exp")
+    assert logger.wandb_run.group == "ablation" and list(logger.wandb_run.tags) == ["a", "b"]
+    logger.close()

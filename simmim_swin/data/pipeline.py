@@ -1,0 +1,179 @@
+"""Everything pretraining needs from the data config: a batch stream that starts at any step, the steps per
+epoch, fixed validation batches and the images shown in panels; one interface for every `data.source`."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from simmim_swin.config import DataConfig
+from simmim_swin.data.datasets import MAP_STYLE_SOURCES, ImageList, build_pretrain_dataset
+from simmim_swin.data.loader import build_pretrain_loader
+from simmim_swin.data.shards import resolve_urls
+from simmim_swin.data.stream import (
+    BadDataMonitor,
+    Batch,
+    EvalSample,
+    PretrainSample,
+    ShardStream,
+    build_shard_loader,
+    open_image,
+    read_samples,
+)
+from simmim_swin.data.transforms import build_eval_transform, build_pretrain_transform
+
+MaskFn = Callable[..., torch.Tensor]
+
+
+@dataclass
+class PretrainData:
+    """A pretraining run's data: `batches(start_step)` yields micro-batches (images uint8, masks) forever,
+    exactly `steps_per_epoch * accum_steps` per epoch, and feeds `monitor` the bad-sample counts."""
+
+    steps_per_epoch: int
+    accum_steps: int
+    description: str
+    panel_source: Any  # num_images / load_image(k): what make_fixed_batch takes
+    monitor: BadDataMonitor
+    make_batches: Callable[[int], Iterator[Batch]]
+    val_batches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    def batches(self, start_step: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Micro-batches from optimizer step `start_step` on; raises BadDataError past data.max_bad_fraction."""
+        for batch in self.make_batches(start_step):
+            self.monitor.update(batch)
+            if batch.data:
+                yield batch.data
+
+
+def _check_steps(steps_per_epoch: int, samples: int, global_batch: int, what: str) -> None:
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"one optimizer step needs data.batch_size x world size x optim.accum_steps = {global_batch} samples "
+            f"but {what} gives {samples} per epoch; lower the batch size or use more data"
+        )
+
+
+def _pil_sample(sample: dict[str, Any], generator: torch.Generator) -> tuple[Image.Image]:
+    with open_image(sample) as img:
+        return (img.convert("RGB"),)
+
+
+def _val_images(data_cfg: DataConfig, num_images: int) -> ImageList:
+    """The first validation images, for the reconstruction panels."""
+    urls, _ = resolve_urls(data_cfg.val_urls, what="data.val_urls")
+    return ImageList([item[0] for item in read_samples(urls, num_images, _pil_sample)], "first validation images")
+
+
+def build_val_batches(
+    data_cfg: DataConfig, img_size: int, mask_generator: MaskFn, seed: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The fixed validation set: the first data.val_samples samples of data.val_urls, resized and centre-cropped,
+    with masks from `seed`; batches of data.batch_size (uint8 images, masks). Empty without val_urls."""
+    if not data_cfg.val_urls or data_cfg.val_samples <= 0:
+        return []
+    urls, _ = resolve_urls(data_cfg.val_urls, what="data.val_urls")
+    sample_fn = EvalSample(build_eval_transform(img_size, normalize=False), mask_generator)
+    items = read_samples(urls, data_cfg.val_samples, sample_fn, seed=seed)
+    if not items:
+        raise ValueError(f"data.val_urls={data_cfg.val_urls!r} holds no readable image samples")
+    batches = []
+    for start in range(0, len(items), data_cfg.batch_size):
+        chunk = items[start : start + data_cfg.batch_size]
+        batches.append((torch.stack([i[0] for i in chunk]), torch.stack([i[1] for i in chunk])))  # B,3,H,W; B,h,w
+    return batches
+
+
+def build_pretrain_data(
+    data_cfg: DataConfig,
+    img_size: int,
+    mask_generator: MaskFn,
+    seed: int,
+    accum_steps: int = 1,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
+    num_panel_images: int = 4,
+) -> PretrainData:
+    """The data of a pretraining run for `data_cfg.source` (photos, folder, fashion_mnist or shards)."""
+    micro = data_cfg.batch_size
+    global_batch = micro * world_size * accum_steps
+    monitor = BadDataMonitor(data_cfg.max_bad_fraction, data_cfg.bad_check_after)
+    val_batches = build_val_batches(data_cfg, img_size, mask_generator, seed)
+
+    if data_cfg.source in MAP_STYLE_SOURCES:
+        dataset = build_pretrain_dataset(data_cfg, img_size, mask_generator)
+        steps_per_epoch = len(dataset) // global_batch
+        _check_steps(steps_per_epoch, len(dataset), global_batch, f"the dataset ({dataset!r})")
+
+        def map_style_batches(start_step: int) -> Iterator[Batch]:
+            for epoch in itertools.count(start_step // steps_per_epoch):
+                # a resumed run continues its epoch where it stopped, without loading the batches already seen
+                skip = (start_step % steps_per_epoch) * accum_steps if epoch == start_step // steps_per_epoch else 0
+                loader = build_pretrain_loader(
+                    dataset,
+                    batch_size=micro,
+                    num_workers=data_cfg.num_workers,
+                    seed=seed,
+                    epoch=epoch,
+                    pin_memory=pin_memory,
+                    rank=rank,
+                    world_size=world_size,
+                    skip_batches=skip,
+                )
+                # exactly the batches of whole optimizer steps: a remainder never spills into the next epoch
+                for images, masks in itertools.islice(loader, steps_per_epoch * accum_steps - skip):
+                    yield Batch((images, masks), 0, ())
+
+        panel = _val_images(data_cfg, num_panel_images) if val_batches else dataset
+        return PretrainData(steps_per_epoch, accum_steps, repr(dataset), panel, monitor, map_style_batches, val_batches)
+
+    if data_cfg.source != "shards":
+        raise ValueError(f"data.source={data_cfg.source!r} is not one of {[*MAP_STYLE_SOURCES, 'shards']}")
+    urls, index_total = resolve_urls(data_cfg.urls)
+    samples_per_epoch = data_cfg.samples_per_epoch or index_total
+    if not samples_per_epoch:
+        raise ValueError(
+            "data.samples_per_epoch=0 means 'the total in the index', but data.urls is not an index file; "
+            "set data.samples_per_epoch to the number of samples (or pass the index .json written by make-shards)"
+        )
+    steps_per_epoch = samples_per_epoch // global_batch
+    _check_steps(steps_per_epoch, samples_per_epoch, global_batch, "data.samples_per_epoch")
+    sample_fn = PretrainSample(
+        build_pretrain_transform(img_size, data_cfg.crop_scale, data_cfg.crop_ratio, data_cfg.hflip), mask_generator
+    )
+
+    def shard_batches(start_step: int) -> Iterator[Batch]:
+        stream = ShardStream(
+            urls,
+            sample_fn,
+            batch_size=micro,
+            batches_per_epoch=steps_per_epoch * accum_steps,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            start_epoch=start_step // steps_per_epoch,
+            skip_batches=(start_step % steps_per_epoch) * accum_steps,
+            resume_step=start_step,  # a resumed run draws a new order rather than replaying the first one
+            shuffle_buffer=data_cfg.shuffle_buffer,
+        )
+        loader = build_shard_loader(stream, data_cfg.num_workers, pin_memory=pin_memory)
+        while True:  # one pass over the loader per epoch; persistent workers carry on
+            yield from loader
+
+    if val_batches:
+        panel = _val_images(data_cfg, num_panel_images)
+    else:
+        panel = ImageList([item[0] for item in read_samples(urls, num_panel_images, _pil_sample)], "first images")
+        if not panel.num_images:
+            raise ValueError(f"data.urls={data_cfg.urls!r}: no readable image in the shards")
+    description = f"{len(urls)} shards, {samples_per_epoch} samples per epoch"
+    readers = world_size * max(1, data_cfg.num_workers)
+    if len(urls) < readers:  # still correct, but the workers' shards overlap: say so once, at start-up
+        description += f" (fewer shards than the {readers} ranks x workers: every worker reads all of them)"
+    return PretrainData(steps_per_epoch, accum_steps, description, panel, monitor, shard_batches, val_batches)

@@ -1,0 +1,218 @@
+"""Webdataset tar shards: writing them from an image folder or Fashion-MNIST, the index file, and URL lists.
+
+A sample in a shard is `<key>.<ext>` (the image file's own bytes: jpg, png, ...) plus `<key>.cls` (the integer
+class as ASCII) when the source has labels. Next to the shards, `<name>.json` lists every shard with its sample
+count, so a loader knows the data size without reading the tars.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import webdataset as wds
+from PIL import Image
+
+from simmim_swin.data.datasets import find_images
+from simmim_swin.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
+
+INDEX_FORMAT = "simmim-swin-shards/1"
+# image member extensions the loaders read, in order of preference when a sample holds several
+IMAGE_MEMBER_KEYS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm")
+_EXTENSION_ALIASES = {"jpeg": "jpg", "tiff": "tif"}
+
+
+@dataclass
+class ShardSample:
+    """One sample to write: a unique key (no dots), encoded image bytes, their extension, an optional class."""
+
+    key: str
+    image: bytes
+    ext: str
+    label: int | None = None
+
+
+def folder_samples(
+    root: str | Path, labels: bool = False, skipped: list[str] | None = None
+) -> tuple[int, Iterator[ShardSample], list[str] | None]:
+    """(number of files, samples, class names) for every image under `root`, bytes as stored on disk.
+
+    With labels=True the class is the first-level sub-folder (sorted names -> 0, 1, ...), as torchvision's
+    ImageFolder; images directly under root are then an error. Keys are the relative paths without extension.
+    Files PIL cannot identify from their header (no decoding) are left out and appended to `skipped`.
+    """
+    root = Path(root)
+    paths = find_images(root)
+    classes = None
+    if labels:
+        loose = [p.name for p in paths if p.parent == root]
+        if loose:
+            raise ValueError(
+                f"--labels takes the class from the sub-folder, but {len(loose)} images lie directly in {root} "
+                f"(e.g. {loose[0]}); move them into class folders or drop --labels"
+            )
+        classes = sorted({p.relative_to(root).parts[0] for p in paths})
+    class_index = {name: i for i, name in enumerate(classes or [])}
+
+    def generate() -> Iterator[ShardSample]:
+        for path in paths:
+            rel = path.relative_to(root)
+            data = path.read_bytes()
+            try:
+                Image.open(io.BytesIO(data)).close()  # reads the header only: cheap, and nothing is re-encoded
+            except Exception as e:  # PIL raises several types for unreadable files; all mean "not an image"
+                if skipped is not None:
+                    skipped.append(f"{path}: {e}")
+                continue
+            ext = path.suffix.lower().lstrip(".")
+            # webdataset splits a member name at the first dot of its base name: dots in the key must go
+            key = rel.with_suffix("").as_posix().replace(".", "_")
+            label = class_index[rel.parts[0]] if labels else None
+            yield ShardSample(key, data, _EXTENSION_ALIASES.get(ext, ext), label)
+
+    return len(paths), generate(), classes
+
+
+def fashion_mnist_samples(split: str, root: str | Path | None = None) -> tuple[int, Iterator[ShardSample], list[str]]:
+    """(count, samples, class names) of a Fashion-MNIST split, each 28x28 grey image encoded as PNG (lossless)."""
+    images, labels = load_fashion_mnist(split) if root is None else load_fashion_mnist(split, root)
+
+    def generate() -> Iterator[ShardSample]:
+        for i, (pixels, label) in enumerate(zip(images, labels)):
+            buffer = io.BytesIO()
+            Image.fromarray(pixels).save(buffer, format="PNG")  # 2-D uint8 -> mode L
+            yield ShardSample(f"{split}_{i:06d}", buffer.getvalue(), "png", int(label))
+
+    return len(images), generate(), list(FASHION_MNIST_CLASSES)
+
+
+class Progress:
+    """Progress of a long loop: a tqdm bar on a terminal, else a plain line every `every` items (Slurm logs)."""
+
+    def __init__(self, total: int, every: int, desc: str, stream=None) -> None:
+        self.stream = stream or sys.stderr
+        self.total, self.every, self.desc = total, max(1, every), desc
+        self.count, self.start = 0, time.monotonic()
+        self.bar = None
+        if self.stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="img", file=self.stream)
+
+    def update(self, n: int = 1) -> None:
+        """Count n more items."""
+        self.count += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.count % self.every < n or self.count == self.total:
+            rate = self.count / max(time.monotonic() - self.start, 1e-9)
+            print(f"{self.desc}: {self.count}/{self.total} ({rate:.0f}/s)", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        """Finish the bar."""
+        if self.bar is not None:
+            self.bar.close()
+
+
+def write_shards(
+    samples: Iterable[ShardSample],
+    out_dir: str | Path,
+    name: str = "train",
+    max_count: int = 10000,
+    max_size: float = 1e9,
+    classes: list[str] | None = None,
+    source: str = "",
+    on_sample: Callable[[], None] | None = None,
+) -> Path:
+    """Write `samples` to out_dir/<name>-000000.tar, ... and the index out_dir/<name>.json; returns the index path.
+
+    A shard is closed once it holds `max_count` samples or `max_size` bytes (a shard exceeds max_size by at
+    most one sample). Raises ValueError for a repeated key or when there is nothing to write.
+    """
+    if max_count < 1 or max_size <= 0:
+        raise ValueError(f"max_count={max_count} and max_size={max_size} must be positive")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    counts: dict[str, int] = {}
+    seen_keys: set[str] = set()
+    writer = None
+    try:
+        for sample in samples:
+            if sample.key in seen_keys:
+                raise ValueError(f"two samples map to the key {sample.key!r}; rename one of the files")
+            seen_keys.add(sample.key)
+            if writer is None:  # opened on the first sample: nothing to write leaves no empty shard behind
+                writer = wds.ShardWriter(
+                    str(out_dir / f"{name}-%06d.tar"), maxcount=max_count, maxsize=max_size, verbose=0, encoder=False
+                )
+            record = {"__key__": sample.key, sample.ext: sample.image}
+            if sample.label is not None:
+                record["cls"] = str(sample.label).encode("ascii")
+            writer.write(record)
+            shard = Path(writer.fname).name
+            counts[shard] = counts.get(shard, 0) + 1
+            if on_sample is not None:
+                on_sample()
+    finally:
+        if writer is not None:
+            writer.close()
+    if not counts:
+        raise ValueError(f"no samples to write to {out_dir}")
+    index = {
+        "format": INDEX_FORMAT,
+        "source": source,
+        "total": sum(counts.values()),
+        "classes": classes,
+        "shards": [{"name": shard, "count": count, "bytes": (out_dir / shard).stat().st_size}
+                   for shard, count in counts.items()],
+    }  # fmt: skip
+    index_path = out_dir / f"{name}.json"
+    tmp = index_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(index, indent=1) + "\n")
+    os.replace(tmp, index_path)  # a reader never sees a half-written index
+    return index_path
+
+
+def read_index(path: str | Path) -> dict[str, Any]:
+    """The index JSON written by write_shards, with each shard's `url` resolved next to the index file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"shard index {str(path)!r} does not exist; write one with `simmim-swin make-shards`")
+    index = json.loads(path.read_text())
+    if index.get("format") != INDEX_FORMAT or not isinstance(index.get("shards"), list):
+        raise ValueError(f"{path} is not a shard index written by `simmim-swin make-shards` (format {INDEX_FORMAT})")
+    for shard in index["shards"]:
+        shard["url"] = str(path.parent / shard["name"])
+    return index
+
+
+def resolve_urls(urls: str | list[str] | None, what: str = "data.urls") -> tuple[list[str], int | None]:
+    """(shard URLs, total samples if known) from an index .json, a brace pattern, `a::b` lists, or a list.
+
+    Local paths must exist (a typo fails here, not in a worker); `pipe:` and URL schemes are passed through.
+    """
+    if not urls:
+        raise ValueError(f"{what} is empty; set it to the index written by make-shards, e.g. {what}=shards/train.json")
+    items = [urls] if isinstance(urls, str) else list(urls)
+    if len(items) == 1 and items[0].endswith(".json") and "://" not in items[0]:
+        index = read_index(items[0])
+        return [s["url"] for s in index["shards"]], int(index["total"])
+    expanded = [url for item in items for url in wds.shardlists.expand_urls(item)]
+    missing = [u for u in expanded if _is_local(u) and not Path(u).is_file()]
+    if missing:
+        raise ValueError(
+            f"{what}: {len(missing)} of {len(expanded)} shards do not exist, e.g. {missing[0]!r}; check the path "
+            "(brace patterns must be quoted on the command line: \"data.urls='/d/train-{000000..000009}.tar'\")"
+        )
+    return expanded, None
+
+
+def _is_local(url: str) -> bool:
+    return not url.startswith("pipe:") and "://" not in url

@@ -1,0 +1,325 @@
+"""Streaming webdataset shards for training: resampled shards split by rank and worker, a shuffle buffer,
+decoding and masks in the workers, a fixed number of batches per epoch, and bad samples skipped and counted.
+
+Determinism: each (rank, worker) draws its shards and shuffles from its own random.Random seeded by
+(seed, rank, worker, epoch, resume_step), never from time or /dev/random (webdataset's own resampling does), so
+the same seed gives the same batches and a run resumed at step s draws a new order instead of replaying epoch 0.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import random
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from simmim_swin.data.shards import IMAGE_MEMBER_KEYS
+from simmim_swin.data.transforms import ImageTransform, PretrainCrop
+
+SampleFn = Callable[[dict[str, Any], torch.Generator], tuple[torch.Tensor, ...]]
+LOG_FIRST_BAD = 10  # each worker logs its first bad samples one line each...
+LOG_BAD_EVERY = 100  # ...then one line per this many
+
+
+def derive_seed(*values: int) -> int:
+    """A 62-bit seed that is a hash of all `values` (neighbouring tuples give unrelated streams)."""
+    return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1, dtype=np.uint64)[0]) % 2**62
+
+
+def assign_shards(urls: list[str], slot: int, num_slots: int) -> list[str]:
+    """The shards of one (rank, worker) slot: every num_slots-th, so slots never share a shard.
+
+    With fewer shards than slots every slot resamples from all shards instead (seeded differently), which keeps
+    every worker busy: an empty worker would leave its rank short of batches (see PITFALLS.md).
+    """
+    if len(urls) < num_slots:
+        return list(urls)
+    return urls[slot::num_slots]
+
+
+class Batch(NamedTuple):
+    """What the shard loader yields: tensors, plus the bad samples the worker skipped since its previous batch.
+
+    `data` is empty for a report (a worker that skipped many bad samples in a row says so without a batch).
+    """
+
+    data: tuple[torch.Tensor, ...]  # e.g. images (B, 3, H, W) uint8, masks (B, h, w) uint8
+    num_bad: int
+    bad_shards: tuple[str, ...]  # the shard of each bad sample
+
+
+class BadSampleLog:
+    """A worker's record of skipped samples: counts, the shards they came from, rate-limited log lines."""
+
+    def __init__(self, where: str = "", stream=None) -> None:
+        self.where = where
+        self.stream = stream or sys.stderr
+        self.total = 0
+        self.pending: list[str] = []  # shards of bad samples not yet handed to the main process
+        self.current_url = ""
+
+    def record(self, url: str, key: str | None, reason: object) -> None:
+        """Count one bad sample (or empty / unreadable shard) and log it if it is within the rate limit."""
+        self.total += 1
+        self.pending.append(url)
+        if self.total <= LOG_FIRST_BAD or self.total % LOG_BAD_EVERY == 0:
+            what = f"sample {key!r}" if key else "shard"
+            reason = reason if isinstance(reason, str) else f"{type(reason).__name__}: {_first_arg(reason)}"
+            line = f"skipping bad {what} in {url}: {reason} [{self.total} bad{self.where}]"
+            print(line, file=self.stream, flush=True)
+
+    def handler(self, exn: Exception) -> bool:
+        """webdataset error handler: record and continue (its warn_and_continue sleeps 0.5 s per error)."""
+        self.record(self.current_url, None, exn)
+        return True
+
+    def take(self) -> tuple[int, tuple[str, ...]]:
+        """(count, shards) of the bad samples since the last call."""
+        pending, self.pending = tuple(self.pending), []
+        return len(pending), pending
+
+
+def _first_arg(exn: BaseException) -> str:
+    # webdataset appends the stream and url to an exception's args; the first one is the message
+    return str(exn.args[0]) if exn.args else repr(exn)
+
+
+def iter_shard_samples(urls: Iterable[str], log: BadSampleLog) -> Iterator[dict[str, Any] | None]:
+    """Raw samples (dicts of member bytes plus __key__ / __url__) of each shard in turn.
+
+    Yields None after a shard that gave no sample at all (missing, unreadable, empty), so that a consumer
+    regains control even when every shard is bad.
+    """
+    for url in urls:
+        log.current_url = url
+        bad_before, count = log.total, 0
+        for sample in wds.tariterators.tarfile_samples([{"url": url}], handler=log.handler):
+            count += 1
+            yield sample
+        if count == 0:
+            if log.total == bad_before:
+                log.record(url, None, "empty shard: no samples")
+            yield None
+
+
+def open_image(sample: dict[str, Any]) -> Image.Image:
+    """The sample's image member, opened lazily (decoded on first use); ValueError if it has none."""
+    for ext in IMAGE_MEMBER_KEYS:
+        if ext in sample:
+            return Image.open(io.BytesIO(sample[ext]))
+    members = sorted(k for k in sample if not k.startswith("__"))
+    raise ValueError(f"no image member (has {members}; expected one of {list(IMAGE_MEMBER_KEYS)})")
+
+
+def read_label(sample: dict[str, Any]) -> int:
+    """The sample's integer class from its `cls` member."""
+    if "cls" not in sample:
+        raise ValueError("no cls member: the shards were written without --labels")
+    return int(sample["cls"])
+
+
+class PretrainSample:
+    """Raw sample -> (image uint8 (3, S, S), token mask uint8): SimMIM's crop with draft decoding, mask drawn in
+    the worker; both from the worker's generator."""
+
+    def __init__(self, transform: PretrainCrop, mask_generator: Callable[..., torch.Tensor]) -> None:
+        self.transform = transform
+        self.mask_generator = mask_generator
+
+    def __call__(self, sample: dict[str, Any], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        with open_image(sample) as img:
+            image = self.transform(img, generator=generator)
+        return image, self.mask_generator(generator=generator)
+
+
+class EvalSample:
+    """Raw sample -> (image uint8 (3, S, S), token mask): the deterministic eval view and a mask from `generator`."""
+
+    def __init__(self, transform: ImageTransform, mask_generator: Callable[..., torch.Tensor]) -> None:
+        self.transform = transform
+        self.mask_generator = mask_generator
+
+    def __call__(self, sample: dict[str, Any], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        with open_image(sample) as img:
+            image = self.transform(img)
+        return image, self.mask_generator(generator=generator)
+
+
+def _collate(items: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.stack(field) for field in zip(*items))  # each field: B, ...
+
+
+class ShardStream(IterableDataset):
+    """An endless resampled stream of shards cut into epochs of exactly `batches_per_epoch` batches per rank.
+
+    Each iteration (one per epoch; keep the DataLoader's workers persistent) is the next epoch. The workers of a
+    rank share out its batches (round robin, as the DataLoader collects them), so every rank yields the same
+    number whatever its data: no rank ever waits for another's missing batch.
+
+    Args:
+        urls: shard URLs (local paths, `pipe:` commands, http(s)).
+        sample_fn: raw sample dict, torch.Generator -> tuple of tensors; raising means "bad sample".
+        batch_size: samples per batch (per process).
+        batches_per_epoch: batches this rank yields per epoch.
+        seed, rank, world_size: the run's seed and this process's place.
+        start_epoch, skip_batches: where the first iteration starts (a resumed run).
+        resume_step: the optimizer step the run (re)started at; part of every seed.
+        shuffle_buffer: raw samples held per worker for shuffling (0 or 1: none).
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        sample_fn: SampleFn,
+        batch_size: int,
+        batches_per_epoch: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        start_epoch: int = 0,
+        skip_batches: int = 0,
+        resume_step: int = 0,
+        shuffle_buffer: int = 2000,
+    ) -> None:
+        if not urls:
+            raise ValueError("no shard URLs given")
+        if batch_size < 1 or batches_per_epoch < 1:
+            raise ValueError(f"batch_size={batch_size} and batches_per_epoch={batches_per_epoch} must be >= 1")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
+        if not 0 <= skip_batches < batches_per_epoch:
+            raise ValueError(f"skip_batches={skip_batches} must lie in [0, {batches_per_epoch})")
+        self.urls = list(urls)
+        self.sample_fn = sample_fn
+        self.batch_size = batch_size
+        self.batches_per_epoch = batches_per_epoch
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.start_epoch, self.skip_batches, self.resume_step = start_epoch, skip_batches, resume_step
+        self.shuffle_buffer = shuffle_buffer
+        self._iteration = 0  # counted in each worker's copy: persistent workers keep it across epochs
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch = self.start_epoch + self._iteration
+        num_batches = self.batches_per_epoch - (self.skip_batches if self._iteration == 0 else 0)
+        self._iteration += 1
+        # the DataLoader takes one batch from each worker in turn: worker w makes every num_workers-th batch
+        quota = len(range(worker, num_batches, num_workers))
+        if quota == 0:
+            return
+        seed = derive_seed(self.seed, self.rank, worker, epoch, self.resume_step)
+        shard_rng, shuffle_rng = random.Random(derive_seed(seed, 0)), random.Random(derive_seed(seed, 1))
+        generator = torch.Generator().manual_seed(derive_seed(seed, 2))  # crops, flips, masks
+        shards = assign_shards(self.urls, self.rank * num_workers + worker, self.world_size * num_workers)
+        log = BadSampleLog(where=f" on rank {self.rank} worker {worker}")
+        # resampling with replacement: an endless stream; the epoch ends by count, never by running dry
+        samples: Iterator = iter_shard_samples((shard_rng.choice(shards) for _ in itertools.count()), log)
+        if self.shuffle_buffer > 1:
+            samples = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=shuffle_rng)(samples)
+        items: list[tuple[torch.Tensor, ...]] = []
+        for sample in samples:
+            if sample is not None:
+                try:
+                    items.append(self.sample_fn(sample, generator))
+                except Exception as e:  # the bad-data policy: any failure to decode skips and counts the sample
+                    log.record(sample.get("__url__", log.current_url), sample.get("__key__"), e)
+            if len(items) == self.batch_size:
+                yield Batch(_collate(items), *log.take())
+                items = []
+                quota -= 1
+                if quota == 0:
+                    return
+            elif len(log.pending) >= self.batch_size:
+                yield Batch((), *log.take())  # a report, so the main process can stop a run of bad data
+
+
+def build_shard_loader(stream: ShardStream, num_workers: int, pin_memory: bool = False) -> DataLoader:
+    """DataLoader over a ShardStream: batches made in the workers, persistent workers, optional pinned memory."""
+    if num_workers < 0:
+        raise ValueError(f"num_workers={num_workers} must be >= 0 (0 loads in the main process)")
+    return DataLoader(
+        stream,
+        batch_size=None,  # the stream batches itself
+        collate_fn=_as_is,  # not default_convert: it would turn the Batch's tuples into lists
+        num_workers=num_workers,
+        pin_memory=pin_memory and torch.cuda.is_available(),
+        # persistent workers keep their ShardStream copy, whose iteration count is the epoch
+        persistent_workers=num_workers > 0,
+    )
+
+
+def _as_is(batch: Batch) -> Batch:
+    return batch
+
+
+class BadDataError(ValueError):
+    """Too many bad samples: the message names the fraction, the limit and the shards."""
+
+
+class BadDataMonitor:
+    """Main-process sum of good and bad samples over all workers; stops the run above `max_bad_fraction`.
+
+    The fraction is bad / max(samples read, check_after), so a few bad samples early on never stop a run,
+    while a broken data set stops it after about check_after * max_bad_fraction bad samples.
+    """
+
+    def __init__(self, max_bad_fraction: float, check_after: int = 1000) -> None:
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise ValueError(f"data.max_bad_fraction={max_bad_fraction} must lie in [0, 1], e.g. 0.01")
+        self.max_bad_fraction = max_bad_fraction
+        self.check_after = max(1, check_after)
+        self.num_good = 0
+        self.num_bad = 0
+        self.bad_shards: Counter[str] = Counter()
+
+    def update(self, batch: Batch) -> None:
+        """Add one batch's counts; raises BadDataError once the limit is exceeded."""
+        self.num_good += int(batch.data[0].shape[0]) if batch.data else 0
+        self.num_bad += batch.num_bad
+        self.bad_shards.update(batch.bad_shards)
+        seen = self.num_good + self.num_bad
+        too_many = self.num_bad > self.max_bad_fraction * max(seen, self.check_after)
+        nothing_good = self.num_good == 0 and self.num_bad >= self.check_after
+        if self.num_bad and (too_many or nothing_good):
+            shards = ", ".join(f"{url} ({n})" for url, n in self.bad_shards.most_common(10))
+            more = len(self.bad_shards) - 10
+            limit = f"above data.max_bad_fraction={self.max_bad_fraction}" if too_many else "and not one good sample"
+            raise BadDataError(
+                f"stopping: {self.num_bad} of {seen} samples read were bad (corrupt, not an image, or an empty "
+                f"shard), {limit}. Bad samples per shard: {shards}"
+                + (f" and {more} more shards" if more > 0 else "")
+                + ". Check or rewrite those shards (simmim-swin make-shards), or raise data.max_bad_fraction."
+            )
+
+
+def read_samples(
+    urls: Iterable[str], num_samples: int, sample_fn: SampleFn, seed: int = 0, log: BadSampleLog | None = None
+) -> list[tuple[Any, ...]]:
+    """The first `num_samples` good samples of the shards in order (no shuffle), through `sample_fn`.
+
+    For fixed sets: validation batches, panel images. Bad samples are skipped and logged; fewer samples come
+    back when the shards hold fewer.
+    """
+    log = log or BadSampleLog(where=" while reading a fixed set")
+    generator = torch.Generator().manual_seed(seed)
+    out: list[tuple[Any, ...]] = []
+    for sample in iter_shard_samples(urls, log):
+        if len(out) >= num_samples:
+            break
+        if sample is None:
+            continue
+        try:
+            out.append(sample_fn(sample, generator))
+        except Exception as e:  # same policy as training: skip and count
+            log.record(sample.get("__url__", log.current_url), sample.get("__key__"), e)
+    return out

@@ -1,0 +1,272 @@
+"""Pictures of a run: learned position-bias maps, a confusion matrix and metric curves, each written as a PNG.
+
+matplotlib is imported inside the functions that use it (headless Agg canvas, no pyplot state), so importing
+this module stays cheap for a training loop that only draws bias maps now and then.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch import nn
+
+BIAS_MIN_TILE_PX = 64  # a (2W-1)^2 map is enlarged (nearest neighbour) by an integer factor to at least this
+BIAS_GUTTER_PX = 4  # white space between tiles
+BIAS_MARGIN_PX = 6  # white border around the figure
+BIAS_LABEL_PX = 18  # text band above each stage's row of tiles
+BIAS_MIN_WIDTH_PX = 420  # room for the row labels when a stage has few heads
+BIAS_COLORMAP = "viridis"
+
+
+def save_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+    """Call write(binary file) on a temporary file next to `path`, then rename it to `path`.
+
+    A reader (wandb, a browser, a sync job) never sees half a PNG; parent folders are created.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f"{path.suffix}.tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# position bias
+
+
+@torch.no_grad()
+def make_position_bias_maps(model: nn.Module, block: int = 0) -> list[tuple[int, torch.Tensor]]:
+    """16 * sigmoid(cpb_mlp(relative_coords_table)) of one block per stage: [(stage, (heads, 2Wh-1, 2Ww-1))].
+
+    Args:
+        model: a SwinTransformerV2, or a SimMIM (its encoder is used); not wrapped in DDP/FSDP.
+        block: which block of every stage (0 = the first, -1 = the last).
+    Map entry [a, b] is the bias added for the offset (dy, dx) = (a - (Wh-1), b - (Ww-1)): the centre is offset 0.
+    """
+    encoder = getattr(model, "encoder", model)
+    layers = getattr(encoder, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__} has no SwinV2 stages (.layers); pass the encoder or the SimMIM model")
+    maps = []
+    for stage_index, stage in enumerate(layers):
+        if not -len(stage.blocks) <= block < len(stage.blocks):
+            raise ValueError(f"block={block} does not exist in stage {stage_index}, which has {len(stage.blocks)}")
+        attn = stage.blocks[block].attn
+        table = attn.relative_coords_table  # 2Wh-1, 2Ww-1, 2
+        weight = attn.cpb_mlp[0].weight
+        with torch.autocast(table.device.type, enabled=False):  # the picture in fp32 even inside an autocast loop
+            bias = 16 * torch.sigmoid(attn.cpb_mlp(table.to(weight.dtype)).float())  # 2Wh-1, 2Ww-1, heads
+        maps.append((stage_index, bias.permute(2, 0, 1).cpu()))  # heads, 2Wh-1, 2Ww-1
+    return maps
+
+
+def _font(size: int = 12) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (ImportError, TypeError, OSError):  # Pillow built without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def position_bias_layout(maps: Sequence[tuple[int, torch.Tensor]]) -> tuple[int, int, list[list[tuple]]]:
+    """(width, height, boxes) of the bias figure; boxes[row][head] = (left, top, width, height) of a tile."""
+    rows, top = [], BIAS_MARGIN_PX
+    width = BIAS_MIN_WIDTH_PX
+    for _, bias in maps:
+        heads, h, w = bias.shape
+        scale = max(1, math.ceil(BIAS_MIN_TILE_PX / max(h, w)))
+        tile_h, tile_w = h * scale, w * scale
+        top += BIAS_LABEL_PX
+        rows.append([(BIAS_MARGIN_PX + k * (tile_w + BIAS_GUTTER_PX), top, tile_w, tile_h) for k in range(heads)])
+        width = max(width, 2 * BIAS_MARGIN_PX + heads * tile_w + (heads - 1) * BIAS_GUTTER_PX)
+        top += tile_h + BIAS_GUTTER_PX
+    return width, top - BIAS_GUTTER_PX + BIAS_MARGIN_PX, rows
+
+
+def save_position_bias_figure(
+    maps: Sequence[tuple[int, torch.Tensor]],
+    path: str | os.PathLike,
+    value_range: tuple[float, float] | None = None,
+) -> Path:
+    """PNG of bias maps from make_position_bias_maps: one row per stage, one tile per head (viridis).
+
+    Args:
+        value_range: the colour scale's (low, high), e.g. (0, 16) to compare runs or steps; None scales each
+            stage to its own min..max (printed in the row label), which shows the structure best.
+    """
+    from matplotlib import colormaps
+
+    if not maps:
+        raise ValueError("no bias maps to draw; make them with make_position_bias_maps(encoder)")
+    cmap = colormaps[BIAS_COLORMAP]
+    width, height, boxes = position_bias_layout(maps)
+    canvas = Image.new("RGB", (width, height), "white")
+    draw, font = ImageDraw.Draw(canvas), _font()
+    for (stage_index, bias), row in zip(maps, boxes):
+        values = bias.detach().float().numpy()  # heads, h, w
+        low, high = (float(values.min()), float(values.max())) if value_range is None else value_range
+        scaled = (values - low) / max(high - low, 1e-6)
+        tiles = (cmap(np.clip(scaled, 0.0, 1.0))[..., :3] * 255).round().astype(np.uint8)  # heads, h, w, 3
+        heads, h, w = values.shape
+        label = (
+            f"stage {stage_index} | window {(h + 1) // 2}x{(w + 1) // 2} | {heads} head{'s' if heads != 1 else ''} | "
+            f"16*sigmoid(CPB) {low:.2f} .. {high:.2f}"
+        )
+        draw.text((BIAS_MARGIN_PX, row[0][1] - BIAS_LABEL_PX + 2), label, fill="black", font=font)
+        for tile, (left, top, tile_w, tile_h) in zip(tiles, row):
+            big = tile.repeat(tile_h // h, axis=0).repeat(tile_w // w, axis=1)  # nearest-neighbour enlargement
+            canvas.paste(Image.fromarray(big), (left, top))
+    return save_atomic(path, lambda f: canvas.save(f, format="PNG"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# confusion matrix
+
+
+def confusion_matrix(preds: torch.Tensor, targets: torch.Tensor, num_classes: int, check: bool = True) -> torch.Tensor:
+    """int64 counts (num_classes, num_classes) on the inputs' device: rows are true classes, columns predicted.
+
+    preds: class indices (N,) or logits (N, num_classes); targets: class indices (N,). Sum the matrices of
+    several batches (or all-reduce those of several ranks) to get the whole set's. check=False skips the range
+    check, which syncs the device, for use inside an evaluation loop.
+    """
+    if preds.dim() == 2:
+        preds = preds.argmax(dim=1)
+    if preds.dim() != 1 or targets.dim() != 1 or preds.shape != targets.shape:
+        raise ValueError(
+            f"preds {tuple(preds.shape)} must be indices (N,) or logits (N, C) for targets (N,), "
+            f"got targets {tuple(targets.shape)}"
+        )
+    preds, targets = preds.long(), targets.long()
+    for name, t in (("preds", preds), ("targets", targets)) if check else ():
+        if t.numel() and (t.min() < 0 or t.max() >= num_classes):
+            raise ValueError(f"{name} hold classes outside [0, {num_classes}): min {t.min()}, max {t.max()}")
+    counts = torch.bincount(targets * num_classes + preds, minlength=num_classes * num_classes)
+    return counts.view(num_classes, num_classes)
+
+
+def save_confusion_matrix(
+    confusion: torch.Tensor, class_names: Sequence[str], path: str | os.PathLike, title: str | None = None
+) -> Path:
+    """PNG of a confusion matrix: cells coloured by the fraction of their true class, counts written in them
+    (up to 30 classes), class names on the axes (up to 60 classes)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    counts = confusion.detach().cpu().long().numpy()
+    num_classes = counts.shape[0]
+    if counts.shape != (num_classes, num_classes) or len(class_names) != num_classes:
+        raise ValueError(
+            f"confusion {tuple(counts.shape)} must be square with one class name per row, got {len(class_names)} names"
+        )
+    total = int(counts.sum())
+    fractions = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)  # recall per true class
+
+    side = float(np.clip(0.45 * num_classes + 2.5, 5.0, 20.0))
+    fig = Figure(figsize=(side + 1.2, side), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(fractions, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    if num_classes <= 30:
+        for i in range(num_classes):
+            for j in range(num_classes):
+                color = "white" if fractions[i, j] > 0.5 else "black"
+                ax.text(j, i, str(counts[i, j]), ha="center", va="center", color=color, fontsize=8)
+    if num_classes <= 60:
+        ax.set_xticks(range(num_classes), labels=list(class_names), rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(num_classes), labels=list(class_names), fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    accuracy = np.trace(counts) / max(total, 1)
+    ax.set_title(title or f"confusion matrix: {total} samples, top-1 {100 * accuracy:.2f}%")
+    fig.tight_layout()
+    return save_atomic(path, lambda f: fig.savefig(f, format="png"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# metric curves
+
+# (title, metric keys tried in order, y-axis label); a panel is drawn when any run has one of its keys
+CURVE_PANELS = (
+    ("training loss", ("loss", "train_loss"), "loss"),
+    ("validation loss", ("val_loss",), "loss"),
+    ("learning rate", ("lr",), "lr"),
+    ("throughput", ("images_per_sec",), "images / s"),
+    ("validation top-1", ("val_top1", "top1", "val_acc1", "acc1"), "accuracy (%)"),
+    ("validation top-5", ("val_top5", "top5", "val_acc5", "acc5"), "accuracy (%)"),
+    ("data wait", ("data_wait_frac",), "fraction of step time"),
+    ("GPU memory", ("gpu_mem_peak_gib",), "peak GiB"),
+)
+
+
+def metric_series(records: Sequence[Mapping[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of `key`, sorted by step; a step logged twice (a resumed run) keeps its last value."""
+    by_step = {}
+    for record in records:
+        value = record.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            by_step[record["step"]] = float(value)
+    steps = np.array(sorted(by_step), dtype=np.int64)
+    return steps, np.array([by_step[s] for s in steps], dtype=np.float64)
+
+
+def plot_metric_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | os.PathLike) -> Path:
+    """PNG with one panel per metric in CURVE_PANELS that some run has, every run overlaid (legend: run name).
+
+    Args:
+        runs: {run label: metrics.jsonl records (tracking.load_metrics)}.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels = []
+    for title, keys, ylabel in CURVE_PANELS:
+        series = {}
+        for label, records in runs.items():
+            for key in keys:
+                steps, values = metric_series(records, key)
+                if len(steps):
+                    series[label] = (steps, values)
+                    break
+        if series:
+            panels.append((title, ylabel, series))
+    if not panels:
+        known = sorted({key for _, keys, _ in CURVE_PANELS for key in keys})
+        raise ValueError(f"none of the runs {list(runs)} has a metric to plot (looked for {known})")
+
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig = Figure(figsize=(5.0 * ncols, 3.4 * nrows + 0.6), dpi=100)
+    FigureCanvasAgg(fig)
+    colors = {label: f"C{i % 10}" for i, label in enumerate(runs)}  # one colour per run in every panel
+    for index, (title, ylabel, series) in enumerate(panels):
+        ax = fig.add_subplot(nrows, ncols, index + 1)
+        for label, (steps, values) in series.items():
+            marker = "o" if len(steps) < 30 else None  # a handful of evaluations stays visible as points
+            ax.plot(steps, values, color=colors[label], marker=marker, markersize=3, linewidth=1.2, label=label)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        if ylabel == "lr":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    handles = [
+        fig.axes[0].plot([], [], color=colors[label], label=label)[0] for label in runs
+    ]  # an empty line per run: the legend lists every run even if the first panel lacks one
+    fig.legend(handles=handles, loc="upper center", ncol=min(len(runs), 4), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / (3.4 * nrows + 0.6)))
+    return save_atomic(path, lambda f: fig.savefig(f, format="png"))
