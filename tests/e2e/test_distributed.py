@@ -191,3 +191,17 @@ def test_fsdp_checkpoint_from_two_processes_loads_in_one(tmp_path):
     resumed = run(tmp_path, "fsdp", "data.batch_size=8", *overrides, "run.max_steps=6")
     assert "resuming" in resumed.stdout and "at step 4" in resumed.stdout
     assert load_checkpoint(find_latest_checkpoint(tmp_path / "fsdp"))["step"] == 6
+
+
+def test_submitit_launcher_runs_two_ranks(tmp_path):
+    """hydra/launcher=local2: the Slurm code path (submitit's environment -> process group) with two CPU tasks."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    cmd = command(tmp_path, "submitit", "data.batch_size=4", "run.max_steps=3")
+    result = subprocess.run([*cmd[:3], "-m", "hydra/launcher=local2", *cmd[3:]], capture_output=True, text=True,
+                            timeout=600, cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    logs = sorted((tmp_path / ".submitit").glob("*/*_0_log.out"))
+    assert logs and "2 x cpu" in logs[-1].read_text() and "ddp" in logs[-1].read_text()
+    lines = (tmp_path / "submitit" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]  # rank 0 alone wrote them
+    assert load_checkpoint(find_latest_checkpoint(tmp_path / "submitit"))["step"] == 3
