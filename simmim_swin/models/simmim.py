@@ -92,7 +92,9 @@ class SimMIM(nn.Module):
     def forward(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images (B, C, H, W) normalised, mask (B, H/p, W/p) 0/1 -> (loss, reconstruction (B, C, H, W))."""
         z = self.encoder.forward_features(images, mask)  # B, H/s, W/s, C_last
-        reconstruction = self.decoder(z.permute(0, 3, 1, 2))  # B, C, H, W
+        # contiguous NCHW (a small copy of the last stage): a channels-last input would give the 1x1 conv a
+        # channels-last weight gradient, which DDP's gradient buckets then copy with a warning every step
+        reconstruction = self.decoder(z.permute(0, 3, 1, 2).contiguous())  # B, C, H, W
         loss = self.loss(reconstruction, self.target(images), mask)
         return loss, reconstruction
 
