@@ -1,8 +1,10 @@
-"""`simmim-swin inspect`: a checkpoint's step, settings and parameter counts."""
+"""`simmim-swin inspect`: a checkpoint's (or export's) step, settings, windows, classes and parameter counts."""
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 from ..checkpoint import load_checkpoint
 from .common import resolve_checkpoint
@@ -18,8 +20,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     """Print a checkpoint's step, model settings and parameter counts."""
     path = resolve_checkpoint(args.checkpoint)
-    state = load_checkpoint(path)
-    weights = state.get("model", state)
+    if path.suffix == ".safetensors":
+        weights, state = _read_export(path)
+    else:
+        state = load_checkpoint(path)
+        weights = state.get("model", state)
     print(f"checkpoint: {path}")
     if "step" in state:
         print(f"step: {state['step']}")
@@ -27,8 +32,18 @@ def run(args: argparse.Namespace) -> None:
     for section in ("model", "mask"):
         if section in config:
             print(f"{section}: " + ", ".join(f"{k}={v}" for k, v in config[section].items()))
+    if config.get("pretrained"):
+        print(f"fine-tuned from: {config['pretrained']}")
     if "stage_window_sizes" in state:
         print(f"windows used per stage: {state['stage_window_sizes']}")
+    if state.get("pretrained_window_sizes"):
+        print(f"CPB normalised by (pretrained windows): {state['pretrained_window_sizes']}")
+    if state.get("num_classes"):
+        names = state.get("class_names") or []
+        shown = ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
+        print(f"classes: {state['num_classes']}" + (f" ({shown})" if names else ""))
+    if state.get("best_top1") is not None and state["best_top1"] >= 0:
+        print(f"best top-1: {state['best_top1']:.2f}%")
     groups: dict[str, int] = {}
     for key, tensor in weights.items():
         top = key.split(".")[1] if key.startswith("encoder.") else key.split(".")[0]
@@ -38,3 +53,22 @@ def run(args: argparse.Namespace) -> None:
     print(f"parameters: {total:,} ({total / 1e6:.2f}M) in {len(weights)} tensors")
     for name, count in groups.items():
         print(f"  {name:32s} {count:>14,}")
+
+
+def _read_export(path: Path) -> tuple[dict, dict]:
+    """(tensors, a checkpoint-like dict of its metadata) of a `simmim-swin export` file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+        metadata = dict(f.metadata() or {})
+    print(f"export format: {metadata.get('format', 'unknown')}")
+    if "simmim_swin" not in metadata:
+        return tensors, {}
+    info = json.loads(metadata["simmim_swin"])
+    state = {
+        k: info[k] for k in ("step", "stage_window_sizes", "num_classes", "class_names") if info.get(k) is not None
+    }
+    state["config"] = {"model": info["model"]}
+    state["pretrained_window_sizes"] = info["model"].get("pretrained_window_sizes")
+    return tensors, state

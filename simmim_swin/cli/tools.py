@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 # each module has add_parser(subparsers) registering a sub-command whose `func(args)` runs it
-COMMAND_MODULES = ("inspect", "reconstruct", "plot", "make_shards")
+COMMAND_MODULES = ("inspect", "reconstruct", "plot", "make_shards", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:

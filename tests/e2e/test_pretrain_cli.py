@@ -61,7 +61,14 @@ def test_pretrain_trains_writes_run_dir_and_resumes(tmp_path):
     assert [c.name for c in checkpoints] == ["step_00000010.pt", "step_00000020.pt"]
     state = torch.load(checkpoints[-1], map_location="cpu", weights_only=True)
     assert state["step"] == 20 and "encoder.mask_token" in state["model"]
-    assert sorted(p.name for p in (run_dir / "images").glob("*.png")) == ["recon_00000010.png", "recon_00000020.png"]
+    assert sorted(p.name for p in (run_dir / "images").glob("recon_*.png")) == [
+        "recon_00000010.png",
+        "recon_00000020.png",
+    ]
+    assert sorted(p.name for p in (run_dir / "images").glob("position_bias_*.png")) == [
+        "position_bias_00000010.png",
+        "position_bias_00000020.png",
+    ]
 
     # the same command without the step limit picks up at step 20 and finishes the 30-step schedule
     second = pretrain(tmp_path, *TINY_RUN)

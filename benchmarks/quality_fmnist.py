@@ -1,0 +1,235 @@
+"""Does SimMIM pretraining help? Fashion-MNIST: pretrain at a low resolution, fine-tune at a higher one on few labels.
+
+1. SimMIM-pretrain a small SwinV2 on the 60k Fashion-MNIST training images, labels unused, at --pretrain-size px
+   with window --pretrain-window (the 28 px images resized; simmim_swin.pretrain.run_pretrain).
+2. Fine-tune at --size px with window --window (the CPB transferred, simmim_swin.finetune.run_finetune) on a
+   class-balanced subset of --num-labelled training images, one subset per seed, and evaluate on the 10,000
+   test images. Variants: `pretrained`; `scratch` (same recipe, random init); `reinit_cpb` (pretrained encoder,
+   CPB MLPs re-initialised: what the position-bias transfer is worth).
+3. Print a table (final-epoch top-1 / top-5, mean and sample standard deviation over seeds) and write it as
+   JSON to --json (benchmarks/results/quality_fmnist.json).
+
+Defaults fit a 2-core CPU in about 30 minutes: 32 px / window 4 -> 48 px / window 6 (stage windows [4, 4, 2] ->
+[6, 6, 3]), 3 pretraining epochs, 15 fine-tuning epochs, two single-thread fine-tunes side by side. With so
+short a fine-tuning, mixup / cutmix / random erasing slow convergence more than they regularise, so they are
+off here (the SPEC recipe, conf/finetune/swinv2_base_w14_224.yaml, is for 100 ImageNet epochs). Scale up with
+flags on a GPU, e.g.
+    python benchmarks/quality_fmnist.py --device cuda --threads 0 --jobs 1 --size 64 --window 8 \
+        --pretrain-epochs 50 --epochs 100 --embed-dim 96 --depths 2 2 6 --heads 3 6 12 --seeds 0 1 2 3 4
+Runs live under --out and resume: starting the same command again reuses finished runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+from simmim_swin.config import FinetuneConfig, PretrainConfig, from_dict
+from simmim_swin.finetune import run_finetune
+from simmim_swin.pretrain import run_pretrain
+
+VARIANTS = ("pretrained", "scratch", "reinit_cpb")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="outputs/quality_fmnist", help="folder for the runs")
+    p.add_argument(
+        "--json", default=str(Path(__file__).parent / "results" / "quality_fmnist.json"), help="results file to write"
+    )
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (0: torch's default)")
+    p.add_argument("--jobs", type=int, default=2, help="fine-tunes run side by side in this many processes")
+    # model
+    p.add_argument("--embed-dim", type=int, default=32)
+    p.add_argument("--depths", type=int, nargs="+", default=[2, 2, 4])
+    p.add_argument("--heads", type=int, nargs="+", default=[2, 4, 8])
+    # pretraining
+    p.add_argument("--pretrain-size", type=int, default=32)
+    p.add_argument("--pretrain-window", type=int, default=4)
+    p.add_argument("--pretrain-epochs", type=int, default=3)
+    p.add_argument("--pretrain-batch", type=int, default=128)
+    p.add_argument("--pretrain-lr", type=float, default=8e-3, help="base lr for a batch of 512 (scaled linearly)")
+    p.add_argument("--mask-patch", type=int, default=8)
+    p.add_argument("--mask-ratio", type=float, default=0.6)
+    p.add_argument("--norm-target", action=argparse.BooleanOptionalAction, default=False)
+    # fine-tuning
+    p.add_argument("--size", type=int, default=48)
+    p.add_argument("--window", type=int, default=6)
+    p.add_argument("--num-labelled", type=int, default=1000)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--warmup-epochs", type=int, default=1)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-2, help="base lr for a batch of 512 (scaled linearly)")
+    p.add_argument("--layer-decay", type=float, default=0.9)
+    p.add_argument("--drop-path", type=float, default=0.1)
+    p.add_argument("--rand-augment", default="rand-m6-mstd0.5-inc1", help="timm RandAugment string; 'none': off")
+    p.add_argument("--mixup", type=float, default=0.0)
+    p.add_argument("--cutmix", type=float, default=0.0)
+    p.add_argument("--reprob", type=float, default=0.0)
+    p.add_argument("--smoothing", type=float, default=0.1)
+    p.add_argument("--crop-min", type=float, default=0.5, help="RandomResizedCrop's smallest area fraction")
+    p.add_argument("--precision", default="auto", help="auto | fp32 | bf16 (bf16 autocast also works on CPUs)")
+    p.add_argument("--eval-every", type=int, default=100, help="epochs between test evaluations (and the last)")
+    p.add_argument("--workers", type=int, default=0)
+    return p.parse_args()
+
+
+def model_overrides(args: argparse.Namespace) -> dict:
+    return dict(arch="tiny", embed_dim=args.embed_dim, depths=args.depths, num_heads=args.heads)
+
+
+def pretrain(args: argparse.Namespace, out: Path) -> Path:
+    """SimMIM on the 60k training images, no labels; returns the run dir (an existing finished run is reused)."""
+    config = from_dict(
+        PretrainConfig,
+        dict(
+            model=dict(
+                **model_overrides(args),
+                img_size=args.pretrain_size,
+                window_size=args.pretrain_window,
+                drop_path_rate=0.0,
+            ),
+            mask=dict(mask_patch_size=args.mask_patch, mask_ratio=args.mask_ratio, norm_target=args.norm_target),
+            data=dict(source="fashion_mnist", split="train", batch_size=args.pretrain_batch, num_workers=args.workers),
+            optim=dict(base_lr=args.pretrain_lr, warmup_lr=args.pretrain_lr / 100, min_lr=args.pretrain_lr / 100),
+            schedule=dict(kind="cosine", epochs=args.pretrain_epochs, warmup_epochs=min(1, args.pretrain_epochs - 1)),
+            logger=dict(log_every=50, image_every=10**9),
+            run=dict(name="pretrain", output_dir=str(out), device=args.device, save_every=200, keep_last=1),
+        ),
+    )
+    return run_pretrain(config)
+
+
+def finetune(args: argparse.Namespace, out: Path, variant: str, seed: int, pretrained: Path | None) -> dict:
+    """One fine-tune; returns its final evaluation (metrics.jsonl's last val_* line)."""
+    name = f"{variant}_seed{seed}"
+    config = from_dict(
+        FinetuneConfig,
+        dict(
+            pretrained=str(pretrained) if variant != "scratch" else None,
+            model=dict(
+                **model_overrides(args),
+                img_size=args.size,
+                window_size=args.window,
+                drop_path_rate=args.drop_path,
+            ),
+            data=dict(
+                source="fashion_mnist",
+                num_labelled=args.num_labelled,
+                subset_seed=seed,
+                batch_size=args.batch,
+                eval_batch_size=500,
+                num_workers=args.workers,
+                crop_pct=1.0,  # the garment fills the 28 px frame: no border to crop away
+            ),
+            augment=dict(
+                rand_augment=None if args.rand_augment == "none" else args.rand_augment,
+                crop_scale=[args.crop_min, 1.0],
+                reprob=args.reprob,
+                mixup=args.mixup,
+                cutmix=args.cutmix,
+                label_smoothing=args.smoothing,
+            ),
+            optim=dict(base_lr=args.lr, warmup_lr=args.lr / 100, min_lr=args.lr / 100, weight_decay=0.05),
+            schedule=dict(kind="cosine", epochs=args.epochs, warmup_epochs=args.warmup_epochs),
+            train=dict(
+                layer_decay=args.layer_decay, eval_every=args.eval_every, reinit_cpb_mlp=variant == "reinit_cpb"
+            ),
+            logger=dict(log_every=20),
+            run=dict(
+                name=name,
+                output_dir=str(out),
+                device=args.device,
+                precision=args.precision,
+                seed=seed,
+                save_every=10**9,
+                keep_last=1,
+            ),
+        ),
+    )
+    run_dir = run_finetune(config)
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    final = [line for line in lines if "val_top1" in line][-1]
+    return {"variant": variant, "seed": seed, "top1": final["val_top1"], "top5": final["val_top5"]}
+
+
+def summarise(results: list[dict], variants: list[str]) -> list[dict]:
+    rows = []
+    for variant in variants:
+        runs = sorted((r for r in results if r["variant"] == variant), key=lambda r: r["seed"])
+        top1 = [r["top1"] for r in runs]
+        rows.append(
+            {
+                "variant": variant,
+                "top1_mean": statistics.mean(top1),
+                "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
+                "top5_mean": statistics.mean(r["top5"] for r in runs),
+                "top1_per_seed": top1,
+            }
+        )
+    return rows
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def main() -> None:
+    args = parse_args()
+    _set_threads(args.threads)
+    out = Path(args.out)
+    start = time.perf_counter()
+    needs_pretraining = any(v != "scratch" for v in args.variants)
+    pretrain_dir = pretrain(args, out) if needs_pretraining else None
+    pretrain_time = time.perf_counter() - start
+    runs = [(variant, seed) for seed in args.seeds for variant in args.variants]
+    if args.jobs > 1:
+        # independent fine-tunes side by side, one process each: on a small CPU two single-thread processes do
+        # more work than one process with two threads (tiny matrices leave threads waiting on each other)
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(
+            args.jobs, mp_context=context, initializer=_set_threads, initargs=(args.threads,)
+        ) as pool:
+            results = list(pool.map(finetune, *zip(*[(args, out, v, s, pretrain_dir) for v, s in runs])))
+    else:
+        results = [finetune(args, out, variant, seed, pretrain_dir) for variant, seed in runs]
+    rows = summarise(results, args.variants)
+    wall = time.perf_counter() - start
+    print(
+        f"\nFashion-MNIST, {args.num_labelled} labels, fine-tuned at {args.size}px / window {args.window} "
+        f"(pretrained at {args.pretrain_size}px / window {args.pretrain_window}); test set of 10,000 images"
+    )
+    print("| variant | top-1 mean ± std (%) | top-5 mean (%) | top-1 per seed |")
+    print("|---|---|---|---|")
+    for row in rows:
+        seeds = ", ".join(f"{v:.2f}" for v in row["top1_per_seed"])
+        print(
+            f"| {row['variant']} | {row['top1_mean']:.2f} ± {row['top1_std']:.2f} | {row['top5_mean']:.2f} | {seeds} |"
+        )
+    by_name = {row["variant"]: row for row in rows}
+    if "pretrained" in by_name and "scratch" in by_name:
+        gap = by_name["pretrained"]["top1_mean"] - by_name["scratch"]["top1_mean"]
+        print(f"pretrained - scratch: {gap:+.2f} points top-1 (goal: >= +5)")
+    print(
+        f"wall time {wall / 60:.1f} min (pretraining {pretrain_time / 60:.1f} min), torch threads "
+        f"{torch.get_num_threads()}, {args.jobs} fine-tune process(es)"
+    )
+    summary = {"args": vars(args), "results": results, "summary": rows, "wall_s": wall, "pretrain_s": pretrain_time}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

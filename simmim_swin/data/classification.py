@@ -1,0 +1,179 @@
+"""Labelled images for fine-tuning: class folders or Fashion-MNIST, a class-balanced subset, timm's transforms.
+
+Training images go through timm's `create_transform` (RandomResizedCrop, flip, RandAugment, colour jitter,
+random erasing, normalisation); evaluation images are resized to img_size / crop_pct and centre-cropped to
+img_size (224 of 256, the Swin protocol). Both give normalised float tensors (3, img_size, img_size).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from timm.data import create_transform
+from timm.data.auto_augment import RandAugment
+from timm.data.auto_augment import posterize as timm_posterize
+from torch.utils.data import Dataset, Subset
+from torchvision.datasets import ImageFolder
+
+from simmim_swin.config import AugmentConfig, FinetuneDataConfig
+from simmim_swin.data.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_fashion_mnist
+
+CLASSIFICATION_SOURCES = ("folder", "fashion_mnist")
+ImageTransform = Callable[[Image.Image], torch.Tensor]
+
+
+def build_train_transform(img_size: int, augment: AugmentConfig) -> ImageTransform:
+    """timm's training transform: PIL image -> augmented, normalised tensor (3, img_size, img_size)."""
+    if len(augment.crop_scale) != 2 or not 0.0 < augment.crop_scale[0] <= augment.crop_scale[1] <= 1.0:
+        raise ValueError(f"augment.crop_scale={augment.crop_scale} must be [min, max] with 0 < min <= max <= 1")
+    transform = create_transform(
+        input_size=img_size,
+        is_training=True,
+        scale=tuple(augment.crop_scale),
+        ratio=tuple(augment.crop_ratio),
+        hflip=augment.hflip,
+        color_jitter=augment.color_jitter,
+        auto_augment=augment.rand_augment or None,
+        interpolation=augment.interpolation,
+        re_prob=augment.reprob,
+        re_mode=augment.remode,
+        re_count=augment.recount,
+    )
+    _patch_posterize(transform)
+    return transform
+
+
+def _posterize_keep_zero_bits(img: Image.Image, bits_to_keep: int, **_: object) -> Image.Image:
+    """timm's posterize op, with 0 bits giving a black image as Pillow < 13 did."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _patch_posterize(transform: Callable) -> None:
+    """Make timm's RandAugment posterize survive Pillow 13.
+
+    With increasing magnitudes (`inc1`, the Swin recipe) a magnitude of 10 asks timm 1.0.x for 0 bits, which
+    Pillow 13's ImageOps.posterize rejects: a ValueError mid-epoch (m9-mstd0.5 reaches 10 in ~2% of draws, so a
+    few images per thousand). Older Pillow returned a black image, which is what this op does instead.
+    """
+    for step in getattr(transform, "transforms", ()):
+        if isinstance(step, RandAugment):
+            for op in step.ops:
+                if op.aug_fn is timm_posterize:
+                    op.aug_fn = _posterize_keep_zero_bits
+
+
+def build_classification_eval_transform(
+    img_size: int, crop_pct: float, interpolation: str = "bicubic"
+) -> ImageTransform:
+    """Resize to floor(img_size / crop_pct), centre crop img_size, normalise -> tensor (3, img_size, img_size)."""
+    if not 0.0 < crop_pct <= 1.0:
+        raise ValueError(f"data.crop_pct={crop_pct} must lie in (0, 1]; 0.875 is the 224-of-256 protocol")
+    return create_transform(input_size=img_size, is_training=False, crop_pct=crop_pct, interpolation=interpolation)
+
+
+class FashionMNISTClassification(Dataset):
+    """Fashion-MNIST images (28x28 grey, copied to RGB) with their labels, through `transform`."""
+
+    classes = list(FASHION_MNIST_CLASSES)
+
+    def __init__(self, split: str, transform: ImageTransform, root: str | Path = FASHION_MNIST_DIR) -> None:
+        self.split = split
+        self.images, labels = load_fashion_mnist(split, root)  # N, 28, 28 uint8 and N int64
+        self.targets = labels.tolist()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = Image.fromarray(self.images[index]).convert("RGB")  # mode L -> RGB: grey in all three channels
+        return self.transform(image), self.targets[index]
+
+
+def balanced_subset(targets: Sequence[int], num_images: int, seed: int) -> list[int]:
+    """`num_images` indices drawn without replacement, as evenly over the classes as they allow, fixed by `seed`."""
+    if num_images < 1:
+        raise ValueError(f"data.num_labelled={num_images} must be positive (or null for every image)")
+    if num_images > len(targets):
+        raise ValueError(f"data.num_labelled={num_images} exceeds the {len(targets)} labelled training images")
+    rng = np.random.default_rng(seed)
+    targets = np.asarray(targets)
+    per_class = [rng.permutation(np.flatnonzero(targets == c)).tolist() for c in np.unique(targets)]
+    picked: list[int] = []
+    rank = 0
+    # round-robin over the classes: the k-th image of every class before the (k+1)-th of any
+    while len(picked) < num_images:
+        for indices in per_class:
+            if rank < len(indices) and len(picked) < num_images:
+                picked.append(indices[rank])
+        rank += 1
+    return sorted(picked)
+
+
+def _folder_roots(data_cfg: FinetuneDataConfig) -> tuple[Path, Path]:
+    if not data_cfg.root:
+        raise ValueError("data.source=folder needs data.root: a folder of class sub-folders (or with train/ and val/)")
+    root = Path(data_cfg.root)
+    if data_cfg.val_root:
+        return root, Path(data_cfg.val_root)
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        return root / "train", root / "val"
+    raise ValueError(
+        f"no validation images: set data.val_root, or give data.root={root} with train/ and val/ sub-folders"
+    )
+
+
+def _check_source(data_cfg: FinetuneDataConfig) -> None:
+    if data_cfg.source not in CLASSIFICATION_SOURCES:
+        raise ValueError(f"data.source={data_cfg.source!r} is unknown; use one of {list(CLASSIFICATION_SOURCES)}")
+
+
+def _image_folder(folder: Path, transform: ImageTransform) -> ImageFolder:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist")
+    return ImageFolder(str(folder), transform)
+
+
+def build_train_dataset(
+    data_cfg: FinetuneDataConfig, img_size: int, augment: AugmentConfig
+) -> tuple[Dataset, list[str]]:
+    """(training set with timm's augmentation, class names); the class-balanced num_labelled subset if set."""
+    _check_source(data_cfg)
+    transform = build_train_transform(img_size, augment)
+    if data_cfg.source == "fashion_mnist":
+        dataset = FashionMNISTClassification("train", transform, data_cfg.root or FASHION_MNIST_DIR)
+    else:
+        dataset = _image_folder(_folder_roots(data_cfg)[0], transform)
+    classes = list(dataset.classes)
+    if data_cfg.num_labelled is not None:
+        dataset = Subset(dataset, balanced_subset(dataset.targets, data_cfg.num_labelled, data_cfg.subset_seed))
+    return dataset, classes
+
+
+def build_val_dataset(
+    data_cfg: FinetuneDataConfig, img_size: int, interpolation: str = "bicubic"
+) -> tuple[Dataset, list[str]]:
+    """(validation set: resize + centre crop, class names); Fashion-MNIST's 10k test images for that source."""
+    _check_source(data_cfg)
+    transform = build_classification_eval_transform(img_size, data_cfg.crop_pct, interpolation)
+    if data_cfg.source == "fashion_mnist":
+        dataset = FashionMNISTClassification("test", transform, data_cfg.root or FASHION_MNIST_DIR)
+        return dataset, list(dataset.classes)
+    train_root, val_root = _folder_roots(data_cfg)
+    dataset = _image_folder(val_root, transform)
+    if train_root.is_dir():
+        train_classes = sorted(entry.name for entry in train_root.iterdir() if entry.is_dir())
+        if train_classes != dataset.classes:
+            raise ValueError(
+                f"{val_root} has classes {dataset.classes[:10]} but {train_root} has {train_classes[:10]}; "
+                "both need the same class sub-folders"
+            )
+    return dataset, list(dataset.classes)

@@ -1,0 +1,388 @@
+"""Load pretrained SwinV2 weights into a model built at a new image size and window (SPEC section 3).
+
+Three sources: our checkpoints (SimMIM pretraining, fine-tuning, safetensors exports), the reference
+implementation's (Microsoft's SimMIM / Swin-Transformer: `encoder.` prefix, `rpe_mlp`, patch merging at the end of
+a stage, `head.weight`, a flat absolute position embedding) and timm's `swinv2_*` state dicts. All are read into
+our (timm) layout, then loaded strictly: only the derived tables (rebuilt for the new window), the SimMIM-only
+weights (mask token, decoder) and the classifier head may be absent or dropped; anything else missing or
+mis-shaped raises a ValueError that names the keys. The continuous-position-bias MLP loads unchanged: with
+`pretrained_window_sizes` set to the windows it was trained at, offsets inside the old window map to exactly the
+inputs it saw, and larger offsets are extrapolated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import find_latest_checkpoint, load_checkpoint
+from .config import ConfigError, FinetuneModelConfig, ModelConfig, from_dict, to_dict
+from .models import build_encoder
+from .models.swinv2 import SWINV2_SIZES, SwinTransformerV2, WindowAttention, is_derived_buffer
+
+PRETRAINED_FORMATS = ("auto", "simmim", "reference", "timm")
+# safetensors metadata keys written by `simmim-swin export`
+EXPORT_FORMAT_KEY = "format"
+EXPORT_CONFIG_KEY = "simmim_swin"
+_MAX_NAMES = 8  # keys listed per kind in error messages
+
+
+def resolve_pretrained_path(path: str | Path) -> Path:
+    """A weights file, or the latest checkpoint of a run directory."""
+    path = Path(path)
+    if path.is_dir():
+        latest = find_latest_checkpoint(path)
+        if latest is None:
+            raise FileNotFoundError(f"{path} holds no checkpoints (looked in {path / 'checkpoints'})")
+        return latest
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained weights {path} do not exist; give a run directory or a checkpoint file")
+    return path
+
+
+@dataclass
+class PretrainedWeights:
+    """Weights read from a file, converted to our layout (no `encoder.` prefix), plus what the file says about them."""
+
+    state_dict: dict[str, torch.Tensor]
+    source_format: str  # simmim | reference | timm
+    path: Path
+    model_config: dict[str, Any] | None = None  # our ModelConfig fields, when the file carries them
+    stage_window_sizes: list[int] | None = None  # the window each stage used when these weights were trained
+    pretrained_window_sizes: list[int] | None = None  # the CPB normalisers those stages used (0: their own window)
+    dropped: dict[str, list[str]] = field(default_factory=dict)  # reason -> keys dropped while reading
+    extra: dict[str, Any] = field(default_factory=dict)  # step, num_classes, class_names when known
+
+    def cpb_windows(self) -> list[int] | None:
+        """Per stage, the window its CPB inputs were normalised by: what the new model's pretrained_window_sizes is."""
+        if self.stage_window_sizes is None:
+            return None
+        pretrained = self.pretrained_window_sizes or [0] * len(self.stage_window_sizes)
+        return [p if p > 0 else w for w, p in zip(self.stage_window_sizes, pretrained)]
+
+
+def _read_file(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """(contents, safetensors metadata) of a .safetensors file or a torch checkpoint (weights_only)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
+    return load_checkpoint(path), {}
+
+
+def detect_format(weights: dict[str, Any]) -> str:
+    """`reference` when the keys follow the reference implementation's layout, else `timm` (also ours)."""
+    keys = [key.removeprefix("encoder.") for key in weights]
+    reference_markers = ("layers.0.downsample.", ".rpe_mlp.")
+    if any(marker in f".{key}" for key in keys for marker in reference_markers) or "head.weight" in keys:
+        return "reference"
+    return "timm"
+
+
+def convert_reference(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The reference implementation's SwinV2 / SimMIM layout -> ours (`encoder.` prefixes are kept as they are).
+
+    The reference stores a stage's patch merging at the END of stage i (`layers.i.downsample`), timm and we at the
+    start of stage i + 1; its CPB MLP is `rpe_mlp` in the SimMIM code base; its classifier is `head`, ours
+    `head.fc`; its absolute position embedding is flat (1, L, C), ours (1, H, W, C) (square grids only).
+    """
+    out = {}
+    for key, value in state_dict.items():
+        prefix = "encoder." if key.startswith("encoder.") else ""
+        name = key[len(prefix) :]
+        name = re.sub(r"^layers\.(\d+)\.downsample\.", lambda m: f"layers.{int(m.group(1)) + 1}.downsample.", name)
+        name = name.replace(".rpe_mlp.", ".cpb_mlp.")
+        if name in ("head.weight", "head.bias"):
+            name = "head.fc." + name.split(".")[-1]
+        if name == "absolute_pos_embed" and value.dim() == 3:
+            side = math.isqrt(value.shape[1])
+            if side * side != value.shape[1]:
+                raise ValueError(
+                    f"absolute_pos_embed of shape {tuple(value.shape)} is not a square token grid; only square "
+                    "grids convert"
+                )
+            value = value.reshape(1, side, side, value.shape[2])  # 1, L, C -> 1, H, W, C
+        out[prefix + name] = value
+    return out
+
+
+def _stage_ids(state_dict: dict[str, Any]) -> list[int]:
+    return sorted({int(m.group(1)) for key in state_dict if (m := re.match(r"layers\.(\d+)\.blocks\.", key))})
+
+
+def windows_from_tables(state_dict: dict[str, torch.Tensor]) -> tuple[list[int], list[int]] | None:
+    """(stage windows, CPB normalisers) recovered from stored coords tables (the reference keeps them), or None.
+
+    A table of window W has shape (1, 2W-1, 2W-1, 2); its largest entry log2(8(W-1)/(n-1) + 1)/3 gives the
+    normaliser n back (n = W when the table was built without a pretrained window).
+    """
+    windows, normalisers = [], []
+    for i in _stage_ids(state_dict):
+        table = state_dict.get(f"layers.{i}.blocks.0.attn.relative_coords_table")
+        if table is None:
+            return None
+        window = (table.shape[-2] + 1) // 2
+        top = table.abs().max().item()
+        normaliser = window if window == 1 or top == 0 else 1 + round(8 * (window - 1) / (2 ** (3 * top) - 1))
+        windows.append(window)
+        normalisers.append(0 if normaliser == window else normaliser)
+    return (windows, normalisers) if windows else None
+
+
+def _split_simmim(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
+    """Strip the `encoder.` prefix and set the SimMIM decoder aside."""
+    weights = state.get("model", state)
+    weights = weights.get("state_dict", weights) if isinstance(weights.get("state_dict"), dict) else weights
+    dropped: dict[str, list[str]] = {}
+    if any(key.startswith("encoder.") for key in weights):
+        out = {}
+        for key, value in weights.items():
+            if key.startswith("encoder."):
+                out[key[len("encoder.") :]] = value
+            else:
+                dropped.setdefault("SimMIM decoder", []).append(key)
+        return out, dropped
+    return dict(weights), dropped
+
+
+def load_pretrained(path: str | Path, fmt: str = "auto") -> PretrainedWeights:
+    """Read pretrained weights (run dir, .pt/.pth checkpoint or .safetensors) into our layout."""
+    if fmt not in PRETRAINED_FORMATS:
+        raise ValueError(f"pretrained_format={fmt!r} is unknown; use one of {list(PRETRAINED_FORMATS)}")
+    path = resolve_pretrained_path(path)
+    contents, metadata = _read_file(path)
+    ours = "stage_window_sizes" in contents and isinstance(contents.get("config"), dict)
+    if fmt == "auto":
+        fmt = "simmim" if ours or EXPORT_CONFIG_KEY in metadata else detect_format(contents.get("model", contents))
+    if fmt == "reference":
+        contents = {**contents, "model": convert_reference(contents.get("model", contents))}
+    state_dict, dropped = _split_simmim(contents)
+    weights = PretrainedWeights(state_dict=state_dict, source_format=fmt, path=path, dropped=dropped)
+    if ours:
+        weights.model_config = dict(contents["config"]["model"])
+        weights.stage_window_sizes = list(contents["stage_window_sizes"])
+        weights.pretrained_window_sizes = contents.get("pretrained_window_sizes") or weights.model_config.get(
+            "pretrained_window_sizes"
+        )
+        weights.extra = {k: contents[k] for k in ("step", "num_classes", "class_names") if k in contents}
+    elif EXPORT_CONFIG_KEY in metadata:
+        info = json.loads(metadata[EXPORT_CONFIG_KEY])
+        weights.model_config = info["model"]
+        weights.stage_window_sizes = info["stage_window_sizes"]
+        weights.pretrained_window_sizes = info["model"].get("pretrained_window_sizes")
+        weights.extra = {k: info[k] for k in ("step", "num_classes", "class_names") if k in info}
+    else:
+        found = windows_from_tables(state_dict)
+        if found is not None:
+            weights.stage_window_sizes, weights.pretrained_window_sizes = found
+    return weights
+
+
+def infer_architecture(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Architecture fields (arch, patch_size, in_chans, embed_dim, depths, num_heads, mlp_ratio, ape) from weights."""
+    proj = state_dict.get("patch_embed.proj.weight")
+    stages = _stage_ids(state_dict)
+    if proj is None or not stages:
+        sample = sorted(state_dict)[:_MAX_NAMES]
+        raise ValueError(
+            f"these weights are not a SwinV2 encoder: no patch_embed.proj.weight / layers.*.blocks.* (keys start "
+            f"{sample}); pass a SimMIM, reference or timm swinv2 checkpoint"
+        )
+    embed_dim, in_chans, patch_size = proj.shape[0], proj.shape[1], proj.shape[2]
+    depths = []
+    for i in stages:
+        blocks = {int(m.group(1)) for key in state_dict if (m := re.match(rf"layers\.{i}\.blocks\.(\d+)\.", key))}
+        depths.append(max(blocks) + 1)
+    num_heads = []
+    for i in stages:
+        scale = state_dict.get(f"layers.{i}.blocks.0.attn.logit_scale")
+        if scale is None:
+            raise ValueError(
+                f"layers.{i}.blocks.0.attn.logit_scale is missing: not a SwinV2 checkpoint (a Swin V1 one has "
+                "relative_position_bias_table instead); only SwinV2 weights transfer"
+            )
+        num_heads.append(scale.shape[0])
+    fc1 = state_dict.get("layers.0.blocks.0.mlp.fc1.weight")
+    mlp_ratio = fc1.shape[0] / embed_dim if fc1 is not None else 4.0
+    shape = (embed_dim, depths, num_heads)
+    # any size name works (embed_dim / depths / num_heads override it); a matching one reads better in configs
+    matches = [n for n, s in SWINV2_SIZES.items() if (s["embed_dim"], list(s["depths"]), list(s["num_heads"])) == shape]
+    arch = matches[0] if matches else "tiny"
+    return dict(
+        arch=arch,
+        patch_size=patch_size,
+        in_chans=in_chans,
+        embed_dim=embed_dim,
+        depths=depths,
+        num_heads=num_heads,
+        mlp_ratio=mlp_ratio,
+        ape="absolute_pos_embed" in state_dict,
+    )
+
+
+@dataclass
+class TransferReport:
+    """What a load did: keys loaded, dropped (by reason) and re-created (by reason)."""
+
+    loaded: list[str]
+    dropped: dict[str, list[str]]
+    recreated: dict[str, list[str]]
+
+    def summary(self) -> str:
+        """A few lines for the terminal and the run log."""
+        lines = [f"loaded {len(self.loaded)} tensors"]
+        for title, groups in (("dropped", self.dropped), ("re-created", self.recreated)):
+            for reason, keys in groups.items():
+                if keys:
+                    shown = ", ".join(_short(keys))
+                    lines.append(f"{title} ({reason}): {len(keys)}: {shown}")
+        return "\n".join(lines)
+
+
+def _short(keys: list[str]) -> list[str]:
+    """Collapse per-block keys to patterns (layers.*.blocks.*.attn.attn_mask) for a readable summary."""
+    patterns = dict.fromkeys(re.sub(r"\.\d+\.", ".*.", re.sub(r"\.\d+\.", ".*.", key)) for key in keys)
+    return list(patterns)
+
+
+def _describe_mismatch(missing: list[str], unexpected: list[str], mis_shaped: list[str], source: str, hint: str) -> str:
+    parts = []
+    for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped)):
+        if keys:
+            more = f" and {len(keys) - _MAX_NAMES} more" if len(keys) > _MAX_NAMES else ""
+            parts.append(f"{title} keys ({len(keys)}): {', '.join(keys[:_MAX_NAMES])}{more}")
+    return f"{source} does not fit the model: " + "; ".join(parts) + hint
+
+
+def load_encoder_weights(
+    model: SwinTransformerV2, state_dict: dict[str, torch.Tensor], keep_head: bool = False, source: str = "checkpoint"
+) -> TransferReport:
+    """Load encoder weights strictly into `model` (built at any size / window); the head stays fresh by default.
+
+    Derived tables (coords table, position index, shift mask, zero k bias) are dropped and keep the values the
+    model built for its own window; the mask token and the SimMIM decoder are dropped (a SimMIM state dict's
+    `encoder.` prefix is stripped); `head.*` is dropped unless keep_head. Every other model weight must be present
+    with its shape, and no other key may be left over: otherwise a ValueError names the keys.
+    """
+    weights: dict[str, torch.Tensor] = {}
+    dropped: dict[str, list[str]] = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("encoder.")  # a whole SimMIM state dict works too
+        if is_derived_buffer(key):
+            reason = "derived table, rebuilt for the new window"
+        elif key == "mask_token" or key.startswith("decoder."):
+            reason = "SimMIM only"
+        elif key.startswith("head.") and not keep_head:
+            reason = "classifier head, started fresh"
+        else:
+            weights[key] = value
+            continue
+        dropped.setdefault(reason, []).append(key)
+
+    target = model.state_dict()  # derived tables are non-persistent buffers: not in here
+    expected = {key for key in target if keep_head or not key.startswith("head.")}
+    missing = sorted(expected - set(weights))
+    unexpected = sorted(set(weights) - expected)
+    mis_shaped = sorted(
+        f"{key} {tuple(weights[key].shape)} vs {tuple(target[key].shape)}"
+        for key in expected & set(weights)
+        if weights[key].shape != target[key].shape
+    )
+    if missing or unexpected or mis_shaped:
+        hint = ""
+        if any("relative_position_bias_table" in key for key in state_dict):
+            hint = ". It looks like a Swin V1 checkpoint (relative_position_bias_table); only SwinV2 weights transfer"
+        elif mis_shaped or unexpected:
+            hint = ". Check the architecture (model.arch / embed_dim / depths / num_heads) against the checkpoint's"
+        raise ValueError(_describe_mismatch(missing, unexpected, mis_shaped, source, hint))
+
+    result = model.load_state_dict(weights, strict=False)
+    assert not result.unexpected_keys and set(result.missing_keys) == set(target) - expected, result
+    tables = sorted(name for name, _ in model.named_buffers() if is_derived_buffer(name))
+    recreated = {"derived table for the new window": tables}
+    if not keep_head:
+        recreated["fresh classifier head"] = sorted(key for key in target if key.startswith("head."))
+    return TransferReport(loaded=sorted(weights), dropped=dropped, recreated=recreated)
+
+
+def reinit_cpb_mlp(model: nn.Module, seed: int = 0) -> list[str]:
+    """Re-draw every CPB MLP as at init (trunc-normal 0.02 weights, zero bias): the no-transfer ablation."""
+    from timm.layers import trunc_normal_
+
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    names = []
+    try:
+        for name, module in model.named_modules():
+            if isinstance(module, WindowAttention):
+                for layer in module.cpb_mlp:
+                    if isinstance(layer, nn.Linear):
+                        trunc_normal_(layer.weight, std=0.02)
+                        if layer.bias is not None:
+                            nn.init.zeros_(layer.bias)
+                names.append(f"{name}.cpb_mlp")
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return names
+
+
+def resolve_model_config(model_cfg: FinetuneModelConfig, pretrained: PretrainedWeights | None) -> ModelConfig:
+    """The classifier's full ModelConfig: the user's non-null fields over what the pretrained weights say.
+
+    pretrained_window_sizes defaults to the CPB normaliser each stage used when the weights were trained: the
+    windows of a SimMIM pretraining (192 px / window 12 -> [12, 12, 12, 6]), or a fine-tuned model's own ones.
+    """
+    values: dict[str, Any] = to_dict(ModelConfig())
+    values.update(arch=None, img_size=None, window_size=None, pretrained_window_sizes=None)
+    if pretrained is not None:
+        known = pretrained.model_config or {}
+        values.update({key: known[key] for key in ("arch", "img_size", "window_size") if key in known})
+        values.update(infer_architecture(pretrained.state_dict))
+        if known.get("arch") in SWINV2_SIZES:  # keeps size-only settings (extra norms of huge / giant)
+            values["arch"] = known["arch"]
+        values["pretrained_window_sizes"] = pretrained.cpb_windows()
+    for key, value in to_dict(model_cfg).items():
+        if value is not None or key == "fused_attn":
+            values[key] = value
+    for key, what in (("arch", "a size name"), ("img_size", "pixels"), ("window_size", "tokens")):
+        if values[key] is None:
+            raise ConfigError(
+                f"model.{key} is not set and {'no pretrained weights' if pretrained is None else 'the checkpoint'}"
+                f" does not give it; set model.{key}=<{what}>"
+            )
+    if pretrained is not None and values["pretrained_window_sizes"] is None:
+        raise ConfigError(
+            f"{pretrained.path} does not record the windows it was trained with; set model.pretrained_window_sizes"
+            " to one window per stage (e.g. [12, 12, 12, 6] for 192 px / window 12) so the position bias transfers"
+        )
+    if values["arch"] not in SWINV2_SIZES:
+        raise ConfigError(f"model.arch={values['arch']!r} is not a known size; choose one of {sorted(SWINV2_SIZES)}")
+    for key in ("embed_dim", "depths", "num_heads"):  # spelled out, so the saved config is complete
+        if values[key] is None:
+            size = SWINV2_SIZES[values["arch"]][key]
+            values[key] = list(size) if isinstance(size, tuple) else size
+    return from_dict(ModelConfig, values, "model")
+
+
+def build_classifier(
+    model_cfg: ModelConfig, num_classes: int, pretrained: PretrainedWeights | None, keep_head: bool = False
+) -> SwinTransformerV2:
+    """The classifier at model_cfg's size and window, with the pretrained encoder (and head if keep_head) loaded."""
+    model = build_encoder(model_cfg, num_classes=num_classes)
+    if pretrained is not None:
+        report = load_encoder_weights(model, pretrained.state_dict, keep_head=keep_head, source=str(pretrained.path))
+        dropped = {**pretrained.dropped, **report.dropped}
+        windows = f"windows {model.stage_window_sizes}, CPB normalised by {list(model.pretrained_window_sizes)}"
+        print(f"loaded {pretrained.source_format} weights from {pretrained.path} ({windows})", flush=True)
+        report = dataclasses.replace(report, dropped=dropped)
+        print(report.summary(), flush=True)
+    return model
