@@ -174,6 +174,19 @@ def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
     return files[-1][1] if files else None
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint or weights file as given, or the latest checkpoint of a run directory."""
+    path = Path(path)
+    if path.is_dir() and not (path / SHARDED_META).is_file():
+        latest = find_latest_checkpoint(path)
+        if latest is None:
+            raise FileNotFoundError(f"{path} holds no checkpoints (looked in {path / CHECKPOINT_DIR})")
+        return latest
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; give a run directory or a checkpoint file")
+    return path
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """torch.load(weights_only=True) with errors that name the file."""
     path = Path(path)

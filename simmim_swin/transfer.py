@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import find_latest_checkpoint, load_checkpoint
+from .checkpoint import load_checkpoint, resolve_checkpoint
 from .config import ConfigError, FinetuneModelConfig, ModelConfig, from_dict, to_dict
 from .models import build_encoder
 from .models.swinv2 import SWINV2_SIZES, SwinTransformerV2, WindowAttention, is_derived_buffer
@@ -33,19 +33,6 @@ PRETRAINED_FORMATS = ("auto", "simmim", "reference", "timm")
 EXPORT_FORMAT_KEY = "format"
 EXPORT_CONFIG_KEY = "simmim_swin"
 _MAX_NAMES = 8  # keys listed per kind in error messages
-
-
-def resolve_pretrained_path(path: str | Path) -> Path:
-    """A weights file, or the latest checkpoint of a run directory."""
-    path = Path(path)
-    if path.is_dir():
-        latest = find_latest_checkpoint(path)
-        if latest is None:
-            raise FileNotFoundError(f"{path} holds no checkpoints (looked in {path / 'checkpoints'})")
-        return latest
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained weights {path} do not exist; give a run directory or a checkpoint file")
-    return path
 
 
 @dataclass
@@ -158,7 +145,7 @@ def load_pretrained(path: str | Path, fmt: str = "auto") -> PretrainedWeights:
     """Read pretrained weights (run dir, .pt/.pth checkpoint or .safetensors) into our layout."""
     if fmt not in PRETRAINED_FORMATS:
         raise ValueError(f"pretrained_format={fmt!r} is unknown; use one of {list(PRETRAINED_FORMATS)}")
-    path = resolve_pretrained_path(path)
+    path = resolve_checkpoint(path)
     contents, metadata = _read_file(path)
     ours = "stage_window_sizes" in contents and isinstance(contents.get("config"), dict)
     if fmt == "auto":

@@ -15,9 +15,9 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from ..checkpoint import load_checkpoint
+from ..checkpoint import load_checkpoint, resolve_checkpoint
 from ..models.swinv2 import is_derived_buffer, to_timm
-from ..transfer import EXPORT_CONFIG_KEY, EXPORT_FORMAT_KEY, resolve_pretrained_path
+from ..transfer import EXPORT_CONFIG_KEY, EXPORT_FORMAT_KEY
 
 # any swinv2 variant works with explicit sizes; this one is the plain (non-"cr") SwinV2 family
 TIMM_MODEL_NAME = "swinv2_tiny_window8_256"
@@ -50,7 +50,7 @@ def export_checkpoint(
     encoder_only: bool = False,
 ) -> dict[str, Any]:
     """Write the checkpoint's encoder (pretraining) or classifier (fine-tuning) to `out`; returns the metadata."""
-    path = resolve_pretrained_path(checkpoint)
+    path = resolve_checkpoint(checkpoint)
     state = load_checkpoint(path)
     if not isinstance(state.get("config"), dict) or "stage_window_sizes" not in state:
         raise ValueError(f"{path} is not a simmim-swin pretraining or fine-tuning checkpoint (no config / windows)")

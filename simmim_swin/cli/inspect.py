@@ -6,8 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..checkpoint import load_checkpoint
-from .common import resolve_checkpoint
+from ..checkpoint import load_checkpoint, resolve_checkpoint
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -8,13 +8,12 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..checkpoint import load_checkpoint
+from ..checkpoint import load_checkpoint, resolve_checkpoint
 from ..config import MaskConfig, ModelConfig, from_dict
 from ..data import build_eval_transform
 from ..masking import MaskGenerator
 from ..models import build_simmim
 from ..pretrain import write_panel
-from .common import resolve_checkpoint
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
