@@ -21,7 +21,7 @@ Cost growth: the step is also timed at every size of --sizes with the batch scal
 step always holds the same number of tokens; window attention should make the cost per pixel flat
 (column px-cost = cost per pixel relative to --img-size).
 
-    python benchmarks/throughput.py                      # SwinV2-B, 192 px, window 12, batch 64, bf16 on CUDA
+    python benchmarks/throughput.py                      # SwinV2-B, 192 px, window 12, batch 128, bf16 on CUDA
     python benchmarks/throughput.py --compile --profile-dir benchmarks/results/profiles
     python benchmarks/throughput.py --device cpu --arch tiny --batch 4 --variants ours,timm --phases fwdbwd \\
         --sizes 192
@@ -308,7 +308,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run = parser.add_argument_group("what to run")
     run.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)} (all)")
     run.add_argument("--phases", default=",".join(PHASES), help=f"comma list of {', '.join(PHASES)} (all)")
-    run.add_argument("--batch", type=int, default=64, help="images per step at --img-size (64)")
+    run.add_argument(
+        "--batch", type=int, default=128, help="images per step at --img-size (128: the recipe's 2048 over 16 GPUs)"
+    )
     run.add_argument(
         "--sizes",
         default=None,
@@ -318,17 +320,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--compile", action="store_true", help="also time every variant under torch.compile")
     run.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     run.add_argument("--no-flops", action="store_true", help="skip the FLOP count (no GF/img, TF/s, MFU)")
-    run.add_argument("--profile-dir", default=None, help="write a per-kernel profile of 3 steps per variant here")
+    run.add_argument(
+        "--profile-dir",
+        default=None,
+        help="write a per-kernel profile of 3 steps per variant and mode here (at --img-size); the attention "
+        "kernels seen (which SDPA backend ran) go into the step rows of the JSON",
+    )
     env = parser.add_argument_group("device and timing")
     env.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     env.add_argument("--precision", default="auto", help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16")
     env.add_argument("--warmup", type=int, default=3, help="untimed calls per variant and phase first (3)")
     env.add_argument("--repeats", type=int, default=10, help="timed calls per variant and phase per round (10)")
     env.add_argument("--rounds", type=int, default=2, help="rounds over all variants, interleaved A B A B (2)")
-    env.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: from a table)")
+    env.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="device peak TFLOP/s for MFU; default from flops.PEAK_TFLOPS by GPU name and precision (bf16: "
+        "H100 SXM 989, H200 989, H100 PCIe 756, A100 312); none on the CPU or fp32, so MFU is n/a",
+    )
     env.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     env.add_argument("--seed", type=int, default=0, help="seed of the weights, images and masks (0)")
-    parser.add_argument("--out", default="benchmarks/results/throughput.json", help="JSON report path")
+    parser.add_argument(
+        "--out",
+        default="benchmarks/results/throughput.json",
+        help="JSON report: environment (device, torch, date, command, load), notes, goals and every row",
+    )
     args = parser.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
     args.phases = [p for p in args.phases.split(",") if p]
