@@ -36,6 +36,7 @@ import skimage.data
 import torch
 import torchvision
 import webdataset
+from flops import cpu_model  # benchmarks/ is on sys.path when the script runs
 from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import datasets
@@ -168,17 +169,6 @@ def _num_images(batch) -> int:
         return batch.data[0].shape[0]
     first = batch[0]  # folder: [images, masks]; torchvision: [[images, masks], labels]
     return (first[0] if isinstance(first, (list, tuple)) else first).shape[0]
-
-
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (platform.processor() as a fallback)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

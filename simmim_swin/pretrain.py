@@ -307,7 +307,7 @@ def _train(
             # .item() syncs the device: only here, every log_every steps
             good_steps = logged_steps - int(skipped_since_log)
             last_loss = all_reduce_mean(loss_sum, info).item() / good_steps if good_steps else float("nan")
-            bad = torch.tensor(float(data.monitor.num_bad))
+            bad = torch.tensor(float(data.monitor.num_bad), device=device)  # NCCL reduces device tensors only
             metrics = {
                 "loss": last_loss,
                 **lr_metrics(optimizer),
