@@ -156,6 +156,24 @@ def load_sharded_checkpoint(path: str | Path, model: torch.nn.Module, optimizer:
     return meta
 
 
+def _consolidate_sharded_model(path: Path) -> dict[str, torch.Tensor]:
+    """The full model state dict of a step_N.dcp folder, read in one process."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    # dcp_to_torch_save is the public way to read a DCP folder without the model that wrote it; it converts the
+    # optimizer state too, which is dropped here (whole-model readers: fine-tuning, export, inspect, reconstruct)
+    with tempfile.TemporaryDirectory(prefix="simmim-dcp-") as tmp:
+        whole = Path(tmp) / "checkpoint.pt"
+        try:
+            dcp_to_torch_save(str(path), str(whole))
+        except Exception as e:
+            raise ValueError(
+                f"sharded checkpoint {path} cannot be read ({type(e).__name__}: {e}); it is incomplete or corrupt. "
+                "Delete it to resume from an older one."
+            ) from e
+        return torch.load(whole, map_location="cpu", weights_only=True)["model"]
+
+
 def is_sharded_checkpoint(path: str | Path) -> bool:
     """True for an FSDP checkpoint folder (step_N.dcp)."""
     return Path(path).is_dir()
@@ -188,8 +206,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """torch.load(weights_only=True) with errors that name the file."""
+    """torch.load(weights_only=True) with errors that name the file; a step_N.dcp folder gives its whole model.
+
+    For a sharded (FSDP) checkpoint the result is meta.pt's contents plus "model", the full state dict gathered
+    from the shards in this one process (no process group needed), as a whole-model checkpoint holds it.
+    """
     path = Path(path)
+    if (path / SHARDED_META).is_file():
+        return {**load_checkpoint(path / SHARDED_META, map_location), "model": _consolidate_sharded_model(path)}
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; check the path or the run directory")
     try:

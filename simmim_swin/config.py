@@ -128,6 +128,19 @@ class RunConfig:
     max_consecutive_skips: int = 10  # stop after this many optimizer steps in a row with a non-finite loss/gradient
 
 
+PARALLEL_STRATEGIES = ("ddp", "fsdp")
+
+
+def check_run_config(run: RunConfig) -> None:
+    """Reject run settings that cannot work (shared by pretraining and fine-tuning)."""
+    if run.parallel not in PARALLEL_STRATEGIES:
+        raise ConfigError(f"run.parallel={run.parallel!r} is unknown; use one of {list(PARALLEL_STRATEGIES)}")
+    if run.max_consecutive_skips < 1:
+        raise ConfigError(f"run.max_consecutive_skips={run.max_consecutive_skips} must be >= 1")
+    if run.save_every < 1 or run.keep_last < 1:
+        raise ConfigError(f"run.save_every={run.save_every} and run.keep_last={run.keep_last} must be >= 1")
+
+
 @dataclass
 class PretrainConfig:
     """Everything a SimMIM pretraining run needs."""

@@ -3,17 +3,21 @@ collectives the training loops need. Model code never asks for the rank; the loo
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import signal
 import subprocess
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from .config import PARALLEL_STRATEGIES
 
 
 @dataclass(frozen=True)
@@ -118,7 +122,24 @@ def wrap_model(model: nn.Module, info: DistInfo, device: torch.device, strategy:
                 fully_shard(module)
         fully_shard(model)
         return model
-    raise ValueError(f"run.parallel={strategy!r} is unknown; use ddp or fsdp")
+    raise ValueError(f"run.parallel={strategy!r} is unknown; use one of {list(PARALLEL_STRATEGIES)}")
+
+
+def all_reduce_sum_(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum `tensor` over ranks in place (a device tensor: NCCL reduces nothing else); returns it."""
+    if info.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def full_model_state_dict(model: nn.Module, sharded: bool) -> dict[str, torch.Tensor]:
+    """The whole model's state dict: gathered from the shards under FSDP (a collective: every rank calls it)."""
+    if not sharded:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # cpu_offload: rank 0 receives the full tensors on the CPU, the other ranks an empty dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def all_reduce_mean(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
@@ -171,3 +192,19 @@ def cleanup(info: DistInfo) -> None:
     """Leave the process group."""
     if info.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device) -> Iterator[tuple[torch.device, DistInfo, StopSignal]]:
+    """For one run: join the job's process group and watch for SIGTERM; yields (device, DistInfo, StopSignal).
+
+    The device is this process's own (cuda:LOCAL_RANK under a multi-GPU launch). On exit the SIGTERM handler is
+    put back and the process group left, also when the run raises.
+    """
+    info = init_distributed(device)
+    stop = StopSignal(info)
+    try:
+        yield process_device(device, info), info, stop
+    finally:
+        stop.restore()
+        cleanup(info)

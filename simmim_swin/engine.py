@@ -12,7 +12,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data.transforms import normalize_images
+from .distributed import DistInfo, all_reduce_sum_
 from .precision import autocast_context
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient; the last good checkpoint is kept."""
+
+    def __init__(self, num_skipped: int, step: int, checkpoint_dir: object) -> None:
+        super().__init__(
+            f"{num_skipped} consecutive optimizer steps (up to step {step}) had a non-finite loss or gradient and "
+            f"were skipped; stopping. The last good checkpoint is kept in {checkpoint_dir}. Lower optim.base_lr, "
+            "keep optim.clip_grad on, or use run.precision=bf16 instead of fp16."
+        )
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; a checkpoint at the current step was saved. `step` is where the run stopped."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"received SIGTERM: saved a checkpoint at step {step}; start the same run to resume")
+        self.step = step
 
 
 def simmim_loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -118,45 +138,54 @@ def evaluate_classifier(
     precision: str,
     device: torch.device,
     confusion: bool = False,
+    info: DistInfo | None = None,
 ) -> dict[str, Any]:
     """Top-1 / top-5 accuracy (%) and mean cross-entropy over (images, labels) batches, in eval mode.
 
     uint8 images are normalised on the device; float images are taken as normalised. The model's mode is restored.
-    confusion=True adds "confusion": the (classes, classes) count matrix, rows true classes, columns predicted.
+    Labels of -1 are padding (data.loader.EvalShard evens out the ranks' shares) and count nowhere. With `info`
+    of a multi-process job each rank evaluates its shard and the counts are summed over ranks: every rank
+    returns the whole set's numbers. confusion=True adds "confusion": the (classes, classes) count matrix, rows
+    true classes, columns predicted.
     """
-    from timm.utils import accuracy
-
     from .viz import confusion_matrix
 
     was_training = model.training
     model.eval()
-    totals = torch.zeros(3, device=device)  # correct top-1, correct top-5, summed loss
-    count, matrix = 0, None
+    # correct top-1, correct top-5, summed loss, images; float64 keeps the counts exact past 2**24
+    totals = torch.zeros(4, dtype=torch.float64, device=device)
+    matrix = None
     try:
         for images, labels, *_ in loader:
             images = normalize_images(images.to(device, non_blocking=True))
             labels = labels.to(device, non_blocking=True)
             with autocast_context(precision, device):
                 logits = model(images)
-            logits = logits.float()
-            top1, top5 = accuracy(logits, labels, topk=(1, min(5, logits.shape[1])))  # percentages of this batch
-            batch = labels.shape[0]
-            loss = F.cross_entropy(logits, labels, reduction="sum")
-            totals += torch.stack([top1 * batch / 100, top5 * batch / 100, loss])
-            count += batch
+            logits = logits.float()  # B, classes
+            valid = labels >= 0
+            # by hand rather than timm.utils.accuracy, which has no notion of padded samples
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # B, k
+            hits = (top == labels[:, None]) & valid[:, None]
+            loss = F.cross_entropy(logits, labels, ignore_index=-1, reduction="sum")
+            totals += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), loss, valid.sum()]).double()
             if confusion:
-                cells = confusion_matrix(logits, labels, logits.shape[1], check=False)
+                # boolean indexing syncs the device: fine, the confusion matrix is asked for once per run
+                cells = confusion_matrix(logits[valid], labels[valid], logits.shape[1], check=False)
                 matrix = cells if matrix is None else matrix + cells
     finally:
         model.train(was_training)
+    if info is not None:
+        all_reduce_sum_(totals, info)
+        if matrix is not None:
+            all_reduce_sum_(matrix, info)
+    correct1, correct5, loss, count = totals.tolist()  # one host sync for the whole evaluation
     if count == 0:
         raise ValueError("the evaluation set is empty: check the validation images")
-    correct1, correct5, loss = totals.tolist()  # one host sync for the whole evaluation
     metrics: dict[str, Any] = {
         "top1": 100 * correct1 / count,
         "top5": 100 * correct5 / count,
         "loss": loss / count,
-        "num_images": count,
+        "num_images": int(count),
     }
     if matrix is not None:
         metrics["confusion"] = matrix.cpu()

@@ -6,6 +6,8 @@ used in pretraining, so the continuous position bias transfers (simmim_swin.tran
 layer-wise lr decay and the pretraining weight-decay exclusions, warm-up + cosine per step, drop path, timm's
 RandAugment / random erasing / mixup / cutmix / label smoothing, gradient clipping, optional weight EMA;
 top-1 / top-5 every eval_every epochs, best and last checkpoints, metrics.jsonl (+ wandb), automatic resume.
+One process or many (torchrun / Slurm / submitit; DDP or FSDP), with the same fault handling as pretraining:
+SIGTERM saves and exits, non-finite steps are skipped, evaluation is sharded over ranks and summed.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
+import random
 import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from timm.data import Mixup
@@ -30,12 +34,16 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import (
     CHECKPOINT_DIR,
+    SHARDED_META,
     capture_rng_state,
     find_latest_checkpoint,
+    is_sharded_checkpoint,
     load_checkpoint,
+    load_sharded_checkpoint,
     restore_rng_state,
     save_and_prune,
     save_checkpoint,
+    save_sharded_and_prune,
 )
 from .config import (
     AugmentConfig,
@@ -43,13 +51,23 @@ from .config import (
     FinetuneConfig,
     FinetuneModelConfig,
     OptimConfig,
+    check_run_config,
     from_dict,
     to_dict,
 )
 from .data.classification import build_train_dataset, build_val_dataset
-from .data.loader import build_pretrain_loader
+from .data.loader import EvalShard, build_pretrain_loader
 from .data.transforms import normalize_images
-from .engine import evaluate_classifier, train_step
+from .distributed import (
+    DistInfo,
+    StopSignal,
+    all_gather_objects,
+    all_reduce_mean,
+    full_model_state_dict,
+    process_group,
+    wrap_model,
+)
+from .engine import Preempted, TrainingDiverged, evaluate_classifier, train_step
 from .optim import NO_WEIGHT_DECAY_PATTERNS, build_scheduler, scaled_lrs
 from .precision import build_grad_scaler, resolve_device, resolve_precision
 from .tracking import MetricsLogger, ProgressPrinter, lr_metrics
@@ -174,8 +192,14 @@ def validate_config(config: FinetuneConfig) -> None:
         raise ConfigError(f"mixup / cutmix pair images within a batch: data.batch_size={data.batch_size} must be even")
     if not 0.0 < train.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay={train.ema_decay} must lie in (0, 1), e.g. 0.9998")
-    if train.eval_every < 1 or config.logger.log_every < 1 or config.run.save_every < 1:
-        raise ConfigError("train.eval_every, logger.log_every and run.save_every must be >= 1")
+    if train.eval_every < 1 or config.logger.log_every < 1:
+        raise ConfigError("train.eval_every and logger.log_every must be >= 1")
+    check_run_config(config.run)
+    if train.ema and config.run.parallel == "fsdp":
+        # the EMA copy would need the sharded weights gathered every step, which defeats FSDP
+        raise ConfigError(
+            "train.ema=true does not work with run.parallel=fsdp; use run.parallel=ddp or train.ema=false"
+        )
 
 
 def _check_resumable(saved: dict[str, Any], state: dict[str, Any], config: dict[str, Any], classes: list[str]) -> None:
@@ -188,13 +212,55 @@ def _check_resumable(saved: dict[str, Any], state: dict[str, Any], config: dict[
         )
 
 
+def _restore(
+    latest: Path, model: nn.Module, ema: ModelEmaV3 | None, optimizer, scaler, config_dict: dict[str, Any],
+    classes: list[str], info: DistInfo, sharded: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """Load a checkpoint (step_N.pt, or an FSDP step_N.dcp folder at any world size) into this run; its metadata."""
+    from_shards = is_sharded_checkpoint(latest)
+    state = load_checkpoint(latest / SHARDED_META if from_shards else latest)
+    _check_resumable(state["config"], state, config_dict, classes)
+    if from_shards:
+        load_sharded_checkpoint(latest, model, optimizer)
+    elif sharded:
+        raise ConfigError(f"{latest} is a whole-model checkpoint; resume it with run.parallel=ddp")
+    else:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    if ema is not None:
+        # a checkpoint without EMA weights (EMA switched on at resume) starts the average at the loaded weights
+        ema.module.load_state_dict(state["ema"]) if state.get("ema") else ema.set(model)
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    rng = state["rng"]
+    # one RNG state per rank; a run resumed on a different number of processes reuses them round-robin
+    restore_rng_state(rng[info.rank % len(rng)] if isinstance(rng, list) else rng)
+    return state
+
+
+def seed_process(seed: int, rank: int) -> None:
+    """Seed torch, numpy and random with seed + rank: reproducible, and each rank draws its own drop path / mixup."""
+    torch.manual_seed(seed + rank)
+    np.random.seed(seed + rank)  # timm's Mixup draws lambda and the cutmix box from numpy's global RNG
+    random.seed(seed + rank)
+
+
 def run_finetune(config: FinetuneConfig) -> Path:
-    """Fine-tune as configured; resumes from the latest checkpoint in the run directory. Returns the run dir."""
+    """Fine-tune as configured; resumes from the latest checkpoint in the run directory. Returns the run dir.
+
+    Runs in one process or in every process of a torchrun / Slurm / submitit job (DDP or FSDP, run.parallel).
+    Raises Preempted after saving when SIGTERM arrives, and TrainingDiverged after run.max_consecutive_skips
+    non-finite steps in a row.
+    """
     validate_config(config)
-    device = resolve_device(config.run.device)
+    with process_group(resolve_device(config.run.device)) as (device, info, stop):
+        return _finetune(config, device, info, stop)
+
+
+def _finetune(config: FinetuneConfig, device: torch.device, info: DistInfo, stop: StopSignal) -> Path:
     precision = resolve_precision(config.run.precision, device)
     run_dir = Path(config.run.output_dir) / config.run.name
-    torch.manual_seed(config.run.seed)
+    torch.manual_seed(config.run.seed)  # the same initial weights (head, re-initialised CPB MLPs) on every rank
 
     pretrained = load_pretrained(config.pretrained, config.pretrained_format) if config.pretrained else None
     model_cfg = resolve_model_config(config.model, pretrained)
@@ -202,21 +268,28 @@ def run_finetune(config: FinetuneConfig) -> Path:
     train_set, classes = build_train_dataset(config.data, model_cfg.img_size, config.augment)
     val_set, _ = build_val_dataset(config.data, model_cfg.img_size, config.augment.interpolation)
     latest = find_latest_checkpoint(run_dir)
-    model = build_classifier(model_cfg, len(classes), pretrained if latest is None else None)
+    model = build_classifier(model_cfg, len(classes), pretrained if latest is None else None, verbose=info.is_main)
     if config.train.reinit_cpb_mlp and latest is None:
-        print(f"re-initialised {len(reinit_cpb_mlp(model, seed=config.run.seed))} CPB MLPs (ablation)", flush=True)
+        reinitialised = reinit_cpb_mlp(model, seed=config.run.seed)
+        if info.is_main:
+            print(f"re-initialised {len(reinitialised)} CPB MLPs (ablation)", flush=True)
     model.to(device)
-    ema = ModelEmaV3(model, decay=config.train.ema_decay) if config.train.ema else None
+    ema = ModelEmaV3(model, decay=config.train.ema_decay) if config.train.ema else None  # a plain copy, unwrapped
+    seed_process(config.run.seed, info.rank)
 
     micro_batch, accum = config.data.batch_size, config.optim.accum_steps
-    steps_per_epoch = len(train_set) // (micro_batch * accum)
+    # each rank takes every world_size-th image of one shuffled order: the per-rank share sets the epoch length
+    steps_per_epoch = len(train_set) // info.world_size // (micro_batch * accum)
+    total_batch = micro_batch * accum * info.world_size
     if steps_per_epoch < 1:
         raise ConfigError(
-            f"one optimizer step needs data.batch_size * optim.accum_steps = {micro_batch * accum} labelled images "
-            f"but there are {len(train_set)}; lower the batch size or label more images"
+            f"one optimizer step needs data.batch_size * optim.accum_steps * processes = {total_batch} labelled "
+            f"images but there are {len(train_set)}; lower the batch size or label more images"
         )
-    total_batch = micro_batch * accum
     lr, warmup_lr, min_lr = scaled_lrs(config.optim, total_batch)
+    # FSDP shards the parameters in place, so it comes before the optimizer is built over them
+    wrapped = wrap_model(model, info, device, config.run.parallel)
+    sharded = config.run.parallel == "fsdp" and info.distributed
     optimizer = build_finetune_optimizer(model, model_cfg.depths, config.optim, config.train.layer_decay, lr)
     scheduler = build_scheduler(optimizer, config.schedule, steps_per_epoch, warmup_lr, min_lr)
     scaler = build_grad_scaler(precision, device)
@@ -227,35 +300,34 @@ def run_finetune(config: FinetuneConfig) -> Path:
 
     step, best_top1, wandb_run_id = 0, -1.0, None
     if latest is not None:
-        state = load_checkpoint(latest)
-        _check_resumable(state["config"], state, config_dict, classes)
-        model.load_state_dict(state["model"])
-        if ema is not None and state.get("ema"):
-            ema.module.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        restore_rng_state(state["rng"])
+        state = _restore(latest, model, ema, optimizer, scaler, config_dict, classes, info, sharded)
         step, best_top1, wandb_run_id = state["step"], state["best_top1"], state.get("wandb_run_id")
-        print(f"resuming {run_dir} from {latest.name} at step {step}", flush=True)
+        if info.is_main:
+            print(f"resuming {run_dir} from {latest.name} at step {step}", flush=True)
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
-    logger = MetricsLogger(run_dir, config.logger, config_dict, run_id=wandb_run_id, run_name=config.run.name)
+    if info.is_main:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
+    logger = MetricsLogger(
+        run_dir, config.logger, config_dict, run_id=wandb_run_id, enabled=info.is_main, run_name=config.run.name
+    )
     progress = ProgressPrinter(total_steps=stop_step, start_step=step, steps_per_epoch=steps_per_epoch)
     val_loader = DataLoader(
-        val_set,
+        EvalShard(val_set, info.rank, info.world_size),  # every rank a disjoint share; counts summed over ranks
         batch_size=config.data.eval_batch_size,
         num_workers=config.data.num_workers,
         pin_memory=config.data.pin_memory and device.type == "cuda",
         persistent_workers=config.data.num_workers > 0,
     )
-    print(
-        f"fine-tuning {model_cfg.arch} at {model_cfg.img_size}px / window {model_cfg.window_size} (stage windows "
-        f"{model.stage_window_sizes}) on {device} ({precision}): {len(train_set)} images of {len(classes)} classes, "
-        f"{steps_per_epoch} steps/epoch, total batch {total_batch}, lr {lr:.3g}; run dir {run_dir}",
-        flush=True,
-    )
+    if info.is_main:
+        print(
+            f"fine-tuning {model_cfg.arch} at {model_cfg.img_size}px / window {model_cfg.window_size} (stage windows "
+            f"{model.stage_window_sizes}) on {info.world_size} x {device} ({precision}, "
+            f"{config.run.parallel if info.distributed else 'one process'}): {len(train_set)} images of "
+            f"{len(classes)} classes, {steps_per_epoch} steps/epoch, total batch {total_batch}, lr {lr:.3g}; "
+            f"run dir {run_dir}",
+            flush=True,
+        )
 
     def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         images, targets = normalize_images(batch[0]), batch[1]
@@ -263,10 +335,9 @@ def run_finetune(config: FinetuneConfig) -> Path:
             images, targets = mixup(images, targets)  # soft targets (B, classes), label smoothing included
         return criterion(model(images), targets)
 
-    def checkpoint_state(step: int, full: bool) -> dict[str, Any]:
-        state = {
-            "model": model.state_dict(),
-            "ema": ema.module.state_dict() if ema is not None else None,
+    def checkpoint_meta(step: int) -> dict[str, Any]:
+        # everything but the weights and the optimizer: what identifies the model and the run
+        return {
             "step": step,
             "config": config_dict,
             "stage_window_sizes": model.stage_window_sizes,
@@ -275,90 +346,133 @@ def run_finetune(config: FinetuneConfig) -> Path:
             "class_names": classes,
             "best_top1": best_top1,
         }
-        if full:  # what resuming needs on top of the weights
-            state.update(
-                optimizer=optimizer.state_dict(),
-                scaler=scaler.state_dict() if scaler is not None else None,
-                rng=capture_rng_state(),
-                wandb_run_id=logger.run_id,
-            )
-        return state
+
+    def save(step: int) -> None:
+        # every rank's RNG state, so a resumed run continues each rank's random stream
+        meta = {
+            **checkpoint_meta(step),
+            "ema": ema.module.state_dict() if ema is not None else None,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": all_gather_objects(capture_rng_state(), info),
+            "wandb_run_id": logger.run_id,
+        }
+        if sharded:
+            save_sharded_and_prune(run_dir, step, model, optimizer, meta, config.run.keep_last, info.is_main)
+        elif info.is_main:
+            # the unwrapped, uncompiled module: no `module.` or `_orig_mod.` prefixes
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **meta}
+            save_and_prune(run_dir, step, state, keep_last=config.run.keep_last)
+
+    def save_best(step: int) -> None:
+        weights = full_model_state_dict(model, sharded)  # every rank joins the gather under FSDP
+        if info.is_main:
+            ema_weights = ema.module.state_dict() if ema is not None else None
+            state = {"model": weights, "ema": ema_weights, **checkpoint_meta(step)}
+            save_checkpoint(run_dir / CHECKPOINT_DIR / BEST_CHECKPOINT, state)
 
     def evaluate(step: int, final: bool) -> None:
         nonlocal best_top1
-        result = evaluate_classifier(model, val_loader, precision, device, confusion=final)
+        result = evaluate_classifier(model, val_loader, precision, device, confusion=final, info=info)
         confusion = result.pop("confusion", None)
         metrics = {f"val_{k}": v for k, v in result.items()}
         if ema is not None:
-            ema_metrics = evaluate_classifier(ema.module, val_loader, precision, device)
+            ema_metrics = evaluate_classifier(ema.module, val_loader, precision, device, info=info)
             metrics.update({f"ema_val_{k}": v for k, v in ema_metrics.items() if k != "num_images"})
-        if metrics["val_top1"] > best_top1:
+        if metrics["val_top1"] > best_top1:  # the same on every rank: the counts were summed over ranks
             best_top1 = metrics["val_top1"]
-            save_checkpoint(run_dir / CHECKPOINT_DIR / BEST_CHECKPOINT, checkpoint_state(step, full=False))
+            save_best(step)
         logger.update_best(step, "best_val_top1", metrics["val_top1"], mode="max")
         metrics.update(best_top1=best_top1, epoch=step / steps_per_epoch)
         logger.log(step, metrics)
-        progress.update(step, {k: v for k, v in metrics.items() if k != "val_num_images"})
-        if confusion is not None:
+        if info.is_main:
+            progress.update(step, {k: v for k, v in metrics.items() if k != "val_num_images"})
+        if confusion is not None and info.is_main:
             from .viz import save_confusion_matrix  # matplotlib: only for the final picture
 
             path = save_confusion_matrix(confusion, classes, run_dir / "images" / "confusion_matrix.png")
             logger.log_image(step, "confusion_matrix", path)
+        if final:
             logger.log_summary({"final_val_top1": metrics["val_top1"], "final_val_top5": metrics["val_top5"]})
 
-    step_model = torch.compile(model) if config.run.compile else model  # checkpoints save `model`: no _orig_mod.
-    loss_sum, logged_steps, skipped_steps = torch.zeros((), device=device), 0, torch.zeros((), device=device)
+    step_model = torch.compile(wrapped) if config.run.compile else wrapped  # checkpoints save `model`: no _orig_mod.
+    # device-side counters: read on the host only when checked (every step on the CPU, where a read is free)
+    loss_sum, logged_steps = torch.zeros((), device=device), 0
+    skipped_since_log = torch.zeros((), dtype=torch.long, device=device)
+    skipped_total = torch.zeros((), dtype=torch.long, device=device)
+    consecutive_skips = torch.zeros((), dtype=torch.long, device=device)
+    check_every = 1 if device.type == "cpu" else config.logger.log_every
     last_log_time, images_since_log = time.perf_counter(), 0
     model.train()
-    while step < stop_step:
-        epoch = step // steps_per_epoch
-        loader = build_pretrain_loader(
-            train_set,
-            batch_size=micro_batch,
-            num_workers=config.data.num_workers,
-            seed=config.run.seed,
-            epoch=epoch,
-            pin_memory=config.data.pin_memory and device.type == "cuda",
-            skip_batches=(step % steps_per_epoch) * accum,  # a resumed run continues the epoch where it stopped
-        )
-        batches = iter(loader)
-        while step < stop_step and step // steps_per_epoch == epoch:
-            micro_batches = [next(batches) for _ in range(accum)]
-            scheduler.step_update(step)  # the lr is a function of the optimizer step
-            loss, grad_norm, skipped = train_step(
-                step_model, micro_batches, loss_fn, optimizer, scaler, precision, device, config.optim.clip_grad
+    try:
+        while step < stop_step:
+            epoch = step // steps_per_epoch
+            loader = build_pretrain_loader(
+                train_set,
+                batch_size=micro_batch,
+                num_workers=config.data.num_workers,
+                seed=config.run.seed,
+                epoch=epoch,
+                pin_memory=config.data.pin_memory and device.type == "cuda",
+                rank=info.rank,
+                world_size=info.world_size,
+                skip_batches=(step % steps_per_epoch) * accum,  # a resumed run continues the epoch where it stopped
             )
-            step += 1
-            if ema is not None:
-                ema.update(model, step=step)
-            loss_sum += loss
-            skipped_steps += skipped
-            logged_steps += 1
-            images_since_log += total_batch
+            batches = iter(loader)
+            while step < stop_step and step // steps_per_epoch == epoch:
+                micro_batches = [next(batches) for _ in range(accum)]
+                scheduler.step_update(step)  # the lr is a function of the optimizer step
+                loss, grad_norm, skipped = train_step(
+                    step_model, micro_batches, loss_fn, optimizer, scaler, precision, device, config.optim.clip_grad
+                )
+                step += 1
+                if ema is not None:
+                    ema.update(model, step=step)
+                skipped_total += skipped
+                skipped_since_log += skipped
+                consecutive_skips = (consecutive_skips + 1) * skipped  # resets on a good step
+                loss_sum += torch.where(skipped, 0.0, loss.detach())
+                logged_steps += 1
+                images_since_log += total_batch
+                num_skipped_in_a_row = int(consecutive_skips) if step % check_every == 0 else 0
 
-            if step % config.logger.log_every == 0 or step == stop_step:
-                now = time.perf_counter()  # .item() below syncs the device: only here, every log_every steps
-                metrics = {
-                    "loss": loss_sum.item() / logged_steps,
-                    **lr_metrics(optimizer),  # lr: the largest (the head's, lr_scale 1); lr/groupN per layer group
-                    "grad_norm": float(grad_norm),
-                    "images_per_sec": images_since_log / max(now - last_log_time, 1e-9),
-                    "epoch": step / steps_per_epoch,
-                    "skipped_steps": int(skipped_steps.item()),
-                }
-                logger.log(step, metrics)
-                progress.update(step, {k: v for k, v in metrics.items() if not k.startswith("lr/")})
-                loss_sum.zero_()
-                logged_steps, images_since_log, last_log_time = 0, 0, now
-            epoch_done = step % steps_per_epoch == 0
-            if (epoch_done and (step // steps_per_epoch) % config.train.eval_every == 0) or step == stop_step:
-                evaluate(step, final=step == total_steps)
-            if step % config.run.save_every == 0 or epoch_done or step == stop_step:
-                save_and_prune(run_dir, step, checkpoint_state(step, full=True), keep_last=config.run.keep_last)
-
-    logger.close()
-    progress.close()
-    print(f"done at step {step}/{total_steps}. best top-1 {best_top1:.2f}%; run dir {run_dir}", flush=True)
+                if step % config.logger.log_every == 0 or step == stop_step:
+                    now = time.perf_counter()  # .item() below syncs the device: only here, every log_every steps
+                    good_steps = logged_steps - int(skipped_since_log)
+                    mean_loss = all_reduce_mean(loss_sum, info).item() / good_steps if good_steps else float("nan")
+                    metrics = {
+                        "loss": mean_loss,
+                        **lr_metrics(optimizer),  # lr: the largest (the head's, lr_scale 1); lr/groupN per layer group
+                        "grad_norm": float(grad_norm),
+                        "images_per_sec": images_since_log / max(now - last_log_time, 1e-9),
+                        "epoch": step / steps_per_epoch,
+                        "skipped_steps": int(skipped_total),
+                    }
+                    logger.log(step, metrics)
+                    if info.is_main:
+                        progress.update(step, {k: v for k, v in metrics.items() if not k.startswith("lr/")})
+                    loss_sum.zero_()
+                    skipped_since_log.zero_()
+                    logged_steps, images_since_log, last_log_time = 0, 0, now
+                if num_skipped_in_a_row >= config.run.max_consecutive_skips:
+                    raise TrainingDiverged(num_skipped_in_a_row, step, run_dir / CHECKPOINT_DIR)
+                epoch_done = step % steps_per_epoch == 0
+                if (epoch_done and (step // steps_per_epoch) % config.train.eval_every == 0) or step == stop_step:
+                    evaluate(step, final=step == total_steps)
+                # a skipped step is not saved on schedule: the last good checkpoint stays the newest
+                saved = (step % config.run.save_every == 0 or epoch_done or step == stop_step) and (
+                    int(consecutive_skips) == 0
+                )
+                if saved:
+                    save(step)
+                if stop.should_stop():
+                    if not saved:
+                        save(step)
+                    raise Preempted(step)
+    finally:
+        progress.close()
+        logger.close()
+    if info.is_main:
+        print(f"done at step {step}/{total_steps}. best top-1 {best_top1:.2f}%; run dir {run_dir}", flush=True)
     return run_dir
 
 
@@ -371,10 +485,15 @@ def evaluate_transfer(config: FinetuneConfig) -> dict[str, Any]:
 
     The model is rebuilt at the new size and window with the CPB normalised as in its training (the SwinV2
     paper's direct transfer to larger images and windows). Writes evaluation.json into the run directory.
+    Under a multi-process launch every rank evaluates a share of the images and rank 0 writes the result.
     """
     if not config.evaluate:
         raise ConfigError("evaluate is not set: give the fine-tuned run directory or checkpoint to evaluate")
-    device = resolve_device(config.run.device)
+    with process_group(resolve_device(config.run.device)) as (device, info, _):
+        return _evaluate_transfer(config, device, info)
+
+
+def _evaluate_transfer(config: FinetuneConfig, device: torch.device, info: DistInfo) -> dict[str, Any]:
     precision = resolve_precision(config.run.precision, device)
     weights = load_pretrained(config.evaluate, config.pretrained_format)
     if "head.fc.weight" not in weights.state_dict:
@@ -384,9 +503,13 @@ def evaluate_transfer(config: FinetuneConfig) -> dict[str, Any]:
     num_classes = weights.state_dict["head.fc.weight"].shape[0]
     if num_classes != len(classes):
         raise ValueError(f"{weights.path} classifies {num_classes} classes but the data has {len(classes)}")
-    model = build_classifier(model_cfg, num_classes, weights, keep_head=True).to(device)
-    loader = DataLoader(val_set, batch_size=config.data.eval_batch_size, num_workers=config.data.num_workers)
-    metrics = evaluate_classifier(model, loader, precision, device)
+    model = build_classifier(model_cfg, num_classes, weights, keep_head=True, verbose=info.is_main).to(device)
+    loader = DataLoader(
+        EvalShard(val_set, info.rank, info.world_size),
+        batch_size=config.data.eval_batch_size,
+        num_workers=config.data.num_workers,
+    )
+    metrics = evaluate_classifier(model, loader, precision, device, info=info)
     trained = weights.model_config or {}
     result = {
         "checkpoint": str(weights.path),
@@ -398,6 +521,8 @@ def evaluate_transfer(config: FinetuneConfig) -> dict[str, Any]:
         "pretrained_window_sizes": list(model.pretrained_window_sizes),
         **metrics,
     }
+    if not info.is_main:
+        return result
     run_dir = Path(config.run.output_dir) / config.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "evaluation.json").write_text(json.dumps(result, indent=2))

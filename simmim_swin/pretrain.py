@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from .checkpoint import (
+    CHECKPOINT_DIR,
     capture_rng_state,
     find_latest_checkpoint,
     is_sharded_checkpoint,
@@ -18,19 +19,10 @@ from .checkpoint import (
     save_and_prune,
     save_sharded_and_prune,
 )
-from .config import ConfigError, PretrainConfig, to_dict
+from .config import ConfigError, PretrainConfig, check_run_config, to_dict
 from .data import DATA_SOURCES, build_pretrain_data, make_fixed_batch, normalize_images
-from .distributed import (
-    DistInfo,
-    StopSignal,
-    all_gather_objects,
-    all_reduce_mean,
-    cleanup,
-    init_distributed,
-    process_device,
-    wrap_model,
-)
-from .engine import evaluate_reconstruction, simmim_loss, train_step
+from .distributed import DistInfo, StopSignal, all_gather_objects, all_reduce_mean, process_group, wrap_model
+from .engine import Preempted, TrainingDiverged, evaluate_reconstruction, simmim_loss, train_step
 from .masking import MaskGenerator
 from .models import SimMIM, build_simmim
 from .optim import build_optimizer, build_scheduler, scaled_lrs
@@ -41,19 +33,6 @@ from .viz import make_position_bias_maps, save_position_bias_figure
 
 # parts of the config that must match a checkpoint for it to be resumed into this run
 RESUME_MUST_MATCH = ("model", "mask")
-PARALLEL_STRATEGIES = ("ddp", "fsdp")
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many optimizer steps in a row had a non-finite loss or gradient; the last good checkpoint is kept."""
-
-
-class Preempted(Exception):
-    """SIGTERM arrived; a checkpoint at the current step was saved. `step` is where the run stopped."""
-
-    def __init__(self, step: int) -> None:
-        super().__init__(f"received SIGTERM: saved a checkpoint at step {step}; start the same run to resume")
-        self.step = step
 
 
 def validate_config(config: PretrainConfig) -> MaskGenerator:
@@ -75,12 +54,9 @@ def validate_config(config: PretrainConfig) -> MaskGenerator:
         raise ConfigError(
             f"data.batch_size={config.data.batch_size} and optim.accum_steps={config.optim.accum_steps} must be >= 1"
         )
-    if config.logger.log_every < 1 or config.run.save_every < 1 or config.logger.image_every < 1:
-        raise ConfigError("logger.log_every, logger.image_every and run.save_every must be >= 1")
-    if config.run.parallel not in PARALLEL_STRATEGIES:
-        raise ConfigError(f"run.parallel={config.run.parallel!r} is unknown; use one of {list(PARALLEL_STRATEGIES)}")
-    if config.run.max_consecutive_skips < 1:
-        raise ConfigError(f"run.max_consecutive_skips={config.run.max_consecutive_skips} must be >= 1")
+    if config.logger.log_every < 1 or config.logger.image_every < 1:
+        raise ConfigError("logger.log_every and logger.image_every must be >= 1")
+    check_run_config(config.run)
     _validate_data(config)
     try:
         return MaskGenerator(
@@ -173,15 +149,8 @@ def run_pretrain(config: PretrainConfig) -> Path:
     non-finite steps in a row.
     """
     mask_generator = validate_config(config)
-    device = resolve_device(config.run.device)
-    info = init_distributed(device)
-    device = process_device(device, info)
-    stop_signal = StopSignal(info)
-    try:
+    with process_group(resolve_device(config.run.device)) as (device, info, stop_signal):
         return _train(config, mask_generator, device, info, stop_signal)
-    finally:
-        stop_signal.restore()
-        cleanup(info)
 
 
 def _train(
@@ -337,11 +306,7 @@ def _train(
         if num_skipped_in_a_row >= config.run.max_consecutive_skips:
             progress.close()
             logger.close()
-            raise TrainingDiverged(
-                f"{num_skipped_in_a_row} consecutive optimizer steps (up to step {step}) had a non-finite loss or "
-                f"gradient and were skipped; stopping. The last good checkpoint is kept in {run_dir / 'checkpoints'}. "
-                "Lower optim.base_lr, keep optim.clip_grad on, or use run.precision=bf16 instead of fp16."
-            )
+            raise TrainingDiverged(num_skipped_in_a_row, step, run_dir / CHECKPOINT_DIR)
         last_step_ok = int(consecutive_skips) == 0 if step % config.run.save_every == 0 else True
         if step % config.logger.image_every == 0 or step == stop_step:
             with timer.exclude():

@@ -361,15 +361,22 @@ def resolve_model_config(model_cfg: FinetuneModelConfig, pretrained: PretrainedW
 
 
 def build_classifier(
-    model_cfg: ModelConfig, num_classes: int, pretrained: PretrainedWeights | None, keep_head: bool = False
+    model_cfg: ModelConfig,
+    num_classes: int,
+    pretrained: PretrainedWeights | None,
+    keep_head: bool = False,
+    verbose: bool = True,
 ) -> SwinTransformerV2:
-    """The classifier at model_cfg's size and window, with the pretrained encoder (and head if keep_head) loaded."""
+    """The classifier at model_cfg's size and window, with the pretrained encoder (and head if keep_head) loaded.
+
+    verbose prints what was loaded, dropped and re-created (rank 0 of a multi-process job alone does).
+    """
     model = build_encoder(model_cfg, num_classes=num_classes)
     if pretrained is not None:
         report = load_encoder_weights(model, pretrained.state_dict, keep_head=keep_head, source=str(pretrained.path))
         dropped = {**pretrained.dropped, **report.dropped}
         windows = f"windows {model.stage_window_sizes}, CPB normalised by {list(model.pretrained_window_sizes)}"
-        print(f"loaded {pretrained.source_format} weights from {pretrained.path} ({windows})", flush=True)
-        report = dataclasses.replace(report, dropped=dropped)
-        print(report.summary(), flush=True)
+        if verbose:
+            print(f"loaded {pretrained.source_format} weights from {pretrained.path} ({windows})", flush=True)
+            print(dataclasses.replace(report, dropped=dropped).summary(), flush=True)
     return model

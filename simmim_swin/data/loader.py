@@ -103,6 +103,32 @@ class SeededSamples(Dataset):
         return getattr(self.dataset, name)
 
 
+class EvalShard(Dataset):
+    """Rank `rank`'s share of an evaluation set: items rank, rank + world_size, ..., padded to an even length.
+
+    Every rank gets ceil(N / world_size) items, so under FSDP all ranks run the same number of forwards (each
+    one a collective); the padding repeats a real image with the label -1, which evaluate_classifier ignores.
+    With world_size 1 it is the whole set, in order.
+    """
+
+    def __init__(self, dataset: Dataset, rank: int = 0, world_size: int = 1) -> None:
+        _check_rank(rank, world_size)
+        if len(dataset) == 0:
+            raise ValueError("the evaluation set is empty: check the validation images")
+        self.dataset = dataset
+        self.indices = list(range(rank, len(dataset), world_size))
+        self.length = -(-len(dataset) // world_size)  # ceil
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, position: int) -> tuple[Any, int]:
+        if position < len(self.indices):
+            return self.dataset[self.indices[position]]
+        image, _ = self.dataset[0]
+        return image, -1
+
+
 def build_pretrain_loader(
     dataset: Dataset,
     batch_size: int,

@@ -125,6 +125,9 @@ def test_mixup_and_loss_selection():
         ({"train": {"ema_decay": 1.0}}, "ema_decay=1.0"),
         ({"train": {"eval_every": 0}}, "eval_every"),
         ({"augment": {"mixup_mode": "both"}}, "mixup_mode='both'"),
+        ({"run": {"parallel": "zero3"}}, "run.parallel='zero3' is unknown"),
+        ({"run": {"max_consecutive_skips": 0}}, "max_consecutive_skips=0"),
+        ({"train": {"ema": True}, "run": {"parallel": "fsdp"}}, "train.ema=true does not work with run.parallel=fsdp"),
     ],
 )
 def test_bad_finetune_settings_are_rejected(overrides, message):
@@ -200,3 +203,29 @@ def test_evaluate_classifier_top1_top5():
     assert metrics["num_images"] == 8
     expected_loss = nn.functional.cross_entropy(logits, labels).item()
     assert metrics["loss"] == pytest.approx(expected_loss)
+
+
+def test_evaluation_shards_with_padding_add_up_to_the_whole_set():
+    """EvalShard splits 7 images over 3 ranks as 3 + 3 + 3 with two padded (label -1, ignored); the summed counts
+    of the shards are the whole set's top-1 / top-5 / loss / confusion matrix."""
+    from torch.utils.data import DataLoader
+
+    from simmim_swin.data.loader import EvalShard
+
+    logits = torch.randn(7, 6, generator=torch.Generator().manual_seed(0))
+    labels = [5, 5, 4, 0, 1, 3, 2]
+    images = torch.arange(7, dtype=torch.float32).view(7, 1, 1, 1).expand(7, 3, 4, 4)
+    dataset = list(zip(images, labels, strict=True))
+    model, cpu = FixedLogits(logits), torch.device("cpu")
+    whole = evaluate_classifier(model, DataLoader(dataset, batch_size=3), "fp32", cpu, confusion=True)
+
+    shards = [EvalShard(dataset, rank, 3) for rank in range(3)]
+    assert [len(s) for s in shards] == [3, 3, 3] and [s[2][1] for s in shards] == [2, -1, -1]
+    assert sorted(s.indices[k] for s in shards for k in range(len(s.indices))) == list(range(7))
+    parts = [evaluate_classifier(model, DataLoader(s, batch_size=2), "fp32", cpu, confusion=True) for s in shards]
+    assert sum(p["num_images"] for p in parts) == whole["num_images"] == 7
+    for key in ("top1", "top5", "loss"):
+        combined = sum(p[key] * p["num_images"] for p in parts) / 7
+        assert combined == pytest.approx(whole[key], rel=1e-6)
+    assert torch.equal(sum(p["confusion"] for p in parts), whole["confusion"])
+    assert int(whole["confusion"].sum()) == 7
