@@ -160,32 +160,59 @@ def all_gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     return gathered
 
 
-class StopSignal:
-    """Turns SIGTERM (Slurm preemption, `scancel`, a requeue) into a flag the loop checks between steps.
+class Preempted(Exception):
+    """SIGTERM (or SIGUSR2) arrived; a checkpoint at the current step was saved. `step` is where the run stopped."""
 
-    With several processes the ranks must stop at the same step: `should_stop()` all-reduces the flag on a gloo
-    group, a CPU collective that never waits on the GPU stream.
+    def __init__(self, step: int, signal_name: str = "SIGTERM") -> None:
+        super().__init__(f"received {signal_name}: saved a checkpoint at step {step}; start the same run to resume")
+        self.step = step
+
+
+class StopSignal:
+    """Turns SIGTERM (Slurm preemption, `scancel`, a requeue) and SIGUSR2 (submitit's time-limit warning) into a
+    flag the loop checks between steps.
+
+    With several processes the ranks must stop at the same step: `should_stop()` all-reduces the signal number
+    on a gloo group, a CPU collective that never waits on the GPU stream. A handler that was installed before
+    (submitit's: on SIGUSR2 rank 0 requeues the job and exits) is not lost but deferred: `hand_over()` calls it
+    once the checkpoint is written, so a requeued job never starts from an older checkpoint.
     """
+
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR2") if hasattr(signal, name))
 
     def __init__(self, info: DistInfo) -> None:
         self.info = info
         self.received: int | None = None
         self._group = dist.new_group(backend="gloo") if info.distributed else None
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.received = signum
 
     def should_stop(self) -> bool:
-        """True on every rank once any rank has received SIGTERM."""
-        flag = torch.tensor([1 if self.received is not None else 0])
+        """True on every rank once any rank has received one of the signals; every rank then knows which."""
+        flag = torch.tensor([self.received or 0])
         if self._group is not None:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        if flag.item():
+            self.received = int(flag.item())
         return bool(flag.item())
 
+    @property
+    def name(self) -> str:
+        """The signal that stopped the run, e.g. SIGTERM."""
+        return signal.Signals(self.received).name if self.received else "no signal"
+
+    def hand_over(self) -> None:
+        """Call the handler the signal had before this one took it (if it was a Python function), after saving."""
+        previous = self._previous.get(self.received)
+        if callable(previous):
+            previous(self.received, None)
+
     def restore(self) -> None:
-        """Put back the previous SIGTERM handler."""
-        signal.signal(signal.SIGTERM, self._previous)
+        """Put back the previous handlers."""
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 def cleanup(info: DistInfo) -> None:
@@ -198,13 +225,17 @@ def cleanup(info: DistInfo) -> None:
 def process_group(device: torch.device) -> Iterator[tuple[torch.device, DistInfo, StopSignal]]:
     """For one run: join the job's process group and watch for SIGTERM; yields (device, DistInfo, StopSignal).
 
-    The device is this process's own (cuda:LOCAL_RANK under a multi-GPU launch). On exit the SIGTERM handler is
+    The device is this process's own (cuda:LOCAL_RANK under a multi-GPU launch). A run that raises Preempted has
+    saved its checkpoint: the signal's earlier handler runs then (StopSignal.hand_over). On exit the handlers are
     put back and the process group left, also when the run raises.
     """
     info = init_distributed(device)
     stop = StopSignal(info)
     try:
         yield process_device(device, info), info, stop
+    except Preempted:
+        stop.hand_over()  # the checkpoint is on disk: now submitit may requeue (and exit)
+        raise
     finally:
         stop.restore()
         cleanup(info)

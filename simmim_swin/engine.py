@@ -27,14 +27,6 @@ class TrainingDiverged(RuntimeError):
         )
 
 
-class Preempted(Exception):
-    """SIGTERM arrived; a checkpoint at the current step was saved. `step` is where the run stopped."""
-
-    def __init__(self, step: int) -> None:
-        super().__init__(f"received SIGTERM: saved a checkpoint at step {step}; start the same run to resume")
-        self.step = step
-
-
 def simmim_loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """SimMIM's masked-pixel loss for a batch of (images, masks) already on the device."""
     images, masks = batch[0], batch[1]

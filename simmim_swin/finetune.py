@@ -60,6 +60,7 @@ from .data.loader import EvalShard, build_pretrain_loader
 from .data.transforms import normalize_images
 from .distributed import (
     DistInfo,
+    Preempted,
     StopSignal,
     all_gather_objects,
     all_reduce_mean,
@@ -67,7 +68,7 @@ from .distributed import (
     process_group,
     wrap_model,
 )
-from .engine import Preempted, TrainingDiverged, evaluate_classifier, train_step
+from .engine import TrainingDiverged, evaluate_classifier, train_step
 from .optim import NO_WEIGHT_DECAY_PATTERNS, build_scheduler, scaled_lrs
 from .precision import build_grad_scaler, resolve_device, resolve_precision
 from .tracking import MetricsLogger, ProgressPrinter, lr_metrics
@@ -467,7 +468,7 @@ def _finetune(config: FinetuneConfig, device: torch.device, info: DistInfo, stop
                 if stop.should_stop():
                     if not saved:
                         save(step)
-                    raise Preempted(step)
+                    raise Preempted(step, stop.name)
     finally:
         progress.close()
         logger.close()

@@ -21,8 +21,16 @@ from .checkpoint import (
 )
 from .config import ConfigError, PretrainConfig, check_run_config, to_dict
 from .data import DATA_SOURCES, build_pretrain_data, make_fixed_batch, normalize_images
-from .distributed import DistInfo, StopSignal, all_gather_objects, all_reduce_mean, process_group, wrap_model
-from .engine import Preempted, TrainingDiverged, evaluate_reconstruction, simmim_loss, train_step
+from .distributed import (
+    DistInfo,
+    Preempted,
+    StopSignal,
+    all_gather_objects,
+    all_reduce_mean,
+    process_group,
+    wrap_model,
+)
+from .engine import TrainingDiverged, evaluate_reconstruction, simmim_loss, train_step
 from .masking import MaskGenerator
 from .models import SimMIM, build_simmim
 from .optim import build_optimizer, build_scheduler, scaled_lrs
@@ -307,19 +315,20 @@ def _train(
             progress.close()
             logger.close()
             raise TrainingDiverged(num_skipped_in_a_row, step, run_dir / CHECKPOINT_DIR)
-        last_step_ok = int(consecutive_skips) == 0 if step % config.run.save_every == 0 else True
         if step % config.logger.image_every == 0 or step == stop_step:
             with timer.exclude():
                 panel_path = save_images(step)
-        if (step % config.run.save_every == 0 or step == stop_step) and last_step_ok:
+        # a skipped step is not saved on schedule: the last good checkpoint stays the newest
+        saved = (step % config.run.save_every == 0 or step == stop_step) and int(consecutive_skips) == 0
+        if saved:
             with timer.exclude():
                 save(step)
         if stop.should_stop():
-            if step % config.run.save_every != 0 and step != stop_step:
+            if not saved:
                 save(step)
             progress.close()
             logger.close()
-            raise Preempted(step)
+            raise Preempted(step, stop.name)
 
     if panel_path is None:  # nothing left to train: still show where the run stands
         panel_path = save_images(step)

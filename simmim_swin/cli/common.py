@@ -10,8 +10,8 @@ from pathlib import Path
 
 from omegaconf.errors import MissingMandatoryValue
 
-from ..distributed import launcher_rank
-from ..engine import Preempted, TrainingDiverged
+from ..distributed import Preempted, launcher_rank
+from ..engine import TrainingDiverged
 
 # conf/ sits at the repository root next to the package (an editable install, as launch/*.sh does)
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
