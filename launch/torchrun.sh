@@ -8,4 +8,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 NPROC=${NPROC:-$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")}
 ENTRY=${ENTRY:-pretrain}
+# after a SIGTERM, give the ranks time to finish the step and save before torchrun kills them (its default: 30 s)
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-100}
 exec torchrun --standalone --nproc_per_node="$NPROC" -m "simmim_swin.cli.$ENTRY" "$@"

@@ -168,6 +168,12 @@ class Preempted(Exception):
         self.step = step
 
 
+def stop_signals() -> tuple[int, ...]:
+    """SIGTERM, SIGUSR2 and the signal submitit is told to use for preemption (SUBMITIT_PREEMPT_SIGNAL), if set."""
+    names = ["SIGTERM", "SIGUSR2", "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")]
+    return tuple(dict.fromkeys(getattr(signal, name) for name in names if hasattr(signal, name)))
+
+
 class StopSignal:
     """Turns SIGTERM (Slurm preemption, `scancel`, a requeue) and SIGUSR2 (submitit's time-limit warning) into a
     flag the loop checks between steps.
@@ -178,13 +184,11 @@ class StopSignal:
     once the checkpoint is written, so a requeued job never starts from an older checkpoint.
     """
 
-    SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR2") if hasattr(signal, name))
-
     def __init__(self, info: DistInfo) -> None:
         self.info = info
         self.received: int | None = None
         self._group = dist.new_group(backend="gloo") if info.distributed else None
-        self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in stop_signals()}
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.received = signum
@@ -204,7 +208,11 @@ class StopSignal:
         return signal.Signals(self.received).name if self.received else "no signal"
 
     def hand_over(self) -> None:
-        """Call the handler the signal had before this one took it (if it was a Python function), after saving."""
+        """Once every rank is past the checkpoint, call the handler the signal had before (a Python function)."""
+        if self._group is not None:
+            # rank 0 may still be writing the checkpoint: no rank may exit (and let the launcher kill the job)
+            # before it is on disk
+            dist.barrier(group=self._group)
         previous = self._previous.get(self.received)
         if callable(previous):
             previous(self.received, None)

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -72,6 +73,13 @@ def train_step(
     if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor holding the global norm
         grad_norm = grad_norm.full_tensor()
     skipped = ~(torch.isfinite(grad_norm) & torch.isfinite(loss_sum))  # device bool: NaN/inf loss or gradient
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # the loss is this rank's own: a rank with a non-finite loss but finite averaged gradients must not step
+        # alone, or the replicas drift apart and the ranks disagree on what to save. One scalar, queued on the
+        # device like the gradient all-reduce: no host sync.
+        any_skipped = skipped.to(torch.int32)
+        dist.all_reduce(any_skipped, op=dist.ReduceOp.MAX)
+        skipped = any_skipped.bool()
     if scaler is not None:
         scaler.step(optimizer)  # skips the step itself when the unscaled gradients hold inf/NaN
         scaler.update()

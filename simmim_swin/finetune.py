@@ -299,10 +299,11 @@ def _finetune(config: FinetuneConfig, device: torch.device, info: DistInfo, stop
     stop_step = min(total_steps, config.run.max_steps) if config.run.max_steps is not None else total_steps
     config_dict = to_dict(config)
 
-    step, best_top1, wandb_run_id = 0, -1.0, None
+    step, best_top1, wandb_run_id, skip_counts = 0, -1.0, None, (0, 0)
     if latest is not None:
         state = _restore(latest, model, ema, optimizer, scaler, config_dict, classes, info, sharded)
         step, best_top1, wandb_run_id = state["step"], state["best_top1"], state.get("wandb_run_id")
+        skip_counts = (state.get("skipped_steps", 0), state.get("consecutive_skips", 0))
         if info.is_main:
             print(f"resuming {run_dir} from {latest.name} at step {step}", flush=True)
 
@@ -356,6 +357,9 @@ def _finetune(config: FinetuneConfig, device: torch.device, info: DistInfo, stop
             "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": all_gather_objects(capture_rng_state(), info),
             "wandb_run_id": logger.run_id,
+            # so a resumed run keeps counting (and keeps its allowance of consecutive skips); a sync, at saves only
+            "skipped_steps": int(skipped_total),
+            "consecutive_skips": int(consecutive_skips),
         }
         if sharded:
             save_sharded_and_prune(run_dir, step, model, optimizer, meta, config.run.keep_last, info.is_main)
@@ -399,8 +403,8 @@ def _finetune(config: FinetuneConfig, device: torch.device, info: DistInfo, stop
     # device-side counters: read on the host only when checked (every step on the CPU, where a read is free)
     loss_sum, logged_steps = torch.zeros((), device=device), 0
     skipped_since_log = torch.zeros((), dtype=torch.long, device=device)
-    skipped_total = torch.zeros((), dtype=torch.long, device=device)
-    consecutive_skips = torch.zeros((), dtype=torch.long, device=device)
+    skipped_total = torch.tensor(skip_counts[0], dtype=torch.long, device=device)
+    consecutive_skips = torch.tensor(skip_counts[1], dtype=torch.long, device=device)
     check_every = 1 if device.type == "cpu" else config.logger.log_every
     last_log_time, images_since_log = time.perf_counter(), 0
     model.train()

@@ -194,11 +194,12 @@ def _train(
     total_steps = config.schedule.epochs * steps_per_epoch
     stop_step = min(total_steps, config.run.max_steps) if config.run.max_steps is not None else total_steps
 
-    step, wandb_run_id = 0, None
+    step, wandb_run_id, skip_counts = 0, None, (0, 0)
     latest = find_latest_checkpoint(run_dir)
     if latest is not None:
         state = _restore(latest, model, optimizer, scaler, config, info)
         step, wandb_run_id = state["step"], state.get("wandb_run_id")
+        skip_counts = (state.get("skipped_steps", 0), state.get("consecutive_skips", 0))
         if info.is_main:
             print(f"resuming {run_dir} from {latest.name} at step {step}", flush=True)
 
@@ -233,6 +234,9 @@ def _train(
             "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": all_gather_objects(capture_rng_state(), info),
             "wandb_run_id": logger.run_id,
+            # so a resumed run keeps counting (and keeps its allowance of consecutive skips); a sync, at saves only
+            "skipped_steps": int(skipped_total),
+            "consecutive_skips": int(consecutive_skips),
         }
         if sharded:
             save_sharded_and_prune(run_dir, step, model, optimizer, meta, config.run.keep_last, info.is_main)
@@ -257,8 +261,8 @@ def _train(
     # device-side counters: read on the host only when checked (every step on the CPU, where a read is free)
     loss_sum, logged_steps = torch.zeros((), device=device), 0
     skipped_since_log = torch.zeros((), dtype=torch.long, device=device)
-    skipped_total = torch.zeros((), dtype=torch.long, device=device)
-    consecutive_skips = torch.zeros((), dtype=torch.long, device=device)
+    skipped_total = torch.tensor(skip_counts[0], dtype=torch.long, device=device)
+    consecutive_skips = torch.tensor(skip_counts[1], dtype=torch.long, device=device)
     check_every = 1 if device.type == "cpu" else config.logger.log_every
     panel_path, last_loss = None, float("nan")
     timer = StepTimer()

@@ -29,7 +29,9 @@ def training_exits() -> Iterator[None]:
             print(e, flush=True)
         sys.exit(128 + signal.SIGTERM)  # what a process killed by SIGTERM reports: the job did not finish
     except (TrainingDiverged, ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError
-        sys.exit(f"error: {e}")
+        # a failure can be one rank's own (a corrupt shard): every rank says it, the others with their rank
+        rank = launcher_rank()
+        sys.exit(f"error{f' (rank {rank})' if rank else ''}: {e}")
 
 
 def quiet_hydra_on_other_ranks() -> None:

@@ -182,7 +182,9 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_with_a_checkpoint(tmp_
 
 
 def test_non_finite_fine_tune_steps_are_skipped_then_stop_the_run(tmp_path, images, monkeypatch):
-    """A NaN loss skips its step (weights unchanged, counted); max_consecutive_skips in a row stop the run."""
+    """A NaN loss skips its step (counted, not saved); max_consecutive_skips in a row stop the run and the last good
+    checkpoint stays the newest. (That a skipped step changes no weight is test_optim's
+    test_non_finite_step_changes_nothing.)"""
     from torch import nn
 
     from simmim_swin import finetune as finetune_module
@@ -223,3 +225,4 @@ def test_non_finite_fine_tune_steps_are_skipped_then_stop_the_run(tmp_path, imag
     assert 2 not in steps and 3 in steps and max(steps) == 4  # the last good step
     latest = load_checkpoint(find_latest_checkpoint(tmp_path / "diverging"))
     assert latest["step"] == 4 and all(torch.isfinite(v).all() for v in latest["model"].values())
+    assert (latest["skipped_steps"], latest["consecutive_skips"]) == (1, 0)  # a resumed run keeps counting

@@ -15,6 +15,7 @@ from simmim_swin.distributed import (
     export_launcher_env,
     launcher_rank,
     process_group,
+    stop_signals,
 )
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SUBMITIT_EXECUTOR", "SUBMITIT_FOLDER")
@@ -69,7 +70,7 @@ def test_compressed_nodelist_without_scontrol_names_the_fix(clean_env):
         export_launcher_env()
 
 
-@pytest.mark.parametrize("signum", StopSignal.SIGNALS)
+@pytest.mark.parametrize("signum", stop_signals())
 def test_stop_signal_sets_the_flag_and_defers_the_previous_handler(signum):
     calls = []
     old = signal.signal(signum, lambda s, frame: calls.append(s))
@@ -102,3 +103,43 @@ def test_process_group_hands_over_after_a_preempted_run_and_restores_handlers():
         assert signal.getsignal(signal.SIGTERM) is not stop._handle
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def test_submitit_preempt_signal_is_watched_too(monkeypatch):
+    monkeypatch.setenv("SUBMITIT_PREEMPT_SIGNAL", "USR1")
+    assert set(stop_signals()) == {signal.SIGTERM, signal.SIGUSR2, signal.SIGUSR1}
+    monkeypatch.delenv("SUBMITIT_PREEMPT_SIGNAL")
+    assert stop_signals() == (signal.SIGTERM, signal.SIGUSR2)
+
+
+def _skip_agreement_worker(rank: int, init_file: str, results) -> None:
+    import torch.distributed as dist
+
+    from simmim_swin.engine import train_step
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 2))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+        def loss_fn(model, batch):
+            loss = model(batch[0]).square().mean()
+            # rank 1's loss value is NaN but its gradient is finite: only the loss says the step is bad
+            return loss + torch.tensor(float("nan")) if rank == 1 else loss
+
+        before = model.module.weight.detach().clone()
+        _, _, skipped = train_step(model, [(torch.randn(3, 4),)], loss_fn, optimizer, None, "fp32", "cpu", None)
+        results[rank] = (bool(skipped), torch.equal(model.module.weight, before))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_agree_to_skip_a_step_that_one_rank_finds_non_finite(tmp_path):
+    """A non-finite loss on one rank skips the step on every rank, so the replicas never drift apart."""
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_skip_agreement_worker, args=(str(tmp_path / "init"), results), nprocs=2)
+        assert dict(results) == {0: (True, True), 1: (True, True)}
