@@ -178,6 +178,27 @@ def _consolidate_sharded_model(path: Path) -> dict[str, torch.Tensor]:
         return torch.load(whole, map_location="cpu", weights_only=True)["model"]
 
 
+def check_total_batch(state: dict, total_batch: int, path: str | Path, images_per_batch_size: int) -> None:
+    """Refuse to resume with another total batch: the run's step count, schedule and lr are functions of it.
+
+    images_per_batch_size = processes x optim.accum_steps, what one unit of data.batch_size adds to the total.
+    Checkpoints written before the total batch was recorded pass.
+    """
+    saved = state.get("total_batch")
+    if saved is None or saved == total_batch:
+        return
+    keep = (
+        f"data.batch_size={saved // images_per_batch_size}"
+        if saved % images_per_batch_size == 0
+        else "data.batch_size x processes x optim.accum_steps as before"
+    )
+    raise ValueError(
+        f"{path} was trained with a total batch of {saved} images per step, this run has {total_batch} "
+        f"(data.batch_size x processes x optim.accum_steps); the step count and lr follow it. Resume with {keep}, "
+        "or start a new run with run.name=<new name>"
+    )
+
+
 def is_sharded_checkpoint(path: str | Path) -> bool:
     """True for an FSDP checkpoint folder (step_N.dcp)."""
     return Path(path).is_dir()

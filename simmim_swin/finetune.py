@@ -36,6 +36,7 @@ from .checkpoint import (
     CHECKPOINT_DIR,
     SHARDED_META,
     capture_rng_state,
+    check_total_batch,
     find_latest_checkpoint,
     is_sharded_checkpoint,
     load_checkpoint,
@@ -304,6 +305,7 @@ def _finetune(config: FinetuneConfig, device: torch.device, info: DistInfo, stop
         state = _restore(latest, model, ema, optimizer, scaler, config_dict, classes, info, sharded)
         step, best_top1, wandb_run_id = state["step"], state["best_top1"], state.get("wandb_run_id")
         skip_counts = (state.get("skipped_steps", 0), state.get("consecutive_skips", 0))
+        check_total_batch(state, total_batch, latest, info.world_size * accum)
         if info.is_main:
             print(f"resuming {run_dir} from {latest.name} at step {step}", flush=True)
 
@@ -357,6 +359,7 @@ def _finetune(config: FinetuneConfig, device: torch.device, info: DistInfo, stop
             "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": all_gather_objects(capture_rng_state(), info),
             "wandb_run_id": logger.run_id,
+            "total_batch": total_batch,
             # so a resumed run keeps counting (and keeps its allowance of consecutive skips); a sync, at saves only
             "skipped_steps": int(skipped_total),
             "consecutive_skips": int(consecutive_skips),

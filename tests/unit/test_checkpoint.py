@@ -107,3 +107,14 @@ def test_rng_round_trip_through_file(tmp_path: Path) -> None:
     _draw()
     restore_rng_state(load_checkpoint(path)["rng"])  # weights_only=True inside
     assert _draw() == first
+
+
+def test_resuming_with_another_total_batch_is_refused_with_the_batch_to_use() -> None:
+    from simmim_swin.checkpoint import check_total_batch
+
+    check_total_batch({"total_batch": 8}, 8, "ckpt", images_per_batch_size=2)
+    check_total_batch({}, 64, "ckpt", images_per_batch_size=1)  # older checkpoints record none
+    with pytest.raises(ValueError, match=r"total batch of 8 .* this run has 4 .* data.batch_size=8"):
+        check_total_batch({"total_batch": 8}, 4, "ckpt", images_per_batch_size=1)  # 2 processes -> 1
+    with pytest.raises(ValueError, match="as before"):
+        check_total_batch({"total_batch": 6}, 8, "ckpt", images_per_batch_size=4)
