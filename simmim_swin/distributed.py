@@ -198,9 +198,10 @@ class StopSignal:
         flag = torch.tensor([self.received or 0])
         if self._group is not None:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-        if flag.item():
-            self.received = int(flag.item())
-        return bool(flag.item())
+        received = int(flag.item())  # a CPU tensor: no device sync
+        if received:
+            self.received = received
+        return bool(received)
 
     @property
     def name(self) -> str:
