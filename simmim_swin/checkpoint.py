@@ -22,6 +22,8 @@ from typing import IO, Any
 import numpy as np
 import torch
 
+from .distributed import DistInfo, all_gather_objects
+
 CHECKPOINT_DIR = "checkpoints"
 LATEST_POINTER = "latest"
 # step_N.pt: a whole-model checkpoint (one process or DDP); step_N.dcp/: a sharded one (FSDP), a folder written
@@ -197,6 +199,51 @@ def check_total_batch(state: dict, total_batch: int, path: str | Path, images_pe
         f"(data.batch_size x processes x optim.accum_steps); the step count and lr follow it. Resume with {keep}, "
         "or start a new run with run.name=<new name>"
     )
+
+
+def read_resume_meta(path: str | Path) -> dict:
+    """What a resume checks before loading any weights: meta.pt of a step_N.dcp folder, a step_N.pt whole."""
+    path = Path(path)
+    return load_checkpoint(path / SHARDED_META if is_sharded_checkpoint(path) else path)
+
+
+def restore_training_state(
+    path: str | Path, state: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None, rank: int, sharded: bool,
+) -> None:  # fmt: skip
+    """Load the model, optimizer, scaler and this rank's RNG state of checkpoint `path` (meta `state`).
+
+    A step_N.dcp folder loads at any world size, FSDP or not; a whole step_N.pt cannot be loaded into FSDP shards.
+    """
+    if is_sharded_checkpoint(path):
+        load_sharded_checkpoint(path, model, optimizer)
+    elif sharded:
+        raise ValueError(f"{path} is a whole-model checkpoint; resume it with run.parallel=ddp")
+    else:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    rng = state["rng"]
+    # one RNG state per rank; a run resumed on a different number of processes reuses them round-robin
+    restore_rng_state(rng[rank % len(rng)] if isinstance(rng, list) else rng)
+
+
+def save_training_state(
+    run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict,
+    keep_last: int, info: DistInfo, sharded: bool,
+) -> None:  # fmt: skip
+    """The resume checkpoint of step `step`; every rank calls it (the RNG states are gathered from all ranks).
+
+    Under FSDP every rank writes its shards into step_N.dcp/; otherwise rank 0 writes step_N.pt with the unwrapped,
+    uncompiled module's weights (no `module.` or `_orig_mod.` prefixes). `meta` is everything else to keep.
+    """
+    meta = {**meta, "rng": all_gather_objects(capture_rng_state(), info)}
+    if sharded:
+        save_sharded_and_prune(run_dir, step, model, optimizer, meta, keep_last, info.is_main)
+    elif info.is_main:
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **meta}
+        save_and_prune(run_dir, step, state, keep_last=keep_last)
 
 
 def is_sharded_checkpoint(path: str | Path) -> bool:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data.transforms import normalize_images
-from .distributed import DistInfo, all_reduce_sum_
+from .distributed import DistInfo, all_reduce_mean, all_reduce_sum_
 from .precision import autocast_context
 
 
@@ -87,6 +87,46 @@ def train_step(
         step_unless(optimizer, skipped)
     optimizer.zero_grad(set_to_none=True)
     return loss_sum / num_micro, grad_norm, skipped
+
+
+class StepStats:
+    """The loop's running counts, kept on the device so that updating them never waits for it.
+
+    Mean loss of the good steps since the last log, skipped steps in total and in a row. Read them (a sync on
+    CUDA) only when checked: `mean_loss` every log_every steps, `in_a_row` when the divergence check is due.
+    """
+
+    def __init__(self, device: torch.device, skipped_steps: int = 0, consecutive_skips: int = 0) -> None:
+        self.loss_sum = torch.zeros((), device=device)
+        self.steps_since_log = 0
+        self.skipped_since_log = torch.zeros((), dtype=torch.long, device=device)
+        self.skipped_total = torch.tensor(skipped_steps, dtype=torch.long, device=device)
+        self.consecutive_skips = torch.tensor(consecutive_skips, dtype=torch.long, device=device)
+
+    def update(self, loss: torch.Tensor, skipped: torch.Tensor) -> None:
+        """Count one optimizer step (what train_step returned)."""
+        self.skipped_total += skipped
+        self.skipped_since_log += skipped
+        self.consecutive_skips = (self.consecutive_skips + 1) * skipped  # resets on a good step
+        self.loss_sum += torch.where(skipped, 0.0, loss.detach())
+        self.steps_since_log += 1
+
+    def mean_loss(self, info: DistInfo) -> float:
+        """Mean loss over ranks of the good steps since the last call (NaN if all were skipped); starts a new window."""
+        total = all_reduce_mean(self.loss_sum, info).item()  # every rank joins, whatever its count
+        good_steps = self.steps_since_log - int(self.skipped_since_log)
+        self.loss_sum.zero_()
+        self.skipped_since_log.zero_()
+        self.steps_since_log = 0
+        return total / good_steps if good_steps else float("nan")
+
+    def in_a_row(self) -> int:
+        """Optimizer steps skipped in a row up to now (0 after a good step)."""
+        return int(self.consecutive_skips)
+
+    def counts(self) -> dict[str, int]:
+        """What a checkpoint keeps, so a resumed run keeps counting (and keeps its allowance of skips in a row)."""
+        return {"skipped_steps": int(self.skipped_total), "consecutive_skips": self.in_a_row()}
 
 
 def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:

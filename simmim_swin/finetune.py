@@ -15,36 +15,29 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
-import random
 import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
-from timm.utils import ModelEmaV3
+from timm.utils import ModelEmaV3, random_seed
 from torch import nn
 from torch.utils.data import DataLoader
 
 from .checkpoint import (
     CHECKPOINT_DIR,
-    SHARDED_META,
-    capture_rng_state,
     check_total_batch,
     find_latest_checkpoint,
-    is_sharded_checkpoint,
-    load_checkpoint,
-    load_sharded_checkpoint,
-    restore_rng_state,
-    save_and_prune,
+    read_resume_meta,
+    restore_training_state,
     save_checkpoint,
-    save_sharded_and_prune,
+    save_training_state,
 )
 from .config import (
     AugmentConfig,
@@ -63,13 +56,11 @@ from .distributed import (
     DistInfo,
     Preempted,
     StopSignal,
-    all_gather_objects,
-    all_reduce_mean,
     full_model_state_dict,
     process_group,
     wrap_model,
 )
-from .engine import TrainingDiverged, evaluate_classifier, train_step
+from .engine import StepStats, TrainingDiverged, evaluate_classifier, train_step
 from .optim import NO_WEIGHT_DECAY_PATTERNS, build_scheduler, scaled_lrs
 from .precision import build_grad_scaler, resolve_device, resolve_precision
 from .tracking import MetricsLogger, ProgressPrinter, lr_metrics
@@ -214,37 +205,10 @@ def _check_resumable(saved: dict[str, Any], state: dict[str, Any], config: dict[
         )
 
 
-def _restore(
-    latest: Path, model: nn.Module, ema: ModelEmaV3 | None, optimizer, scaler, config_dict: dict[str, Any],
-    classes: list[str], info: DistInfo, sharded: bool,
-) -> dict[str, Any]:  # fmt: skip
-    """Load a checkpoint (step_N.pt, or an FSDP step_N.dcp folder at any world size) into this run; its metadata."""
-    from_shards = is_sharded_checkpoint(latest)
-    state = load_checkpoint(latest / SHARDED_META if from_shards else latest)
-    _check_resumable(state["config"], state, config_dict, classes)
-    if from_shards:
-        load_sharded_checkpoint(latest, model, optimizer)
-    elif sharded:
-        raise ConfigError(f"{latest} is a whole-model checkpoint; resume it with run.parallel=ddp")
-    else:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+def _restore_ema(ema: ModelEmaV3 | None, model: nn.Module, state: dict[str, Any]) -> None:
+    """The EMA weights of a checkpoint; one without them (EMA switched on at resume) starts at the loaded weights."""
     if ema is not None:
-        # a checkpoint without EMA weights (EMA switched on at resume) starts the average at the loaded weights
         ema.module.load_state_dict(state["ema"]) if state.get("ema") else ema.set(model)
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    rng = state["rng"]
-    # one RNG state per rank; a run resumed on a different number of processes reuses them round-robin
-    restore_rng_state(rng[info.rank % len(rng)] if isinstance(rng, list) else rng)
-    return state
-
-
-def seed_process(seed: int, rank: int) -> None:
-    """Seed torch, numpy and random with seed + rank: reproducible, and each rank draws its own drop path / mixup."""
-    torch.manual_seed(seed + rank)
-    np.random.seed(seed + rank)  # timm's Mixup draws lambda and the cutmix box from numpy's global RNG
-    random.seed(seed + rank)
 
 
 def run_finetune(config: FinetuneConfig) -> Path:
@@ -277,7 +241,7 @@ def _finetune(config: FinetuneConfig, device: torch.device, info: DistInfo, stop
             print(f"re-initialised {len(reinitialised)} CPB MLPs (ablation)", flush=True)
     model.to(device)
     ema = ModelEmaV3(model, decay=config.train.ema_decay) if config.train.ema else None  # a plain copy, unwrapped
-    seed_process(config.run.seed, info.rank)
+    random_seed(config.run.seed, info.rank)  # each rank its own drop path and mixup draws (numpy's global RNG)
 
     micro_batch, accum = config.data.batch_size, config.optim.accum_steps
     # each rank takes every world_size-th image of one shuffled order: the per-rank share sets the epoch length
@@ -300,12 +264,14 @@ def _finetune(config: FinetuneConfig, device: torch.device, info: DistInfo, stop
     stop_step = min(total_steps, config.run.max_steps) if config.run.max_steps is not None else total_steps
     config_dict = to_dict(config)
 
-    step, best_top1, wandb_run_id, skip_counts = 0, -1.0, None, (0, 0)
+    step, best_top1, wandb_run_id, state = 0, -1.0, None, {}
     if latest is not None:
-        state = _restore(latest, model, ema, optimizer, scaler, config_dict, classes, info, sharded)
-        step, best_top1, wandb_run_id = state["step"], state["best_top1"], state.get("wandb_run_id")
-        skip_counts = (state.get("skipped_steps", 0), state.get("consecutive_skips", 0))
+        state = read_resume_meta(latest)
+        _check_resumable(state["config"], state, config_dict, classes)
         check_total_batch(state, total_batch, latest, info.world_size * accum)
+        restore_training_state(latest, state, model, optimizer, scaler, info.rank, sharded)
+        _restore_ema(ema, model, state)
+        step, best_top1, wandb_run_id = state["step"], state["best_top1"], state.get("wandb_run_id")
         if info.is_main:
             print(f"resuming {run_dir} from {latest.name} at step {step}", flush=True)
 
@@ -352,24 +318,15 @@ def _finetune(config: FinetuneConfig, device: torch.device, info: DistInfo, stop
         }
 
     def save(step: int) -> None:
-        # every rank's RNG state, so a resumed run continues each rank's random stream
         meta = {
             **checkpoint_meta(step),
             "ema": ema.module.state_dict() if ema is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
-            "rng": all_gather_objects(capture_rng_state(), info),
             "wandb_run_id": logger.run_id,
             "total_batch": total_batch,
-            # so a resumed run keeps counting (and keeps its allowance of consecutive skips); a sync, at saves only
-            "skipped_steps": int(skipped_total),
-            "consecutive_skips": int(consecutive_skips),
+            **stats.counts(),
         }
-        if sharded:
-            save_sharded_and_prune(run_dir, step, model, optimizer, meta, config.run.keep_last, info.is_main)
-        elif info.is_main:
-            # the unwrapped, uncompiled module: no `module.` or `_orig_mod.` prefixes
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **meta}
-            save_and_prune(run_dir, step, state, keep_last=config.run.keep_last)
+        save_training_state(run_dir, step, model, optimizer, meta, config.run.keep_last, info, sharded)
 
     def save_best(step: int) -> None:
         weights = full_model_state_dict(model, sharded)  # every rank joins the gather under FSDP
@@ -403,11 +360,8 @@ def _finetune(config: FinetuneConfig, device: torch.device, info: DistInfo, stop
             logger.log_summary({"final_val_top1": metrics["val_top1"], "final_val_top5": metrics["val_top5"]})
 
     step_model = torch.compile(wrapped) if config.run.compile else wrapped  # checkpoints save `model`: no _orig_mod.
-    # device-side counters: read on the host only when checked (every step on the CPU, where a read is free)
-    loss_sum, logged_steps = torch.zeros((), device=device), 0
-    skipped_since_log = torch.zeros((), dtype=torch.long, device=device)
-    skipped_total = torch.tensor(skip_counts[0], dtype=torch.long, device=device)
-    consecutive_skips = torch.tensor(skip_counts[1], dtype=torch.long, device=device)
+    stats = StepStats(device, state.get("skipped_steps", 0), state.get("consecutive_skips", 0))
+    # the divergence check reads a device counter: every step on the CPU, where a read is free
     check_every = 1 if device.type == "cpu" else config.logger.log_every
     last_log_time, images_since_log = time.perf_counter(), 0
     model.train()
@@ -435,41 +389,31 @@ def _finetune(config: FinetuneConfig, device: torch.device, info: DistInfo, stop
                 step += 1
                 if ema is not None:
                     ema.update(model, step=step)
-                skipped_total += skipped
-                skipped_since_log += skipped
-                consecutive_skips = (consecutive_skips + 1) * skipped  # resets on a good step
-                loss_sum += torch.where(skipped, 0.0, loss.detach())
-                logged_steps += 1
+                stats.update(loss, skipped)
                 images_since_log += total_batch
-                num_skipped_in_a_row = int(consecutive_skips) if step % check_every == 0 else 0
+                num_skipped_in_a_row = stats.in_a_row() if step % check_every == 0 else 0
 
                 if step % config.logger.log_every == 0 or step == stop_step:
-                    now = time.perf_counter()  # .item() below syncs the device: only here, every log_every steps
-                    good_steps = logged_steps - int(skipped_since_log)
-                    mean_loss = all_reduce_mean(loss_sum, info).item() / good_steps if good_steps else float("nan")
+                    now = time.perf_counter()  # mean_loss syncs the device: only here, every log_every steps
                     metrics = {
-                        "loss": mean_loss,
+                        "loss": stats.mean_loss(info),
                         **lr_metrics(optimizer),  # lr: the largest (the head's, lr_scale 1); lr/groupN per layer group
                         "grad_norm": float(grad_norm),
                         "images_per_sec": images_since_log / max(now - last_log_time, 1e-9),
                         "epoch": step / steps_per_epoch,
-                        "skipped_steps": int(skipped_total),
+                        "skipped_steps": int(stats.skipped_total),
                     }
                     logger.log(step, metrics)
                     if info.is_main:
                         progress.update(step, {k: v for k, v in metrics.items() if not k.startswith("lr/")})
-                    loss_sum.zero_()
-                    skipped_since_log.zero_()
-                    logged_steps, images_since_log, last_log_time = 0, 0, now
+                    images_since_log, last_log_time = 0, now
                 if num_skipped_in_a_row >= config.run.max_consecutive_skips:
                     raise TrainingDiverged(num_skipped_in_a_row, step, run_dir / CHECKPOINT_DIR)
                 epoch_done = step % steps_per_epoch == 0
                 if (epoch_done and (step // steps_per_epoch) % config.train.eval_every == 0) or step == stop_step:
                     evaluate(step, final=step == total_steps)
                 # a skipped step is not saved on schedule: the last good checkpoint stays the newest
-                saved = (step % config.run.save_every == 0 or epoch_done or step == stop_step) and (
-                    int(consecutive_skips) == 0
-                )
+                saved = (step % config.run.save_every == 0 or epoch_done or step == stop_step) and stats.in_a_row() == 0
                 if saved:
                     save(step)
                 if stop.should_stop():

@@ -10,15 +10,11 @@ import yaml
 
 from .checkpoint import (
     CHECKPOINT_DIR,
-    capture_rng_state,
     check_total_batch,
     find_latest_checkpoint,
-    is_sharded_checkpoint,
-    load_checkpoint,
-    load_sharded_checkpoint,
-    restore_rng_state,
-    save_and_prune,
-    save_sharded_and_prune,
+    read_resume_meta,
+    restore_training_state,
+    save_training_state,
 )
 from .config import ConfigError, PretrainConfig, check_run_config, to_dict
 from .data import DATA_SOURCES, build_pretrain_data, make_fixed_batch, normalize_images
@@ -26,12 +22,11 @@ from .distributed import (
     DistInfo,
     Preempted,
     StopSignal,
-    all_gather_objects,
     all_reduce_mean,
     process_group,
     wrap_model,
 )
-from .engine import TrainingDiverged, evaluate_reconstruction, simmim_loss, train_step
+from .engine import StepStats, TrainingDiverged, evaluate_reconstruction, simmim_loss, train_step
 from .masking import MaskGenerator
 from .models import SimMIM, build_simmim
 from .optim import build_optimizer, build_scheduler, scaled_lrs
@@ -132,25 +127,6 @@ def write_panel(
     return save_reconstruction_panel(path, images, masks, reconstruction, patch_size=model.patch_size)
 
 
-def _restore(latest: Path, model: SimMIM, optimizer, scaler, config: PretrainConfig, info: DistInfo) -> dict:
-    """Load a checkpoint (whole-model .pt or FSDP folder) into this run; returns its metadata."""
-    if is_sharded_checkpoint(latest):
-        state = load_sharded_checkpoint(latest, model, optimizer)
-    else:
-        if config.run.parallel == "fsdp" and info.distributed:
-            raise ConfigError(f"{latest} is a whole-model checkpoint; resume it with run.parallel=ddp")
-        state = load_checkpoint(latest)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-    _check_resumable(state["config"], config, latest)
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    rng = state["rng"]
-    # one RNG state per rank; a run resumed on a different number of processes reuses them round-robin
-    restore_rng_state(rng[info.rank % len(rng)] if isinstance(rng, list) else rng)
-    return state
-
-
 def run_pretrain(config: PretrainConfig) -> Path:
     """Train SimMIM as configured; resumes from the latest checkpoint in the run directory. Returns the run dir.
 
@@ -195,13 +171,14 @@ def _train(
     total_steps = config.schedule.epochs * steps_per_epoch
     stop_step = min(total_steps, config.run.max_steps) if config.run.max_steps is not None else total_steps
 
-    step, wandb_run_id, skip_counts = 0, None, (0, 0)
+    step, wandb_run_id, state = 0, None, {}
     latest = find_latest_checkpoint(run_dir)
     if latest is not None:
-        state = _restore(latest, model, optimizer, scaler, config, info)
-        step, wandb_run_id = state["step"], state.get("wandb_run_id")
-        skip_counts = (state.get("skipped_steps", 0), state.get("consecutive_skips", 0))
+        state = read_resume_meta(latest)
+        _check_resumable(state["config"], config, latest)
         check_total_batch(state, total_batch, latest, info.world_size * accum)
+        restore_training_state(latest, state, model, optimizer, scaler, info.rank, sharded)
+        step, wandb_run_id = state["step"], state.get("wandb_run_id")
         if info.is_main:
             print(f"resuming {run_dir} from {latest.name} at step {step}", flush=True)
 
@@ -228,25 +205,16 @@ def _train(
         )
 
     def save(step: int) -> None:
-        # every rank's RNG state, so a resumed run continues each rank's random stream
         meta = {
             "step": step,
             "config": config_dict,
             "stage_window_sizes": model.encoder.stage_window_sizes,
             "scaler": scaler.state_dict() if scaler is not None else None,
-            "rng": all_gather_objects(capture_rng_state(), info),
             "wandb_run_id": logger.run_id,
             "total_batch": total_batch,
-            # so a resumed run keeps counting (and keeps its allowance of consecutive skips); a sync, at saves only
-            "skipped_steps": int(skipped_total),
-            "consecutive_skips": int(consecutive_skips),
+            **stats.counts(),
         }
-        if sharded:
-            save_sharded_and_prune(run_dir, step, model, optimizer, meta, config.run.keep_last, info.is_main)
-        elif info.is_main:
-            # the unwrapped, uncompiled module: no `module.` or `_orig_mod.` prefixes
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **meta}
-            save_and_prune(run_dir, step, state, keep_last=config.run.keep_last)
+        save_training_state(run_dir, step, model, optimizer, meta, config.run.keep_last, info, sharded)
 
     def save_images(step: int) -> Path | None:
         # under FSDP every rank runs the forward (each holds a shard); rank 0 alone writes
@@ -261,11 +229,8 @@ def _train(
         logger.log_images(step, images)
         return panel
 
-    # device-side counters: read on the host only when checked (every step on the CPU, where a read is free)
-    loss_sum, logged_steps = torch.zeros((), device=device), 0
-    skipped_since_log = torch.zeros((), dtype=torch.long, device=device)
-    skipped_total = torch.tensor(skip_counts[0], dtype=torch.long, device=device)
-    consecutive_skips = torch.tensor(skip_counts[1], dtype=torch.long, device=device)
+    stats = StepStats(device, state.get("skipped_steps", 0), state.get("consecutive_skips", 0))
+    # the divergence check reads a device counter: every step on the CPU, where a read is free
     check_every = 1 if device.type == "cpu" else config.logger.log_every
     panel_path, last_loss = None, float("nan")
     timer = StepTimer()
@@ -280,17 +245,11 @@ def _train(
             step_model, micro_batches, simmim_loss_uint8, optimizer, scaler, precision, device, config.optim.clip_grad
         )
         step += 1
-        skipped_total += skipped
-        skipped_since_log += skipped
-        consecutive_skips = (consecutive_skips + 1) * skipped  # resets on a good step
-        loss_sum += torch.where(skipped, 0.0, loss.detach())
-        logged_steps += 1
-        num_skipped_in_a_row = int(consecutive_skips) if step % check_every == 0 else 0
+        stats.update(loss, skipped)
+        num_skipped_in_a_row = stats.in_a_row() if step % check_every == 0 else 0
 
         if step % config.logger.log_every == 0 or step == stop_step:
-            # .item() syncs the device: only here, every log_every steps
-            good_steps = logged_steps - int(skipped_since_log)
-            last_loss = all_reduce_mean(loss_sum, info).item() / good_steps if good_steps else float("nan")
+            last_loss = stats.mean_loss(info)  # syncs the device: only here, every log_every steps
             bad = torch.tensor(float(data.monitor.num_bad), device=device)  # NCCL reduces device tensors only
             metrics = {
                 "loss": last_loss,
@@ -299,7 +258,7 @@ def _train(
                 **timer.pop(images_per_step=total_batch, world_size=info.world_size),
                 **system_metrics(device),
                 "epoch": step / steps_per_epoch,
-                "skipped_steps": int(skipped_total),
+                "skipped_steps": int(stats.skipped_total),
                 "bad_samples": int(all_reduce_mean(bad, info).item() * info.world_size),
             }
             if data.val_batches and (step % config.logger.val_every == 0 or step == stop_step):
@@ -309,9 +268,6 @@ def _train(
             logger.log(step, metrics)
             if info.is_main:
                 progress.update(step, metrics)
-            loss_sum.zero_()
-            skipped_since_log.zero_()
-            logged_steps = 0
         elif data.val_batches and step % config.logger.val_every == 0:
             with timer.exclude():
                 val_loss = evaluate_reconstruction(model, data.val_batches, precision, device)
@@ -326,7 +282,7 @@ def _train(
             with timer.exclude():
                 panel_path = save_images(step)
         # a skipped step is not saved on schedule: the last good checkpoint stays the newest
-        saved = (step % config.run.save_every == 0 or step == stop_step) and int(consecutive_skips) == 0
+        saved = (step % config.run.save_every == 0 or step == stop_step) and stats.in_a_row() == 0
         if saved:
             with timer.exclude():
                 save(step)
