@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from e2e_helpers import cli_command, final_weights, max_weight_diff, run_cli, wait_for
 
 from simmim_swin.checkpoint import find_latest_checkpoint, load_checkpoint
 
@@ -39,38 +38,11 @@ BASE = [
 
 def command(tmp_path: Path, name: str, *overrides: str, nproc: int = 1) -> list[str]:
     """The pretraining command line, under torchrun when nproc > 1."""
-    args = ["-m", "simmim_swin.cli.pretrain", f"run.output_dir={tmp_path}", f"run.name={name}", *BASE, *overrides]
-    if nproc > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    return [sys.executable, *args]
+    return cli_command(tmp_path, "pretrain", f"run.name={name}", *BASE, *overrides, nproc=nproc)
 
 
 def run(tmp_path: Path, name: str, *overrides: str, nproc: int = 1) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        command(tmp_path, name, *overrides, nproc=nproc), capture_output=True, text=True, timeout=600, cwd=tmp_path
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return result
-
-
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(find_latest_checkpoint(run_dir))["model"]
-
-
-def max_weight_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-
-
-def wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended early:\n{proc.stdout.read()[-3000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError("timed out waiting for the run")
-        time.sleep(0.2)
+    return run_cli(tmp_path, "pretrain", f"run.name={name}", *BASE, *overrides, nproc=nproc)
 
 
 def test_two_processes_match_one_process(tmp_path):

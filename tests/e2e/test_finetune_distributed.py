@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from e2e_helpers import cli_command, max_weight_diff, run_cli, wait_for
 from PIL import Image
 
 from simmim_swin.checkpoint import find_latest_checkpoint, load_checkpoint
@@ -55,21 +54,6 @@ def images(tmp_path: Path) -> Path:
     return root
 
 
-def command(tmp_path: Path, module: str, *args: str, nproc: int = 1) -> list[str]:
-    args = ["-m", f"simmim_swin.cli.{module}", f"run.output_dir={tmp_path}", *args]
-    if nproc > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    return [sys.executable, *args]
-
-
-def run(tmp_path: Path, module: str, *args: str, nproc: int = 1) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        command(tmp_path, module, *args, nproc=nproc), capture_output=True, text=True, timeout=600, cwd=tmp_path
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return result
-
-
 def finetune_args(images: Path, name: str, *overrides: str) -> list[str]:
     return [*FINETUNE, f"data.root={images}", f"run.name={name}", *overrides]
 
@@ -78,16 +62,11 @@ def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def max_weight_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-
-
 def test_two_processes_fine_tune_like_one(tmp_path, images):
     """DDP with half the batch per rank ends with the weights of one process; the sharded evaluation (5 images
     over 2 ranks, one padded) reports exactly the single-process numbers; rank 0 alone writes."""
-    run(tmp_path, "finetune", *finetune_args(images, "one", "data.batch_size=8"))
-    two = run(tmp_path, "finetune", *finetune_args(images, "two", "data.batch_size=4"), nproc=2)
+    run_cli(tmp_path, "finetune", *finetune_args(images, "one", "data.batch_size=8"))
+    two = run_cli(tmp_path, "finetune", *finetune_args(images, "two", "data.batch_size=4"), nproc=2)
     assert "on 2 x cpu (fp32, ddp)" in two.stdout and "total batch 8" in two.stdout
 
     one_weights = load_checkpoint(find_latest_checkpoint(tmp_path / "one"))["model"]
@@ -109,7 +88,7 @@ def test_two_processes_fine_tune_like_one(tmp_path, images):
 def test_fsdp_fine_tune_from_fsdp_pretraining_resumes_and_evaluates_in_one_process(tmp_path, images):
     """FSDP end to end: a sharded pretraining checkpoint is read as pretrained weights, the FSDP fine-tune writes
     sharded resume checkpoints and a whole best.pt, one process resumes it, and evaluate= reads a shard folder."""
-    run(
+    run_cli(
         tmp_path,
         "pretrain",
         "model.arch=pico",
@@ -132,7 +111,7 @@ def test_fsdp_fine_tune_from_fsdp_pretraining_resumes_and_evaluates_in_one_proce
 
     larger = ["model.img_size=64", "model.window_size=8", f"pretrained={tmp_path / 'pre'}"]
     args = finetune_args(images, "ft", *larger, "data.batch_size=4", "run.parallel=fsdp", "run.max_steps=3")
-    fsdp = run(tmp_path, "finetune", *args, nproc=2)
+    fsdp = run_cli(tmp_path, "finetune", *args, nproc=2)
     assert "on 2 x cpu (fp32, fsdp)" in fsdp.stdout
     assert "windows [8, 8, 4], CPB normalised by [4, 4, 2]" in fsdp.stdout
     checkpoints = tmp_path / "ft" / "checkpoints"
@@ -145,13 +124,13 @@ def test_fsdp_fine_tune_from_fsdp_pretraining_resumes_and_evaluates_in_one_proce
     logged = [r for r in records(tmp_path / "ft") if "val_top1" in r][-1]
     assert logged["step"] == 3
     evaluate = ["data.num_workers=0", f"data.root={images}", f"evaluate={checkpoints / 'step_00000003.dcp'}"]
-    run(tmp_path, "finetune", *evaluate, "run.device=cpu", "run.name=eval")
+    run_cli(tmp_path, "finetune", *evaluate, "run.device=cpu", "run.name=eval")
     result = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     assert result["num_images"] == 5 and result["top1"] == logged["val_top1"]
     assert result["loss"] == pytest.approx(logged["val_loss"], rel=1e-5)
 
     # the same run continued by one process without FSDP picks up the sharded model and optimizer
-    resumed = run(tmp_path, "finetune", *finetune_args(images, "ft", *larger, "data.batch_size=8"))
+    resumed = run_cli(tmp_path, "finetune", *finetune_args(images, "ft", *larger, "data.batch_size=8"))
     assert "resuming" in resumed.stdout and "at step 3" in resumed.stdout
     assert load_checkpoint(find_latest_checkpoint(tmp_path / "ft"))["step"] == 4
 
@@ -161,15 +140,11 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_with_a_checkpoint(tmp_
     args = finetune_args(images, "preempted", "data.batch_size=4", "schedule.epochs=5000", "run.save_every=100000")
     args += ["train.eval_every=100000"]
     proc = subprocess.Popen(
-        command(tmp_path, "finetune", *args, nproc=2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cli_command(tmp_path, "finetune", *args, nproc=2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     metrics = tmp_path / "preempted" / "metrics.jsonl"
     try:
-        deadline = time.monotonic() + 300
-        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            assert time.monotonic() < deadline, "timed out waiting for the run"
-            time.sleep(0.2)
+        wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, 300, proc)
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=120)
     finally:
@@ -181,7 +156,7 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_with_a_checkpoint(tmp_
     assert len(state["rng"]) == 2  # both ranks' RNG states, for an exact continuation
 
 
-def test_non_finite_fine_tune_steps_are_skipped_then_stop_the_run(tmp_path, images, monkeypatch):
+def test_non_finite_fine_tune_steps_are_skipped_then_stop_the_run_cli(tmp_path, images, monkeypatch):
     """A NaN loss skips its step (counted, not saved); max_consecutive_skips in a row stop the run and the last good
     checkpoint stays the newest. (That a skipped step changes no weight is test_optim's
     test_non_finite_step_changes_nothing.)"""
