@@ -44,11 +44,12 @@ from baselines import VARIANTS, build_reference, build_variant, encoder_fn, skip
 from flops import default_peak_tflops, environment, flops_at_batch, mfu, profile_steps, state_bytes, time_calls
 
 from simmim_swin.config import OptimConfig
-from simmim_swin.engine import simmim_loss, train_step
+from simmim_swin.engine import train_step
 from simmim_swin.masking import MaskGenerator
 from simmim_swin.models import SWINV2_SIZES, SimMIM
 from simmim_swin.optim import build_optimizer
 from simmim_swin.precision import autocast_context, resolve_device, resolve_precision
+from simmim_swin.pretrain import masked_pixel_loss
 
 PHASES = ("step", "fwd", "fwdbwd")
 CLIP_GRAD = 5.0  # the SwinV2 recipe's clipping: part of the step's cost
@@ -68,7 +69,7 @@ def phase_fns(model, encode, optimizer, inputs, precision: str, device: torch.de
     """One call per phase; `model` and `encode` may be compiled, `optimizer` holds the uncompiled parameters."""
 
     def step() -> None:
-        train_step(model, [inputs], simmim_loss, optimizer, None, precision, device, CLIP_GRAD)
+        train_step(model, [inputs], masked_pixel_loss, optimizer, None, precision, device, CLIP_GRAD)
 
     def fwd() -> None:
         with torch.no_grad(), autocast_context(precision, device):

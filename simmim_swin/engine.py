@@ -1,4 +1,5 @@
-"""One optimizer step, written out in order (STYLE.md rule 4); pretraining and fine-tuning share it."""
+"""One optimizer step, written out in order (accumulate, unscale, clip, step, update, zero), and the evaluations;
+pretraining and fine-tuning share them."""
 
 from __future__ import annotations
 
@@ -26,13 +27,6 @@ class TrainingDiverged(RuntimeError):
             f"were skipped; stopping. The last good checkpoint is kept in {checkpoint_dir}. Lower optim.base_lr, "
             "keep optim.clip_grad on, or use run.precision=bf16 instead of fp16."
         )
-
-
-def simmim_loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """SimMIM's masked-pixel loss for a batch of (images, masks) already on the device."""
-    images, masks = batch[0], batch[1]
-    loss, _ = model(images, masks)
-    return loss
 
 
 def train_step(

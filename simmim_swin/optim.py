@@ -1,49 +1,20 @@
-"""AdamW with the SimMIM weight-decay exclusions, linear lr scaling with the batch, and per-step lr schedules.
+"""AdamW through timm's factory, linear lr scaling with the batch, and per-step lr schedules.
 
-Step convention used by `build_scheduler` and `lr_at_step`: `step` counts optimizer updates already done, so
-update number `step` (0-indexed) runs with `lr_at_step(scheduler, step)`. The loop calls
-`scheduler.step_update(step)` before that update (or, equivalently, `scheduler.step_update(step + 1)` after it).
+Step convention of `build_scheduler`: `step` counts optimizer updates already done. The loop calls
+`scheduler.step_update(step)` before update number `step` (0-indexed), so the lr is a function of the step.
 """
 
 from __future__ import annotations
 
 import torch
-from timm.optim import param_groups_weight_decay
+from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
 from timm.scheduler.scheduler import Scheduler
 from torch import nn
 
 from simmim_swin.config import OptimConfig, ScheduleConfig
 
-# fnmatch patterns over full parameter names (timm matches `no_weight_decay_list` with fnmatch, so bare module
-# names such as timm's own swinv2 `no_weight_decay()` set never match a full name). The leading `*` also covers
-# the `encoder.` prefix of SimMIM and the `module.` prefix of DDP. Biases and every other 1-D parameter
-# (norms, q_bias, v_bias) are excluded by timm's 1-D rule; these are the >= 2-D ones SPEC section 2 excludes:
-# absolute_pos_embed (1, L, C), mask_token (1, 1, C), the cpb_mlp weights (2-D) and logit_scale (heads, 1, 1).
-# The reference code means to exclude cpb_mlp and logit_scale but decays them through a name-prefix slip;
-# we exclude them as SPEC.md asks.
-NO_WEIGHT_DECAY_PATTERNS: tuple[str, ...] = (
-    "*absolute_pos_embed",
-    "*mask_token",
-    "*cpb_mlp.*",
-    "*logit_scale",
-)
-
 SCHEDULE_KINDS = ("cosine", "multistep")
-
-
-def param_groups(
-    model: nn.Module,
-    weight_decay: float,
-    no_weight_decay_patterns: tuple[str, ...] | list[str] = NO_WEIGHT_DECAY_PATTERNS,
-) -> list[dict]:
-    """Two AdamW parameter groups: weight decay for >= 2-D weights, none for 1-D params and the excluded names.
-
-    Parameters with requires_grad=False are left out.
-    """
-    return param_groups_weight_decay(
-        model, weight_decay=weight_decay, no_weight_decay_list=tuple(no_weight_decay_patterns)
-    )
 
 
 def scaled_lrs(optim_cfg: OptimConfig, total_batch: int) -> tuple[float, float, float]:
@@ -56,24 +27,32 @@ def scaled_lrs(optim_cfg: OptimConfig, total_batch: int) -> tuple[float, float, 
     return optim_cfg.base_lr * scale, optim_cfg.warmup_lr * scale, optim_cfg.min_lr * scale
 
 
-def build_optimizer(model: nn.Module, optim_cfg: OptimConfig, lr: float) -> torch.optim.AdamW:
-    """AdamW over `param_groups(model)`, with the fused kernel unless optim_cfg.fused is False."""
+def build_optimizer(
+    model: nn.Module, optim_cfg: OptimConfig, lr: float, layer_decay: float | None = None
+) -> torch.optim.Optimizer:
+    """AdamW through timm's optimizer factory, for pretraining (layer_decay None) and fine-tuning alike.
+
+    The parameter groups come from the model's own hooks, as for any timm model: `no_weight_decay()` names the
+    parameters without weight decay (besides every 1-D one) and `group_matcher()` gives each parameter its layer
+    id, from which layer_decay sets a per-group `lr_scale` (decay^(num_layers - 1 - id)) that timm's schedulers
+    apply. The fused kernel is the default: the training step relies on it to skip a non-finite step on the
+    device without a host sync (engine.step_unless).
+    """
     if len(optim_cfg.betas) != 2:
         raise ValueError(f"optim.betas must have two values (beta1, beta2), got {optim_cfg.betas}")
-    groups = param_groups(model, optim_cfg.weight_decay)
-    params = [p for group in groups for p in group["params"]]
-    if not params:
+    if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
+        raise ValueError(f"train.layer_decay={layer_decay} must lie in (0, 1]; 1.0 turns layer decay off")
+    if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
-    # the fused kernel runs on CUDA and on the CPU; the training step also relies on it to skip a non-finite
-    # step on the device (engine.step_unless), so it is the default
-    fused = True if optim_cfg.fused is None else optim_cfg.fused
-    return torch.optim.AdamW(
-        groups,
+    return create_optimizer_v2(
+        model,
+        opt="adamw",
         lr=lr,
+        weight_decay=optim_cfg.weight_decay,
+        layer_decay=layer_decay,
         betas=(optim_cfg.betas[0], optim_cfg.betas[1]),
         eps=optim_cfg.eps,
-        weight_decay=optim_cfg.weight_decay,
-        fused=fused,
+        fused=optim_cfg.fused is not False,
     )
 
 
@@ -152,11 +131,3 @@ def build_scheduler(
         warmup_prefix=False,
         t_in_epochs=False,
     )
-
-
-def lr_at_step(scheduler: Scheduler, step: int) -> float:
-    """The lr of the first param group for optimizer update `step`, computed without touching the optimizer."""
-    # timm has no public pure accessor: `_get_lr` is the schedule function `step_update` applies (no noise is
-    # configured here); `lr_scale` is what timm's `update_groups` multiplies in per group.
-    lr = scheduler._get_lr(step)[0]
-    return lr * scheduler.optimizer.param_groups[0].get("lr_scale", 1.0)

@@ -3,36 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
-import yaml
+from torch import nn
 
-from .checkpoint import (
-    CHECKPOINT_DIR,
-    check_total_batch,
-    find_latest_checkpoint,
-    read_resume_meta,
-    restore_training_state,
-    save_training_state,
-)
 from .config import ConfigError, PretrainConfig, check_run_config, to_dict
-from .data import DATA_SOURCES, build_pretrain_data, make_fixed_batch, normalize_images
-from .distributed import (
-    DistInfo,
-    Preempted,
-    StopSignal,
-    all_reduce_mean,
-    process_group,
-    wrap_model,
-)
-from .engine import StepStats, TrainingDiverged, evaluate_reconstruction, simmim_loss, train_step
+from .data import DATA_SOURCES, PretrainData, build_pretrain_data, make_fixed_batch, normalize_images
+from .distributed import DistInfo, StopSignal, all_reduce_mean, process_group, wrap_model
+from .engine import evaluate_reconstruction, train_step
 from .masking import MaskGenerator
 from .models import SimMIM, build_simmim
 from .optim import build_optimizer, build_scheduler, scaled_lrs
 from .panel import save_reconstruction_panel
 from .precision import autocast_context, build_grad_scaler, resolve_device, resolve_precision
-from .tracking import MetricsLogger, ProgressPrinter, StepTimer, lr_metrics, system_metrics
+from .run import TrainingRun, check_same_settings
 from .viz import make_position_bias_maps, save_position_bias_figure
 
 # parts of the config that must match a checkpoint for it to be resumed into this run
@@ -91,24 +75,6 @@ def _validate_data(config: PretrainConfig) -> None:
         raise ConfigError(f"logger.val_every={config.logger.val_every} must be >= 1")
 
 
-def simmim_loss_uint8(model: SimMIM, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """simmim_loss on a batch whose images are still uint8: normalised here, on the device."""
-    return simmim_loss(model, (normalize_images(batch[0]), *batch[1:]))
-
-
-def _check_resumable(saved: dict[str, Any], config: PretrainConfig, path: Path) -> None:
-    current = to_dict(config)
-    for section in RESUME_MUST_MATCH:
-        old, new = saved.get(section, {}), current[section]
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        if changed:
-            diffs = ", ".join(f"{section}.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
-            raise ConfigError(
-                f"{path} was written by a run with different settings ({diffs}); resume with the same settings "
-                "or start a new run with run.name=<new name>"
-            )
-
-
 @torch.no_grad()
 def write_panel(
     model: SimMIM, batch: tuple[torch.Tensor, torch.Tensor], path: Path, precision: str, write: bool = True
@@ -127,177 +93,118 @@ def write_panel(
     return save_reconstruction_panel(path, images, masks, reconstruction, patch_size=model.patch_size)
 
 
+def masked_pixel_loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """SimMIM's loss on a batch of (uint8 images, masks) on the device: the images are normalised here."""
+    images, masks = batch[0], batch[1]
+    loss, _ = model(normalize_images(images), masks)
+    return loss
+
+
 def run_pretrain(config: PretrainConfig) -> Path:
     """Train SimMIM as configured; resumes from the latest checkpoint in the run directory. Returns the run dir.
 
-    Raises Preempted after saving when SIGTERM arrives, and TrainingDiverged after run.max_consecutive_skips
-    non-finite steps in a row.
+    Raises Preempted after saving when a stop signal arrives, and TrainingDiverged after
+    run.max_consecutive_skips non-finite steps in a row.
     """
     mask_generator = validate_config(config)
-    with process_group(resolve_device(config.run.device)) as (device, info, stop_signal):
-        return _train(config, mask_generator, device, info, stop_signal)
+    with process_group(resolve_device(config.run.device)) as (device, info, stop):
+        return _train(config, mask_generator, device, info, stop)
 
 
 def _train(
     config: PretrainConfig, mask_generator: MaskGenerator, device: torch.device, info: DistInfo, stop: StopSignal
 ) -> Path:
     precision = resolve_precision(config.run.precision, device)
-    run_dir = Path(config.run.output_dir) / config.run.name
-    run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.run.seed)  # the same initial weights on every rank
-
     model = build_simmim(config.model, config.mask).to(device)
-    micro_batch, accum = config.data.batch_size, config.optim.accum_steps
     data = build_pretrain_data(
-        config.data,
-        config.model.img_size,
-        mask_generator,
-        seed=config.run.seed,
-        accum_steps=accum,
-        rank=info.rank,
-        world_size=info.world_size,
-        pin_memory=config.data.pin_memory and device.type == "cuda",
-        num_panel_images=config.logger.num_images,
-    )
-    steps_per_epoch = data.steps_per_epoch
-    total_batch = micro_batch * accum * info.world_size
+        config.data, config.model.img_size, mask_generator, seed=config.run.seed,
+        accum_steps=config.optim.accum_steps, rank=info.rank, world_size=info.world_size,
+        pin_memory=config.data.pin_memory and device.type == "cuda", num_panel_images=config.logger.num_images,
+    )  # fmt: skip
+    total_batch = config.data.batch_size * config.optim.accum_steps * info.world_size
     lr, warmup_lr, min_lr = scaled_lrs(config.optim, total_batch)
-    # FSDP shards the parameters in place, so it comes before the optimizer is built over them
-    wrapped = wrap_model(model, info, device, config.run.parallel)
-    sharded = config.run.parallel == "fsdp" and info.distributed
+    wrapped = wrap_model(model, info, device, config.run.parallel)  # FSDP shards in place: before the optimizer
     optimizer = build_optimizer(model, config.optim, lr)
-    scheduler = build_scheduler(optimizer, config.schedule, steps_per_epoch, warmup_lr, min_lr)
-    scaler = build_grad_scaler(precision, device)
-    total_steps = config.schedule.epochs * steps_per_epoch
-    stop_step = min(total_steps, config.run.max_steps) if config.run.max_steps is not None else total_steps
-
-    step, wandb_run_id, state = 0, None, {}
-    latest = find_latest_checkpoint(run_dir)
-    if latest is not None:
-        state = read_resume_meta(latest)
-        _check_resumable(state["config"], config, latest)
-        check_total_batch(state, total_batch, latest, info.world_size * accum)
-        restore_training_state(latest, state, model, optimizer, scaler, info.rank, sharded)
-        step, wandb_run_id = state["step"], state.get("wandb_run_id")
-        if info.is_main:
-            print(f"resuming {run_dir} from {latest.name} at step {step}", flush=True)
-
-    config_dict = to_dict(config)
-    if info.is_main:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
-    logger = MetricsLogger(
-        run_dir, config.logger, config_dict, run_id=wandb_run_id, enabled=info.is_main, run_name=config.run.name
-    )
-    progress = ProgressPrinter(total_steps=stop_step, start_step=step, steps_per_epoch=steps_per_epoch)
+    scheduler = build_scheduler(optimizer, config.schedule, data.steps_per_epoch, warmup_lr, min_lr)
+    run = TrainingRun(
+        to_dict(config), config.run, config.logger, info, stop, model, optimizer, build_grad_scaler(precision, device),
+        sharded=config.run.parallel == "fsdp" and info.distributed, total_batch=total_batch,
+        steps_per_epoch=data.steps_per_epoch, total_steps=config.schedule.epochs * data.steps_per_epoch,
+        extra_meta=lambda step: {"stage_window_sizes": model.encoder.stage_window_sizes},
+    )  # fmt: skip
+    run.resume(lambda meta, path: check_same_settings(meta["config"], run.config, RESUME_MUST_MATCH, path))
+    step_model = torch.compile(wrapped) if config.run.compile else wrapped  # checkpoints save `model`: no _orig_mod.
     panel_batch = make_fixed_batch(
         data.panel_source, config.logger.num_images, config.model.img_size, mask_generator, seed=config.run.seed
     )
-    step_model = torch.compile(wrapped) if config.run.compile else wrapped
-    if info.is_main:
-        print(
-            f"pretraining {config.model.arch} at {config.model.img_size}px on {info.world_size} x {device} "
-            f"({precision}, {config.run.parallel if info.distributed else 'one process'}): "
-            f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {steps_per_epoch} steps/epoch, "
-            f"total batch {total_batch}, lr {lr:.3g}; data: {data.description}"
-            + (f", {sum(len(b[0]) for b in data.val_batches)} validation images" if data.val_batches else "")
-            + f"; run dir {run_dir}",
-            flush=True,
-        )
+    run.say(_describe(config, run, data, device, precision, lr))
 
-    def save(step: int) -> None:
-        meta = {
-            "step": step,
-            "config": config_dict,
-            "stage_window_sizes": model.encoder.stage_window_sizes,
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "wandb_run_id": logger.run_id,
-            "total_batch": total_batch,
-            **stats.counts(),
-        }
-        save_training_state(run_dir, step, model, optimizer, meta, config.run.keep_last, info, sharded)
-
-    def save_images(step: int) -> Path | None:
-        # under FSDP every rank runs the forward (each holds a shard); rank 0 alone writes
-        if not (info.is_main or sharded):
-            return None
-        panel_file = run_dir / "images" / f"recon_{step:08d}.png"
-        panel = write_panel(model, panel_batch, panel_file, precision, write=info.is_main)
-        images = {"reconstruction": panel}
-        if not sharded and info.is_main:  # the CPB MLPs are sharded under FSDP
-            bias_path = run_dir / "images" / f"position_bias_{step:08d}.png"
-            images["position_bias"] = save_position_bias_figure(make_position_bias_maps(model), bias_path)
-        logger.log_images(step, images)
-        return panel
-
-    stats = StepStats(device, state.get("skipped_steps", 0), state.get("consecutive_skips", 0))
-    # the divergence check reads a device counter: every step on the CPU, where a read is free
-    check_every = 1 if device.type == "cpu" else config.logger.log_every
     panel_path, last_loss = None, float("nan")
-    timer = StepTimer()
-    model.train()
-    # the data position is the step: map-style sources skip to it exactly, shards draw a new order from it
-    batches = data.batches(step)
-    while step < stop_step:
-        with timer.data():
-            micro_batches = [next(batches) for _ in range(accum)]
-        scheduler.step_update(step)  # the lr is a function of the optimizer step
-        loss, grad_norm, skipped = train_step(
-            step_model, micro_batches, simmim_loss_uint8, optimizer, scaler, precision, device, config.optim.clip_grad
-        )
-        step += 1
-        stats.update(loss, skipped)
-        num_skipped_in_a_row = stats.in_a_row() if step % check_every == 0 else 0
+    with run.running():
+        model.train()
+        # the data position is the step: map-style sources skip to it exactly, shards draw a new order from it
+        batches = data.batches(run.step)
+        while run.step < run.stop_step:
+            with run.timer.data():
+                micro_batches = [next(batches) for _ in range(config.optim.accum_steps)]
+            scheduler.step_update(run.step)  # the lr is a function of the optimizer step
+            loss, grad_norm, skipped = train_step(
+                step_model, micro_batches, masked_pixel_loss, optimizer, run.scaler, precision, device,
+                config.optim.clip_grad,
+            )  # fmt: skip
+            step = run.step_done(loss, skipped)
 
-        if step % config.logger.log_every == 0 or step == stop_step:
-            last_loss = stats.mean_loss(info)  # syncs the device: only here, every log_every steps
-            bad = torch.tensor(float(data.monitor.num_bad), device=device)  # NCCL reduces device tensors only
-            metrics = {
-                "loss": last_loss,
-                **lr_metrics(optimizer),
-                "grad_norm": float(grad_norm),
-                **timer.pop(images_per_step=total_batch, world_size=info.world_size),
-                **system_metrics(device),
-                "epoch": step / steps_per_epoch,
-                "skipped_steps": int(stats.skipped_total),
-                "bad_samples": int(all_reduce_mean(bad, info).item() * info.world_size),
-            }
-            if data.val_batches and (step % config.logger.val_every == 0 or step == stop_step):
-                with timer.exclude():
+            metrics = {}
+            if run.log_due():
+                bad = torch.tensor(float(data.monitor.num_bad), device=device)  # NCCL reduces device tensors only
+                bad_samples = int(all_reduce_mean(bad, info).item() * info.world_size)
+                metrics = {**run.training_metrics(grad_norm), "bad_samples": bad_samples}
+                last_loss = metrics["loss"]
+            if data.val_batches and (step % config.logger.val_every == 0 or step == run.stop_step):
+                with run.timer.exclude():
                     metrics["val_loss"] = evaluate_reconstruction(model, data.val_batches, precision, device)
-                logger.update_best(step, "best_val_loss", metrics["val_loss"], mode="min")
-            logger.log(step, metrics)
-            if info.is_main:
-                progress.update(step, metrics)
-        elif data.val_batches and step % config.logger.val_every == 0:
-            with timer.exclude():
-                val_loss = evaluate_reconstruction(model, data.val_batches, precision, device)
-            logger.log(step, {"val_loss": val_loss})
-            logger.update_best(step, "best_val_loss", val_loss, mode="min")
+                run.logger.update_best(step, "best_val_loss", metrics["val_loss"], mode="min")
+            if metrics:
+                run.log(metrics, show=run.log_due())
+            if step % config.logger.image_every == 0 or step == run.stop_step:
+                with run.timer.exclude():
+                    panel_path = _save_images(run, model, panel_batch, precision)
+            run.end_of_step()
 
-        if num_skipped_in_a_row >= config.run.max_consecutive_skips:
-            progress.close()
-            logger.close()
-            raise TrainingDiverged(num_skipped_in_a_row, step, run_dir / CHECKPOINT_DIR)
-        if step % config.logger.image_every == 0 or step == stop_step:
-            with timer.exclude():
-                panel_path = save_images(step)
-        # a skipped step is not saved on schedule: the last good checkpoint stays the newest
-        saved = (step % config.run.save_every == 0 or step == stop_step) and stats.in_a_row() == 0
-        if saved:
-            with timer.exclude():
-                save(step)
-        if stop.should_stop():
-            if not saved:
-                save(step)
-            progress.close()
-            logger.close()
-            raise Preempted(step, stop.name)
+        if panel_path is None:  # nothing left to train: still show where the run stands
+            panel_path = _save_images(run, model, panel_batch, precision)
+        run.logger.log_summary({"final_loss": last_loss, "steps": run.step})
+    run.say(f"done at step {run.step}/{run.total_steps}. reconstructions: {panel_path}")
+    return run.run_dir
 
-    if panel_path is None:  # nothing left to train: still show where the run stands
-        panel_path = save_images(step)
-    progress.close()
-    logger.log_summary({"final_loss": last_loss, "steps": step})
-    logger.close()
-    if info.is_main:
-        print(f"done at step {step}/{total_steps}. reconstructions: {panel_path}", flush=True)
-    return run_dir
+
+def _save_images(
+    run: TrainingRun, model: SimMIM, panel_batch: tuple[torch.Tensor, torch.Tensor], precision: str
+) -> Path | None:
+    """The reconstruction panel and the position-bias maps of the current step, logged as images."""
+    # under FSDP every rank runs the forward (each holds a shard); rank 0 alone writes
+    if not (run.info.is_main or run.sharded):
+        return None
+    images_dir = run.run_dir / "images"
+    panel = write_panel(model, panel_batch, images_dir / f"recon_{run.step:08d}.png", precision, run.info.is_main)
+    images = {"reconstruction": panel}
+    if not run.sharded and run.info.is_main:  # the CPB MLPs are sharded under FSDP
+        bias_path = images_dir / f"position_bias_{run.step:08d}.png"
+        images["position_bias"] = save_position_bias_figure(make_position_bias_maps(model), bias_path)
+    run.logger.log_images(run.step, images)
+    return panel
+
+
+def _describe(
+    config: PretrainConfig, run: TrainingRun, data: PretrainData, device: torch.device, precision: str, lr: float
+) -> str:
+    """The start-up line: what trains where, on what data."""
+    info, model = run.info, run.model
+    validation = f", {sum(len(b[0]) for b in data.val_batches)} validation images" if data.val_batches else ""
+    return (
+        f"pretraining {config.model.arch} at {config.model.img_size}px on {info.world_size} x {device} "
+        f"({precision}, {config.run.parallel if info.distributed else 'one process'}): "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {data.steps_per_epoch} steps/epoch, "
+        f"total batch {run.total_batch}, lr {lr:.3g}; data: {data.description}{validation}; run dir {run.run_dir}"
+    )

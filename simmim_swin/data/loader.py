@@ -8,7 +8,7 @@ not on num_workers, not on which worker runs it, and not on whatever else used t
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -35,22 +35,32 @@ def _check_rank(rank: int, world_size: int) -> None:
 
 
 class SeededSampler(Sampler[tuple[int, int]]):
-    """Yields (index, sample_seed) in a shuffled order; each pass draws a new order and new seeds from `generator`.
+    """Yields (index, sample_seed) in a shuffled order drawn from (seed, epoch); each pass is the next epoch.
 
-    With world_size > 1 every rank draws the same permutation (same generator seed) and takes every
-    world_size-th position starting at its rank, truncated so all ranks see the same number of samples.
-    `skip` drops this rank's first samples without loading them (resuming in the middle of an epoch).
+    With world_size > 1 every rank draws the same permutation and takes every world_size-th position starting
+    at its rank, truncated so all ranks see the same number of samples (at most `samples_per_epoch` each).
+    `skip` drops this rank's first samples of the first pass without loading them (resuming mid-epoch). Because
+    the order is a function of (seed, epoch) and not of how many passes came before, one DataLoader (with
+    persistent workers) serves the whole run, and a resumed run sees exactly the samples an uninterrupted one would.
     """
 
     def __init__(
-        self, num_samples: int, generator: torch.Generator, rank: int = 0, world_size: int = 1, skip: int = 0
+        self,
+        num_samples: int,
+        seed: int,
+        epoch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        skip: int = 0,
+        samples_per_epoch: int | None = None,
     ) -> None:
         _check_rank(rank, world_size)
+        make_epoch_generator(seed, epoch)  # checks seed and epoch
         self.num_samples = num_samples
-        self.generator = generator
+        self.seed, self.epoch = seed, epoch
         self.rank = rank
         self.world_size = world_size
-        self.per_rank = num_samples // world_size
+        self.per_rank = min(num_samples // world_size, samples_per_epoch or num_samples)
         if not 0 <= skip <= self.per_rank:
             raise ValueError(f"skip={skip} must lie in [0, {self.per_rank}], the samples per process in an epoch")
         self.skip = skip
@@ -59,10 +69,13 @@ class SeededSampler(Sampler[tuple[int, int]]):
         return self.per_rank - self.skip
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        order = torch.randperm(self.num_samples, generator=self.generator)
+        # the DataLoader calls this in the main process once per pass: advance the epoch here, not in the workers
+        generator = make_epoch_generator(self.seed, self.epoch)
+        skip, self.skip, self.epoch = self.skip, 0, self.epoch + 1
+        order = torch.randperm(self.num_samples, generator=generator)
         # seeds are indexed by position in the global order, so ranks never share a sample seed
-        seeds = torch.randint(0, _MAX_SAMPLE_SEED, (self.num_samples,), generator=self.generator)
-        start = self.rank + self.skip * self.world_size
+        seeds = torch.randint(0, _MAX_SAMPLE_SEED, (self.num_samples,), generator=generator)
+        start = self.rank + skip * self.world_size
         for pos in range(start, self.per_rank * self.world_size, self.world_size):
             yield int(order[pos]), int(seeds[pos])
 
@@ -140,13 +153,15 @@ def build_pretrain_loader(
     rank: int = 0,
     world_size: int = 1,
     skip_batches: int = 0,
+    batches_per_epoch: int | None = None,
 ) -> DataLoader:
-    """DataLoader over `dataset` for one epoch, shuffled and augmented deterministically from (seed, epoch).
+    """One DataLoader for a whole run: each pass over it is one epoch, the first being `epoch`.
 
-    Yields what the dataset's items collate to, e.g. (images (B, 3, H, W), masks (B, h, w)). Build a new loader
-    per epoch; iterating one loader again draws a fresh order and fresh augmentations from its generator.
-    With world_size > 1 each rank gets a disjoint share of one permutation. `skip_batches` starts the epoch
-    that many batches in, without loading them, and yields exactly the batches an uninterrupted run would have.
+    Yields what the dataset's items collate to, e.g. (images (B, 3, H, W), masks (B, h, w)), shuffled and
+    augmented deterministically from (seed, epoch). With world_size > 1 each rank gets a disjoint share of one
+    permutation. `skip_batches` starts the first pass that many batches in, without loading them, and yields
+    exactly the batches an uninterrupted run would have; `batches_per_epoch` caps every pass (whole optimizer
+    steps only, so no remainder spills into the next epoch). Workers persist across passes.
     Worker processes need no worker_init_fn: torch seeds torch, `random` and numpy in each worker from the
     loader generator already (torch.utils.data._utils.worker), and the per-sample seeds override them anyway.
     """
@@ -162,14 +177,18 @@ def build_pretrain_loader(
             f"the dataset gives {per_rank} samples per process{total}, fewer than one batch of {batch_size}; "
             "lower data.batch_size or add images (data.samples_per_epoch for source=photos)"
         )
-    if not 0 <= skip_batches * batch_size <= per_rank:
-        num_batches = per_rank // batch_size
+    num_batches = min(per_rank // batch_size, batches_per_epoch or per_rank)
+    if not 0 <= skip_batches <= num_batches:
         raise ValueError(f"skip_batches={skip_batches} must lie in [0, {num_batches}], the batches in one epoch")
-    generator = make_epoch_generator(seed, epoch)
     # the DataLoader draws its workers' base seed from a generator on every iter(); give it its own, derived from
     # (seed, epoch), so that draw never consumes the process's global torch RNG
-    worker_generator = torch.Generator().manual_seed(int(torch.randint(_MAX_SAMPLE_SEED, (1,), generator=generator)))
-    sampler = SeededSampler(len(dataset), generator, rank=rank, world_size=world_size, skip=skip_batches * batch_size)
+    worker_seed = int(torch.randint(_MAX_SAMPLE_SEED, (1,), generator=make_epoch_generator(seed, epoch)))
+    worker_generator = torch.Generator().manual_seed(worker_seed)
+    cap = batches_per_epoch * batch_size if batches_per_epoch else None
+    sampler = SeededSampler(
+        len(dataset), seed, epoch, rank=rank, world_size=world_size, skip=skip_batches * batch_size,
+        samples_per_epoch=cap,
+    )  # fmt: skip
     return DataLoader(
         SeededSamples(dataset),
         batch_size=batch_size,
@@ -181,6 +200,12 @@ def build_pretrain_loader(
         persistent_workers=num_workers > 0,
         generator=worker_generator,
     )
+
+
+def endless(loader: Iterable[Any]) -> Iterator[Any]:
+    """Every batch of every pass over `loader`, forever (one pass per epoch)."""
+    while True:
+        yield from loader
 
 
 def make_fixed_batch(

@@ -3,7 +3,6 @@ epoch, fixed validation batches and the images shown in panels; one interface fo
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,7 +12,7 @@ from PIL import Image
 
 from simmim_swin.config import DataConfig
 from simmim_swin.data.datasets import MAP_STYLE_SOURCES, ImageList, build_pretrain_dataset
-from simmim_swin.data.loader import build_pretrain_loader
+from simmim_swin.data.loader import build_pretrain_loader, endless
 from simmim_swin.data.shards import resolve_urls
 from simmim_swin.data.stream import (
     BadDataMonitor,
@@ -36,7 +35,6 @@ class PretrainData:
     exactly `steps_per_epoch * accum_steps` per epoch, and feeds `monitor` the bad-sample counts."""
 
     steps_per_epoch: int
-    accum_steps: int
     description: str
     panel_source: Any  # num_images / load_image(k): what make_fixed_batch takes
     monitor: BadDataMonitor
@@ -112,26 +110,25 @@ def build_pretrain_data(
         _check_steps(steps_per_epoch, len(dataset), global_batch, f"the dataset ({dataset!r})")
 
         def map_style_batches(start_step: int) -> Iterator[Batch]:
-            for epoch in itertools.count(start_step // steps_per_epoch):
-                # a resumed run continues its epoch where it stopped, without loading the batches already seen
-                skip = (start_step % steps_per_epoch) * accum_steps if epoch == start_step // steps_per_epoch else 0
-                loader = build_pretrain_loader(
-                    dataset,
-                    batch_size=micro,
-                    num_workers=data_cfg.num_workers,
-                    seed=seed,
-                    epoch=epoch,
-                    pin_memory=pin_memory,
-                    rank=rank,
-                    world_size=world_size,
-                    skip_batches=skip,
-                )
-                # exactly the batches of whole optimizer steps: a remainder never spills into the next epoch
-                for images, masks in itertools.islice(loader, steps_per_epoch * accum_steps - skip):
-                    yield Batch((images, masks), 0, ())
+            # one loader for the run: each pass is an epoch of whole optimizer steps, and a resumed run continues
+            # its epoch where it stopped without loading the batches already seen
+            loader = build_pretrain_loader(
+                dataset,
+                batch_size=micro,
+                num_workers=data_cfg.num_workers,
+                seed=seed,
+                epoch=start_step // steps_per_epoch,
+                pin_memory=pin_memory,
+                rank=rank,
+                world_size=world_size,
+                skip_batches=(start_step % steps_per_epoch) * accum_steps,
+                batches_per_epoch=steps_per_epoch * accum_steps,
+            )
+            for images, masks in endless(loader):
+                yield Batch((images, masks), 0, ())
 
         panel = _val_images(data_cfg, num_panel_images) if val_batches else dataset
-        return PretrainData(steps_per_epoch, accum_steps, repr(dataset), panel, monitor, map_style_batches, val_batches)
+        return PretrainData(steps_per_epoch, repr(dataset), panel, monitor, map_style_batches, val_batches)
 
     if data_cfg.source != "shards":
         raise ValueError(f"data.source={data_cfg.source!r} is not one of {[*MAP_STYLE_SOURCES, 'shards']}")
@@ -176,4 +173,4 @@ def build_pretrain_data(
     readers = world_size * max(1, data_cfg.num_workers)
     if len(urls) < readers:  # still correct, but the workers' shards overlap: say so once, at start-up
         description += f" (fewer shards than the {readers} ranks x workers: every worker reads all of them)"
-    return PretrainData(steps_per_epoch, accum_steps, description, panel, monitor, shard_batches, val_batches)
+    return PretrainData(steps_per_epoch, description, panel, monitor, shard_batches, val_batches)

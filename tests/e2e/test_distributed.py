@@ -105,7 +105,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     from simmim_swin.config import PretrainConfig, from_dict
 
     calls = {"n": 0}
-    real_loss = pretrain_module.simmim_loss
+    real_loss = pretrain_module.masked_pixel_loss
 
     def flaky_loss(model, batch):
         calls["n"] += 1
@@ -113,7 +113,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
         # step 3 is one bad step among good ones; from step 6 on every step is bad
         return loss * float("nan") if calls["n"] == 3 or calls["n"] >= 6 else loss
 
-    monkeypatch.setattr(pretrain_module, "simmim_loss", flaky_loss)
+    monkeypatch.setattr(pretrain_module, "masked_pixel_loss", flaky_loss)
     overrides = [
         *BASE,
         "data.batch_size=8",

@@ -28,7 +28,6 @@ from simmim_swin.data import (
     build_pretrain_loader,
     build_pretrain_transform,
     denormalize,
-    make_epoch_generator,
     make_fixed_batch,
     normalize_images,
     sample_crop_box,
@@ -253,6 +252,17 @@ def test_loader_order_and_global_rng() -> None:
     assert second != first  # iterating the same loader again draws a fresh order and fresh seeds
 
 
+def test_one_loader_serves_every_epoch_and_caps_each_pass() -> None:
+    def passes(loader, n):
+        return [[(idx.tolist(), rand.tolist()) for idx, rand in loader] for _ in range(n)]
+
+    common = dict(batch_size=4, num_workers=0, seed=3)
+    second_pass = passes(build_pretrain_loader(_IndexDataset(20), epoch=1, skip_batches=2, **common), 2)[1]
+    assert second_pass == passes(build_pretrain_loader(_IndexDataset(20), epoch=2, **common), 1)[0]
+    capped = passes(build_pretrain_loader(_IndexDataset(20), epoch=0, batches_per_epoch=3, **common), 2)
+    assert [len(p) for p in capped] == [3, 3] and capped[0] != capped[1]
+
+
 def test_loader_drop_last_and_too_small_dataset() -> None:
     assert len(build_pretrain_loader(_IndexDataset(10), batch_size=4, num_workers=0, seed=0)) == 2
     assert len(build_pretrain_loader(_IndexDataset(10), batch_size=4, num_workers=0, seed=0, drop_last=False)) == 3
@@ -273,13 +283,13 @@ def test_loader_skip_batches_resumes_mid_epoch() -> None:
 
 
 def test_sampler_splits_ranks_disjointly() -> None:
-    parts = [list(SeededSampler(10, make_epoch_generator(0, 2), rank=r, world_size=3)) for r in range(3)]
+    parts = [list(SeededSampler(10, seed=0, epoch=2, rank=r, world_size=3)) for r in range(3)]
     assert all(len(p) == 3 for p in parts)
     indices = [i for p in parts for i, _ in p]
     seeds = [s for p in parts for _, s in p]
     assert len(set(indices)) == 9 and len(set(seeds)) == 9
     with pytest.raises(ValueError, match="rank"):
-        SeededSampler(10, make_epoch_generator(0, 0), rank=3, world_size=3)
+        SeededSampler(10, seed=0, epoch=0, rank=3, world_size=3)
 
 
 def test_make_fixed_batch_is_deterministic(photos: PhotoCrops, mask_generator: MaskGenerator) -> None:

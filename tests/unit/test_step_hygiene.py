@@ -7,10 +7,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from simmim_swin.config import MaskConfig, ModelConfig, OptimConfig
-from simmim_swin.engine import simmim_loss, train_step
+from simmim_swin.engine import train_step
 from simmim_swin.masking import MaskGenerator
 from simmim_swin.models import build_simmim
 from simmim_swin.optim import build_optimizer
+from simmim_swin.pretrain import masked_pixel_loss
 
 # ops that copy a device value to the host (item(), bool(), int()) or need the host to size their output
 SYNCING_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "repeat_interleave"}
@@ -62,9 +63,11 @@ def test_training_step_has_no_host_syncs(accum_steps):
     optimizer = build_optimizer(model, OptimConfig(fused=True), lr=1e-3)
     micro_batches = [(images, masks)] * accum_steps
     device = torch.device("cpu")
-    train_step(model, micro_batches, simmim_loss, optimizer, None, "fp32", device, 5.0)  # creates the Adam state
+    train_step(model, micro_batches, masked_pixel_loss, optimizer, None, "fp32", device, 5.0)  # creates the Adam state
     with SyncRecorder() as recorder:
-        loss, grad_norm, skipped = train_step(model, micro_batches, simmim_loss, optimizer, None, "fp32", device, 5.0)
+        loss, grad_norm, skipped = train_step(
+            model, micro_batches, masked_pixel_loss, optimizer, None, "fp32", device, 5.0
+        )
     assert recorder.syncs == []
     assert not bool(skipped) and torch.isfinite(loss)  # read here, outside the recorded step
 

@@ -1,0 +1,214 @@
+"""What every training run does, whatever it trains: the run directory, resume, the save policy, the endings
+(stop signal, divergence), and the metrics sinks and progress display, set up and torn down.
+
+The pretraining and fine-tuning loops keep only what is their own (model, data, loss, what they log and
+evaluate). They hand each finished optimizer step to `TrainingRun.step_done` and call `TrainingRun.end_of_step`,
+which decides whether to save and whether to stop, as torchtitan's `checkpointer.save(step)` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .checkpoint import (
+    CHECKPOINT_DIR,
+    check_total_batch,
+    find_latest_checkpoint,
+    read_resume_meta,
+    restore_training_state,
+    save_training_state,
+)
+from .config import ConfigError, LoggerConfig, RunConfig
+from .distributed import DistInfo, Preempted, StopSignal
+from .engine import StepStats, TrainingDiverged
+from .tracking import MetricsLogger, ProgressPrinter, StepTimer, lr_metrics, system_metrics
+
+
+def check_same_settings(saved: dict[str, Any], current: dict[str, Any], sections: tuple[str, ...], path: Path) -> None:
+    """Refuse to resume a checkpoint whose `sections` of the config differ from this run's, naming each change."""
+    diffs = []
+    for section in sections:
+        old, new = saved.get(section, {}), current[section]
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        diffs += [f"{section}.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed]
+    if diffs:
+        raise ConfigError(
+            f"{path} was written by a run with different settings ({', '.join(diffs)}); resume with the same "
+            "settings or start a new run with run.name=<new name>"
+        )
+
+
+def run_directory(run_cfg: RunConfig) -> Path:
+    """Where a run lives: run.output_dir / run.name (starting the same run again resumes it)."""
+    return Path(run_cfg.output_dir) / run_cfg.name
+
+
+class TrainingRun:
+    """One run's lifecycle around a training loop; `run_dir` = run.output_dir / run.name.
+
+    Args:
+        config: the whole run configuration as a plain dict (written to config.yaml and into every checkpoint).
+        model: the unwrapped, uncompiled module whose weights are saved; optimizer and scaler are saved with it.
+        sharded: FSDP: every rank writes its shards into step_N.dcp/ folders.
+        total_batch: images per optimizer step over all ranks; a resume with another one is refused.
+        steps_per_epoch / total_steps: the schedule's length; run.max_steps may stop earlier.
+        extra_meta: what the loop adds to each checkpoint (windows, classes, EMA weights ...), given the step.
+    """
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        run_cfg: RunConfig,
+        logger_cfg: LoggerConfig,
+        info: DistInfo,
+        stop: StopSignal,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler | None,
+        sharded: bool,
+        total_batch: int,
+        steps_per_epoch: int,
+        total_steps: int,
+        extra_meta: Callable[[int], dict[str, Any]],
+    ) -> None:
+        self.config, self.run_cfg, self.logger_cfg = config, run_cfg, logger_cfg
+        self.info, self.stop = info, stop
+        self.model, self.optimizer, self.scaler, self.sharded = model, optimizer, scaler, sharded
+        self.total_batch, self.steps_per_epoch, self.total_steps = total_batch, steps_per_epoch, total_steps
+        self.extra_meta = extra_meta
+        self.run_dir = run_directory(run_cfg)
+        self.stop_step = total_steps if run_cfg.max_steps is None else min(total_steps, run_cfg.max_steps)
+        self.step = 0
+        self.resumed_from: Path | None = None
+        self.state: dict[str, Any] = {}  # the resumed checkpoint's meta
+        self.timer = StepTimer()
+        device = next(model.parameters()).device
+        # the divergence check reads a device counter: every step on the CPU, where a read is free
+        self.check_every = 1 if device.type == "cpu" else logger_cfg.log_every
+        self.stats = StepStats(device)
+        self.logger: MetricsLogger | None = None
+        self.progress: ProgressPrinter | None = None
+
+    def say(self, text: str) -> None:
+        """Print one line from rank 0."""
+        if self.info.is_main:
+            print(text, flush=True)
+
+    def resume(self, check: Callable[[dict[str, Any], Path], None]) -> dict[str, Any]:
+        """Restore the latest checkpoint of the run directory, if any; returns its meta ({} for a new run).
+
+        `check(meta, path)` refuses a checkpoint of other settings before any weight is loaded.
+        """
+        latest = find_latest_checkpoint(self.run_dir)
+        if latest is None:
+            return {}
+        state = read_resume_meta(latest)
+        check(state, latest)
+        check_total_batch(state, self.total_batch, latest, self.total_batch // self.config["data"]["batch_size"])
+        restore_training_state(latest, state, self.model, self.optimizer, self.scaler, self.info.rank, self.sharded)
+        self.step, self.state, self.resumed_from = state["step"], state, latest
+        device = self.stats.loss_sum.device
+        self.stats = StepStats(device, state.get("skipped_steps", 0), state.get("consecutive_skips", 0))
+        self.say(f"resuming {self.run_dir} from {latest.name} at step {self.step}")
+        return state
+
+    @contextmanager
+    def running(self) -> Iterator[TrainingRun]:
+        """Write config.yaml, open the metrics sinks and the progress display; always close them on the way out."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.info.is_main:
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.config, sort_keys=False))
+        self.logger = MetricsLogger(
+            self.run_dir,
+            self.logger_cfg,
+            self.config,
+            run_id=self.state.get("wandb_run_id"),
+            enabled=self.info.is_main,
+            run_name=self.run_cfg.name,
+        )
+        self.progress = ProgressPrinter(
+            total_steps=self.stop_step, start_step=self.step, steps_per_epoch=self.steps_per_epoch
+        )
+        try:
+            yield self
+        finally:
+            self.progress.close()
+            self.logger.close()
+
+    # ------------------------------------------------------------------------------------------------ each step
+
+    def step_done(self, loss: torch.Tensor, skipped: torch.Tensor) -> int:
+        """Count one optimizer step (what train_step returned, still on the device); returns the new step."""
+        self.step += 1
+        self.stats.update(loss, skipped)
+        return self.step
+
+    @property
+    def epoch_done(self) -> bool:
+        """The step just done ended an epoch."""
+        return self.step % self.steps_per_epoch == 0
+
+    def log_due(self) -> bool:
+        """Metrics are logged every logger.log_every steps and at the last step."""
+        return self.step % self.logger_cfg.log_every == 0 or self.step == self.stop_step
+
+    def training_metrics(self, grad_norm: torch.Tensor) -> dict[str, Any]:
+        """What both loops log each log step: loss (a device sync), lrs, gradient norm, speed, epoch, skips."""
+        return {
+            "loss": self.stats.mean_loss(self.info),  # syncs the device: only here, every log_every steps
+            **lr_metrics(self.optimizer),  # lr: the largest; lr/groupN per layer group under layer decay
+            "grad_norm": float(grad_norm),
+            **self.timer.pop(images_per_step=self.total_batch, world_size=self.info.world_size),
+            **system_metrics(self.stats.loss_sum.device),
+            "epoch": self.step / self.steps_per_epoch,
+            "skipped_steps": int(self.stats.skipped_total),
+        }
+
+    def log(self, metrics: dict[str, Any], show: bool = True) -> None:
+        """metrics.jsonl (+ W&B) at this step; `show` also puts them on the terminal (rank 0)."""
+        self.logger.log(self.step, metrics)
+        if show and self.info.is_main:
+            self.progress.update(self.step, {k: v for k, v in metrics.items() if not k.startswith("lr/")})
+
+    def end_of_step(self, save_now: bool = False) -> None:
+        """Save and stop as the policy says, after the loop's logging and evaluation of this step.
+
+        Saves every run.save_every steps, at the last step and when `save_now` (the loop's own reason, e.g. the
+        end of an epoch), but never right after a skipped step: the last good checkpoint stays the newest. Raises
+        TrainingDiverged after run.max_consecutive_skips non-finite steps in a row, and Preempted (after saving)
+        when a stop signal arrived.
+        """
+        in_a_row = self.stats.in_a_row() if self.step % self.check_every == 0 else 0
+        if in_a_row >= self.run_cfg.max_consecutive_skips:
+            raise TrainingDiverged(in_a_row, self.step, self.run_dir / CHECKPOINT_DIR)
+        due = save_now or self.step % self.run_cfg.save_every == 0 or self.step == self.stop_step
+        saved = due and self.stats.in_a_row() == 0
+        if saved:
+            self.save()
+        if self.stop.should_stop():
+            if not saved:
+                self.save()
+            raise Preempted(self.step, self.stop.name)
+
+    def save(self) -> None:
+        """The resume checkpoint of the current step (every rank calls it)."""
+        meta = {
+            "step": self.step,
+            "config": self.config,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "wandb_run_id": self.logger.run_id,
+            "total_batch": self.total_batch,
+            **self.stats.counts(),
+            **self.extra_meta(self.step),
+        }
+        with self.timer.exclude():
+            save_training_state(
+                self.run_dir, self.step, self.model, self.optimizer, meta, self.run_cfg.keep_last, self.info,
+                self.sharded,
+            )  # fmt: skip
