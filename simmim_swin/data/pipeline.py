@@ -37,8 +37,8 @@ class PretrainData:
     steps_per_epoch: int
     description: str
     panel_source: Any  # num_images / load_image(k): what make_fixed_batch takes
-    monitor: BadDataMonitor
     make_batches: Callable[[int], Iterator[Batch]]
+    monitor: BadDataMonitor
     val_batches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
     def batches(self, start_step: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
@@ -98,40 +98,73 @@ def build_pretrain_data(
     pin_memory: bool = False,
     num_panel_images: int = 4,
 ) -> PretrainData:
-    """The data of a pretraining run for `data_cfg.source` (photos, folder, fashion_mnist or shards)."""
-    micro = data_cfg.batch_size
-    global_batch = micro * world_size * accum_steps
-    monitor = BadDataMonitor(data_cfg.max_bad_fraction, data_cfg.bad_check_after)
-    val_batches = build_val_batches(data_cfg, img_size, mask_generator, seed)
+    """The data of a pretraining run for `data_cfg.source` (photos, folder, fashion_mnist or shards).
 
-    if data_cfg.source in MAP_STYLE_SOURCES:
-        dataset = build_pretrain_dataset(data_cfg, img_size, mask_generator)
-        steps_per_epoch = len(dataset) // global_batch
-        _check_steps(steps_per_epoch, len(dataset), global_batch, f"the dataset ({dataset!r})")
-
-        def map_style_batches(start_step: int) -> Iterator[Batch]:
-            # one loader for the run: each pass is an epoch of whole optimizer steps, and a resumed run continues
-            # its epoch where it stopped without loading the batches already seen
-            loader = build_pretrain_loader(
-                dataset,
-                batch_size=micro,
-                num_workers=data_cfg.num_workers,
-                seed=seed,
-                epoch=start_step // steps_per_epoch,
-                pin_memory=pin_memory,
-                rank=rank,
-                world_size=world_size,
-                skip_batches=(start_step % steps_per_epoch) * accum_steps,
-                batches_per_epoch=steps_per_epoch * accum_steps,
-            )
-            for images, masks in endless(loader):
-                yield Batch((images, masks), 0, ())
-
-        panel = _val_images(data_cfg, num_panel_images) if val_batches else dataset
-        return PretrainData(steps_per_epoch, repr(dataset), panel, monitor, map_style_batches, val_batches)
-
-    if data_cfg.source != "shards":
+    The panels show the first validation images when there is a validation set, else the first training images.
+    """
+    if data_cfg.source not in (*MAP_STYLE_SOURCES, "shards"):
         raise ValueError(f"data.source={data_cfg.source!r} is not one of {[*MAP_STYLE_SOURCES, 'shards']}")
+    val_batches = build_val_batches(data_cfg, img_size, mask_generator, seed)
+    layout = _Layout(data_cfg.batch_size, accum_steps, rank, world_size, seed, pin_memory)
+    build = _map_style_data if data_cfg.source in MAP_STYLE_SOURCES else _shard_data
+    monitor = BadDataMonitor(data_cfg.max_bad_fraction, data_cfg.bad_check_after)
+    data = build(data_cfg, img_size, mask_generator, layout, monitor, 0 if val_batches else num_panel_images)
+    if val_batches:
+        data.val_batches, data.panel_source = val_batches, _val_images(data_cfg, num_panel_images)
+    return data
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How a run cuts its data: micro-batch, micro-batches per step, this rank of world_size, seed."""
+
+    micro_batch: int
+    accum_steps: int
+    rank: int
+    world_size: int
+    seed: int
+    pin_memory: bool
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.accum_steps * self.world_size
+
+
+def _map_style_data(
+    data_cfg: DataConfig, img_size: int, mask_generator: MaskFn, layout: _Layout, monitor: BadDataMonitor,
+    num_panel_images: int,
+) -> PretrainData:  # fmt: skip
+    """photos, folder or fashion_mnist: one seeded DataLoader that skips to any step exactly."""
+    dataset = build_pretrain_dataset(data_cfg, img_size, mask_generator)
+    steps_per_epoch = len(dataset) // layout.global_batch
+    _check_steps(steps_per_epoch, len(dataset), layout.global_batch, f"the dataset ({dataset!r})")
+
+    def map_style_batches(start_step: int) -> Iterator[Batch]:
+        # one loader for the run: each pass is an epoch of whole optimizer steps, and a resumed run continues
+        # its epoch where it stopped without loading the batches already seen
+        loader = build_pretrain_loader(
+            dataset,
+            batch_size=layout.micro_batch,
+            num_workers=data_cfg.num_workers,
+            seed=layout.seed,
+            epoch=start_step // steps_per_epoch,
+            pin_memory=layout.pin_memory,
+            rank=layout.rank,
+            world_size=layout.world_size,
+            skip_batches=(start_step % steps_per_epoch) * layout.accum_steps,
+            batches_per_epoch=steps_per_epoch * layout.accum_steps,
+        )
+        for images, masks in endless(loader):
+            yield Batch((images, masks), 0, ())
+
+    return PretrainData(steps_per_epoch, repr(dataset), dataset, map_style_batches, monitor)
+
+
+def _shard_data(
+    data_cfg: DataConfig, img_size: int, mask_generator: MaskFn, layout: _Layout, monitor: BadDataMonitor,
+    num_panel_images: int,
+) -> PretrainData:  # fmt: skip
+    """webdataset shards: streamed, each rank and worker its own shards, a new order drawn on resume."""
     urls, index_total = resolve_urls(data_cfg.urls)
     samples_per_epoch = data_cfg.samples_per_epoch or index_total
     if not samples_per_epoch:
@@ -139,8 +172,8 @@ def build_pretrain_data(
             "data.samples_per_epoch=0 means 'the total in the index', but data.urls is not an index file; "
             "set data.samples_per_epoch to the number of samples (or pass the index .json written by make-shards)"
         )
-    steps_per_epoch = samples_per_epoch // global_batch
-    _check_steps(steps_per_epoch, samples_per_epoch, global_batch, "data.samples_per_epoch")
+    steps_per_epoch = samples_per_epoch // layout.global_batch
+    _check_steps(steps_per_epoch, samples_per_epoch, layout.global_batch, "data.samples_per_epoch")
     sample_fn = PretrainSample(
         build_pretrain_transform(img_size, data_cfg.crop_scale, data_cfg.crop_ratio, data_cfg.hflip), mask_generator
     )
@@ -149,28 +182,26 @@ def build_pretrain_data(
         stream = ShardStream(
             urls,
             sample_fn,
-            batch_size=micro,
-            batches_per_epoch=steps_per_epoch * accum_steps,
-            seed=seed,
-            rank=rank,
-            world_size=world_size,
+            batch_size=layout.micro_batch,
+            batches_per_epoch=steps_per_epoch * layout.accum_steps,
+            seed=layout.seed,
+            rank=layout.rank,
+            world_size=layout.world_size,
             start_epoch=start_step // steps_per_epoch,
-            skip_batches=(start_step % steps_per_epoch) * accum_steps,
+            skip_batches=(start_step % steps_per_epoch) * layout.accum_steps,
             resume_step=start_step,  # a resumed run draws a new order rather than replaying the first one
             shuffle_buffer=data_cfg.shuffle_buffer,
         )
-        loader = build_shard_loader(stream, data_cfg.num_workers, pin_memory=pin_memory)
-        while True:  # one pass over the loader per epoch; persistent workers carry on
-            yield from loader
+        # one pass over the loader per epoch; persistent workers carry on
+        yield from endless(build_shard_loader(stream, data_cfg.num_workers, pin_memory=layout.pin_memory))
 
-    if val_batches:
-        panel = _val_images(data_cfg, num_panel_images)
-    else:
+    panel = None
+    if num_panel_images:
         panel = ImageList([item[0] for item in read_samples(urls, num_panel_images, _pil_sample)], "first images")
         if not panel.num_images:
             raise ValueError(f"data.urls={data_cfg.urls!r}: no readable image in the shards")
     description = f"{len(urls)} shards, {samples_per_epoch} samples per epoch"
-    readers = world_size * max(1, data_cfg.num_workers)
+    readers = layout.world_size * max(1, data_cfg.num_workers)
     if len(urls) < readers:  # still correct, but the workers' shards overlap: say so once, at start-up
         description += f" (fewer shards than the {readers} ranks x workers: every worker reads all of them)"
-    return PretrainData(steps_per_epoch, description, panel, monitor, shard_batches, val_batches)
+    return PretrainData(steps_per_epoch, description, panel, shard_batches, monitor)
