@@ -161,22 +161,38 @@ def all_gather_objects(obj: Any, info: DistInfo) -> list[Any]:
 
 
 class Preempted(Exception):
-    """SIGTERM (or SIGUSR2) arrived; a checkpoint at the current step was saved. `step` is where the run stopped."""
+    """A stop signal arrived; a checkpoint at the current step was saved. `step` is where the run stopped.
+
+    `exit_code` is what a process killed by that signal reports (143 for SIGTERM, 130 for Ctrl-C): the job did
+    not finish, and schedulers and shells read it so.
+    """
 
     def __init__(self, step: int, signal_name: str = "SIGTERM") -> None:
         super().__init__(f"received {signal_name}: saved a checkpoint at step {step}; start the same run to resume")
         self.step = step
+        self.exit_code = 128 + getattr(signal, signal_name, signal.SIGTERM)
 
 
 def stop_signals() -> tuple[int, ...]:
-    """SIGTERM, SIGUSR2 and the signal submitit is told to use for preemption (SUBMITIT_PREEMPT_SIGNAL), if set."""
-    names = ["SIGTERM", "SIGUSR2", "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")]
+    """SIGTERM, SIGINT (Ctrl-C), SIGUSR2 and the signal submitit uses for preemption (SUBMITIT_PREEMPT_SIGNAL)."""
+    names = ["SIGTERM", "SIGINT", "SIGUSR2", "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")]
     return tuple(dict.fromkeys(getattr(signal, name) for name in names if hasattr(signal, name)))
 
 
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: data workers ignore the stop signals; the main process owns stopping.
+
+    `timeout`, `scancel` and Slurm's time limit signal every process of the job. A worker that died of it
+    would take the run down mid-step without a checkpoint; ignoring it, the workers keep serving batches until
+    the main process has saved, and are then shut down with the loader.
+    """
+    for signum in stop_signals():
+        signal.signal(signum, signal.SIG_IGN)
+
+
 class StopSignal:
-    """Turns SIGTERM (Slurm preemption, `scancel`, a requeue) and SIGUSR2 (submitit's time-limit warning) into a
-    flag the loop checks between steps.
+    """Turns SIGTERM (Slurm preemption, `scancel`, a requeue), SIGINT (Ctrl-C) and SIGUSR2 (submitit's time-limit
+    warning) into a flag the loop checks between steps. A second Ctrl-C stops at once (KeyboardInterrupt).
 
     With several processes the ranks must stop at the same step: `should_stop()` all-reduces the signal number
     on a gloo group, a CPU collective that never waits on the GPU stream. A handler that was installed before
@@ -191,6 +207,10 @@ class StopSignal:
         self._previous = {signum: signal.signal(signum, self._handle) for signum in stop_signals()}
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait for the checkpoint
+        if signum == signal.SIGINT and self.info.is_main and self.received is None:
+            print("\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to quit now)", flush=True)
         self.received = signum
 
     def should_stop(self) -> bool:
@@ -215,7 +235,8 @@ class StopSignal:
             # before it is on disk
             dist.barrier(group=self._group)
         previous = self._previous.get(self.received)
-        if callable(previous):
+        # Python's own SIGINT handler would raise KeyboardInterrupt over the clean exit
+        if callable(previous) and previous is not signal.default_int_handler:
             previous(self.received, None)
 
     def restore(self) -> None:

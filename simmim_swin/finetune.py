@@ -37,7 +37,7 @@ from .config import (
 from .data.classification import build_train_dataset, build_val_dataset
 from .data.loader import EvalShard, build_pretrain_loader, endless
 from .data.transforms import normalize_images
-from .distributed import DistInfo, StopSignal, full_model_state_dict, process_group, wrap_model
+from .distributed import DistInfo, StopSignal, full_model_state_dict, ignore_stop_signals, process_group, wrap_model
 from .engine import evaluate_classifier, train_step
 from .optim import build_optimizer, build_scheduler, scaled_lrs
 from .precision import build_grad_scaler, resolve_device, resolve_precision
@@ -153,19 +153,8 @@ def _finetune(config: FinetuneConfig, device: torch.device, info: DistInfo, stop
             "ema": ema.module.state_dict() if ema is not None else None,
         },
     )  # fmt: skip
-    state = run.resume(lambda meta, path: _check_resumable(meta, run.config, classes, path))
-    if state:
-        _restore_ema(ema, model, state)
-        best["top1"] = state["best_top1"]
     step_model = torch.compile(wrapped) if config.run.compile else wrapped  # checkpoints save `model`: no _orig_mod.
-    train_loader = build_pretrain_loader(
-        train_set, batch_size=micro_batch, num_workers=config.data.num_workers, seed=config.run.seed,
-        epoch=run.step // steps_per_epoch, pin_memory=config.data.pin_memory and device.type == "cuda",
-        rank=info.rank, world_size=info.world_size, skip_batches=(run.step % steps_per_epoch) * accum,
-        batches_per_epoch=steps_per_epoch * accum,
-    )  # fmt: skip
     val_loader = _eval_loader(val_set, config, info, device)
-    run.say(_describe(config, run, model, len(train_set), len(classes), device, precision, lr))
 
     def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         images, targets = normalize_images(batch[0]), batch[1]
@@ -173,9 +162,13 @@ def _finetune(config: FinetuneConfig, device: torch.device, info: DistInfo, stop
             images, targets = mixup(images, targets)  # soft targets (B, classes), label smoothing included
         return criterion(model(images), targets)
 
-    with run.running():
+    with run.running(lambda meta, path: _check_resumable(meta, run.config, classes, path)):
+        if run.state:
+            _restore_ema(ema, model, run.state)
+            best["top1"] = run.state["best_top1"]
+        run.say(_describe(config, run, model, len(train_set), len(classes), device, precision, lr))
         model.train()
-        batches = endless(train_loader)
+        batches = endless(_train_loader(train_set, config, run, info, device))
         while run.step < run.stop_step:
             with run.timer.data():
                 micro_batches = [next(batches) for _ in range(accum)]
@@ -214,6 +207,19 @@ def _build_model_and_data(
     return config, model, classes, train_set, val_set
 
 
+def _train_loader(
+    dataset: Dataset, config: FinetuneConfig, run: TrainingRun, info: DistInfo, device: torch.device
+) -> DataLoader:
+    """One loader for the run, from the epoch and batch where the run stands (each rank a share of one order)."""
+    batches_per_epoch = run.steps_per_epoch * config.optim.accum_steps
+    return build_pretrain_loader(
+        dataset, batch_size=config.data.batch_size, num_workers=config.data.num_workers, seed=config.run.seed,
+        epoch=run.step // run.steps_per_epoch, pin_memory=config.data.pin_memory and device.type == "cuda",
+        rank=info.rank, world_size=info.world_size, batches_per_epoch=batches_per_epoch,
+        skip_batches=(run.step % run.steps_per_epoch) * config.optim.accum_steps,
+    )  # fmt: skip
+
+
 def _eval_loader(dataset: Dataset, config: FinetuneConfig, info: DistInfo, device: torch.device) -> DataLoader:
     """This rank's disjoint share of the evaluation set (padded even): the counts are summed over ranks."""
     return DataLoader(
@@ -222,6 +228,7 @@ def _eval_loader(dataset: Dataset, config: FinetuneConfig, info: DistInfo, devic
         num_workers=config.data.num_workers,
         pin_memory=config.data.pin_memory and device.type == "cuda",
         persistent_workers=config.data.num_workers > 0,
+        worker_init_fn=ignore_stop_signals,
     )
 
 
@@ -315,6 +322,7 @@ def _evaluate_transfer(config: FinetuneConfig, device: torch.device, info: DistI
         EvalShard(val_set, info.rank, info.world_size),
         batch_size=config.data.eval_batch_size,
         num_workers=config.data.num_workers,
+        worker_init_fn=ignore_stop_signals,
     )
     metrics = evaluate_classifier(model, loader, precision, device, info=info)
     trained = weights.model_config or {}

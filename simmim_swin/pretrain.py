@@ -133,15 +133,14 @@ def _train(
         steps_per_epoch=data.steps_per_epoch, total_steps=config.schedule.epochs * data.steps_per_epoch,
         extra_meta=lambda step: {"stage_window_sizes": model.encoder.stage_window_sizes},
     )  # fmt: skip
-    run.resume(lambda meta, path: check_same_settings(meta["config"], run.config, RESUME_MUST_MATCH, path))
     step_model = torch.compile(wrapped) if config.run.compile else wrapped  # checkpoints save `model`: no _orig_mod.
     panel_batch = make_fixed_batch(
         data.panel_source, config.logger.num_images, config.model.img_size, mask_generator, seed=config.run.seed
     )
-    run.say(_describe(config, run, data, device, precision, lr))
 
     panel_path, last_loss = None, float("nan")
-    with run.running():
+    with run.running(lambda meta, path: check_same_settings(meta["config"], run.config, RESUME_MUST_MATCH, path)):
+        run.say(_describe(config, run, data, device, precision, lr))
         model.train()
         # the data position is the step: map-style sources skip to it exactly, shards draw a new order from it
         batches = data.batches(run.step)

@@ -8,6 +8,13 @@ which decides whether to save and whether to stop, as torchtitan's `checkpointer
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import shutil
+import socket
+import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,6 +49,100 @@ def check_same_settings(saved: dict[str, Any], current: dict[str, Any], sections
             f"{path} was written by a run with different settings ({', '.join(diffs)}); resume with the same "
             "settings or start a new run with run.name=<new name>"
         )
+
+
+LOCK_FILE = "run.lock"
+
+
+class RunLockedError(RuntimeError):
+    """Another live process holds the run directory."""
+
+
+class RunLock:
+    """An advisory lock file in the run directory: one live process (rank 0 of one job) trains a run at a time.
+
+    The file holds the holder's host, pid and start time; its modification time is the holder's heartbeat,
+    touched every time metrics are logged. A lock left behind is taken over with a warning when its process is
+    gone (same host) or its heartbeat is older than `stale_after_s` (another host, e.g. a requeued Slurm job
+    starting on a new node), so requeues keep working.
+    """
+
+    def __init__(self, run_dir: Path, stale_after_s: float) -> None:
+        self.path = run_dir / LOCK_FILE
+        self.stale_after_s = stale_after_s
+        self.held = False
+
+    def acquire(self) -> None:
+        """Take the lock or raise RunLockedError naming the holder and what to do."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(2):  # a stale lock is removed once, then taken like a free one
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            except FileExistsError:
+                self._take_over_if_stale()
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(holder, f)
+            self.held = True
+            return
+        raise RunLockedError(f"could not take {self.path}: another process took it at the same time")
+
+    def _take_over_if_stale(self) -> None:
+        try:
+            holder = json.loads(self.path.read_text())
+            age = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return  # released meanwhile
+        except (OSError, ValueError):
+            holder, age = {}, math.inf  # unreadable: left by a crash while writing it
+        host, pid = holder.get("host"), holder.get("pid")
+        same_host = host == socket.gethostname()
+        if same_host and pid == os.getpid():
+            reason = "left by this process"
+        elif same_host and isinstance(pid, int) and not _process_alive(pid):
+            reason = f"process {pid} on {host} is gone"
+        elif not same_host and age > self.stale_after_s:
+            reason = f"no heartbeat from {host} for {age:.0f} s (run.lock_stale_after_s={self.stale_after_s:g})"
+        else:
+            raise RunLockedError(
+                f"{self.path.parent} is in use by process {pid} on {host} (started {holder.get('started')}, last "
+                f"heartbeat {age:.0f} s ago); wait for it to finish, stop it, or start another run with "
+                f"run.name=<new name>. If that process is really gone, delete {self.path}"
+            )
+        warnings.warn(f"taking over the lock {self.path}: {reason}", stacklevel=3)
+        self.path.unlink(missing_ok=True)
+
+    def heartbeat(self) -> None:
+        """Tell other hosts this process is alive (the file's modification time)."""
+        if self.held:
+            os.utime(self.path)
+
+    def release(self) -> None:
+        """Remove the lock file if this process holds it."""
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return True
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete what an interrupted save left: hidden `.*.tmp` files and folders in the run and checkpoint folders."""
+    removed = []
+    for folder in (run_dir, run_dir / CHECKPOINT_DIR, run_dir / "images"):
+        for path in folder.glob(".*.tmp") if folder.is_dir() else ():
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def run_directory(run_cfg: RunConfig) -> Path:
@@ -94,20 +195,53 @@ class TrainingRun:
         self.stats = StepStats(device)
         self.logger: MetricsLogger | None = None
         self.progress: ProgressPrinter | None = None
+        self.lock = RunLock(self.run_dir, run_cfg.lock_stale_after_s)
 
     def say(self, text: str) -> None:
         """Print one line from rank 0."""
         if self.info.is_main:
             print(text, flush=True)
 
-    def resume(self, check: Callable[[dict[str, Any], Path], None]) -> dict[str, Any]:
-        """Restore the latest checkpoint of the run directory, if any; returns its meta ({} for a new run).
+    @contextmanager
+    def running(self, check: Callable[[dict[str, Any], Path], None]) -> Iterator[TrainingRun]:
+        """Lock the run directory, resume from its latest checkpoint, write config.yaml, open the metrics sinks and
+        the progress display; on the way out (also on an error) close them and release the lock.
 
         `check(meta, path)` refuses a checkpoint of other settings before any weight is loaded.
         """
+        if self.info.is_main:
+            self.lock.acquire()
+        try:
+            if self.info.is_main:
+                for path in remove_stale_temporaries(self.run_dir):
+                    self.say(f"removed {path}, left by an interrupted save")
+            self._resume(check)
+            if self.info.is_main:
+                atomic_write(self.run_dir / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
+            self.logger = MetricsLogger(
+                self.run_dir,
+                self.logger_cfg,
+                self.config,
+                run_id=self.state.get("wandb_run_id"),
+                enabled=self.info.is_main,
+                run_name=self.run_cfg.name,
+            )
+            self.progress = ProgressPrinter(
+                total_steps=self.stop_step, start_step=self.step, steps_per_epoch=self.steps_per_epoch
+            )
+            yield self
+        finally:
+            if self.progress is not None:
+                self.progress.close()
+            if self.logger is not None:
+                self.logger.close()
+            self.lock.release()
+
+    def _resume(self, check: Callable[[dict[str, Any], Path], None]) -> None:
+        """Restore the latest checkpoint of the run directory, if there is one."""
         latest = find_latest_checkpoint(self.run_dir)
         if latest is None:
-            return {}
+            return
         state = read_resume_meta(latest)
         check(state, latest)
         check_total_batch(state, self.total_batch, latest, self.total_batch // self.config["data"]["batch_size"])
@@ -116,30 +250,6 @@ class TrainingRun:
         device = self.stats.loss_sum.device
         self.stats = StepStats(device, state.get("skipped_steps", 0), state.get("consecutive_skips", 0))
         self.say(f"resuming {self.run_dir} from {latest.name} at step {self.step}")
-        return state
-
-    @contextmanager
-    def running(self) -> Iterator[TrainingRun]:
-        """Write config.yaml, open the metrics sinks and the progress display; always close them on the way out."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.info.is_main:
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.config, sort_keys=False))
-        self.logger = MetricsLogger(
-            self.run_dir,
-            self.logger_cfg,
-            self.config,
-            run_id=self.state.get("wandb_run_id"),
-            enabled=self.info.is_main,
-            run_name=self.run_cfg.name,
-        )
-        self.progress = ProgressPrinter(
-            total_steps=self.stop_step, start_step=self.step, steps_per_epoch=self.steps_per_epoch
-        )
-        try:
-            yield self
-        finally:
-            self.progress.close()
-            self.logger.close()
 
     # ------------------------------------------------------------------------------------------------ each step
 
@@ -173,6 +283,7 @@ class TrainingRun:
     def log(self, metrics: dict[str, Any], show: bool = True) -> None:
         """metrics.jsonl (+ W&B) at this step; `show` also puts them on the terminal (rank 0)."""
         self.logger.log(self.step, metrics)
+        self.lock.heartbeat()
         if show and self.info.is_main:
             self.progress.update(self.step, {k: v for k, v in metrics.items() if not k.startswith("lr/")})
 

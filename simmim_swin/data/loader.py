@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from simmim_swin.data.transforms import build_eval_transform
+from simmim_swin.distributed import ignore_stop_signals
 
 _MAX_SAMPLE_SEED = 2**62  # torch and python take seeds this large; numpy's legacy seeding gets them mod 2**32
 
@@ -199,6 +200,7 @@ def build_pretrain_loader(
         drop_last=drop_last,
         persistent_workers=num_workers > 0,
         generator=worker_generator,
+        worker_init_fn=ignore_stop_signals,
     )
 
 
