@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import math
 import numbers
-import os
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -22,6 +20,7 @@ import torch
 from PIL import Image
 
 from simmim_swin.config import LoggerConfig
+from simmim_swin.files import atomic_write
 
 WANDB_MODES = ("online", "offline", "disabled")
 METRICS_FILE = "metrics.jsonl"
@@ -39,18 +38,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, bool) or not isinstance(value, numbers.Number):
         return value
     return int(value) if isinstance(value, numbers.Integral) else float(value)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and os.replace, so a reader or a crash never leaves half a file."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 class MetricsLogger:
@@ -157,7 +144,7 @@ class MetricsLogger:
         self.summary.update(values)
         if not self.enabled:
             return
-        _write_text_atomic(self.run_dir / SUMMARY_FILE, json.dumps(self.summary, indent=2, sort_keys=True) + "\n")
+        atomic_write(self.run_dir / SUMMARY_FILE, json.dumps(self.summary, indent=2, sort_keys=True) + "\n")
         if self._wandb_run is not None:
             self._wandb_run.summary.update(values)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -22,6 +21,7 @@ from PIL import Image
 
 from simmim_swin.data.datasets import find_images
 from simmim_swin.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
+from simmim_swin.files import atomic_write
 
 INDEX_FORMAT = "simmim-swin-shards/1"
 # image member extensions the loaders read, in order of preference when a sample holds several
@@ -174,9 +174,7 @@ def write_shards(
                    for shard, count in counts.items()],
     }  # fmt: skip
     index_path = out_dir / f"{name}.json"
-    tmp = index_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(index, indent=1) + "\n")
-    os.replace(tmp, index_path)  # a reader never sees a half-written index
+    atomic_write(index_path, json.dumps(index, indent=1) + "\n")  # a reader never sees a half-written index
     return index_path
 
 
