@@ -15,7 +15,7 @@ from simmim_swin.config import LoggerConfig, MaskConfig, ModelConfig
 from simmim_swin.data import build_eval_transform
 from simmim_swin.masking import MaskGenerator
 from simmim_swin.models import build_simmim
-from simmim_swin.panel import GUTTER_PX, MASK_GREY, save_reconstruction_panel
+from simmim_swin.panel import MASK_GREY, save_reconstruction_panel, tile_box
 from simmim_swin.tracking import (
     MetricsLogger,
     ProgressPrinter,
@@ -301,8 +301,10 @@ def test_wandb_offline_logs_images_and_the_jsonl_holds_the_scalars(tmp_path: Pat
     panel = _real_photo_panel(tmp_path / "recon.png")
     with Image.open(panel) as png:
         pixels = np.asarray(png.convert("RGB"))
-    tile = (pixels.shape[1] - 2 * GUTTER_PX) // 3
-    original, masked = pixels[:, :tile].astype(float), pixels[:, tile + GUTTER_PX : 2 * tile + GUTTER_PX]
+    top, left, bottom, right = tile_box(0, 0, 64, 64)  # _real_photo_panel: one 64 px image
+    original = pixels[top:bottom, left:right].astype(float)
+    top, left, bottom, right = tile_box(0, 1, 64, 64)
+    masked = pixels[top:bottom, left:right]
     assert original.std() > 20  # a photograph, not a blank tile
     grey = (masked == MASK_GREY).all(axis=-1).mean()
     assert 0.5 < grey < 0.7  # mask ratio 0.6: the masked column is mostly grey ...
