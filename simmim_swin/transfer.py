@@ -371,7 +371,7 @@ def build_classifier(
 
     verbose prints what was loaded, dropped and re-created (rank 0 of a multi-process job alone does).
     """
-    model = build_encoder(model_cfg, num_classes=num_classes)
+    model = build_encoder(**to_dict(model_cfg), num_classes=num_classes)
     if pretrained is not None:
         report = load_encoder_weights(model, pretrained.state_dict, keep_head=keep_head, source=str(pretrained.path))
         dropped = {**pretrained.dropped, **report.dropped}

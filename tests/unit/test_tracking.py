@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from simmim_swin.config import LoggerConfig, MaskConfig, ModelConfig
+from simmim_swin.config import LoggerConfig
 from simmim_swin.data import build_eval_transform
 from simmim_swin.masking import MaskGenerator
 from simmim_swin.models import build_simmim
@@ -289,8 +289,7 @@ def _real_photo_panel(path: Path, img_size: int = 64, patch: int = 4) -> Path:
     skimage_data = pytest.importorskip("skimage.data")
     image = build_eval_transform(img_size)(Image.fromarray(skimage_data.astronaut()))[None]  # 1, 3, H, W
     mask = MaskGenerator(img_size, 16, patch, 0.6)(torch.Generator().manual_seed(0))[None]  # 1, H/4, W/4
-    model_cfg = ModelConfig(arch="pico", img_size=img_size, window_size=4, drop_path_rate=0.0)
-    model = build_simmim(model_cfg, MaskConfig(mask_patch_size=16)).eval()
+    model = build_simmim("pico", img_size=img_size, window_size=4, drop_path_rate=0.0).eval()
     with torch.no_grad():
         _, reconstruction = model(image, mask)
         reconstruction = model.target_to_image(image, reconstruction)

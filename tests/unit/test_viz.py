@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 
 from simmim_swin.cli.plot import run_labels
-from simmim_swin.config import MaskConfig, ModelConfig
 from simmim_swin.models import build_simmim
 from simmim_swin.viz import (
     BIAS_COLORMAP,
@@ -48,8 +47,7 @@ def test_bias_maps_are_the_bias_the_attention_adds(tiny_encoder, randomize) -> N
 
 
 def test_bias_maps_accept_a_simmim_model_and_reject_bad_input(tiny_encoder) -> None:
-    cfg = ModelConfig(arch="pico", img_size=32, window_size=4)
-    model = build_simmim(cfg, MaskConfig(mask_patch_size=8))
+    model = build_simmim("pico", img_size=32, window_size=4)
     maps = make_position_bias_maps(model)
     assert len(maps) == 3 and maps[0][1].shape[-1] == 7
     with pytest.raises(ValueError, match="block=2 does not exist in stage 0"):
