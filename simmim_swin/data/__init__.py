@@ -12,6 +12,7 @@ from simmim_swin.data.datasets import (
     build_pretrain_dataset,
     find_images,
 )
+from simmim_swin.data.fashion_mnist import FashionMNIST, load_fashion_mnist
 from simmim_swin.data.loader import (
     SeededSampler,
     SeededSamples,
@@ -68,6 +69,7 @@ __all__ = [
     "BadSampleLog",
     "Batch",
     "EvalSample",
+    "FashionMNIST",
     "FashionMNISTMIM",
     "ImageFolderMIM",
     "ImageList",
@@ -90,6 +92,7 @@ __all__ = [
     "derive_seed",
     "fashion_mnist_samples",
     "find_images",
+    "load_fashion_mnist",
     "folder_samples",
     "iter_shard_samples",
     "make_epoch_generator",
