@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import numbers
-import shutil
 import sys
 import time
 import warnings
@@ -21,6 +20,7 @@ from PIL import Image
 
 from simmim_swin.config import LoggerConfig
 from simmim_swin.files import atomic_write
+from simmim_swin.progress import StatusLine
 
 WANDB_MODES = ("online", "offline", "disabled")
 METRICS_FILE = "metrics.jsonl"
@@ -287,7 +287,7 @@ def _format_duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-class ProgressPrinter:
+class ProgressPrinter(StatusLine):
     """Progress of a run: step, epoch, known metrics, then the rest, and the ETA.
 
     On a terminal (stream.isatty()) one status line is redrawn in place with the known metrics only; elsewhere
@@ -319,15 +319,12 @@ class ProgressPrinter:
     ) -> None:
         if steps_per_epoch <= 0:
             raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
+        super().__init__(stream, tty=tty, width=width)
         self.total_steps = total_steps
         self.start_step = start_step
         self.steps_per_epoch = steps_per_epoch
-        self.stream = stream
         self.clock = clock
         self.start_time = clock()
-        self.tty = bool(getattr(stream, "isatty", lambda: False)()) if tty is None else tty
-        self.width = width if width is not None else shutil.get_terminal_size(fallback=(120, 24)).columns
-        self._line_open = False  # a status line is on screen without its newline
 
     def format(self, step: int, metrics: dict[str, Any], compact: bool = False) -> str:
         """The progress line for `step` (without a newline); compact leaves out the metrics not in _KNOWN."""
@@ -351,22 +348,4 @@ class ProgressPrinter:
 
     def update(self, step: int, metrics: dict[str, Any]) -> None:
         """Show the progress for `step`: redraw the status line on a terminal, else print a line."""
-        if not self.tty:
-            print(self.format(step, metrics), file=self.stream, flush=True)
-            return
-        line = self.format(step, metrics, compact=True)[: max(self.width - 1, 20)]  # a wrapped line cannot be redrawn
-        self.stream.write("\r" + line + "\x1b[K")  # carriage return, text, erase the rest of the old line
-        self.stream.flush()
-        self._line_open = True
-
-    def message(self, text: str) -> None:
-        """Print a line of text without garbling the status line (it is redrawn at the next update)."""
-        self.close()
-        print(text, file=self.stream, flush=True)
-
-    def close(self) -> None:
-        """End the status line on a terminal so later output starts on a fresh line."""
-        if self._line_open:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._line_open = False
+        self.show(self.format(step, metrics, compact=self.tty))

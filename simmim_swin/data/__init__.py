@@ -23,6 +23,7 @@ from simmim_swin.data.loader import (
 from simmim_swin.data.pipeline import PretrainData, build_pretrain_data, build_val_batches
 from simmim_swin.data.shards import (
     IMAGE_MEMBER_KEYS,
+    Progress,
     ShardSample,
     fashion_mnist_samples,
     folder_samples,
@@ -42,7 +43,6 @@ from simmim_swin.data.stream import (
     derive_seed,
     iter_shard_samples,
     open_image,
-    read_label,
     read_samples,
 )
 from simmim_swin.data.transforms import (
@@ -77,6 +77,7 @@ __all__ = [
     "PretrainCrop",
     "PretrainData",
     "PretrainSample",
+    "Progress",
     "SeededSampler",
     "SeededSamples",
     "ShardSample",
@@ -100,7 +101,6 @@ __all__ = [
     "normalize_images",
     "open_image",
     "read_index",
-    "read_label",
     "read_samples",
     "resolve_urls",
     "sample_crop_box",

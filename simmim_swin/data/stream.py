@@ -120,13 +120,6 @@ def open_image(sample: dict[str, Any]) -> Image.Image:
     raise ValueError(f"no image member (has {members}; expected one of {list(IMAGE_MEMBER_KEYS)})")
 
 
-def read_label(sample: dict[str, Any]) -> int:
-    """The sample's integer class from its `cls` member."""
-    if "cls" not in sample:
-        raise ValueError("no cls member: the shards were written without --labels")
-    return int(sample["cls"])
-
-
 class PretrainSample:
     """Raw sample -> (image uint8 (3, S, S), token mask uint8): SimMIM's crop with draft decoding, mask drawn in
     the worker; both from the worker's generator."""

@@ -270,13 +270,13 @@ def test_progress_redraws_one_line_on_a_terminal() -> None:
     now[0] = 10.0
     printer.update(10, {"loss": 0.5, "lr": 1e-3, "images_per_sec": 64.0, "data_wait_frac": 0.125})
     printer.update(20, {"loss": 0.25})
-    printer.message("saved checkpoint")
+    printer.close()  # before other output: the status line gets its newline
+    printer.close()  # a second close writes nothing
     printer.update(30, {"loss": 0.125})
     printer.close()
     assert stream.getvalue() == (
         "\rstep 10/100 ep 1 loss 0.5000 lr 1.00e-03 img/s 64.0 eta 0:01:30\x1b[K"  # compact: known metrics only
         "\rstep 20/100 ep 2 loss 0.2500 eta 0:00:40\x1b[K\n"
-        "saved checkpoint\n"
         "\rstep 30/100 ep 3 loss 0.1250 eta 0:00:23\x1b[K\n"
     )
     narrow = _FakeStream(tty=True)
