@@ -49,7 +49,6 @@ class MetricsLogger:
         config: the resolved run config as a plain dict, stored with the wandb run.
         run_id: wandb run id to resume; None reads run_dir/wandb_run_id, else wandb makes a new one.
         enabled: False on non-zero ranks: nothing is written anywhere.
-        experiment: the experiment preset's name; the wandb group and tag when logger_cfg sets none.
         run_name: the wandb display name (the run directory's name).
     """
 
@@ -60,7 +59,6 @@ class MetricsLogger:
         config: dict,
         run_id: str | None = None,
         enabled: bool = True,
-        experiment: str | None = None,
         run_name: str | None = None,
     ) -> None:
         if logger_cfg.wandb not in WANDB_MODES:
@@ -78,9 +76,9 @@ class MetricsLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         if logger_cfg.wandb != "disabled":
-            self._init_wandb(logger_cfg, config, experiment, run_name)
+            self._init_wandb(logger_cfg, config, run_name)
 
-    def _init_wandb(self, logger_cfg: LoggerConfig, config: dict, experiment: str | None, run_name: str | None) -> None:
+    def _init_wandb(self, logger_cfg: LoggerConfig, config: dict, run_name: str | None) -> None:
         """Start (or resume) the wandb run; its id is kept in self.run_id and run_dir/wandb_run_id."""
         import wandb  # imported here: a run with wandb disabled never pays its import time
 
@@ -92,8 +90,8 @@ class MetricsLogger:
             dir=str(self.run_dir),
             project=logger_cfg.project,
             entity=logger_cfg.entity,
-            group=logger_cfg.group or experiment,
-            tags=list(logger_cfg.tags) or ([experiment] if experiment else []),
+            group=logger_cfg.group,
+            tags=list(logger_cfg.tags),
             name=run_name,
             config=config,
             id=self.run_id,  # None: wandb generates one
@@ -211,22 +209,17 @@ def lr_metrics(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return metrics
 
 
-def system_metrics(device: torch.device | str, reset_peak: bool = False) -> dict[str, float]:
-    """GPU memory allocated now and at peak (GiB) on a CUDA device, {} elsewhere. No device sync.
-
-    reset_peak: start a new peak window, so the next call reports the peak since this one.
-    """
+def system_metrics(device: torch.device | str) -> dict[str, float]:
+    """GPU memory allocated now, at peak since the start (or the last reset) and reserved (GiB) on a CUDA device,
+    {} elsewhere. No device sync."""
     device = torch.device(device)
     if device.type != "cuda":
         return {}
-    metrics = {
+    return {
         "gpu_mem_alloc_gib": torch.cuda.memory_allocated(device) / GIB,
         "gpu_mem_peak_gib": torch.cuda.max_memory_allocated(device) / GIB,
         "gpu_mem_reserved_gib": torch.cuda.memory_reserved(device) / GIB,
     }
-    if reset_peak:
-        torch.cuda.reset_peak_memory_stats(device)
-    return metrics
 
 
 class StepTimer:

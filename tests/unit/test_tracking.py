@@ -204,19 +204,24 @@ def test_lr_metrics_per_group_only_when_they_differ() -> None:
     assert lr_metrics(layered) == {"lr": 0.1, "lr/group0": 0.1, "lr/group1": 0.05, "lr/group2": 0.025}
 
 
-def test_system_metrics_on_cpu_is_empty() -> None:
+def test_system_metrics_report_gpu_memory_only_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     assert system_metrics("cpu") == {}
-    assert system_metrics(torch.device("cpu"), reset_peak=True) == {}
+    assert system_metrics(torch.device("cpu")) == {}
+    # on a CUDA device the three numbers come from torch.cuda, in GiB (faked here so the CPU runs the branch)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2 * 2**30)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 2**29)
+    assert system_metrics("cuda:0") == {"gpu_mem_alloc_gib": 2.0, "gpu_mem_peak_gib": 3.0, "gpu_mem_reserved_gib": 0.5}
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_system_metrics_on_cuda() -> None:
     x = torch.empty(256, 2**20, dtype=torch.uint8, device="cuda")  # 0.25 GiB
-    metrics = system_metrics("cuda", reset_peak=True)
+    metrics = system_metrics("cuda")
     assert metrics["gpu_mem_alloc_gib"] >= 0.25 and metrics["gpu_mem_peak_gib"] >= metrics["gpu_mem_alloc_gib"]
+    assert metrics["gpu_mem_reserved_gib"] >= metrics["gpu_mem_alloc_gib"]
     del x
-    assert system_metrics("cuda")["gpu_mem_peak_gib"] < metrics["gpu_mem_peak_gib"]  # the peak was reset
 
 
 def test_step_timer_splits_data_wait_from_compute() -> None:
@@ -311,8 +316,8 @@ def test_wandb_offline_logs_images_and_the_jsonl_holds_the_scalars(tmp_path: Pat
     bias = tmp_path / "bias.png"
     Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8)).save(bias)
 
-    cfg = LoggerConfig(wandb="offline", project="test")
-    logger = MetricsLogger(tmp_path / "run", cfg, config={}, experiment="swinv2_tiny_w8", run_name="tiny-run")
+    cfg = LoggerConfig(wandb="offline", project="test", group="swinv2_tiny_w8", tags=["swinv2_tiny_w8"])
+    logger = MetricsLogger(tmp_path / "run", cfg, config={}, run_name="tiny-run")
     assert logger.wandb_run.group == "swinv2_tiny_w8" and list(logger.wandb_run.tags) == ["swinv2_tiny_w8"]
     assert logger.wandb_run.name == "tiny-run"
     scalars = [{"loss": 1.0 / (s + 1), "lr/group0": 1e-3, "data_wait_frac": 0.1, "skipped_steps": 0} for s in range(3)]
@@ -332,8 +337,11 @@ def test_wandb_offline_logs_images_and_the_jsonl_holds_the_scalars(tmp_path: Pat
     assert json.loads((tmp_path / "run" / "summary.json").read_text()) == {"best_val_loss": 0.5}
 
 
-def test_wandb_tags_and_group_from_the_config_win(tmp_path: Path, wandb_env: None) -> None:
+def test_wandb_tags_and_group_come_from_the_config(tmp_path: Path, wandb_env: None) -> None:
     cfg = LoggerConfig(wandb="offline", group="ablation", tags=["a", "b"])
-    logger = MetricsLogger(tmp_path / "run", cfg, config={}, experiment="exp")
+    logger = MetricsLogger(tmp_path / "run", cfg, config={})
     assert logger.wandb_run.group == "ablation" and list(logger.wandb_run.tags) == ["a", "b"]
+    logger.close()
+    logger = MetricsLogger(tmp_path / "run2", LoggerConfig(wandb="offline"), config={})
+    assert not logger.wandb_run.group and list(logger.wandb_run.tags) == []
     logger.close()
