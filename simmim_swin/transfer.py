@@ -375,7 +375,7 @@ def build_classifier(
     if pretrained is not None:
         report = load_encoder_weights(model, pretrained.state_dict, keep_head=keep_head, source=str(pretrained.path))
         dropped = {**pretrained.dropped, **report.dropped}
-        windows = f"windows {model.stage_window_sizes}, CPB normalised by {list(model.pretrained_window_sizes)}"
+        windows = f"windows {model.stage_window_sizes}, CPB normalised by {model.cpb_window_sizes}"
         if verbose:
             print(f"loaded {pretrained.source_format} weights from {pretrained.path} ({windows})", flush=True)
             print(dataclasses.replace(report, dropped=dropped).summary(), flush=True)

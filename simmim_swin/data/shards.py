@@ -67,11 +67,14 @@ def folder_samples(
         for path in paths:
             rel = path.relative_to(root)
             data = path.read_bytes()
+            buffer = io.BytesIO(data)
             try:
-                Image.open(io.BytesIO(data)).close()  # reads the header only: cheap, and nothing is re-encoded
+                Image.open(buffer).close()  # reads the header only: cheap, and nothing is re-encoded
             except Exception as e:  # PIL raises several types for unreadable files; all mean "not an image"
                 if skipped is not None:
-                    skipped.append(f"{path}: {e}")
+                    # PIL names the buffer (`<_io.BytesIO object at 0x...>`), not the file: name the file instead
+                    reason = str(e).replace(f" {buffer!r}", "").replace(repr(buffer), "the file")
+                    skipped.append(f"{path}: {reason}")
                 continue
             ext = path.suffix.lower().lstrip(".")
             # webdataset splits a member name at the first dot of its base name: dots in the key must go

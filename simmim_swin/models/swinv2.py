@@ -517,6 +517,11 @@ class SwinTransformerV2(nn.Module):
         """The window each stage actually uses (after clipping): the pretrained_window_sizes of a fine-tune."""
         return [stage.blocks[0].window_size[0] for stage in self.layers]
 
+    @property
+    def cpb_window_sizes(self) -> list[int]:
+        """The window each stage divides its CPB offsets by: its pretrained window, or its own when that is 0."""
+        return [p if p > 0 else w for p, w in zip(self.pretrained_window_sizes, self.stage_window_sizes, strict=True)]
+
     def enable_mask_token(self) -> nn.Parameter:
         """Create the learned SimMIM mask token (1, 1, C), truncated-normal std 0.02, if it does not exist yet."""
         if self.mask_token is None:
