@@ -1,4 +1,4 @@
-"""Load pretrained SwinV2 weights into a model built at a new image size and window (SPEC section 3).
+"""Load pretrained SwinV2 weights into a model built at a new image size and window (docs/reference.md §3).
 
 Three sources: our checkpoints (SimMIM pretraining, fine-tuning, safetensors exports), the reference
 implementation's (Microsoft's SimMIM / Swin-Transformer: `encoder.` prefix, `rpe_mlp`, patch merging at the end of

@@ -39,7 +39,7 @@ def assign_shards(urls: list[str], slot: int, num_slots: int) -> list[str]:
     """The shards of one (rank, worker) slot: every num_slots-th, so slots never share a shard.
 
     With fewer shards than slots every slot resamples from all shards instead (seeded differently), which keeps
-    every worker busy: an empty worker would leave its rank short of batches (see PITFALLS.md).
+    every worker busy: an empty worker would leave its rank short of batches (docs/reference.md, known pitfalls).
     """
     if len(urls) < num_slots:
         return list(urls)

@@ -1,4 +1,4 @@
-"""Parameter groups (SPEC section 2 weight-decay exclusions), lr scaling and the per-step lr schedules."""
+"""Parameter groups (docs/reference.md §2 weight-decay exclusions), lr scaling and the per-step lr schedules."""
 
 import math
 
