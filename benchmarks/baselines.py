@@ -20,7 +20,6 @@ from timm.layers import trunc_normal_
 from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2
 from torch import nn
 
-from simmim_swin.config import MaskConfig, ModelConfig
 from simmim_swin.models import SWINV2_SIZES, SimMIM, build_simmim
 from simmim_swin.models.swinv2 import is_derived_buffer
 
@@ -93,21 +92,15 @@ class HFSimMIM(nn.Module):
 def build_reference(args: argparse.Namespace, img_size: int) -> SimMIM:
     """Our SimMIM at `img_size`, eager attention; every variant starts from its weights (hf: same dims only)."""
     torch.manual_seed(args.seed)
-    model_cfg = ModelConfig(
-        arch=args.arch,
+    return build_simmim(
+        args.arch,
+        norm_target=args.norm_target or None,
         img_size=img_size,
         patch_size=args.patch_size,
         window_size=args.window,
         drop_path_rate=args.drop_path,
         fused_attn=False,
     )
-    mask_cfg = MaskConfig(
-        mask_patch_size=args.mask_patch,
-        mask_ratio=args.mask_ratio,
-        norm_target=args.norm_target > 0,
-        norm_target_window=args.norm_target or 47,
-    )
-    return build_simmim(model_cfg, mask_cfg)
 
 
 def build_variant(name: str, reference: SimMIM, args: argparse.Namespace, img_size: int) -> nn.Module:

@@ -12,7 +12,7 @@
 Defaults fit a 2-core CPU in about 30 minutes: 32 px / window 4 -> 48 px / window 6 (stage windows [4, 4, 2] ->
 [6, 6, 3]), 3 pretraining epochs, 15 fine-tuning epochs, two single-thread fine-tunes side by side. With so
 short a fine-tuning, mixup / cutmix / random erasing slow convergence more than they regularise, so they are
-off here (the SPEC recipe, conf/finetune/swinv2_base_w14_224.yaml, is for 100 ImageNet epochs). Scale up with
+off here (the reference recipe, conf/finetune/swinv2_base_w14_224.yaml, is for 100 ImageNet epochs). Scale up with
 flags on a GPU, e.g.
     python benchmarks/quality_fmnist.py --device cuda --threads 0 --jobs 1 --size 64 --window 8 \
         --pretrain-epochs 50 --epochs 100 --embed-dim 96 --depths 2 2 6 --heads 3 6 12 --seeds 0 1 2 3 4

@@ -15,14 +15,14 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from .distributed import DistInfo, all_gather_objects
+from .files import atomic_write, fsync_dir
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST_POINTER = "latest"
@@ -32,36 +32,9 @@ _STEP_FILE = re.compile(r"step_(\d+)\.(pt|dcp)")
 SHARDED_META = "meta.pt"
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Flush a folder's entries (the rename) to disk."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
-    """Write through `write(file)` into a temp file beside `path`, fsync it, rename it onto `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A dot-prefixed temp name never matches step_*.pt, so a crash mid-write leaves nothing a resume would pick.
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
 def save_checkpoint(path: str | Path, state: dict) -> Path:
     """torch.save `state` to `path` atomically (temp file, fsync, rename, fsync of the folder)."""
-    return _atomic_write(Path(path), lambda f: torch.save(state, f))
+    return atomic_write(path, lambda f: torch.save(state, f))
 
 
 def _step_files(folder: Path) -> list[tuple[int, Path]]:
@@ -82,7 +55,7 @@ def save_and_prune(run_dir: str | Path, step: int, state: dict, keep_last: int) 
         raise ValueError(f"run.keep_last={keep_last} must be at least 1 (the checkpoint just written)")
     folder = Path(run_dir) / CHECKPOINT_DIR
     path = save_checkpoint(folder / f"step_{step:08d}.pt", state)
-    _atomic_write(folder / LATEST_POINTER, lambda f: f.write(path.name.encode()))
+    atomic_write(folder / LATEST_POINTER, path.name)
     _prune(folder, keep=path, keep_last=keep_last)
     return path
 
@@ -129,8 +102,8 @@ def save_sharded_and_prune(
         save_checkpoint(tmp / SHARDED_META, meta)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
-        _fsync_dir(folder)
-        _atomic_write(folder / LATEST_POINTER, lambda f: f.write(path.name.encode()))
+        fsync_dir(folder)
+        atomic_write(folder / LATEST_POINTER, path.name)
         _prune(folder, keep=path, keep_last=keep_last)
     if dist.is_initialized():
         dist.barrier()

@@ -57,7 +57,8 @@ def export_launcher_env() -> None:
     """Fill RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT from submitit or Slurm when torchrun did not.
 
     torchrun sets them itself. Under submitit (hydra's submitit launcher) submitit's helper exports them; under
-    a bare `srun` (one task per GPU, e.g. launch/pretrain_srun.sbatch) they come from SLURM_* variables.
+    a bare `srun` (one task per GPU, no torchrun; launch/pretrain.sbatch uses torchrun instead) they come from
+    SLURM_* variables.
     """
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return

@@ -1,19 +1,26 @@
-"""Reconstruction panels: one PNG row per image, original | masked input | reconstruction pasted into the original."""
+"""Reconstruction panels: one PNG row per image, original | masked input | reconstruction pasted into the original.
+
+The tiles are laid out by torchvision's make_grid (a white gutter around and between them) under a strip with the
+column titles.
+"""
 
 from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
+from torchvision.utils import make_grid
 
 from simmim_swin.data.transforms import denormalize
+from simmim_swin.files import atomic_write
 
-GUTTER_PX = 4  # white space between tiles
+GUTTER_PX = 4  # white space around and between tiles
+TITLE_PX = 16  # white strip above the grid holding the column titles
+COLUMN_TITLES = ("original", "masked", "reconstruction")
 MIN_TILE_PX = 128  # smaller tiles are enlarged (nearest neighbour) by an integer factor
 MASK_GREY = 128  # masked patches in the input column
 
@@ -27,7 +34,16 @@ def panel_size(num_rows: int, height: int, width: int) -> tuple[int, int]:
     """(width, height) in pixels of the panel for `num_rows` images of height x width."""
     scale = tile_scale(height, width)
     tile_h, tile_w = height * scale, width * scale
-    return 3 * tile_w + 2 * GUTTER_PX, num_rows * tile_h + (num_rows - 1) * GUTTER_PX
+    return 3 * tile_w + 4 * GUTTER_PX, TITLE_PX + num_rows * tile_h + (num_rows + 1) * GUTTER_PX
+
+
+def tile_box(row: int, col: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """(top, left, bottom, right) pixel box of one tile in the panel of images of height x width."""
+    scale = tile_scale(height, width)
+    tile_h, tile_w = height * scale, width * scale
+    top = TITLE_PX + GUTTER_PX + row * (tile_h + GUTTER_PX)
+    left = GUTTER_PX + col * (tile_w + GUTTER_PX)
+    return top, left, top + tile_h, left + tile_w
 
 
 def make_panel_tiles(
@@ -76,24 +92,16 @@ def save_reconstruction_panel(
     scale = tile_scale(h, w)
     if scale > 1:
         tiles = tiles.repeat(scale, axis=2).repeat(scale, axis=3)
-    tile_h, tile_w = h * scale, w * scale
-    width, height = panel_size(num_rows, h, w)
-    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
-    for row in range(num_rows):
-        top = row * (tile_h + GUTTER_PX)
-        for col in range(3):
-            left = col * (tile_w + GUTTER_PX)
-            canvas[top : top + tile_h, left : left + tile_w] = tiles[row, col]
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # a reader (wandb, a browser, a sync job) never sees a half-written file
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(canvas).save(f, format="PNG")
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+    # B, 3 columns, H, W, 3 -> B*3, 3, H, W: make_grid fills rows of three tiles
+    grid = make_grid(
+        torch.from_numpy(tiles).flatten(0, 1).permute(0, 3, 1, 2), nrow=3, padding=GUTTER_PX, pad_value=255
+    )
+    grid = grid.permute(1, 2, 0).numpy()  # H_grid, W_grid, 3
+    canvas = Image.new("RGB", (grid.shape[1], TITLE_PX + grid.shape[0]), "white")
+    canvas.paste(Image.fromarray(grid), (0, TITLE_PX))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    for col, title in enumerate(COLUMN_TITLES):
+        _, left, _, right = tile_box(0, col, h, w)
+        draw.text(((left + right) // 2, TITLE_PX // 2), title, fill="black", font=font, anchor="mm")
+    return atomic_write(path, lambda f: canvas.save(f, format="PNG"))

@@ -116,7 +116,8 @@ def _train(
 ) -> Path:
     precision = resolve_precision(config.run.precision, device)
     torch.manual_seed(config.run.seed)  # the same initial weights on every rank
-    model = build_simmim(config.model, config.mask).to(device)
+    norm_target = config.mask.norm_target_window if config.mask.norm_target else None
+    model = build_simmim(**to_dict(config.model), norm_target=norm_target).to(device)
     data = build_pretrain_data(
         config.data, config.model.img_size, mask_generator, seed=config.run.seed,
         accum_steps=config.optim.accum_steps, rank=info.rank, world_size=info.world_size,

@@ -34,6 +34,7 @@ from .checkpoint import (
 from .config import ConfigError, LoggerConfig, RunConfig
 from .distributed import DistInfo, Preempted, StopSignal
 from .engine import StepStats, TrainingDiverged
+from .files import atomic_write
 from .tracking import MetricsLogger, ProgressPrinter, StepTimer, lr_metrics, system_metrics
 
 

@@ -6,10 +6,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
-import os
-import shutil
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -22,6 +19,8 @@ import torch
 from PIL import Image
 
 from simmim_swin.config import LoggerConfig
+from simmim_swin.files import atomic_write
+from simmim_swin.progress import StatusLine
 
 WANDB_MODES = ("online", "offline", "disabled")
 METRICS_FILE = "metrics.jsonl"
@@ -41,18 +40,6 @@ def _plain(value: Any) -> Any:
     return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and os.replace, so a reader or a crash never leaves half a file."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-
-
 class MetricsLogger:
     """Appends one JSON object per `log` call to run_dir/metrics.jsonl and mirrors it to wandb when enabled.
 
@@ -62,7 +49,6 @@ class MetricsLogger:
         config: the resolved run config as a plain dict, stored with the wandb run.
         run_id: wandb run id to resume; None reads run_dir/wandb_run_id, else wandb makes a new one.
         enabled: False on non-zero ranks: nothing is written anywhere.
-        experiment: the experiment preset's name; the wandb group and tag when logger_cfg sets none.
         run_name: the wandb display name (the run directory's name).
     """
 
@@ -73,7 +59,6 @@ class MetricsLogger:
         config: dict,
         run_id: str | None = None,
         enabled: bool = True,
-        experiment: str | None = None,
         run_name: str | None = None,
     ) -> None:
         if logger_cfg.wandb not in WANDB_MODES:
@@ -91,9 +76,9 @@ class MetricsLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         if logger_cfg.wandb != "disabled":
-            self._init_wandb(logger_cfg, config, experiment, run_name)
+            self._init_wandb(logger_cfg, config, run_name)
 
-    def _init_wandb(self, logger_cfg: LoggerConfig, config: dict, experiment: str | None, run_name: str | None) -> None:
+    def _init_wandb(self, logger_cfg: LoggerConfig, config: dict, run_name: str | None) -> None:
         """Start (or resume) the wandb run; its id is kept in self.run_id and run_dir/wandb_run_id."""
         import wandb  # imported here: a run with wandb disabled never pays its import time
 
@@ -105,8 +90,8 @@ class MetricsLogger:
             dir=str(self.run_dir),
             project=logger_cfg.project,
             entity=logger_cfg.entity,
-            group=logger_cfg.group or experiment,
-            tags=list(logger_cfg.tags) or ([experiment] if experiment else []),
+            group=logger_cfg.group,
+            tags=list(logger_cfg.tags),
             name=run_name,
             config=config,
             id=self.run_id,  # None: wandb generates one
@@ -157,7 +142,7 @@ class MetricsLogger:
         self.summary.update(values)
         if not self.enabled:
             return
-        _write_text_atomic(self.run_dir / SUMMARY_FILE, json.dumps(self.summary, indent=2, sort_keys=True) + "\n")
+        atomic_write(self.run_dir / SUMMARY_FILE, json.dumps(self.summary, indent=2, sort_keys=True) + "\n")
         if self._wandb_run is not None:
             self._wandb_run.summary.update(values)
 
@@ -224,22 +209,17 @@ def lr_metrics(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return metrics
 
 
-def system_metrics(device: torch.device | str, reset_peak: bool = False) -> dict[str, float]:
-    """GPU memory allocated now and at peak (GiB) on a CUDA device, {} elsewhere. No device sync.
-
-    reset_peak: start a new peak window, so the next call reports the peak since this one.
-    """
+def system_metrics(device: torch.device | str) -> dict[str, float]:
+    """GPU memory allocated now, at peak since the start (or the last reset) and reserved (GiB) on a CUDA device,
+    {} elsewhere. No device sync."""
     device = torch.device(device)
     if device.type != "cuda":
         return {}
-    metrics = {
+    return {
         "gpu_mem_alloc_gib": torch.cuda.memory_allocated(device) / GIB,
         "gpu_mem_peak_gib": torch.cuda.max_memory_allocated(device) / GIB,
         "gpu_mem_reserved_gib": torch.cuda.memory_reserved(device) / GIB,
     }
-    if reset_peak:
-        torch.cuda.reset_peak_memory_stats(device)
-    return metrics
 
 
 class StepTimer:
@@ -300,7 +280,7 @@ def _format_duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-class ProgressPrinter:
+class ProgressPrinter(StatusLine):
     """Progress of a run: step, epoch, known metrics, then the rest, and the ETA.
 
     On a terminal (stream.isatty()) one status line is redrawn in place with the known metrics only; elsewhere
@@ -332,15 +312,12 @@ class ProgressPrinter:
     ) -> None:
         if steps_per_epoch <= 0:
             raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
+        super().__init__(stream, tty=tty, width=width)
         self.total_steps = total_steps
         self.start_step = start_step
         self.steps_per_epoch = steps_per_epoch
-        self.stream = stream
         self.clock = clock
         self.start_time = clock()
-        self.tty = bool(getattr(stream, "isatty", lambda: False)()) if tty is None else tty
-        self.width = width if width is not None else shutil.get_terminal_size(fallback=(120, 24)).columns
-        self._line_open = False  # a status line is on screen without its newline
 
     def format(self, step: int, metrics: dict[str, Any], compact: bool = False) -> str:
         """The progress line for `step` (without a newline); compact leaves out the metrics not in _KNOWN."""
@@ -364,22 +341,4 @@ class ProgressPrinter:
 
     def update(self, step: int, metrics: dict[str, Any]) -> None:
         """Show the progress for `step`: redraw the status line on a terminal, else print a line."""
-        if not self.tty:
-            print(self.format(step, metrics), file=self.stream, flush=True)
-            return
-        line = self.format(step, metrics, compact=True)[: max(self.width - 1, 20)]  # a wrapped line cannot be redrawn
-        self.stream.write("\r" + line + "\x1b[K")  # carriage return, text, erase the rest of the old line
-        self.stream.flush()
-        self._line_open = True
-
-    def message(self, text: str) -> None:
-        """Print a line of text without garbling the status line (it is redrawn at the next update)."""
-        self.close()
-        print(text, file=self.stream, flush=True)
-
-    def close(self) -> None:
-        """End the status line on a terminal so later output starts on a fresh line."""
-        if self._line_open:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._line_open = False
+        self.show(self.format(step, metrics, compact=self.tty))

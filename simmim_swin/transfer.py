@@ -1,4 +1,4 @@
-"""Load pretrained SwinV2 weights into a model built at a new image size and window (SPEC section 3).
+"""Load pretrained SwinV2 weights into a model built at a new image size and window (docs/reference.md §3).
 
 Three sources: our checkpoints (SimMIM pretraining, fine-tuning, safetensors exports), the reference
 implementation's (Microsoft's SimMIM / Swin-Transformer: `encoder.` prefix, `rpe_mlp`, patch merging at the end of
@@ -371,11 +371,11 @@ def build_classifier(
 
     verbose prints what was loaded, dropped and re-created (rank 0 of a multi-process job alone does).
     """
-    model = build_encoder(model_cfg, num_classes=num_classes)
+    model = build_encoder(**to_dict(model_cfg), num_classes=num_classes)
     if pretrained is not None:
         report = load_encoder_weights(model, pretrained.state_dict, keep_head=keep_head, source=str(pretrained.path))
         dropped = {**pretrained.dropped, **report.dropped}
-        windows = f"windows {model.stage_window_sizes}, CPB normalised by {list(model.pretrained_window_sizes)}"
+        windows = f"windows {model.stage_window_sizes}, CPB normalised by {model.cpb_window_sizes}"
         if verbose:
             print(f"loaded {pretrained.source_format} weights from {pretrained.path} ({windows})", flush=True)
             print(dataclasses.replace(report, dropped=dropped).summary(), flush=True)

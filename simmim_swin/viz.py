@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
+
+from .files import atomic_write
 
 BIAS_MIN_TILE_PX = 64  # a (2W-1)^2 map is enlarged (nearest neighbour) by an integer factor to at least this
 BIAS_GUTTER_PX = 4  # white space between tiles
@@ -24,24 +25,6 @@ BIAS_MARGIN_PX = 6  # white border around the figure
 BIAS_LABEL_PX = 18  # text band above each stage's row of tiles
 BIAS_MIN_WIDTH_PX = 420  # room for the row labels when a stage has few heads
 BIAS_COLORMAP = "viridis"
-
-
-def save_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
-    """Call write(binary file) on a temporary file next to `path`, then rename it to `path`.
-
-    A reader (wandb, a browser, a sync job) never sees half a PNG; parent folders are created.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f"{path.suffix}.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -129,7 +112,7 @@ def save_position_bias_figure(
         for tile, (left, top, tile_w, tile_h) in zip(tiles, row):
             big = tile.repeat(tile_h // h, axis=0).repeat(tile_w // w, axis=1)  # nearest-neighbour enlargement
             canvas.paste(Image.fromarray(big), (left, top))
-    return save_atomic(path, lambda f: canvas.save(f, format="PNG"))
+    return atomic_write(path, lambda f: canvas.save(f, format="PNG"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -194,7 +177,7 @@ def save_confusion_matrix(
     accuracy = np.trace(counts) / max(total, 1)
     ax.set_title(title or f"confusion matrix: {total} samples, top-1 {100 * accuracy:.2f}%")
     fig.tight_layout()
-    return save_atomic(path, lambda f: fig.savefig(f, format="png"))
+    return atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -269,4 +252,4 @@ def plot_metric_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: st
     ]  # an empty line per run: the legend lists every run even if the first panel lacks one
     fig.legend(handles=handles, loc="upper center", ncol=min(len(runs), 4), frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / (3.4 * nrows + 0.6)))
-    return save_atomic(path, lambda f: fig.savefig(f, format="png"))
+    return atomic_write(path, lambda f: fig.savefig(f, format="png"))

@@ -82,7 +82,7 @@ def randomize() -> Callable[..., nn.Module]:
 
 
 def reference_coords_table(window: int, pretrained_window: int = 0) -> torch.Tensor:
-    """SPEC 1 log-spaced CPB input for a square window, float64, shape (2W-1, 2W-1, 2), 'ij' order."""
+    """reference §1 log-spaced CPB input for a square window, float64, shape (2W-1, 2W-1, 2), 'ij' order."""
     offsets = torch.arange(-(window - 1), window, dtype=torch.float64)
     denom = pretrained_window - 1 if pretrained_window > 0 else window - 1
     offsets = offsets / max(denom, 1) * 8  # W = 1 has the single offset 0: any non-zero divisor gives 0
@@ -92,7 +92,7 @@ def reference_coords_table(window: int, pretrained_window: int = 0) -> torch.Ten
 
 
 def reference_position_index(window: int) -> torch.Tensor:
-    """SPEC 1 relative_position_index[i, j] for tokens i, j of a square window, built with explicit loops."""
+    """reference §1 relative_position_index[i, j] for tokens i, j of a square window, built with explicit loops."""
     n = window * window
     index = torch.empty(n, n, dtype=torch.long)
     for i in range(n):
@@ -111,7 +111,7 @@ def reference_window_attention(
     mask: torch.Tensor | None = None,
     logit_cap: float | None = math.log(100),
 ) -> torch.Tensor:
-    """SPEC 1 cosine window attention computed from `attn`'s parameters alone (no calls into its code).
+    """reference §1 cosine window attention computed from `attn`'s parameters alone (no calls into its code).
 
     x: (B*nW, N, C); mask: (nW, N, N) or None; logit_cap None means no clamp (to show the clamp matters).
     """

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> None:
     if "stage_window_sizes" in state:
         print(f"windows used per stage: {state['stage_window_sizes']}")
     if state.get("pretrained_window_sizes"):
-        print(f"CPB normalised by (pretrained windows): {state['pretrained_window_sizes']}")
+        print(cpb_normalisers_line(state["pretrained_window_sizes"], state.get("stage_window_sizes")))
     if state.get("num_classes"):
         names = state.get("class_names") or []
         shown = ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
@@ -52,6 +52,17 @@ def run(args: argparse.Namespace) -> None:
     print(f"parameters: {total:,} ({total / 1e6:.2f}M) in {len(weights)} tensors")
     for name, count in groups.items():
         print(f"  {name:32s} {count:>14,}")
+
+
+def cpb_normalisers_line(pretrained: list[int], stage_windows: list[int] | None) -> str:
+    """What each stage divides its CPB offsets by: its pretrained window, or its own window where that is 0."""
+    if all(p > 0 for p in pretrained):
+        return f"CPB normalised by (pretrained windows): {list(pretrained)}"
+    if stage_windows is None or len(stage_windows) != len(pretrained):
+        return f"CPB normalised by: pretrained windows {list(pretrained)}, each stage's own window where 0"
+    normalisers = [p if p > 0 else w for p, w in zip(pretrained, stage_windows, strict=True)]
+    note = "the stages' own windows" if not any(pretrained) else "pretrained windows, the stage's own where 0"
+    return f"CPB normalised by ({note}): {normalisers}"
 
 
 def _read_export(path: Path) -> tuple[dict, dict]:

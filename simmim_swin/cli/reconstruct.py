@@ -9,7 +9,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..checkpoint import load_checkpoint, resolve_checkpoint
-from ..config import MaskConfig, ModelConfig, from_dict
+from ..config import MaskConfig, ModelConfig, from_dict, to_dict
 from ..data import build_eval_transform
 from ..masking import MaskGenerator
 from ..models import build_simmim
@@ -49,7 +49,8 @@ def run(args: argparse.Namespace) -> None:
     mask_cfg = from_dict(MaskConfig, state["config"]["mask"], "mask")
     if args.mask_ratio is not None:
         mask_cfg.mask_ratio = args.mask_ratio
-    model = build_simmim(model_cfg, mask_cfg)
+    norm_target = mask_cfg.norm_target_window if mask_cfg.norm_target else None
+    model = build_simmim(**to_dict(model_cfg), norm_target=norm_target)
     model.load_state_dict(state["model"])
     transform = build_eval_transform(model_cfg.img_size)
     images = torch.stack([transform(load_image(f)) for f in args.images])

@@ -12,6 +12,7 @@ from simmim_swin.data.datasets import (
     build_pretrain_dataset,
     find_images,
 )
+from simmim_swin.data.fashion_mnist import FashionMNIST, load_fashion_mnist
 from simmim_swin.data.loader import (
     SeededSampler,
     SeededSamples,
@@ -22,6 +23,7 @@ from simmim_swin.data.loader import (
 from simmim_swin.data.pipeline import PretrainData, build_pretrain_data, build_val_batches
 from simmim_swin.data.shards import (
     IMAGE_MEMBER_KEYS,
+    Progress,
     ShardSample,
     fashion_mnist_samples,
     folder_samples,
@@ -41,7 +43,6 @@ from simmim_swin.data.stream import (
     derive_seed,
     iter_shard_samples,
     open_image,
-    read_label,
     read_samples,
 )
 from simmim_swin.data.transforms import (
@@ -68,6 +69,7 @@ __all__ = [
     "BadSampleLog",
     "Batch",
     "EvalSample",
+    "FashionMNIST",
     "FashionMNISTMIM",
     "ImageFolderMIM",
     "ImageList",
@@ -75,6 +77,7 @@ __all__ = [
     "PretrainCrop",
     "PretrainData",
     "PretrainSample",
+    "Progress",
     "SeededSampler",
     "SeededSamples",
     "ShardSample",
@@ -90,6 +93,7 @@ __all__ = [
     "derive_seed",
     "fashion_mnist_samples",
     "find_images",
+    "load_fashion_mnist",
     "folder_samples",
     "iter_shard_samples",
     "make_epoch_generator",
@@ -97,7 +101,6 @@ __all__ = [
     "normalize_images",
     "open_image",
     "read_index",
-    "read_label",
     "read_samples",
     "resolve_urls",
     "sample_crop_box",

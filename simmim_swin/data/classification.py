@@ -20,7 +20,7 @@ from torch.utils.data import Dataset, Subset
 from torchvision.datasets import ImageFolder
 
 from simmim_swin.config import AugmentConfig, FinetuneDataConfig
-from simmim_swin.data.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_fashion_mnist
+from simmim_swin.data.fashion_mnist import FASHION_MNIST_DIR, FashionMNIST
 
 CLASSIFICATION_SOURCES = ("folder", "fashion_mnist")
 ImageTransform = Callable[[Image.Image], torch.Tensor]
@@ -79,25 +79,6 @@ def build_classification_eval_transform(
     return create_transform(input_size=img_size, is_training=False, crop_pct=crop_pct, interpolation=interpolation)
 
 
-class FashionMNISTClassification(Dataset):
-    """Fashion-MNIST images (28x28 grey, copied to RGB) with their labels, through `transform`."""
-
-    classes = list(FASHION_MNIST_CLASSES)
-
-    def __init__(self, split: str, transform: ImageTransform, root: str | Path = FASHION_MNIST_DIR) -> None:
-        self.split = split
-        self.images, labels = load_fashion_mnist(split, root)  # N, 28, 28 uint8 and N int64
-        self.targets = labels.tolist()
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = Image.fromarray(self.images[index]).convert("RGB")  # mode L -> RGB: grey in all three channels
-        return self.transform(image), self.targets[index]
-
-
 def balanced_subset(targets: Sequence[int], num_images: int, seed: int) -> list[int]:
     """`num_images` indices drawn without replacement, as evenly over the classes as they allow, fixed by `seed`."""
     if num_images < 1:
@@ -149,7 +130,7 @@ def build_train_dataset(
     _check_source(data_cfg)
     transform = build_train_transform(img_size, augment)
     if data_cfg.source == "fashion_mnist":
-        dataset = FashionMNISTClassification("train", transform, data_cfg.root or FASHION_MNIST_DIR)
+        dataset = FashionMNIST("train", transform, data_cfg.root or FASHION_MNIST_DIR)
     else:
         dataset = _image_folder(_folder_roots(data_cfg)[0], transform)
     classes = list(dataset.classes)
@@ -165,7 +146,7 @@ def build_val_dataset(
     _check_source(data_cfg)
     transform = build_classification_eval_transform(img_size, data_cfg.crop_pct, interpolation)
     if data_cfg.source == "fashion_mnist":
-        dataset = FashionMNISTClassification("test", transform, data_cfg.root or FASHION_MNIST_DIR)
+        dataset = FashionMNIST("test", transform, data_cfg.root or FASHION_MNIST_DIR)
         return dataset, list(dataset.classes)
     train_root, val_root = _folder_roots(data_cfg)
     dataset = _image_folder(val_root, transform)

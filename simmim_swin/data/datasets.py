@@ -14,7 +14,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from simmim_swin.config import DataConfig
-from simmim_swin.data.fashion_mnist import load_fashion_mnist
+from simmim_swin.data.fashion_mnist import FASHION_MNIST_DIR, FashionMNIST
 from simmim_swin.data.transforms import ImageTransform, build_pretrain_transform
 
 # The colour photographs shipped inside the scikit-image wheel (skimage/data); none needs a download.
@@ -145,33 +145,18 @@ class ImageFolderMIM(Dataset):
         return f"ImageFolderMIM(root={str(self.root)!r}, num_images={self.num_images})"
 
 
-class FashionMNISTMIM(Dataset):
-    """Fashion-MNIST from Debian's dataset-fashion-mnist: 28x28 grey images as RGB, cropped and resized to the
-    pretraining size; one epoch = the whole split (60k train, 10k test)."""
+class FashionMNISTMIM(FashionMNIST):
+    """Fashion-MNIST for pretraining: (transform(image), mask) per image, labels unused; one epoch = the whole
+    split (60k train, 10k test)."""
 
-    def __init__(self, split: str, transform: ImageTransform, mask_generator: MaskFn) -> None:
-        self.split = split
-        self.images, self.labels = load_fashion_mnist(split)  # N, 28, 28 uint8 and N int64
-        self.transform = transform
+    def __init__(
+        self, split: str, transform: ImageTransform, mask_generator: MaskFn, root: str | Path = FASHION_MNIST_DIR
+    ) -> None:
+        super().__init__(split, transform, root)
         self.mask_generator = mask_generator
-
-    @property
-    def num_images(self) -> int:
-        """Number of images in the split."""
-        return len(self.images)
-
-    def load_image(self, k: int) -> Image.Image:
-        """The k-th image of the split as an RGB PIL image (grey copied to three channels)."""
-        return Image.fromarray(self.images[k]).convert("RGB")  # 2-D uint8 -> mode L
-
-    def __len__(self) -> int:
-        return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.transform(self.load_image(index)), self.mask_generator()
-
-    def __repr__(self) -> str:
-        return f"FashionMNISTMIM(split={self.split!r}, num_images={self.num_images})"
 
 
 class ImageList:

@@ -6,6 +6,11 @@ import gzip
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from simmim_swin.data.transforms import ImageTransform
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
@@ -43,3 +48,40 @@ def load_fashion_mnist(split: str = "train", root: str | Path = FASHION_MNIST_DI
     if len(images) != len(labels):
         raise ValueError(f"{image_file} has {len(images)} images but {label_file} has {len(labels)} labels")
     return images, labels.astype(np.int64)
+
+
+class FashionMNIST(Dataset):
+    """A Fashion-MNIST split as RGB PIL images (grey copied to three channels) with their labels.
+
+    The one reader of both uses: indexing gives (transform(image), label) for fine-tuning; the pretraining
+    dataset (FashionMNISTMIM) adds a mask. `num_images` / `load_image` are what make_fixed_batch takes.
+    """
+
+    classes = list(FASHION_MNIST_CLASSES)
+
+    def __init__(
+        self, split: str, transform: ImageTransform | None = None, root: str | Path = FASHION_MNIST_DIR
+    ) -> None:
+        self.split = split
+        self.images, labels = load_fashion_mnist(split, root)  # N, 28, 28 uint8 and N int64
+        self.targets: list[int] = labels.tolist()
+        self.transform = transform
+
+    @property
+    def num_images(self) -> int:
+        """Number of images in the split (60k train, 10k test)."""
+        return len(self.images)
+
+    def load_image(self, k: int) -> Image.Image:
+        """The k-th image of the split as an RGB PIL image."""
+        return Image.fromarray(self.images[k]).convert("RGB")  # 2-D uint8 is mode L: grey in all three channels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | Image.Image, int]:
+        image = self.load_image(index)
+        return (self.transform(image) if self.transform else image), self.targets[index]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(split={self.split!r}, num_images={self.num_images})"

@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import io
 import json
-import os
+import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import webdataset as wds
 from PIL import Image
 
 from simmim_swin.data.datasets import find_images
 from simmim_swin.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
+from simmim_swin.files import atomic_write
+from simmim_swin.progress import StatusLine
 
 INDEX_FORMAT = "simmim-swin-shards/1"
 # image member extensions the loaders read, in order of preference when a sample holds several
@@ -65,11 +67,14 @@ def folder_samples(
         for path in paths:
             rel = path.relative_to(root)
             data = path.read_bytes()
+            buffer = io.BytesIO(data)
             try:
-                Image.open(io.BytesIO(data)).close()  # reads the header only: cheap, and nothing is re-encoded
+                Image.open(buffer).close()  # reads the header only: cheap, and nothing is re-encoded
             except Exception as e:  # PIL raises several types for unreadable files; all mean "not an image"
                 if skipped is not None:
-                    skipped.append(f"{path}: {e}")
+                    # PIL names the buffer (`<_io.BytesIO object at 0x...>`), not the file: name the file instead
+                    reason = str(e).replace(f" {buffer!r}", "").replace(repr(buffer), "the file")
+                    skipped.append(f"{path}: {reason}")
                 continue
             ext = path.suffix.lower().lstrip(".")
             # webdataset splits a member name at the first dot of its base name: dots in the key must go
@@ -93,32 +98,35 @@ def fashion_mnist_samples(split: str, root: str | Path | None = None) -> tuple[i
     return len(images), generate(), list(FASHION_MNIST_CLASSES)
 
 
-class Progress:
-    """Progress of a long loop: a tqdm bar on a terminal, else a plain line every `every` items (Slurm logs)."""
+class Progress(StatusLine):
+    """Progress of a long loop over items: on a terminal a status line redrawn at most every `redraw_s` seconds,
+    elsewhere (Slurm logs) a plain line every `every` items; both end with the last item."""
 
-    def __init__(self, total: int, every: int, desc: str, stream=None) -> None:
-        self.stream = stream or sys.stderr
+    def __init__(
+        self,
+        total: int,
+        every: int,
+        desc: str,
+        stream: TextIO | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        tty: bool | None = None,
+        redraw_s: float = 0.2,
+    ) -> None:
+        super().__init__(stream or sys.stderr, tty=tty)
         self.total, self.every, self.desc = total, max(1, every), desc
-        self.count, self.start = 0, time.monotonic()
-        self.bar = None
-        if self.stream.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit="img", file=self.stream)
+        self.clock, self.redraw_s = clock, redraw_s
+        self.count, self.start = 0, clock()
+        self._last_draw = -math.inf
 
     def update(self, n: int = 1) -> None:
         """Count n more items."""
         self.count += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif self.count % self.every < n or self.count == self.total:
-            rate = self.count / max(time.monotonic() - self.start, 1e-9)
-            print(f"{self.desc}: {self.count}/{self.total} ({rate:.0f}/s)", file=self.stream, flush=True)
-
-    def close(self) -> None:
-        """Finish the bar."""
-        if self.bar is not None:
-            self.bar.close()
+        now = self.clock()
+        due = now - self._last_draw >= self.redraw_s if self.tty else self.count % self.every < n
+        if due or self.count == self.total:
+            self._last_draw = now
+            rate = self.count / max(now - self.start, 1e-9)
+            self.show(f"{self.desc}: {self.count}/{self.total} ({rate:.0f}/s)")
 
 
 def write_shards(
@@ -174,9 +182,7 @@ def write_shards(
                    for shard, count in counts.items()],
     }  # fmt: skip
     index_path = out_dir / f"{name}.json"
-    tmp = index_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(index, indent=1) + "\n")
-    os.replace(tmp, index_path)  # a reader never sees a half-written index
+    atomic_write(index_path, json.dumps(index, indent=1) + "\n")  # a reader never sees a half-written index
     return index_path
 
 

@@ -39,7 +39,7 @@ def assign_shards(urls: list[str], slot: int, num_slots: int) -> list[str]:
     """The shards of one (rank, worker) slot: every num_slots-th, so slots never share a shard.
 
     With fewer shards than slots every slot resamples from all shards instead (seeded differently), which keeps
-    every worker busy: an empty worker would leave its rank short of batches (see PITFALLS.md).
+    every worker busy: an empty worker would leave its rank short of batches (docs/reference.md, known pitfalls).
     """
     if len(urls) < num_slots:
         return list(urls)
@@ -118,13 +118,6 @@ def open_image(sample: dict[str, Any]) -> Image.Image:
             return Image.open(io.BytesIO(sample[ext]))
     members = sorted(k for k in sample if not k.startswith("__"))
     raise ValueError(f"no image member (has {members}; expected one of {list(IMAGE_MEMBER_KEYS)})")
-
-
-def read_label(sample: dict[str, Any]) -> int:
-    """The sample's integer class from its `cls` member."""
-    if "cls" not in sample:
-        raise ValueError("no cls member: the shards were written without --labels")
-    return int(sample["cls"])
 
 
 class PretrainSample:

@@ -167,7 +167,7 @@ def normalize_images(images: torch.Tensor) -> torch.Tensor:
 def denormalize(images: torch.Tensor) -> np.ndarray:
     """Normalised images (N, 3, H, W) or (3, H, W) -> uint8 numpy (N, H, W, 3) or (H, W, 3), clamped to [0, 255].
 
-    wandb and PIL both want uint8: a float array in [0, 1] shows up black in wandb (see PITFALLS.md).
+    wandb and PIL both want uint8: a float array in [0, 1] shows up black in wandb (docs/reference.md, known pitfalls).
     """
     if images.dim() not in (3, 4) or images.shape[-3] != 3:
         raise ValueError(f"expected images of shape (N, 3, H, W) or (3, H, W), got {tuple(images.shape)}")

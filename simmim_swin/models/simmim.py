@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import MaskConfig, ModelConfig
 from .swinv2 import SwinTransformerV2, create_swinv2
 
 NORM_TARGET_EPS = 1e-6
@@ -85,6 +87,20 @@ class SimMIM(nn.Module):
             nn.PixelShuffle(self.encoder_stride),
         )
 
+    def no_weight_decay(self) -> set[str]:
+        """The encoder's no-weight-decay patterns under its `encoder.` prefix (mask_token among them)."""
+        return {f"encoder.{pattern}" for pattern in self.encoder.no_weight_decay()}
+
+    def group_matcher(self, coarse: bool = False) -> Callable[[str], int]:
+        """Layer ordinals of the encoder's parameters (prefix `encoder.`); the decoder gets the top id."""
+        encoder_matcher = self.encoder.group_matcher(coarse)
+        top = encoder_matcher("norm.weight")  # the final norm is always in the top group
+
+        def matcher(name: str) -> int:
+            return encoder_matcher(name[len("encoder.") :]) if name.startswith("encoder.") else top
+
+        return matcher
+
     def target(self, images: torch.Tensor) -> torch.Tensor:
         """What the decoder is trained to output for `images`."""
         return images if self.norm_target is None else make_norm_target(images, self.norm_target)
@@ -113,33 +129,28 @@ class SimMIM(nn.Module):
         return reconstruction.float() * (var + NORM_TARGET_EPS).sqrt() + mean
 
 
-def build_encoder(model_cfg: ModelConfig, num_classes: int = 0) -> SwinTransformerV2:
-    """The SwinV2 encoder described by `model_cfg` (named size plus overrides)."""
-    overrides = {
-        key: value
-        for key, value in dict(
-            embed_dim=model_cfg.embed_dim, depths=model_cfg.depths, num_heads=model_cfg.num_heads
-        ).items()
-        if value is not None
-    }
-    return create_swinv2(
-        model_cfg.arch,
-        img_size=model_cfg.img_size,
-        patch_size=model_cfg.patch_size,
-        in_chans=model_cfg.in_chans,
-        num_classes=num_classes,
-        window_size=model_cfg.window_size,
-        pretrained_window_sizes=model_cfg.pretrained_window_sizes,
-        mlp_ratio=model_cfg.mlp_ratio,
-        drop_path_rate=model_cfg.drop_path_rate,
-        ape=model_cfg.ape,
-        fused_attn=model_cfg.fused_attn,
-        grad_checkpointing=model_cfg.grad_checkpointing,
-        **overrides,
-    )
+def build_encoder(arch: str, num_classes: int = 0, **kwargs: Any) -> SwinTransformerV2:
+    """The SwinV2 encoder of a named size (see SWINV2_SIZES) with keyword overrides.
+
+    Args:
+        arch: a key of SWINV2_SIZES.
+        num_classes: classifier outputs; 0 gives a headless encoder (pooled features).
+        kwargs: SwinTransformerV2 arguments (img_size, patch_size, in_chans, window_size, pretrained_window_sizes,
+            embed_dim, depths, num_heads, mlp_ratio, drop_path_rate, ape, fused_attn, grad_checkpointing).
+            embed_dim, depths and num_heads set to None mean "from arch", so `**to_dict(config.model)` works.
+    """
+    for key in ("embed_dim", "depths", "num_heads"):
+        if key in kwargs and kwargs[key] is None:
+            del kwargs[key]
+    return create_swinv2(arch, num_classes=num_classes, **kwargs)
 
 
-def build_simmim(model_cfg: ModelConfig, mask_cfg: MaskConfig) -> SimMIM:
-    """SimMIM model for the given encoder and masking configuration."""
-    encoder = build_encoder(model_cfg, num_classes=0)
-    return SimMIM(encoder, norm_target=mask_cfg.norm_target_window if mask_cfg.norm_target else None)
+def build_simmim(arch: str, norm_target: int | None = 47, **encoder_kwargs: Any) -> SimMIM:
+    """SimMIM around a headless encoder of a named size.
+
+    Args:
+        arch: a key of SWINV2_SIZES.
+        norm_target: window of the per-pixel target normalisation (47 for SwinV2), or None for the plain input.
+        encoder_kwargs: build_encoder's keyword arguments.
+    """
+    return SimMIM(build_encoder(arch, num_classes=0, **encoder_kwargs), norm_target=norm_target)

@@ -9,13 +9,13 @@ memory as the paper's (B, L, C) with L in row-major order, and no reshapes betwe
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import ClassifierHead, DropPath, Mlp, PatchEmbed, trunc_normal_
 from torch import nn
 
 # exp(logit_scale) is clamped to 100, as in the paper's code
@@ -378,41 +378,6 @@ class SwinTransformerV2Stage(nn.Module):
         return x
 
 
-class PatchEmbed(nn.Module):
-    """Conv2d(kernel = stride = patch) then LayerNorm, channels-last output (B, H/p, W/p, C)."""
-
-    def __init__(self, img_size: tuple[int, int], patch_size: int, in_chans: int, embed_dim: int) -> None:
-        super().__init__()
-        self.img_size = img_size
-        self.patch_size = patch_size
-        self.grid_size = (img_size[0] // patch_size, img_size[1] // patch_size)
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
-        self.norm = nn.LayerNorm(embed_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, C_in, H, W) -> (B, H/p, W/p, C)."""
-        if tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(
-                f"input size {tuple(x.shape[-2:])} does not match the model's img_size {self.img_size}; "
-                "build the model for this size (window tables and shift masks depend on it)"
-            )
-        return self.norm(self.proj(x).permute(0, 2, 3, 1))
-
-
-class ClassifierHead(nn.Module):
-    """Mean over tokens then Linear; `fc` is Identity when num_classes == 0."""
-
-    def __init__(self, num_features: int, num_classes: int, drop_rate: float = 0.0) -> None:
-        super().__init__()
-        self.drop = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """x: (B, H, W, C) -> (B, num_classes), or pooled (B, C) with pre_logits."""
-        x = self.drop(x.mean(dim=(1, 2)))
-        return x if pre_logits else self.fc(x)
-
-
 def _pair(value: int | Sequence[int]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
@@ -476,7 +441,11 @@ class SwinTransformerV2(nn.Module):
         if fused_attn is None:
             fused_attn = torch.cuda.is_available()
 
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.depths = tuple(depths)
+        # Conv2d(kernel = stride = patch) then LayerNorm over channels, kept channels-last: B, H/p, W/p, C
+        self.patch_embed = PatchEmbed(
+            img_size, patch_size, in_chans, embed_dim, norm_layer=nn.LayerNorm, output_fmt="NHWC"
+        )
         grid = self.patch_embed.grid_size
         if ape:
             self.absolute_pos_embed = nn.Parameter(torch.zeros(1, grid[0], grid[1], embed_dim))
@@ -520,7 +489,10 @@ class SwinTransformerV2(nn.Module):
             resolution = stage.output_resolution
         self.layers = nn.Sequential(*stages)
         self.norm = nn.LayerNorm(self.num_features)
-        self.head = ClassifierHead(self.num_features, num_classes, drop_rate)
+        # the final norm above, then mean over tokens and Linear (`head.fc`, Identity when num_classes == 0)
+        self.head = ClassifierHead(
+            self.num_features, num_classes, pool_type="avg", drop_rate=drop_rate, input_fmt="NHWC"
+        )
 
         self.apply(self._init_weights)
         if self.absolute_pos_embed is not None:
@@ -545,6 +517,11 @@ class SwinTransformerV2(nn.Module):
         """The window each stage actually uses (after clipping): the pretrained_window_sizes of a fine-tune."""
         return [stage.blocks[0].window_size[0] for stage in self.layers]
 
+    @property
+    def cpb_window_sizes(self) -> list[int]:
+        """The window each stage divides its CPB offsets by: its pretrained window, or its own when that is 0."""
+        return [p if p > 0 else w for p, w in zip(self.pretrained_window_sizes, self.stage_window_sizes, strict=True)]
+
     def enable_mask_token(self) -> nn.Parameter:
         """Create the learned SimMIM mask token (1, 1, C), truncated-normal std 0.02, if it does not exist yet."""
         if self.mask_token is None:
@@ -564,15 +541,60 @@ class SwinTransformerV2(nn.Module):
             if isinstance(module, WindowAttention):
                 module.fused_attn = enable
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier with a fresh one for `num_classes` (0: pooled features)."""
-        self.num_classes = num_classes
-        self.head = ClassifierHead(self.num_features, num_classes, self.head.drop.p)
-        if num_classes > 0:
-            self._init_weights(self.head.fc)
+    def no_weight_decay(self) -> set[str]:
+        """fnmatch patterns of the >= 2-D parameters trained without weight decay (timm's optimizer factory).
+
+        timm matches these against full parameter names; the leading `*` also covers a wrapper's prefix
+        (`encoder.`, `module.`). Biases and other 1-D parameters (norms, q_bias, v_bias) are excluded by timm's
+        1-D rule. The SwinV2 reference code means to exclude cpb_mlp and logit_scale but, through a name-prefix
+        slip, decays them during pretraining, and timm's own swinv2 list (bare module names) never matches them:
+        we exclude them.
+        """
+        return {"*absolute_pos_embed", "*mask_token", "*cpb_mlp.*", "*logit_scale"}
+
+    def layer_id(self, name: str) -> int:
+        """Layer id of a parameter for layer-wise lr decay (lr scale decay^(sum(depths) + 1 - id)).
+
+        Patch embedding 0; block j of stage i -> sum(depths[:i]) + j + 1; a stage's patch merging shares the id
+        of that stage's last block (stored as the start of the next stage, layers.{i+1}.downsample, so it gets
+        sum(depths[:i+1])); everything else (final norm, head, absolute position embedding, mask token) the top
+        id sum(depths) + 1.
+        """
+        if name.startswith("patch_embed."):
+            return 0
+        parts = name.split(".")
+        if parts[0] == "layers":
+            stage = int(parts[1])
+            if parts[2] in ("blocks", "extra_norms"):
+                return sum(self.depths[:stage]) + int(parts[3]) + 1
+            if parts[2] == "downsample":
+                return sum(self.depths[:stage])
+        return sum(self.depths) + 1
+
+    def group_matcher(self, coarse: bool = False) -> Callable[[str], int]:
+        """Parameter name -> layer ordinal, for timm's group_parameters / param_groups_layer_decay.
+
+        Fine: one id per block (see layer_id); every id from 0 to sum(depths) + 1 is used, so timm's renumbering
+        keeps them. Coarse: the stem 0, stage i (with the merging that starts it) i + 1, the rest after.
+        """
+        if not coarse:
+            return self.layer_id
+
+        def stage_id(name: str) -> int:
+            if name.startswith("patch_embed."):
+                return 0
+            parts = name.split(".")
+            return int(parts[1]) + 1 if parts[0] == "layers" else len(self.depths) + 1
+
+        return stage_id
 
     def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C_in, H, W) -> (B, H/r, W/r, C_last) after the final norm; `mask` (B, H/p, W/p) selects mask tokens."""
+        if tuple(x.shape[-2:]) != self.img_size:
+            raise ValueError(
+                f"input size {tuple(x.shape[-2:])} does not match the model's img_size {self.img_size}; "
+                "build the model for this size (window tables and shift masks depend on it)"
+            )
         x = self.patch_embed(x)  # B, H/p, W/p, C
         if mask is not None:
             if self.mask_token is None:

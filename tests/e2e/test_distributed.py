@@ -148,12 +148,11 @@ def test_fsdp_checkpoint_from_two_processes_loads_in_one(tmp_path):
     assert sharded.name == "step_00000004.dcp" and sharded.is_dir()
 
     from simmim_swin.checkpoint import load_sharded_checkpoint
-    from simmim_swin.config import MaskConfig, ModelConfig
+    from simmim_swin.config import ModelConfig, to_dict
     from simmim_swin.models import build_simmim
 
-    model = build_simmim(
-        ModelConfig(arch="pico", img_size=32, window_size=4, drop_path_rate=0.0), MaskConfig(mask_patch_size=8)
-    )
+    # as the pretraining loop builds it: the config's model section as keyword arguments
+    model = build_simmim(**to_dict(ModelConfig(arch="pico", img_size=32, window_size=4, drop_path_rate=0.0)))
     meta = load_sharded_checkpoint(sharded, model, optimizer=None)
     assert meta["step"] == 4 and len(meta["rng"]) == 2  # one RNG state per rank
     diff = max_weight_diff(final_weights(tmp_path / "one"), model.state_dict())

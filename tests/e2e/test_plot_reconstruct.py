@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from simmim_swin.cli.tools import main as tools_main
-from simmim_swin.panel import GUTTER_PX, MASK_GREY, panel_size
+from simmim_swin.panel import MASK_GREY, panel_size, tile_box
 from simmim_swin.tracking import load_metrics
 
 pytestmark = pytest.mark.slow
@@ -113,10 +113,12 @@ def test_reconstruct_shows_the_checkpoint_on_real_photos(run_dir: Path, tmp_path
     png = _png(out)
     width, height = panel_size(2, IMG_SIZE, IMG_SIZE)
     assert png.shape == (height, width, 3)
-    tile = (width - 2 * GUTTER_PX) // 3
-    original = png[:, :tile].astype(float)
-    masked = png[:, tile + GUTTER_PX : 2 * tile + GUTTER_PX].astype(float)
-    reconstruction = png[:, 2 * (tile + GUTTER_PX) :].astype(float)
+    top, _, bottom, _ = tile_box(0, 0, IMG_SIZE, IMG_SIZE)
+    bottom = tile_box(1, 0, IMG_SIZE, IMG_SIZE)[2]
+    original, masked, reconstruction = (
+        png[top:bottom, left:right].astype(float)
+        for _, left, _, right in (tile_box(0, col, IMG_SIZE, IMG_SIZE) for col in range(3))
+    )
     assert original.std() > 20  # photographs, not a blank panel
     assert 0.4 < (masked == MASK_GREY).all(axis=-1).mean() < 0.8  # mask ratio 0.6 in grey
     assert np.abs(masked - original).mean() > 10 and np.abs(reconstruction - original).mean() > 1

@@ -87,9 +87,12 @@ def test_constructor_flag_reaches_every_block(tiny_encoder, flag) -> None:
     assert all(blk.attn.fused_attn is flag for blk in _blocks(model))
 
 
-def test_default_flag_is_a_bool(tiny_encoder) -> None:
-    model = tiny_encoder()
-    assert all(isinstance(blk.attn.fused_attn, bool) for blk in _blocks(model))
+@pytest.mark.parametrize("cuda", [True, False])
+def test_default_flag_follows_cuda(tiny_encoder, monkeypatch, cuda) -> None:
+    # fused_attn=None: SDPA where CUDA is available, the eager path elsewhere
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    model = tiny_encoder(fused_attn=None)
+    assert all(blk.attn.fused_attn is cuda for blk in _blocks(model))
 
 
 @pytest.mark.parametrize("pretrained", [(0, 0, 0, 0), (6, 6, 4, 2)])

@@ -1,4 +1,4 @@
-"""Parity with timm's swinv2 on converted weights (SPEC 1: same outputs for converted weights)."""
+"""Parity with timm's swinv2 on converted weights (reference §1: same outputs for converted weights)."""
 
 from __future__ import annotations
 

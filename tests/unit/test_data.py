@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from simmim_swin.config import DataConfig
+from simmim_swin.config import DataConfig, FinetuneDataConfig
 from simmim_swin.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -32,7 +34,8 @@ from simmim_swin.data import (
     normalize_images,
     sample_crop_box,
 )
-from simmim_swin.data.fashion_mnist import FASHION_MNIST_DIR
+from simmim_swin.data.classification import build_val_dataset
+from simmim_swin.data.fashion_mnist import FASHION_MNIST_DIR, FashionMNIST
 from simmim_swin.masking import MaskGenerator
 
 IMG = 32
@@ -364,6 +367,38 @@ def test_fashion_mnist_dataset_gives_rgb_crops_at_the_model_size(mask_generator:
     assert (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 0] == pixels[..., 2]).all()
     image, mask = ds[0]
     assert image.shape == (3, IMG, IMG) and image.dtype == torch.uint8 and mask.shape == (IMG // PATCH,) * 2
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    """A gzipped IDX file of uint8 data (magic 0x800 + ndim, one big-endian uint32 per dimension)."""
+    header = (0x800 + array.ndim).to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_pretraining_and_classification_read_fashion_mnist_through_one_reader(
+    tmp_path: Path, mask_generator: MaskGenerator
+) -> None:
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (6, 28, 28)), np.array([3, 1, 4, 1, 5, 9])
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels)
+    plain = FashionMNIST("test", root=tmp_path)
+    assert plain.num_images == len(plain) == 6 and plain.targets == labels.tolist()
+    image, label = plain[2]
+    assert image.mode == "RGB" and label == 4
+    assert (np.asarray(image) == images[2][..., None].astype(np.uint8)).all()  # grey in all three channels
+    assert repr(plain) == "FashionMNIST(split='test', num_images=6)"
+
+    transform = build_eval_transform(IMG)
+    mim = FashionMNISTMIM("test", transform, mask_generator, root=tmp_path)
+    assert isinstance(mim, FashionMNIST) and repr(mim) == "FashionMNISTMIM(split='test', num_images=6)"
+    crop, mask = mim[2]
+    assert torch.equal(crop, transform(plain.load_image(2))) and mask.shape == (IMG // PATCH,) * 2
+
+    val, classes = build_val_dataset(FinetuneDataConfig(source="fashion_mnist", root=str(tmp_path)), IMG)
+    assert isinstance(val, FashionMNIST) and classes[4] == "Coat" and val[2][1] == 4
+    assert val[2][0].shape == (3, IMG, IMG)
 
 
 # ----------------------------------------------------------------------------------------------- run data

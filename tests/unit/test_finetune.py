@@ -1,4 +1,5 @@
-"""Fine-tuning parts: SPEC section 3 layer ids and lr scales, the optimizer and scheduler they feed, data, metrics."""
+"""Fine-tuning parts: layer ids and lr scales (docs/reference.md), the optimizer and scheduler they feed, data,
+metrics."""
 
 from __future__ import annotations
 
@@ -17,16 +18,14 @@ from simmim_swin.data.classification import (
 )
 from simmim_swin.engine import evaluate_classifier
 from simmim_swin.finetune import (
-    build_finetune_optimizer,
     build_mixup_and_loss,
     evaluate_transfer,
-    layer_decay_param_groups,
-    layer_id,
     run_finetune,
     validate_config,
 )
+from simmim_swin.models import build_simmim
 from simmim_swin.models.swinv2 import create_swinv2
-from simmim_swin.optim import build_scheduler
+from simmim_swin.optim import build_optimizer, build_scheduler
 
 BASE_DEPTHS = (2, 2, 18, 2)
 
@@ -46,18 +45,29 @@ BASE_DEPTHS = (2, 2, 18, 2)
         ("layers.3.blocks.1.attn.logit_scale", 24),
         ("norm.weight", 25),
         ("head.fc.weight", 25),
-        ("module.encoder.layers.0.blocks.0.attn.proj.bias", 1),  # DDP / SimMIM prefixes are ignored
     ],
 )
-def test_layer_ids_follow_spec(name, expected):
-    assert layer_id(name, BASE_DEPTHS) == expected
+def test_layer_ids_follow_spec(name, expected, base_model):
+    assert base_model.group_matcher()(name) == expected
+
+
+def test_simmim_layer_ids_skip_the_encoder_prefix():
+    model = build_simmim("base", img_size=32, window_size=4, embed_dim=8, num_heads=(1, 1, 1, 1))
+    assert model.group_matcher()("encoder.layers.0.blocks.0.attn.proj.bias") == 1
+    assert model.group_matcher()("decoder.0.weight") == sum(BASE_DEPTHS) + 1
 
 
 @pytest.fixture(scope="module")
-def base_groups():
+def base_model():
     # base's depths (what the layer ids depend on) at a width of 8: the same parameter names, 0.1% of the size
-    model = create_swinv2("base", img_size=32, window_size=4, num_classes=1000, embed_dim=8, num_heads=(1, 1, 1, 1))
-    groups = layer_decay_param_groups(model, BASE_DEPTHS, weight_decay=0.05, layer_decay=0.75)
+    return create_swinv2("base", img_size=32, window_size=4, num_classes=1000, embed_dim=8, num_heads=(1, 1, 1, 1))
+
+
+@pytest.fixture(scope="module")
+def base_groups(base_model):
+    model = base_model
+    optim_cfg = OptimConfig(weight_decay=0.05, fused=False)
+    groups = build_optimizer(model, optim_cfg, lr=1e-3, layer_decay=0.75).param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     return model, groups, {names[id(p)]: g for g in groups for p in g["params"]}
 
@@ -67,7 +77,7 @@ def test_layer_decay_scales_for_base_match_spec(base_groups):
     assert set(by_name) == {n for n, _ in model.named_parameters()}  # every parameter exactly once
     assert sum(len(g["params"]) for g in groups) == len(by_name)
     assert by_name["patch_embed.proj.weight"]["lr_scale"] == pytest.approx(0.75**25)
-    assert by_name["patch_embed.proj.weight"]["lr_scale"] == pytest.approx(0.000753, abs=5e-7)  # SPEC 4
+    assert by_name["patch_embed.proj.weight"]["lr_scale"] == pytest.approx(0.000753, abs=5e-7)  # the reference's number
     assert by_name["head.fc.weight"]["lr_scale"] == 1.0 and by_name["norm.weight"]["lr_scale"] == 1.0
     assert by_name["layers.1.downsample.reduction.weight"]["lr_scale"] == pytest.approx(0.75**23)
     assert by_name["layers.2.blocks.17.attn.qkv.weight"]["lr_scale"] == pytest.approx(0.75**3)
@@ -78,7 +88,7 @@ def test_layer_decay_scales_for_base_match_spec(base_groups):
 def test_layer_decay_groups_keep_the_pretraining_weight_decay_exclusions(base_groups):
     _, _, by_name = base_groups
     no_decay = [
-        "layers.0.blocks.0.attn.cpb_mlp.0.weight",  # 2-D, excluded by name (SPEC 2)
+        "layers.0.blocks.0.attn.cpb_mlp.0.weight",  # 2-D, excluded by name
         "layers.0.blocks.0.attn.cpb_mlp.2.weight",
         "layers.0.blocks.0.attn.logit_scale",  # (heads, 1, 1), excluded by name
         "layers.0.blocks.0.attn.q_bias",
@@ -95,17 +105,19 @@ def test_layer_decay_groups_keep_the_pretraining_weight_decay_exclusions(base_gr
 def test_timm_optimizer_and_scheduler_apply_the_scales():
     model = create_swinv2("pico", img_size=32, window_size=4, num_classes=3)
     optim_cfg = OptimConfig(base_lr=1e-3, warmup_lr=1e-6, min_lr=1e-6, fused=False)
-    optimizer = build_finetune_optimizer(model, (2, 2, 2), optim_cfg, layer_decay=0.5, lr=1e-3)
+    optimizer = build_optimizer(model, optim_cfg, lr=1e-3, layer_decay=0.5)
     assert isinstance(optimizer, torch.optim.AdamW)
     schedule = ScheduleConfig(epochs=10, warmup_epochs=1, kind="cosine")
     scheduler = build_scheduler(optimizer, schedule, steps_per_epoch=5, warmup_lr=1e-6, min_lr=1e-6)
     scheduler.step_update(5)  # end of warm-up: the peak lr
     for group in optimizer.param_groups:
-        assert group["lr"] == pytest.approx(1e-3 * 0.5 ** (7 - group["layer_id"]))
-        assert group["lr_scale"] == pytest.approx(0.5 ** (7 - group["layer_id"]))
+        layer_id = {model.layer_id(n) for n, p in model.named_parameters() if any(p is q for q in group["params"])}
+        assert len(layer_id) == 1
+        assert group["lr"] == pytest.approx(1e-3 * 0.5 ** (7 - layer_id.pop()))
+        assert group["lr_scale"] == pytest.approx(group["lr"] / 1e-3)
     assert max(g["lr"] for g in optimizer.param_groups) == pytest.approx(1e-3)
     with pytest.raises(ValueError, match="layer_decay=0"):
-        build_finetune_optimizer(model, (2, 2, 2), optim_cfg, layer_decay=0.0, lr=1e-3)
+        build_optimizer(model, optim_cfg, lr=1e-3, layer_decay=0.0)
 
 
 def test_mixup_and_loss_selection():

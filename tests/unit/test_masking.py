@@ -1,4 +1,4 @@
-"""MaskGenerator against SPEC.md section 2: count, shape, block structure, uniformity, determinism, errors."""
+"""MaskGenerator against docs/reference.md §2: count, shape, block structure, uniformity, determinism, errors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Parameter groups (SPEC section 2 weight-decay exclusions), lr scaling and the per-step lr schedules."""
+"""Parameter groups (docs/reference.md §2 weight-decay exclusions), lr scaling and the per-step lr schedules."""
 
 import math
 
@@ -7,93 +7,14 @@ import torch
 from torch import nn
 
 from simmim_swin.config import OptimConfig, ScheduleConfig
-from simmim_swin.optim import (
-    NO_WEIGHT_DECAY_PATTERNS,
-    build_optimizer,
-    build_scheduler,
-    param_groups,
-    scaled_lrs,
-)
+from simmim_swin.models import build_encoder, build_simmim
+from simmim_swin.optim import build_optimizer, build_scheduler, scaled_lrs
 
 
 def lr_at_step(scheduler, step: int) -> float:
     """The lr the loop trains update `step` with: what step_update(step) sets on the first group."""
     scheduler.step_update(step)
     return scheduler.optimizer.param_groups[0]["lr"]
-
-
-class _Attn(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.q_bias = nn.Parameter(torch.zeros(dim))
-        self.v_bias = nn.Parameter(torch.zeros(dim))
-        self.logit_scale = nn.Parameter(torch.ones(heads, 1, 1))
-        self.cpb_mlp = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, heads, bias=False))
-        self.proj = nn.Linear(dim, dim)
-
-
-class _Mlp(nn.Module):
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, 2 * dim)
-        self.fc2 = nn.Linear(2 * dim, dim)
-
-
-class _Block(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.attn = _Attn(dim, heads)
-        self.norm1 = nn.LayerNorm(dim)
-        self.mlp = _Mlp(dim)
-        self.norm2 = nn.LayerNorm(dim)
-
-
-class _Merge(nn.Module):
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
-        self.norm = nn.LayerNorm(2 * dim)
-
-
-class _Stage(nn.Module):
-    def __init__(self, dim: int, heads: int, merge: bool) -> None:
-        super().__init__()
-        self.downsample = _Merge(dim // 2) if merge else nn.Identity()
-        self.blocks = nn.ModuleList([_Block(dim, heads) for _ in range(2)])
-
-
-class _PatchEmbed(nn.Module):
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.proj = nn.Conv2d(3, dim, 4, 4)
-        self.norm = nn.LayerNorm(dim)
-
-
-class _Head(nn.Module):
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.fc = nn.Linear(dim, 10)
-
-
-class _Encoder(nn.Module):
-    """Stand-in with the parameter names and shapes of the real SwinV2 encoder (plus SimMIM's mask_token)."""
-
-    def __init__(self, dim: int = 8) -> None:
-        super().__init__()
-        self.patch_embed = _PatchEmbed(dim)
-        self.absolute_pos_embed = nn.Parameter(torch.zeros(1, 16, dim))
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.layers = nn.ModuleList([_Stage(dim, 1, False), _Stage(2 * dim, 2, True)])
-        self.norm = nn.LayerNorm(2 * dim)
-        self.head = _Head(2 * dim)
-
-
-class _SimMIM(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.encoder = _Encoder()
-        self.decoder = nn.Sequential(nn.Conv2d(16, 3 * 4, 1), nn.PixelShuffle(2))
 
 
 def _excluded_2d(name: str) -> bool:
@@ -107,30 +28,29 @@ def _split(model: nn.Module, groups: list[dict]) -> tuple[set[str], set[str]]:
     return decay, no_decay
 
 
-@pytest.mark.parametrize("wrap", ["bare", "simmim", "ddp"])
-def test_param_groups_exclusions(wrap: str) -> None:
-    if wrap == "bare":
-        model = _Encoder()
-    elif wrap == "simmim":
-        model = _SimMIM()
-    else:  # DistributedDataParallel prefixes every name with `module.`
-        model = nn.Module()
-        model.module = _SimMIM()
-    groups = param_groups(model, 0.05)
+def _model(kind: str) -> nn.Module:
+    kwargs = dict(img_size=32, window_size=4, ape=True)
+    return build_simmim("pico", **kwargs) if kind == "simmim" else build_encoder("pico", num_classes=10, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["encoder", "simmim"])
+def test_pretraining_optimizer_weight_decay_exclusions(kind: str) -> None:
+    model = _model(kind)
+    groups = build_optimizer(model, OptimConfig(weight_decay=0.05, fused=False), lr=1e-3).param_groups
     decay, no_decay = _split(model, groups)
     all_names = {n for n, _ in model.named_parameters()}
     assert decay | no_decay == all_names and not decay & no_decay
     for name, param in model.named_parameters():
         expect_no_decay = param.ndim <= 1 or name.endswith(".bias") or _excluded_2d(name)
         assert (name in no_decay) == expect_no_decay, name
-    # The traps the patterns exist for: >= 2-D parameters that the 1-D rule alone would decay.
-    prefix = {"bare": "", "simmim": "encoder.", "ddp": "module.encoder."}[wrap]
+    # The traps the exclusions exist for: >= 2-D parameters that the 1-D rule alone would decay.
+    prefix = "encoder." if kind == "simmim" else ""
     for name in (
         "absolute_pos_embed",
-        "mask_token",
         "layers.0.blocks.0.attn.cpb_mlp.0.weight",
         "layers.1.blocks.1.attn.cpb_mlp.2.weight",
         "layers.0.blocks.0.attn.logit_scale",
+        *(["mask_token"] if kind == "simmim" else []),
     ):
         assert prefix + name in no_decay
     for name in (
@@ -138,36 +58,20 @@ def test_param_groups_exclusions(wrap: str) -> None:
         "layers.0.blocks.0.attn.qkv.weight",
         "layers.1.downsample.reduction.weight",
         "layers.1.blocks.0.mlp.fc1.weight",
-        "head.fc.weight",
+        *(["head.fc.weight"] if kind == "encoder" else []),
     ):
         assert prefix + name in decay
     assert {g["weight_decay"] for g in groups} == {0.0, 0.05}
 
 
-def test_param_groups_on_timm_swinv2() -> None:
-    """The real parameter names (timm's swinv2 layout, which our encoder keeps) hit every exclusion."""
-    from timm.models.swin_transformer_v2 import SwinTransformerV2
-
-    model = SwinTransformerV2(img_size=32, embed_dim=8, depths=(1, 1), num_heads=(1, 2), window_size=4)
-    decay, no_decay = _split(model, param_groups(model, 0.05))
-    cpb = {n for n in no_decay if "cpb_mlp" in n}
-    assert {n for n, _ in model.named_parameters() if "cpb_mlp" in n} == cpb and len(cpb) == 6
-    assert {n for n in no_decay if n.endswith("logit_scale")} == {
-        "layers.0.blocks.0.attn.logit_scale",
-        "layers.1.blocks.0.attn.logit_scale",
-    }
-    assert all(p.ndim >= 2 for n, p in model.named_parameters() if n in decay)
-    assert all(not _excluded_2d(n) and not n.endswith(".bias") for n in decay)
-
-
-def test_param_groups_skip_frozen_and_custom_patterns() -> None:
-    model = _Encoder()
+def test_frozen_parameters_are_left_out_and_none_trainable_is_an_error() -> None:
+    model = _model("encoder")
     model.head.fc.weight.requires_grad_(False)
-    decay, no_decay = _split(model, param_groups(model, 0.05, no_weight_decay_patterns=("*patch_embed.*",)))
-    assert "head.fc.weight" not in decay | no_decay
-    assert "patch_embed.proj.weight" in no_decay
-    assert "mask_token" in decay  # the defaults are replaced, not extended
-    assert "*mask_token" in NO_WEIGHT_DECAY_PATTERNS
+    decay, no_decay = _split(model, build_optimizer(model, OptimConfig(fused=False), lr=1e-3).param_groups)
+    assert "head.fc.weight" not in decay | no_decay and "head.fc.bias" in no_decay
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        build_optimizer(model, OptimConfig(), lr=1e-3)
 
 
 def test_scaled_lrs() -> None:
@@ -180,7 +84,7 @@ def test_scaled_lrs() -> None:
 
 
 def test_build_optimizer_settings() -> None:
-    model = _Encoder()
+    model = _model("encoder")
     cfg = OptimConfig(weight_decay=0.1, betas=[0.8, 0.95], eps=1e-6, fused=None)
     opt = build_optimizer(model, cfg, lr=3e-4)
     assert isinstance(opt, torch.optim.AdamW)
@@ -273,75 +177,3 @@ def test_reference_recipe_numbers() -> None:
     assert lr_at_step(sched, 30) == pytest.approx(4e-4)
     assert lr_at_step(sched, 2099) == pytest.approx(4e-4)
     assert lr_at_step(sched, 2100) == pytest.approx(4e-5)
-
-
-@pytest.mark.parametrize("fused", [True, False])
-def test_non_finite_step_changes_nothing(fused) -> None:
-    """engine.train_step skips a step whose loss or gradient is not finite: weights and moments stay."""
-    from simmim_swin.engine import train_step
-
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 2)
-    optimizer = build_optimizer(model, OptimConfig(fused=fused), lr=1e-2)
-
-    def loss_fn(model, batch):
-        (x,) = batch
-        return model(x).square().mean()
-
-    good = [(torch.randn(3, 4),)]
-    train_step(model, good, loss_fn, optimizer, None, "fp32", torch.device("cpu"), 5.0)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    moments = [optimizer.state[p]["exp_avg"].clone() for p in model.parameters()]
-
-    bad = [(torch.full((3, 4), float("nan")),)]
-    loss, grad_norm, skipped = train_step(model, bad, loss_fn, optimizer, None, "fp32", torch.device("cpu"), 5.0)
-    assert bool(skipped) and not torch.isfinite(loss)
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, before[key]), key
-    for p, m in zip(model.parameters(), moments, strict=True):
-        assert torch.equal(optimizer.state[p]["exp_avg"], m)
-        assert float(optimizer.state[p]["step"]) == 1.0
-
-    _, _, skipped = train_step(model, good, loss_fn, optimizer, None, "fp32", torch.device("cpu"), 5.0)
-    assert not bool(skipped)
-    assert not torch.equal(model.weight, before["weight"])
-
-
-def test_scaler_unscales_before_clipping_and_accumulates_like_no_scaler() -> None:
-    """With a grad scaler (fp16's path; it runs on the CPU too) the clipped update equals the unscaled one: clipping
-    sees the true gradients. SGD, not Adam, so a wrongly scaled gradient would show in the update."""
-    from simmim_swin.engine import train_step
-
-    def loss_fn(model, batch):
-        x, y = batch
-        return (model(x) - y).square().mean()
-
-    gen = torch.Generator().manual_seed(0)
-    micro_batches = [(torch.randn(3, 4, generator=gen), torch.randn(3, 2, generator=gen)) for _ in range(2)]
-    results = []
-    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**12)):
-        torch.manual_seed(0)
-        model = torch.nn.Linear(4, 2)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        loss, grad_norm, skipped = train_step(
-            model, micro_batches, loss_fn, optimizer, scaler, "fp32", torch.device("cpu"), clip_grad=0.05
-        )
-        assert not bool(skipped) and float(grad_norm) > 0.05  # the clip was active
-        results.append((model.weight.detach().clone(), float(loss), float(grad_norm)))
-    (w_plain, loss_plain, norm_plain), (w_scaled, loss_scaled, norm_scaled) = results
-    torch.testing.assert_close(w_scaled, w_plain, rtol=0, atol=1e-7)
-    assert loss_scaled == pytest.approx(loss_plain) and norm_scaled == pytest.approx(norm_plain, rel=1e-6)
-
-
-def test_scaler_skips_an_overflowing_step_and_lowers_the_scale() -> None:
-    from simmim_swin.engine import train_step
-
-    model = torch.nn.Linear(4, 2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
-    before = model.weight.detach().clone()
-    bad = [(torch.full((3, 4), float("inf")), torch.zeros(3, 2))]
-    _, _, skipped = train_step(
-        model, bad, lambda m, b: (m(b[0]) - b[1]).square().mean(), optimizer, scaler, "fp32", torch.device("cpu"), 1.0
-    )
-    assert bool(skipped) and torch.equal(model.weight, before) and scaler.get_scale() == 2.0**11

@@ -9,7 +9,7 @@ from PIL import Image
 
 from simmim_swin.data import denormalize
 from simmim_swin.masking import MaskGenerator
-from simmim_swin.panel import GUTTER_PX, MASK_GREY, save_reconstruction_panel
+from simmim_swin.panel import GUTTER_PX, MASK_GREY, TITLE_PX, panel_size, save_reconstruction_panel, tile_box
 
 PATCH = 4
 
@@ -23,18 +23,16 @@ def _batch(num_images: int, img_size: int, seed: int = 0) -> tuple[torch.Tensor,
     return images, masks
 
 
-def _tiles(path, num_rows: int, tile: int) -> np.ndarray:
+def _tiles(path, num_rows: int, img_size: int) -> np.ndarray:
     """Read the PNG back as (rows, 3 columns, tile, tile, 3), checking the gutters are white on the way."""
     with Image.open(path) as img:
         png = np.asarray(img.convert("RGB"))
-    step = tile + GUTTER_PX
-    tiles = np.stack(
-        [[png[r * step : r * step + tile, c * step : c * step + tile] for c in range(3)] for r in range(num_rows)]
-    )
-    gutters = png.copy()
-    for r in range(num_rows):
-        for c in range(3):
-            gutters[r * step : r * step + tile, c * step : c * step + tile] = 255
+    boxes = [[tile_box(r, c, img_size, img_size) for c in range(3)] for r in range(num_rows)]
+    tiles = np.stack([[png[t:b, lft:rgt] for t, lft, b, rgt in row] for row in boxes])
+    gutters = png[TITLE_PX:].copy()
+    for row in boxes:
+        for t, lft, b, rgt in row:
+            gutters[t - TITLE_PX : b - TITLE_PX, lft:rgt] = 255
     assert np.all(gutters == 255)
     return tiles
 
@@ -45,8 +43,12 @@ def test_panel_layout_upscales_small_tiles(tmp_path) -> None:
     assert path == tmp_path / "panel.png" and path.is_file()
     with Image.open(path) as png:
         assert png.format == "PNG" and png.mode == "RGB"
-        # 32 px tiles are enlarged 4x to 128; 3 columns and 2 gutters across, 3 rows and 2 gutters down
-        assert png.size == (3 * 128 + 2 * GUTTER_PX, 3 * 128 + 2 * GUTTER_PX)
+        # 32 px tiles are enlarged 4x to 128; 3 columns and 4 gutters across; the titles, 3 rows and 4 gutters down
+        assert png.size == (3 * 128 + 4 * GUTTER_PX, TITLE_PX + 3 * 128 + 4 * GUTTER_PX) == panel_size(3, 32, 32)
+        assert tile_box(2, 2, 32, 32) == (TITLE_PX + 3 * GUTTER_PX + 2 * 128, 3 * GUTTER_PX + 2 * 128) + (
+            TITLE_PX + 3 * GUTTER_PX + 3 * 128,
+            3 * GUTTER_PX + 3 * 128,
+        )
     assert [p.name for p in tmp_path.iterdir()] == ["panel.png"]  # no temporary file left behind
 
 
@@ -54,13 +56,13 @@ def test_panel_keeps_large_tiles_at_their_size(tmp_path) -> None:
     images, masks = _batch(2, 160)
     path = save_reconstruction_panel(tmp_path / "nested" / "dir" / "p.png", images, masks, images, PATCH)
     with Image.open(path) as png:
-        assert png.size == (3 * 160 + 2 * GUTTER_PX, 2 * 160 + GUTTER_PX)
+        assert png.size == (3 * 160 + 4 * GUTTER_PX, TITLE_PX + 2 * 160 + 3 * GUTTER_PX)
 
 
 def test_panel_columns(tmp_path) -> None:
     images, masks = _batch(2, 32)
     path = save_reconstruction_panel(tmp_path / "perfect.png", images, masks, images.clone(), PATCH)
-    tiles = _tiles(path, 2, 128)
+    tiles = _tiles(path, 2, 32)
     original, masked, reconstructed = tiles[:, 0], tiles[:, 1], tiles[:, 2]
     # the original column is the input image, upscaled by pixel repetition
     expected = denormalize(images).repeat(4, axis=1).repeat(4, axis=2)
@@ -78,10 +80,25 @@ def test_panel_pastes_reconstruction_only_on_masked_pixels(tmp_path) -> None:
     images, masks = _batch(2, 32)
     reconstructions = torch.full_like(images, 5.0)  # saturates to white once denormalised
     path = save_reconstruction_panel(tmp_path / "paste.png", images, masks, reconstructions, PATCH)
-    tiles = _tiles(path, 2, 128)
+    tiles = _tiles(path, 2, 32)
     pixel_mask = masks.bool().repeat_interleave(PATCH * 4, 1).repeat_interleave(PATCH * 4, 2).numpy()
     assert np.all(tiles[:, 2][pixel_mask] == 255)
     np.testing.assert_array_equal(tiles[:, 2][~pixel_mask], tiles[:, 0][~pixel_mask])
+
+
+def test_panel_titles_each_column(tmp_path) -> None:
+    images, masks = _batch(1, 32)
+    with_titles = save_reconstruction_panel(tmp_path / "t.png", images, masks, images, PATCH)
+    with Image.open(with_titles) as img:
+        strip = np.asarray(img.convert("RGB"))[:TITLE_PX]
+    dark = strip.min(axis=-1) < 128  # title text is black on the white strip
+    for col in range(3):
+        _, left, _, right = tile_box(0, col, 32, 32)
+        assert dark[:, left:right].sum() > 20, f"no title above column {col}"
+    assert not dark[:, :GUTTER_PX].any()  # text stays over its column
+    # the three titles differ: "original", "masked", "reconstruction"
+    columns = [dark[:, tile_box(0, c, 32, 32)[1] : tile_box(0, c, 32, 32)[3]] for c in range(3)]
+    assert columns[0].sum() != columns[1].sum() != columns[2].sum()
 
 
 def test_panel_rejects_mismatched_inputs(tmp_path) -> None:

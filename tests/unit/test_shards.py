@@ -13,12 +13,12 @@ from PIL import Image
 from simmim_swin.cli.tools import main as tools_main
 from simmim_swin.data import (
     BadSampleLog,
+    Progress,
     ShardSample,
     folder_samples,
     iter_shard_samples,
     open_image,
     read_index,
-    read_label,
     resolve_urls,
     write_shards,
 )
@@ -57,6 +57,7 @@ def test_folder_shards_read_back_the_same_bytes_and_labels(class_folder, tmp_pat
     assert total == 6 and classes == ["cat", "dog"]
     index_path = write_shards(samples, tmp_path / "out", name="train", max_count=2, classes=classes, source="test")
     assert len(skipped) == 1 and "broken.png" in skipped[0]
+    assert skipped[0] == f"{root / 'dog' / 'broken.png'}: cannot identify image file"  # the file, not a BytesIO
 
     index = read_index(index_path)
     assert index["total"] == 5 and index["classes"] == ["cat", "dog"]
@@ -75,7 +76,7 @@ def test_folder_shards_read_back_the_same_bytes_and_labels(class_folder, tmp_pat
         sample = by_key[key]
         ext = "jpg" if name.lower().endswith(("jpg", "jpeg")) else "png"
         assert sample[ext] == (root / name).read_bytes()  # the file's own bytes, not re-encoded
-        assert read_label(sample) == (0 if name.startswith("cat") else 1)
+        assert int(sample["cls"]) == (0 if name.startswith("cat") else 1)  # the class as ASCII
         with open_image(sample) as img:
             assert img.size == (20, 16)
 
@@ -87,8 +88,6 @@ def test_folder_shards_without_labels_and_errors(class_folder, tmp_path):
     index_path = write_shards(samples, tmp_path / "out", name="nolabels")
     samples, _ = _read_all(resolve_urls(str(index_path))[0])
     assert len(samples) == 5 and all("cls" not in s for s in samples)
-    with pytest.raises(ValueError, match="without --labels"):
-        read_label(samples[0])
 
     (root / "loose.png").write_bytes(_image_bytes(9))
     with pytest.raises(ValueError, match="directly in"):
@@ -145,7 +144,7 @@ def test_fashion_mnist_shards_read_back_the_same_images_and_labels(tmp_path, cap
         i = int(sample["__key__"].split("_")[1])
         with open_image(sample) as img:
             np.testing.assert_array_equal(np.asarray(img), images[i])  # PNG is lossless
-        assert read_label(sample) == labels[i]
+        assert int(sample["cls"]) == labels[i]
 
 
 def test_make_shards_tool_from_a_folder_and_user_errors(class_folder, tmp_path, capsys):
@@ -153,7 +152,8 @@ def test_make_shards_tool_from_a_folder_and_user_errors(class_folder, tmp_path, 
     tools_main(["make-shards", str(root), "--out", str(tmp_path / "s"), "--labels", "--max-count", "3"])
     out = capsys.readouterr()
     assert "wrote 5 samples, 2 classes in 2 shards" in out.out and "1 unreadable files skipped" in out.out
-    assert "broken.png" in out.err
+    assert f"skipped (not an image): {root / 'dog' / 'broken.png'}: cannot identify image file\n" in out.err
+    assert "BytesIO" not in out.err
     assert (tmp_path / "s" / "train.json").is_file()
     for argv, message in [
         (["make-shards", "--out", str(tmp_path / "x")], "image folder"),
@@ -163,3 +163,37 @@ def test_make_shards_tool_from_a_folder_and_user_errors(class_folder, tmp_path, 
         with pytest.raises(SystemExit) as exit_info:
             tools_main(argv)
         assert message in str(exit_info.value)
+
+
+class _FakeStream(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self._tty = tty
+
+    def isatty(self) -> bool:
+        return self._tty
+
+
+def test_progress_prints_every_n_items_in_a_log() -> None:
+    stream, now = _FakeStream(tty=False), [0.0]
+    progress = Progress(5, every=2, desc="make-shards x", stream=stream, clock=lambda: now[0])
+    for _ in range(5):
+        now[0] += 0.5
+        progress.update()
+    progress.close()
+    assert stream.getvalue().splitlines() == [
+        "make-shards x: 2/5 (2/s)",
+        "make-shards x: 4/5 (2/s)",
+        "make-shards x: 5/5 (2/s)",  # the last item always
+    ]
+
+
+def test_progress_redraws_one_line_on_a_terminal_at_most_every_redraw_s() -> None:
+    stream, now = _FakeStream(tty=True), [0.0]
+    progress = Progress(4, every=1, desc="d", stream=stream, clock=lambda: now[0], redraw_s=1.0)
+    for t in (0.5, 0.6, 2.0, 2.1):
+        now[0] = t
+        progress.update()
+    progress.close()
+    # the first item draws, the second is within 1 s of it, the third is due, the fourth is the last
+    assert stream.getvalue() == "\rd: 1/4 (2/s)\x1b[K\rd: 3/4 (2/s)\x1b[K\rd: 4/4 (2/s)\x1b[K\n"

@@ -1,4 +1,4 @@
-"""SimMIM model against SPEC.md section 2: mask token, linear decoder, masked L1 loss, norm_target."""
+"""SimMIM model against docs/reference.md §2: mask token, linear decoder, masked L1 loss, norm_target."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def _pixel_mask(mask: torch.Tensor, patch: int = 4) -> torch.Tensor:
 
 
 def _direct_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """SPEC 2: sum |pred - target| over masked pixels and channels / (masked pixels + 1e-5) / in_chans."""
+    """reference §2: sum |pred - target| over masked pixels and channels / (masked pixels + 1e-5) / in_chans."""
     m = _pixel_mask(mask)
     return ((pred - target).abs() * m).sum() / (m.sum() + 1e-5) / pred.shape[1]
 
@@ -215,7 +215,7 @@ def test_decoder_reads_encoder_features_as_nchw(simmim) -> None:
 
 
 def _norm_target_loops(images: torch.Tensor, window: int) -> torch.Tensor:
-    """SPEC 2 per-pixel normalisation by the window x window neighbourhood, padded cells not counted, float64."""
+    """reference §2 per-pixel normalisation by the window x window neighbourhood, padded cells not counted, float64."""
     r = window // 2
     x = images.double()
     out = torch.empty_like(x)

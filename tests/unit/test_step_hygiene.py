@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from simmim_swin.config import MaskConfig, ModelConfig, OptimConfig
+from simmim_swin.config import OptimConfig
 from simmim_swin.engine import train_step
 from simmim_swin.masking import MaskGenerator
 from simmim_swin.models import build_simmim
@@ -18,8 +18,7 @@ SYNCING_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_un
 
 
 def tiny_simmim(**model_overrides) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
-    model_cfg = ModelConfig(arch="pico", img_size=32, window_size=4, drop_path_rate=0.1, **model_overrides)
-    model = build_simmim(model_cfg, MaskConfig(mask_patch_size=8))
+    model = build_simmim("pico", img_size=32, window_size=4, drop_path_rate=0.1, **model_overrides)
     generator = MaskGenerator(32, 8, 4, 0.6)
     masks = torch.stack([generator(generator=torch.Generator().manual_seed(k)) for k in range(2)])  # 2, 8, 8
     return model, torch.randn(2, 3, 32, 32), masks

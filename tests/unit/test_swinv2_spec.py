@@ -1,4 +1,4 @@
-"""SwinV2 encoder against SPEC.md sections 1 and 4: CPB tables, shift masks, window clipping, init, block form."""
+"""SwinV2 encoder against docs/reference.md §1 and §4: CPB tables, shift masks, window clipping, init, block form."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def _as_tuple(value) -> tuple:
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
-# ---------------------------------------------------------------- continuous position bias tables (SPEC 4)
+# ---------------------------------------------------------------- continuous position bias tables (reference §4)
 
 
 @pytest.mark.parametrize(
@@ -118,7 +118,7 @@ def test_window_partition_order_and_round_trip() -> None:
 
 
 def _reference_shift_mask(size: int, window: int, shift: int) -> torch.Tensor:
-    """SPEC 1 region labelling: 3x3 regions cut at [0, -W), [-W, -shift), [-shift, end) on each axis."""
+    """reference §1 region labelling: 3x3 regions cut at [0, -W), [-W, -shift), [-shift, end) on each axis."""
     cuts = [(0, size - window), (size - window, size - shift), (size - shift, size)]
     labels = torch.zeros(size, size, dtype=torch.long)
     for r, (y0, y1) in enumerate(cuts):
@@ -274,7 +274,7 @@ def test_non_square_image_builds_and_runs(batch) -> None:
 
 
 def test_non_square_stage_clipping_follows_min_resolution() -> None:
-    """SPEC 1: if min(stage resolution) <= window the stage uses window min(resolution) and shift 0 (both axes)."""
+    """Reference §1: if min(stage resolution) <= window, the stage uses window min(resolution), shift 0 (both axes)."""
     model = SwinTransformerV2(
         img_size=(64, 128), embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4, num_classes=0
     )
@@ -324,7 +324,7 @@ def test_stage_widths_and_resolutions(tiny_encoder) -> None:
     assert resolutions == [(2, 16, 16, 16), (2, 8, 8, 32), (2, 4, 4, 64), (2, 2, 2, 128)]
 
 
-# ---------------------------------------------------------------- init (SPEC 1 and 4)
+# ---------------------------------------------------------------- init (reference §1 and §4)
 
 
 def test_init_values() -> None:
@@ -496,7 +496,7 @@ def test_patch_merging_hand_built_2x2(tiny_encoder) -> None:
     handle = merge.reduction.register_forward_hook(lambda m, args, out: captured.append(out.detach()))
     merge(x)
     handle.remove()
-    # SPEC order [0::2,0::2], [1::2,0::2], [0::2,1::2], [1::2,1::2] -> (h,w) = (0,0), (1,0), (0,1), (1,1)
+    # reference order [0::2,0::2], [1::2,0::2], [0::2,1::2], [1::2,1::2] -> (h,w) = (0,0), (1,0), (0,1), (1,1)
     assert captured[0].reshape(-1)[:4].tolist() == [1.0, 2.0, 3.0, 4.0]
 
 
@@ -584,7 +584,7 @@ def test_unknown_arch_raises_listing_valid_names() -> None:
         assert name in str(info.value)
 
 
-# ---------------------------------------------------------------- named sizes (SPEC 1 table)
+# ---------------------------------------------------------------- named sizes (reference §1 table)
 
 
 def _size_field(entry, name: str):
@@ -634,7 +634,7 @@ def test_tiny_preset_matches_timm_parameter_count() -> None:
 
 
 def test_huge_adds_extra_norms() -> None:
-    """SPEC 1: huge and giant add a LayerNorm on the main branch every 6 blocks (narrowed here to stay fast)."""
+    """reference §1: huge and giant add a LayerNorm on the main branch every 6 blocks (narrowed here to stay fast)."""
     kwargs = dict(img_size=64, embed_dim=22, window_size=4, num_classes=0)
     huge = create_swinv2("huge", **kwargs)
     plain = create_swinv2("huge", extra_norm_every=0, **kwargs)

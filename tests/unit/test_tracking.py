@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from simmim_swin.config import LoggerConfig, MaskConfig, ModelConfig
+from simmim_swin.config import LoggerConfig
 from simmim_swin.data import build_eval_transform
 from simmim_swin.masking import MaskGenerator
 from simmim_swin.models import build_simmim
-from simmim_swin.panel import GUTTER_PX, MASK_GREY, save_reconstruction_panel
+from simmim_swin.panel import MASK_GREY, save_reconstruction_panel, tile_box
 from simmim_swin.tracking import (
     MetricsLogger,
     ProgressPrinter,
@@ -204,19 +204,24 @@ def test_lr_metrics_per_group_only_when_they_differ() -> None:
     assert lr_metrics(layered) == {"lr": 0.1, "lr/group0": 0.1, "lr/group1": 0.05, "lr/group2": 0.025}
 
 
-def test_system_metrics_on_cpu_is_empty() -> None:
+def test_system_metrics_report_gpu_memory_only_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     assert system_metrics("cpu") == {}
-    assert system_metrics(torch.device("cpu"), reset_peak=True) == {}
+    assert system_metrics(torch.device("cpu")) == {}
+    # on a CUDA device the three numbers come from torch.cuda, in GiB (faked here so the CPU runs the branch)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2 * 2**30)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 2**29)
+    assert system_metrics("cuda:0") == {"gpu_mem_alloc_gib": 2.0, "gpu_mem_peak_gib": 3.0, "gpu_mem_reserved_gib": 0.5}
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_system_metrics_on_cuda() -> None:
     x = torch.empty(256, 2**20, dtype=torch.uint8, device="cuda")  # 0.25 GiB
-    metrics = system_metrics("cuda", reset_peak=True)
+    metrics = system_metrics("cuda")
     assert metrics["gpu_mem_alloc_gib"] >= 0.25 and metrics["gpu_mem_peak_gib"] >= metrics["gpu_mem_alloc_gib"]
+    assert metrics["gpu_mem_reserved_gib"] >= metrics["gpu_mem_alloc_gib"]
     del x
-    assert system_metrics("cuda")["gpu_mem_peak_gib"] < metrics["gpu_mem_peak_gib"]  # the peak was reset
 
 
 def test_step_timer_splits_data_wait_from_compute() -> None:
@@ -270,13 +275,13 @@ def test_progress_redraws_one_line_on_a_terminal() -> None:
     now[0] = 10.0
     printer.update(10, {"loss": 0.5, "lr": 1e-3, "images_per_sec": 64.0, "data_wait_frac": 0.125})
     printer.update(20, {"loss": 0.25})
-    printer.message("saved checkpoint")
+    printer.close()  # before other output: the status line gets its newline
+    printer.close()  # a second close writes nothing
     printer.update(30, {"loss": 0.125})
     printer.close()
     assert stream.getvalue() == (
         "\rstep 10/100 ep 1 loss 0.5000 lr 1.00e-03 img/s 64.0 eta 0:01:30\x1b[K"  # compact: known metrics only
         "\rstep 20/100 ep 2 loss 0.2500 eta 0:00:40\x1b[K\n"
-        "saved checkpoint\n"
         "\rstep 30/100 ep 3 loss 0.1250 eta 0:00:23\x1b[K\n"
     )
     narrow = _FakeStream(tty=True)
@@ -289,8 +294,7 @@ def _real_photo_panel(path: Path, img_size: int = 64, patch: int = 4) -> Path:
     skimage_data = pytest.importorskip("skimage.data")
     image = build_eval_transform(img_size)(Image.fromarray(skimage_data.astronaut()))[None]  # 1, 3, H, W
     mask = MaskGenerator(img_size, 16, patch, 0.6)(torch.Generator().manual_seed(0))[None]  # 1, H/4, W/4
-    model_cfg = ModelConfig(arch="pico", img_size=img_size, window_size=4, drop_path_rate=0.0)
-    model = build_simmim(model_cfg, MaskConfig(mask_patch_size=16)).eval()
+    model = build_simmim("pico", img_size=img_size, window_size=4, drop_path_rate=0.0).eval()
     with torch.no_grad():
         _, reconstruction = model(image, mask)
         reconstruction = model.target_to_image(image, reconstruction)
@@ -301,8 +305,10 @@ def test_wandb_offline_logs_images_and_the_jsonl_holds_the_scalars(tmp_path: Pat
     panel = _real_photo_panel(tmp_path / "recon.png")
     with Image.open(panel) as png:
         pixels = np.asarray(png.convert("RGB"))
-    tile = (pixels.shape[1] - 2 * GUTTER_PX) // 3
-    original, masked = pixels[:, :tile].astype(float), pixels[:, tile + GUTTER_PX : 2 * tile + GUTTER_PX]
+    top, left, bottom, right = tile_box(0, 0, 64, 64)  # _real_photo_panel: one 64 px image
+    original = pixels[top:bottom, left:right].astype(float)
+    top, left, bottom, right = tile_box(0, 1, 64, 64)
+    masked = pixels[top:bottom, left:right]
     assert original.std() > 20  # a photograph, not a blank tile
     grey = (masked == MASK_GREY).all(axis=-1).mean()
     assert 0.5 < grey < 0.7  # mask ratio 0.6: the masked column is mostly grey ...
@@ -310,8 +316,8 @@ def test_wandb_offline_logs_images_and_the_jsonl_holds_the_scalars(tmp_path: Pat
     bias = tmp_path / "bias.png"
     Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8)).save(bias)
 
-    cfg = LoggerConfig(wandb="offline", project="test")
-    logger = MetricsLogger(tmp_path / "run", cfg, config={}, experiment="swinv2_tiny_w8", run_name="tiny-run")
+    cfg = LoggerConfig(wandb="offline", project="test", group="swinv2_tiny_w8", tags=["swinv2_tiny_w8"])
+    logger = MetricsLogger(tmp_path / "run", cfg, config={}, run_name="tiny-run")
     assert logger.wandb_run.group == "swinv2_tiny_w8" and list(logger.wandb_run.tags) == ["swinv2_tiny_w8"]
     assert logger.wandb_run.name == "tiny-run"
     scalars = [{"loss": 1.0 / (s + 1), "lr/group0": 1e-3, "data_wait_frac": 0.1, "skipped_steps": 0} for s in range(3)]
@@ -331,8 +337,11 @@ def test_wandb_offline_logs_images_and_the_jsonl_holds_the_scalars(tmp_path: Pat
     assert json.loads((tmp_path / "run" / "summary.json").read_text()) == {"best_val_loss": 0.5}
 
 
-def test_wandb_tags_and_group_from_the_config_win(tmp_path: Path, wandb_env: None) -> None:
+def test_wandb_tags_and_group_come_from_the_config(tmp_path: Path, wandb_env: None) -> None:
     cfg = LoggerConfig(wandb="offline", group="ablation", tags=["a", "b"])
-    logger = MetricsLogger(tmp_path / "run", cfg, config={}, experiment="exp")
+    logger = MetricsLogger(tmp_path / "run", cfg, config={})
     assert logger.wandb_run.group == "ablation" and list(logger.wandb_run.tags) == ["a", "b"]
+    logger.close()
+    logger = MetricsLogger(tmp_path / "run2", LoggerConfig(wandb="offline"), config={})
+    assert not logger.wandb_run.group and list(logger.wandb_run.tags) == []
     logger.close()

@@ -1,4 +1,4 @@
-"""Loading pretrained weights at a new size and window (SPEC sections 3 and 4): strict keys, CPB transfer, formats."""
+"""Loading pretrained weights at a new size and window (docs/reference.md §3-4): strict keys, CPB transfer, formats."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def test_simmim_into_larger_window_missing_and_unexpected_keys_are_spec(randomiz
     derived = {k for k in everything if is_derived_buffer(k)}
     head = {k for k in everything if k.startswith("head.")}
     assert derived and head == {"head.fc.weight", "head.fc.bias"}
-    # SPEC 4: missing exactly the derived buffers and head.*, unexpected exactly mask_token ...
+    # reference §4: missing exactly the derived buffers and head.*, unexpected exactly mask_token ...
     assert everything - set(encoder_only) == derived | head
     assert set(encoder_only) - everything == {"mask_token"}
     result = model.load_state_dict(encoder_only, strict=False)
@@ -87,7 +87,7 @@ def test_transferred_coords_table_matches_spec(randomize):
     load_encoder_weights(model, simmim.state_dict())
     table = model.layers[0].blocks[0].attn.relative_coords_table
     assert table.shape == (31, 31, 2)
-    assert table.abs().max().item() == pytest.approx(1.191330, abs=1e-6)  # SPEC 4: W 16 from 12
+    assert table.abs().max().item() == pytest.approx(1.191330, abs=1e-6)  # reference §4: W 16 from 12
     offsets = table[15, :, 1]  # dy = 0 row: dx from -15 to 15
     assert offsets[16].item() == pytest.approx(0.262832, abs=1e-6)  # +1
     assert offsets[17].item() == pytest.approx(0.431819, abs=1e-6)  # +2

@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 
 from simmim_swin.cli.plot import run_labels
-from simmim_swin.config import MaskConfig, ModelConfig
 from simmim_swin.models import build_simmim
 from simmim_swin.viz import (
     BIAS_COLORMAP,
@@ -48,8 +47,7 @@ def test_bias_maps_are_the_bias_the_attention_adds(tiny_encoder, randomize) -> N
 
 
 def test_bias_maps_accept_a_simmim_model_and_reject_bad_input(tiny_encoder) -> None:
-    cfg = ModelConfig(arch="pico", img_size=32, window_size=4)
-    model = build_simmim(cfg, MaskConfig(mask_patch_size=8))
+    model = build_simmim("pico", img_size=32, window_size=4)
     maps = make_position_bias_maps(model)
     assert len(maps) == 3 and maps[0][1].shape[-1] == 7
     with pytest.raises(ValueError, match="block=2 does not exist in stage 0"):
@@ -121,10 +119,12 @@ def test_save_confusion_matrix_png(tmp_path: Path) -> None:
     confusion = torch.tensor([[5, 1, 0], [0, 6, 0], [2, 0, 4]])
     path = save_confusion_matrix(confusion, ["cat", "dog", "bird"], tmp_path / "confusion.png")
     png = _read_png(path)
-    assert png.shape[0] >= 400 and png.shape[1] >= 400
+    assert png.shape == (500, 620, 3)  # the smallest figure: 5 in high (+ 1.2 in for the colour bar) at 100 dpi
     assert len(np.unique(png.reshape(-1, 3), axis=0)) > 10  # cells, text and a colour bar, not a blank canvas
     many = torch.randint(0, 50, (100, 100))
-    assert _read_png(save_confusion_matrix(many, [str(i) for i in range(100)], tmp_path / "big.png")).shape[0] > 0
+    big = _read_png(save_confusion_matrix(many, [str(i) for i in range(100)], tmp_path / "big.png"))
+    assert big.shape == (2000, 2120, 3)  # grows with the classes up to 20 in
+    assert len(np.unique(big.reshape(-1, 3), axis=0)) > 10
     with pytest.raises(ValueError, match="one class name per row, got 2 names"):
         save_confusion_matrix(confusion, ["cat", "dog"], tmp_path / "bad.png")
 
@@ -152,6 +152,21 @@ def test_plot_metric_curves_writes_a_png(tmp_path: Path) -> None:
     assert png.shape[0] > 600  # two rows: loss, val loss, lr / throughput, top-1, top-5
     with pytest.raises(ValueError, match="none of the runs"):
         plot_metric_curves({"empty": [{"step": 1, "other": 1.0}]}, tmp_path / "none.png")
+
+
+def test_plot_metric_curves_draws_the_values(tmp_path: Path) -> None:
+    def run(loss) -> list[dict]:
+        return [{"step": s, "loss": loss(s), "lr": 1e-3 * s, "images_per_sec": 100.0 + s} for s in range(1, 50)]
+
+    falling = _read_png(plot_metric_curves({"a": run(lambda s: 1.0 / s)}, tmp_path / "falling.png"))
+    again = _read_png(plot_metric_curves({"a": run(lambda s: 1.0 / s)}, tmp_path / "again.png"))
+    rising = _read_png(plot_metric_curves({"a": run(lambda s: 0.02 * s)}, tmp_path / "rising.png"))
+    assert falling.shape == rising.shape and falling.shape[1] == 1500  # one row: loss | lr | throughput
+    np.testing.assert_array_equal(falling, again)  # the same values draw the same picture
+    third = falling.shape[1] // 3
+    # only the training-loss panel (left) changes with the loss values; lr and throughput are drawn the same
+    assert (falling[:, :third] != rising[:, :third]).any(axis=-1).sum() > 200
+    np.testing.assert_array_equal(falling[:, third:], rising[:, third:])
 
 
 def test_run_labels_are_unique(tmp_path: Path) -> None:

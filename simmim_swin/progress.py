@@ -1,0 +1,42 @@
+"""A status line for long loops: redrawn in place on a terminal, printed as plain lines elsewhere (Slurm logs, pipes).
+
+The training loops' ProgressPrinter (tracking.py) and make-shards' item counter (data/shards.py) both draw through it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import TextIO
+
+
+class StatusLine:
+    """Where progress lines go and how: `show(line)` redraws one line on a terminal, else prints the line.
+
+    Args:
+        stream: the output stream.
+        tty: force the terminal (True) or line (False) display; None asks the stream.
+        width: terminal columns for the status line; None asks the terminal.
+    """
+
+    def __init__(self, stream: TextIO, tty: bool | None = None, width: int | None = None) -> None:
+        self.stream = stream
+        self.tty = bool(getattr(stream, "isatty", lambda: False)()) if tty is None else tty
+        self.width = width if width is not None else shutil.get_terminal_size(fallback=(120, 24)).columns
+        self._line_open = False  # a status line is on screen without its newline
+
+    def show(self, line: str) -> None:
+        """Redraw the status line with `line` on a terminal (cut to the width), else print it as a line."""
+        if not self.tty:
+            print(line, file=self.stream, flush=True)
+            return
+        line = line[: max(self.width - 1, 20)]  # a wrapped line cannot be redrawn
+        self.stream.write("\r" + line + "\x1b[K")  # carriage return, text, erase the rest of the old line
+        self.stream.flush()
+        self._line_open = True
+
+    def close(self) -> None:
+        """End the status line on a terminal so later output starts on a fresh line."""
+        if self._line_open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._line_open = False
