@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from simmim_swin.config import ConfigError, FinetuneConfig, PretrainConfig, from_dict, validate_finetune, validate_pretrain
+from simmim_swin.config import (
+    ConfigError,
+    FinetuneConfig,
+    PretrainConfig,
+    from_dict,
+    validate_finetune,
+    validate_pretrain,
+)
 
 # a model the checks accept: pico at 32 px (3 stages: 32 must divide by 4 * 2**2)
 SMALL = {"model": {"arch": "pico", "img_size": 32, "window_size": 4}, "mask": {"mask_patch_size": 8}}
