@@ -90,6 +90,24 @@ def composition_error(e: Exception) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
+# a CPU run on a machine with at most this many cores uses one intra-op thread unless OMP_NUM_THREADS is set:
+# on a shared 2-core machine the tests' pico pretraining (20 steps) took 8-9 s with one thread against 20-32 s with
+# torch's default of two, and the quickstart ran at about 50 img/s against 6-60 img/s (its two loader workers and
+# any other process compete for the same cores, and busy-waiting threads stall each other)
+SINGLE_THREAD_MAX_CORES = 2
+
+
+def default_cpu_threads(device: str) -> None:
+    """One torch thread for a CPU run on a machine of few cores, unless OMP_NUM_THREADS chooses."""
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if "OMP_NUM_THREADS" in os.environ or cores > SINGLE_THREAD_MAX_CORES:
+        return
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        torch.set_num_threads(1)
+
+
 def name_logger_after_preset(logger: dict[str, Any], preset: str | None) -> None:
     """W&B group and tag from the selected preset: logger.group when it is null, and a tag unless already there."""
     if not preset:

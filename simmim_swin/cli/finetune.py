@@ -10,13 +10,22 @@ from omegaconf import DictConfig
 
 from ..config import FinetuneConfig, check_run_config, validate_finetune
 from ..finetune import evaluate_transfer, run_finetune
-from .common import CONF_DIR, build_config, check_command_groups, quiet_hydra_on_other_ranks, run_hydra, training_exits
+from .common import (
+    CONF_DIR,
+    build_config,
+    check_command_groups,
+    default_cpu_threads,
+    quiet_hydra_on_other_ranks,
+    run_hydra,
+    training_exits,
+)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="finetune")
 def _main(cfg: DictConfig) -> None:
     with training_exits():
         config = build_config(FinetuneConfig, cfg, HydraConfig.get().runtime.choices, preset_group="finetune")
+        default_cpu_threads(config.run.device)
         if config.evaluate:
             check_run_config(config.run)  # no training: the batch / augmentation / EMA checks do not apply
             evaluate_transfer(config)

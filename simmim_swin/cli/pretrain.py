@@ -10,13 +10,22 @@ from omegaconf import DictConfig
 
 from ..config import PretrainConfig, validate_pretrain
 from ..pretrain import run_pretrain
-from .common import CONF_DIR, build_config, check_command_groups, quiet_hydra_on_other_ranks, run_hydra, training_exits
+from .common import (
+    CONF_DIR,
+    build_config,
+    check_command_groups,
+    default_cpu_threads,
+    quiet_hydra_on_other_ranks,
+    run_hydra,
+    training_exits,
+)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="pretrain")
 def _main(cfg: DictConfig) -> None:
     with training_exits():
         config = build_config(PretrainConfig, cfg, HydraConfig.get().runtime.choices, preset_group="experiment")
+        default_cpu_threads(config.run.device)
         validate_pretrain(config)
         run_pretrain(config)
 
