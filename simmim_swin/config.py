@@ -1,16 +1,21 @@
-"""Typed run configuration: one dataclass per concern, built from plain dicts that must not carry unknown keys.
+"""Typed run configuration: one dataclass per concern, the single source of every key and default.
 
-Hydra composes YAML at the command-line edge (simmim_swin.cli); everything below takes these dataclasses,
-or better the one narrow sub-config it needs.
+The dataclasses are registered with Hydra's ConfigStore as structured configs (`pretrain_schema`,
+`finetune_schema`): conf/*.yaml hold only presets and overrides on top of them. `from_dict` builds a dataclass
+from plain dicts (checkpoints, tests, benchmarks) with the same type rules; `validate_pretrain` /
+`validate_finetune` check what one field alone cannot say. Everything below the command line takes these
+dataclasses, or better the one narrow sub-config it needs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 
 class ConfigError(ValueError):
@@ -21,19 +26,19 @@ class ConfigError(ValueError):
 class ModelConfig:
     """SwinV2 encoder architecture; `arch` names a size, the optional fields override it."""
 
-    arch: str = "base"  # a key of simmim_swin.models.swinv2.SWINV2_SIZES
-    img_size: int = 192
-    patch_size: int = 4
-    in_chans: int = 3
-    window_size: int = 12
+    arch: str = "base"  # a key of simmim_swin.models.swinv2.SWINV2_SIZES (tiny ... giant; pico / nano / micro)
+    img_size: int = 192  # input height and width in pixels
+    patch_size: int = 4  # pixels per side of a patch-embedding token
+    in_chans: int = 3  # image channels
+    window_size: int = 12  # attention window in tokens (clipped per stage to the stage's resolution)
     pretrained_window_sizes: list[int] | None = None  # one per stage; None means 0 (no transfer)
     embed_dim: int | None = None  # None: taken from `arch`
-    depths: list[int] | None = None
-    num_heads: list[int] | None = None
-    mlp_ratio: float = 4.0
-    drop_path_rate: float = 0.1
+    depths: list[int] | None = None  # blocks per stage; None: taken from `arch`
+    num_heads: list[int] | None = None  # attention heads per stage; None: taken from `arch`
+    mlp_ratio: float = 4.0  # MLP hidden width / embedding width
+    drop_path_rate: float = 0.1  # stochastic depth, rising linearly to this over the blocks
     ape: bool = False  # learned absolute position embedding
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = False  # recompute block activations in the backward pass (less memory)
     fused_attn: bool | None = None  # None: SDPA on CUDA, eager elsewhere
 
 
@@ -41,10 +46,10 @@ class ModelConfig:
 class MaskConfig:
     """SimMIM masking and reconstruction target."""
 
-    mask_patch_size: int = 32
-    mask_ratio: float = 0.6
+    mask_patch_size: int = 32  # pixels per side of a masked square (a multiple of model.patch_size)
+    mask_ratio: float = 0.6  # share of mask patches masked, in (0, 1)
     norm_target: bool = True  # per-pixel normalisation by the local mean / variance (SwinV2 recipe)
-    norm_target_window: int = 47
+    norm_target_window: int = 47  # side of the local window of norm_target, in pixels
 
 
 @dataclass
@@ -53,33 +58,45 @@ class DataConfig:
 
     source: str = "photos"  # photos (bundled scikit-image photographs) | folder | shards | fashion_mnist
     root: str | None = None  # image folder for source=folder
-    urls: str | list[str] | None = None  # source=shards: index .json, brace pattern, `a::b`, or `pipe:CMD` URLs
+    # source=shards: index .json, brace pattern, `a::b`, or `pipe:CMD` URLs; a str, a list of str or None
+    # (typed Any: OmegaConf has no str-or-list type; from_dict checks it)
+    urls: Any = None
     split: str = "train"  # source=fashion_mnist: train (60k) | test (10k)
-    batch_size: int = 128
-    num_workers: int = 4
+    batch_size: int = 128  # images per process and micro-batch
+    num_workers: int = 4  # data-loader worker processes per process
     samples_per_epoch: int = 8192  # photos: crops per epoch; shards: samples per epoch (0: the index's total)
     shuffle_buffer: int = 2000  # source=shards: samples held per worker for shuffling (0: no shuffle)
-    crop_scale: list[float] = field(default_factory=lambda: [0.67, 1.0])
-    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
-    hflip: bool = True
-    pin_memory: bool = True
+    crop_scale: list[float] = field(default_factory=lambda: [0.67, 1.0])  # RandomResizedCrop area range
+    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # RandomResizedCrop aspect range
+    hflip: bool = True  # random horizontal flip
+    pin_memory: bool = True  # page-locked host batches (CUDA only)
     max_bad_fraction: float = 0.01  # stop when skipped (corrupt / non-image / empty) samples exceed this fraction
     bad_check_after: int = 1000  # the fraction is bad / max(samples read, this): early stragglers never stop a run
-    val_urls: str | list[str] | None = None  # held-out shards (same forms as urls) for the validation loss
+    val_urls: Any = None  # held-out shards (same forms as urls: str, list of str or None) for the validation loss
     val_samples: int = 256  # the first N samples of val_urls, with fixed masks, every logger.val_every steps
+
+    def __post_init__(self) -> None:
+        for name in ("urls", "val_urls"):
+            value = getattr(self, name)
+            if not (value is None or isinstance(value, str) or _is_str_list(value)):
+                raise ConfigError(f"data.{name}: expected a string, a list of strings or null, got {value!r}")
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
 
 
 @dataclass
 class OptimConfig:
     """AdamW; learning rates are for a total batch of `lr_reference_batch` and scale linearly with it."""
 
-    base_lr: float = 1e-4
-    warmup_lr: float = 5e-7
-    min_lr: float = 5e-6
-    lr_reference_batch: int = 512
-    weight_decay: float = 0.05
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
+    base_lr: float = 1e-4  # peak lr at the reference batch
+    warmup_lr: float = 5e-7  # lr at step 0, rising linearly to base_lr over the warm-up
+    min_lr: float = 5e-6  # lr floor of the decay
+    lr_reference_batch: int = 512  # total batch the lrs above are quoted for
+    weight_decay: float = 0.05  # decoupled weight decay (not on biases, norms, position tables, logit_scale)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW moment decay rates
+    eps: float = 1e-8  # AdamW denominator epsilon
     clip_grad: float | None = 5.0  # max global gradient norm; None disables clipping
     accum_steps: int = 1  # micro-batches per optimizer step
     fused: bool | None = None  # fused AdamW kernel; None: on CUDA only
@@ -89,11 +106,11 @@ class OptimConfig:
 class ScheduleConfig:
     """Learning-rate schedule in epochs of the training data, converted to optimizer steps at start-up."""
 
-    epochs: int = 800
-    warmup_epochs: int = 10
+    epochs: int = 800  # training length
+    warmup_epochs: int = 10  # linear warm-up from optim.warmup_lr
     kind: str = "multistep"  # multistep | cosine
     decay_epochs: list[int] = field(default_factory=lambda: [700])  # multistep milestones
-    decay_rate: float = 0.1
+    decay_rate: float = 0.1  # multistep: lr factor at each milestone
 
 
 @dataclass
@@ -101,10 +118,10 @@ class LoggerConfig:
     """Metrics sinks: metrics.jsonl is always written; wandb is optional."""
 
     wandb: str = "disabled"  # online | offline | disabled
-    project: str = "simmim-swin"
-    entity: str | None = None
-    group: str | None = None
-    tags: list[str] = field(default_factory=list)
+    project: str = "simmim-swin"  # W&B project
+    entity: str | None = None  # W&B team or user; None: the API key's default
+    group: str | None = None  # W&B group; None: the command line fills in the experiment / finetune preset name
+    tags: list[str] = field(default_factory=list)  # W&B tags; the command line adds the preset name
     log_every: int = 20  # optimizer steps between metric lines (each one syncs the host)
     image_every: int = 1000  # optimizer steps between reconstruction panels
     num_images: int = 4  # fixed images in the panel
@@ -116,8 +133,8 @@ class RunConfig:
     """Where the run lives and how it executes."""
 
     name: str = "pretrain"  # the run directory is <output_dir>/<name>; starting it again resumes it
-    output_dir: str = "outputs"
-    seed: int = 0
+    output_dir: str = "outputs"  # parent of the run directories
+    seed: int = 0  # seeds weights, data order, crops and masks
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     save_every: int = 1000  # optimizer steps between checkpoints
@@ -131,86 +148,67 @@ class RunConfig:
 PARALLEL_STRATEGIES = ("ddp", "fsdp")
 
 
-def check_run_config(run: RunConfig) -> None:
-    """Reject run settings that cannot work (shared by pretraining and fine-tuning)."""
-    if run.parallel not in PARALLEL_STRATEGIES:
-        raise ConfigError(f"run.parallel={run.parallel!r} is unknown; use one of {list(PARALLEL_STRATEGIES)}")
-    if run.max_consecutive_skips < 1:
-        raise ConfigError(f"run.max_consecutive_skips={run.max_consecutive_skips} must be >= 1")
-    if run.save_every < 1 or run.keep_last < 1:
-        raise ConfigError(f"run.save_every={run.save_every} and run.keep_last={run.keep_last} must be >= 1")
-
-
 @dataclass
 class PretrainConfig:
     """Everything a SimMIM pretraining run needs."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    mask: MaskConfig = field(default_factory=MaskConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-
-
-def _check_type(value: Any, annotation: Any, path: str) -> Any:
-    """Return `value` if it fits `annotation` (ints are accepted as floats); raise ConfigError otherwise."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for option in typing.get_args(annotation):
-            try:
-                return _check_type(value, option, path)
-            except ConfigError as e:
-                errors.append((option is type(None), e))
-        # report what was wrong with the value against the real type, not "expected null"
-        raise sorted(errors, key=lambda pair: pair[0])[0][1]
-    if annotation is type(None):
-        if value is None:
-            return None
-        raise ConfigError(f"{path}: expected null, got {value!r}")
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
-        (item_type,) = typing.get_args(annotation)
-        return [_check_type(v, item_type, f"{path}[{i}]") for i, v in enumerate(value)]
-    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if annotation is Any or (isinstance(annotation, type) and isinstance(value, annotation)):
-        if annotation is int and isinstance(value, bool):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
-        return value
-    raise ConfigError(f"{path}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}")
+    model: ModelConfig = field(default_factory=ModelConfig)  # the encoder
+    mask: MaskConfig = field(default_factory=MaskConfig)  # masking and target
+    data: DataConfig = field(default_factory=DataConfig)  # images and batching
+    optim: OptimConfig = field(default_factory=OptimConfig)  # AdamW
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # lr over the epochs
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # metrics sinks
+    run: RunConfig = field(default_factory=RunConfig)  # run directory and execution
 
 
 def from_dict(cls: type, data: dict[str, Any] | None, path: str = "") -> Any:
-    """Build dataclass `cls` from nested dicts, rejecting unknown keys and mistyped values with their full path."""
-    data = dict(data or {})
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        where = path or cls.__name__
+    """Build dataclass `cls` from nested dicts; unknown keys and mistyped values raise ConfigError naming the key.
+
+    Missing keys keep their defaults. OmegaConf's conversions apply, as on the command line: ints become floats,
+    numeric strings numbers, tuples lists. Args: path: where `data` sits in a larger config, for the messages.
+    """
+    _check_sections(cls, data or {}, path)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(cls), data or {})
+        return OmegaConf.to_object(merged)
+    except ConfigKeyError as e:
+        key = _join(path, e.full_key)
+        parent_key, _, name = key.rpartition(".")
+        valid = sorted(f.name for f in dataclasses.fields(e.object_type)) if _is_dataclass(e.object_type) else []
         raise ConfigError(
-            f"unknown key(s) {unknown} in {where}; valid keys are {sorted(names)}. Check the spelling of the override."
-        )
-    kwargs = {}
-    for name, value in data.items():
-        annotation = hints[name]
-        key_path = f"{path}.{name}" if path else name
-        if dataclasses.is_dataclass(annotation):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{key_path}: expected a mapping, got {value!r}")
-            kwargs[name] = from_dict(annotation, value, key_path)
-        else:
-            kwargs[name] = _check_type(value, annotation, key_path)
-    return cls(**kwargs)
+            f"unknown key(s) [{name!r}] in {parent_key or cls.__name__}; valid keys are {valid}. "
+            "Check the spelling of the override."
+        ) from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{_join(path, e.full_key) or cls.__name__}: {_first_line(e)}") from None
 
 
 def to_dict(config: Any) -> dict[str, Any]:
     """Plain nested dict of a config dataclass (what checkpoints store: no pickled objects)."""
     return dataclasses.asdict(config)
+
+
+def _check_sections(cls: type, data: Any, path: str) -> None:
+    """A nested section given as something other than a mapping (OmegaConf's merge error names no key)."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path or cls.__name__}: expected a mapping, got {data!r}")
+    for f in dataclasses.fields(cls):
+        if f.name in data and _is_dataclass(f.default_factory):
+            _check_sections(f.default_factory, data[f.name], _join(path, f.name))
+
+
+def _is_dataclass(obj: Any) -> bool:
+    return isinstance(obj, type) and dataclasses.is_dataclass(obj)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path and key else path or key
+
+
+def _first_line(e: OmegaConfBaseException) -> str:
+    """OmegaConf's message without its `full_key:` / `object_type=` lines."""
+    msg = getattr(e, "msg", None) or str(e)
+    return msg.strip().splitlines()[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -225,15 +223,15 @@ class FinetuneModelConfig:
     img_size: int | None = None  # null: the checkpoint's pretraining size
     window_size: int | None = None  # null: the checkpoint's window
     pretrained_window_sizes: list[int] | None = None  # one per stage; null: the windows each stage used in pretraining
-    patch_size: int | None = None
-    in_chans: int | None = None
-    embed_dim: int | None = None
-    depths: list[int] | None = None
-    num_heads: list[int] | None = None
-    mlp_ratio: float | None = None
-    ape: bool | None = None
-    drop_path_rate: float = 0.1
-    grad_checkpointing: bool = False
+    patch_size: int | None = None  # null: from the checkpoint's weights (or the arch from scratch)
+    in_chans: int | None = None  # null: from the checkpoint's weights
+    embed_dim: int | None = None  # null: from the checkpoint's weights
+    depths: list[int] | None = None  # null: from the checkpoint's weights
+    num_heads: list[int] | None = None  # null: from the checkpoint's config
+    mlp_ratio: float | None = None  # null: from the checkpoint's weights
+    ape: bool | None = None  # null: from the checkpoint's weights
+    drop_path_rate: float = 0.1  # stochastic depth, rising linearly to this over the blocks
+    grad_checkpointing: bool = False  # recompute block activations in the backward pass (less memory)
     fused_attn: bool | None = None  # None: SDPA on CUDA, eager elsewhere
 
 
@@ -246,11 +244,11 @@ class FinetuneDataConfig:
     val_root: str | None = None  # source=folder: validation images (same class folders); null: <root>/val
     num_labelled: int | None = None  # train on this many labelled images, class-balanced; null: all of them
     subset_seed: int = 0  # which images num_labelled picks
-    batch_size: int = 128
-    eval_batch_size: int = 256
-    num_workers: int = 4
+    batch_size: int = 128  # training images per process and micro-batch
+    eval_batch_size: int = 256  # evaluation images per process
+    num_workers: int = 4  # data-loader worker processes per process
     crop_pct: float = 0.875  # evaluation: resize to img_size / crop_pct, then centre crop img_size (224 of 256)
-    pin_memory: bool = True
+    pin_memory: bool = True  # page-locked host batches (CUDA only)
 
 
 @dataclass
@@ -258,20 +256,20 @@ class AugmentConfig:
     """Training augmentation (timm's create_transform and Mixup); zero / null switches a part off."""
 
     rand_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm auto_augment string
-    color_jitter: float = 0.4
-    interpolation: str = "bicubic"
+    color_jitter: float = 0.4  # colour jitter strength
+    interpolation: str = "bicubic"  # resize interpolation
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
-    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # RandomResizedCrop aspect range
     hflip: float = 0.5  # probability of a horizontal flip
     reprob: float = 0.25  # random erasing probability
     remode: str = "pixel"  # random erasing fill: const | rand | pixel
-    recount: int = 1
+    recount: int = 1  # random erasing: rectangles per image
     mixup: float = 0.8  # mixup alpha
     cutmix: float = 1.0  # cutmix alpha
     mixup_prob: float = 1.0  # probability of mixing a batch at all
     mixup_switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
     mixup_mode: str = "batch"  # batch | pair | elem
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.1  # inside mixup's soft targets, or a smoothed cross-entropy without mixup
 
 
 @dataclass
@@ -280,7 +278,7 @@ class FinetuneTrainConfig:
 
     layer_decay: float = 0.75  # lr scale decay^(num_layers - 1 - layer_id); 1.0 disables it
     ema: bool = False  # keep an exponential moving average of the weights and evaluate it too
-    ema_decay: float = 0.9998
+    ema_decay: float = 0.9998  # EMA weight of the old average per step, in (0, 1)
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
     reinit_cpb_mlp: bool = False  # ablation: fresh continuous-position-bias MLPs instead of the pretrained ones
 
@@ -292,11 +290,128 @@ class FinetuneConfig:
     pretrained: str | None = None  # run dir, checkpoint (.pt / .pth) or export (.safetensors); null: from scratch
     pretrained_format: str = "auto"  # auto | simmim (ours) | reference (Microsoft's SimMIM / Swin) | timm
     evaluate: str | None = None  # fine-tuned run dir or checkpoint: evaluate it at model.img_size / window_size
-    model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
-    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    run: RunConfig = field(default_factory=RunConfig)
+    model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)  # the classifier
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)  # labelled images
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # training augmentation
+    optim: OptimConfig = field(default_factory=OptimConfig)  # AdamW (conf/finetune.yaml sets the recipe's lrs)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # lr over the epochs
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)  # layer decay, EMA, evaluation
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # metrics sinks
+    run: RunConfig = field(default_factory=RunConfig)  # run directory and execution
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checks across fields, run once where a config enters (the command line, run_pretrain / run_finetune)
+
+
+def check_run_config(run: RunConfig) -> None:
+    """Reject run settings that cannot work (shared by pretraining and fine-tuning)."""
+    if run.parallel not in PARALLEL_STRATEGIES:
+        raise ConfigError(f"run.parallel={run.parallel!r} is unknown; use one of {list(PARALLEL_STRATEGIES)}")
+    if run.max_consecutive_skips < 1:
+        raise ConfigError(f"run.max_consecutive_skips={run.max_consecutive_skips} must be >= 1")
+    if run.save_every < 1 or run.keep_last < 1:
+        raise ConfigError(f"run.save_every={run.save_every} and run.keep_last={run.keep_last} must be >= 1")
+
+
+def validate_pretrain(config: PretrainConfig) -> None:
+    """Reject inconsistent pretraining settings before anything is built; raises ConfigError naming the key."""
+    from .masking import MaskGenerator  # imported here: simmim_swin.data and the models import this module
+    from .models.swinv2 import SWINV2_SIZES
+
+    model_cfg, mask_cfg = config.model, config.mask
+    if model_cfg.arch not in SWINV2_SIZES:
+        raise ConfigError(f"model.arch={model_cfg.arch!r} is not a known size; choose one of {sorted(SWINV2_SIZES)}")
+    num_stages = len(model_cfg.depths or SWINV2_SIZES[model_cfg.arch]["depths"])
+    reduction = model_cfg.patch_size * 2 ** (num_stages - 1)
+    if model_cfg.img_size % reduction:
+        suggestion = max(1, round(model_cfg.img_size / reduction)) * reduction
+        raise ConfigError(
+            f"model.img_size={model_cfg.img_size} must be divisible by patch_size * 2**(stages-1) = {reduction} "
+            f"for model.arch={model_cfg.arch}; try model.img_size={suggestion}"
+        )
+    if config.data.batch_size < 1 or config.optim.accum_steps < 1:
+        raise ConfigError(
+            f"data.batch_size={config.data.batch_size} and optim.accum_steps={config.optim.accum_steps} must be >= 1"
+        )
+    if config.logger.log_every < 1 or config.logger.image_every < 1:
+        raise ConfigError("logger.log_every and logger.image_every must be >= 1")
+    check_run_config(config.run)
+    _validate_pretrain_data(config)
+    try:
+        MaskGenerator(
+            input_size=model_cfg.img_size,
+            mask_patch_size=mask_cfg.mask_patch_size,
+            model_patch_size=model_cfg.patch_size,
+            mask_ratio=mask_cfg.mask_ratio,
+        )
+    except ValueError as e:
+        raise ConfigError(f"mask: {e}") from e
+
+
+def _validate_pretrain_data(config: PretrainConfig) -> None:
+    """The data settings that can be checked without reading any data."""
+    from .data import DATA_SOURCES
+
+    data_cfg = config.data
+    if data_cfg.source not in DATA_SOURCES:
+        raise ConfigError(f"data.source={data_cfg.source!r} is not one of {list(DATA_SOURCES)}")
+    if data_cfg.source == "shards" and not data_cfg.urls:
+        raise ConfigError("data=shards needs data.urls: the index .json written by `simmim-swin make-shards`")
+    if data_cfg.num_workers < 0 or data_cfg.shuffle_buffer < 0 or data_cfg.val_samples < 0:
+        raise ConfigError(
+            f"data.num_workers={data_cfg.num_workers}, data.shuffle_buffer={data_cfg.shuffle_buffer} and "
+            f"data.val_samples={data_cfg.val_samples} must be >= 0"
+        )
+    if not 0.0 <= data_cfg.max_bad_fraction <= 1.0:
+        raise ConfigError(f"data.max_bad_fraction={data_cfg.max_bad_fraction} must lie in [0, 1], e.g. 0.01")
+    if config.logger.val_every < 1:
+        raise ConfigError(f"logger.val_every={config.logger.val_every} must be >= 1")
+
+
+MIXUP_MODES = ("batch", "pair", "elem")
+
+
+def validate_finetune(config: FinetuneConfig) -> None:
+    """Reject fine-tuning settings that cannot work before anything is loaded; raises ConfigError naming the key."""
+    train, data, augment = config.train, config.data, config.augment
+    if data.batch_size < 1 or data.eval_batch_size < 1 or config.optim.accum_steps < 1:
+        raise ConfigError(
+            f"data.batch_size={data.batch_size}, data.eval_batch_size={data.eval_batch_size} and "
+            f"optim.accum_steps={config.optim.accum_steps} must be >= 1"
+        )
+    if augment.mixup_mode not in MIXUP_MODES:
+        raise ConfigError(f"augment.mixup_mode={augment.mixup_mode!r} is unknown; use batch, pair or elem")
+    mixing = (augment.mixup > 0 or augment.cutmix > 0) and augment.mixup_prob > 0
+    if mixing and data.batch_size % 2:
+        raise ConfigError(f"mixup / cutmix pair images within a batch: data.batch_size={data.batch_size} must be even")
+    if not 0.0 < train.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay={train.ema_decay} must lie in (0, 1), e.g. 0.9998")
+    if train.eval_every < 1 or config.logger.log_every < 1:
+        raise ConfigError("train.eval_every and logger.log_every must be >= 1")
+    check_run_config(config.run)
+    if train.ema and config.run.parallel == "fsdp":
+        # the EMA copy would need the sharded weights gathered every step, which defeats FSDP
+        raise ConfigError(
+            "train.ema=true does not work with run.parallel=fsdp; use run.parallel=ddp or train.ema=false"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hydra structured configs: conf/pretrain.yaml and conf/finetune.yaml start their defaults lists with these
+
+PRETRAIN_SCHEMA = "pretrain_schema"
+FINETUNE_SCHEMA = "finetune_schema"
+
+
+def register_configs() -> None:
+    """Store the two top-level dataclasses in Hydra's ConfigStore (idempotent; done when this module loads)."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(name=PRETRAIN_SCHEMA, node=PretrainConfig)
+    store.store(name=FINETUNE_SCHEMA, node=FinetuneConfig)
+
+
+# at import, so that any Hydra compose of conf/ (the command line, tests, notebooks) finds the schemas
+register_configs()

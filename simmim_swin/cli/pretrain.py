@@ -2,25 +2,39 @@
 
 from __future__ import annotations
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
+import sys
 
-from ..config import PretrainConfig, from_dict
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from ..config import PretrainConfig, validate_pretrain
 from ..pretrain import run_pretrain
-from .common import CONF_DIR, quiet_hydra_on_other_ranks, training_exits
+from .common import (
+    CONF_DIR,
+    build_config,
+    check_command_groups,
+    default_cpu_threads,
+    quiet_hydra_on_other_ranks,
+    run_hydra,
+    training_exits,
+)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="pretrain")
 def _main(cfg: DictConfig) -> None:
     with training_exits():
-        container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-        run_pretrain(from_dict(PretrainConfig, container))
+        config = build_config(PretrainConfig, cfg, HydraConfig.get().runtime.choices, preset_group="experiment")
+        default_cpu_threads(config.run.device)
+        validate_pretrain(config)
+        run_pretrain(config)
 
 
 def main() -> None:
-    """Console entry point: `simmim-pretrain [group=option ...] [key=value ...]`."""
+    """Console entry point: `simmim-pretrain [group=option ...] [key=value ...]` (`--help` lists the groups)."""
+    check_command_groups("simmim-pretrain", sys.argv[1:])
     quiet_hydra_on_other_ranks()
-    _main()
+    run_hydra(_main)
 
 
 if __name__ == "__main__":

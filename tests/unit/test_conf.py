@@ -1,51 +1,75 @@
-"""Every Hydra preset composes into a valid typed config (the YAML and the dataclasses agree key for key)."""
+"""conf/pretrain.yaml and every experiment preset compose on the registered schema into a valid PretrainConfig."""
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
-from simmim_swin.config import ConfigError, PretrainConfig, from_dict
-from simmim_swin.pretrain import validate_config
+from simmim_swin.cli.common import CONF_DIR, build_config
+from simmim_swin.config import ConfigError, DataConfig, PretrainConfig, validate_pretrain
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
 
 def compose_pretrain(*overrides: str) -> PretrainConfig:
+    """What simmim-pretrain builds from these command-line arguments (W&B group / tag from the experiment)."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="pretrain", overrides=list(overrides))
-    return from_dict(PretrainConfig, OmegaConf.to_container(cfg, resolve=True))
+        cfg = compose(config_name="pretrain", overrides=list(overrides), return_hydra_config=True)
+    choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return build_config(PretrainConfig, cfg, choices, preset_group="experiment")
 
 
 def test_there_are_presets():
     assert "quickstart" in EXPERIMENTS and len(EXPERIMENTS) >= 3
 
 
+def test_defaults_are_the_dataclass_defaults():
+    """The YAML holds presets only: without options the composed config is PretrainConfig() on the photos."""
+    config = compose_pretrain()
+    # the photos preset only zeroes the shuffle buffer that map-style data does not use
+    assert config == dataclasses.replace(PretrainConfig(), data=DataConfig(shuffle_buffer=0))
+
+
 @pytest.mark.parametrize("experiment", [None, *EXPERIMENTS])
 def test_preset_composes_and_validates(experiment):
     config = compose_pretrain(*([f"experiment={experiment}"] if experiment else []))
-    validate_config(config)
+    validate_pretrain(config)
     if experiment:
         assert config.run.name == experiment
+        # the W&B group and tag default to the experiment name
+        assert config.logger.group == experiment and config.logger.tags == [experiment]
+    else:
+        assert config.logger.group is None and config.logger.tags == []
 
 
-@pytest.mark.parametrize("group", ["model", "mask", "data", "optim", "schedule", "logger"])
-def test_group_files_list_every_dataclass_field(group):
-    """A YAML file missing a key would silently fall back to the dataclass default and hide it from users."""
-    field_type = {f.name: f.type for f in dataclasses.fields(PretrainConfig)}[group]
-    cls = getattr(__import__("simmim_swin.config", fromlist=[field_type]), field_type)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for path in (CONF_DIR / group).glob("*.yaml"):
-        keys = set(OmegaConf.load(path).keys())
-        assert keys == names, f"{path.name}: missing {names - keys}, extra {keys - names}"
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["data=folder", "data.root=/x"],
+        ["data=shards", "data.urls=/x/train.json"],
+        ["data=fashion_mnist"],
+        ["schedule=cosine"],
+        ["logger=wandb"],
+        ["experiment=quickstart", "data=fashion_mnist", "logger=wandb", "schedule=cosine"],
+    ],
+)
+def test_group_options_compose_and_validate(overrides):
+    validate_pretrain(compose_pretrain(*overrides))
 
 
-def test_reference_recipe_matches_spec():
+def test_logger_group_and_tags_set_by_the_user_are_kept():
+    config = compose_pretrain("experiment=quickstart", "logger.group=mine", "logger.tags=[a]")
+    assert config.logger.group == "mine" and config.logger.tags == ["a", "quickstart"]
+    config = compose_pretrain("experiment=quickstart", "logger.tags=[quickstart]")
+    assert config.logger.group == "quickstart" and config.logger.tags == ["quickstart"]
+
+
+def test_reference_recipe_matches_the_papers():
     config = compose_pretrain("experiment=swinv2_base_w12_192_800ep")
     assert (config.model.arch, config.model.img_size, config.model.window_size) == ("base", 192, 12)
     assert config.model.drop_path_rate == 0.1 and config.mask.norm_target and config.mask.norm_target_window == 47
@@ -54,6 +78,11 @@ def test_reference_recipe_matches_spec():
     assert config.optim.betas == [0.9, 0.999] and config.optim.eps == 1e-8 and config.optim.clip_grad == 5.0
     assert (config.schedule.kind, config.schedule.epochs, config.schedule.warmup_epochs) == ("multistep", 800, 10)
     assert config.schedule.decay_epochs == [700] and config.schedule.decay_rate == 0.1
+
+
+def test_quickstart_uses_the_cosine_schedule():
+    config = compose_pretrain("experiment=quickstart")
+    assert (config.schedule.kind, config.schedule.epochs, config.schedule.decay_epochs) == ("cosine", 5, [])
 
 
 @pytest.mark.parametrize(
@@ -70,4 +99,14 @@ def test_reference_recipe_matches_spec():
 )
 def test_bad_settings_are_rejected_with_the_value(overrides, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
-        validate_config(compose_pretrain(*overrides))
+        validate_pretrain(compose_pretrain(*overrides))
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [("optim.lr=1", "optim.lr"), ("model.img_size=abc", "model.img_size"), ("data.crop_scale=3", "data.crop_scale")],
+)
+def test_schema_rejects_unknown_keys_and_wrong_types(override, key):
+    """Hydra composes on the dataclasses: a misspelt key or a mistyped value fails with the full key."""
+    with pytest.raises(Exception, match=key.replace(".", r"\.")):
+        compose_pretrain(override)

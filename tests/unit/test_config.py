@@ -1,4 +1,4 @@
-"""Typed config validation: unknown keys, types, ints as floats, nested defaults, the plain-dict round trip."""
+"""from_dict / to_dict: unknown keys, types, ints as floats, nested defaults, the plain-dict round trip."""
 
 import dataclasses
 import io
@@ -39,24 +39,41 @@ def test_unknown_key_names_the_path() -> None:
 @pytest.mark.parametrize(
     ("data", "match"),
     [
-        ({"model": {"img_size": "192"}}, "model.img_size: expected int"),
-        ({"model": {"img_size": 192.0}}, "model.img_size: expected int"),
-        ({"model": {"img_size": True}}, "model.img_size: expected an integer"),
-        # Optional fields (list | None) currently report the None branch's message; the path is what matters.
-        ({"model": {"depths": [2, "x", 2]}}, r"model\.depths\[1\]: expected int, got 'x'"),
-        ({"model": {"depths": 2}}, "model.depths"),
-        ({"data": {"crop_scale": [0.5, "x"]}}, r"data.crop_scale\[1\]: expected float"),
-        ({"data": {"crop_scale": 0.5}}, "data.crop_scale: expected a list"),
-        ({"model": {"ape": "yes"}}, "model.ape: expected bool"),
-        ({"optim": {"base_lr": "1e-4"}}, "optim.base_lr: expected float"),
-        ({"optim": {"betas": [0.9, None]}}, r"optim.betas\[1\]: expected float"),
-        ({"logger": {"tags": "a"}}, "logger.tags: expected a list"),
+        ({"model": {"img_size": 192.0}}, "model.img_size: Value '192.0' of type 'float' could not be converted"),
+        ({"model": {"img_size": True}}, "model.img_size: .*bool"),
+        ({"model": {"depths": [2, "x", 2]}}, r"model\.depths\[1\]: Value 'x'"),
+        ({"model": {"depths": 2}}, "model.depths: .*not a ListConfig, list or tuple"),
+        ({"model": {"arch": None}}, "model.arch: Incompatible value 'None'"),
+        ({"data": {"crop_scale": [0.5, "x"]}}, r"data.crop_scale\[1\]: Value 'x'"),
+        ({"data": {"crop_scale": 0.5}}, "data.crop_scale: .*not a ListConfig"),
+        ({"data": {"urls": 3}}, "data.urls: expected a string, a list of strings or null, got 3"),
+        ({"data": {"val_urls": ["a", 1]}}, "data.val_urls: expected a string"),
+        ({"optim": {"base_lr": "fast"}}, "optim.base_lr: Value 'fast'"),
+        ({"optim": {"betas": [0.9, None]}}, r"optim.betas\[1\]: .*NoneType"),
+        ({"logger": {"tags": "a"}}, "logger.tags: .*not a ListConfig"),
         ({"optim": 3}, "optim: expected a mapping"),
+        ({"model": {"window_size": 8}, "optim": {"clip_grad": "x"}}, "optim.clip_grad"),
     ],
 )
 def test_type_errors_name_the_path(data: dict, match: str) -> None:
-    with pytest.raises(ConfigError, match=match):
+    with pytest.raises(ConfigError, match=match) as info:
         from_dict(PretrainConfig, data)
+    assert "\n" not in str(info.value)  # one line: no full_key / object_type lines from OmegaConf
+
+
+def test_path_prefixes_the_message_for_a_section() -> None:
+    with pytest.raises(ConfigError, match="^model.img_size: "):
+        from_dict(ModelConfig, {"img_size": "x"}, "model")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['imgsize'\] in model;"):
+        from_dict(ModelConfig, {"imgsize": 1}, "model")
+
+
+def test_command_line_conversions_apply() -> None:
+    """As on the command line, OmegaConf converts numeric and boolean strings and ints to the field's type."""
+    cfg = from_dict(PretrainConfig, {"model": {"img_size": "96", "ape": "true"}, "run": {"name": 3}})
+    assert (cfg.model.img_size, cfg.model.ape, cfg.run.name) == (96, True, "3")
+    cfg = from_dict(PretrainConfig, {"data": {"urls": ["a.tar", "b.tar"], "val_urls": "v.json"}})
+    assert cfg.data.urls == ["a.tar", "b.tar"] and cfg.data.val_urls == "v.json"
 
 
 def test_ints_accepted_for_floats_and_optionals() -> None:

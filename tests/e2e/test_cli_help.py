@@ -1,0 +1,73 @@
+"""`--help` of simmim-pretrain / simmim-finetune lists that command's groups and presets; a group of the other
+command, an unknown key or a mistyped value is answered in one line, before anything runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from simmim_swin.cli.common import CONF_DIR
+
+pytestmark = pytest.mark.slow
+
+
+def cli(tmp_path: Path, module: str, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", f"simmim_swin.cli.{module}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def test_pretrain_help_lists_its_groups_and_presets_only(tmp_path):
+    result = cli(tmp_path, "pretrain", "--help")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for group in ("experiment", "data", "schedule", "logger"):
+        assert f"\n  {group} " in out
+        for option in options(group):
+            assert option in out, (group, option)
+    for option in options("hydra/launcher"):
+        assert option in out
+    assert "simmim-pretrain experiment=quickstart" in out  # examples
+    assert "\n  finetune " not in out and "swinv2_base_w14_224" not in out  # fine-tuning presets are not here
+    assert "model:\n  arch: base" in out  # the composed config
+
+
+def test_finetune_help_lists_its_groups_and_presets_only(tmp_path):
+    result = cli(tmp_path, "finetune", "--help")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for group in ("finetune", "logger"):
+        assert f"\n  {group} " in out
+        for option in options(group):
+            assert option in out, (group, option)
+    assert "simmim-finetune finetune=quickstart" in out
+    assert "\n  experiment " not in out and "swinv2_base_w12_192_800ep" not in out
+    assert "augment:\n  rand_augment:" in out
+
+
+@pytest.mark.parametrize(
+    ("module", "arg", "expected"),
+    [
+        ("pretrain", "finetune=quickstart", "run `simmim-finetune finetune=quickstart ...`"),
+        ("finetune", "experiment=quickstart", "run `simmim-pretrain experiment=quickstart ...`"),
+        ("finetune", "data=folder", "data.source=folder data.root=DIR"),
+        ("pretrain", "optim.lr=0.1", "unknown key optim.lr"),
+        ("pretrain", "model.img_size=big", "model.img_size: Value 'big'"),
+        ("finetune", "augment.mixupp=0.5", "unknown key augment.mixupp"),
+        ("finetune", "train.ema=maybe", "train.ema: Value 'maybe'"),
+        ("pretrain", "data=nowhere", "Could not find 'data/nowhere'"),
+    ],
+)
+def test_wrong_arguments_get_one_line(tmp_path, module, arg, expected):
+    result = cli(tmp_path, module, arg)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert expected in lines[0]
+    assert not list(tmp_path.iterdir())  # nothing was started
