@@ -143,6 +143,8 @@ class RunConfig:
     compile: bool = False  # torch.compile the model
     parallel: str = "ddp"  # ddp | fsdp (parameters sharded across ranks, for models too large for DDP)
     max_consecutive_skips: int = 10  # stop after this many optimizer steps in a row with a non-finite loss/gradient
+    # a run lock of another host with no heartbeat (written at every metrics line) for this long is taken over
+    lock_stale_after_s: float = 600.0
 
 
 PARALLEL_STRATEGIES = ("ddp", "fsdp")
@@ -312,6 +314,8 @@ def check_run_config(run: RunConfig) -> None:
         raise ConfigError(f"run.max_consecutive_skips={run.max_consecutive_skips} must be >= 1")
     if run.save_every < 1 or run.keep_last < 1:
         raise ConfigError(f"run.save_every={run.save_every} and run.keep_last={run.keep_last} must be >= 1")
+    if not run.lock_stale_after_s > 0:
+        raise ConfigError(f"run.lock_stale_after_s={run.lock_stale_after_s} must be > 0 seconds, e.g. 600")
 
 
 def validate_pretrain(config: PretrainConfig) -> None:

@@ -33,6 +33,7 @@ from .config import (
     check_run_config,
     from_dict,
     to_dict,
+    validate_finetune,
 )
 from .data.classification import build_train_dataset, build_val_dataset
 from .data.loader import EvalShard, build_pretrain_loader, endless
@@ -53,8 +54,6 @@ BEST_CHECKPOINT = "best.pt"
 
 def build_mixup_and_loss(augment: AugmentConfig, num_classes: int) -> tuple[Mixup | None, nn.Module]:
     """timm's Mixup/CutMix with SoftTargetCrossEntropy (smoothing inside the soft targets), or a plain CE loss."""
-    if augment.mixup_mode not in ("batch", "pair", "elem"):
-        raise ConfigError(f"augment.mixup_mode={augment.mixup_mode!r} is unknown; use batch, pair or elem")
     if (augment.mixup > 0 or augment.cutmix > 0) and augment.mixup_prob > 0:
         mixup = Mixup(
             mixup_alpha=augment.mixup,
@@ -69,29 +68,6 @@ def build_mixup_and_loss(augment: AugmentConfig, num_classes: int) -> tuple[Mixu
     if augment.label_smoothing > 0:
         return None, LabelSmoothingCrossEntropy(smoothing=augment.label_smoothing)
     return None, nn.CrossEntropyLoss()
-
-
-def validate_config(config: FinetuneConfig) -> None:
-    """Reject settings that cannot work before anything is loaded."""
-    train, data = config.train, config.data
-    if data.batch_size < 1 or data.eval_batch_size < 1 or config.optim.accum_steps < 1:
-        raise ConfigError(
-            f"data.batch_size={data.batch_size}, data.eval_batch_size={data.eval_batch_size} and "
-            f"optim.accum_steps={config.optim.accum_steps} must be >= 1"
-        )
-    mixing = (config.augment.mixup > 0 or config.augment.cutmix > 0) and config.augment.mixup_prob > 0
-    if mixing and data.batch_size % 2:
-        raise ConfigError(f"mixup / cutmix pair images within a batch: data.batch_size={data.batch_size} must be even")
-    if not 0.0 < train.ema_decay < 1.0:
-        raise ConfigError(f"train.ema_decay={train.ema_decay} must lie in (0, 1), e.g. 0.9998")
-    if train.eval_every < 1 or config.logger.log_every < 1:
-        raise ConfigError("train.eval_every and logger.log_every must be >= 1")
-    check_run_config(config.run)
-    if train.ema and config.run.parallel == "fsdp":
-        # the EMA copy would need the sharded weights gathered every step, which defeats FSDP
-        raise ConfigError(
-            "train.ema=true does not work with run.parallel=fsdp; use run.parallel=ddp or train.ema=false"
-        )
 
 
 def _check_resumable(meta: dict[str, Any], config: dict[str, Any], classes: list[str], path: Path) -> None:
@@ -117,7 +93,7 @@ def run_finetune(config: FinetuneConfig) -> Path:
     Raises Preempted after saving when a stop signal arrives, and TrainingDiverged after
     run.max_consecutive_skips non-finite steps in a row.
     """
-    validate_config(config)
+    validate_finetune(config)
     with process_group(resolve_device(config.run.device)) as (device, info, stop):
         return _finetune(config, device, info, stop)
 
@@ -303,6 +279,7 @@ def evaluate_transfer(config: FinetuneConfig) -> dict[str, Any]:
     """
     if not config.evaluate:
         raise ConfigError("evaluate is not set: give the fine-tuned run directory or checkpoint to evaluate")
+    check_run_config(config.run)  # no training: the batch / augmentation / EMA checks do not apply
     with process_group(resolve_device(config.run.device)) as (device, info, _):
         return _evaluate_transfer(config, device, info)
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ConfigError, PretrainConfig, check_run_config, to_dict
-from .data import DATA_SOURCES, PretrainData, build_pretrain_data, make_fixed_batch, normalize_images
+from .config import PretrainConfig, to_dict, validate_pretrain
+from .data import PretrainData, build_pretrain_data, make_fixed_batch, normalize_images
 from .distributed import DistInfo, StopSignal, all_reduce_mean, process_group, wrap_model
 from .engine import evaluate_reconstruction, train_step
 from .masking import MaskGenerator
@@ -21,58 +21,6 @@ from .viz import make_position_bias_maps, save_position_bias_figure
 
 # parts of the config that must match a checkpoint for it to be resumed into this run
 RESUME_MUST_MATCH = ("model", "mask")
-
-
-def validate_config(config: PretrainConfig) -> MaskGenerator:
-    """Reject inconsistent settings before anything is built; returns the run's mask generator."""
-    model_cfg, mask_cfg = config.model, config.mask
-    from .models.swinv2 import SWINV2_SIZES
-
-    if model_cfg.arch not in SWINV2_SIZES:
-        raise ConfigError(f"model.arch={model_cfg.arch!r} is not a known size; choose one of {sorted(SWINV2_SIZES)}")
-    num_stages = len(model_cfg.depths or SWINV2_SIZES[model_cfg.arch]["depths"])
-    reduction = model_cfg.patch_size * 2 ** (num_stages - 1)
-    if model_cfg.img_size % reduction:
-        suggestion = max(1, round(model_cfg.img_size / reduction)) * reduction
-        raise ConfigError(
-            f"model.img_size={model_cfg.img_size} must be divisible by patch_size * 2**(stages-1) = {reduction} "
-            f"for model.arch={model_cfg.arch}; try model.img_size={suggestion}"
-        )
-    if config.data.batch_size < 1 or config.optim.accum_steps < 1:
-        raise ConfigError(
-            f"data.batch_size={config.data.batch_size} and optim.accum_steps={config.optim.accum_steps} must be >= 1"
-        )
-    if config.logger.log_every < 1 or config.logger.image_every < 1:
-        raise ConfigError("logger.log_every and logger.image_every must be >= 1")
-    check_run_config(config.run)
-    _validate_data(config)
-    try:
-        return MaskGenerator(
-            input_size=model_cfg.img_size,
-            mask_patch_size=mask_cfg.mask_patch_size,
-            model_patch_size=model_cfg.patch_size,
-            mask_ratio=mask_cfg.mask_ratio,
-        )
-    except ValueError as e:
-        raise ConfigError(f"mask: {e}") from e
-
-
-def _validate_data(config: PretrainConfig) -> None:
-    """The data settings that can be checked without reading any data."""
-    data_cfg = config.data
-    if data_cfg.source not in DATA_SOURCES:
-        raise ConfigError(f"data.source={data_cfg.source!r} is not one of {list(DATA_SOURCES)}")
-    if data_cfg.source == "shards" and not data_cfg.urls:
-        raise ConfigError("data=shards needs data.urls: the index .json written by `simmim-swin make-shards`")
-    if data_cfg.num_workers < 0 or data_cfg.shuffle_buffer < 0 or data_cfg.val_samples < 0:
-        raise ConfigError(
-            f"data.num_workers={data_cfg.num_workers}, data.shuffle_buffer={data_cfg.shuffle_buffer} and "
-            f"data.val_samples={data_cfg.val_samples} must be >= 0"
-        )
-    if not 0.0 <= data_cfg.max_bad_fraction <= 1.0:
-        raise ConfigError(f"data.max_bad_fraction={data_cfg.max_bad_fraction} must lie in [0, 1], e.g. 0.01")
-    if config.logger.val_every < 1:
-        raise ConfigError(f"logger.val_every={config.logger.val_every} must be >= 1")
 
 
 @torch.no_grad()
@@ -106,7 +54,13 @@ def run_pretrain(config: PretrainConfig) -> Path:
     Raises Preempted after saving when a stop signal arrives, and TrainingDiverged after
     run.max_consecutive_skips non-finite steps in a row.
     """
-    mask_generator = validate_config(config)
+    validate_pretrain(config)
+    mask_generator = MaskGenerator(
+        input_size=config.model.img_size,
+        mask_patch_size=config.mask.mask_patch_size,
+        model_patch_size=config.model.patch_size,
+        mask_ratio=config.mask.mask_ratio,
+    )
     with process_group(resolve_device(config.run.device)) as (device, info, stop):
         return _train(config, mask_generator, device, info, stop)
 

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from ..config import from_dict
-from ..distributed import Preempted, launcher_rank
-from ..engine import TrainingDiverged
+from ..distributed import launcher_rank
+from .errors import fail
 
 
 def find_conf_dir() -> Path:
@@ -52,8 +50,8 @@ def check_command_groups(command: str, argv: Sequence[str]) -> None:
             if other == command or not sep or key in own or key not in groups:
                 continue
             hint = GROUP_HINTS.get((command, key))
-            sys.exit(
-                f"error: {key}={value} is an option of {other}, not {command}; run `{other} {key}={value} ...`"
+            fail(
+                f"{key}={value} is an option of {other}, not {command}; run `{other} {key}={value} ...`"
                 + (f" ({hint})" if hint else "")
             )
 
@@ -69,7 +67,7 @@ def run_hydra(entry: Callable[[], None]) -> None:
     try:
         entry()
     except (ConfigCompositionException, OmegaConfBaseException) as e:
-        sys.exit(f"error: {composition_error(e)}")
+        fail(composition_error(e))
     finally:
         if previous is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
@@ -80,6 +78,8 @@ def run_hydra(entry: Callable[[], None]) -> None:
 def composition_error(e: Exception) -> str:
     """One line for a Hydra / OmegaConf composition error, naming the full key where there is one."""
     cause = e if isinstance(e, OmegaConfBaseException) else e.__cause__
+    if isinstance(cause, MissingMandatoryValue) and cause.full_key:
+        return f"{cause.full_key} must be set on the command line, e.g. {cause.full_key}=VALUE"
     if isinstance(cause, OmegaConfBaseException) and cause.full_key:
         reason = (getattr(cause, "msg", None) or str(cause)).strip().splitlines()[0]
         object_type = getattr(cause, "object_type", None)
@@ -124,23 +124,6 @@ def build_config(cls: type, cfg: DictConfig, choices: Mapping[str, str | None], 
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     name_logger_after_preset(container["logger"], choices.get(preset_group))
     return from_dict(cls, container)
-
-
-@contextmanager
-def training_exits() -> Iterator[None]:
-    """Turn a training run's expected endings into exit statuses and one-line messages, without tracebacks."""
-    try:
-        yield
-    except MissingMandatoryValue as e:
-        sys.exit(f"error: {e.full_key} must be set on the command line, e.g. {e.full_key}=VALUE")
-    except Preempted as e:
-        if launcher_rank() == 0:  # every rank stopped at the same step; one line says so
-            print(e, flush=True)
-        sys.exit(128 + signal.SIGTERM)  # what a process killed by SIGTERM reports: the job did not finish
-    except (TrainingDiverged, ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError
-        # a failure can be one rank's own (a corrupt shard): every rank says it, the others with their rank
-        rank = launcher_rank()
-        sys.exit(f"error{f' (rank {rank})' if rank else ''}: {e}")
 
 
 def quiet_hydra_on_other_ranks() -> None:

@@ -8,7 +8,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ..config import FinetuneConfig, check_run_config, validate_finetune
+from ..config import FinetuneConfig
 from ..finetune import evaluate_transfer, run_finetune
 from .common import (
     CONF_DIR,
@@ -17,21 +17,17 @@ from .common import (
     default_cpu_threads,
     quiet_hydra_on_other_ranks,
     run_hydra,
-    training_exits,
 )
+from .errors import command_errors
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="finetune")
 def _main(cfg: DictConfig) -> None:
-    with training_exits():
+    with command_errors():
         config = build_config(FinetuneConfig, cfg, HydraConfig.get().runtime.choices, preset_group="finetune")
         default_cpu_threads(config.run.device)
-        if config.evaluate:
-            check_run_config(config.run)  # no training: the batch / augmentation / EMA checks do not apply
-            evaluate_transfer(config)
-        else:
-            validate_finetune(config)
-            run_finetune(config)
+        # each validates the settings that apply to it before building anything
+        evaluate_transfer(config) if config.evaluate else run_finetune(config)
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ..config import PretrainConfig, validate_pretrain
+from ..config import PretrainConfig
 from ..pretrain import run_pretrain
 from .common import (
     CONF_DIR,
@@ -17,17 +17,16 @@ from .common import (
     default_cpu_threads,
     quiet_hydra_on_other_ranks,
     run_hydra,
-    training_exits,
 )
+from .errors import command_errors
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="pretrain")
 def _main(cfg: DictConfig) -> None:
-    with training_exits():
+    with command_errors():
         config = build_config(PretrainConfig, cfg, HydraConfig.get().runtime.choices, preset_group="experiment")
         default_cpu_threads(config.run.device)
-        validate_pretrain(config)
-        run_pretrain(config)
+        run_pretrain(config)  # validates the settings before building anything
 
 
 def main() -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 from collections.abc import Sequence
+
+from .errors import command_errors
 
 # each module has add_parser(subparsers) registering a sub-command whose `func(args)` runs it
 COMMAND_MODULES = ("inspect", "reconstruct", "plot", "make_shards", "export")
@@ -26,10 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point."""
     args = build_parser().parse_args(argv)
-    try:
+    with command_errors():
         args.func(args)
-    except (FileNotFoundError, ValueError) as e:  # user errors: the message, no traceback
-        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

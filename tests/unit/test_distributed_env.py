@@ -13,6 +13,7 @@ from simmim_swin.distributed import (
     Preempted,
     StopSignal,
     export_launcher_env,
+    ignore_stop_signals,
     launcher_rank,
     process_group,
     stop_signals,
@@ -107,9 +108,9 @@ def test_process_group_hands_over_after_a_preempted_run_and_restores_handlers():
 
 def test_submitit_preempt_signal_is_watched_too(monkeypatch):
     monkeypatch.setenv("SUBMITIT_PREEMPT_SIGNAL", "USR1")
-    assert set(stop_signals()) == {signal.SIGTERM, signal.SIGUSR2, signal.SIGUSR1}
+    assert set(stop_signals()) == {signal.SIGTERM, signal.SIGINT, signal.SIGUSR2, signal.SIGUSR1}
     monkeypatch.delenv("SUBMITIT_PREEMPT_SIGNAL")
-    assert stop_signals() == (signal.SIGTERM, signal.SIGUSR2)
+    assert stop_signals() == (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
 
 
 def _skip_agreement_worker(rank: int, init_file: str, results) -> None:
@@ -143,3 +144,28 @@ def test_ranks_agree_to_skip_a_step_that_one_rank_finds_non_finite(tmp_path):
         results = manager.dict()
         mp.spawn(_skip_agreement_worker, args=(str(tmp_path / "init"), results), nprocs=2)
         assert dict(results) == {0: (True, True), 1: (True, True)}
+
+
+def test_ctrl_c_stops_at_the_step_and_a_second_one_quits_at_once():
+    stop = StopSignal(DistInfo())
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.should_stop() and stop.name == "SIGINT"
+        assert Preempted(3, stop.name).exit_code == 130 and Preempted(3, "SIGTERM").exit_code == 143
+        stop.hand_over()  # Python's own SIGINT handler (KeyboardInterrupt) is not called over the clean exit
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_data_workers_ignore_the_stop_signals():
+    previous = {signum: signal.getsignal(signum) for signum in stop_signals()}
+    try:
+        ignore_stop_signals(0)
+        assert all(signal.getsignal(signum) is signal.SIG_IGN for signum in stop_signals())
+        os.kill(os.getpid(), signal.SIGTERM)  # would end this process if it were not ignored
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -10,7 +10,15 @@ import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
-from simmim_swin.config import AugmentConfig, ConfigError, FinetuneConfig, OptimConfig, ScheduleConfig, from_dict
+from simmim_swin.config import (
+    AugmentConfig,
+    ConfigError,
+    FinetuneConfig,
+    OptimConfig,
+    ScheduleConfig,
+    from_dict,
+    validate_finetune,
+)
 from simmim_swin.data.classification import (
     balanced_subset,
     build_classification_eval_transform,
@@ -21,7 +29,6 @@ from simmim_swin.finetune import (
     build_mixup_and_loss,
     evaluate_transfer,
     run_finetune,
-    validate_config,
 )
 from simmim_swin.models import build_simmim
 from simmim_swin.models.swinv2 import create_swinv2
@@ -145,8 +152,7 @@ def test_mixup_and_loss_selection():
 def test_bad_finetune_settings_are_rejected(overrides, message):
     config = from_dict(FinetuneConfig, overrides)
     with pytest.raises(ConfigError, match=message):
-        validate_config(config)
-        build_mixup_and_loss(config.augment, 10)
+        validate_finetune(config)
 
 
 def test_missing_pretrained_weights_or_evaluate_checkpoint_are_named(tmp_path):

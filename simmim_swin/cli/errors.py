@@ -1,0 +1,71 @@
+"""One line on stderr, not a traceback, for every expected way a command can fail; the exit status says which.
+
+Exit 2: bad input (a setting, a path, a file that cannot be read). Exit 1: the run itself failed (diverged, disk
+full). 130 / 143: stopped by Ctrl-C / SIGTERM after saving a checkpoint. With SIMMIM_DEBUG=1 the traceback is shown.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import NoReturn
+
+from safetensors import SafetensorError
+
+from ..distributed import Preempted, launcher_rank
+from ..engine import TrainingDiverged
+from ..run import RunLockedError
+
+BAD_INPUT = 2
+RUN_FAILED = 1
+DEBUG_ENV = "SIMMIM_DEBUG"
+
+
+def fail(message: str, code: int = BAD_INPUT) -> NoReturn:
+    """Print `error: message` on stderr (tagged with the rank on ranks > 0) and exit with `code`."""
+    rank = launcher_rank()
+    print(f"error{f' (rank {rank})' if rank else ''}: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def describe_os_error(e: OSError) -> tuple[str, int]:
+    """The message and exit status for an OSError: what failed, on which path, and what to do."""
+    path = e.filename if e.filename is not None else ""
+    if e.errno == errno.ENOSPC:
+        return f"no space left on the device writing {path}; free space or choose another run.output_dir", RUN_FAILED
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{e.strerror}: {path}; choose a folder you can write to (e.g. run.output_dir=DIR)", BAD_INPUT
+    if e.errno == errno.EISDIR:
+        return f"{path} is a directory; give a file path", BAD_INPUT
+    if e.errno == errno.ENOTDIR:
+        return f"a part of {path} is a file, not a directory; check the path", BAD_INPUT
+    if e.filename is None or e.strerror is None:  # our own FileNotFoundError messages name the path already
+        return str(e), BAD_INPUT
+    return f"{e.strerror}: {path}", BAD_INPUT
+
+
+@contextmanager
+def command_errors() -> Iterator[None]:
+    """Map a command's expected failures to one line and an exit status (see the module docstring)."""
+    try:
+        yield
+    except Preempted as e:
+        if launcher_rank() == 0:  # every rank stopped at the same step; one line says so
+            print(e, flush=True)
+        sys.exit(e.exit_code)
+    except (OSError, ValueError, SafetensorError, TrainingDiverged, RunLockedError) as e:
+        # anything else (a RuntimeError from torch, a bug) keeps its traceback: that is what a report needs
+        if os.environ.get(DEBUG_ENV) == "1":
+            raise
+        if isinstance(e, TrainingDiverged):
+            fail(str(e), RUN_FAILED)
+        if isinstance(e, OSError):
+            fail(*describe_os_error(e))
+        if isinstance(e, SafetensorError):
+            fail(f"not a readable .safetensors file ({e}); check the path or export it again", BAD_INPUT)
+        fail(str(e), BAD_INPUT)  # ConfigError, BadDataError, RunLockedError, unreadable checkpoints ...
+    except KeyboardInterrupt:
+        fail("interrupted by a second Ctrl-C: no checkpoint was written for the steps since the last save", 130)
