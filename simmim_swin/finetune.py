@@ -43,6 +43,7 @@ from .engine import evaluate_classifier, train_step
 from .optim import build_optimizer, build_scheduler, scaled_lrs
 from .precision import build_grad_scaler, resolve_device, resolve_precision
 from .run import TrainingRun, check_same_settings, run_directory
+from .tracking import check_wandb_credentials
 from .transfer import build_classifier, load_pretrained, reinit_cpb_mlp, resolve_model_config
 
 BEST_CHECKPOINT = "best.pt"
@@ -94,6 +95,7 @@ def run_finetune(config: FinetuneConfig) -> Path:
     run.max_consecutive_skips non-finite steps in a row.
     """
     validate_finetune(config)
+    check_wandb_credentials(config.logger)
     with process_group(resolve_device(config.run.device)) as (device, info, stop):
         return _finetune(config, device, info, stop)
 
@@ -294,6 +296,14 @@ def _evaluate_transfer(config: FinetuneConfig, device: torch.device, info: DistI
     num_classes = weights.state_dict["head.fc.weight"].shape[0]
     if num_classes != len(classes):
         raise ValueError(f"{weights.path} classifies {num_classes} classes but the data has {len(classes)}")
+    trained_classes = weights.extra.get("class_names")
+    if trained_classes is not None and list(trained_classes) != classes:
+        # the head's outputs are in the order of the training class folders: other names would be scored wrongly
+        changed = [f"{i}: {a!r} -> {b!r}" for i, (a, b) in enumerate(zip(trained_classes, classes)) if a != b]
+        raise ValueError(
+            f"{weights.path} was fine-tuned on other classes than the data has ({', '.join(changed[:5])}"
+            f"{' ...' if len(changed) > 5 else ''}); evaluate on folders named as in training: {list(trained_classes)}"
+        )
     model = build_classifier(model_cfg, num_classes, weights, keep_head=True, verbose=info.is_main).to(device)
     loader = DataLoader(
         EvalShard(val_set, info.rank, info.world_size),

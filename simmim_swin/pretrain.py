@@ -17,6 +17,7 @@ from .optim import build_optimizer, build_scheduler, scaled_lrs
 from .panel import save_reconstruction_panel
 from .precision import autocast_context, build_grad_scaler, resolve_device, resolve_precision
 from .run import TrainingRun, check_same_settings
+from .tracking import check_wandb_credentials
 from .viz import make_position_bias_maps, save_position_bias_figure
 
 # parts of the config that must match a checkpoint for it to be resumed into this run
@@ -55,6 +56,7 @@ def run_pretrain(config: PretrainConfig) -> Path:
     run.max_consecutive_skips non-finite steps in a row.
     """
     validate_pretrain(config)
+    check_wandb_credentials(config.logger)
     mask_generator = MaskGenerator(
         input_size=config.model.img_size,
         mask_patch_size=config.mask.mask_patch_size,

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import netrc
 import numbers
+import os
+import socket
 import sys
 import time
+import urllib.parse
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -18,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from simmim_swin.config import LoggerConfig
+from simmim_swin.config import ConfigError, LoggerConfig
 from simmim_swin.files import atomic_write
 from simmim_swin.progress import StatusLine
 
@@ -38,6 +42,43 @@ def _plain(value: Any) -> Any:
     if isinstance(value, bool) or not isinstance(value, numbers.Number):
         return value
     return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
+WANDB_DEFAULT_URL = "https://api.wandb.ai"
+WANDB_CONNECT_TIMEOUT_S = 5.0
+
+
+def _wandb_url() -> urllib.parse.SplitResult:
+    return urllib.parse.urlsplit(os.environ.get("WANDB_BASE_URL") or WANDB_DEFAULT_URL)
+
+
+def check_wandb_credentials(logger_cfg: LoggerConfig) -> None:
+    """With logger.wandb=online, fail before any compute when no W&B API key is set up (WANDB_API_KEY or the
+    ~/.netrc entry that `wandb login` writes)."""
+    if logger_cfg.wandb != "online" or os.environ.get("WANDB_API_KEY"):
+        return
+    host = _wandb_url().hostname or ""
+    try:
+        found = netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        found = False
+    if not found:
+        raise ConfigError(
+            f"logger.wandb=online needs a W&B API key for {host}: run `wandb login` or set WANDB_API_KEY, "
+            "or log locally with logger.wandb=offline (upload later with `wandb sync`)"
+        )
+
+
+def wandb_reachable(timeout_s: float = WANDB_CONNECT_TIMEOUT_S) -> tuple[bool, str]:
+    """Whether the W&B server accepts a TCP connection within `timeout_s` (wandb itself waits about 110 s and then
+    kills the run); returns (reachable, the host:port or the reason it is not)."""
+    url = _wandb_url()
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True, f"{host}:{port}"
+    except OSError as e:
+        return False, f"{host}:{port} ({e.strerror or type(e).__name__})"
 
 
 class MetricsLogger:
@@ -79,14 +120,30 @@ class MetricsLogger:
             self._init_wandb(logger_cfg, config, run_name)
 
     def _init_wandb(self, logger_cfg: LoggerConfig, config: dict, run_name: str | None) -> None:
-        """Start (or resume) the wandb run; its id is kept in self.run_id and run_dir/wandb_run_id."""
+        """Start (or resume) the wandb run; its id is kept in self.run_id and run_dir/wandb_run_id.
+
+        An online run whose server cannot be reached logs offline instead, with one warning naming the command
+        that uploads it later: a lost network never costs the training run.
+        """
         import wandb  # imported here: a run with wandb disabled never pays its import time
+
+        mode = logger_cfg.wandb
+        if mode == "online":
+            reachable, where = wandb_reachable()
+            if not reachable:
+                mode = "offline"
+                print(
+                    f"warning: W&B server {where} is unreachable: logging offline into {self.run_dir / 'wandb'}; "
+                    f"upload later with `wandb sync {self.run_dir / 'wandb'}/offline-run-*`",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
         id_file = self.run_dir / RUN_ID_FILE
         if self.run_id is None and id_file.is_file():
             self.run_id = id_file.read_text().strip() or None
         self._wandb_run = wandb.init(
-            mode=logger_cfg.wandb,  # from the config, never from WANDB_MODE: the environment is read only once
+            mode=mode,  # from the config, never from WANDB_MODE: the environment is read only once
             dir=str(self.run_dir),
             project=logger_cfg.project,
             entity=logger_cfg.entity,

@@ -322,6 +322,22 @@ def reinit_cpb_mlp(model: nn.Module, seed: int = 0) -> list[str]:
     return names
 
 
+def _check_arch_matches_weights(arch: str, values: dict[str, Any], pretrained: PretrainedWeights) -> None:
+    """A model.arch given with pretrained weights must describe them: the model is built from the weights, and the
+    logs and the saved config would otherwise name another size."""
+
+    def plain(value: Any) -> Any:
+        return list(value) if isinstance(value, (list, tuple)) else value
+
+    size = {key: plain(SWINV2_SIZES[arch][key]) for key in ("embed_dim", "depths", "num_heads")}
+    mismatched = [f"{key} {plain(values[key])} (not {size[key]})" for key in size if plain(values[key]) != size[key]]
+    if mismatched:
+        raise ConfigError(
+            f"model.arch={arch} does not match the weights in {pretrained.path}: {'; '.join(mismatched)}. Leave "
+            "model.arch unset to take the checkpoint's size, or give a checkpoint of that size"
+        )
+
+
 def resolve_model_config(model_cfg: FinetuneModelConfig, pretrained: PretrainedWeights | None) -> ModelConfig:
     """The classifier's full ModelConfig: the user's non-null fields over what the pretrained weights say.
 
@@ -353,6 +369,8 @@ def resolve_model_config(model_cfg: FinetuneModelConfig, pretrained: PretrainedW
         )
     if values["arch"] not in SWINV2_SIZES:
         raise ConfigError(f"model.arch={values['arch']!r} is not a known size; choose one of {sorted(SWINV2_SIZES)}")
+    if pretrained is not None and model_cfg.arch is not None:
+        _check_arch_matches_weights(model_cfg.arch, values, pretrained)
     for key in ("embed_dim", "depths", "num_heads"):  # spelled out, so the saved config is complete
         if values[key] is None:
             size = SWINV2_SIZES[values["arch"]][key]
