@@ -148,7 +148,7 @@ def _consolidate_sharded_model(path: Path) -> dict[str, torch.Tensor]:
         except Exception as e:
             raise ValueError(
                 f"sharded checkpoint {path} cannot be read ({type(e).__name__}: {e}); it is incomplete or corrupt. "
-                "Delete it to resume from an older one."
+                + _what_to_do(path)
             ) from e
         return torch.load(whole, map_location="cpu", weights_only=True)["model"]
 
@@ -250,6 +250,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
+def _what_to_do(path: Path) -> str:
+    """The fix for an unreadable file: a run's own step checkpoint can be deleted (the run resumes from an older
+    one); any other file (a pretrained= or evaluate= path, an export) has to be found or written again."""
+    step_file = path if _STEP_FILE.fullmatch(path.name) else path.parent
+    if step_file.parent.name == CHECKPOINT_DIR and _STEP_FILE.fullmatch(step_file.name):
+        return f"Delete {step_file} to resume from an older checkpoint."
+    return "Check the path, or copy or export the file again."
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """torch.load(weights_only=True) with errors that name the file; a step_N.dcp folder gives its whole model.
 
@@ -266,7 +275,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as e:
         raise ValueError(
             f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it is truncated, corrupt or holds "
-            f"objects that weights_only=True refuses. Delete it to resume from an older one."
+            f"objects that weights_only=True refuses. {_what_to_do(path)}"
         ) from e
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")

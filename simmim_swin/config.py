@@ -10,7 +10,8 @@ dataclasses, or better the one narrow sub-config it needs.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -318,8 +319,52 @@ def check_run_config(run: RunConfig) -> None:
         raise ConfigError(f"run.lock_stale_after_s={run.lock_stale_after_s} must be > 0 seconds, e.g. 600")
 
 
+# (key, lower bound, whether the bound itself is allowed): every number is also checked to be finite. Keys that a
+# config does not have (pretraining has no augment.*) are skipped; None means "not set" and passes.
+NUMBER_BOUNDS: tuple[tuple[str, float, bool], ...] = (
+    *((key, 1, True) for key in (
+        "model.img_size", "model.patch_size", "model.window_size", "model.in_chans", "mask.mask_patch_size",
+        "data.batch_size", "data.eval_batch_size", "optim.accum_steps", "optim.lr_reference_batch",
+        "schedule.epochs", "run.save_every", "run.keep_last", "run.max_consecutive_skips", "logger.log_every",
+        "logger.image_every", "logger.num_images", "logger.val_every", "train.eval_every",
+    )),
+    *((key, 0, False) for key in ("optim.base_lr", "optim.eps", "model.mlp_ratio", "optim.clip_grad")),
+    *((key, 0, True) for key in (
+        "optim.warmup_lr", "optim.min_lr", "optim.weight_decay", "model.drop_path_rate", "data.num_workers",
+        "schedule.warmup_epochs", "schedule.decay_rate", "run.seed", "run.max_steps", "data.samples_per_epoch",
+        "augment.mixup", "augment.cutmix", "augment.label_smoothing", "augment.reprob",
+    )),
+)  # fmt: skip
+
+
+def check_numbers(config: Any) -> None:
+    """Every numeric setting finite and within its sign; raises ConfigError naming the key and a valid value."""
+    values = dict(_numbers(to_dict(config)))
+    for path, value in values.items():
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}={value} is not a finite number; give a plain value such as the default")
+    for key, bound, inclusive in NUMBER_BOUNDS:
+        value = values.get(key)
+        if value is not None and (value < bound if inclusive else value <= bound):
+            relation = ">=" if inclusive else ">"
+            raise ConfigError(f"{key}={value} must be {relation} {bound}")
+
+
+def _numbers(tree: Any, path: str = "") -> Iterator[tuple[str, float]]:
+    """(dotted key, value) of every number in a nested dict (list items as key[i])."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _numbers(value, f"{path}.{key}" if path else key)
+    elif isinstance(tree, list):
+        for i, value in enumerate(tree):
+            yield from _numbers(value, f"{path}[{i}]")
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        yield path, tree
+
+
 def validate_pretrain(config: PretrainConfig) -> None:
     """Reject inconsistent pretraining settings before anything is built; raises ConfigError naming the key."""
+    check_numbers(config)
     from .masking import MaskGenerator  # imported here: simmim_swin.data and the models import this module
     from .models.swinv2 import SWINV2_SIZES
 
@@ -378,6 +423,7 @@ MIXUP_MODES = ("batch", "pair", "elem")
 
 def validate_finetune(config: FinetuneConfig) -> None:
     """Reject fine-tuning settings that cannot work before anything is loaded; raises ConfigError naming the key."""
+    check_numbers(config)
     train, data, augment = config.train, config.data, config.augment
     if data.batch_size < 1 or data.eval_batch_size < 1 or config.optim.accum_steps < 1:
         raise ConfigError(

@@ -19,13 +19,18 @@ from .precision import autocast_context
 
 
 class TrainingDiverged(RuntimeError):
-    """Too many optimizer steps in a row had a non-finite loss or gradient; the last good checkpoint is kept."""
+    """Too many optimizer steps in a row had a non-finite loss or gradient; `last_checkpoint` is the newest save."""
 
-    def __init__(self, num_skipped: int, step: int, checkpoint_dir: object) -> None:
+    def __init__(self, num_skipped: int, step: int, last_checkpoint: object | None) -> None:
+        kept = (
+            f"The last good checkpoint is {last_checkpoint}: starting the run again resumes from it."
+            if last_checkpoint is not None
+            else "No checkpoint was saved before it: the run starts from scratch when started again."
+        )
         super().__init__(
             f"{num_skipped} consecutive optimizer steps (up to step {step}) had a non-finite loss or gradient and "
-            f"were skipped; stopping. The last good checkpoint is kept in {checkpoint_dir}. Lower optim.base_lr, "
-            "keep optim.clip_grad on, or use run.precision=bf16 instead of fp16."
+            f"were skipped; stopping. {kept} Lower optim.base_lr, keep optim.clip_grad on, or use "
+            "run.precision=bf16 instead of fp16."
         )
 
 

@@ -298,7 +298,7 @@ class TrainingRun:
         """
         in_a_row = self.stats.in_a_row() if self.step % self.check_every == 0 else 0
         if in_a_row >= self.run_cfg.max_consecutive_skips:
-            raise TrainingDiverged(in_a_row, self.step, self.run_dir / CHECKPOINT_DIR)
+            raise TrainingDiverged(in_a_row, self.step, find_latest_checkpoint(self.run_dir))
         due = save_now or self.step % self.run_cfg.save_every == 0 or self.step == self.stop_step
         saved = due and self.stats.in_a_row() == 0
         if saved:

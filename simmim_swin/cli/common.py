@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
@@ -131,3 +133,60 @@ def quiet_hydra_on_other_ranks() -> None:
     job log) into the run directory the ranks share."""
     if launcher_rank() > 0:
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+
+
+class _LogTee:
+    """A text stream that writes through to `stream` and appends each finished line to `log`.
+
+    Lines redrawn in place on a terminal (carriage returns) reach the log in their last state only, without the
+    escape codes, so the log reads like the plain output of a run without a terminal.
+    """
+
+    def __init__(self, stream: TextIO, log: TextIO) -> None:
+        self.stream, self.log, self._pending = stream, log, ""
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        self._pending += text
+        *lines, self._pending = self._pending.split("\n")
+        for line in lines:
+            line = _ESCAPES.sub("", line.rsplit("\r", 1)[-1])
+            if line.strip():
+                self.log.write(line + "\n")
+        if lines:
+            self.log.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding ... of the real stream
+        return getattr(self.stream, name)
+
+
+_ESCAPES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+@contextmanager
+def output_into_log(path: Path) -> Iterator[None]:
+    """Copy everything the command prints (progress, messages, the final error line) into the run's log file,
+    `<run dir>/<command>.log`, which Hydra creates; other ranks have no log (their Hydra logging is off)."""
+    if launcher_rank() > 0:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as log:
+        stdout, stderr = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _LogTee(stdout, log), _LogTee(stderr, log)
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = stdout, stderr
+
+
+def hydra_log_file() -> Path:
+    """The job log Hydra writes in the run directory (pretrain.log / finetune.log)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    return Path(hydra_cfg.runtime.output_dir) / f"{hydra_cfg.job.name}.log"

@@ -15,6 +15,8 @@ from .common import (
     build_config,
     check_command_groups,
     default_cpu_threads,
+    hydra_log_file,
+    output_into_log,
     quiet_hydra_on_other_ranks,
     run_hydra,
 )
@@ -23,7 +25,7 @@ from .errors import command_errors
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="pretrain")
 def _main(cfg: DictConfig) -> None:
-    with command_errors():
+    with output_into_log(hydra_log_file()), command_errors():
         config = build_config(PretrainConfig, cfg, HydraConfig.get().runtime.choices, preset_group="experiment")
         default_cpu_threads(config.run.device)
         run_pretrain(config)  # validates the settings before building anything
