@@ -30,6 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def load_image(path: str | Path) -> Image.Image:
     """An RGB image from a file, with an error that names the file when it is missing or not an image."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; pass image files (e.g. {path}/*.png)")
     if not path.is_file():
         raise FileNotFoundError(f"image {path} does not exist")
     try:

@@ -12,6 +12,7 @@ import torch
 from e2e_helpers import cli_command, final_weights, max_weight_diff, run_cli, wait_for
 
 from simmim_swin.checkpoint import find_latest_checkpoint, load_checkpoint
+from simmim_swin.engine import TrainingDiverged
 
 pytestmark = pytest.mark.slow
 
@@ -126,7 +127,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
         config = from_dict(PretrainConfig, OmegaConf.to_container(compose("pretrain", overrides=overrides)))
 
-    with pytest.raises(pretrain_module.TrainingDiverged, match="3 consecutive"):
+    with pytest.raises(TrainingDiverged, match="3 consecutive"):
         pretrain_module.run_pretrain(config)
     records = [json.loads(line) for line in (tmp_path / "diverging" / "metrics.jsonl").read_text().splitlines()]
     skipped = {r["step"]: r["skipped_steps"] for r in records}

@@ -15,6 +15,7 @@ from e2e_helpers import cli_command, max_weight_diff, run_cli, wait_for
 from PIL import Image
 
 from simmim_swin.checkpoint import find_latest_checkpoint, load_checkpoint
+from simmim_swin.engine import TrainingDiverged
 
 pytestmark = pytest.mark.slow
 
@@ -192,7 +193,7 @@ def test_non_finite_fine_tune_steps_are_skipped_then_stop_the_run_cli(tmp_path, 
             ),
         ),
     )
-    with pytest.raises(finetune_module.TrainingDiverged, match="3 consecutive"):
+    with pytest.raises(TrainingDiverged, match="3 consecutive"):
         finetune_module.run_finetune(config)
     skipped = {r["step"]: r["skipped_steps"] for r in records(tmp_path / "diverging") if "loss" in r}
     assert (skipped[1], skipped[2], skipped[4], skipped[7]) == (0, 1, 1, 4)

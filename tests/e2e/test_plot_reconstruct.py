@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -96,10 +97,12 @@ def test_plot_overlays_runs_and_skips_malformed_lines(run_dir: Path, tmp_path: P
     assert "2 runs" in out
 
 
-def test_plot_names_a_run_without_metrics(tmp_path: Path) -> None:
+def test_plot_names_a_run_without_metrics(tmp_path: Path, capsys) -> None:
     (tmp_path / "not_a_run").mkdir()
-    with pytest.raises(SystemExit, match="error: .*not_a_run has no metrics.jsonl"):  # a message, no traceback
+    with pytest.raises(SystemExit) as exit_info:  # a message, no traceback
         tools_main(["plot", str(tmp_path / "not_a_run"), "--out", str(tmp_path / "c.png")])
+    assert exit_info.value.code == 2
+    assert re.fullmatch(r"error: .*not_a_run has no metrics.jsonl.*\n", capsys.readouterr().err)
     assert not (tmp_path / "c.png").exists()
 
 
@@ -124,8 +127,10 @@ def test_reconstruct_shows_the_checkpoint_on_real_photos(run_dir: Path, tmp_path
     assert np.abs(masked - original).mean() > 10 and np.abs(reconstruction - original).mean() > 1
 
 
-def test_reconstruct_names_a_file_that_is_not_an_image(run_dir: Path, tmp_path: Path) -> None:
+def test_reconstruct_names_a_file_that_is_not_an_image(run_dir: Path, tmp_path: Path, capsys) -> None:
     not_image = str(run_dir / "config.yaml")
-    with pytest.raises(SystemExit, match=r"error: .*config.yaml is not an image"):
+    with pytest.raises(SystemExit) as exit_info:
         tools_main(["reconstruct", "--checkpoint", str(run_dir), "--images", not_image, "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+    assert re.fullmatch(r"error: .*config.yaml is not an image.*\n", capsys.readouterr().err)
     assert not (tmp_path / "x").exists()

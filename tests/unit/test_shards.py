@@ -162,7 +162,8 @@ def test_make_shards_tool_from_a_folder_and_user_errors(class_folder, tmp_path, 
     ]:
         with pytest.raises(SystemExit) as exit_info:
             tools_main(argv)
-        assert message in str(exit_info.value)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.startswith("error: ") and message in err, err
 
 
 class _FakeStream(io.StringIO):
