@@ -259,6 +259,23 @@ def _what_to_do(path: Path) -> str:
     return "Check the path, or copy or export the file again."
 
 
+def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a .safetensors file, with errors that name the file."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; check the path")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
+    except SafetensorError as e:
+        raise ValueError(
+            f"{path} is not a readable .safetensors file ({e}); check the path, or write it again with "
+            "`simmim-swin export`"
+        ) from e
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """torch.load(weights_only=True) with errors that name the file; a step_N.dcp folder gives its whole model.
 

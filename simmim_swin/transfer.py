@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint, resolve_checkpoint
+from .checkpoint import load_checkpoint, load_safetensors, resolve_checkpoint
 from .config import ConfigError, FinetuneModelConfig, ModelConfig, from_dict, to_dict
 from .models import build_encoder
 from .models.swinv2 import SWINV2_SIZES, SwinTransformerV2, WindowAttention, is_derived_buffer
@@ -59,10 +59,7 @@ class PretrainedWeights:
 def _read_file(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     """(contents, safetensors metadata) of a .safetensors file or a torch checkpoint (weights_only)."""
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            return {key: f.get_tensor(key) for key in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
+        return load_safetensors(path)
     return load_checkpoint(path), {}
 
 

@@ -16,7 +16,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from ..config import from_dict
 from ..distributed import launcher_rank
-from .errors import fail
+from .errors import describe_os_error, fail
 
 
 def find_conf_dir() -> Path:
@@ -70,6 +70,8 @@ def run_hydra(entry: Callable[[], None]) -> None:
         entry()
     except (ConfigCompositionException, OmegaConfBaseException) as e:
         fail(composition_error(e))
+    except OSError as e:  # Hydra creating the run directory (an unwritable or misspelt run.output_dir)
+        fail(*describe_os_error(e))
     finally:
         if previous is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)

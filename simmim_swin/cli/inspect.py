@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..checkpoint import load_checkpoint, resolve_checkpoint
+from ..checkpoint import load_checkpoint, load_safetensors, resolve_checkpoint
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -67,11 +67,7 @@ def cpb_normalisers_line(pretrained: list[int], stage_windows: list[int] | None)
 
 def _read_export(path: Path) -> tuple[dict, dict]:
     """(tensors, a checkpoint-like dict of its metadata) of a `simmim-swin export` file."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
-        metadata = dict(f.metadata() or {})
+    tensors, metadata = load_safetensors(path)
     print(f"export format: {metadata.get('format', 'unknown')}")
     if "simmim_swin" not in metadata:
         return tensors, {}

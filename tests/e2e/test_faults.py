@@ -193,18 +193,18 @@ PRETRAIN_BAD = [
 ]
 FINETUNE_BAD = [
     (["pretrained={tmp}/no_such_run"], "no_such_run"),
-    (["pretrained={tmp}/garbage.safetensors"], "garbage.safetensors"),
-    (["pretrained={tmp}/empty.safetensors"], "empty.safetensors"),
+    (["pretrained={tmp}/garbage.safetensors"], "garbage.safetensors is not a readable .safetensors file"),
+    (["pretrained={tmp}/empty.safetensors"], "empty.safetensors is not a readable .safetensors file"),
     (["experiment=quickstart"], "simmim-pretrain"),
     (["augment.mixup_mode=row"], "augment.mixup_mode='row' is unknown"),
     (["evaluate={tmp}/kept"], "has no classifier head"),
 ]
 TOOLS_BAD = [
-    (["inspect", "{tmp}/garbage.safetensors"], "garbage.safetensors"),
+    (["inspect", "{tmp}/garbage.safetensors"], "garbage.safetensors is not a readable .safetensors file"),
     (["inspect", "{tmp}/no_such_file.pt"], "no_such_file.pt"),
     (["reconstruct", "--checkpoint", "{tmp}/kept", "--images", "{tmp}", "--out", "{tmp}/r.png"], "is a directory"),
     (["export", "{tmp}/kept", "--out", "{tmp}/a_file/encoder.safetensors"], "a_file"),
-    (["plot", "{tmp}/a_file", "--out", "{tmp}/p.png"], "a_file"),
+    (["plot", "{tmp}/kept", "--out", "{tmp}/a_file/p.png"], "a_file"),
     (["make-shards", "{tmp}/no_such_folder", "--out", "{tmp}/shards"], "no_such_folder"),
 ]
 
