@@ -16,7 +16,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from ..config import from_dict
 from ..distributed import launcher_rank
-from .errors import describe_os_error, fail
+from .errors import command_errors, describe_os_error, fail
 
 
 def find_conf_dir() -> Path:
@@ -192,3 +192,14 @@ def hydra_log_file() -> Path:
 
     hydra_cfg = HydraConfig.get()
     return Path(hydra_cfg.runtime.output_dir) / f"{hydra_cfg.job.name}.log"
+
+
+def run_command(cfg: DictConfig, cls: type, preset_group: str, run: Callable[[Any], Any]) -> None:
+    """The body of both Hydra entry points: build the typed config, then `run(config)`, every expected failure in one
+    line and all output copied into the run's log."""
+    from hydra.core.hydra_config import HydraConfig
+
+    with output_into_log(hydra_log_file()), command_errors():
+        config = build_config(cls, cfg, HydraConfig.get().runtime.choices, preset_group=preset_group)
+        default_cpu_threads(config.run.device)
+        run(config)  # validates the settings before building anything

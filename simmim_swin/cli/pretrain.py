@@ -5,30 +5,16 @@ from __future__ import annotations
 import sys
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from ..config import PretrainConfig
 from ..pretrain import run_pretrain
-from .common import (
-    CONF_DIR,
-    build_config,
-    check_command_groups,
-    default_cpu_threads,
-    hydra_log_file,
-    output_into_log,
-    quiet_hydra_on_other_ranks,
-    run_hydra,
-)
-from .errors import command_errors
+from .common import CONF_DIR, check_command_groups, quiet_hydra_on_other_ranks, run_command, run_hydra
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="pretrain")
 def _main(cfg: DictConfig) -> None:
-    with output_into_log(hydra_log_file()), command_errors():
-        config = build_config(PretrainConfig, cfg, HydraConfig.get().runtime.choices, preset_group="experiment")
-        default_cpu_threads(config.run.device)
-        run_pretrain(config)  # validates the settings before building anything
+    run_command(cfg, PretrainConfig, "experiment", run_pretrain)
 
 
 def main() -> None:
