@@ -28,18 +28,21 @@ RESUME_MUST_MATCH = ("model", "mask")
 def write_panel(
     model: SimMIM, batch: tuple[torch.Tensor, torch.Tensor], path: Path, precision: str, write: bool = True
 ) -> Path:
-    """Reconstruct the fixed panel images and save original | masked | reconstruction as a PNG (if `write`)."""
+    """Reconstruct the fixed panel images and save original | masked | reconstruction | error as a PNG (if `write`)."""
     images, masks = batch
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     with autocast_context(precision, device):
-        _, reconstruction = model(images.to(device), masks.to(device))
-    reconstruction = model.target_to_image(images.to(device), reconstruction).cpu()
+        _, prediction = model(images.to(device), masks.to(device))
+    target = model.target(images.to(device)).cpu()
+    reconstruction = model.target_to_image(images.to(device), prediction, masks.to(device)).cpu()
     model.train(was_training)
     if not write:
         return path
-    return save_reconstruction_panel(path, images, masks, reconstruction, patch_size=model.patch_size)
+    return save_reconstruction_panel(
+        path, images, masks, reconstruction, model.patch_size, predictions=prediction.float().cpu(), targets=target
+    )
 
 
 def masked_pixel_loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -147,7 +150,7 @@ def _save_images(
     images = {"reconstruction": panel}
     if not run.sharded and run.info.is_main:  # the CPB MLPs are sharded under FSDP
         bias_path = images_dir / f"position_bias_{run.step:08d}.png"
-        images["position_bias"] = save_position_bias_figure(make_position_bias_maps(model), bias_path)
+        images["position_bias"] = save_position_bias_figure(make_position_bias_maps(model), bias_path, step=run.step)
     run.logger.log_images(run.step, images)
     return panel
 
