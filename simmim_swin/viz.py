@@ -215,6 +215,9 @@ CURVE_PANELS = (
     ("throughput", ("images_per_sec",), "images / s"),
     ("validation top-1", ("val_top1", "top1", "val_acc1", "acc1"), "accuracy (%)"),
     ("validation top-5", ("val_top5", "top5", "val_acc5", "acc5"), "accuracy (%)"),
+    ("probe kNN top-1 (last stage)", ("probe_knn_top1",), "accuracy (%)"),
+    ("probe kNN top-1 (last two stages)", ("probe_knn_top1_last2",), "accuracy (%)"),
+    ("probe linear top-1", ("probe_linear_top1",), "accuracy (%)"),
     ("data wait", ("data_wait_frac",), "fraction of step time"),
     ("GPU memory", ("gpu_mem_peak_gib",), "peak GiB"),
 )
