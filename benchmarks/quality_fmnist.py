@@ -123,7 +123,8 @@ def finetune(args: argparse.Namespace, out: Path, variant: str, seed: int, pretr
         dict(
             pretrained=str(pretrained) if variant != "scratch" else None,
             model=dict(
-                **model_overrides(args),
+                # a pretrained encoder brings its own size (a contradicting model.arch is refused)
+                **(model_overrides(args) if variant == "scratch" else {}),
                 img_size=args.size,
                 window_size=args.window,
                 drop_path_rate=args.drop_path,
