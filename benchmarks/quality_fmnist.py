@@ -39,7 +39,12 @@ VARIANTS = ("pretrained", "scratch", "reinit_cpb")
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return build_parser(__doc__).parse_args()
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    """The benchmark's flags (benchmarks/probe_correlation.py adds its own to them)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/quality_fmnist", help="folder for the runs")
     p.add_argument(
         "--json", default=str(Path(__file__).parent / "results" / "quality_fmnist.json"), help="results file to write"
@@ -81,7 +86,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--precision", default="auto", help="auto | fp32 | bf16 (bf16 autocast also works on CPUs)")
     p.add_argument("--eval-every", type=int, default=100, help="epochs between test evaluations (and the last)")
     p.add_argument("--workers", type=int, default=0)
-    return p.parse_args()
+    return p
 
 
 def model_overrides(args: argparse.Namespace) -> dict:
@@ -118,7 +123,8 @@ def finetune(args: argparse.Namespace, out: Path, variant: str, seed: int, pretr
         dict(
             pretrained=str(pretrained) if variant != "scratch" else None,
             model=dict(
-                **model_overrides(args),
+                # a pretrained encoder brings its own size (a contradicting model.arch is refused)
+                **(model_overrides(args) if variant == "scratch" else {}),
                 img_size=args.size,
                 window_size=args.window,
                 drop_path_rate=args.drop_path,

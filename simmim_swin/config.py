@@ -152,6 +152,36 @@ PARALLEL_STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass
+class ProbeConfig:
+    """Online representation probes: kNN (and optionally linear) top-1 of the frozen encoder's features on a small
+    labelled holdout, every `every` steps (simmim_swin/probe.py). Off unless enabled (conf/probe presets)."""
+
+    enabled: bool = False  # run the probes during pretraining
+    every: int = 500  # optimizer steps between probes (and the last step)
+    source: str = "fashion_mnist"  # fashion_mnist | folder (class sub-folders) | shards (with .cls labels)
+    root: str | None = None  # folder: a folder with train/ and val/ class folders; fashion_mnist: the IDX folder
+    # explicit probe sets: folder: class-folder paths; shards: index .json / URLs of labelled shards (str or list;
+    # typed Any as data.urls). null with source=folder: <root>/train and <root>/val
+    train: Any = None
+    val: Any = None
+    num_train: int = 2000  # labelled images the kNN votes with (class-balanced where the labels are known upfront)
+    num_val: int = 1000  # images scored
+    k: int = 20  # neighbours per vote (DINO's 20)
+    temperature: float = 0.07  # vote weight exp(cosine / temperature) (DINO's 0.07)
+    linear: bool = False  # also fit a logistic-regression head on the features every probe
+    linear_steps: int = 100  # full-batch AdamW steps of the linear head
+    linear_lr: float = 0.01  # lr of the linear head
+    batch_size: int = 256  # images per forward pass when embedding the probe set
+    seed: int = 0  # which images the class-balanced subsets pick
+
+    def __post_init__(self) -> None:
+        for name in ("train", "val"):
+            value = getattr(self, name)
+            if not (value is None or isinstance(value, str) or _is_str_list(value)):
+                raise ConfigError(f"probe.{name}: expected a string, a list of strings or null, got {value!r}")
+
+
+@dataclass
 class PretrainConfig:
     """Everything a SimMIM pretraining run needs."""
 
@@ -162,6 +192,7 @@ class PretrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # lr over the epochs
     logger: LoggerConfig = field(default_factory=LoggerConfig)  # metrics sinks
     run: RunConfig = field(default_factory=RunConfig)  # run directory and execution
+    probe: ProbeConfig = field(default_factory=ProbeConfig)  # online kNN / linear probes of the features
 
 
 def from_dict(cls: type, data: dict[str, Any] | None, path: str = "") -> Any:
@@ -387,6 +418,7 @@ def validate_pretrain(config: PretrainConfig) -> None:
         raise ConfigError("logger.log_every and logger.image_every must be >= 1")
     check_run_config(config.run)
     _validate_pretrain_data(config)
+    _validate_probe(config.probe)
     try:
         MaskGenerator(
             input_size=model_cfg.img_size,
@@ -416,6 +448,26 @@ def _validate_pretrain_data(config: PretrainConfig) -> None:
         raise ConfigError(f"data.max_bad_fraction={data_cfg.max_bad_fraction} must lie in [0, 1], e.g. 0.01")
     if config.logger.val_every < 1:
         raise ConfigError(f"logger.val_every={config.logger.val_every} must be >= 1")
+
+
+PROBE_SOURCES = ("fashion_mnist", "folder", "shards")
+
+
+def _validate_probe(probe: ProbeConfig) -> None:
+    """The probe settings that can be checked without reading any data."""
+    if not probe.enabled:
+        return
+    if probe.source not in PROBE_SOURCES:
+        raise ConfigError(f"probe.source={probe.source!r} is not one of {list(PROBE_SOURCES)}")
+    if probe.source == "shards" and not (probe.train and probe.val):
+        raise ConfigError("probe.source=shards needs probe.train and probe.val: labelled shards (make-shards --labels)")
+    if probe.source == "folder" and not (probe.root or (probe.train and probe.val)):
+        raise ConfigError("probe.source=folder needs probe.root (with train/ and val/) or probe.train and probe.val")
+    for key in ("every", "num_train", "num_val", "k", "batch_size", "linear_steps"):
+        if getattr(probe, key) < 1:
+            raise ConfigError(f"probe.{key}={getattr(probe, key)} must be >= 1")
+    if not probe.temperature > 0 or not probe.linear_lr > 0:
+        raise ConfigError(f"probe.temperature={probe.temperature} and probe.linear_lr={probe.linear_lr} must be > 0")
 
 
 MIXUP_MODES = ("batch", "pair", "elem")

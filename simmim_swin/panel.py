@@ -1,7 +1,10 @@
-"""Reconstruction panels: one PNG row per image, original | masked input | reconstruction pasted into the original.
+"""Reconstruction panels: one PNG row per image, original | masked input | reconstruction | error on the masked
+patches, each row labelled with the model's masked-patch loss next to that of predicting zeros.
 
-The tiles are laid out by torchvision's make_grid (a white gutter around and between them) under a strip with the
-column titles.
+The tiles sit on a white canvas (a gutter around and between them) under a strip with the column titles; a label
+strip above each row holds its losses. The error column is |prediction - target| in the target space (the
+per-pixel-normalised target with norm_target on), mean over channels, on one fixed colour scale
+0 .. ERROR_MAX for every panel; visible pixels are black.
 """
 
 from __future__ import annotations
@@ -13,14 +16,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from torchvision.utils import make_grid
 
 from simmim_swin.data.transforms import denormalize
 from simmim_swin.files import atomic_write
 
 GUTTER_PX = 4  # white space around and between tiles
 TITLE_PX = 16  # white strip above the grid holding the column titles
-COLUMN_TITLES = ("original", "masked", "reconstruction")
+ROW_LABEL_PX = 14  # white strip above each row holding its losses
+ERROR_MAX = 2.0  # the error column's colour scale is 0 .. this (target units)
+ERROR_COLORMAP = "magma"
+COLUMN_TITLES = ("original", "masked", "reconstruction", f"|error| 0-{ERROR_MAX:g}")
+NUM_COLUMNS = len(COLUMN_TITLES)
 MIN_TILE_PX = 128  # smaller tiles are enlarged (nearest neighbour) by an integer factor
 MASK_GREY = 128  # masked patches in the input column
 
@@ -34,38 +40,67 @@ def panel_size(num_rows: int, height: int, width: int) -> tuple[int, int]:
     """(width, height) in pixels of the panel for `num_rows` images of height x width."""
     scale = tile_scale(height, width)
     tile_h, tile_w = height * scale, width * scale
-    return 3 * tile_w + 4 * GUTTER_PX, TITLE_PX + num_rows * tile_h + (num_rows + 1) * GUTTER_PX
+    return (
+        NUM_COLUMNS * tile_w + (NUM_COLUMNS + 1) * GUTTER_PX,
+        TITLE_PX + GUTTER_PX + num_rows * (ROW_LABEL_PX + tile_h + GUTTER_PX),
+    )
 
 
 def tile_box(row: int, col: int, height: int, width: int) -> tuple[int, int, int, int]:
     """(top, left, bottom, right) pixel box of one tile in the panel of images of height x width."""
     scale = tile_scale(height, width)
     tile_h, tile_w = height * scale, width * scale
-    top = TITLE_PX + GUTTER_PX + row * (tile_h + GUTTER_PX)
+    top = TITLE_PX + GUTTER_PX + row * (ROW_LABEL_PX + tile_h + GUTTER_PX) + ROW_LABEL_PX
     left = GUTTER_PX + col * (tile_w + GUTTER_PX)
     return top, left, top + tile_h, left + tile_w
 
 
-def make_panel_tiles(
-    images: torch.Tensor, masks: torch.Tensor, reconstructions: torch.Tensor, patch_size: int
-) -> np.ndarray:
-    """uint8 tiles (B, 3 columns, H, W, 3): original, masked input (grey where masked), original with its
-    masked pixels replaced by the reconstruction; inputs are normalised images and token masks (B, H/p, W/p)."""
+def masked_l1_per_image(predictions: torch.Tensor, targets: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor:
+    """SimMIM's loss of each image (B,): L1 summed over masked pixels and channels / masked pixels / channels."""
+    l1 = (predictions.float() - targets.float()).abs() * pixel_mask  # B, C, H, W
+    return l1.sum(dim=(1, 2, 3)) / (pixel_mask.sum(dim=(1, 2, 3)) + 1e-5) / predictions.shape[1]
+
+
+def _check_shapes(images: torch.Tensor, masks: torch.Tensor, patch_size: int, **same: torch.Tensor) -> None:
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
-    if reconstructions.shape != images.shape:
-        raise ValueError(
-            f"reconstructions {tuple(reconstructions.shape)} must match images {tuple(images.shape)}; "
-            "map the model output to image space first (SimMIM.target_to_image)"
-        )
+    for name, tensor in same.items():
+        if tensor.shape != images.shape:
+            raise ValueError(
+                f"{name} {tuple(tensor.shape)} must match images {tuple(images.shape)}; "
+                "map the model output to image space first (SimMIM.target_to_image)"
+            )
     b, _, h, w = images.shape
     if masks.shape != (b, h // patch_size, w // patch_size) or h % patch_size or w % patch_size:
         raise ValueError(
             f"masks {tuple(masks.shape)} must be token masks (B, H/p, W/p) = {(b, h // patch_size, w // patch_size)} "
             f"for images {tuple(images.shape)} and patch_size={patch_size}"
         )
-    images = images.detach().float().cpu()
-    reconstructions = reconstructions.detach().float().cpu()
+
+
+def make_panel_tiles(
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    reconstructions: torch.Tensor,
+    patch_size: int,
+    predictions: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
+) -> tuple[np.ndarray, list[str]]:
+    """uint8 tiles (B, 4 columns, H, W, 3) and one label per row.
+
+    Columns: original, masked input (grey where masked), original with its masked pixels replaced by the
+    reconstruction, |predictions - targets| on the masked pixels. Inputs are normalised images, token masks
+    (B, H/p, W/p) and the reconstructions in image space; predictions / targets are the model's output and its
+    target in the target space (default: the reconstructions and the images, which is the target space when
+    norm_target is off).
+    """
+    predictions = reconstructions if predictions is None else predictions
+    targets = images if targets is None else targets
+    _check_shapes(images, masks, patch_size, reconstructions=reconstructions, predictions=predictions, targets=targets)
+    from matplotlib import colormaps
+
+    images, reconstructions = images.detach().float().cpu(), reconstructions.detach().float().cpu()
+    predictions, targets = predictions.detach().float().cpu(), targets.detach().float().cpu()
     # B, H/p, W/p -> B, 1, H, W: each token covers patch_size x patch_size pixels
     pixel_mask = masks.detach().cpu().bool().repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2)
     pixel_mask = pixel_mask.unsqueeze(1)
@@ -73,11 +108,23 @@ def make_panel_tiles(
     masked = original.copy()
     masked[pixel_mask[:, 0].numpy()] = MASK_GREY
     pasted = denormalize(torch.where(pixel_mask, reconstructions, images))
-    return np.stack([original, masked, pasted], axis=1)  # B, 3, H, W, 3
+    error = ((predictions - targets).abs().mean(dim=1) * pixel_mask[:, 0]).numpy()  # B, H, W
+    error_rgb = (colormaps[ERROR_COLORMAP](np.clip(error / ERROR_MAX, 0.0, 1.0))[..., :3] * 255).round()
+    error_rgb[~pixel_mask[:, 0].numpy()] = 0
+    model_loss = masked_l1_per_image(predictions, targets, pixel_mask.float())
+    zeros_loss = masked_l1_per_image(torch.zeros_like(targets), targets, pixel_mask.float())
+    labels = [f"masked L1: model {m:.3f} | zeros {z:.3f}" for m, z in zip(model_loss.tolist(), zeros_loss.tolist())]
+    return np.stack([original, masked, pasted, error_rgb.astype(np.uint8)], axis=1), labels  # B, 4, H, W, 3
 
 
 def save_reconstruction_panel(
-    path: str | os.PathLike, images: torch.Tensor, masks: torch.Tensor, reconstructions: torch.Tensor, patch_size: int
+    path: str | os.PathLike,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    reconstructions: torch.Tensor,
+    patch_size: int,
+    predictions: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
 ) -> Path:
     """Write the panel PNG atomically (temp file, then os.replace) and return its path.
 
@@ -86,21 +133,23 @@ def save_reconstruction_panel(
         masks: token masks (B, H/patch_size, W/patch_size), 1 = masked.
         reconstructions: the model's reconstruction in normalised image space (B, 3, H, W).
         patch_size: the encoder's patch size in pixels.
+        predictions, targets: the model's output and its target in the target space (SimMIM.target), for the error
+            column and the losses; default the reconstructions and the images.
     """
-    tiles = make_panel_tiles(images, masks, reconstructions, patch_size)
+    tiles, labels = make_panel_tiles(images, masks, reconstructions, patch_size, predictions, targets)
     num_rows, _, h, w, _ = tiles.shape
     scale = tile_scale(h, w)
     if scale > 1:
         tiles = tiles.repeat(scale, axis=2).repeat(scale, axis=3)
-    # B, 3 columns, H, W, 3 -> B*3, 3, H, W: make_grid fills rows of three tiles
-    grid = make_grid(
-        torch.from_numpy(tiles).flatten(0, 1).permute(0, 3, 1, 2), nrow=3, padding=GUTTER_PX, pad_value=255
-    )
-    grid = grid.permute(1, 2, 0).numpy()  # H_grid, W_grid, 3
-    canvas = Image.new("RGB", (grid.shape[1], TITLE_PX + grid.shape[0]), "white")
-    canvas.paste(Image.fromarray(grid), (0, TITLE_PX))
+    canvas = Image.new("RGB", panel_size(num_rows, h, w), "white")
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
+    for row in range(num_rows):
+        for col in range(NUM_COLUMNS):
+            top, left, _, _ = tile_box(row, col, h, w)
+            canvas.paste(Image.fromarray(tiles[row, col]), (left, top))
+        top, left, _, _ = tile_box(row, 0, h, w)
+        draw.text((left, top - ROW_LABEL_PX // 2), f"{row}: {labels[row]}", fill="black", font=font, anchor="lm")
     for col, title in enumerate(COLUMN_TITLES):
         _, left, _, right = tile_box(0, col, h, w)
         draw.text(((left + right) // 2, TITLE_PX // 2), title, fill="black", font=font, anchor="mm")

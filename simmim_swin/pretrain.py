@@ -16,6 +16,7 @@ from .models import SimMIM, build_simmim
 from .optim import build_optimizer, build_scheduler, scaled_lrs
 from .panel import save_reconstruction_panel
 from .precision import autocast_context, build_grad_scaler, resolve_device, resolve_precision
+from .probe import build_probe_set, describe_probe, run_probe
 from .run import TrainingRun, check_same_settings
 from .tracking import check_wandb_credentials
 from .viz import make_position_bias_maps, save_position_bias_figure
@@ -28,18 +29,21 @@ RESUME_MUST_MATCH = ("model", "mask")
 def write_panel(
     model: SimMIM, batch: tuple[torch.Tensor, torch.Tensor], path: Path, precision: str, write: bool = True
 ) -> Path:
-    """Reconstruct the fixed panel images and save original | masked | reconstruction as a PNG (if `write`)."""
+    """Reconstruct the fixed panel images and save original | masked | reconstruction | error as a PNG (if `write`)."""
     images, masks = batch
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     with autocast_context(precision, device):
-        _, reconstruction = model(images.to(device), masks.to(device))
-    reconstruction = model.target_to_image(images.to(device), reconstruction).cpu()
+        _, prediction = model(images.to(device), masks.to(device))
+    target = model.target(images.to(device)).cpu()
+    reconstruction = model.target_to_image(images.to(device), prediction, masks.to(device)).cpu()
     model.train(was_training)
     if not write:
         return path
-    return save_reconstruction_panel(path, images, masks, reconstruction, patch_size=model.patch_size)
+    return save_reconstruction_panel(
+        path, images, masks, reconstruction, model.patch_size, predictions=prediction.float().cpu(), targets=target
+    )
 
 
 def masked_pixel_loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -94,10 +98,13 @@ def _train(
     panel_batch = make_fixed_batch(
         data.panel_source, config.logger.num_images, config.model.img_size, mask_generator, seed=config.run.seed
     )
+    probe_set = build_probe_set(config.probe, config.model.img_size, device, info) if config.probe.enabled else None
 
     panel_path, last_loss = None, float("nan")
     with run.running(lambda meta, path: check_same_settings(meta["config"], run.config, RESUME_MUST_MATCH, path)):
         run.say(_describe(config, run, data, device, precision, lr))
+        if probe_set is not None:
+            run.say(f"probe: {probe_set.description}")
         model.train()
         # the data position is the step: map-style sources skip to it exactly, shards draw a new order from it
         batches = data.batches(run.step)
@@ -121,6 +128,11 @@ def _train(
                 with run.timer.exclude():
                     metrics["val_loss"] = evaluate_reconstruction(model, data.val_batches, precision, device)
                 run.logger.update_best(step, "best_val_loss", metrics["val_loss"], mode="min")
+            if probe_set is not None and (step % config.probe.every == 0 or step == run.stop_step):
+                with run.timer.exclude():
+                    probe_metrics = run_probe(model, probe_set, precision, info, sharded=run.sharded)
+                metrics.update(probe_metrics)
+                run.say(describe_probe(step, probe_metrics))
             if metrics:
                 run.log(metrics, show=run.log_due())
             if step % config.logger.image_every == 0 or step == run.stop_step:
@@ -147,7 +159,7 @@ def _save_images(
     images = {"reconstruction": panel}
     if not run.sharded and run.info.is_main:  # the CPB MLPs are sharded under FSDP
         bias_path = images_dir / f"position_bias_{run.step:08d}.png"
-        images["position_bias"] = save_position_bias_figure(make_position_bias_maps(model), bias_path)
+        images["position_bias"] = save_position_bias_figure(make_position_bias_maps(model), bias_path, step=run.step)
     run.logger.log_images(run.step, images)
     return panel
 

@@ -23,6 +23,8 @@ BIAS_MIN_TILE_PX = 64  # a (2W-1)^2 map is enlarged (nearest neighbour) by an in
 BIAS_GUTTER_PX = 4  # white space between tiles
 BIAS_MARGIN_PX = 6  # white border around the figure
 BIAS_LABEL_PX = 18  # text band above each stage's row of tiles
+BIAS_TITLE_PX = 16  # the figure's title line
+BIAS_COLORBAR_PX = 12  # height of the colour bar under the rows
 BIAS_MIN_WIDTH_PX = 420  # room for the row labels when a stage has few heads
 BIAS_COLORMAP = "viridis"
 
@@ -65,8 +67,11 @@ def _font(size: int = 12) -> ImageFont.ImageFont:
 
 
 def position_bias_layout(maps: Sequence[tuple[int, torch.Tensor]]) -> tuple[int, int, list[list[tuple]]]:
-    """(width, height, boxes) of the bias figure; boxes[row][head] = (left, top, width, height) of a tile."""
-    rows, top = [], BIAS_MARGIN_PX
+    """(width, height, boxes) of the bias figure; boxes[row][head] = (left, top, width, height) of a tile.
+
+    Below the title line come the stages' rows; the colour bar sits under the last row (colour_bar_box).
+    """
+    rows, top = [], BIAS_MARGIN_PX + BIAS_TITLE_PX
     width = BIAS_MIN_WIDTH_PX
     for _, bias in maps:
         heads, h, w = bias.shape
@@ -76,42 +81,61 @@ def position_bias_layout(maps: Sequence[tuple[int, torch.Tensor]]) -> tuple[int,
         rows.append([(BIAS_MARGIN_PX + k * (tile_w + BIAS_GUTTER_PX), top, tile_w, tile_h) for k in range(heads)])
         width = max(width, 2 * BIAS_MARGIN_PX + heads * tile_w + (heads - 1) * BIAS_GUTTER_PX)
         top += tile_h + BIAS_GUTTER_PX
-    return width, top - BIAS_GUTTER_PX + BIAS_MARGIN_PX, rows
+    height = top + BIAS_COLORBAR_PX + BIAS_LABEL_PX + BIAS_MARGIN_PX
+    return width, height, rows
+
+
+def colour_bar_box(width: int, height: int) -> tuple[int, int, int, int]:
+    """(left, top, width, height) of the colour bar in a bias figure of width x height."""
+    top = height - BIAS_MARGIN_PX - BIAS_LABEL_PX - BIAS_COLORBAR_PX
+    return BIAS_MARGIN_PX, top, width - 2 * BIAS_MARGIN_PX, BIAS_COLORBAR_PX
 
 
 def save_position_bias_figure(
     maps: Sequence[tuple[int, torch.Tensor]],
     path: str | os.PathLike,
     value_range: tuple[float, float] | None = None,
+    step: int | None = None,
 ) -> Path:
-    """PNG of bias maps from make_position_bias_maps: one row per stage, one tile per head (viridis).
+    """PNG of bias maps from make_position_bias_maps: one row per stage, one tile per head (viridis), one colour
+    scale for the whole figure with its colour bar at the bottom, and the step in the title.
 
     Args:
-        value_range: the colour scale's (low, high), e.g. (0, 16) to compare runs or steps; None scales each
-            stage to its own min..max (printed in the row label), which shows the structure best.
+        value_range: the colour scale's (low, high), e.g. (0, 16) to compare runs or steps; None spans the
+            figure's own min..max over every stage (a barely trained model shows as nearly flat, as it is).
+        step: the training step the maps belong to, written in the title.
     """
     from matplotlib import colormaps
 
     if not maps:
         raise ValueError("no bias maps to draw; make them with make_position_bias_maps(encoder)")
     cmap = colormaps[BIAS_COLORMAP]
+    if value_range is None:
+        value_range = (min(float(b.min()) for _, b in maps), max(float(b.max()) for _, b in maps))
+    low, high = value_range
     width, height, boxes = position_bias_layout(maps)
     canvas = Image.new("RGB", (width, height), "white")
     draw, font = ImageDraw.Draw(canvas), _font()
+    at_step = f" at step {step}" if step is not None else ""
+    draw.text((BIAS_MARGIN_PX, BIAS_MARGIN_PX), f"position bias 16*sigmoid(CPB){at_step}", fill="black", font=font)
     for (stage_index, bias), row in zip(maps, boxes):
         values = bias.detach().float().numpy()  # heads, h, w
-        low, high = (float(values.min()), float(values.max())) if value_range is None else value_range
         scaled = (values - low) / max(high - low, 1e-6)
         tiles = (cmap(np.clip(scaled, 0.0, 1.0))[..., :3] * 255).round().astype(np.uint8)  # heads, h, w, 3
         heads, h, w = values.shape
         label = (
             f"stage {stage_index} | window {(h + 1) // 2}x{(w + 1) // 2} | {heads} head{'s' if heads != 1 else ''} | "
-            f"16*sigmoid(CPB) {low:.2f} .. {high:.2f}"
+            f"{values.min():.2f} .. {values.max():.2f}"
         )
         draw.text((BIAS_MARGIN_PX, row[0][1] - BIAS_LABEL_PX + 2), label, fill="black", font=font)
         for tile, (left, top, tile_w, tile_h) in zip(tiles, row):
             big = tile.repeat(tile_h // h, axis=0).repeat(tile_w // w, axis=1)  # nearest-neighbour enlargement
             canvas.paste(Image.fromarray(big), (left, top))
+    left, top, bar_w, bar_h = colour_bar_box(width, height)
+    bar = (cmap(np.linspace(0.0, 1.0, bar_w))[:, :3] * 255).round().astype(np.uint8)  # bar_w, 3
+    canvas.paste(Image.fromarray(np.repeat(bar[None], bar_h, axis=0)), (left, top))
+    draw.text((left, top + bar_h + 2), f"{low:.3f}", fill="black", font=font)
+    draw.text((left + bar_w, top + bar_h + 2), f"{high:.3f}", fill="black", font=font, anchor="ra")
     return atomic_write(path, lambda f: canvas.save(f, format="PNG"))
 
 
@@ -191,6 +215,9 @@ CURVE_PANELS = (
     ("throughput", ("images_per_sec",), "images / s"),
     ("validation top-1", ("val_top1", "top1", "val_acc1", "acc1"), "accuracy (%)"),
     ("validation top-5", ("val_top5", "top5", "val_acc5", "acc5"), "accuracy (%)"),
+    ("probe kNN top-1 (last stage)", ("probe_knn_top1",), "accuracy (%)"),
+    ("probe kNN top-1 (last two stages)", ("probe_knn_top1_last2",), "accuracy (%)"),
+    ("probe linear top-1", ("probe_linear_top1",), "accuracy (%)"),
     ("data wait", ("data_wait_frac",), "fraction of step time"),
     ("GPU memory", ("gpu_mem_peak_gib",), "peak GiB"),
 )

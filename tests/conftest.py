@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 # The smallest encoder that still has four stages, a shifted stage, window clipping and a 1x1 last stage:
@@ -148,3 +151,20 @@ def reference_attention() -> Callable[..., torch.Tensor]:
 def reference_tables() -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
     """(reference_coords_table, reference_position_index), as a fixture."""
     return reference_coords_table, reference_position_index
+
+
+PROBE_COLOURS = {"blue": (30, 40, 200), "green": (40, 190, 50), "red": (210, 30, 30)}
+
+
+@pytest.fixture
+def class_folder(tmp_path: Path) -> Path:
+    """A tiny labelled set: train/ and val/ with one sub-folder per colour of 8 noisy 24 px images of it."""
+    root, rng = tmp_path / "class_folder", np.random.default_rng(0)
+    for split in ("train", "val"):
+        for name, colour in PROBE_COLOURS.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(8):
+                pixels = np.clip(np.array(colour) + rng.normal(0, 25, (24, 24, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root

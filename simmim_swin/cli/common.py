@@ -32,7 +32,7 @@ CONF_DIR = find_conf_dir()
 # the config groups each command composes (hydra/launcher is common to both); a group of the other command on the
 # command line is a user mixing up the two tools, answered with the right command instead of Hydra's `+group=`
 COMMAND_GROUPS = {
-    "simmim-pretrain": ("experiment", "data", "schedule", "logger"),
+    "simmim-pretrain": ("experiment", "data", "schedule", "logger", "probe"),
     "simmim-finetune": ("finetune", "logger"),
 }
 # what the other command takes instead of a group it lacks

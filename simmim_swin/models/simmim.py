@@ -45,6 +45,30 @@ def _local_mean_var(images: torch.Tensor, window: int) -> tuple[torch.Tensor, to
     return mean, var
 
 
+def visible_mean_var(images: torch.Tensor, visible: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pixel mean and unbiased variance over the visible pixels of each window x window neighbourhood.
+
+    Masked averages: box sums of x * visible and of visible, divided. A pixel whose whole neighbourhood is masked
+    takes the mean / variance of its image's visible pixels; an image with no visible pixel gets 0 / 1.
+    Args: images (B, C, H, W); visible (B, 1, H, W), 1 where the pixel is visible.
+    """
+    share = _box_mean(visible, window)  # B, 1, H, W: visible fraction of each neighbourhood
+    H, W = images.shape[-2:]
+    count = _valid_count(H, window, images.device)[:, None] * _valid_count(W, window, images.device)[None, :]
+    num_visible = share * count  # visible pixels per neighbourhood
+    safe = share.clamp(min=1e-12)
+    mean = _box_mean(images * visible, window) / safe
+    mean_sq = _box_mean(images**2 * visible, window) / safe
+    var = ((mean_sq - mean**2) * num_visible / (num_visible - 1).clamp(min=1.0)).clamp(min=0.0)
+    # fallback for neighbourhoods without a visible pixel: the whole image's visible statistics
+    n = visible.sum(dim=(-2, -1), keepdim=True)  # B, 1, 1, 1
+    g_mean = (images * visible).sum(dim=(-2, -1), keepdim=True) / n.clamp(min=1.0)
+    g_var = ((images - g_mean) ** 2 * visible).sum(dim=(-2, -1), keepdim=True) / (n - 1).clamp(min=1.0)
+    g_var = torch.where(n > 1, g_var, torch.ones_like(g_var))
+    empty = num_visible < 0.5
+    return torch.where(empty, g_mean, mean), torch.where(empty, g_var, var)
+
+
 def make_norm_target(images: torch.Tensor, window: int = 47) -> torch.Tensor:
     """SwinV2's reconstruction target: each pixel normalised by the mean / std of its window x window neighbourhood."""
     if window < 3 or window % 2 == 0:
@@ -121,11 +145,18 @@ class SimMIM(nn.Module):
         return (l1 * pixel_mask).sum() / (pixel_mask.sum() + LOSS_EPS) / self.in_chans
 
     @torch.no_grad()
-    def target_to_image(self, images: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
-        """Map a reconstruction back to the normalised-image space of `images` (undoing norm_target), for display."""
+    def target_to_image(self, images: torch.Tensor, reconstruction: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Map a reconstruction back to the normalised-image space of `images`, for display.
+
+        With norm_target the mean / std that undo the normalisation come from the VISIBLE pixels of each
+        neighbourhood only: the statistics of the whole neighbourhood include the masked pixels, so a model that
+        predicts nothing (all zeros) would still be shown with the hidden content's mean and contrast.
+        Args: mask: the token mask (B, H/p, W/p) the reconstruction was made with, 1 = masked.
+        """
         if self.norm_target is None:
             return reconstruction.float()
-        mean, var = _local_mean_var(images.float(), self.norm_target)
+        visible = 1.0 - upsample_mask(mask, self.patch_size).to(torch.float32)  # B, 1, H, W
+        mean, var = visible_mean_var(images.float(), visible, self.norm_target)
         return reconstruction.float() * (var + NORM_TARGET_EPS).sqrt() + mean
 
 

@@ -27,7 +27,7 @@ def test_pretrain_help_lists_its_groups_and_presets_only(tmp_path):
     result = cli(tmp_path, "pretrain", "--help")
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    for group in ("experiment", "data", "schedule", "logger"):
+    for group in ("experiment", "data", "schedule", "logger", "probe"):
         assert f"\n  {group} " in out
         for option in options(group):
             assert option in out, (group, option)

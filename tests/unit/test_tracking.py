@@ -297,7 +297,7 @@ def _real_photo_panel(path: Path, img_size: int = 64, patch: int = 4) -> Path:
     model = build_simmim("pico", img_size=img_size, window_size=4, drop_path_rate=0.0).eval()
     with torch.no_grad():
         _, reconstruction = model(image, mask)
-        reconstruction = model.target_to_image(image, reconstruction)
+        reconstruction = model.target_to_image(image, reconstruction, mask)
     return save_reconstruction_panel(path, image, mask, reconstruction, patch_size=patch)
 
 

@@ -13,6 +13,7 @@ from simmim_swin.cli.plot import run_labels
 from simmim_swin.models import build_simmim
 from simmim_swin.viz import (
     BIAS_COLORMAP,
+    colour_bar_box,
     confusion_matrix,
     make_position_bias_maps,
     metric_series,
@@ -60,7 +61,7 @@ def test_bias_figure_has_one_tile_per_head_per_stage(tiny_encoder, randomize, tm
     from matplotlib import colormaps
 
     maps = make_position_bias_maps(randomize(tiny_encoder()))
-    path = save_position_bias_figure(maps, tmp_path / "bias.png")
+    path = save_position_bias_figure(maps, tmp_path / "bias.png", step=1234)
     png = _read_png(path)
     width, height, boxes = position_bias_layout(maps)
     assert png.shape == (height, width, 3)
@@ -75,11 +76,20 @@ def test_bias_figure_has_one_tile_per_head_per_stage(tiny_encoder, randomize, tm
             assert not (tile == 255).all(axis=-1).any()  # coloured everywhere: no white hole in a tile
             cells = tile[:: tile_h // h, :: tile_w // w]  # one pixel per offset, (2W-1, 2W-1, 3)
             assert np.array_equal(np.repeat(np.repeat(cells, tile_h // h, 0), tile_w // w, 1), tile)
-        # each row is scaled to its own range: the stage's largest bias is drawn in the colour map's brightest
-        head, a, b = np.unravel_index(int(bias.argmax()), tuple(bias.shape))
-        left, top, tile_w, tile_h = row[head]
-        assert np.abs(png[top + a * (tile_h // h), left + b * (tile_w // w)] - brightest).max() <= 1
-    # everything but the tiles and the label text is white: tiles are separated by white gutters
+    # one colour scale for the whole figure: the largest bias of all stages is drawn in the colour map's brightest
+    stage = max(range(len(maps)), key=lambda i: float(maps[i][1].max()))
+    bias, row = maps[stage][1], boxes[stage]
+    _, h, w = bias.shape
+    head, a, b = np.unravel_index(int(bias.argmax()), tuple(bias.shape))
+    left, top, tile_w, tile_h = row[head]
+    assert np.abs(png[top + a * (tile_h // h), left + b * (tile_w // w)] - brightest).max() <= 1
+    # the colour bar runs from the darkest to the brightest colour of the map
+    left, top, bar_w, bar_h = colour_bar_box(width, height)
+    covered[top : top + bar_h, left : left + bar_w] = True
+    assert np.abs(png[top + bar_h // 2, left + bar_w - 1] - brightest).max() <= 1
+    darkest = (np.array(colormaps[BIAS_COLORMAP](0.0)[:3]) * 255).round()
+    assert np.abs(png[top + bar_h // 2, left] - darkest).max() <= 1
+    # everything but the tiles, the colour bar and the text is white: tiles are separated by white gutters
     outside = png[~covered]
     assert (outside == 255).all(axis=-1).mean() > 0.9
 

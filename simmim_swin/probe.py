@@ -1,0 +1,316 @@
+"""Online representation probes: is pretraining working?
+
+The reconstruction loss of masked-image modelling says little about the features. Every probe.every steps the
+frozen encoder (eval mode, no_grad, the training precision) embeds a small labelled holdout, read once at start-up
+and kept on the device as uint8, and a weighted kNN classifier (DINO's: the k most similar training features
+vote for their class with weight exp(cosine / temperature)) scores the validation images. Optionally a
+logistic-regression head is fitted on the same features. Two feature choices:
+
+- `last`: the final-norm output of the last stage, averaged over positions;
+- `last2`: that concatenated with the averaged output of the stage before (MIM features are spread over depth),
+  each part L2-normalised.
+
+Each rank embeds its share of the images; the features are gathered (padded to equal shares) so that every rank
+scores the whole set and returns the same numbers. Nothing here draws from the global random generators, and the
+model's mode is restored: training goes on exactly as without the probe.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from .config import ProbeConfig
+from .data.classification import balanced_subset
+from .data.fashion_mnist import FASHION_MNIST_DIR, load_fashion_mnist
+from .data.transforms import build_eval_transform, normalize_images
+from .distributed import DistInfo
+from .precision import autocast_context
+
+FEATURES = ("last", "last2")  # metric suffixes: probe_knn_top1 (last), probe_knn_top1_last2
+
+
+@dataclass
+class ProbeSet:
+    """A labelled holdout on the device: this rank's share of the images (uint8, zero-padded to equal shares),
+    every rank holding all the labels."""
+
+    config: ProbeConfig
+    train_images: torch.Tensor  # share, 3, S, S uint8
+    val_images: torch.Tensor  # share, 3, S, S uint8
+    train_labels: torch.Tensor  # num_train int64
+    val_labels: torch.Tensor  # num_val int64
+    num_classes: int
+    description: str
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the probe set
+
+
+def _fashion_mnist(cfg: ProbeConfig, split: str, num: int, transform: Callable) -> tuple[list, list[int]]:
+    images, labels = load_fashion_mnist("train" if split == "train" else "test", cfg.root or FASHION_MNIST_DIR)
+    picked = balanced_subset(labels.tolist(), min(num, len(labels)), cfg.seed)
+    return [transform(Image.fromarray(images[i]).convert("RGB")) for i in picked], [int(labels[i]) for i in picked]
+
+
+def _folder(cfg: ProbeConfig, split: str, num: int, transform: Callable) -> tuple[list, list[int], list[str]]:
+    from torchvision.datasets import ImageFolder
+
+    explicit = cfg.train if split == "train" else cfg.val
+    folder = Path(explicit if isinstance(explicit, str) else Path(cfg.root or "") / split)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"probe {split} folder {folder} does not exist; give probe.root with train/ and val/ class folders "
+            f"or probe.{split}=DIR"
+        )
+    dataset = ImageFolder(str(folder), transform)
+    picked = balanced_subset(dataset.targets, min(num, len(dataset)), cfg.seed)
+    items = [dataset[i] for i in picked]
+    return [image for image, _ in items], [label for _, label in items], list(dataset.classes)
+
+
+def _shards(cfg: ProbeConfig, split: str, num: int, transform: Callable) -> tuple[list, list[int]]:
+    from .data.shards import resolve_urls
+    from .data.stream import open_image, read_samples
+
+    def labelled(sample: dict, generator: torch.Generator) -> tuple[torch.Tensor, int]:
+        if "cls" not in sample:
+            raise ValueError("no .cls member: write the probe shards with `simmim-swin make-shards --labels`")
+        with open_image(sample) as img:
+            return transform(img), int(sample["cls"])
+
+    urls, _ = resolve_urls(cfg.train if split == "train" else cfg.val, what=f"probe.{split}")
+    items = read_samples(urls, num, labelled)
+    return [image for image, _ in items], [label for _, label in items]
+
+
+def _load_split(cfg: ProbeConfig, split: str, num: int, img_size: int) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """(uint8 images (N, 3, S, S), labels (N,), class names or []) of one split, resized and centre-cropped."""
+    transform = build_eval_transform(img_size, normalize=False)
+    classes: list[str] = []
+    if cfg.source == "fashion_mnist":
+        images, labels = _fashion_mnist(cfg, split, num, transform)
+    elif cfg.source == "folder":
+        images, labels, classes = _folder(cfg, split, num, transform)
+    else:
+        images, labels = _shards(cfg, split, num, transform)
+    if not images:
+        raise ValueError(f"the probe's {split} set (probe.source={cfg.source}) holds no readable labelled image")
+    return torch.stack(images), torch.tensor(labels, dtype=torch.int64), classes
+
+
+def _share(images: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """This rank's contiguous share of `images`, zero-padded to ceil(N / world_size) rows."""
+    per_rank = math.ceil(len(images) / info.world_size)
+    share = images[info.rank * per_rank : (info.rank + 1) * per_rank]
+    padding = share.new_zeros((per_rank - len(share), *images.shape[1:]))
+    return torch.cat([share, padding])
+
+
+def build_probe_set(cfg: ProbeConfig, img_size: int, device: torch.device, info: DistInfo) -> ProbeSet:
+    """Read the probe's training and validation images once (class-balanced subsets of num_train / num_val where
+    the labels are known upfront; the first ones of shards) and keep this rank's share on `device` as uint8."""
+    train_images, train_labels, train_classes = _load_split(cfg, "train", cfg.num_train, img_size)
+    val_images, val_labels, val_classes = _load_split(cfg, "val", cfg.num_val, img_size)
+    if train_classes != val_classes:
+        raise ValueError(
+            f"the probe's train classes {train_classes[:10]} differ from its val classes {val_classes[:10]}"
+        )
+    num_classes = int(max(train_labels.max(), val_labels.max())) + 1
+    if len(train_labels.unique()) < 2:
+        raise ValueError(
+            f"the probe's training images hold a single class ({int(train_labels[0])}); shards written class by "
+            "class give their first images from one class: shuffle them, or use probe.source=folder"
+        )
+    description = (
+        f"{cfg.source}: {len(train_labels)} labelled / {len(val_labels)} scored images, {num_classes} classes, "
+        f"every {cfg.every} steps"
+    )
+    return ProbeSet(
+        config=cfg,
+        train_images=_share(train_images, info).to(device),
+        val_images=_share(val_images, info).to(device),
+        train_labels=train_labels.to(device),
+        val_labels=val_labels.to(device),
+        num_classes=num_classes,
+        description=description,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# features
+
+
+def _pooled_features(model: nn.Module, images: torch.Tensor, sharded: bool) -> dict[str, torch.Tensor]:
+    """{feature name: (B, D) float32, L2-normalised} for normalised images, read off the stages by forward hooks.
+
+    Under FSDP the whole model runs (its root gathers the shared parameters), with an all-zero mask.
+    """
+    encoder = getattr(model, "encoder", model)
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep(name: str) -> Callable:
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            captured[name] = output
+
+        return hook
+
+    hooks = [encoder.norm.register_forward_hook(keep("last"))]
+    if len(encoder.layers) > 1:
+        hooks.append(encoder.layers[-2].register_forward_hook(keep("before_last")))
+    try:
+        if sharded:
+            p = encoder.patch_size
+            mask = images.new_zeros((len(images), images.shape[-2] // p, images.shape[-1] // p))
+            model(images, mask)
+        else:
+            encoder.forward_features(images)
+    finally:
+        for handle in hooks:
+            handle.remove()
+    last = F.normalize(captured["last"].float().mean(dim=(1, 2)), dim=1)  # B, H, W, C -> B, C
+    features = {"last": last}
+    if "before_last" in captured:
+        before = F.normalize(captured["before_last"].float().mean(dim=(1, 2)), dim=1)
+        features["last2"] = torch.cat([last, before], dim=1) / math.sqrt(2)  # unit norm, both stages weigh alike
+    return features
+
+
+def embed(
+    model: nn.Module, images: torch.Tensor, batch_size: int, precision: str, sharded: bool = False
+) -> dict[str, torch.Tensor]:
+    """{feature name: (N, D)} of uint8 images, batch by batch under autocast; the model must be in eval mode."""
+    device = images.device
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, len(images), batch_size):
+        batch = normalize_images(images[start : start + batch_size])
+        with autocast_context(precision, device):
+            for name, value in _pooled_features(model, batch, sharded).items():
+                parts.setdefault(name, []).append(value)
+    return {name: torch.cat(values) for name, values in parts.items()}
+
+
+def gather_rows(share: torch.Tensor, num_rows: int, info: DistInfo) -> torch.Tensor:
+    """The ranks' equal-sized shares concatenated in rank order, cut to the first num_rows (the padding dropped)."""
+    if not info.distributed:
+        return share[:num_rows]
+    shares = [torch.empty_like(share) for _ in range(info.world_size)]
+    dist.all_gather(shares, share.contiguous())
+    return torch.cat(shares)[:num_rows]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# classifiers on the features
+
+
+@torch.no_grad()
+def knn_top1(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    val_feats: torch.Tensor,
+    val_labels: torch.Tensor,
+    k: int,
+    temperature: float,
+    num_classes: int,
+    chunk: int = 1024,
+) -> float:
+    """Top-1 (%) of DINO's weighted kNN: the k nearest training features by cosine similarity vote for their
+    class with weight exp(similarity / temperature); ties in the vote go to the lower class index."""
+    train_feats = F.normalize(train_feats.float(), dim=1)
+    val_feats = F.normalize(val_feats.float(), dim=1)
+    k = min(k, len(train_feats))
+    correct = torch.zeros((), dtype=torch.long, device=val_feats.device)
+    for start in range(0, len(val_feats), chunk):
+        similarity = val_feats[start : start + chunk] @ train_feats.T  # chunk, N_train
+        top_similarity, top_index = similarity.topk(k, dim=1)  # chunk, k
+        weights = (top_similarity / temperature).exp()
+        votes = torch.zeros(len(similarity), num_classes, device=similarity.device)
+        votes.scatter_add_(1, train_labels[top_index], weights)  # chunk, classes
+        correct += (votes.argmax(dim=1) == val_labels[start : start + chunk]).sum()
+    return 100.0 * correct.item() / len(val_feats)
+
+
+def linear_top1(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    val_feats: torch.Tensor,
+    val_labels: torch.Tensor,
+    num_classes: int,
+    steps: int,
+    lr: float,
+) -> float:
+    """Top-1 (%) of a logistic-regression head fitted full-batch with AdamW for `steps` steps on the training
+    features (standardised with their mean / std); it starts at zero, so no random draw is involved."""
+    mean, std = train_feats.mean(dim=0), train_feats.std(dim=0) + 1e-6
+    x_train, x_val = (train_feats - mean) / std, (val_feats - mean) / std
+    weight = torch.zeros(num_classes, x_train.shape[1], device=x_train.device, requires_grad=True)
+    bias = torch.zeros(num_classes, device=x_train.device, requires_grad=True)
+    optimizer = torch.optim.AdamW([weight, bias], lr=lr, weight_decay=1e-4)
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = F.cross_entropy(x_train @ weight.T + bias, train_labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        predictions = (x_val @ weight.T + bias).argmax(dim=1)
+    return 100.0 * (predictions == val_labels).float().mean().item()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the probe
+
+
+@torch.no_grad()
+def run_probe(
+    model: nn.Module, probe_set: ProbeSet, precision: str, info: DistInfo, sharded: bool = False
+) -> dict[str, float]:
+    """Embed the probe set with the frozen encoder and score it: probe_knn_top1, probe_knn_top1_last2 (and
+    probe_linear_top1[_last2] with probe.linear), plus probe_seconds. The same numbers on every rank.
+
+    Args:
+        model: the SimMIM model (or its encoder), unwrapped from DDP; under FSDP (sharded=True) the sharded
+            SimMIM model itself, which every rank then runs.
+    """
+    cfg = probe_set.config
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        train = embed(model, probe_set.train_images, cfg.batch_size, precision, sharded)
+        val = embed(model, probe_set.val_images, cfg.batch_size, precision, sharded)
+    finally:
+        model.train(was_training)
+    metrics = {}
+    for name in FEATURES:
+        if name not in train:
+            continue
+        suffix = "" if name == "last" else f"_{name}"
+        train_feats = gather_rows(train[name], len(probe_set.train_labels), info)
+        val_feats = gather_rows(val[name], len(probe_set.val_labels), info)
+        labels = (probe_set.train_labels, probe_set.val_labels)
+        metrics[f"probe_knn_top1{suffix}"] = knn_top1(
+            train_feats, labels[0], val_feats, labels[1], cfg.k, cfg.temperature, probe_set.num_classes
+        )
+        if cfg.linear:
+            metrics[f"probe_linear_top1{suffix}"] = linear_top1(
+                train_feats, labels[0], val_feats, labels[1], probe_set.num_classes, cfg.linear_steps, cfg.linear_lr
+            )
+    metrics["probe_seconds"] = time.perf_counter() - start
+    return metrics
+
+
+def describe_probe(step: int, metrics: dict[str, float]) -> str:
+    """The terminal line of a probe's results."""
+    parts = [f"{key.removeprefix('probe_')} {value:.2f}" for key, value in metrics.items() if key != "probe_seconds"]
+    return f"probe at step {step}: " + ", ".join(parts) + f" ({metrics['probe_seconds']:.1f} s)"
