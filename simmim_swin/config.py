@@ -49,7 +49,13 @@ class ModelConfig:
 
 
 def check_img_size(value: Any, key: str) -> int | list[int]:
-    """An image size as configs hold it: a positive int, or [height, width] (a square pair becomes the int)."""
+    """An image size as configs hold it: a positive int, or [height, width] (a square pair becomes the int).
+
+    Digit strings convert, as OmegaConf converts them for typed fields.
+    """
+    value = int(value) if isinstance(value, str) and value.isdigit() else value
+    if isinstance(value, (list, tuple)):
+        value = [int(v) if isinstance(v, str) and v.isdigit() else v for v in value]
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
     pair = isinstance(value, (list, tuple)) and len(value) == 2

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from .models.swinv2 import SWINV2_SIZES
+
 HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
 HF_CARD = "README.md"
@@ -134,16 +136,19 @@ def hf_config(model_cfg: dict[str, Any], num_classes: int, class_names: list[str
         window = window[0]
     if model_cfg.get("ape"):
         raise ValueError("ape=True (absolute position embedding) does not convert to transformers' Swinv2")
-    depths = list(model_cfg["depths"])
+    size = SWINV2_SIZES[model_cfg["arch"]]
+    if size.get("extra_norm_every"):
+        raise ValueError(f"model.arch={model_cfg['arch']} has extra norms, which transformers' Swinv2 lacks")
+    depths = list(model_cfg["depths"] or size["depths"])
     config = {
         "architectures": ["Swinv2ForImageClassification" if num_classes else "Swinv2Model"],
         "model_type": "swinv2",
         "image_size": img_size,
         "patch_size": model_cfg["patch_size"],
         "num_channels": model_cfg["in_chans"],
-        "embed_dim": model_cfg["embed_dim"],
+        "embed_dim": model_cfg["embed_dim"] or size["embed_dim"],
         "depths": depths,
-        "num_heads": list(model_cfg["num_heads"]),
+        "num_heads": list(model_cfg["num_heads"] or size["num_heads"]),
         "window_size": window,
         "pretrained_window_sizes": list(model_cfg.get("pretrained_window_sizes") or [0] * len(depths)),
         "mlp_ratio": model_cfg["mlp_ratio"],

@@ -188,6 +188,10 @@ def load_pretrained(path: str | Path, fmt: str = "auto") -> PretrainedWeights:
         weights.extra = {k: info[k] for k in ("step", "num_classes", "class_names") if k in info}
     elif hf_config is not None:
         weights.stage_window_sizes, weights.pretrained_window_sizes = hf_windows(hf_config)
+        weights.model_config = {"img_size": hf_config.get("image_size"), "window_size": hf_config.get("window_size")}
+        if hf_config.get("id2label"):
+            names = [hf_config["id2label"][str(i)] for i in range(len(hf_config["id2label"]))]
+            weights.extra = {"num_classes": len(names), "class_names": names}
     else:
         found = windows_from_tables(state_dict)
         if found is not None:

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from ..checkpoint import load_checkpoint, resolve_checkpoint
 from ..files import atomic_write
 from ..hf import HF_CARD, HF_CONFIG, HF_WEIGHTS, hf_config, to_hf
-from ..models.swinv2 import is_derived_buffer, to_timm
+from ..models.swinv2 import SWINV2_SIZES, is_derived_buffer, to_timm
 from ..transfer import EXPORT_CONFIG_KEY, EXPORT_FORMAT_KEY
 
 # any swinv2 variant works with explicit sizes; this one is the plain (non-"cr") SwinV2 family
@@ -64,6 +64,9 @@ def _read_weights(
     if encoder_only:
         weights = {k: v for k, v in weights.items() if not k.startswith("head.")}
     model_cfg = dict(state["config"]["model"])
+    for name, value in SWINV2_SIZES[model_cfg["arch"]].items():  # sizes a pretraining config leaves to the arch
+        if model_cfg.get(name) is None:
+            model_cfg[name] = list(value) if isinstance(value, tuple) else value
     # the CPB normalisers the weights were trained with: what a rebuilt model must use to give the same outputs
     model_cfg["pretrained_window_sizes"] = list(
         state.get("pretrained_window_sizes")
