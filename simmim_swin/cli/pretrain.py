@@ -5,10 +5,11 @@ from __future__ import annotations
 import sys
 
 import hydra
+import yaml
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ..config import PretrainConfig
+from ..config import ConfigError, PretrainConfig, check_img_size
 from ..pretrain import run_pretrain
 from .common import (
     CONF_DIR,
@@ -20,7 +21,7 @@ from .common import (
     quiet_hydra_on_other_ranks,
     run_hydra,
 )
-from .errors import command_errors
+from .errors import command_errors, fail
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="pretrain")
@@ -31,9 +32,21 @@ def _main(cfg: DictConfig) -> None:
         run_pretrain(config)  # validates the settings before building anything
 
 
+def check_img_size_override(argv: list[str]) -> None:
+    """model.img_size is typed Any (int or [H, W]), so Hydra's composition cannot reject a bad value: check it here,
+    before Hydra creates the run directory."""
+    for arg in argv:
+        if arg.startswith("model.img_size="):
+            try:
+                check_img_size(yaml.safe_load(arg.split("=", 1)[1]), "model.img_size")
+            except (ConfigError, yaml.YAMLError) as e:
+                fail(str(e))
+
+
 def main() -> None:
     """Console entry point: `simmim-pretrain [group=option ...] [key=value ...]` (`--help` lists the groups)."""
     check_command_groups("simmim-pretrain", sys.argv[1:])
+    check_img_size_override(sys.argv[1:])
     quiet_hydra_on_other_ranks()
     run_hydra(_main)
 
