@@ -28,7 +28,9 @@ class ModelConfig:
     """SwinV2 encoder architecture; `arch` names a size, the optional fields override it."""
 
     arch: str = "base"  # a key of simmim_swin.models.swinv2.SWINV2_SIZES (tiny ... giant; pico / nano / micro)
-    img_size: int = 192  # input height and width in pixels
+    # input size in pixels: an int (square) or [height, width] (typed Any: OmegaConf has no int-or-list type;
+    # checked in __post_init__)
+    img_size: Any = 192
     patch_size: int = 4  # pixels per side of a patch-embedding token
     in_chans: int = 3  # image channels
     window_size: int = 12  # attention window in tokens (clipped per stage to the stage's resolution)
@@ -41,6 +43,30 @@ class ModelConfig:
     ape: bool = False  # learned absolute position embedding
     grad_checkpointing: bool = False  # recompute block activations in the backward pass (less memory)
     fused_attn: bool | None = None  # None: SDPA on CUDA, eager elsewhere
+
+    def __post_init__(self) -> None:
+        self.img_size = check_img_size(self.img_size, "model.img_size")
+
+
+def check_img_size(value: Any, key: str) -> int | list[int]:
+    """An image size as configs hold it: a positive int, or [height, width] (a square pair becomes the int).
+
+    Digit strings convert, as OmegaConf converts them for typed fields.
+    """
+    value = int(value) if isinstance(value, str) and value.isdigit() else value
+    if isinstance(value, (list, tuple)):
+        value = [int(v) if isinstance(v, str) and v.isdigit() else v for v in value]
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    pair = isinstance(value, (list, tuple)) and len(value) == 2
+    if pair and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+        return int(value[0]) if value[0] == value[1] else [int(value[0]), int(value[1])]
+    raise ConfigError(f"{key}={value!r} must be a positive int (square) or [height, width], e.g. 192 or [192, 256]")
+
+
+def img_size_pair(img_size: int | list[int]) -> tuple[int, int]:
+    """(height, width) of a config's img_size."""
+    return (img_size, img_size) if isinstance(img_size, int) else (img_size[0], img_size[1])
 
 
 @dataclass
@@ -149,6 +175,7 @@ class RunConfig:
 
 
 PARALLEL_STRATEGIES = ("ddp", "fsdp")
+WEIGHT_FORMATS = ("auto", "simmim", "reference", "timm", "hf")  # of pretrained= / init_from=
 
 
 @dataclass
@@ -193,6 +220,10 @@ class PretrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)  # metrics sinks
     run: RunConfig = field(default_factory=RunConfig)  # run directory and execution
     probe: ProbeConfig = field(default_factory=ProbeConfig)  # online kNN / linear probes of the features
+    # weights a NEW run starts from (run dir, checkpoint, .safetensors, Hugging Face folder); a run that resumes
+    # continues from its own checkpoint and ignores this. The optimizer and the schedule start fresh
+    init_from: str | None = None
+    init_from_format: str = "auto"  # auto | simmim (ours) | reference (Microsoft's SimMIM / Swin) | timm | hf
 
 
 def from_dict(cls: type, data: dict[str, Any] | None, path: str = "") -> Any:
@@ -404,11 +435,19 @@ def validate_pretrain(config: PretrainConfig) -> None:
         raise ConfigError(f"model.arch={model_cfg.arch!r} is not a known size; choose one of {sorted(SWINV2_SIZES)}")
     num_stages = len(model_cfg.depths or SWINV2_SIZES[model_cfg.arch]["depths"])
     reduction = model_cfg.patch_size * 2 ** (num_stages - 1)
-    if model_cfg.img_size % reduction:
-        suggestion = max(1, round(model_cfg.img_size / reduction)) * reduction
+    if any(side % reduction for side in img_size_pair(model_cfg.img_size)):
+        suggestion = [max(1, round(side / reduction)) * reduction for side in img_size_pair(model_cfg.img_size)]
+        suggestion = suggestion[0] if isinstance(model_cfg.img_size, int) else suggestion
         raise ConfigError(
             f"model.img_size={model_cfg.img_size} must be divisible by patch_size * 2**(stages-1) = {reduction} "
             f"for model.arch={model_cfg.arch}; try model.img_size={suggestion}"
+        )
+    if not isinstance(model_cfg.img_size, int):
+        # the pretraining crops, masks and panels are square; non-square sizes are for encoders run on other data
+        raise ConfigError(
+            f"model.img_size={model_cfg.img_size}: pretraining crops square images; give one int (e.g. "
+            f"{min(model_cfg.img_size)}). A non-square size works for building an encoder and for its feature maps "
+            "(forward_intermediates), which accept any size the patch size and stages divide"
         )
     if config.data.batch_size < 1 or config.optim.accum_steps < 1:
         raise ConfigError(
@@ -419,6 +458,8 @@ def validate_pretrain(config: PretrainConfig) -> None:
     check_run_config(config.run)
     _validate_pretrain_data(config)
     _validate_probe(config.probe)
+    if config.init_from_format not in WEIGHT_FORMATS:
+        raise ConfigError(f"init_from_format={config.init_from_format!r} is unknown; use one of {list(WEIGHT_FORMATS)}")
     try:
         MaskGenerator(
             input_size=model_cfg.img_size,

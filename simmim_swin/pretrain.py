@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 
+from .checkpoint import find_latest_checkpoint
 from .config import PretrainConfig, to_dict, validate_pretrain
 from .data import PretrainData, build_pretrain_data, make_fixed_batch, normalize_images
 from .distributed import DistInfo, StopSignal, all_reduce_mean, process_group, wrap_model
@@ -17,8 +20,9 @@ from .optim import build_optimizer, build_scheduler, scaled_lrs
 from .panel import save_reconstruction_panel
 from .precision import autocast_context, build_grad_scaler, resolve_device, resolve_precision
 from .probe import build_probe_set, describe_probe, run_probe
-from .run import TrainingRun, check_same_settings
+from .run import TrainingRun, check_same_settings, run_directory
 from .tracking import check_wandb_credentials
+from .transfer import load_simmim_weights, resolve_init_from
 from .viz import make_position_bias_maps, save_position_bias_figure
 
 # parts of the config that must match a checkpoint for it to be resumed into this run
@@ -76,8 +80,8 @@ def _train(
 ) -> Path:
     precision = resolve_precision(config.run.precision, device)
     torch.manual_seed(config.run.seed)  # the same initial weights on every rank
-    norm_target = config.mask.norm_target_window if config.mask.norm_target else None
-    model = build_simmim(**to_dict(config.model), norm_target=norm_target).to(device)
+    config, model = _build_model(config, info)
+    model.to(device)
     data = build_pretrain_data(
         config.data, config.model.img_size, mask_generator, seed=config.run.seed,
         accum_steps=config.optim.accum_steps, rank=info.rank, world_size=info.world_size,
@@ -145,6 +149,42 @@ def _train(
         run.logger.log_summary({"final_loss": last_loss, "steps": run.step})
     run.say(f"done at step {run.step}/{run.total_steps}. reconstructions: {panel_path}")
     return run.run_dir
+
+
+def _build_model(config: PretrainConfig, info: DistInfo) -> tuple[PretrainConfig, SimMIM]:
+    """SimMIM as configured, starting from init_from's weights in a new run; the config as resolved (the CPB
+    windows of the source). A run that resumes builds the same model and continues from its own checkpoint."""
+    norm_target = config.mask.norm_target_window if config.mask.norm_target else None
+    pretrained = None
+    if config.init_from:
+        run_dir = run_directory(config.run)
+        if find_latest_checkpoint(run_dir) is not None:
+            config = _windows_as_saved(config, run_dir)
+            if info.is_main:
+                print(f"resuming {run_dir}: its own checkpoint wins; init_from={config.init_from} is not loaded")
+        else:
+            model_cfg, pretrained = resolve_init_from(config.model, config.init_from, config.init_from_format)
+            config = dataclasses.replace(config, model=model_cfg)
+    model = build_simmim(**to_dict(config.model), norm_target=norm_target)
+    if pretrained is not None:
+        report = load_simmim_weights(model, pretrained)
+        if info.is_main:
+            windows = f"windows {model.encoder.stage_window_sizes}, CPB normalised by {model.encoder.cpb_window_sizes}"
+            print(f"init_from: {pretrained.source_format} weights from {pretrained.path} ({windows})", flush=True)
+            print(report.summary(), flush=True)
+            if pretrained.cpb_windows() is None and config.model.pretrained_window_sizes is None:
+                note = "set model.pretrained_window_sizes to the source's windows when they differ"
+                print(f"init_from: the source does not record its windows; CPB normalised by this run's ({note})")
+    return config, model
+
+
+def _windows_as_saved(config: PretrainConfig, run_dir: Path) -> PretrainConfig:
+    """The CPB windows the run's first start took from init_from (its config.yaml), so the resume check agrees."""
+    saved = run_dir / "config.yaml"
+    if config.model.pretrained_window_sizes is not None or not saved.is_file():
+        return config
+    windows = (yaml.safe_load(saved.read_text()) or {}).get("model", {}).get("pretrained_window_sizes")
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, pretrained_window_sizes=windows))
 
 
 def _save_images(

@@ -25,10 +25,11 @@ from torch import nn
 
 from .checkpoint import load_checkpoint, load_safetensors, resolve_checkpoint
 from .config import ConfigError, FinetuneModelConfig, ModelConfig, from_dict, to_dict
-from .models import build_encoder
+from .hf import from_hf, hf_windows, is_hf_folder, read_hf_folder
+from .models import SimMIM, build_encoder
 from .models.swinv2 import SWINV2_SIZES, SwinTransformerV2, WindowAttention, is_derived_buffer
 
-PRETRAINED_FORMATS = ("auto", "simmim", "reference", "timm")
+PRETRAINED_FORMATS = ("auto", "simmim", "reference", "timm", "hf")
 # safetensors metadata keys written by `simmim-swin export`
 EXPORT_FORMAT_KEY = "format"
 EXPORT_CONFIG_KEY = "simmim_swin"
@@ -40,13 +41,14 @@ class PretrainedWeights:
     """Weights read from a file, converted to our layout (no `encoder.` prefix), plus what the file says about them."""
 
     state_dict: dict[str, torch.Tensor]
-    source_format: str  # simmim | reference | timm
+    source_format: str  # simmim | reference | timm | hf
     path: Path
     model_config: dict[str, Any] | None = None  # our ModelConfig fields, when the file carries them
     stage_window_sizes: list[int] | None = None  # the window each stage used when these weights were trained
     pretrained_window_sizes: list[int] | None = None  # the CPB normalisers those stages used (0: their own window)
     dropped: dict[str, list[str]] = field(default_factory=dict)  # reason -> keys dropped while reading
     extra: dict[str, Any] = field(default_factory=dict)  # step, num_classes, class_names when known
+    decoder: dict[str, torch.Tensor] = field(default_factory=dict)  # a SimMIM decoder (decoder.0.*), when present
 
     def cpb_windows(self) -> list[int] | None:
         """Per stage, the window its CPB inputs were normalised by: what the new model's pretrained_window_sizes is."""
@@ -64,7 +66,9 @@ def _read_file(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
 
 
 def detect_format(weights: dict[str, Any]) -> str:
-    """`reference` when the keys follow the reference implementation's layout, else `timm` (also ours)."""
+    """`hf` for Hugging Face's Swinv2 layout, `reference` for the reference implementation's, else `timm` (ours)."""
+    if any(".patch_embeddings.projection." in f".{key}" for key in weights):
+        return "hf"
     keys = [key.removeprefix("encoder.") for key in weights]
     reference_markers = ("layers.0.downsample.", ".rpe_mlp.")
     if any(marker in f".{key}" for key in keys for marker in reference_markers) or "head.weight" in keys:
@@ -122,11 +126,19 @@ def windows_from_tables(state_dict: dict[str, torch.Tensor]) -> tuple[list[int],
     return (windows, normalisers) if windows else None
 
 
-def _split_simmim(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
-    """Strip the `encoder.` prefix and set the SimMIM decoder aside."""
+def _model_weights(state: dict[str, Any]) -> dict[str, Any]:
+    """The state dict inside a checkpoint (`model`, `state_dict`) or the file itself."""
     weights = state.get("model", state)
-    weights = weights.get("state_dict", weights) if isinstance(weights.get("state_dict"), dict) else weights
+    return weights.get("state_dict", weights) if isinstance(weights.get("state_dict"), dict) else weights
+
+
+def _split_simmim(
+    state: dict[str, Any],
+) -> tuple[dict[str, torch.Tensor], dict[str, list[str]], dict[str, torch.Tensor]]:
+    """Strip the `encoder.` prefix and set the SimMIM decoder aside: (encoder, dropped keys, decoder)."""
+    weights = _model_weights(state)
     dropped: dict[str, list[str]] = {}
+    decoder: dict[str, torch.Tensor] = {}
     if any(key.startswith("encoder.") for key in weights):
         out = {}
         for key, value in weights.items():
@@ -134,23 +146,30 @@ def _split_simmim(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[
                 out[key[len("encoder.") :]] = value
             else:
                 dropped.setdefault("SimMIM decoder", []).append(key)
-        return out, dropped
-    return dict(weights), dropped
+                if key.startswith("decoder."):
+                    decoder[key] = value
+        return out, dropped, decoder
+    return dict(weights), dropped, decoder
 
 
 def load_pretrained(path: str | Path, fmt: str = "auto") -> PretrainedWeights:
     """Read pretrained weights (run dir, .pt/.pth checkpoint or .safetensors) into our layout."""
     if fmt not in PRETRAINED_FORMATS:
         raise ValueError(f"pretrained_format={fmt!r} is unknown; use one of {list(PRETRAINED_FORMATS)}")
+    hf_config = None
+    if is_hf_folder(path):  # a Hugging Face model folder: config.json + model.safetensors
+        hf_config, path = read_hf_folder(path)
     path = resolve_checkpoint(path)
     contents, metadata = _read_file(path)
     ours = "stage_window_sizes" in contents and isinstance(contents.get("config"), dict)
     if fmt == "auto":
-        fmt = "simmim" if ours or EXPORT_CONFIG_KEY in metadata else detect_format(contents.get("model", contents))
+        fmt = "simmim" if ours or EXPORT_CONFIG_KEY in metadata else detect_format(_model_weights(contents))
     if fmt == "reference":
-        contents = {**contents, "model": convert_reference(contents.get("model", contents))}
-    state_dict, dropped = _split_simmim(contents)
-    weights = PretrainedWeights(state_dict=state_dict, source_format=fmt, path=path, dropped=dropped)
+        contents = {**contents, "model": convert_reference(_model_weights(contents))}
+    elif fmt == "hf":
+        contents = {"model": from_hf(_model_weights(contents))}
+    state_dict, dropped, decoder = _split_simmim(contents)
+    weights = PretrainedWeights(state_dict=state_dict, source_format=fmt, path=path, dropped=dropped, decoder=decoder)
     if ours:
         weights.model_config = dict(contents["config"]["model"])
         weights.stage_window_sizes = list(contents["stage_window_sizes"])
@@ -164,6 +183,12 @@ def load_pretrained(path: str | Path, fmt: str = "auto") -> PretrainedWeights:
         weights.stage_window_sizes = info["stage_window_sizes"]
         weights.pretrained_window_sizes = info["model"].get("pretrained_window_sizes")
         weights.extra = {k: info[k] for k in ("step", "num_classes", "class_names") if k in info}
+    elif hf_config is not None:
+        weights.stage_window_sizes, weights.pretrained_window_sizes = hf_windows(hf_config)
+        weights.model_config = {"img_size": hf_config.get("image_size"), "window_size": hf_config.get("window_size")}
+        if hf_config.get("id2label"):
+            names = [hf_config["id2label"][str(i)] for i in range(len(hf_config["id2label"]))]
+            weights.extra = {"num_classes": len(names), "class_names": names}
     else:
         found = windows_from_tables(state_dict)
         if found is not None:
@@ -259,12 +284,14 @@ def load_encoder_weights(
     """
     weights: dict[str, torch.Tensor] = {}
     dropped: dict[str, list[str]] = {}
+    # an encoder with a mask token (SimMIM) takes the source's when it has one of the right shape, else keeps its own
+    fresh_mask_token = model.mask_token is not None and not _fits(state_dict, "mask_token", model.mask_token)
     for key, value in state_dict.items():
         key = key.removeprefix("encoder.")  # a whole SimMIM state dict works too
         if is_derived_buffer(key):
             reason = "derived table, rebuilt for the new window"
-        elif key == "mask_token" or key.startswith("decoder."):
-            reason = "SimMIM only"
+        elif (key == "mask_token" and (model.mask_token is None or fresh_mask_token)) or key.startswith("decoder."):
+            reason = "SimMIM only" if model.mask_token is None else "SimMIM mask token of another shape"
         elif key.startswith("head.") and not keep_head:
             reason = "classifier head, started fresh"
         else:
@@ -273,7 +300,9 @@ def load_encoder_weights(
         dropped.setdefault(reason, []).append(key)
 
     target = model.state_dict()  # derived tables are non-persistent buffers: not in here
-    expected = {key for key in target if keep_head or not key.startswith("head.")}
+    expected = {key for key in target if (keep_head or not key.startswith("head.")) and key != "mask_token"}
+    if model.mask_token is not None and not fresh_mask_token:
+        expected.add("mask_token")
     missing = sorted(expected - set(weights))
     unexpected = sorted(set(weights) - expected)
     mis_shaped = sorted(
@@ -295,7 +324,27 @@ def load_encoder_weights(
     recreated = {"derived table for the new window": tables}
     if not keep_head:
         recreated["fresh classifier head"] = sorted(key for key in target if key.startswith("head."))
+    if fresh_mask_token:
+        recreated["fresh SimMIM mask token"] = ["mask_token"]
     return TransferReport(loaded=sorted(weights), dropped=dropped, recreated=recreated)
+
+
+def _fits(state_dict: dict[str, torch.Tensor], key: str, like: torch.Tensor) -> bool:
+    """The state dict holds `key` (with or without `encoder.`) with the shape of `like`."""
+    value = state_dict.get(key, state_dict.get(f"encoder.{key}"))
+    return value is not None and value.shape == like.shape
+
+
+def adapt_patch_embed(state_dict: dict[str, torch.Tensor], in_chans: int) -> str | None:
+    """Adapt the patch embedding to `in_chans` input channels in place (timm's adapt_input_conv: one channel sums
+    the RGB filters, more repeat them scaled by 3 / in_chans); returns what was done, or None when it fits."""
+    from timm.models import adapt_input_conv
+
+    weight = state_dict.get("patch_embed.proj.weight")
+    if weight is None or weight.shape[1] == in_chans:
+        return None
+    state_dict["patch_embed.proj.weight"] = adapt_input_conv(in_chans, weight)
+    return f"patch_embed.proj.weight adapted from {weight.shape[1]} to {in_chans} input channels"
 
 
 def reinit_cpb_mlp(model: nn.Module, seed: int = 0) -> list[str]:
@@ -395,3 +444,66 @@ def build_classifier(
             print(f"loaded {pretrained.source_format} weights from {pretrained.path} ({windows})", flush=True)
             print(dataclasses.replace(report, dropped=dropped).summary(), flush=True)
     return model
+
+
+def _check_same_architecture(model_cfg: ModelConfig, pretrained: PretrainedWeights) -> None:
+    """The configured encoder must have the weights' shape (only size, window and channels may change)."""
+    found = infer_architecture(pretrained.state_dict)
+    size = SWINV2_SIZES[model_cfg.arch]
+    ours = {
+        "embed_dim": model_cfg.embed_dim or size["embed_dim"],
+        "depths": list(model_cfg.depths or size["depths"]),
+        "num_heads": list(model_cfg.num_heads or size["num_heads"]),
+        "patch_size": model_cfg.patch_size,
+        "mlp_ratio": model_cfg.mlp_ratio,
+        "ape": model_cfg.ape,
+    }
+    differ = [key for key in ours if ours[key] != found[key]]
+    if differ:
+        fix = " ".join(f"model.{key}={found[key]}".replace(" ", "") for key in ["arch", *differ])
+        raise ConfigError(
+            f"init_from={pretrained.path} holds a different encoder: "
+            + "; ".join(f"{key} {found[key]} (configured {ours[key]})" for key in differ)
+            + f". Configure its architecture: {fix}"
+        )
+
+
+def resolve_init_from(
+    model_cfg: ModelConfig, path: str | Path, fmt: str = "auto"
+) -> tuple[ModelConfig, PretrainedWeights]:
+    """Read the weights a new pretraining run starts from and the model config to build for them.
+
+    The architecture must be the weights' (a ConfigError names the overrides otherwise); image size, window and
+    channel count may change. pretrained_window_sizes, unless set, becomes the windows the source's CPB was trained
+    at, as in fine-tuning (no change at all when size and window are the source's).
+    """
+    pretrained = load_pretrained(path, fmt)
+    _check_same_architecture(model_cfg, pretrained)
+    if model_cfg.pretrained_window_sizes is None and pretrained.cpb_windows() is not None:
+        model_cfg = dataclasses.replace(model_cfg, pretrained_window_sizes=pretrained.cpb_windows())
+    return model_cfg, pretrained
+
+
+def load_simmim_weights(model: SimMIM, pretrained: PretrainedWeights) -> TransferReport:
+    """Load an encoder (and the mask token and decoder when present and of the right shape) into a SimMIM model.
+
+    Strict as load_encoder_weights about the encoder; the patch embedding is adapted (timm's adapt_input_conv)
+    when the channel count differs; a missing or mis-shaped decoder / mask token stays freshly initialised.
+    """
+    state_dict = dict(pretrained.state_dict)
+    adapted = adapt_patch_embed(state_dict, model.in_chans)
+    report = load_encoder_weights(model.encoder, state_dict, source=str(pretrained.path))
+    report.dropped = {**pretrained.dropped, **report.dropped}
+    report.recreated.pop("fresh classifier head", None)  # a SimMIM encoder has no head to speak of
+    if adapted:
+        report.recreated["patch embedding for the channel count"] = [adapted]
+    target = model.decoder.state_dict()
+    decoder = {key.removeprefix("decoder."): value for key, value in pretrained.decoder.items()}
+    if decoder and set(decoder) == set(target) and all(decoder[k].shape == target[k].shape for k in target):
+        model.decoder.load_state_dict(decoder)
+        report.loaded += sorted(pretrained.decoder)
+        report.dropped.pop("SimMIM decoder", None)
+    else:
+        reason = "fresh SimMIM decoder" + (" (the source's has another shape)" if decoder else "")
+        report.recreated[reason] = sorted(f"decoder.{key}" for key in target)
+    return report

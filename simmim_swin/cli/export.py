@@ -1,4 +1,5 @@
-"""`simmim-swin export`: a checkpoint's encoder or fine-tuned classifier as safetensors, optionally in timm's layout.
+"""`simmim-swin export`: a checkpoint's encoder or fine-tuned classifier as safetensors (ours or timm's layout), or
+as a Hugging Face transformers Swinv2 folder (`--format hf`: config.json, model.safetensors, README.md).
 
 The file's metadata holds the model config (JSON under the `simmim_swin` key), the windows each stage used, the
 class names and the keyword arguments that rebuild it in timm. `--timm` files load with
@@ -13,14 +14,18 @@ import json
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import save as safetensors_bytes
 from safetensors.torch import save_file
 
 from ..checkpoint import load_checkpoint, resolve_checkpoint
-from ..models.swinv2 import is_derived_buffer, to_timm
+from ..files import atomic_write
+from ..hf import HF_CARD, HF_CONFIG, HF_WEIGHTS, hf_config, to_hf
+from ..models.swinv2 import SWINV2_SIZES, is_derived_buffer, to_timm
 from ..transfer import EXPORT_CONFIG_KEY, EXPORT_FORMAT_KEY
 
 # any swinv2 variant works with explicit sizes; this one is the plain (non-"cr") SwinV2 family
 TIMM_MODEL_NAME = "swinv2_tiny_window8_256"
+EXPORT_FORMATS = ("simmim", "timm", "hf")
 
 
 def timm_create_kwargs(model_cfg: dict[str, Any], num_classes: int, path: str | Path) -> dict[str, Any]:
@@ -42,14 +47,11 @@ def timm_create_kwargs(model_cfg: dict[str, Any], num_classes: int, path: str | 
     )
 
 
-def export_checkpoint(
-    checkpoint: str | Path,
-    out: str | Path,
-    timm_layout: bool = False,
-    use_ema: bool = False,
-    encoder_only: bool = False,
-) -> dict[str, Any]:
-    """Write the checkpoint's encoder (pretraining) or classifier (fine-tuning) to `out`; returns the metadata."""
+def _read_weights(
+    checkpoint: str | Path, use_ema: bool, encoder_only: bool
+) -> tuple[Path, dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(checkpoint path, its contents, encoder / classifier weights without decoder and tables, model config with
+    the CPB normalisers the weights were trained with)."""
     path = resolve_checkpoint(checkpoint)
     state = load_checkpoint(path)
     if not isinstance(state.get("config"), dict) or "stage_window_sizes" not in state:
@@ -61,6 +63,28 @@ def export_checkpoint(
     weights = {k: v for k, v in weights.items() if not k.startswith("decoder.") and not is_derived_buffer(k)}
     if encoder_only:
         weights = {k: v for k, v in weights.items() if not k.startswith("head.")}
+    model_cfg = dict(state["config"]["model"])
+    for name, value in SWINV2_SIZES[model_cfg["arch"]].items():  # sizes a pretraining config leaves to the arch
+        if model_cfg.get(name) is None:
+            model_cfg[name] = list(value) if isinstance(value, tuple) else value
+    # the CPB normalisers the weights were trained with: what a rebuilt model must use to give the same outputs
+    model_cfg["pretrained_window_sizes"] = list(
+        state.get("pretrained_window_sizes")
+        or model_cfg.get("pretrained_window_sizes")
+        or [0] * len(state["stage_window_sizes"])
+    )
+    return path, state, weights, model_cfg
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    out: str | Path,
+    timm_layout: bool = False,
+    use_ema: bool = False,
+    encoder_only: bool = False,
+) -> dict[str, Any]:
+    """Write the checkpoint's encoder (pretraining) or classifier (fine-tuning) to `out`; returns the metadata."""
+    path, state, weights, model_cfg = _read_weights(checkpoint, use_ema, encoder_only)
     if timm_layout:
         if any(".extra_norms." in k for k in weights):
             raise ValueError(
@@ -68,12 +92,7 @@ def export_checkpoint(
             )
         weights = to_timm(weights)
     num_classes = int(weights["head.fc.weight"].shape[0]) if "head.fc.weight" in weights else 0
-    model_cfg = dict(state["config"]["model"])
     stage_windows = list(state["stage_window_sizes"])
-    # the CPB normalisers the weights were trained with: what a rebuilt model must use to give the same outputs
-    model_cfg["pretrained_window_sizes"] = list(
-        state.get("pretrained_window_sizes") or model_cfg.get("pretrained_window_sizes") or [0] * len(stage_windows)
-    )
     info = {
         "model": model_cfg,
         "stage_window_sizes": stage_windows,
@@ -90,33 +109,120 @@ def export_checkpoint(
     return info
 
 
+def export_hf(checkpoint: str | Path, out_dir: str | Path, use_ema: bool = False, encoder_only: bool = False) -> dict:
+    """Write a transformers model folder (config.json, model.safetensors, README.md model card) to `out_dir`.
+
+    A pretraining checkpoint (or --encoder-only) gives a `Swinv2Model`, a fine-tuning one a
+    `Swinv2ForImageClassification`; returns the config written.
+    """
+    path, state, weights, model_cfg = _read_weights(checkpoint, use_ema, encoder_only)
+    weights.pop("mask_token", None)  # Swinv2Model has none; the MIM decoder is not exported
+    num_classes = int(weights["head.fc.weight"].shape[0]) if "head.fc.weight" in weights else 0
+    config = hf_config(model_cfg, num_classes, state.get("class_names"))
+    tensors = to_hf(weights, prefix="swinv2." if num_classes else "")
+    tensors = {k: v.detach().float().contiguous() for k, v in tensors.items()}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_dir / HF_WEIGHTS, safetensors_bytes(tensors, metadata={"format": "pt"}))
+    atomic_write(out_dir / HF_CONFIG, json.dumps(config, indent=2) + "\n")
+    atomic_write(out_dir / HF_CARD, model_card(state, path, config, list(state["stage_window_sizes"]), use_ema))
+    return config
+
+
+def model_card(
+    state: dict[str, Any], path: Path, config: dict[str, Any], stage_windows: list[int], use_ema: bool
+) -> str:
+    """README.md of an exported folder: architecture, data and steps, CPB windows, how to load and fine-tune."""
+    run_config = state["config"]
+    kind = "Swinv2ForImageClassification" if config["architectures"][0].endswith("Classification") else "Swinv2Model"
+    data = run_config.get("data", {})
+    source = data.get("source", "?")
+    where = data.get("root") or data.get("urls") or ""
+    pretrained = run_config.get("pretrained")
+    history = (
+        f"fine-tuned for {state.get('step')} steps on `{source}` {where} from `{pretrained}`"
+        if "pretrained" in run_config
+        else f"SimMIM pretraining, {state.get('step')} steps on `{source}` {where}"
+    )
+    size = config["image_size"]
+    normalisers = [p if p > 0 else w for p, w in zip(config["pretrained_window_sizes"], stage_windows, strict=True)]
+    return f"""---
+library_name: transformers
+tags: [swinv2, simmim, image-feature-extraction]
+---
+# SwinV2 exported by simmim-swin
+
+- Architecture: SwinV2 (res-post-norm, scaled cosine attention, log-spaced continuous position bias), embed_dim
+  {config["embed_dim"]}, depths {config["depths"]}, heads {config["num_heads"]}, patch {config["patch_size"]},
+  {config["num_channels"]} input channels; `{kind}`{" (EMA weights)" if use_ema else ""}.
+- Training: {history}; source checkpoint `{path}`.
+- Input: {size} x {size} px, window {config["window_size"]}; the stages use windows {stage_windows}. The
+  position-bias MLPs were trained with offsets normalised by {normalisers} (`pretrained_window_sizes` here:
+  {config["pretrained_window_sizes"]}, 0 = the stage's own window).
+- Normalisation: ImageNet mean / std.
+
+```python
+from transformers import {kind}
+model = {kind}.from_pretrained("path/to/this/folder")
+```
+
+To fine-tune at another size or window, keep the position bias as trained: build the model with
+`image_size=<new size>, window_size=<new window>, pretrained_window_sizes={normalisers}` (the windows listed
+above), e.g. `{kind}.from_pretrained(folder, image_size=256, window_size=16,
+pretrained_window_sizes={normalisers})`, or with simmim-swin: `simmim-finetune pretrained=<this folder>
+model.img_size=... model.window_size=...`.
+"""
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the sub-command."""
-    p = sub.add_parser("export", help="write a checkpoint's encoder or classifier as safetensors (optionally for timm)")
+    p = sub.add_parser(
+        "export", help="write a checkpoint's encoder or classifier as safetensors (ours, timm's) or an HF folder"
+    )
     p.add_argument("checkpoint", help="a pretraining or fine-tuning checkpoint, or a run directory (its latest)")
-    p.add_argument("--out", required=True, help="the .safetensors file to write")
-    p.add_argument("--timm", action="store_true", help="timm's swinv2 layout (no mask token), loadable by timm")
+    p.add_argument("out", nargs="?", help="the .safetensors file (a folder for --format hf) to write")
+    p.add_argument("--out", dest="out_option", help="the same as the positional OUT")
+    p.add_argument(
+        "--format", choices=EXPORT_FORMATS, default=None,
+        help="simmim (ours, default), timm (timm's swinv2 layout) or hf (a transformers Swinv2 folder)",
+    )  # fmt: skip
+    p.add_argument("--timm", action="store_true", help="the same as --format timm")
     p.add_argument("--ema", action="store_true", help="export the EMA weights of a fine-tuning checkpoint")
     p.add_argument("--encoder-only", action="store_true", help="leave out a fine-tuned classifier's head")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    """Export and print how to load the file."""
-    if not args.out.endswith(".safetensors"):
-        raise ValueError(f"--out {args.out} must end in .safetensors")
-    info = export_checkpoint(args.checkpoint, args.out, args.timm, args.ema, args.encoder_only)
+    """Export and print how to load the result."""
+    out = args.out or args.out_option
+    if not out or (args.out and args.out_option and args.out != args.out_option):
+        raise ValueError("give one output path: simmim-swin export CHECKPOINT OUT (or --out OUT)")
+    fmt = args.format or ("timm" if args.timm else "simmim")
+    if args.timm and fmt != "timm":
+        raise ValueError(f"--timm contradicts --format {fmt}; give one of them")
+    if fmt == "hf":
+        if out.endswith(".safetensors"):
+            raise ValueError(f"--format hf writes a folder; give a directory, not {out}")
+        config = export_hf(args.checkpoint, out, args.ema, args.encoder_only)
+        kind = config["architectures"][0]
+        print(f"wrote {out}: {kind}, {config['image_size']} px, window {config['window_size']}, "
+              f"pretrained_window_sizes {config['pretrained_window_sizes']}")  # fmt: skip
+        print(f"load it with: transformers.{kind}.from_pretrained({out!r})")
+        return
+    if not out.endswith(".safetensors"):
+        raise ValueError(f"the output {out} must end in .safetensors (or use --format hf for a folder)")
+    info = export_checkpoint(args.checkpoint, out, fmt == "timm", args.ema, args.encoder_only)
     model = info["model"]
     what = f"classifier ({info['num_classes']} classes)" if info["num_classes"] else "encoder"
     print(
-        f"wrote {args.out}: {what} of {info['source']} (step {info['step']}), {model['img_size']} px, window "
+        f"wrote {out}: {what} of {info['source']} (step {info['step']}), {model['img_size']} px, window "
         f"{model['window_size']}, stage windows {info['stage_window_sizes']}, pretrained_window_sizes "
         f"{model['pretrained_window_sizes']}"
     )
     if info["timm_create_model"]:
         kwargs = dict(info["timm_create_model"])
         name = kwargs.pop("model_name")
-        print("load it in timm with:")
+        print("load it in timm with (add features_only=True for the stage feature maps):")
         print(f"  timm.create_model({name!r}, " + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")")
     else:
-        print(f"fine-tune from it with: simmim-finetune pretrained={args.out} model.img_size=... model.window_size=...")
+        print(f"fine-tune from it with: simmim-finetune pretrained={out} model.img_size=... model.window_size=...")

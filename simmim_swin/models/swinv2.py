@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from timm.layers import ClassifierHead, DropPath, Mlp, PatchEmbed, trunc_normal_
+from timm.models._features import feature_take_indices
 from torch import nn
 
 # exp(logit_scale) is clamped to 100, as in the paper's code
@@ -157,16 +158,34 @@ class WindowAttention(nn.Module):
         self.register_buffer("relative_coords_table", table, persistent=False)
         index = make_relative_position_index(self.window_size)
         self.register_buffer("relative_position_index", index, persistent=False)
+        # (coords table, index) of other windows (the model run at another input size), built once per window
+        self._other_tables: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def position_bias(self) -> torch.Tensor:
-        """16 * sigmoid(CPB) for every token pair, shape (heads, N, N); computed once per forward."""
-        N = self.window_size[0] * self.window_size[1]
-        bias_table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)  # (2Wh-1)(2Ww-1), heads
-        bias = bias_table[self.relative_position_index.view(-1)].view(N, N, self.num_heads)
+    def _tables(self, window_size: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The coords table and position index of `window_size`: the buffers for the built window, else cached."""
+        if window_size == self.window_size:
+            return self.relative_coords_table, self.relative_position_index
+        tables = self._other_tables.get(window_size)
+        if tables is None or tables[0].device != device:
+            table = make_relative_coords_table(window_size, self.pretrained_window_size)
+            tables = (table.to(device), make_relative_position_index(window_size).to(device))
+            self._other_tables[window_size] = tables
+        return tables
+
+    def position_bias(self, window_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """16 * sigmoid(CPB) for every token pair of a window (default: the built one), shape (heads, N, N)."""
+        window_size = self.window_size if window_size is None else tuple(window_size)
+        table, index = self._tables(window_size, self.relative_coords_table.device)
+        N = window_size[0] * window_size[1]
+        bias_table = self.cpb_mlp(table).view(-1, self.num_heads)  # (2Wh-1)(2Ww-1), heads
+        bias = bias_table[index.view(-1)].view(N, N, self.num_heads)
         return 16 * torch.sigmoid(bias.permute(2, 0, 1))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B*nW, N, C); mask: (nW, N, N) additive shift mask or None. Returns (B*nW, N, C)."""
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, window_size: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """x: (B*nW, N, C); mask: (nW, N, N) additive shift mask or None; window_size: the windows' size when it
+        is not the built one (the model run at another input size). Returns (B*nW, N, C)."""
         B_, N, C = x.shape
         qkv_bias = None if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
         qkv = F.linear(x, self.qkv.weight, qkv_bias)
@@ -174,7 +193,7 @@ class WindowAttention(nn.Module):
         q, k, v = qkv.unbind(0)  # each B*nW, heads, N, d
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         logit_scale = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()  # heads, 1, 1
-        bias = self.position_bias()  # heads, N, N
+        bias = self.position_bias(window_size)  # heads, N, N
 
         if self.fused_attn:
             q = q * logit_scale  # cosine logits scaled per head; SDPA then uses scale 1
@@ -227,15 +246,9 @@ class SwinTransformerV2Block(nn.Module):
         super().__init__()
         self.dim = dim
         self.input_resolution = tuple(input_resolution)
-        window, shift = clip_window(self.input_resolution, window_size)
-        self.window_size = window
-        self.shift_size = shift if shifted else (0, 0)
-        for r, w in zip(self.input_resolution, self.window_size):
-            if r % w != 0:
-                raise ValueError(
-                    f"feature map {self.input_resolution} is not divisible by window {self.window_size}; "
-                    "choose img_size / patch_size / 2**stage as a multiple of window_size"
-                )
+        self.target_window_size = tuple(window_size)  # before clipping: what another input size clips again
+        self.shifted = shifted
+        self.window_size, self.shift_size = self.window_and_shift(self.input_resolution)
 
         self.attn = WindowAttention(
             dim,
@@ -258,17 +271,43 @@ class SwinTransformerV2Block(nn.Module):
         else:
             attn_mask = None
         self.register_buffer("attn_mask", attn_mask, persistent=False)
+        # (window, shift, shift mask) of other feature-map sizes (the model run at another input size)
+        self._other_sizes: dict[tuple[int, int], tuple[tuple[int, int], tuple[int, int], torch.Tensor | None]] = {}
+
+    def window_and_shift(self, feat_size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The (window, shift) this block uses on a feature map of `feat_size` (clipped as the reference does)."""
+        window, shift = clip_window(feat_size, self.target_window_size)
+        for r, w in zip(feat_size, window):
+            if r % w != 0:
+                raise ValueError(
+                    f"feature map {tuple(feat_size)} is not divisible by window {window}; choose the image size so "
+                    "that img_size / patch_size / 2**stage is a multiple of window_size on both axes (or give one "
+                    "window per stage)"
+                )
+        return window, shift if self.shifted else (0, 0)
+
+    def _geometry(self, feat_size: tuple[int, int], device: torch.device) -> tuple:
+        """(window, shift, shift mask) for a feature map of `feat_size`: the built ones, or cached per size."""
+        if feat_size == self.input_resolution:
+            return self.window_size, self.shift_size, self.attn_mask
+        geometry = self._other_sizes.get(feat_size)
+        if geometry is None or (geometry[2] is not None and geometry[2].device != device):
+            window, shift = self.window_and_shift(feat_size)
+            mask = make_shift_attn_mask(feat_size, window, shift).to(device) if any(shift) else None
+            geometry = (window, shift, mask)
+            self._other_sizes[feat_size] = geometry
+        return geometry
 
     def _attn(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
-        has_shift = any(self.shift_size)
-        if has_shift:
-            x = torch.roll(x, shifts=(-self.shift_size[0], -self.shift_size[1]), dims=(1, 2))
-        windows = window_partition(x, self.window_size).reshape(-1, self.window_size[0] * self.window_size[1], C)
-        windows = self.attn(windows, mask=self.attn_mask)  # B*nW, N, C
-        x = window_reverse(windows.view(-1, *self.window_size, C), self.window_size, (H, W))  # B, H, W, C
-        if has_shift:
-            x = torch.roll(x, shifts=self.shift_size, dims=(1, 2))
+        window, shift, mask = self._geometry((H, W), x.device)
+        if any(shift):
+            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+        windows = window_partition(x, window).reshape(-1, window[0] * window[1], C)
+        windows = self.attn(windows, mask=mask, window_size=window)  # B*nW, N, C
+        x = window_reverse(windows.view(-1, *window, C), window, (H, W))  # B, H, W, C
+        if any(shift):
+            x = torch.roll(x, shifts=shift, dims=(1, 2))
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -444,7 +483,7 @@ class SwinTransformerV2(nn.Module):
         self.depths = tuple(depths)
         # Conv2d(kernel = stride = patch) then LayerNorm over channels, kept channels-last: B, H/p, W/p, C
         self.patch_embed = PatchEmbed(
-            img_size, patch_size, in_chans, embed_dim, norm_layer=nn.LayerNorm, output_fmt="NHWC"
+            img_size, patch_size, in_chans, embed_dim, norm_layer=nn.LayerNorm, output_fmt="NHWC", strict_img_size=False
         )
         grid = self.patch_embed.grid_size
         if ape:
@@ -588,13 +627,24 @@ class SwinTransformerV2(nn.Module):
 
         return stage_id
 
-    def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, C_in, H, W) -> (B, H/r, W/r, C_last) after the final norm; `mask` (B, H/p, W/p) selects mask tokens."""
-        if tuple(x.shape[-2:]) != self.img_size:
+    def check_input_size(self, size: Sequence[int]) -> None:
+        """Raise ValueError unless an input of `size` (H, W) fits: divisible by patch_size * 2**(stages-1)."""
+        size = tuple(size)
+        reduction = self.patch_size * 2 ** (self.num_layers - 1)
+        if size[0] % reduction or size[1] % reduction:
             raise ValueError(
-                f"input size {tuple(x.shape[-2:])} does not match the model's img_size {self.img_size}; "
-                "build the model for this size (window tables and shift masks depend on it)"
+                f"input size {size} must be divisible by patch_size * 2**(stages-1) = {reduction} on both axes; "
+                f"resize or crop to e.g. {tuple(max(1, s // reduction) * reduction for s in size)}"
             )
+        if size != self.img_size and self.absolute_pos_embed is not None:
+            raise ValueError(
+                f"input size {size} differs from img_size {self.img_size}, and the absolute position embedding "
+                "(ape=True) is only defined at img_size; build the model for this size"
+            )
+
+    def _embed(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Patch embedding, mask tokens where `mask` (B, H/p, W/p) is 1, position embedding: (B, H/p, W/p, C)."""
+        self.check_input_size(x.shape[-2:])
         x = self.patch_embed(x)  # B, H/p, W/p, C
         if mask is not None:
             if self.mask_token is None:
@@ -603,9 +653,64 @@ class SwinTransformerV2(nn.Module):
             x = x * (1.0 - w) + self.mask_token.to(x.dtype) * w
         if self.absolute_pos_embed is not None:
             x = x + self.absolute_pos_embed
-        x = self.pos_drop(x)
-        x = self.layers(x)
+        return self.pos_drop(x)
+
+    def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C_in, H, W) -> (B, H/r, W/r, C_last) after the final norm; `mask` (B, H/p, W/p) selects mask tokens.
+
+        Any input size divisible by patch_size * 2**(stages-1) works (windows clipped and shift masks built for it,
+        cached per size); the model's own img_size uses the tables built with it.
+        """
+        x = self.layers(self._embed(x, mask))
         return self.norm(x)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        mask: torch.Tensor | None = None,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Feature maps of every stage (or of `indices`), timm's `forward_intermediates` contract.
+
+        Args:
+            x: images (B, C_in, H, W), any size divisible by patch_size * 2**(stages-1), square or not.
+            indices: stages to return: None all, an int n the last n, a sequence those stage indices.
+            norm: apply the final norm to the last stage's map (the only norm the encoder has, as in timm).
+            stop_early: skip the stages after the last one asked for.
+            output_fmt: NCHW (B, C_i, H_i, W_i) or NHWC.
+            intermediates_only: return only the list.
+            mask: optional SimMIM token mask (B, H/p, W/p).
+        Returns:
+            the list of maps (stage i: C_i = embed_dim * 2**i, H_i = H / (patch_size * 2**i)), or
+            (final-normed last map NHWC, list) when not intermediates_only.
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt={output_fmt!r} must be NCHW or NHWC")
+        take, max_index = feature_take_indices(self.num_layers, indices)
+        x = self._embed(x, mask)
+        stages = self.layers[: max_index + 1] if stop_early else self.layers
+        intermediates = []
+        last = self.num_layers - 1
+        for i, stage in enumerate(stages):
+            x = stage(x)  # B, H_i, W_i, C_i
+            if i in take:
+                feat = self.norm(x) if norm and i == last else x
+                intermediates.append(feat.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else feat)
+        if intermediates_only:
+            return intermediates
+        return (self.norm(x) if len(stages) == self.num_layers else x), intermediates
+
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        """Channels and stride of each stage's map, as timm's feature_info lists them."""
+        return [
+            dict(num_chs=self.embed_dim * 2**i, reduction=self.patch_size * 2**i, module=f"layers.{i}")
+            for i in range(self.num_layers)
+        ]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pool (B, H, W, C) features and classify."""

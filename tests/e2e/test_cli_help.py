@@ -58,7 +58,7 @@ def test_finetune_help_lists_its_groups_and_presets_only(tmp_path):
         ("finetune", "experiment=quickstart", "run `simmim-pretrain experiment=quickstart ...`"),
         ("finetune", "data=folder", "data.source=folder data.root=DIR"),
         ("pretrain", "optim.lr=0.1", "unknown key optim.lr"),
-        ("pretrain", "model.img_size=big", "model.img_size: Value 'big'"),
+        ("pretrain", "model.img_size=big", "model.img_size='big' must be a positive int"),
         ("finetune", "augment.mixupp=0.5", "unknown key augment.mixupp"),
         ("finetune", "train.ema=maybe", "train.ema: Value 'maybe'"),
         ("pretrain", "data=nowhere", "Could not find 'data/nowhere'"),

@@ -39,8 +39,12 @@ def test_unknown_key_names_the_path() -> None:
 @pytest.mark.parametrize(
     ("data", "match"),
     [
-        ({"model": {"img_size": 192.0}}, "model.img_size: Value '192.0' of type 'float' could not be converted"),
-        ({"model": {"img_size": True}}, "model.img_size: .*bool"),
+        (
+            {"model": {"img_size": 192.0}},
+            r"model.img_size=192.0 must be a positive int \(square\) or \[height, width\]",
+        ),
+        ({"model": {"img_size": True}}, "model.img_size=True must be a positive int"),
+        ({"model": {"img_size": [96, "x"]}}, r"model.img_size=\[96, 'x'\] must be"),
         ({"model": {"depths": [2, "x", 2]}}, r"model\.depths\[1\]: Value 'x'"),
         ({"model": {"depths": 2}}, "model.depths: .*not a ListConfig, list or tuple"),
         ({"model": {"arch": None}}, "model.arch: Incompatible value 'None'"),
@@ -62,8 +66,8 @@ def test_type_errors_name_the_path(data: dict, match: str) -> None:
 
 
 def test_path_prefixes_the_message_for_a_section() -> None:
-    with pytest.raises(ConfigError, match="^model.img_size: "):
-        from_dict(ModelConfig, {"img_size": "x"}, "model")
+    with pytest.raises(ConfigError, match="^model.patch_size: "):
+        from_dict(ModelConfig, {"patch_size": "x"}, "model")
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['imgsize'\] in model;"):
         from_dict(ModelConfig, {"imgsize": 1}, "model")
 
@@ -110,3 +114,8 @@ def test_to_dict_round_trip_through_weights_only_load() -> None:
     torch.save({"config": plain}, buffer)  # what checkpoints store
     buffer.seek(0)
     assert from_dict(PretrainConfig, torch.load(buffer, weights_only=True)["config"]) == cfg
+
+
+def test_img_size_takes_height_and_width() -> None:
+    assert from_dict(PretrainConfig, {"model": {"img_size": [96, 160]}}).model.img_size == [96, 160]
+    assert from_dict(PretrainConfig, {"model": {"img_size": [64, 64]}}).model.img_size == 64  # square: one int

@@ -1,0 +1,195 @@
+"""Hugging Face transformers' Swinv2 layout: our (timm-layout) weights to and from `Swinv2Model` /
+`Swinv2ForImageClassification` / `Swinv2ForMaskedImageModeling` state dicts, and the model folder they load from.
+
+The function is the same; the bookkeeping differs: transformers stores a stage's patch merging at the END of the
+stage (`encoder.layers.i.downsample`, ours is the start of stage i + 1), splits the fused qkv projection into
+query / key / value (our q_bias and v_bias are query.bias and value.bias; the key has no bias, as ours is fixed
+at zero), names the CPB MLP `continuous_position_bias_mlp` and the post-norms `layernorm_before/after`, and keeps
+the final norm as `layernorm` (eps config.layer_norm_eps, 1e-5 as ours). Writing the folder needs no transformers;
+loading it does.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .models.swinv2 import SWINV2_SIZES
+
+HF_CONFIG = "config.json"
+HF_WEIGHTS = "model.safetensors"
+HF_CARD = "README.md"
+
+# per-block names: ours -> transformers' (under encoder.layers.i.blocks.j.)
+_BLOCK_NAMES = {
+    "attn.logit_scale": "attention.self.logit_scale",
+    "attn.cpb_mlp.0.weight": "attention.self.continuous_position_bias_mlp.0.weight",
+    "attn.cpb_mlp.0.bias": "attention.self.continuous_position_bias_mlp.0.bias",
+    "attn.cpb_mlp.2.weight": "attention.self.continuous_position_bias_mlp.2.weight",
+    "attn.q_bias": "attention.self.query.bias",
+    "attn.v_bias": "attention.self.value.bias",
+    "attn.proj.weight": "attention.output.dense.weight",
+    "attn.proj.bias": "attention.output.dense.bias",
+    "norm1.weight": "layernorm_before.weight",
+    "norm1.bias": "layernorm_before.bias",
+    "mlp.fc1.weight": "intermediate.dense.weight",
+    "mlp.fc1.bias": "intermediate.dense.bias",
+    "mlp.fc2.weight": "output.dense.weight",
+    "mlp.fc2.bias": "output.dense.bias",
+    "norm2.weight": "layernorm_after.weight",
+    "norm2.bias": "layernorm_after.bias",
+}
+_TOP_NAMES = {
+    "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
+    "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
+    "patch_embed.norm.weight": "embeddings.norm.weight",
+    "patch_embed.norm.bias": "embeddings.norm.bias",
+    "mask_token": "embeddings.mask_token",
+    "norm.weight": "layernorm.weight",
+    "norm.bias": "layernorm.bias",
+}
+_QKV = ("query", "key", "value")
+
+
+def to_hf(state_dict: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """Our encoder / classifier state dict (no `encoder.` prefix, derived tables removed) -> transformers' names.
+
+    Encoder keys get `prefix` (`swinv2.` for the task models); `head.fc.*` becomes `classifier.*`.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key in _TOP_NAMES:
+            out[prefix + _TOP_NAMES[key]] = value
+        elif key.startswith("head.fc."):
+            out["classifier." + key.removeprefix("head.fc.")] = value
+        elif m := re.fullmatch(r"layers\.(\d+)\.downsample\.(.+)", key):
+            out[f"{prefix}encoder.layers.{int(m.group(1)) - 1}.downsample.{m.group(2)}"] = value
+        elif m := re.fullmatch(r"layers\.(\d+)\.blocks\.(\d+)\.(.+)", key):
+            block = f"{prefix}encoder.layers.{m.group(1)}.blocks.{m.group(2)}."
+            if m.group(3) == "attn.qkv.weight":
+                for name, part in zip(_QKV, value.chunk(3, dim=0), strict=True):
+                    out[f"{block}attention.self.{name}.weight"] = part.contiguous()
+            elif m.group(3) in _BLOCK_NAMES:
+                out[block + _BLOCK_NAMES[m.group(3)]] = value
+            else:
+                raise ValueError(f"{key} has no place in transformers' Swinv2 (it lacks the huge / giant extra norms)")
+        else:
+            raise ValueError(f"{key} has no place in transformers' Swinv2; only ape=False encoders convert")
+    return out
+
+
+def from_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers Swinv2 state dict (Swinv2Model, or a task model with `swinv2.`) -> ours, SimMIM-style:
+    encoder keys under `encoder.` (with `head.fc.*` from `classifier.*`), the MIM decoder as `decoder.*`."""
+    top = {hf: ours for ours, hf in _TOP_NAMES.items()}
+    block_names = {hf: ours for ours, hf in _BLOCK_NAMES.items()}
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        name = key.removeprefix("swinv2.")
+        if name.startswith("decoder."):
+            out[name] = value
+        elif name.startswith("classifier."):
+            out["encoder.head.fc." + name.removeprefix("classifier.")] = value
+        elif name in top:
+            out["encoder." + top[name]] = value
+        elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.downsample\.(.+)", name):
+            out[f"encoder.layers.{int(m.group(1)) + 1}.downsample.{m.group(2)}"] = value
+        elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.(.+)", name):
+            block = f"encoder.layers.{m.group(1)}.blocks.{m.group(2)}."
+            part = m.group(3)
+            if part in block_names:
+                out[block + block_names[part]] = value
+            elif part.removeprefix("attention.self.").removesuffix(".weight") in _QKV:
+                qkv.setdefault(block, {})[part.split(".")[-2]] = value
+            elif part in ("attention.self.relative_coords_table", "attention.self.relative_position_index"):
+                continue  # derived tables (some exports carry them): rebuilt from the window
+            else:
+                raise ValueError(f"{key} is not a transformers Swinv2 weight this loader knows")
+        elif name == "pooler" or name.startswith("embeddings.position_embeddings"):
+            raise ValueError(f"{key}: absolute position embeddings do not convert; only ape=False models do")
+        else:
+            raise ValueError(f"{key} is not a transformers Swinv2 weight this loader knows")
+    for block, parts in qkv.items():
+        if set(parts) != set(_QKV):
+            raise ValueError(f"{block}: transformers' query / key / value weights incomplete ({sorted(parts)})")
+        out[block + "attn.qkv.weight"] = torch.cat([parts[name] for name in _QKV], dim=0)
+    return out
+
+
+def hf_config(model_cfg: dict[str, Any], num_classes: int, class_names: list[str] | None) -> dict[str, Any]:
+    """transformers' Swinv2Config fields (config.json) for our model config."""
+    img_size = model_cfg["img_size"]
+    if not isinstance(img_size, int):
+        raise ValueError(
+            f"img_size {img_size} is not square: transformers' Swinv2 clips windows on the first axis only; "
+            "export a model built at a square size (its weights work at any size)"
+        )
+    window = model_cfg["window_size"]
+    if not isinstance(window, int):
+        if len(set(window)) != 1:
+            raise ValueError(f"window_size {window} differs per stage; transformers' Swinv2 takes one window")
+        window = window[0]
+    if model_cfg.get("ape"):
+        raise ValueError("ape=True (absolute position embedding) does not convert to transformers' Swinv2")
+    size = SWINV2_SIZES[model_cfg["arch"]]
+    if size.get("extra_norm_every"):
+        raise ValueError(f"model.arch={model_cfg['arch']} has extra norms, which transformers' Swinv2 lacks")
+    depths = list(model_cfg["depths"] or size["depths"])
+    config = {
+        "architectures": ["Swinv2ForImageClassification" if num_classes else "Swinv2Model"],
+        "model_type": "swinv2",
+        "image_size": img_size,
+        "patch_size": model_cfg["patch_size"],
+        "num_channels": model_cfg["in_chans"],
+        "embed_dim": model_cfg["embed_dim"] or size["embed_dim"],
+        "depths": depths,
+        "num_heads": list(model_cfg["num_heads"] or size["num_heads"]),
+        "window_size": window,
+        "pretrained_window_sizes": list(model_cfg.get("pretrained_window_sizes") or [0] * len(depths)),
+        "mlp_ratio": model_cfg["mlp_ratio"],
+        "qkv_bias": True,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "drop_path_rate": model_cfg.get("drop_path_rate", 0.1),
+        "hidden_act": "gelu",
+        "use_absolute_embeddings": False,
+        "layer_norm_eps": 1e-5,
+        "initializer_range": 0.02,
+        "encoder_stride": model_cfg["patch_size"] * 2 ** (len(depths) - 1),
+    }
+    if num_classes:
+        names = class_names or [str(i) for i in range(num_classes)]
+        config["id2label"] = {str(i): name for i, name in enumerate(names)}
+        config["label2id"] = {name: i for i, name in enumerate(names)}
+    return config
+
+
+def hf_windows(config: dict[str, Any]) -> tuple[list[int], list[int]]:
+    """(the window each stage uses, the CPB normalisers) of a transformers Swinv2Config (square image sizes)."""
+    size = config.get("image_size", 224)
+    size = size if isinstance(size, int) else min(size)
+    grid = size // config.get("patch_size", 4)
+    depths = config.get("depths", [2, 2, 6, 2])
+    window = config.get("window_size", 7)
+    windows = [min(grid // 2**i, window) for i in range(len(depths))]
+    return windows, list(config.get("pretrained_window_sizes") or [0] * len(depths))
+
+
+def is_hf_folder(path: str | Path) -> bool:
+    """A folder holding a transformers config.json and model.safetensors."""
+    path = Path(path)
+    return path.is_dir() and (path / HF_CONFIG).is_file() and (path / HF_WEIGHTS).is_file()
+
+
+def read_hf_folder(path: str | Path) -> tuple[dict[str, Any], Path]:
+    """(config.json contents, weights file) of a transformers model folder."""
+    path = Path(path)
+    config = json.loads((path / HF_CONFIG).read_text())
+    if config.get("model_type") != "swinv2":
+        raise ValueError(f"{path / HF_CONFIG} describes model_type={config.get('model_type')!r}, not swinv2")
+    return config, path / HF_WEIGHTS
