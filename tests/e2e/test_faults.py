@@ -174,7 +174,7 @@ PRETRAIN_BAD = [
     (["optim.base_lr=inf"], "optim.base_lr=inf is not a finite number"),
     (["optim.weight_decay=-0.1"], "optim.weight_decay=-0.1 must be >= 0"),
     (["run.max_steps=-5"], "run.max_steps=-5 must be >= 0"),
-    (["model.img_size=-32"], "model.img_size=-32 must be >= 1"),
+    (["model.img_size=-32"], "model.img_size=-32 must be a positive int"),
     (["model.patch_size=0"], "model.patch_size=0 must be >= 1"),
     (["model.arch=gigantic"], "model.arch='gigantic' is not a known size"),
     (["optim.lr=0.1"], "optim.lr"),
