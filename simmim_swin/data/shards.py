@@ -27,7 +27,7 @@ from simmim_swin.progress import StatusLine
 
 INDEX_FORMAT = "simmim-swin-shards/1"
 # image member extensions the loaders read, in order of preference when a sample holds several
-IMAGE_MEMBER_KEYS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm")
+IMAGE_MEMBER_KEYS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "npy")
 _EXTENSION_ALIASES = {"jpeg": "jpg", "tiff": "tif"}
 
 
