@@ -180,12 +180,10 @@ def evaluate_classifier(
     device: torch.device,
     confusion: bool = False,
     info: DistInfo | None = None,
-    normalize: Callable[[torch.Tensor], torch.Tensor] = normalize_images,
 ) -> dict[str, Any]:
     """Top-1 / top-5 accuracy (%) and mean cross-entropy over (images, labels) batches, in eval mode.
 
-    Images are normalised on the device by `normalize` (by default uint8 with ImageNet's statistics, float taken
-    as normalised). The model's mode is restored.
+    uint8 images are normalised on the device; float images are taken as normalised. The model's mode is restored.
     Labels of -1 are padding (data.loader.EvalShard evens out the ranks' shares) and count nowhere. With `info`
     of a multi-process job each rank evaluates its shard and the counts are summed over ranks: every rank
     returns the whole set's numbers. confusion=True adds "confusion": the (classes, classes) count matrix, rows
@@ -200,7 +198,7 @@ def evaluate_classifier(
     matrix = None
     try:
         for images, labels, *_ in loader:
-            images = normalize(images.to(device, non_blocking=True))
+            images = normalize_images(images.to(device, non_blocking=True))
             labels = labels.to(device, non_blocking=True)
             with autocast_context(precision, device):
                 logits = model(images)

@@ -33,9 +33,7 @@ PHOTO_FILES: tuple[str, ...] = (
     "motorcycle_right.png",
 )
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".npy"}
-)
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".npy"})
 
 DATA_SOURCES: tuple[str, ...] = ("photos", "folder", "fashion_mnist", "shards")
 MAP_STYLE_SOURCES: tuple[str, ...] = ("photos", "folder", "fashion_mnist")  # shards stream: data/stream.py
@@ -206,7 +204,10 @@ def build_pretrain_dataset(data_cfg: DataConfig, img_size: int, mask_generator: 
         hint = " (source=shards streams: use build_pretrain_data)" if data_cfg.source == "shards" else ""
         raise ValueError(f"data.source={data_cfg.source!r} is not one of {list(MAP_STYLE_SOURCES)}{hint}")
     transform = build_pretrain_transform(
-        img_size, crop_scale=data_cfg.crop_scale, crop_ratio=data_cfg.crop_ratio, hflip=data_cfg.hflip,
+        img_size,
+        crop_scale=data_cfg.crop_scale,
+        crop_ratio=data_cfg.crop_ratio,
+        hflip=data_cfg.hflip,
         in_chans=in_chans,
     )
     if data_cfg.source == "photos":

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from simmim_swin.data.images import describe_error
+from simmim_swin.data.images import BadSample, describe_error
 from simmim_swin.data.transforms import EvalView
 from simmim_swin.distributed import ignore_stop_signals
 
@@ -140,8 +140,11 @@ class EvalShard(Dataset):
     def __getitem__(self, position: int) -> tuple[Any, int]:
         if position < len(self.indices):
             return self.dataset[self.indices[position]]
-        image, _ = self.dataset[0]
-        return image, -1
+        for index in range(len(self.dataset)):  # the first readable image (unreadable ones are BadSamples)
+            item = self.dataset[index]
+            if not isinstance(item, BadSample):
+                return item[0], -1
+        raise ValueError("the evaluation set has no readable image")
 
 
 def build_pretrain_loader(

@@ -178,6 +178,21 @@ def _collate(items: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
     return tuple(torch.stack(field) for field in zip(*items))  # each field: B, ...
 
 
+_REPORTED: set[str] = set()  # files this process has already named
+
+
+def collate_good_only(items: list[Any]) -> tuple[torch.Tensor, ...]:
+    """collate_good for evaluation: the good samples' data; each bad file is named once per process."""
+    batch = collate_good(items)
+    for path, reason in zip(batch.bad_shards, batch.bad_reasons):
+        if path not in _REPORTED:
+            _REPORTED.add(path)
+            print(f"skipping unreadable evaluation image {path}: {reason}", file=sys.stderr, flush=True)
+    if not batch.data:
+        raise ValueError(f"every image of an evaluation batch is unreadable, e.g. {batch.bad_shards[0]}")
+    return batch.data
+
+
 class ShardStream(IterableDataset):
     """An endless resampled stream of shards cut into epochs of exactly `batches_per_epoch` batches per rank.
 

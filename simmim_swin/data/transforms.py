@@ -142,21 +142,23 @@ def build_pretrain_transform(
 
 
 class EvalView:
-    """Deterministic view of any image: resize the shorter side to img_size (antialiased bilinear) and centre
-    crop -> (in_chans, img_size, img_size), raw values (uint8 for 8-bit files, float32 otherwise).
+    """Deterministic view of any image: resize the shorter side to img_size / crop_pct (antialiased bilinear) and
+    centre crop img_size -> (in_chans, img_size, img_size), raw values (uint8 for 8-bit files, float32 otherwise).
 
     8-bit images with 3 channels take exactly the PIL path of build_eval_transform(normalize=False)."""
 
-    def __init__(self, img_size: int, in_chans: int = 3) -> None:
+    def __init__(self, img_size: int, in_chans: int = 3, crop_pct: float = 1.0) -> None:
         _check_img_size(img_size)
-        self.img_size, self.in_chans = img_size, in_chans
+        if not 0.0 < crop_pct <= 1.0:
+            raise ValueError(f"crop_pct={crop_pct} must lie in (0, 1]; 0.875 is the 224-of-256 protocol")
+        self.img_size, self.in_chans, self.crop_pct = img_size, in_chans, crop_pct
         self.rgb = build_eval_transform(img_size, normalize=False)
 
     def __call__(self, img: ImageSource) -> torch.Tensor:
-        if isinstance(img, Image.Image) and self.in_chans == 3 and img.mode in EIGHT_BIT_MODES:
+        if isinstance(img, Image.Image) and self.in_chans == 3 and img.mode in EIGHT_BIT_MODES and self.crop_pct == 1:
             return self.rgb(img)
         pixels = to_tensor(img, self.in_chans)
-        pixels = TF.resize(pixels, [self.img_size], antialias=True)
+        pixels = TF.resize(pixels, [math.floor(self.img_size / self.crop_pct)], antialias=True)
         return TF.center_crop(pixels, [self.img_size, self.img_size])  # C, img_size, img_size
 
 
