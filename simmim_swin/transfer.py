@@ -276,6 +276,7 @@ def load_encoder_weights(
         dropped.setdefault(reason, []).append(key)
 
     target = model.state_dict()  # derived tables are non-persistent buffers: not in here
+    adapted = _adapt_patch_embedding(weights, target)
     expected = {key for key in target if keep_head or not key.startswith("head.")}
     missing = sorted(expected - set(weights))
     unexpected = sorted(set(weights) - expected)
@@ -295,10 +296,29 @@ def load_encoder_weights(
     result = model.load_state_dict(weights, strict=False)
     assert not result.unexpected_keys and set(result.missing_keys) == set(target) - expected, result
     tables = sorted(name for name, _ in model.named_buffers() if is_derived_buffer(name))
-    recreated = {"derived table for the new window": tables}
+    recreated = {"derived table for the new window": tables, **adapted}
     if not keep_head:
         recreated["fresh classifier head"] = sorted(key for key in target if key.startswith("head."))
     return TransferReport(loaded=sorted(weights), dropped=dropped, recreated=recreated)
+
+
+def _adapt_patch_embedding(weights: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """Fit the patch embedding of weights trained on another channel count (an RGB checkpoint fine-tuned on 1, 4 or
+    13 bands) with timm's adapt_input_conv, in place; returns {reason: [key]} for the load report, or {}."""
+    key = "patch_embed.proj.weight"
+    old, new = weights.get(key), target.get(key)
+    if (
+        old is None
+        or new is None
+        or old.shape == new.shape
+        or old.shape[:1] + old.shape[2:] != new.shape[:1] + new.shape[2:]
+    ):
+        return {}
+    from timm.models import adapt_input_conv
+
+    weights[key] = adapt_input_conv(new.shape[1], old)
+    reason = f"patch embedding adapted from {old.shape[1]} to {new.shape[1]} input channels (timm adapt_input_conv)"
+    return {reason: [key]}
 
 
 def reinit_cpb_mlp(model: nn.Module, seed: int = 0) -> list[str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -48,6 +49,7 @@ def describe_error(error: BaseException) -> str:
     """'TypeName: first line of the message', with PIL's in-memory buffer names left out."""
     message = str(error.args[0]) if error.args else repr(error)  # webdataset appends the stream and url to args
     message = message.splitlines()[0] if message else ""
+    message = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", message)  # PIL names its buffer, not the file
     return f"{type(error).__name__}: {message}"
 
 
