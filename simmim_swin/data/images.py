@@ -11,6 +11,7 @@ device (transforms.Normalizer).
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 import warnings
@@ -78,7 +79,7 @@ def open_source(
         if array.ndim not in (2, 3):
             raise ValueError(f"{name}: a .npy image must be (H, W) or (C, H, W), got shape {array.shape}")
         _check_pixels(array.shape[-1] * array.shape[-2], max_pixels, name)
-        return np.asarray(array if array.ndim == 3 else array[None])
+        return np.array(array if array.ndim == 3 else array[None])  # read now (a writable copy of the map)
     if suffix in (".tif", ".tiff"):
         array = _read_tiff(stream, max_pixels, name)
         if array is not None:
@@ -100,6 +101,8 @@ def _read_tiff(stream: io.BytesIO | str | os.PathLike, max_pixels: int | None, n
     """A TIFF's first series as (C, H, W): pages, samples and any other axes become channels. None for a plain
     8-bit image of one page and at most four samples (grey, RGB, RGBA), which PIL reads as any other photo."""
     import tifffile  # a scikit-image dependency; imported here so that 8-bit photo pipelines never load it
+
+    logging.getLogger("tifffile").setLevel(logging.ERROR)  # a broken file is reported once, by the caller
 
     with tifffile.TiffFile(stream) as tif:
         series = tif.series[0]
