@@ -148,7 +148,8 @@ def _finetune(config: FinetuneConfig, device: torch.device, info: DistInfo, stop
     def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         images, targets = normalize(batch[0]), batch[1]
         if mixup is not None:
-            images, targets = mixup(images, targets)  # soft targets (B, classes), label smoothing included
+            even = images.shape[0] // 2 * 2  # mixup pairs images; a batch short of a bad sample may be odd
+            images, targets = mixup(images[:even], targets[:even])  # soft targets (B, classes), smoothing included
         return criterion(model(images), targets)
 
     with run.running(lambda meta, path: _check_resumable(meta, run.config, classes, path)):
