@@ -93,7 +93,10 @@ def open_source(
         try:
             img = Image.open(stream)
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-            raise ImageTooLargeError(f"{name}: {e}; raise data.max_image_pixels if the image is genuine") from e
+            raise ImageTooLargeError(
+                f"{name} has more pixels than data.max_image_pixels={max_pixels} (PIL: {e}) a guard against "
+                "decompression bombs; raise data.max_image_pixels if the image is genuine"
+            ) from e
     return img
 
 
