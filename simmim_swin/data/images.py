@@ -105,7 +105,7 @@ def _read_tiff(stream: io.BytesIO | str | os.PathLike, max_pixels: int | None, n
     8-bit image of one page and at most four samples (grey, RGB, RGBA), which PIL reads as any other photo."""
     import tifffile  # a scikit-image dependency; imported here so that 8-bit photo pipelines never load it
 
-    logging.getLogger("tifffile").setLevel(logging.ERROR)  # a broken file is reported once, by the caller
+    logging.getLogger("tifffile").setLevel(logging.CRITICAL)  # a broken file is reported once, by the caller
 
     with tifffile.TiffFile(stream) as tif:
         series = tif.series[0]
