@@ -65,8 +65,9 @@ def run(args: argparse.Namespace) -> None:
     view = EvalView(model_cfg.img_size, model_cfg.in_chans)
     images = []
     for f in args.images:
+        source = load_image(f)
         try:
-            images.append(view(load_image(f)))
+            images.append(view(source))
         except ValueError as e:  # a band count that does not fit the model
             raise ValueError(f"{f}: {e}") from e
     images = normalize(torch.stack(images))

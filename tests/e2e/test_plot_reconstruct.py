@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -124,8 +125,10 @@ def test_reconstruct_shows_the_checkpoint_on_real_photos(run_dir: Path, tmp_path
     assert np.abs(masked - original).mean() > 10 and np.abs(reconstruction - original).mean() > 1
 
 
-def test_reconstruct_names_a_file_that_is_not_an_image(run_dir: Path, tmp_path: Path) -> None:
+def test_reconstruct_names_a_file_that_is_not_an_image(run_dir: Path, tmp_path: Path, capsys) -> None:
     not_image = str(run_dir / "config.yaml")
-    with pytest.raises(SystemExit, match=r"error: .*config.yaml is not an image"):
+    with pytest.raises(SystemExit) as exit_info:
         tools_main(["reconstruct", "--checkpoint", str(run_dir), "--images", not_image, "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+    assert re.search(r"error: .*config.yaml is not an image", capsys.readouterr().err)
     assert not (tmp_path / "x").exists()
