@@ -17,6 +17,11 @@ flags on a GPU, e.g.
     python benchmarks/quality_fmnist.py --device cuda --threads 0 --jobs 1 --size 64 --window 8 \
         --pretrain-epochs 50 --epochs 100 --embed-dim 96 --depths 2 2 6 --heads 3 6 12 --seeds 0 1 2 3 4
 Runs live under --out and resume: starting the same command again reuses finished runs.
+
+--in-chans 1 reads the images as the single grey band they are (instead of grey copied into RGB), with the
+per-channel statistics `simmim-swin stats --source fashion-mnist` prints (data.mean / data.std); fine-tuning then
+keeps raw values and uses crop / flip only (RandAugment is an 8-bit RGB operation). The median step time of the
+pretraining and of the first fine-tune is recorded for each channel count.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from simmim_swin.cli.stats import fashion_mnist_moments
 from simmim_swin.config import FinetuneConfig, PretrainConfig, from_dict
 from simmim_swin.finetune import run_finetune
 from simmim_swin.pretrain import run_pretrain
@@ -39,16 +45,19 @@ VARIANTS = ("pretrained", "scratch", "reinit_cpb")
 
 
 def parse_args() -> argparse.Namespace:
-    return build_parser(__doc__).parse_args()
+    args = build_parser(__doc__).parse_args()
+    suffix = "" if args.in_chans == 3 else f"_{args.in_chans}ch"
+    args.out = args.out or f"outputs/quality_fmnist{suffix}"
+    args.json = args.json or str(Path(__file__).parent / "results" / f"quality_fmnist{suffix}.json")
+    return args
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
     """The benchmark's flags (benchmarks/probe_correlation.py adds its own to them)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="outputs/quality_fmnist", help="folder for the runs")
-    p.add_argument(
-        "--json", default=str(Path(__file__).parent / "results" / "quality_fmnist.json"), help="results file to write"
-    )
+    p.add_argument("--out", default=None, help="folder for the runs (default outputs/quality_fmnist[_1ch])")
+    p.add_argument("--json", default=None, help="results file (default benchmarks/results/quality_fmnist[_1ch].json)")
+    p.add_argument("--in-chans", type=int, default=3, choices=(1, 3), help="1: one grey band with its own statistics")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (0: torch's default)")
     p.add_argument("--jobs", type=int, default=2, help="fine-tunes run side by side in this many processes")
@@ -90,7 +99,23 @@ def build_parser(description: str) -> argparse.ArgumentParser:
 
 
 def model_overrides(args: argparse.Namespace) -> dict:
-    return dict(arch="tiny", embed_dim=args.embed_dim, depths=args.depths, num_heads=args.heads)
+    return dict(arch="tiny", embed_dim=args.embed_dim, depths=args.depths, num_heads=args.heads, in_chans=args.in_chans)
+
+
+def statistics_overrides(args: argparse.Namespace) -> dict:
+    """data.mean / data.std for one grey band (what `simmim-swin stats --source fashion-mnist` prints); none for
+    grey-in-RGB, which keeps ImageNet's like any 8-bit RGB data."""
+    if args.in_chans == 3:
+        return {}
+    moments = fashion_mnist_moments(args.in_chans)
+    return dict(mean=moments.mean.tolist(), std=moments.std.tolist())
+
+
+def median_step_time(run_dir: Path) -> float | None:
+    """Median step_time_s of a run's metrics.jsonl lines."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    times = [line["step_time_s"] for line in lines if "step_time_s" in line]
+    return statistics.median(times) if times else None
 
 
 def pretrain(args: argparse.Namespace, out: Path) -> Path:
@@ -105,7 +130,10 @@ def pretrain(args: argparse.Namespace, out: Path) -> Path:
                 drop_path_rate=0.0,
             ),
             mask=dict(mask_patch_size=args.mask_patch, mask_ratio=args.mask_ratio, norm_target=args.norm_target),
-            data=dict(source="fashion_mnist", split="train", batch_size=args.pretrain_batch, num_workers=args.workers),
+            data=dict(
+                source="fashion_mnist", split="train", batch_size=args.pretrain_batch, num_workers=args.workers,
+                **statistics_overrides(args),
+            ),  # fmt: skip
             optim=dict(base_lr=args.pretrain_lr, warmup_lr=args.pretrain_lr / 100, min_lr=args.pretrain_lr / 100),
             schedule=dict(kind="cosine", epochs=args.pretrain_epochs, warmup_epochs=min(1, args.pretrain_epochs - 1)),
             logger=dict(log_every=50, image_every=10**9),
@@ -122,13 +150,14 @@ def finetune(args: argparse.Namespace, out: Path, variant: str, seed: int, pretr
         FinetuneConfig,
         dict(
             pretrained=str(pretrained) if variant != "scratch" else None,
-            model=dict(
-                # a pretrained encoder brings its own size (a contradicting model.arch is refused)
-                **(model_overrides(args) if variant == "scratch" else {}),
-                img_size=args.size,
-                window_size=args.window,
-                drop_path_rate=args.drop_path,
-            ),
+            model={
+                **model_overrides(args),
+                # from the checkpoint when there is one: a size name is refused unless it describes the weights
+                **({"arch": None} if variant != "scratch" else {}),
+                "img_size": args.size,
+                "window_size": args.window,
+                "drop_path_rate": args.drop_path,
+            },
             data=dict(
                 source="fashion_mnist",
                 num_labelled=args.num_labelled,
@@ -137,6 +166,7 @@ def finetune(args: argparse.Namespace, out: Path, variant: str, seed: int, pretr
                 eval_batch_size=500,
                 num_workers=args.workers,
                 crop_pct=1.0,  # the garment fills the 28 px frame: no border to crop away
+                **statistics_overrides(args),
             ),
             augment=dict(
                 rand_augment=None if args.rand_augment == "none" else args.rand_augment,
@@ -166,7 +196,10 @@ def finetune(args: argparse.Namespace, out: Path, variant: str, seed: int, pretr
     run_dir = run_finetune(config)
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     final = [line for line in lines if "val_top1" in line][-1]
-    return {"variant": variant, "seed": seed, "top1": final["val_top1"], "top5": final["val_top5"]}
+    return {
+        "variant": variant, "seed": seed, "top1": final["val_top1"], "top5": final["val_top5"],
+        "step_time_s": median_step_time(run_dir),
+    }  # fmt: skip
 
 
 def summarise(results: list[dict], variants: list[str]) -> list[dict]:
@@ -212,8 +245,11 @@ def main() -> None:
         results = [finetune(args, out, variant, seed, pretrain_dir) for variant, seed in runs]
     rows = summarise(results, args.variants)
     wall = time.perf_counter() - start
+    pretrain_step = median_step_time(pretrain_dir) if pretrain_dir else None
+    finetune_step = statistics.median(r["step_time_s"] for r in results if r["step_time_s"] is not None)
     print(
-        f"\nFashion-MNIST, {args.num_labelled} labels, fine-tuned at {args.size}px / window {args.window} "
+        f"\nFashion-MNIST, {args.in_chans} channel(s), {args.num_labelled} labels, fine-tuned at {args.size}px / "
+        f"window {args.window} "
         f"(pretrained at {args.pretrain_size}px / window {args.pretrain_window}); test set of 10,000 images"
     )
     print("| variant | top-1 mean ± std (%) | top-5 mean (%) | top-1 per seed |")
@@ -227,11 +263,16 @@ def main() -> None:
     if "pretrained" in by_name and "scratch" in by_name:
         gap = by_name["pretrained"]["top1_mean"] - by_name["scratch"]["top1_mean"]
         print(f"pretrained - scratch: {gap:+.2f} points top-1 (goal: >= +5)")
+    if pretrain_step is not None:
+        print(f"median step time: pretraining {pretrain_step * 1000:.1f} ms, fine-tuning {finetune_step * 1000:.1f} ms")
     print(
         f"wall time {wall / 60:.1f} min (pretraining {pretrain_time / 60:.1f} min), torch threads "
         f"{torch.get_num_threads()}, {args.jobs} fine-tune process(es)"
     )
-    summary = {"args": vars(args), "results": results, "summary": rows, "wall_s": wall, "pretrain_s": pretrain_time}
+    summary = {
+        "args": vars(args), "results": results, "summary": rows, "wall_s": wall, "pretrain_s": pretrain_time,
+        "pretrain_step_time_s": pretrain_step, "finetune_step_time_s": finetune_step,
+    }  # fmt: skip
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {args.json}")

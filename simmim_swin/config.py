@@ -101,6 +101,12 @@ class DataConfig:
     bad_check_after: int = 1000  # the fraction is bad / max(samples read, this): early stragglers never stop a run
     val_urls: Any = None  # held-out shards (same forms as urls: str, list of str or None) for the validation loss
     val_samples: int = 256  # the first N samples of val_urls, with fixed masks, every logger.val_every steps
+    # per-channel statistics in the files' raw units (one value per model.in_chans; `simmim-swin stats` prints
+    # them): the model sees (raw - mean) / std. null: ImageNet's, for 8-bit RGB; 16-bit / float files need them
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    # images with more pixels count as bad samples (PIL's decompression-bomb guard); null: no limit
+    max_image_pixels: int | None = 178_956_970
 
     def __post_init__(self) -> None:
         for name in ("urls", "val_urls"):
@@ -153,6 +159,10 @@ class LoggerConfig:
     image_every: int = 1000  # optimizer steps between reconstruction panels
     num_images: int = 4  # fixed images in the panel
     val_every: int = 1000  # optimizer steps between validation losses (needs data.val_urls), and at the end
+    # bands shown in the panels (0-based; three as red, green, blue or one in grey), each stretched per image
+    # between its 1st and 99th percentile; null: the first three (one band: grey). 8-bit RGB with ImageNet
+    # statistics is shown as it is
+    panel_bands: list[int] | None = None
 
 
 @dataclass
@@ -314,6 +324,14 @@ class FinetuneDataConfig:
     num_workers: int = 4  # data-loader worker processes per process
     crop_pct: float = 0.875  # evaluation: resize to img_size / crop_pct, then centre crop img_size (224 of 256)
     pin_memory: bool = True  # page-locked host batches (CUDA only)
+    # per-channel statistics in the files' raw units, one per model.in_chans (`simmim-swin stats`); null: ImageNet's
+    # for 8-bit RGB through timm's transforms. Set, or with in_chans != 3, images keep their bit depth and get
+    # crop / flip only (RandAugment, colour jitter and random erasing are 8-bit RGB operations)
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    max_image_pixels: int | None = 178_956_970  # larger images count as bad samples; null: no limit
+    max_bad_fraction: float = 0.01  # stop when unreadable training images exceed this fraction of those read
+    bad_check_after: int = 1000  # the fraction is bad / max(images read, this)
 
 
 @dataclass
@@ -489,6 +507,42 @@ def _validate_pretrain_data(config: PretrainConfig) -> None:
         raise ConfigError(f"data.max_bad_fraction={data_cfg.max_bad_fraction} must lie in [0, 1], e.g. 0.01")
     if config.logger.val_every < 1:
         raise ConfigError(f"logger.val_every={config.logger.val_every} must be >= 1")
+    check_image_statistics(data_cfg.mean, data_cfg.std, data_cfg.max_image_pixels, config.model.in_chans)
+    check_panel_bands(config.logger.panel_bands, config.model.in_chans)
+
+
+def check_image_statistics(
+    mean: list[float] | None, std: list[float] | None, max_image_pixels: int | None, in_chans: int | None
+) -> None:
+    """data.mean / data.std: both or neither, one value per channel, std > 0; required unless 8-bit RGB."""
+    if (mean is None) != (std is None):
+        raise ConfigError("data.mean and data.std go together: set both (`simmim-swin stats PATH` prints them)")
+    if mean is None:
+        if in_chans is not None and in_chans != 3:
+            raise ConfigError(
+                f"model.in_chans={in_chans} needs data.mean and data.std (one value per channel, in the files' "
+                "units): run `simmim-swin stats PATH` and pass the override line it prints"
+            )
+    else:
+        if len(mean) != len(std) or (in_chans is not None and len(mean) != in_chans):
+            raise ConfigError(
+                f"data.mean has {len(mean)} values and data.std {len(std)}; give one per channel "
+                f"(model.in_chans={in_chans})"
+            )
+        if not all(math.isfinite(s) and s > 0 for s in std):
+            raise ConfigError(f"data.std={list(std)} must be positive, one value per channel")
+    if max_image_pixels is not None and max_image_pixels < 1:
+        raise ConfigError(f"data.max_image_pixels={max_image_pixels} must be >= 1 (or null for no limit)")
+
+
+def check_panel_bands(panel_bands: list[int] | None, in_chans: int | None) -> None:
+    """logger.panel_bands: one or three band indices below model.in_chans."""
+    if panel_bands is None:
+        return
+    if len(panel_bands) not in (1, 3):
+        raise ConfigError(f"logger.panel_bands={list(panel_bands)}: give three bands (red, green, blue) or one")
+    if any(b < 0 or (in_chans is not None and b >= in_chans) for b in panel_bands):
+        raise ConfigError(f"logger.panel_bands={list(panel_bands)} must lie in [0, model.in_chans={in_chans})")
 
 
 PROBE_SOURCES = ("fashion_mnist", "folder", "shards")
@@ -533,6 +587,9 @@ def validate_finetune(config: FinetuneConfig) -> None:
     if train.eval_every < 1 or config.logger.log_every < 1:
         raise ConfigError("train.eval_every and logger.log_every must be >= 1")
     check_run_config(config.run)
+    check_image_statistics(data.mean, data.std, data.max_image_pixels, config.model.in_chans)
+    if not 0.0 <= data.max_bad_fraction <= 1.0:
+        raise ConfigError(f"data.max_bad_fraction={data.max_bad_fraction} must lie in [0, 1], e.g. 0.01")
     if train.ema and config.run.parallel == "fsdp":
         # the EMA copy would need the sharded weights gathered every step, which defeats FSDP
         raise ConfigError(

@@ -146,11 +146,13 @@ def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
 
 @torch.no_grad()
 def evaluate_reconstruction(
-    model: nn.Module, batches: Sequence[tuple[torch.Tensor, ...]], precision: str, device: torch.device
-) -> float:
+    model: nn.Module, batches: Sequence[tuple[torch.Tensor, ...]], precision: str, device: torch.device,
+    normalize: Callable[[torch.Tensor], torch.Tensor] = normalize_images,
+) -> float:  # fmt: skip
     """Mean SimMIM loss over fixed (images, masks) batches, in eval mode; the model's mode is restored after.
 
-    uint8 images are normalised with the ImageNet mean / std on the device; float images are taken as normalised.
+    Images are normalised on the device by `normalize` (data.Normalizer with the run's statistics; by default
+    uint8 with the ImageNet mean / std, float taken as normalised).
     Each batch's loss is weighted by its number of images. This .item() syncs: call it every val_every steps.
     """
     if not batches:
@@ -160,7 +162,7 @@ def evaluate_reconstruction(
     total, count = torch.zeros((), device=device), 0
     try:
         for images, masks, *_ in batches:
-            images = normalize_images(images.to(device, non_blocking=True))
+            images = normalize(images.to(device, non_blocking=True))
             with autocast_context(precision, device):
                 loss, _ = model(images, masks.to(device, non_blocking=True))
             total += loss.float() * images.shape[0]

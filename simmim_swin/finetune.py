@@ -30,14 +30,17 @@ from .config import (
     ConfigError,
     FinetuneConfig,
     FinetuneModelConfig,
+    check_image_statistics,
     check_run_config,
     from_dict,
     to_dict,
     validate_finetune,
 )
-from .data.classification import build_train_dataset, build_val_dataset
+from .data.classification import build_train_dataset, build_val_dataset, keeps_raw_values
 from .data.loader import EvalShard, build_pretrain_loader, endless
-from .data.transforms import normalize_images
+from .data.pipeline import monitored
+from .data.stream import BadDataMonitor, collate_good, collate_good_only
+from .data.transforms import Normalizer, normalize_images
 from .distributed import DistInfo, StopSignal, full_model_state_dict, ignore_stop_signals, process_group, wrap_model
 from .engine import evaluate_classifier, train_step
 from .optim import build_optimizer, build_scheduler, scaled_lrs
@@ -134,10 +137,19 @@ def _finetune(config: FinetuneConfig, device: torch.device, info: DistInfo, stop
     step_model = torch.compile(wrapped) if config.run.compile else wrapped  # checkpoints save `model`: no _orig_mod.
     val_loader = _eval_loader(val_set, config, info, device)
 
+    # timm's 8-bit RGB pipeline normalises in the workers; other data keeps raw values up to the device
+    normalize = (
+        Normalizer(config.data.mean, config.data.std)
+        if keeps_raw_values(config.data, config.model.in_chans)
+        else normalize_images
+    )
+    monitor = BadDataMonitor(config.data.max_bad_fraction, config.data.bad_check_after, info.world_size, True)
+
     def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        images, targets = normalize_images(batch[0]), batch[1]
+        images, targets = normalize(batch[0]), batch[1]
         if mixup is not None:
-            images, targets = mixup(images, targets)  # soft targets (B, classes), label smoothing included
+            even = images.shape[0] // 2 * 2  # mixup pairs images; a batch short of a bad sample may be odd
+            images, targets = mixup(images[:even], targets[:even])  # soft targets (B, classes), smoothing included
         return criterion(model(images), targets)
 
     with run.running(lambda meta, path: _check_resumable(meta, run.config, classes, path)):
@@ -146,7 +158,7 @@ def _finetune(config: FinetuneConfig, device: torch.device, info: DistInfo, stop
             best["top1"] = run.state["best_top1"]
         run.say(_describe(config, run, model, len(train_set), len(classes), device, precision, lr))
         model.train()
-        batches = endless(_train_loader(train_set, config, run, info, device))
+        batches = monitored(endless(_train_loader(train_set, config, run, info, device)), monitor)
         while run.step < run.stop_step:
             with run.timer.data():
                 micro_batches = [next(batches) for _ in range(accum)]
@@ -157,8 +169,8 @@ def _finetune(config: FinetuneConfig, device: torch.device, info: DistInfo, stop
             step = run.step_done(loss, skipped)
             if ema is not None:
                 ema.update(model, step=step)
-            if run.log_due():
-                run.log(run.training_metrics(grad_norm))
+            if run.log_due():  # bad_samples: summed over ranks, which all stop here past data.max_bad_fraction
+                run.log({**run.training_metrics(grad_norm), "bad_samples": monitor.reduce(info, device)})
             if (run.epoch_done and (step // steps_per_epoch) % config.train.eval_every == 0) or step == run.stop_step:
                 with run.timer.exclude():
                     _evaluate(run, val_loader, ema, classes, best, precision, final=step == run.total_steps)
@@ -174,8 +186,13 @@ def _build_model_and_data(
     pretrained = load_pretrained(config.pretrained, config.pretrained_format) if config.pretrained else None
     model_cfg = resolve_model_config(config.model, pretrained)
     config = dataclasses.replace(config, model=from_dict(FinetuneModelConfig, to_dict(model_cfg)))  # as saved
-    train_set, classes = build_train_dataset(config.data, model_cfg.img_size, config.augment)
-    val_set, _ = build_val_dataset(config.data, model_cfg.img_size, config.augment.interpolation)
+    try:
+        check_image_statistics(config.data.mean, config.data.std, config.data.max_image_pixels, model_cfg.in_chans)
+    except ConfigError as e:
+        raise ConfigError(f"{e} (model.in_chans={model_cfg.in_chans} as resolved from the checkpoint)") from None
+    in_chans = model_cfg.in_chans
+    train_set, classes = build_train_dataset(config.data, model_cfg.img_size, config.augment, in_chans)
+    val_set, _ = build_val_dataset(config.data, model_cfg.img_size, config.augment.interpolation, in_chans)
     resuming = find_latest_checkpoint(run_directory(config.run)) is not None  # its own weights win
     model = build_classifier(model_cfg, len(classes), None if resuming else pretrained, verbose=info.is_main)
     if config.train.reinit_cpb_mlp and not resuming:
@@ -194,7 +211,7 @@ def _train_loader(
         dataset, batch_size=config.data.batch_size, num_workers=config.data.num_workers, seed=config.run.seed,
         epoch=run.step // run.steps_per_epoch, pin_memory=config.data.pin_memory and device.type == "cuda",
         rank=info.rank, world_size=info.world_size, batches_per_epoch=batches_per_epoch,
-        skip_batches=(run.step % run.steps_per_epoch) * config.optim.accum_steps,
+        skip_batches=(run.step % run.steps_per_epoch) * config.optim.accum_steps, collate_fn=collate_good,
     )  # fmt: skip
 
 
@@ -207,6 +224,7 @@ def _eval_loader(dataset: Dataset, config: FinetuneConfig, info: DistInfo, devic
         pin_memory=config.data.pin_memory and device.type == "cuda",
         persistent_workers=config.data.num_workers > 0,
         worker_init_fn=ignore_stop_signals,
+        collate_fn=collate_good_only,
     )
 
 
@@ -292,7 +310,9 @@ def _evaluate_transfer(config: FinetuneConfig, device: torch.device, info: DistI
     if "head.fc.weight" not in weights.state_dict:
         raise ValueError(f"{weights.path} has no classifier head (head.fc.weight): evaluate a fine-tuned checkpoint")
     model_cfg = resolve_model_config(config.model, weights)
-    val_set, classes = build_val_dataset(config.data, model_cfg.img_size, config.augment.interpolation)
+    val_set, classes = build_val_dataset(
+        config.data, model_cfg.img_size, config.augment.interpolation, model_cfg.in_chans
+    )
     num_classes = weights.state_dict["head.fc.weight"].shape[0]
     if num_classes != len(classes):
         raise ValueError(f"{weights.path} classifies {num_classes} classes but the data has {len(classes)}")
@@ -310,6 +330,7 @@ def _evaluate_transfer(config: FinetuneConfig, device: torch.device, info: DistI
         batch_size=config.data.eval_batch_size,
         num_workers=config.data.num_workers,
         worker_init_fn=ignore_stop_signals,
+        collate_fn=collate_good_only,
     )
     metrics = evaluate_classifier(model, loader, precision, device, info=info)
     trained = weights.model_config or {}

@@ -2,9 +2,11 @@
 patches, each row labelled with the model's masked-patch loss next to that of predicting zeros.
 
 The tiles sit on a white canvas (a gutter around and between them) under a strip with the column titles; a label
-strip above each row holds its losses. The error column is |prediction - target| in the target space (the
-per-pixel-normalised target with norm_target on), mean over channels, on one fixed colour scale
-0 .. ERROR_MAX for every panel; visible pixels are black.
+strip above each row holds its losses (torchvision's make_grid cannot interleave such row strips, hence the
+hand layout). The error column is |prediction - target| in the target space (the per-pixel-normalised target
+with norm_target on), mean over channels, on one fixed colour scale 0 .. ERROR_MAX for every panel; visible
+pixels are black. 8-bit RGB with ImageNet statistics is shown as it is (denormalize); any other data through a
+BandDisplay: three chosen bands (or one in grey), each stretched per image between percentiles of the original.
 """
 
 from __future__ import annotations
@@ -29,6 +31,38 @@ COLUMN_TITLES = ("original", "masked", "reconstruction", f"|error| 0-{ERROR_MAX:
 NUM_COLUMNS = len(COLUMN_TITLES)
 MIN_TILE_PX = 128  # smaller tiles are enlarged (nearest neighbour) by an integer factor
 MASK_GREY = 128  # masked patches in the input column
+
+
+class BandDisplay:
+    """Normalised images (B, C, H, W) -> uint8 (B, H, W, 3) for display: `bands` (three as RGB, one as grey; default
+    the first three, or band 0 when there are fewer than three), each stretched linearly per image between the
+    `low` and `high` percentiles of the reference image, so the original and its reconstruction share one scale."""
+
+    def __init__(self, bands: list[int] | None = None, low: float = 1.0, high: float = 99.0) -> None:
+        if bands is not None and len(bands) not in (1, 3):
+            raise ValueError(f"bands={bands}: give three bands (red, green, blue) or one")
+        self.bands, self.low, self.high = bands, low, high
+
+    def select(self, images: torch.Tensor) -> torch.Tensor:
+        """The displayed bands (B, 1 or 3, H, W) as float32 on the CPU."""
+        bands = self.bands or ([0, 1, 2] if images.shape[1] >= 3 else [0])
+        if max(bands) >= images.shape[1]:
+            raise ValueError(f"panel bands {bands} but the images have {images.shape[1]} channels")
+        return images.detach().float().cpu()[:, bands]
+
+    def ranges(self, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per image and band (B, k, 1, 1): the low and high percentiles of `reference`."""
+        x = self.select(reference).flatten(2)  # B, k, H*W
+        q = torch.tensor([self.low / 100, self.high / 100])
+        lo, hi = torch.quantile(x, q, dim=2)  # each B, k
+        return lo[..., None, None], torch.maximum(hi, lo + 1e-6)[..., None, None]
+
+    def __call__(self, images: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> np.ndarray:
+        x = ((self.select(images) - lo) / (hi - lo)).clamp(0.0, 1.0)
+        x = (x * 255.0).round().to(torch.uint8)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)  # grey
+        return x.movedim(1, -1).numpy().copy()  # B, H, W, 3
 
 
 def tile_scale(height: int, width: int) -> int:
@@ -61,9 +95,11 @@ def masked_l1_per_image(predictions: torch.Tensor, targets: torch.Tensor, pixel_
     return l1.sum(dim=(1, 2, 3)) / (pixel_mask.sum(dim=(1, 2, 3)) + 1e-5) / predictions.shape[1]
 
 
-def _check_shapes(images: torch.Tensor, masks: torch.Tensor, patch_size: int, **same: torch.Tensor) -> None:
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+def _check_shapes(
+    images: torch.Tensor, masks: torch.Tensor, patch_size: int, rgb: bool, **same: torch.Tensor
+) -> None:
+    if images.dim() != 4 or (rgb and images.shape[1] != 3):
+        raise ValueError(f"images must be (B, 3, H, W) (or pass a BandDisplay), got {tuple(images.shape)}")
     for name, tensor in same.items():
         if tensor.shape != images.shape:
             raise ValueError(
@@ -85,6 +121,7 @@ def make_panel_tiles(
     patch_size: int,
     predictions: torch.Tensor | None = None,
     targets: torch.Tensor | None = None,
+    display: BandDisplay | None = None,
 ) -> tuple[np.ndarray, list[str]]:
     """uint8 tiles (B, 4 columns, H, W, 3) and one label per row.
 
@@ -92,11 +129,12 @@ def make_panel_tiles(
     reconstruction, |predictions - targets| on the masked pixels. Inputs are normalised images, token masks
     (B, H/p, W/p) and the reconstructions in image space; predictions / targets are the model's output and its
     target in the target space (default: the reconstructions and the images, which is the target space when
-    norm_target is off).
+    norm_target is off). display=None shows ImageNet-normalised RGB as it is; a BandDisplay any channel count.
     """
     predictions = reconstructions if predictions is None else predictions
     targets = images if targets is None else targets
-    _check_shapes(images, masks, patch_size, reconstructions=reconstructions, predictions=predictions, targets=targets)
+    same = dict(reconstructions=reconstructions, predictions=predictions, targets=targets)
+    _check_shapes(images, masks, patch_size, rgb=display is None, **same)
     from matplotlib import colormaps
 
     images, reconstructions = images.detach().float().cpu(), reconstructions.detach().float().cpu()
@@ -104,10 +142,14 @@ def make_panel_tiles(
     # B, H/p, W/p -> B, 1, H, W: each token covers patch_size x patch_size pixels
     pixel_mask = masks.detach().cpu().bool().repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2)
     pixel_mask = pixel_mask.unsqueeze(1)
-    original = denormalize(images)  # B, H, W, 3
+    merged = torch.where(pixel_mask, reconstructions, images)
+    if display is None:
+        original, pasted = denormalize(images), denormalize(merged)  # B, H, W, 3
+    else:
+        lo, hi = display.ranges(images)
+        original, pasted = display(images, lo, hi), display(merged, lo, hi)
     masked = original.copy()
     masked[pixel_mask[:, 0].numpy()] = MASK_GREY
-    pasted = denormalize(torch.where(pixel_mask, reconstructions, images))
     error = ((predictions - targets).abs().mean(dim=1) * pixel_mask[:, 0]).numpy()  # B, H, W
     error_rgb = (colormaps[ERROR_COLORMAP](np.clip(error / ERROR_MAX, 0.0, 1.0))[..., :3] * 255).round()
     error_rgb[~pixel_mask[:, 0].numpy()] = 0
@@ -125,18 +167,20 @@ def save_reconstruction_panel(
     patch_size: int,
     predictions: torch.Tensor | None = None,
     targets: torch.Tensor | None = None,
+    display: BandDisplay | None = None,
 ) -> Path:
     """Write the panel PNG atomically (temp file, then os.replace) and return its path.
 
     Args:
-        images: normalised images (B, 3, H, W).
+        images: normalised images (B, C, H, W).
         masks: token masks (B, H/patch_size, W/patch_size), 1 = masked.
-        reconstructions: the model's reconstruction in normalised image space (B, 3, H, W).
+        reconstructions: the model's reconstruction in normalised image space (B, C, H, W).
         patch_size: the encoder's patch size in pixels.
         predictions, targets: the model's output and its target in the target space (SimMIM.target), for the error
             column and the losses; default the reconstructions and the images.
+        display: how channels become RGB (BandDisplay); None: ImageNet-normalised RGB shown as it is.
     """
-    tiles, labels = make_panel_tiles(images, masks, reconstructions, patch_size, predictions, targets)
+    tiles, labels = make_panel_tiles(images, masks, reconstructions, patch_size, predictions, targets, display)
     num_rows, _, h, w, _ = tiles.shape
     scale = tile_scale(h, w)
     if scale > 1:
@@ -154,3 +198,10 @@ def save_reconstruction_panel(
         _, left, _, right = tile_box(0, col, h, w)
         draw.text(((left + right) // 2, TITLE_PX // 2), title, fill="black", font=font, anchor="mm")
     return atomic_write(path, lambda f: canvas.save(f, format="PNG"))
+
+
+def build_display(in_chans: int, default_statistics: bool, bands: list[int] | None = None) -> BandDisplay | None:
+    """None (show as it is) for 3 channels with ImageNet statistics and default bands; else a BandDisplay."""
+    if in_chans == 3 and default_statistics and bands in (None, [0, 1, 2]):
+        return None
+    return BandDisplay(None if bands is None else list(bands))

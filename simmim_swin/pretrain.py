@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -11,15 +12,15 @@ from torch import nn
 
 from .checkpoint import find_latest_checkpoint
 from .config import PretrainConfig, to_dict, validate_pretrain
-from .data import PretrainData, build_pretrain_data, make_fixed_batch, normalize_images
-from .distributed import DistInfo, StopSignal, all_reduce_mean, process_group, wrap_model
+from .data import Normalizer, PretrainData, build_pretrain_data, make_fixed_batch, normalize_images
+from .distributed import DistInfo, StopSignal, process_group, wrap_model
 from .engine import evaluate_reconstruction, train_step
 from .masking import MaskGenerator
 from .models import SimMIM, build_simmim
 from .optim import build_optimizer, build_scheduler, scaled_lrs
-from .panel import save_reconstruction_panel
+from .panel import BandDisplay, build_display, save_reconstruction_panel
 from .precision import autocast_context, build_grad_scaler, resolve_device, resolve_precision
-from .probe import build_probe_set, describe_probe, run_probe
+from .probe import ProbeSet, build_probe_set, describe_probe, run_probe
 from .run import TrainingRun, check_same_settings, run_directory
 from .tracking import check_wandb_credentials
 from .transfer import load_simmim_weights, resolve_init_from
@@ -31,9 +32,11 @@ RESUME_MUST_MATCH = ("model", "mask")
 
 @torch.no_grad()
 def write_panel(
-    model: SimMIM, batch: tuple[torch.Tensor, torch.Tensor], path: Path, precision: str, write: bool = True
-) -> Path:
-    """Reconstruct the fixed panel images and save original | masked | reconstruction | error as a PNG (if `write`)."""
+    model: SimMIM, batch: tuple[torch.Tensor, torch.Tensor], path: Path, precision: str, write: bool = True,
+    display: BandDisplay | None = None,
+) -> Path:  # fmt: skip
+    """Reconstruct the fixed panel images (normalised) and save original | masked | reconstruction | error as a PNG
+    (if `write`); `display` picks and stretches the bands shown (panel.build_display)."""
     images, masks = batch
     device = next(model.parameters()).device
     was_training = model.training
@@ -46,14 +49,18 @@ def write_panel(
     if not write:
         return path
     return save_reconstruction_panel(
-        path, images, masks, reconstruction, model.patch_size, predictions=prediction.float().cpu(), targets=target
-    )
+        path, images, masks, reconstruction, model.patch_size, predictions=prediction.float().cpu(), targets=target,
+        display=display,
+    )  # fmt: skip
 
 
-def masked_pixel_loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """SimMIM's loss on a batch of (uint8 images, masks) on the device: the images are normalised here."""
+def masked_pixel_loss(
+    model: nn.Module, batch: tuple[torch.Tensor, ...], normalize: Normalizer | None = None
+) -> torch.Tensor:
+    """SimMIM's loss on a batch of (raw images, masks) on the device: the images are normalised here (`normalize`:
+    the run's data.mean / data.std; None: ImageNet's for uint8)."""
     images, masks = batch[0], batch[1]
-    loss, _ = model(normalize_images(images), masks)
+    loss, _ = model((normalize or normalize_images)(images), masks)
     return loss
 
 
@@ -86,7 +93,9 @@ def _train(
         config.data, config.model.img_size, mask_generator, seed=config.run.seed,
         accum_steps=config.optim.accum_steps, rank=info.rank, world_size=info.world_size,
         pin_memory=config.data.pin_memory and device.type == "cuda", num_panel_images=config.logger.num_images,
+        in_chans=config.model.in_chans,
     )  # fmt: skip
+    normalize = Normalizer(config.data.mean, config.data.std)  # raw units -> model input, on the device
     total_batch = config.data.batch_size * config.optim.accum_steps * info.world_size
     lr, warmup_lr, min_lr = scaled_lrs(config.optim, total_batch)
     wrapped = wrap_model(model, info, device, config.run.parallel)  # FSDP shards in place: before the optimizer
@@ -99,9 +108,12 @@ def _train(
         extra_meta=lambda step: {"stage_window_sizes": model.encoder.stage_window_sizes},
     )  # fmt: skip
     step_model = torch.compile(wrapped) if config.run.compile else wrapped  # checkpoints save `model`: no _orig_mod.
-    panel_batch = make_fixed_batch(
-        data.panel_source, config.logger.num_images, config.model.img_size, mask_generator, seed=config.run.seed
-    )
+    panel_images, panel_masks = make_fixed_batch(
+        data.panel_source, config.logger.num_images, config.model.img_size, mask_generator, seed=config.run.seed,
+        in_chans=config.model.in_chans,
+    )  # fmt: skip
+    panel_batch = (normalize(panel_images), panel_masks)
+    display = build_display(config.model.in_chans, normalize.is_default, config.logger.panel_bands)
     probe_set = build_probe_set(config.probe, config.model.img_size, device, info) if config.probe.enabled else None
 
     panel_path, last_loss = None, float("nan")
@@ -117,38 +129,48 @@ def _train(
                 micro_batches = [next(batches) for _ in range(config.optim.accum_steps)]
             scheduler.step_update(run.step)  # the lr is a function of the optimizer step
             loss, grad_norm, skipped = train_step(
-                step_model, micro_batches, masked_pixel_loss, optimizer, run.scaler, precision, device,
-                config.optim.clip_grad,
+                step_model, micro_batches, partial(masked_pixel_loss, normalize=normalize), optimizer, run.scaler,
+                precision, device, config.optim.clip_grad,
             )  # fmt: skip
             step = run.step_done(loss, skipped)
 
             metrics = {}
             if run.log_due():
-                bad = torch.tensor(float(data.monitor.num_bad), device=device)  # NCCL reduces device tensors only
-                bad_samples = int(all_reduce_mean(bad, info).item() * info.world_size)
-                metrics = {**run.training_metrics(grad_norm), "bad_samples": bad_samples}
+                # summed over ranks; every rank stops here together when data.max_bad_fraction is exceeded
+                metrics = {**run.training_metrics(grad_norm), "bad_samples": data.monitor.reduce(info, device)}
                 last_loss = metrics["loss"]
-            if data.val_batches and (step % config.logger.val_every == 0 or step == run.stop_step):
-                with run.timer.exclude():
-                    metrics["val_loss"] = evaluate_reconstruction(model, data.val_batches, precision, device)
-                run.logger.update_best(step, "best_val_loss", metrics["val_loss"], mode="min")
-            if probe_set is not None and (step % config.probe.every == 0 or step == run.stop_step):
-                with run.timer.exclude():
-                    probe_metrics = run_probe(model, probe_set, precision, info, sharded=run.sharded)
-                metrics.update(probe_metrics)
-                run.say(describe_probe(step, probe_metrics))
+            with run.timer.exclude():
+                metrics.update(_evaluations(config, run, data, probe_set, precision, normalize))
             if metrics:
                 run.log(metrics, show=run.log_due())
             if step % config.logger.image_every == 0 or step == run.stop_step:
                 with run.timer.exclude():
-                    panel_path = _save_images(run, model, panel_batch, precision)
+                    panel_path = _save_images(run, model, panel_batch, precision, display)
             run.end_of_step()
 
         if panel_path is None:  # nothing left to train: still show where the run stands
-            panel_path = _save_images(run, model, panel_batch, precision)
+            panel_path = _save_images(run, model, panel_batch, precision, display)
         run.logger.log_summary({"final_loss": last_loss, "steps": run.step})
     run.say(f"done at step {run.step}/{run.total_steps}. reconstructions: {panel_path}")
     return run.run_dir
+
+
+def _evaluations(
+    config: PretrainConfig, run: TrainingRun, data: PretrainData, probe_set: ProbeSet | None, precision: str,
+    normalize: Normalizer,
+) -> dict[str, float]:  # fmt: skip
+    """The validation loss every logger.val_every steps and the probes every probe.every steps (and at the end)."""
+    model, step, last = run.model, run.step, run.step == run.stop_step
+    metrics = {}
+    if data.val_batches and (step % config.logger.val_every == 0 or last):
+        device = next(model.parameters()).device
+        metrics["val_loss"] = evaluate_reconstruction(model, data.val_batches, precision, device, normalize=normalize)
+        run.logger.update_best(step, "best_val_loss", metrics["val_loss"], mode="min")
+    if probe_set is not None and (step % config.probe.every == 0 or last):
+        probe_metrics = run_probe(model, probe_set, precision, run.info, sharded=run.sharded)
+        metrics.update(probe_metrics)
+        run.say(describe_probe(step, probe_metrics))
+    return metrics
 
 
 def _build_model(config: PretrainConfig, info: DistInfo) -> tuple[PretrainConfig, SimMIM]:
@@ -188,14 +210,16 @@ def _windows_as_saved(config: PretrainConfig, run_dir: Path) -> PretrainConfig:
 
 
 def _save_images(
-    run: TrainingRun, model: SimMIM, panel_batch: tuple[torch.Tensor, torch.Tensor], precision: str
-) -> Path | None:
+    run: TrainingRun, model: SimMIM, panel_batch: tuple[torch.Tensor, torch.Tensor], precision: str,
+    display: BandDisplay | None = None,
+) -> Path | None:  # fmt: skip
     """The reconstruction panel and the position-bias maps of the current step, logged as images."""
     # under FSDP every rank runs the forward (each holds a shard); rank 0 alone writes
     if not (run.info.is_main or run.sharded):
         return None
     images_dir = run.run_dir / "images"
-    panel = write_panel(model, panel_batch, images_dir / f"recon_{run.step:08d}.png", precision, run.info.is_main)
+    path = images_dir / f"recon_{run.step:08d}.png"
+    panel = write_panel(model, panel_batch, path, precision, run.info.is_main, display)
     images = {"reconstruction": panel}
     if not run.sharded and run.info.is_main:  # the CPB MLPs are sharded under FSDP
         bias_path = images_dir / f"position_bias_{run.step:08d}.png"

@@ -300,6 +300,7 @@ def load_encoder_weights(
         dropped.setdefault(reason, []).append(key)
 
     target = model.state_dict()  # derived tables are non-persistent buffers: not in here
+    adapted = _adapt_patch_embedding(weights, target)
     expected = {key for key in target if (keep_head or not key.startswith("head.")) and key != "mask_token"}
     if model.mask_token is not None and not fresh_mask_token:
         expected.add("mask_token")
@@ -321,7 +322,7 @@ def load_encoder_weights(
     result = model.load_state_dict(weights, strict=False)
     assert not result.unexpected_keys and set(result.missing_keys) == set(target) - expected, result
     tables = sorted(name for name, _ in model.named_buffers() if is_derived_buffer(name))
-    recreated = {"derived table for the new window": tables}
+    recreated = {"derived table for the new window": tables, **adapted}
     if not keep_head:
         recreated["fresh classifier head"] = sorted(key for key in target if key.startswith("head."))
     if fresh_mask_token:
@@ -335,16 +336,23 @@ def _fits(state_dict: dict[str, torch.Tensor], key: str, like: torch.Tensor) -> 
     return value is not None and value.shape == like.shape
 
 
-def adapt_patch_embed(state_dict: dict[str, torch.Tensor], in_chans: int) -> str | None:
-    """Adapt the patch embedding to `in_chans` input channels in place (timm's adapt_input_conv: one channel sums
-    the RGB filters, more repeat them scaled by 3 / in_chans); returns what was done, or None when it fits."""
+def _adapt_patch_embedding(weights: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """Fit the patch embedding of weights trained on another channel count (an RGB checkpoint fine-tuned on 1, 4 or
+    13 bands) with timm's adapt_input_conv, in place; returns {reason: [key]} for the load report, or {}."""
+    key = "patch_embed.proj.weight"
+    old, new = weights.get(key), target.get(key)
+    if (
+        old is None
+        or new is None
+        or old.shape == new.shape
+        or old.shape[:1] + old.shape[2:] != new.shape[:1] + new.shape[2:]
+    ):
+        return {}
     from timm.models import adapt_input_conv
 
-    weight = state_dict.get("patch_embed.proj.weight")
-    if weight is None or weight.shape[1] == in_chans:
-        return None
-    state_dict["patch_embed.proj.weight"] = adapt_input_conv(in_chans, weight)
-    return f"patch_embed.proj.weight adapted from {weight.shape[1]} to {in_chans} input channels"
+    weights[key] = adapt_input_conv(new.shape[1], old)
+    reason = f"patch embedding adapted from {old.shape[1]} to {new.shape[1]} input channels (timm adapt_input_conv)"
+    return {reason: [key]}
 
 
 def reinit_cpb_mlp(model: nn.Module, seed: int = 0) -> list[str]:
@@ -491,12 +499,9 @@ def load_simmim_weights(model: SimMIM, pretrained: PretrainedWeights) -> Transfe
     when the channel count differs; a missing or mis-shaped decoder / mask token stays freshly initialised.
     """
     state_dict = dict(pretrained.state_dict)
-    adapted = adapt_patch_embed(state_dict, model.in_chans)
-    report = load_encoder_weights(model.encoder, state_dict, source=str(pretrained.path))
+    report = load_encoder_weights(model.encoder, state_dict, source=str(pretrained.path))  # adapts the channels
     report.dropped = {**pretrained.dropped, **report.dropped}
     report.recreated.pop("fresh classifier head", None)  # a SimMIM encoder has no head to speak of
-    if adapted:
-        report.recreated["patch embedding for the channel count"] = [adapted]
     target = model.decoder.state_dict()
     decoder = {key.removeprefix("decoder."): value for key, value in pretrained.decoder.items()}
     if decoder and set(decoder) == set(target) and all(decoder[k].shape == target[k].shape for k in target):

@@ -11,10 +11,16 @@ from ..data.shards import Progress, fashion_mnist_samples, folder_samples, write
 DESCRIPTION = """\
 Write webdataset tar shards for `simmim-pretrain data=shards`.
 
-Each sample is the image file's own bytes (never re-encoded; Fashion-MNIST's raw pixels are stored as PNG),
-its key (the path relative to the folder, without extension) and, with --labels, its integer class in a
-`.cls` member. A shard is closed at --max-count samples or --max-size bytes. Next to the shards,
-OUT/NAME.json lists every shard with its sample count and the total: pass it as data.urls.
+Each sample is the image file's own bytes (never re-encoded; Fashion-MNIST's raw pixels are stored as PNG):
+8-bit or 16-bit PNG / TIFF, float or multi-band TIFF, multi-band .npy (C, H, W) arrays are all kept as they are.
+Its key is the path relative to the folder, without extension (two files with one key, x.jpg and x.png, are
+refused before anything is written) and, with --labels, its integer class goes in a `.cls` member. A shard is
+closed at --max-count samples or --max-size bytes. Next to the shards, OUT/NAME.json lists every shard with its
+sample count, the total and the image member types: pass it as data.urls.
+
+The set is written into a temporary folder inside OUT and moved into place when complete, so a failed run never
+touches an existing set. OUT may hold other sets (train and val); a set of the same NAME is refused unless
+--overwrite, which replaces all of its files.
 
 Write at least as many shards as there will be ranks x data-loader workers, since each worker reads its own
 subset of the shards (ImageNet-1K at 1000 images of ~110 kB per shard gives 1282 shards).
@@ -53,6 +59,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-count", type=int, default=1000, help="samples per shard at most (default 1000)")
     p.add_argument("--max-size", type=float, default=1e9, help="bytes per shard at most (default 1e9)")
     p.add_argument("--log-every", type=int, default=5000, help="a progress line every N images when not on a terminal")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing set OUT/NAME (all of its files)")
     p.set_defaults(func=run)
 
 
@@ -80,6 +87,7 @@ def run(args: argparse.Namespace) -> None:
             classes=classes,
             source=source,
             on_sample=progress.update,
+            overwrite=args.overwrite,
         )
     finally:
         progress.close()

@@ -6,13 +6,14 @@ import argparse
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from ..checkpoint import load_checkpoint, resolve_checkpoint
 from ..config import MaskConfig, ModelConfig, from_dict, to_dict
-from ..data import build_eval_transform
+from ..data import EvalView, Normalizer, open_source
+from ..data.images import ImageSource
 from ..masking import MaskGenerator
 from ..models import build_simmim
+from ..panel import build_display
 from ..pretrain import write_panel
 
 
@@ -24,21 +25,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="PNG to write: original | masked | reconstruction per image")
     p.add_argument("--mask-ratio", type=float, default=None, help="override the run's mask ratio")
     p.add_argument("--seed", type=int, default=0, help="seed of the random masks")
+    p.add_argument(
+        "--bands", type=int, nargs="+", default=None,
+        help="bands to show (three as RGB or one in grey); default: the run's logger.panel_bands",
+    )  # fmt: skip
     p.set_defaults(func=run)
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """An RGB image from a file, with an error that names the file when it is missing or not an image."""
+def load_image(path: str | Path) -> ImageSource:
+    """An image file as it is (PIL image or (C, H, W) array), with an error naming the file when it is missing or
+    unreadable."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path} is a directory; pass image files (e.g. {path}/*.png)")
     if not path.is_file():
         raise FileNotFoundError(f"image {path} does not exist")
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{path} is not an image PIL can read ({e}); pass PNG, JPEG or other image files") from e
+        source = open_source(path, max_pixels=None)
+        if hasattr(source, "load"):
+            source.load()
+        return source
+    except Exception as e:  # PIL and tifffile raise several types
+        raise ValueError(f"{path} is not an image that can be read ({e}); pass PNG, JPEG, TIFF or .npy files") from e
 
 
 def run(args: argparse.Namespace) -> None:
@@ -54,12 +62,23 @@ def run(args: argparse.Namespace) -> None:
     norm_target = mask_cfg.norm_target_window if mask_cfg.norm_target else None
     model = build_simmim(**to_dict(model_cfg), norm_target=norm_target)
     model.load_state_dict(state["model"])
-    transform = build_eval_transform(model_cfg.img_size)
-    images = torch.stack([transform(load_image(f)) for f in args.images])
+    data_cfg = state["config"].get("data", {})
+    normalize = Normalizer(data_cfg.get("mean"), data_cfg.get("std"))  # the statistics the run trained with
+    view = EvalView(model_cfg.img_size, model_cfg.in_chans)
+    images = []
+    for f in args.images:
+        source = load_image(f)
+        try:
+            images.append(view(source))
+        except ValueError as e:  # a band count that does not fit the model
+            raise ValueError(f"{f}: {e}") from e
+    images = normalize(torch.stack(images))
+    bands = args.bands if args.bands is not None else state["config"].get("logger", {}).get("panel_bands")
+    display = build_display(model_cfg.in_chans, normalize.is_default, bands)
     mask_generator = MaskGenerator(
         model_cfg.img_size, mask_cfg.mask_patch_size, model_cfg.patch_size, mask_cfg.mask_ratio
     )
     generator = torch.Generator().manual_seed(args.seed)
     masks = torch.stack([mask_generator(generator) for _ in args.images])
-    out = write_panel(model, (images, masks), Path(args.out), precision="fp32")
+    out = write_panel(model, (images, masks), Path(args.out), precision="fp32", display=display)
     print(f"wrote {out} ({len(args.images)} images, checkpoint step {state.get('step', '?')})")

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from .errors import command_errors
 
 # each module has add_parser(subparsers) registering a sub-command whose `func(args)` runs it
-COMMAND_MODULES = ("inspect", "reconstruct", "plot", "make_shards", "export")
+COMMAND_MODULES = ("inspect", "reconstruct", "plot", "make_shards", "export", "check_data", "stats")
 
 
 def build_parser() -> argparse.ArgumentParser:

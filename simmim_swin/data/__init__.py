@@ -13,6 +13,14 @@ from simmim_swin.data.datasets import (
     find_images,
 )
 from simmim_swin.data.fashion_mnist import FashionMNIST, load_fashion_mnist
+from simmim_swin.data.images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    BadSample,
+    ImageTooLargeError,
+    open_source,
+    read_tensor,
+    to_tensor,
+)
 from simmim_swin.data.loader import (
     SeededSampler,
     SeededSamples,
@@ -20,7 +28,7 @@ from simmim_swin.data.loader import (
     make_epoch_generator,
     make_fixed_batch,
 )
-from simmim_swin.data.pipeline import PretrainData, build_pretrain_data, build_val_batches
+from simmim_swin.data.pipeline import PretrainData, build_pretrain_data, build_val_batches, monitored
 from simmim_swin.data.shards import (
     IMAGE_MEMBER_KEYS,
     Progress,
@@ -40,6 +48,7 @@ from simmim_swin.data.stream import (
     PretrainSample,
     ShardStream,
     build_shard_loader,
+    collate_good,
     derive_seed,
     iter_shard_samples,
     open_image,
@@ -48,6 +57,8 @@ from simmim_swin.data.stream import (
 from simmim_swin.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    EvalView,
+    Normalizer,
     PretrainCrop,
     build_eval_transform,
     build_pretrain_transform,
@@ -58,6 +69,16 @@ from simmim_swin.data.transforms import (
 
 __all__ = [
     "DATA_SOURCES",
+    "DEFAULT_MAX_IMAGE_PIXELS",
+    "BadSample",
+    "EvalView",
+    "ImageTooLargeError",
+    "Normalizer",
+    "collate_good",
+    "monitored",
+    "open_source",
+    "read_tensor",
+    "to_tensor",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",

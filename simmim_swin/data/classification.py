@@ -1,8 +1,11 @@
 """Labelled images for fine-tuning: class folders or Fashion-MNIST, a class-balanced subset, timm's transforms.
 
-Training images go through timm's `create_transform` (RandomResizedCrop, flip, RandAugment, colour jitter,
-random erasing, normalisation); evaluation images are resized to img_size / crop_pct and centre-cropped to
-img_size (224 of 256, the Swin protocol). Both give normalised float tensors (3, img_size, img_size).
+8-bit RGB training images go through timm's `create_transform` (RandomResizedCrop, flip, RandAugment, colour
+jitter, random erasing, normalisation); evaluation images are resized to img_size / crop_pct and centre-cropped
+to img_size (224 of 256, the Swin protocol). Both give normalised float tensors (3, img_size, img_size).
+Other data (model.in_chans != 3, or data.mean / data.std set: 16-bit, float, multi-band files) keeps its values:
+RandomResizedCrop and flip only, raw tensors (in_chans, img_size, img_size) normalised on the device
+(transforms.Normalizer). An unreadable image is an images.BadSample that stream.collate_good drops and counts.
 """
 
 from __future__ import annotations
@@ -18,9 +21,20 @@ from timm.data.auto_augment import RandAugment
 from timm.data.auto_augment import posterize as timm_posterize
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms import Compose
 
 from simmim_swin.config import AugmentConfig, FinetuneDataConfig
 from simmim_swin.data.fashion_mnist import FASHION_MNIST_DIR, FashionMNIST
+from simmim_swin.data.images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    EIGHT_BIT_MODES,
+    BadSample,
+    ImageSource,
+    close_source,
+    open_source,
+)
+from simmim_swin.data.transforms import EvalView, Normalizer, PretrainCrop
 
 CLASSIFICATION_SOURCES = ("folder", "fashion_mnist")
 ImageTransform = Callable[[Image.Image], torch.Tensor]
@@ -117,22 +131,67 @@ def _check_source(data_cfg: FinetuneDataConfig) -> None:
         raise ValueError(f"data.source={data_cfg.source!r} is unknown; use one of {list(CLASSIFICATION_SOURCES)}")
 
 
-def _image_folder(folder: Path, transform: ImageTransform) -> ImageFolder:
+def keeps_raw_values(data_cfg: FinetuneDataConfig, in_chans: int) -> bool:
+    """Whether images keep the files' values (crop / flip, normalised on the device) instead of timm's 8-bit
+    RGB pipeline: when model.in_chans is not 3 or data.mean / data.std are given."""
+    return in_chans != 3 or data_cfg.mean is not None
+
+
+class CheckedImageFolder(ImageFolder):
+    """torchvision's ImageFolder (class sub-folders, plus .npy files), reading any bit depth and band count; a file
+    that cannot be read gives an images.BadSample naming it instead of an exception.
+
+    raw=False feeds timm's transforms 8-bit RGB PIL images; a 16-bit or float file is then a bad sample whose
+    reason says to set data.mean / data.std."""
+
+    def __init__(
+        self, root: str | Path, transform: ImageTransform, raw: bool, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+    ) -> None:
+        super().__init__(str(root), transform, is_valid_file=lambda p: p.lower().endswith((*IMG_EXTENSIONS, ".npy")))
+        self.raw, self.max_pixels = raw, max_pixels
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | BadSample:
+        path, target = self.samples[index]
+        try:
+            source = open_source(path, max_pixels=self.max_pixels)
+            try:
+                image = self.transform(source if self.raw else _as_rgb8(source))
+            finally:
+                close_source(source)
+        except Exception as e:  # the bad-data policy: any failure to read a file skips and counts it
+            return BadSample.of(path, e)
+        return image, target
+
+
+def _as_rgb8(source: ImageSource) -> Image.Image:
+    if not isinstance(source, Image.Image) or source.mode not in EIGHT_BIT_MODES:
+        raise ValueError(
+            "a 16-bit, float or multi-band image: set data.mean and data.std (`simmim-swin stats PATH`) so that it "
+            "is read as it is instead of through the 8-bit RGB augmentation"
+        )
+    return source.convert("RGB")
+
+
+def _image_folder(folder: Path, transform: ImageTransform, raw: bool, max_pixels: int | None) -> ImageFolder:
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
-    return ImageFolder(str(folder), transform)
+    return CheckedImageFolder(folder, transform, raw, max_pixels)
 
 
 def build_train_dataset(
-    data_cfg: FinetuneDataConfig, img_size: int, augment: AugmentConfig
+    data_cfg: FinetuneDataConfig, img_size: int, augment: AugmentConfig, in_chans: int = 3
 ) -> tuple[Dataset, list[str]]:
-    """(training set with timm's augmentation, class names); the class-balanced num_labelled subset if set."""
+    """(training set with its augmentation, class names); the class-balanced num_labelled subset if set."""
     _check_source(data_cfg)
-    transform = build_train_transform(img_size, augment)
+    raw = keeps_raw_values(data_cfg, in_chans)
+    if raw:  # crop and flip only: timm's colour operations are defined for 8-bit RGB
+        transform = PretrainCrop(img_size, augment.crop_scale, augment.crop_ratio, augment.hflip > 0, in_chans=in_chans)
+    else:
+        transform = build_train_transform(img_size, augment)
     if data_cfg.source == "fashion_mnist":
         dataset = FashionMNIST("train", transform, data_cfg.root or FASHION_MNIST_DIR)
     else:
-        dataset = _image_folder(_folder_roots(data_cfg)[0], transform)
+        dataset = _image_folder(_folder_roots(data_cfg)[0], transform, raw, data_cfg.max_image_pixels)
     classes = list(dataset.classes)
     if data_cfg.num_labelled is not None:
         dataset = Subset(dataset, balanced_subset(dataset.targets, data_cfg.num_labelled, data_cfg.subset_seed))
@@ -140,16 +199,21 @@ def build_train_dataset(
 
 
 def build_val_dataset(
-    data_cfg: FinetuneDataConfig, img_size: int, interpolation: str = "bicubic"
+    data_cfg: FinetuneDataConfig, img_size: int, interpolation: str = "bicubic", in_chans: int = 3
 ) -> tuple[Dataset, list[str]]:
-    """(validation set: resize + centre crop, class names); Fashion-MNIST's 10k test images for that source."""
+    """(validation set: resize + centre crop, normalised floats; class names); Fashion-MNIST's 10k test images for
+    that source."""
     _check_source(data_cfg)
-    transform = build_classification_eval_transform(img_size, data_cfg.crop_pct, interpolation)
+    raw = keeps_raw_values(data_cfg, in_chans)
+    if raw:  # normalised here, so that evaluation takes these floats as they are, like timm's
+        transform = Compose([EvalView(img_size, in_chans, data_cfg.crop_pct), Normalizer(data_cfg.mean, data_cfg.std)])
+    else:
+        transform = build_classification_eval_transform(img_size, data_cfg.crop_pct, interpolation)
     if data_cfg.source == "fashion_mnist":
         dataset = FashionMNIST("test", transform, data_cfg.root or FASHION_MNIST_DIR)
         return dataset, list(dataset.classes)
     train_root, val_root = _folder_roots(data_cfg)
-    dataset = _image_folder(val_root, transform)
+    dataset = _image_folder(val_root, transform, raw, data_cfg.max_image_pixels)
     if train_root.is_dir():
         train_classes = sorted(entry.name for entry in train_root.iterdir() if entry.is_dir())
         if train_classes != dataset.classes:

@@ -1,7 +1,9 @@
 """Map-style datasets for SimMIM pretraining: bundled scikit-image photographs, image folders, Fashion-MNIST.
 
-Every sample is (augmented image (3, H, W) uint8, token mask (H/p, W/p) uint8); labels are not used. Images are
-normalised on the device (transforms.normalize_images). Webdataset shards stream through data/stream.py instead.
+Every sample is (augmented image (C, H, W), token mask (H/p, W/p) uint8); labels are not used. Images keep the
+files' values (uint8 for 8-bit files, float32 otherwise) and are normalised on the device (transforms.Normalizer).
+An image folder's unreadable file comes back as an images.BadSample, which stream.collate_good drops and
+counts. Webdataset shards stream through data/stream.py instead.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from torch.utils.data import Dataset
 
 from simmim_swin.config import DataConfig
 from simmim_swin.data.fashion_mnist import FASHION_MNIST_DIR, FashionMNIST
+from simmim_swin.data.images import DEFAULT_MAX_IMAGE_PIXELS, BadSample, ImageSource, close_source, open_source
 from simmim_swin.data.transforms import ImageTransform, build_pretrain_transform
 
 # The colour photographs shipped inside the scikit-image wheel (skimage/data); none needs a download.
@@ -30,7 +33,7 @@ PHOTO_FILES: tuple[str, ...] = (
     "motorcycle_right.png",
 )
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".npy"})
 
 DATA_SOURCES: tuple[str, ...] = ("photos", "folder", "fashion_mnist", "shards")
 MAP_STYLE_SOURCES: tuple[str, ...] = ("photos", "folder", "fashion_mnist")  # shards stream: data/stream.py
@@ -111,34 +114,48 @@ def find_images(root: str | Path) -> list[Path]:
 
 
 class ImageFolderMIM(Dataset):
-    """Every image file under `root` (recursively, sorted), decoded on access; one epoch = each file once."""
+    """Every image file under `root` (recursively, sorted), decoded on access; one epoch = each file once.
 
-    def __init__(self, root: str | Path, transform: ImageTransform, mask_generator: MaskFn) -> None:
+    A file that cannot be read (corrupt, truncated, over `max_pixels`, wrong band count) gives an images.BadSample
+    naming it instead of an exception, so one bad file never ends a run (stream.collate_good drops and counts it).
+    """
+
+    def __init__(
+        self, root: str | Path, transform: ImageTransform, mask_generator: MaskFn,
+        max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    ) -> None:  # fmt: skip
         self.root = Path(root)
         self.paths = find_images(self.root)
         self.transform = transform
         self.mask_generator = mask_generator
+        self.max_pixels = max_pixels
 
     @property
     def num_images(self) -> int:
         """Number of image files."""
         return len(self.paths)
 
-    def load_image(self, k: int) -> Image.Image:
-        """The k-th image file (sorted order) as an RGB PIL image."""
-        return _load_rgb(self.paths[k])
+    def load_image(self, k: int) -> ImageSource:
+        """The k-th image file (sorted order), decoded: a PIL image or a (C, H, W) array."""
+        source = open_source(self.paths[k], max_pixels=self.max_pixels)
+        if isinstance(source, Image.Image):
+            source.load()
+        return source
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | BadSample:
         path = self.paths[index]
         try:
             # opened lazily: the transform decodes a JPEG at reduced size when its crop allows (draft mode)
-            with Image.open(path) as img:
-                image = self.transform(img)
-        except OSError as e:
-            raise OSError(f"cannot read image {path}: {e}") from e
+            source = open_source(path, max_pixels=self.max_pixels)
+            try:
+                image = self.transform(source)
+            finally:
+                close_source(source)
+        except Exception as e:  # the bad-data policy: any failure to read a file skips and counts it
+            return BadSample.of(path, e)
         return image, self.mask_generator()
 
     def __repr__(self) -> str:
@@ -180,13 +197,18 @@ class ImageList:
         return f"ImageList({self.name}, num_images={self.num_images})"
 
 
-def build_pretrain_dataset(data_cfg: DataConfig, img_size: int, mask_generator: MaskFn) -> Dataset:
-    """The map-style pretraining dataset named by `data_cfg.source`, with the SimMIM augmentation at `img_size`."""
+def build_pretrain_dataset(data_cfg: DataConfig, img_size: int, mask_generator: MaskFn, in_chans: int = 3) -> Dataset:
+    """The map-style pretraining dataset named by `data_cfg.source`, with the SimMIM augmentation at `img_size`
+    giving `in_chans` channels."""
     if data_cfg.source not in MAP_STYLE_SOURCES:
         hint = " (source=shards streams: use build_pretrain_data)" if data_cfg.source == "shards" else ""
         raise ValueError(f"data.source={data_cfg.source!r} is not one of {list(MAP_STYLE_SOURCES)}{hint}")
     transform = build_pretrain_transform(
-        img_size, crop_scale=data_cfg.crop_scale, crop_ratio=data_cfg.crop_ratio, hflip=data_cfg.hflip
+        img_size,
+        crop_scale=data_cfg.crop_scale,
+        crop_ratio=data_cfg.crop_ratio,
+        hflip=data_cfg.hflip,
+        in_chans=in_chans,
     )
     if data_cfg.source == "photos":
         return PhotoCrops(transform, mask_generator, samples_per_epoch=data_cfg.samples_per_epoch)
@@ -194,4 +216,4 @@ def build_pretrain_dataset(data_cfg: DataConfig, img_size: int, mask_generator: 
         return FashionMNISTMIM(data_cfg.split, transform, mask_generator)
     if not data_cfg.root:
         raise ValueError("data.source=folder needs data.root: the folder of images to pretrain on")
-    return ImageFolderMIM(data_cfg.root, transform, mask_generator)
+    return ImageFolderMIM(data_cfg.root, transform, mask_generator, max_pixels=data_cfg.max_image_pixels)

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from simmim_swin.data.transforms import build_eval_transform
+from simmim_swin.data.images import BadSample, describe_error
+from simmim_swin.data.transforms import EvalView
 from simmim_swin.distributed import ignore_stop_signals
 
 _MAX_SAMPLE_SEED = 2**62  # torch and python take seeds this large; numpy's legacy seeding gets them mod 2**32
@@ -139,8 +140,11 @@ class EvalShard(Dataset):
     def __getitem__(self, position: int) -> tuple[Any, int]:
         if position < len(self.indices):
             return self.dataset[self.indices[position]]
-        image, _ = self.dataset[0]
-        return image, -1
+        for index in range(len(self.dataset)):  # the first readable image (unreadable ones are BadSamples)
+            item = self.dataset[index]
+            if not isinstance(item, BadSample):
+                return item[0], -1
+        raise ValueError("the evaluation set has no readable image")
 
 
 def build_pretrain_loader(
@@ -155,6 +159,7 @@ def build_pretrain_loader(
     world_size: int = 1,
     skip_batches: int = 0,
     batches_per_epoch: int | None = None,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> DataLoader:
     """One DataLoader for a whole run: each pass over it is one epoch, the first being `epoch`.
 
@@ -165,6 +170,7 @@ def build_pretrain_loader(
     steps only, so no remainder spills into the next epoch). Workers persist across passes.
     Worker processes need no worker_init_fn: torch seeds torch, `random` and numpy in each worker from the
     loader generator already (torch.utils.data._utils.worker), and the per-sample seeds override them anyway.
+    collate_fn=stream.collate_good makes it yield Batch tuples that carry the bad samples dropped from each batch.
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size={batch_size} must be positive")
@@ -199,6 +205,7 @@ def build_pretrain_loader(
         pin_memory=pin_memory and torch.cuda.is_available(),
         drop_last=drop_last,
         persistent_workers=num_workers > 0,
+        collate_fn=collate_fn,
         generator=worker_generator,
         worker_init_fn=ignore_stop_signals,
     )
@@ -216,22 +223,38 @@ def make_fixed_batch(
     img_size: int,
     mask_generator: Callable[..., torch.Tensor],
     seed: int,
+    in_chans: int = 3,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same images and masks every call: the first `num_images` distinct images (cycled if fewer).
+    """The same images and masks every call: the first `num_images` readable images (cycled if fewer).
 
     Args:
-        dataset: anything with `num_images` and `load_image(k) -> PIL.Image` (PhotoCrops, ImageFolderMIM).
+        dataset: anything with `num_images` and `load_image(k)` giving a PIL image or a (C, H, W) array
+            (PhotoCrops, ImageFolderMIM); images that fail to load are passed over.
         mask_generator: called as mask_generator(generator=g), e.g. a MaskGenerator.
 
     Returns:
-        images (N, 3, img_size, img_size) float, normalised through the eval transform; masks (N, h, w) uint8.
+        images (N, in_chans, img_size, img_size) in raw units (uint8 for 8-bit files, else float32) through the
+        deterministic eval view; masks (N, h, w) uint8.
     """
     if num_images <= 0:
         raise ValueError(f"num_images={num_images} must be positive")
     if dataset.num_images <= 0:
         raise ValueError(f"{dataset!r} has no images to show")
-    transform = build_eval_transform(img_size)
-    images = torch.stack([transform(dataset.load_image(k % dataset.num_images)) for k in range(num_images)])
+    view = EvalView(img_size, in_chans)
+    found: list[torch.Tensor] = []
+    errors: list[str] = []
+    for k in range(dataset.num_images):
+        try:
+            found.append(view(dataset.load_image(k)))
+        except Exception as e:  # a bad file is skipped here as in training
+            errors.append(describe_error(e))
+        if len(found) == num_images:
+            break
+    if not found:
+        raise ValueError(f"{dataset!r}: none of the images can be read, e.g. {errors[0] if errors else '?'}")
+    images = torch.stack([found[k % len(found)].float() for k in range(num_images)])
+    if all(image.dtype == torch.uint8 for image in found):
+        images = images.to(torch.uint8)
     generator = torch.Generator().manual_seed(seed)
     masks = torch.stack([mask_generator(generator=generator) for _ in range(num_images)]).to(torch.uint8)
-    return images, masks  # N, 3, H, W and N, h, w
+    return images, masks  # N, C, H, W and N, h, w

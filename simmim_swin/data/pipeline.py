@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -21,18 +22,20 @@ from simmim_swin.data.stream import (
     PretrainSample,
     ShardStream,
     build_shard_loader,
+    collate_good,
     open_image,
     read_samples,
 )
-from simmim_swin.data.transforms import build_eval_transform, build_pretrain_transform
+from simmim_swin.data.transforms import EvalView, build_pretrain_transform
 
 MaskFn = Callable[..., torch.Tensor]
 
 
 @dataclass
 class PretrainData:
-    """A pretraining run's data: `batches(start_step)` yields micro-batches (images uint8, masks) forever,
-    exactly `steps_per_epoch * accum_steps` per epoch, and feeds `monitor` the bad-sample counts."""
+    """A pretraining run's data: `batches(start_step)` yields micro-batches (images, masks) forever, exactly
+    `steps_per_epoch * accum_steps` per epoch (a batch is smaller by the bad samples dropped from it), and feeds
+    `monitor` the bad-sample counts."""
 
     steps_per_epoch: int
     description: str
@@ -43,10 +46,15 @@ class PretrainData:
 
     def batches(self, start_step: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
         """Micro-batches from optimizer step `start_step` on; raises BadDataError past data.max_bad_fraction."""
-        for batch in self.make_batches(start_step):
-            self.monitor.update(batch)
-            if batch.data:
-                yield batch.data
+        yield from monitored(self.make_batches(start_step), self.monitor)
+
+
+def monitored(batches: Iterator[Batch], monitor: BadDataMonitor) -> Iterator[tuple[torch.Tensor, ...]]:
+    """The data of each Batch that has any, after adding its bad-sample counts to `monitor` (which may stop)."""
+    for batch in batches:
+        monitor.update(batch)
+        if batch.data:
+            yield batch.data
 
 
 def _check_steps(steps_per_epoch: int, samples: int, global_batch: int, what: str) -> None:
@@ -57,33 +65,36 @@ def _check_steps(steps_per_epoch: int, samples: int, global_batch: int, what: st
         )
 
 
-def _pil_sample(sample: dict[str, Any], generator: torch.Generator) -> tuple[Image.Image]:
-    with open_image(sample) as img:
-        return (img.convert("RGB"),)
+def _decoded_sample(sample: dict[str, Any], generator: torch.Generator) -> tuple[Image.Image | np.ndarray]:
+    source = open_image(sample)
+    if isinstance(source, Image.Image):
+        source.load()  # decoded now: the shard's bytes go away
+    return (source,)
 
 
 def _val_images(data_cfg: DataConfig, num_images: int) -> ImageList:
     """The first validation images, for the reconstruction panels."""
     urls, _ = resolve_urls(data_cfg.val_urls, what="data.val_urls")
-    return ImageList([item[0] for item in read_samples(urls, num_images, _pil_sample)], "first validation images")
+    items = read_samples(urls, num_images, _decoded_sample)
+    return ImageList([item[0] for item in items], "first validation images")
 
 
 def build_val_batches(
-    data_cfg: DataConfig, img_size: int, mask_generator: MaskFn, seed: int
+    data_cfg: DataConfig, img_size: int, mask_generator: MaskFn, seed: int, in_chans: int = 3
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The fixed validation set: the first data.val_samples samples of data.val_urls, resized and centre-cropped,
-    with masks from `seed`; batches of data.batch_size (uint8 images, masks). Empty without val_urls."""
+    with masks from `seed`; batches of data.batch_size (raw images, masks). Empty without val_urls."""
     if not data_cfg.val_urls or data_cfg.val_samples <= 0:
         return []
     urls, _ = resolve_urls(data_cfg.val_urls, what="data.val_urls")
-    sample_fn = EvalSample(build_eval_transform(img_size, normalize=False), mask_generator)
+    sample_fn = EvalSample(EvalView(img_size, in_chans), mask_generator, data_cfg.max_image_pixels)
     items = read_samples(urls, data_cfg.val_samples, sample_fn, seed=seed)
     if not items:
         raise ValueError(f"data.val_urls={data_cfg.val_urls!r} holds no readable image samples")
     batches = []
     for start in range(0, len(items), data_cfg.batch_size):
         chunk = items[start : start + data_cfg.batch_size]
-        batches.append((torch.stack([i[0] for i in chunk]), torch.stack([i[1] for i in chunk])))  # B,3,H,W; B,h,w
+        batches.append((torch.stack([i[0] for i in chunk]), torch.stack([i[1] for i in chunk])))  # B,C,H,W; B,h,w
     return batches
 
 
@@ -97,17 +108,20 @@ def build_pretrain_data(
     world_size: int = 1,
     pin_memory: bool = False,
     num_panel_images: int = 4,
+    in_chans: int = 3,
 ) -> PretrainData:
-    """The data of a pretraining run for `data_cfg.source` (photos, folder, fashion_mnist or shards).
+    """The data of a pretraining run for `data_cfg.source` (photos, folder, fashion_mnist or shards), images of
+    `in_chans` channels.
 
     The panels show the first validation images when there is a validation set, else the first training images.
     """
     if data_cfg.source not in (*MAP_STYLE_SOURCES, "shards"):
         raise ValueError(f"data.source={data_cfg.source!r} is not one of {[*MAP_STYLE_SOURCES, 'shards']}")
-    val_batches = build_val_batches(data_cfg, img_size, mask_generator, seed)
-    layout = _Layout(data_cfg.batch_size, accum_steps, rank, world_size, seed, pin_memory)
-    build = _map_style_data if data_cfg.source in MAP_STYLE_SOURCES else _shard_data
-    monitor = BadDataMonitor(data_cfg.max_bad_fraction, data_cfg.bad_check_after)
+    val_batches = build_val_batches(data_cfg, img_size, mask_generator, seed, in_chans)
+    layout = _Layout(data_cfg.batch_size, accum_steps, rank, world_size, seed, pin_memory, in_chans)
+    map_style = data_cfg.source in MAP_STYLE_SOURCES
+    build = _map_style_data if map_style else _shard_data
+    monitor = BadDataMonitor(data_cfg.max_bad_fraction, data_cfg.bad_check_after, world_size, name_files=map_style)
     data = build(data_cfg, img_size, mask_generator, layout, monitor, 0 if val_batches else num_panel_images)
     if val_batches:
         data.val_batches, data.panel_source = val_batches, _val_images(data_cfg, num_panel_images)
@@ -124,6 +138,7 @@ class _Layout:
     world_size: int
     seed: int
     pin_memory: bool
+    in_chans: int
 
     @property
     def global_batch(self) -> int:
@@ -135,7 +150,7 @@ def _map_style_data(
     num_panel_images: int,
 ) -> PretrainData:  # fmt: skip
     """photos, folder or fashion_mnist: one seeded DataLoader that skips to any step exactly."""
-    dataset = build_pretrain_dataset(data_cfg, img_size, mask_generator)
+    dataset = build_pretrain_dataset(data_cfg, img_size, mask_generator, layout.in_chans)
     steps_per_epoch = len(dataset) // layout.global_batch
     _check_steps(steps_per_epoch, len(dataset), layout.global_batch, f"the dataset ({dataset!r})")
 
@@ -153,9 +168,9 @@ def _map_style_data(
             world_size=layout.world_size,
             skip_batches=(start_step % steps_per_epoch) * layout.accum_steps,
             batches_per_epoch=steps_per_epoch * layout.accum_steps,
+            collate_fn=collate_good,  # unreadable files are dropped from their batch and counted
         )
-        for images, masks in endless(loader):
-            yield Batch((images, masks), 0, ())
+        yield from endless(loader)
 
     return PretrainData(steps_per_epoch, repr(dataset), dataset, map_style_batches, monitor)
 
@@ -174,9 +189,10 @@ def _shard_data(
         )
     steps_per_epoch = samples_per_epoch // layout.global_batch
     _check_steps(steps_per_epoch, samples_per_epoch, layout.global_batch, "data.samples_per_epoch")
-    sample_fn = PretrainSample(
-        build_pretrain_transform(img_size, data_cfg.crop_scale, data_cfg.crop_ratio, data_cfg.hflip), mask_generator
+    transform = build_pretrain_transform(
+        img_size, data_cfg.crop_scale, data_cfg.crop_ratio, data_cfg.hflip, in_chans=layout.in_chans
     )
+    sample_fn = PretrainSample(transform, mask_generator, data_cfg.max_image_pixels)
 
     def shard_batches(start_step: int) -> Iterator[Batch]:
         stream = ShardStream(
@@ -197,7 +213,7 @@ def _shard_data(
 
     panel = None
     if num_panel_images:
-        panel = ImageList([item[0] for item in read_samples(urls, num_panel_images, _pil_sample)], "first images")
+        panel = ImageList([item[0] for item in read_samples(urls, num_panel_images, _decoded_sample)], "first images")
         if not panel.num_images:
             raise ValueError(f"data.urls={data_cfg.urls!r}: no readable image in the shards")
     description = f"{len(urls)} shards, {samples_per_epoch} samples per epoch"

@@ -1,8 +1,9 @@
 """Webdataset tar shards: writing them from an image folder or Fashion-MNIST, the index file, and URL lists.
 
-A sample in a shard is `<key>.<ext>` (the image file's own bytes: jpg, png, ...) plus `<key>.cls` (the integer
-class as ASCII) when the source has labels. Next to the shards, `<name>.json` lists every shard with its sample
-count, so a loader knows the data size without reading the tars.
+A sample in a shard is `<key>.<ext>` (the image file's own bytes: jpg, png, 16-bit png / tif, multi-band tif or
+npy, ...) plus `<key>.cls` (the integer class as ASCII) when the source has labels. Next to the shards,
+`<name>.json` lists every shard with its sample count and the image member types, so a loader knows the data size
+without reading the tars. A set is written into a temporary folder and moved into place only when complete.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -22,12 +25,13 @@ from PIL import Image
 
 from simmim_swin.data.datasets import find_images
 from simmim_swin.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
+from simmim_swin.data.images import close_source, describe_error, open_source
 from simmim_swin.files import atomic_write
 from simmim_swin.progress import StatusLine
 
 INDEX_FORMAT = "simmim-swin-shards/1"
 # image member extensions the loaders read, in order of preference when a sample holds several
-IMAGE_MEMBER_KEYS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm")
+IMAGE_MEMBER_KEYS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "npy")
 _EXTENSION_ALIASES = {"jpeg": "jpg", "tiff": "tif"}
 
 
@@ -47,8 +51,9 @@ def folder_samples(
     """(number of files, samples, class names) for every image under `root`, bytes as stored on disk.
 
     With labels=True the class is the first-level sub-folder (sorted names -> 0, 1, ...), as torchvision's
-    ImageFolder; images directly under root are then an error. Keys are the relative paths without extension.
-    Files PIL cannot identify from their header (no decoding) are left out and appended to `skipped`.
+    ImageFolder; images directly under root are then an error. Keys are the relative paths without extension;
+    two files with one key (x.jpg and x.png) are refused here, before any file is read or written.
+    Files that cannot be opened (headers only: nothing is decoded) are left out and appended to `skipped`.
     """
     root = Path(root)
     paths = find_images(root)
@@ -62,27 +67,42 @@ def folder_samples(
             )
         classes = sorted({p.relative_to(root).parts[0] for p in paths})
     class_index = {name: i for i, name in enumerate(classes or [])}
+    # webdataset splits a member name at the first dot of its base name: dots in the key must go
+    keys = [path.relative_to(root).with_suffix("").as_posix().replace(".", "_") for path in paths]
+    _check_unique_keys(keys, paths)
 
     def generate() -> Iterator[ShardSample]:
-        for path in paths:
+        for path, key in zip(paths, keys):
             rel = path.relative_to(root)
             data = path.read_bytes()
-            buffer = io.BytesIO(data)
-            try:
-                Image.open(buffer).close()  # reads the header only: cheap, and nothing is re-encoded
-            except Exception as e:  # PIL raises several types for unreadable files; all mean "not an image"
-                if skipped is not None:
-                    # PIL names the buffer (`<_io.BytesIO object at 0x...>`), not the file: name the file instead
-                    reason = str(e).replace(f" {buffer!r}", "").replace(repr(buffer), "the file")
-                    skipped.append(f"{path}: {reason}")
-                continue
             ext = path.suffix.lower().lstrip(".")
-            # webdataset splits a member name at the first dot of its base name: dots in the key must go
-            key = rel.with_suffix("").as_posix().replace(".", "_")
+            try:
+                # PIL reads the header only; npy / tif are read whole: nothing is re-encoded either way
+                close_source(open_source(data, ext, max_pixels=None))
+            except Exception as e:  # several types for unreadable files; all mean "not an image"
+                if skipped is not None:
+                    skipped.append(f"{path}: {describe_error(e)}")
+                continue
             label = class_index[rel.parts[0]] if labels else None
             yield ShardSample(key, data, _EXTENSION_ALIASES.get(ext, ext), label)
 
     return len(paths), generate(), classes
+
+
+def _check_unique_keys(keys: list[str], paths: list[Path]) -> None:
+    """ValueError naming the files that share a key (x.jpg and x.png; a.b.png and a_b.png)."""
+    seen: dict[str, Path] = {}
+    clashes = []
+    for key, path in zip(keys, paths):
+        if key in seen:
+            clashes.append(f"{seen[key]} and {path} -> {key!r}")
+        seen.setdefault(key, path)
+    if clashes:
+        more = f" and {len(clashes) - 5} more" if len(clashes) > 5 else ""
+        raise ValueError(
+            f"{len(clashes)} pairs of files map to one sample key: {'; '.join(clashes[:5])}{more}. Rename or move "
+            "one of each pair; nothing was written"
+        )
 
 
 def fashion_mnist_samples(split: str, root: str | Path | None = None) -> tuple[int, Iterator[ShardSample], list[str]]:
@@ -129,6 +149,13 @@ class Progress(StatusLine):
             self.show(f"{self.desc}: {self.count}/{self.total} ({rate:.0f}/s)")
 
 
+def existing_set(out_dir: str | Path, name: str) -> list[Path]:
+    """The files of the shard set `name` already in out_dir: its index and its NAME-*.tar shards."""
+    out_dir = Path(out_dir)
+    index = [out_dir / f"{name}.json"] if (out_dir / f"{name}.json").exists() else []
+    return index + sorted(out_dir.glob(f"{name}-*.tar"))
+
+
 def write_shards(
     samples: Iterable[ShardSample],
     out_dir: str | Path,
@@ -138,17 +165,58 @@ def write_shards(
     classes: list[str] | None = None,
     source: str = "",
     on_sample: Callable[[], None] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write `samples` to out_dir/<name>-000000.tar, ... and the index out_dir/<name>.json; returns the index path.
 
     A shard is closed once it holds `max_count` samples or `max_size` bytes (a shard exceeds max_size by at
-    most one sample). Raises ValueError for a repeated key or when there is nothing to write.
+    most one sample). The set is written into a temporary folder inside out_dir and moved into place once
+    complete, so a failure (a repeated key, an unreadable file, a full disk) leaves an existing set untouched.
+    An existing set of that name is refused unless `overwrite`, which replaces all of its files (stale shards
+    included). Raises ValueError for a repeated key, an existing set or nothing to write.
     """
     if max_count < 1 or max_size <= 0:
         raise ValueError(f"max_count={max_count} and max_size={max_size} must be positive")
     out_dir = Path(out_dir)
+    old = existing_set(out_dir, name)
+    if old and not overwrite:
+        raise ValueError(
+            f"{out_dir} already holds the shard set {name!r} ({len(old)} files, e.g. {old[0].name}); pass "
+            "--overwrite to replace the whole set, or choose another --out or --name"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=out_dir))  # same filesystem: renames are moves
+    try:
+        counts, members = _write_tars(samples, staging, name, max_count, max_size, on_sample)
+        if not counts:
+            raise ValueError(f"no samples to write to {out_dir}")
+        index = {
+            "format": INDEX_FORMAT,
+            "source": source,
+            "total": sum(counts.values()),
+            "classes": classes,
+            "image_members": sorted(members),  # e.g. ["jpg"], ["npy"], ["png", "tif"]
+            "shards": [{"name": shard, "count": count, "bytes": (staging / shard).stat().st_size}
+                       for shard, count in counts.items()],
+        }  # fmt: skip
+        for path in old:  # the index first: no reader ever pairs the old index with new shards
+            path.unlink()
+        for shard in counts:
+            (staging / shard).replace(out_dir / shard)
+        index_path = out_dir / f"{name}.json"
+        atomic_write(index_path, json.dumps(index, indent=1) + "\n")  # a reader never sees a half-written index
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return index_path
+
+
+def _write_tars(
+    samples: Iterable[ShardSample], out_dir: Path, name: str, max_count: int, max_size: float,
+    on_sample: Callable[[], None] | None,
+) -> tuple[dict[str, int], set[str]]:  # fmt: skip
+    """Write the tars; (samples per shard file name, image member extensions)."""
     counts: dict[str, int] = {}
+    members: set[str] = set()
     seen_keys: set[str] = set()
     writer = None
     try:
@@ -164,6 +232,7 @@ def write_shards(
             if sample.label is not None:
                 record["cls"] = str(sample.label).encode("ascii")
             writer.write(record)
+            members.add(sample.ext)
             shard = Path(writer.fname).name
             counts[shard] = counts.get(shard, 0) + 1
             if on_sample is not None:
@@ -171,19 +240,7 @@ def write_shards(
     finally:
         if writer is not None:
             writer.close()
-    if not counts:
-        raise ValueError(f"no samples to write to {out_dir}")
-    index = {
-        "format": INDEX_FORMAT,
-        "source": source,
-        "total": sum(counts.values()),
-        "classes": classes,
-        "shards": [{"name": shard, "count": count, "bytes": (out_dir / shard).stat().st_size}
-                   for shard, count in counts.items()],
-    }  # fmt: skip
-    index_path = out_dir / f"{name}.json"
-    atomic_write(index_path, json.dumps(index, indent=1) + "\n")  # a reader never sees a half-written index
-    return index_path
+    return counts, members
 
 
 def read_index(path: str | Path) -> dict[str, Any]:
@@ -191,8 +248,13 @@ def read_index(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"shard index {str(path)!r} does not exist; write one with `simmim-swin make-shards`")
-    index = json.loads(path.read_text())
-    if index.get("format") != INDEX_FORMAT or not isinstance(index.get("shards"), list):
+    try:
+        index = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(
+            f"shard index {path} is not valid JSON ({e}); write it again with `simmim-swin make-shards --overwrite`"
+        ) from e
+    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT or not isinstance(index.get("shards"), list):
         raise ValueError(f"{path} is not a shard index written by `simmim-swin make-shards` (format {INDEX_FORMAT})")
     for shard in index["shards"]:
         shard["url"] = str(path.parent / shard["name"])

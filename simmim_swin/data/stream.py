@@ -8,7 +8,6 @@ the same seed gives the same batches and a run resumed at step s draws a new ord
 
 from __future__ import annotations
 
-import io
 import itertools
 import random
 import sys
@@ -19,11 +18,19 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
+from simmim_swin.data.images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    BadSample,
+    ImageSource,
+    close_source,
+    describe_error,
+    open_source,
+)
 from simmim_swin.data.shards import IMAGE_MEMBER_KEYS
 from simmim_swin.data.transforms import ImageTransform, PretrainCrop
+from simmim_swin.distributed import DistInfo, all_reduce_sum_
 
 SampleFn = Callable[[dict[str, Any], torch.Generator], tuple[torch.Tensor, ...]]
 LOG_FIRST_BAD = 10  # each worker logs its first bad samples one line each...
@@ -52,9 +59,19 @@ class Batch(NamedTuple):
     `data` is empty for a report (a worker that skipped many bad samples in a row says so without a batch).
     """
 
-    data: tuple[torch.Tensor, ...]  # e.g. images (B, 3, H, W) uint8, masks (B, h, w) uint8
+    data: tuple[torch.Tensor, ...]  # e.g. images (B, C, H, W), masks (B, h, w) uint8
     num_bad: int
-    bad_shards: tuple[str, ...]  # the shard of each bad sample
+    bad_shards: tuple[str, ...]  # the shard (or, for image folders, the file) of each bad sample
+    bad_reasons: tuple[str, ...] = ()  # image folders: why each file could not be read
+
+
+def collate_good(items: list[Any]) -> Batch:
+    """default_collate over the good samples of a map-style batch; images.BadSample markers are dropped and
+    counted (the batch is that much smaller). A batch of nothing but bad samples is a report with no data."""
+    bad = [item for item in items if isinstance(item, BadSample)]
+    good = [item for item in items if not isinstance(item, BadSample)]
+    data = tuple(default_collate(good)) if good else ()
+    return Batch(data, len(bad), tuple(b.path for b in bad), tuple(b.reason for b in bad))
 
 
 class BadSampleLog:
@@ -73,7 +90,7 @@ class BadSampleLog:
         self.pending.append(url)
         if self.total <= LOG_FIRST_BAD or self.total % LOG_BAD_EVERY == 0:
             what = f"sample {key!r}" if key else "shard"
-            reason = reason if isinstance(reason, str) else f"{type(reason).__name__}: {_first_arg(reason)}"
+            reason = reason if isinstance(reason, str) else describe_error(reason)
             line = f"skipping bad {what} in {url}: {reason} [{self.total} bad{self.where}]"
             print(line, file=self.stream, flush=True)
 
@@ -86,11 +103,6 @@ class BadSampleLog:
         """(count, shards) of the bad samples since the last call."""
         pending, self.pending = tuple(self.pending), []
         return len(pending), pending
-
-
-def _first_arg(exn: BaseException) -> str:
-    # webdataset appends the stream and url to an exception's args; the first one is the message
-    return str(exn.args[0]) if exn.args else repr(exn)
 
 
 def iter_shard_samples(urls: Iterable[str], log: BadSampleLog) -> Iterator[dict[str, Any] | None]:
@@ -111,44 +123,74 @@ def iter_shard_samples(urls: Iterable[str], log: BadSampleLog) -> Iterator[dict[
             yield None
 
 
-def open_image(sample: dict[str, Any]) -> Image.Image:
-    """The sample's image member, opened lazily (decoded on first use); ValueError if it has none."""
+def open_image(sample: dict[str, Any], max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> ImageSource:
+    """The sample's image member: a lazily opened PIL image, or a (C, H, W) array for npy / tif members;
+    ValueError if it has none, ImageTooLargeError above `max_pixels`."""
     for ext in IMAGE_MEMBER_KEYS:
         if ext in sample:
-            return Image.open(io.BytesIO(sample[ext]))
+            return open_source(sample[ext], ext, max_pixels=max_pixels)
     members = sorted(k for k in sample if not k.startswith("__"))
     raise ValueError(f"no image member (has {members}; expected one of {list(IMAGE_MEMBER_KEYS)})")
 
 
 class PretrainSample:
-    """Raw sample -> (image uint8 (3, S, S), token mask uint8): SimMIM's crop with draft decoding, mask drawn in
-    the worker; both from the worker's generator."""
+    """Raw sample -> (image (C, S, S) uint8 or float32, token mask uint8): SimMIM's crop with draft decoding,
+    mask drawn in the worker; both from the worker's generator."""
 
-    def __init__(self, transform: PretrainCrop, mask_generator: Callable[..., torch.Tensor]) -> None:
+    def __init__(
+        self, transform: PretrainCrop, mask_generator: Callable[..., torch.Tensor],
+        max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    ) -> None:  # fmt: skip
         self.transform = transform
         self.mask_generator = mask_generator
+        self.max_pixels = max_pixels
 
     def __call__(self, sample: dict[str, Any], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        with open_image(sample) as img:
-            image = self.transform(img, generator=generator)
+        source = open_image(sample, self.max_pixels)
+        try:
+            image = self.transform(source, generator=generator)
+        finally:
+            close_source(source)
         return image, self.mask_generator(generator=generator)
 
 
 class EvalSample:
-    """Raw sample -> (image uint8 (3, S, S), token mask): the deterministic eval view and a mask from `generator`."""
+    """Raw sample -> (image (C, S, S), token mask): the deterministic eval view and a mask from `generator`."""
 
-    def __init__(self, transform: ImageTransform, mask_generator: Callable[..., torch.Tensor]) -> None:
+    def __init__(
+        self, transform: ImageTransform, mask_generator: Callable[..., torch.Tensor],
+        max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    ) -> None:  # fmt: skip
         self.transform = transform
         self.mask_generator = mask_generator
+        self.max_pixels = max_pixels
 
     def __call__(self, sample: dict[str, Any], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        with open_image(sample) as img:
-            image = self.transform(img)
+        source = open_image(sample, self.max_pixels)
+        try:
+            image = self.transform(source)
+        finally:
+            close_source(source)
         return image, self.mask_generator(generator=generator)
 
 
 def _collate(items: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
     return tuple(torch.stack(field) for field in zip(*items))  # each field: B, ...
+
+
+_REPORTED: set[str] = set()  # files this process has already named
+
+
+def collate_good_only(items: list[Any]) -> tuple[torch.Tensor, ...]:
+    """collate_good for evaluation: the good samples' data; each bad file is named once per process."""
+    batch = collate_good(items)
+    for path, reason in zip(batch.bad_shards, batch.bad_reasons):
+        if path not in _REPORTED:
+            _REPORTED.add(path)
+            print(f"skipping unreadable evaluation image {path}: {reason}", file=sys.stderr, flush=True)
+    if not batch.data:
+        raise ValueError(f"every image of an evaluation batch is unreadable, e.g. {batch.bad_shards[0]}")
+    return batch.data
 
 
 class ShardStream(IterableDataset):
@@ -263,36 +305,67 @@ class BadDataMonitor:
     """Main-process sum of good and bad samples over all workers; stops the run above `max_bad_fraction`.
 
     The fraction is bad / max(samples read, check_after), so a few bad samples early on never stop a run,
-    while a broken data set stops it after about check_after * max_bad_fraction bad samples.
+    while a broken data set stops it after about check_after * max_bad_fraction bad samples. In one process
+    `update` checks after every batch; with world_size > 1 it leaves the fraction to `reduce`, which every rank
+    calls at the same step with the counts summed over ranks, so all ranks stop together.
+    `name_files=True` (image folders) prints each bad file once, with the reason, the first time it is seen.
     """
 
-    def __init__(self, max_bad_fraction: float, check_after: int = 1000) -> None:
+    def __init__(
+        self, max_bad_fraction: float, check_after: int = 1000, world_size: int = 1, name_files: bool = False,
+        stream=None,
+    ) -> None:  # fmt: skip
         if not 0.0 <= max_bad_fraction <= 1.0:
             raise ValueError(f"data.max_bad_fraction={max_bad_fraction} must lie in [0, 1], e.g. 0.01")
         self.max_bad_fraction = max_bad_fraction
         self.check_after = max(1, check_after)
+        self.world_size = world_size
+        self.name_files = name_files
+        self.stream = stream or sys.stderr
         self.num_good = 0
         self.num_bad = 0
         self.bad_shards: Counter[str] = Counter()
 
     def update(self, batch: Batch) -> None:
-        """Add one batch's counts; raises BadDataError once the limit is exceeded."""
+        """Add one batch's counts; raises BadDataError once the limit is exceeded (in one process)."""
         self.num_good += int(batch.data[0].shape[0]) if batch.data else 0
         self.num_bad += batch.num_bad
+        if self.name_files:
+            for path, reason in zip(batch.bad_shards, batch.bad_reasons):
+                if path not in self.bad_shards:
+                    print(f"skipping unreadable image {path}: {reason}", file=self.stream, flush=True)
         self.bad_shards.update(batch.bad_shards)
-        seen = self.num_good + self.num_bad
-        too_many = self.num_bad > self.max_bad_fraction * max(seen, self.check_after)
-        nothing_good = self.num_good == 0 and self.num_bad >= self.check_after
-        if self.num_bad and (too_many or nothing_good):
-            shards = ", ".join(f"{url} ({n})" for url, n in self.bad_shards.most_common(10))
-            more = len(self.bad_shards) - 10
-            limit = f"above data.max_bad_fraction={self.max_bad_fraction}" if too_many else "and not one good sample"
-            raise BadDataError(
-                f"stopping: {self.num_bad} of {seen} samples read were bad (corrupt, not an image, or an empty "
-                f"shard), {limit}. Bad samples per shard: {shards}"
-                + (f" and {more} more shards" if more > 0 else "")
-                + ". Check or rewrite those shards (simmim-swin make-shards), or raise data.max_bad_fraction."
-            )
+        if self.num_good == 0 and self.num_bad >= self.check_after:  # nothing good at all: never wait for it
+            self._stop(self.num_bad, self.num_bad, nothing_good=True)
+        if self.world_size == 1:
+            self.check(self.num_bad, self.num_good + self.num_bad)
+
+    def check(self, num_bad: int, num_seen: int) -> None:
+        """Raise BadDataError if `num_bad` of `num_seen` samples (all ranks together) is above the limit."""
+        if num_bad and num_bad > self.max_bad_fraction * max(num_seen, self.check_after):
+            self._stop(num_bad, num_seen, nothing_good=False)
+
+    def reduce(self, info: DistInfo, device: torch.device) -> int:
+        """The bad samples of all ranks so far (an all-reduce: call it at the same step on every rank), after
+        checking the fraction over all ranks, so that every rank takes the same decision."""
+        counts = torch.tensor([float(self.num_bad), float(self.num_good)], device=device)  # NCCL: device tensors
+        num_bad, num_good = (int(v) for v in all_reduce_sum_(counts, info).tolist())
+        self.check(num_bad, num_bad + num_good)
+        return num_bad
+
+    def _stop(self, num_bad: int, num_seen: int, nothing_good: bool) -> None:
+        worst = ", ".join(f"{url} ({n})" for url, n in self.bad_shards.most_common(10))
+        more = len(self.bad_shards) - 10
+        where = "file" if self.name_files else "shard"
+        limit = "and not one good sample" if nothing_good else f"above data.max_bad_fraction={self.max_bad_fraction}"
+        ranks = " (all ranks)" if self.world_size > 1 else ""
+        raise BadDataError(
+            f"stopping: {num_bad} of {num_seen} samples read{ranks} were bad (corrupt, not an image, too large or an "
+            f"empty shard), {limit}. Bad samples per {where}{' on this rank' if ranks else ''}: {worst or 'none'}"
+            + (f" and {more} more" if more > 0 else "")
+            + ". Fix or remove those files (simmim-swin check-data PATH lists them all), or raise "
+            "data.max_bad_fraction."
+        )
 
 
 def read_samples(

@@ -1,8 +1,10 @@
 """Image transforms for SimMIM: the pretraining crop (decoding JPEGs at reduced size), a fixed eval view,
 normalisation on the device, and the way back to pixels.
 
-Loaders hand out uint8 images (B, 3, H, W): a quarter of the bytes of float32 through worker queues, pinned
-memory and the host-to-device copy. `normalize_images` turns them into ImageNet-normalised floats on the device.
+Loaders hand out images (B, C, H, W) as the files hold them: uint8 for 8-bit files (a quarter of the bytes of
+float32 through worker queues, pinned memory and the host-to-device copy), float32 in the files' own units for
+16-bit and float files. `Normalizer` maps them to the model's input on the device with data.mean / data.std
+(ImageNet's by default, for 8-bit RGB).
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as TF
 
+from simmim_swin.data.images import EIGHT_BIT_MODES, ImageSource, source_size, to_tensor
+
 IMAGENET_MEAN: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
 IMAGENET_STD: tuple[float, float, float] = IMAGENET_DEFAULT_STD
 
-ImageTransform = Callable[[Image.Image], torch.Tensor]
+ImageTransform = Callable[[ImageSource], torch.Tensor]
 
 
 def _check_img_size(img_size: int) -> None:
@@ -64,8 +68,9 @@ def sample_crop_box(
 
 
 class PretrainCrop:
-    """SimMIM's augmentation, PIL image -> uint8 tensor (3, img_size, img_size): RandomResizedCrop (bilinear,
-    antialiased, as torchvision and the SimMIM reference), then an optional horizontal flip.
+    """SimMIM's augmentation, image -> tensor (in_chans, img_size, img_size), uint8 for 8-bit files and float32
+    otherwise: RandomResizedCrop (bilinear, antialiased, as torchvision and the SimMIM reference), then an
+    optional horizontal flip. The image is a PIL image or a (C, H, W) array (images.open_source).
 
     Give it a lazily opened image (`Image.open` without `.load()`): a JPEG is then decoded by PIL's draft mode at
     the smallest DCT scale (1/2, 1/4, 1/8) at which the crop box still covers at least img_size x img_size
@@ -81,6 +86,7 @@ class PretrainCrop:
         crop_ratio: Sequence[float] = (3 / 4, 4 / 3),
         hflip: bool = True,
         draft: bool = True,
+        in_chans: int = 3,
     ) -> None:
         _check_img_size(img_size)
         if len(crop_scale) != 2 or not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
@@ -96,12 +102,14 @@ class PretrainCrop:
         self.crop_ratio = tuple(float(r) for r in crop_ratio)
         self.hflip = hflip
         self.draft = draft
+        self.in_chans = in_chans
 
-    def __call__(self, img: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
-        width, height = img.size
+    def __call__(self, img: ImageSource, generator: torch.Generator | None = None) -> torch.Tensor:
+        width, height = source_size(img)
         left, top, w, h = sample_crop_box(width, height, self.crop_scale, self.crop_ratio, generator)
         flip = self.hflip and torch.rand(1, generator=generator).item() < 0.5
-        if self.draft and img.format in ("JPEG", "MPO"):  # MPO: multi-picture JPEGs from cameras
+        jpeg = isinstance(img, Image.Image) and img.format in ("JPEG", "MPO")  # MPO: multi-picture JPEGs
+        if self.draft and jpeg and self.in_chans == 3:
             # the full image at a size where the crop box is still >= img_size on both sides; PIL picks the
             # largest power-of-two reduction that keeps the image at least this large (a no-op once loaded)
             factor = self.img_size / min(w, h)
@@ -109,18 +117,16 @@ class PretrainCrop:
                 sx, sy = img.size[0] / width, img.size[1] / height
                 left, top = min(round(left * sx), img.size[0] - 1), min(round(top * sy), img.size[1] - 1)
                 w, h = min(max(1, round(w * sx)), img.size[0] - left), min(max(1, round(h * sy)), img.size[1] - top)
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-        pixels = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # H, W, 3 -> 3, H, W (a view)
+        pixels = to_tensor(img, self.in_chans)  # C, H, W: uint8 for 8-bit files, else float32 unclipped
         # torch's antialiased bilinear resize on uint8 (what torchvision's tensor transforms use): the same
         # result as PIL's resize to within a few grey levels, at about a quarter of the time
         out = TF.resized_crop(pixels, top, left, h, w, [self.img_size, self.img_size], antialias=True)
-        return out.flip(-1) if flip else out  # 3, img_size, img_size
+        return out.flip(-1) if flip else out  # C, img_size, img_size
 
     def __repr__(self) -> str:
         return (
             f"PretrainCrop(img_size={self.img_size}, crop_scale={self.crop_scale}, crop_ratio={self.crop_ratio}, "
-            f"hflip={self.hflip}, draft={self.draft})"
+            f"hflip={self.hflip}, draft={self.draft}, in_chans={self.in_chans})"
         )
 
 
@@ -129,9 +135,31 @@ def build_pretrain_transform(
     crop_scale: Sequence[float] = (0.67, 1.0),
     crop_ratio: Sequence[float] = (3 / 4, 4 / 3),
     hflip: bool = True,
+    in_chans: int = 3,
 ) -> PretrainCrop:
-    """SimMIM augmentation: PIL image -> uint8 tensor (3, img_size, img_size); normalise on the device."""
-    return PretrainCrop(img_size, crop_scale=crop_scale, crop_ratio=crop_ratio, hflip=hflip)
+    """SimMIM augmentation: image -> tensor (in_chans, img_size, img_size), raw values; normalise on the device."""
+    return PretrainCrop(img_size, crop_scale=crop_scale, crop_ratio=crop_ratio, hflip=hflip, in_chans=in_chans)
+
+
+class EvalView:
+    """Deterministic view of any image: resize the shorter side to img_size / crop_pct (antialiased bilinear) and
+    centre crop img_size -> (in_chans, img_size, img_size), raw values (uint8 for 8-bit files, float32 otherwise).
+
+    8-bit images with 3 channels take exactly the PIL path of build_eval_transform(normalize=False)."""
+
+    def __init__(self, img_size: int, in_chans: int = 3, crop_pct: float = 1.0) -> None:
+        _check_img_size(img_size)
+        if not 0.0 < crop_pct <= 1.0:
+            raise ValueError(f"crop_pct={crop_pct} must lie in (0, 1]; 0.875 is the 224-of-256 protocol")
+        self.img_size, self.in_chans, self.crop_pct = img_size, in_chans, crop_pct
+        self.rgb = build_eval_transform(img_size, normalize=False)
+
+    def __call__(self, img: ImageSource) -> torch.Tensor:
+        if isinstance(img, Image.Image) and self.in_chans == 3 and img.mode in EIGHT_BIT_MODES and self.crop_pct == 1:
+            return self.rgb(img)
+        pixels = to_tensor(img, self.in_chans)
+        pixels = TF.resize(pixels, [math.floor(self.img_size / self.crop_pct)], antialias=True)
+        return TF.center_crop(pixels, [self.img_size, self.img_size])  # C, img_size, img_size
 
 
 def build_eval_transform(img_size: int, normalize: bool = True) -> ImageTransform:
@@ -162,6 +190,51 @@ def normalize_images(images: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1) * 255.0
     std = torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1) * 255.0
     return (images.float() - mean) / std
+
+
+class Normalizer:
+    """Raw images (B, C, H, W) -> (raw - mean) / std per channel, float32, on the images' device.
+
+    mean / std are in the files' own units (data.mean / data.std, e.g. from `simmim-swin stats`). Without them
+    uint8 images are taken as 8-bit RGB and get ImageNet's statistics (normalize_images); float images, which
+    come from 16-bit or float files, then raise: their units are unknown.
+    """
+
+    def __init__(self, mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> None:
+        if (mean is None) != (std is None):
+            raise ValueError("data.mean and data.std go together: set both (simmim-swin stats prints them) or neither")
+        self.mean = None if mean is None else torch.tensor([float(m) for m in mean]).view(-1, 1, 1)
+        self.std = None if std is None else torch.tensor([float(s) for s in std]).view(-1, 1, 1)
+
+    @property
+    def is_default(self) -> bool:
+        """ImageNet statistics for 8-bit RGB (no data.mean / data.std given)."""
+        return self.mean is None
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.mean is None:
+            if images.dtype != torch.uint8:
+                raise ValueError(
+                    "the images are 16-bit or float, but data.mean / data.std are not set: ImageNet's 8-bit statistics "
+                    "do not apply; run `simmim-swin stats PATH` and pass the data.mean=[...] data.std=[...] it prints"
+                )
+            return normalize_images(images)
+        if images.shape[-3] != self.mean.shape[0]:
+            raise ValueError(
+                f"data.mean / data.std have {self.mean.shape[0]} values but the images have {images.shape[-3]} "
+                "channels; give one value per channel (model.in_chans)"
+            )
+        mean, std = self.mean.to(images.device), self.std.to(images.device)
+        return (images.float() - mean) / std
+
+    def invert(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised images back to raw units (float32, on the CPU)."""
+        x = images.detach().float().cpu()
+        if self.mean is None:
+            mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255.0
+            std = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255.0
+            return x * std + mean
+        return x * self.std + self.mean
 
 
 def denormalize(images: torch.Tensor) -> np.ndarray:

@@ -19,6 +19,7 @@ from simmim_swin.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     PHOTO_FILES,
+    BadSample,
     FashionMNISTMIM,
     ImageFolderMIM,
     PhotoCrops,
@@ -180,10 +181,11 @@ def test_image_folder_finds_images_recursively(image_folder, mask_generator: Mas
     assert names == ["b.png", "sub/A.JPG", "sub/deeper/grey.Png", "sub/deeper/rgba.TIFF"]
     assert len(ds) == ds.num_images == 4
     for k in range(len(ds)):
-        assert ds.load_image(k).mode == "RGB"
         image, mask = ds[k]
-        assert image.shape == (3, IMG, IMG) and mask.shape == (IMG // PATCH, IMG // PATCH)
-    assert np.all(np.asarray(ds.load_image(2)) == 77)  # greyscale expanded to three equal channels
+        assert image.shape == (3, IMG, IMG) and image.dtype == torch.uint8
+        assert mask.shape == (IMG // PATCH, IMG // PATCH)
+    assert ds.load_image(2).mode == "L"  # the file as it is; the transform makes the model's channels
+    assert np.all(ds[2][0].numpy() == 77)  # greyscale expanded to three equal channels
 
 
 def test_image_folder_errors_name_the_folder(tmp_path, mask_generator: MaskGenerator) -> None:
@@ -197,11 +199,11 @@ def test_image_folder_errors_name_the_folder(tmp_path, mask_generator: MaskGener
         ImageFolderMIM(tmp_path / "missing", build_pretrain_transform(IMG), mask_generator)
 
 
-def test_image_folder_corrupt_file_names_the_file(tmp_path, mask_generator: MaskGenerator) -> None:
+def test_image_folder_corrupt_file_is_a_bad_sample_naming_the_file(tmp_path, mask_generator: MaskGenerator) -> None:
     (tmp_path / "broken.jpg").write_bytes(b"definitely not a jpeg")
     ds = ImageFolderMIM(tmp_path, build_pretrain_transform(IMG), mask_generator)
-    with pytest.raises(OSError, match="broken.jpg"):
-        ds[0]
+    bad = ds[0]
+    assert isinstance(bad, BadSample) and bad.path.endswith("broken.jpg") and "UnidentifiedImageError" in bad.reason
 
 
 def test_build_pretrain_dataset_sources(image_folder, mask_generator: MaskGenerator) -> None:
@@ -298,13 +300,13 @@ def test_sampler_splits_ranks_disjointly() -> None:
 def test_make_fixed_batch_is_deterministic(photos: PhotoCrops, mask_generator: MaskGenerator) -> None:
     n = photos.num_images + 2  # more than there are photos: cycles
     images, masks = make_fixed_batch(photos, n, IMG, mask_generator, seed=0)
-    assert images.shape == (n, 3, IMG, IMG) and images.dtype == torch.float32
+    assert images.shape == (n, 3, IMG, IMG) and images.dtype == torch.uint8  # raw: normalised on the device
     assert masks.shape == (n, IMG // PATCH, IMG // PATCH) and masks.dtype == torch.uint8
     torch.manual_seed(99)
     images2, masks2 = make_fixed_batch(photos, n, IMG, mask_generator, seed=0)
     assert torch.equal(images, images2) and torch.equal(masks, masks2)
     assert torch.equal(images[0], images[photos.num_images]) and not torch.equal(images[0], images[1])
-    assert torch.equal(images[0], build_eval_transform(IMG)(photos.load_image(0)))
+    assert torch.equal(images[0], build_eval_transform(IMG, normalize=False)(photos.load_image(0)))
     _, other_masks = make_fixed_batch(photos, n, IMG, mask_generator, seed=1)
     assert not torch.equal(masks, other_masks)
 

@@ -1,0 +1,52 @@
+"""`simmim-swin check-data`: read a whole image folder or shard set up front and list what would be skipped."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..data.images import DEFAULT_MAX_IMAGE_PIXELS
+from ..data.scan import scan, scan_units
+
+EPILOG = """\
+examples:
+  simmim-swin check-data /data/tiles                      # every image file under the folder
+  simmim-swin check-data /data/tiles --in-chans 4         # also: does every image give 4 channels?
+  simmim-swin check-data /data/shards/train.json          # every sample of a shard set
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register the sub-command."""
+    p = sub.add_parser(
+        "check-data",
+        help="decode every image of a folder or shard set in parallel; list unreadable files and the formats found",
+        description="Decode every image completely (as training would) in a pool of processes; print the image "
+        "kinds found (format, mode, bands, bit depth) and every file a run would skip as a bad sample. "
+        "Exits 1 when any file is bad.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("path", help="image folder, shard index .json, or shard .tar / brace pattern")
+    p.add_argument("--in-chans", type=int, default=None, help="check that each image gives this many channels")
+    p.add_argument(
+        "--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+        help=f"larger images count as bad, as data.max_image_pixels (default {DEFAULT_MAX_IMAGE_PIXELS})",
+    )  # fmt: skip
+    p.add_argument("--workers", type=int, default=0, help="processes (default: one per CPU)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Scan and print the report; exit status 1 when any image is bad."""
+    kind, units = scan_units(args.path)
+    report = scan(units, kind, args.max_image_pixels, args.in_chans, workers=args.workers, desc="check-data")
+    print(f"{report.images} readable images in {args.path}:")
+    for name, count in sorted(report.kinds.items(), key=lambda item: -item[1]):
+        print(f"  {count:8d}  {name}")
+    if not report.bad:
+        print("no bad files")
+        return
+    print(f"{len(report.bad)} bad (a run skips and counts them as bad samples):")
+    for name, reason in sorted(report.bad):
+        print(f"  {name}: {reason}")
+    raise SystemExit(1)

@@ -1,0 +1,206 @@
+"""Image files as they are: 8/16-bit and float PNG / TIFF, grey / RGB / RGBA, multi-band `.npy` and TIFF.
+
+`open_source` gives a lazily opened PIL image for the formats PIL reads (a JPEG can then be decoded at reduced
+size), or a (C, H, W) array for `.npy` and TIFF (read with tifffile: multi-page and multi-band, any bit depth).
+`to_tensor` turns either into a tensor of `in_chans` channels without clipping anything: 8-bit images stay uint8
+(the fast path: a quarter of the bytes of float32 through the loader queues), every other depth becomes float32
+in the file's own units. Nothing is scaled here; data.mean / data.std map raw values to the model's input on the
+device (transforms.Normalizer).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+# PIL stops at twice its MAX_IMAGE_PIXELS by default (178,956,970 pixels): the same limit by default here
+DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
+ARRAY_EXTENSIONS: frozenset[str] = frozenset({".npy", ".tif", ".tiff"})
+EIGHT_BIT_MODES: frozenset[str] = frozenset({"1", "L", "P", "RGB", "RGBA", "LA", "PA", "CMYK", "YCbCr", "RGBX"})
+
+ImageSource = Image.Image | np.ndarray
+
+
+class ImageTooLargeError(ValueError):
+    """An image over data.max_image_pixels (PIL's decompression-bomb limit)."""
+
+
+class BadSample(NamedTuple):
+    """What a map-style dataset returns for a file it cannot read: the file and why."""
+
+    path: str
+    reason: str
+
+    @classmethod
+    def of(cls, path: str | os.PathLike, error: BaseException) -> BadSample:
+        """The marker for `path` that failed with `error`."""
+        return cls(str(path), describe_error(error))
+
+
+def describe_error(error: BaseException) -> str:
+    """'TypeName: first line of the message', with PIL's in-memory buffer names left out."""
+    message = str(error.args[0]) if error.args else repr(error)  # webdataset appends the stream and url to args
+    message = message.splitlines()[0] if message else ""
+    message = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", message)  # PIL names its buffer, not the file
+    return f"{type(error).__name__}: {message}"
+
+
+def _check_pixels(num_pixels: int, max_pixels: int | None, name: str) -> None:
+    if max_pixels is not None and num_pixels > max_pixels:
+        raise ImageTooLargeError(
+            f"{name} has {num_pixels} pixels, more than data.max_image_pixels={max_pixels} (a guard against "
+            "decompression bombs); raise data.max_image_pixels if the image is genuine"
+        )
+
+
+def open_source(
+    data: bytes | str | os.PathLike, ext: str | None = None, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> ImageSource:
+    """A file's image: a lazily opened PIL image, or a (C, H, W) numpy array for .npy / .tif / .tiff.
+
+    Args:
+        data: a path, or the file's bytes (a shard member) with its extension `ext` ("png", ".npy", ...).
+        max_pixels: images with more pixels raise ImageTooLargeError (None: no limit).
+    """
+    name = str(data) if not isinstance(data, bytes) else f"a .{str(ext).lstrip('.')} member"
+    suffix = "." + (ext.lstrip(".") if ext else Path(str(data)).suffix.lstrip(".")).lower()
+    stream = io.BytesIO(data) if isinstance(data, bytes) else data
+    if suffix == ".npy":
+        array = np.load(stream, allow_pickle=False, mmap_mode=None if isinstance(data, bytes) else "r")
+        if array.ndim not in (2, 3):
+            raise ValueError(f"{name}: a .npy image must be (H, W) or (C, H, W), got shape {array.shape}")
+        _check_pixels(array.shape[-1] * array.shape[-2], max_pixels, name)
+        return np.array(array if array.ndim == 3 else array[None])  # read now (a writable copy of the map)
+    if suffix in (".tif", ".tiff"):
+        array = _read_tiff(stream, max_pixels, name)
+        if array is not None:
+            return array
+        if isinstance(stream, io.BytesIO):
+            stream.seek(0)
+    Image.MAX_IMAGE_PIXELS = max_pixels  # per process: DataLoader workers that are spawned read it here too
+    with warnings.catch_warnings():
+        # PIL only warns between its limit and twice it: here any image over the limit is refused
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(stream)
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+            raise ImageTooLargeError(
+                f"{name} has more pixels than data.max_image_pixels={max_pixels} (PIL: {e}) a guard against "
+                "decompression bombs; raise data.max_image_pixels if the image is genuine"
+            ) from e
+    return img
+
+
+def _read_tiff(stream: io.BytesIO | str | os.PathLike, max_pixels: int | None, name: str) -> np.ndarray | None:
+    """A TIFF's first series as (C, H, W): pages, samples and any other axes become channels. None for a plain
+    8-bit image of one page and at most four samples (grey, RGB, RGBA), which PIL reads as any other photo."""
+    import tifffile  # a scikit-image dependency; imported here so that 8-bit photo pipelines never load it
+
+    logging.getLogger("tifffile").setLevel(logging.CRITICAL)  # a broken file is reported once, by the caller
+
+    with tifffile.TiffFile(stream) as tif:
+        series = tif.series[0]
+        axes, shape = series.axes, series.shape
+        if "Y" not in axes or "X" not in axes:
+            raise ValueError(f"{name}: TIFF series with axes {axes!r} has no Y and X axes")
+        _check_pixels(shape[axes.index("Y")] * shape[axes.index("X")], max_pixels, name)
+        samples = shape[axes.index("S")] if "S" in axes else 1
+        if series.dtype == np.uint8 and set(axes) <= {"Y", "X", "S"} and samples <= 4:
+            return None
+        array = series.asarray()
+    y, x = axes.index("Y"), axes.index("X")
+    others = [i for i in range(array.ndim) if i not in (y, x)]
+    array = array.transpose(*others, y, x)  # ..., H, W
+    return array.reshape(-1, *array.shape[-2:])  # C, H, W
+
+
+def source_size(source: ImageSource) -> tuple[int, int]:
+    """(width, height) of an opened source, without decoding a PIL image."""
+    if isinstance(source, Image.Image):
+        return source.size
+    return int(source.shape[-1]), int(source.shape[-2])
+
+
+def source_bands(source: ImageSource) -> int:
+    """Number of bands the file holds."""
+    if isinstance(source, Image.Image):
+        return len(source.getbands())
+    return int(source.shape[0])
+
+
+def describe_source(source: ImageSource) -> str:
+    """A short description for check-data: 'PNG I;16 1 band 16-bit', 'npy float32 13 bands'."""
+    if isinstance(source, Image.Image):
+        kind, mode = source.format or "image", source.mode
+        dtype = np.dtype("uint8") if mode in EIGHT_BIT_MODES else np.asarray(source).dtype
+    else:
+        kind, mode, dtype = "array", "", source.dtype
+    depth = f"{dtype.itemsize * 8}-bit {'float' if dtype.kind == 'f' else 'int'}"
+    bands = source_bands(source)
+    return " ".join(p for p in (kind, mode, f"{bands} band{'s' if bands != 1 else ''}", depth) if p)
+
+
+def to_tensor(source: ImageSource, in_chans: int) -> torch.Tensor:
+    """(in_chans, H, W): uint8 for 8-bit images, float32 in the file's units for every other depth.
+
+    Grey images fill three channels when in_chans is 3 (as PIL's convert("RGB")), colour 8-bit images become grey
+    (PIL's luma) when in_chans is 1 and an alpha band is dropped for 3 channels; any other band count must equal
+    in_chans. 8-bit images with 3 channels go through PIL's convert("RGB") exactly as an RGB pipeline does.
+    """
+    if isinstance(source, Image.Image):
+        if source.mode in EIGHT_BIT_MODES and in_chans in (1, 3):
+            img = (
+                source
+                if source.mode == ("RGB" if in_chans == 3 else "L")
+                else source.convert("RGB" if in_chans == 3 else "L")
+            )
+            pixels = torch.from_numpy(np.array(img, dtype=np.uint8))
+            return pixels[None] if pixels.dim() == 2 else pixels.permute(2, 0, 1)  # H, W, C -> C, H, W (a view)
+        if source.mode == "P":
+            source = source.convert("RGBA" if "transparency" in source.info else "RGB")
+        array = np.asarray(source)
+        array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)  # C, H, W
+    else:
+        array = source
+    bands = array.shape[0]
+    if bands == 1 and in_chans == 3:
+        array = np.repeat(array, 3, axis=0)
+    elif bands != in_chans:
+        raise ValueError(
+            f"the image has {bands} band{'s' if bands != 1 else ''} but model.in_chans={in_chans}; set "
+            f"model.in_chans={bands} or convert the files"
+        )
+    if array.dtype == np.uint8:
+        return torch.from_numpy(np.ascontiguousarray(array))
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
+def read_tensor(
+    path: str | os.PathLike, in_chans: int, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> torch.Tensor:
+    """A whole image file as (in_chans, H, W) (uint8 or float32), with errors that name the file."""
+    try:
+        source = open_source(path, max_pixels=max_pixels)
+        try:
+            return to_tensor(source, in_chans)
+        finally:
+            close_source(source)
+    except ImageTooLargeError:
+        raise
+    except Exception as e:  # PIL and tifffile raise several types for unreadable files
+        raise ValueError(f"cannot read image {path}: {e}") from e
+
+
+def close_source(source: ImageSource) -> None:
+    """Close a PIL image's file; arrays need nothing."""
+    if isinstance(source, Image.Image):
+        source.close()

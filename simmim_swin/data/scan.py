@@ -1,0 +1,168 @@
+"""Reading a whole data set up front, in parallel: what `simmim-swin check-data` and `simmim-swin stats` do.
+
+A target is an image folder (every image file under it) or a shard set (an index .json, a brace pattern or a tar);
+the work is split by file or by shard over a multiprocessing pool, with a progress line.
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from simmim_swin.data.datasets import find_images
+from simmim_swin.data.images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    ImageSource,
+    close_source,
+    describe_error,
+    describe_source,
+    open_source,
+    to_tensor,
+)
+from simmim_swin.data.shards import Progress, resolve_urls
+from simmim_swin.data.stream import BadSampleLog, iter_shard_samples, open_image
+
+
+def scan_units(path: str | Path) -> tuple[str, list[str]]:
+    """('folder', image files) or ('shards', shard URLs) for a folder, an index .json, a brace pattern or a tar."""
+    path_str = str(path)
+    if Path(path_str).is_dir():
+        return "folder", [str(p) for p in find_images(path_str)]
+    if path_str.endswith(".json") or ".tar" in path_str:
+        urls, _ = resolve_urls(path_str, what="PATH")
+        return "shards", urls
+    raise ValueError(f"{path_str} is neither an image folder nor a shard index (.json) or .tar shards")
+
+
+def _sources(unit: str, kind: str, max_pixels: int | None) -> Iterator[tuple[str, ImageSource | Exception]]:
+    """(name, opened image or the error) for each image of a unit: a file, or every sample of a shard."""
+    if kind == "folder":
+        try:
+            yield unit, open_source(unit, max_pixels=max_pixels)
+        except Exception as e:  # any failure to open is what check-data reports
+            yield unit, e
+        return
+    log = BadSampleLog(stream=io.StringIO())  # unreadable tars are reported below, not printed
+    for sample in iter_shard_samples([unit], log):
+        if sample is None:
+            continue
+        name = f"{unit}#{sample.get('__key__')}"
+        try:
+            yield name, open_image(sample, max_pixels)
+        except Exception as e:
+            yield name, e
+    if log.total:
+        yield unit, ValueError(f"{log.total} unreadable part(s) of the shard (truncated or not a tar)")
+
+
+@dataclass
+class Moments:
+    """Per-channel pixel count, mean and sum of squared deviations (raw units, float64)."""
+
+    count: np.ndarray
+    mean: np.ndarray
+    m2: np.ndarray
+
+    @property
+    def std(self) -> np.ndarray:
+        """Population standard deviation per channel."""
+        return np.sqrt(self.m2 / self.count)
+
+    @classmethod
+    def of(cls, pixels: torch.Tensor) -> Moments:
+        """The moments of one image (C, H, W)."""
+        x = pixels.to(torch.float64).flatten(1)  # C, H*W
+        mean = x.mean(dim=1)
+        m2 = ((x - mean[:, None]) ** 2).sum(dim=1)
+        return cls(np.full(x.shape[0], float(x.shape[1])), mean.numpy(), m2.numpy())
+
+    def combine(self, other: Moments | None) -> Moments:
+        """Both sets of pixels together (Chan et al.'s parallel update: stable for millions of pixels)."""
+        if other is None:
+            return self
+        if other.mean.shape != self.mean.shape:
+            raise ValueError(
+                f"images with {self.mean.shape[0]} and {other.mean.shape[0]} channels; pass --in-chans N to read "
+                "every image with N channels"
+            )
+        count = self.count + other.count
+        delta = other.mean - self.mean
+        mean = self.mean + delta * other.count / count
+        return Moments(count, mean, self.m2 + other.m2 + delta**2 * self.count * other.count / count)
+
+
+@dataclass
+class UnitReport:
+    """What one file or shard (or all of them) held: image kinds with counts, bad images with reasons, moments."""
+
+    kinds: dict[str, int] = field(default_factory=dict)
+    bad: list[tuple[str, str]] = field(default_factory=list)
+    images: int = 0
+    moments: Moments | None = None
+
+    def add(self, other: UnitReport) -> None:
+        """Merge another report into this one."""
+        for name, n in other.kinds.items():
+            self.kinds[name] = self.kinds.get(name, 0) + n
+        self.bad.extend(other.bad)
+        self.images += other.images
+        if other.moments is not None:
+            self.moments = other.moments.combine(self.moments)
+
+
+def check_unit(args: tuple[str, str, int | None, int | None, bool]) -> UnitReport:
+    """Decode every image of a unit completely; with `moments`, per-channel statistics in raw units."""
+    unit, kind, max_pixels, in_chans, moments = args
+    report = UnitReport()
+    for name, source in _sources(unit, kind, max_pixels):
+        if isinstance(source, Exception):
+            report.bad.append((name, describe_error(source)))
+            continue
+        try:
+            kind_name = describe_source(source)
+            pixels = to_tensor(source, in_chans or _bands(source))  # decodes everything: truncation shows here
+        except Exception as e:
+            report.bad.append((name, describe_error(e)))
+            continue
+        finally:
+            close_source(source)
+        report.kinds[kind_name] = report.kinds.get(kind_name, 0) + 1
+        report.images += 1
+        if moments:
+            report.moments = Moments.of(pixels).combine(report.moments)
+    return report
+
+
+def _bands(source: ImageSource) -> int:
+    """The channels an image gives when read as it is (a palette image as RGB)."""
+    if isinstance(source, Image.Image):
+        return 3 if source.mode == "P" else len(source.getbands())
+    return int(source.shape[0])
+
+
+def scan(
+    units: list[str], kind: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, in_chans: int | None = None,
+    moments: bool = False, workers: int = 0, desc: str = "scan",
+) -> UnitReport:  # fmt: skip
+    """All units read by a pool of `workers` processes (0: one per CPU), merged into one report."""
+    total = UnitReport()
+    workers = min(workers or os.cpu_count() or 1, max(1, len(units)))
+    progress = Progress(len(units), max(1, len(units) // 20), desc=f"{desc} ({kind})")
+    tasks = [(unit, kind, max_pixels, in_chans, moments) for unit in units]
+    try:
+        # spawn: the workers never inherit the caller's threads or open files
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            for report in pool.imap_unordered(check_unit, tasks, chunksize=max(1, len(units) // (workers * 8))):
+                total.add(report)
+                progress.update()
+    finally:
+        progress.close()
+    return total
