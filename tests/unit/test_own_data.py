@@ -191,7 +191,7 @@ def test_band_display_picks_bands_and_stretches_per_image():
     grey = BandDisplay()(images[:, :1], *BandDisplay().ranges(images[:, :1]))
     assert (grey[..., 0] == grey[..., 1]).all() and (grey[..., 1] == grey[..., 2]).all()
     tiles, _ = make_panel_tiles(images, torch.zeros(2, 2, 2), images, patch_size=4, display=display)
-    assert tiles.shape == (2, 3, 8, 8, 3)
+    assert tiles.shape == (2, 4, 8, 8, 3)
     assert build_display(3, True) is None and isinstance(build_display(3, False), BandDisplay)
     assert build_display(4, False, [3, 2, 1]).bands == [3, 2, 1]
 
