@@ -150,7 +150,8 @@ def main() -> None:
     print("| step | " + " | ".join(keys) + " | fine-tuned top-1 |")
     print("|---" * (len(keys) + 2) + "|")
     for r in rows:
-        print(f"| {r['step']} | " + " | ".join(f"{r[k]:.4f}" if k == "val_loss" else f"{r[k]:.2f}" for k in keys) + f" | {r['finetune_top1']:.2f} |")
+        cells = [f"{r[k]:.4f}" if k == "val_loss" else f"{r[k]:.2f}" for k in keys]
+        print(f"| {r['step']} | " + " | ".join(cells) + f" | {r['finetune_top1']:.2f} |")
     print("| Spearman with fine-tuned top-1 | " + " | ".join(f"{correlations[k]:+.2f}" for k in keys) + " | |")
     wall = time.perf_counter() - start
     print(f"wall time {wall / 60:.1f} min (pretraining with probes {pretrain_s / 60:.1f} min, "
