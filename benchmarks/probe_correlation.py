@@ -1,17 +1,20 @@
 """Which number tells whether pretraining works? Probes, reconstruction loss and fine-tuned accuracy, compared.
 
 1. SimMIM-pretrain the small SwinV2 of benchmarks/quality_fmnist.py on the 60k Fashion-MNIST training images
-   (labels unused) with the online probe on (probe.source=fashion_mnist, kNN and linear), a probe and a
-   checkpoint every --every steps: --points checkpoints in all.
+   (labels unused) with the online probe on (probe.source=fashion_mnist, kNN and linear): a probe and a
+   checkpoint every (pretraining steps // --points) steps, --points checkpoints in all.
 2. For each checkpoint: the probe's numbers at that step (metrics.jsonl), the masked-pixel loss on --val-images
    Fashion-MNIST test images with fixed masks (the validation reconstruction loss), and a fine-tune with
-   quality_fmnist.py's recipe on --num-labelled labels (seed 0), evaluated on the 10k test images.
+   quality_fmnist.py's recipe on --num-labelled labels (seed 0), evaluated on the 10k test images; --jobs
+   fine-tunes run side by side, --threads torch threads each.
 3. Print the table and the Spearman rank correlation of each number with the fine-tuned top-1 across the
    checkpoints (the reconstruction loss is negated: lower should mean better), and write them as JSON to --json.
 
-Every flag of quality_fmnist.py applies (model, pretraining and fine-tuning recipe). A full run on the 2-core CPU
-takes roughly half an hour with the defaults (5 points, 3 pretraining epochs); reduce with --pretrain-epochs,
---epochs and --points.
+Every flag of quality_fmnist.py applies (model, pretraining and fine-tuning recipe; --seeds and --variants do
+not: one fine-tune per checkpoint, seed 0). The defaults (3 pretraining epochs, 15 fine-tuning epochs at 48 px)
+take well over half an hour on a shared 2-core CPU; the run in benchmarks/RESULTS.md adds
+--pretrain-epochs 1 --pretrain-batch 48 --size 32 --window 4 --epochs 8 (18 minutes there).
+Runs live under --out; starting the same command again reuses the finished pretraining and fine-tunes.
 """
 
 from __future__ import annotations
