@@ -108,9 +108,9 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     calls = {"n": 0}
     real_loss = pretrain_module.masked_pixel_loss
 
-    def flaky_loss(model, batch):
+    def flaky_loss(model, batch, **kwargs):
         calls["n"] += 1
-        loss = real_loss(model, batch)
+        loss = real_loss(model, batch, **kwargs)
         # step 3 is one bad step among good ones; from step 6 on every step is bad
         return loss * float("nan") if calls["n"] == 3 or calls["n"] >= 6 else loss
 
