@@ -20,8 +20,10 @@ Runs live under --out and resume: starting the same command again reuses finishe
 
 --in-chans 1 reads the images as the single grey band they are (instead of grey copied into RGB), with the
 per-channel statistics `simmim-swin stats --source fashion-mnist` prints (data.mean / data.std); fine-tuning then
-keeps raw values and uses crop / flip only (RandAugment is an 8-bit RGB operation). The median step time of the
-pretraining and of the first fine-tune is recorded for each channel count.
+keeps raw values and uses crop / flip only (RandAugment and colour jitter are 8-bit RGB operations, so
+--rand-augment has no effect there). --own-stats gives three channels the same treatment (grey in RGB with the
+Fashion-MNIST statistics, crop / flip only): with it the two channel counts differ in nothing but the channels.
+The median step time of the pretraining and of the fine-tunes (median over all of them) is recorded.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import argparse
 import json
 import multiprocessing
 import statistics
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -46,7 +49,11 @@ VARIANTS = ("pretrained", "scratch", "reinit_cpb")
 
 def parse_args() -> argparse.Namespace:
     args = build_parser(__doc__).parse_args()
-    suffix = "" if args.in_chans == 3 else f"_{args.in_chans}ch"
+    suffix = f"_{args.in_chans}ch" if args.in_chans != 3 else "_own_stats" if args.own_stats else ""
+    if raw_values(args) and args.rand_augment != "none":
+        print(
+            f"note: --rand-augment {args.rand_augment} is not applied (raw values: crop / flip only)", file=sys.stderr
+        )
     args.out = args.out or f"outputs/quality_fmnist{suffix}"
     args.json = args.json or str(Path(__file__).parent / "results" / f"quality_fmnist{suffix}.json")
     return args
@@ -58,6 +65,10 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder for the runs (default outputs/quality_fmnist[_1ch])")
     p.add_argument("--json", default=None, help="results file (default benchmarks/results/quality_fmnist[_1ch].json)")
     p.add_argument("--in-chans", type=int, default=3, choices=(1, 3), help="1: one grey band with its own statistics")
+    p.add_argument(
+        "--own-stats", action="store_true",
+        help="Fashion-MNIST's own statistics and crop / flip only also for --in-chans 3 (always so for 1)",
+    )  # fmt: skip
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (0: torch's default)")
     p.add_argument("--jobs", type=int, default=2, help="fine-tunes run side by side in this many processes")
@@ -102,10 +113,15 @@ def model_overrides(args: argparse.Namespace) -> dict:
     return dict(arch="tiny", embed_dim=args.embed_dim, depths=args.depths, num_heads=args.heads, in_chans=args.in_chans)
 
 
+def raw_values(args: argparse.Namespace) -> bool:
+    """Whether the runs read raw values with Fashion-MNIST's statistics (one band, or --own-stats)."""
+    return args.in_chans != 3 or args.own_stats
+
+
 def statistics_overrides(args: argparse.Namespace) -> dict:
-    """data.mean / data.std for one grey band (what `simmim-swin stats --source fashion-mnist` prints); none for
-    grey-in-RGB, which keeps ImageNet's like any 8-bit RGB data."""
-    if args.in_chans == 3:
+    """data.mean / data.std of Fashion-MNIST (what `simmim-swin stats --source fashion-mnist --in-chans N` prints)
+    with --own-stats (always for one band); none otherwise: grey-in-RGB keeps ImageNet's like any 8-bit RGB data."""
+    if not raw_values(args):
         return {}
     moments = fashion_mnist_moments(args.in_chans)
     return dict(mean=moments.mean.tolist(), std=moments.std.tolist())
@@ -131,7 +147,10 @@ def pretrain(args: argparse.Namespace, out: Path) -> Path:
             ),
             mask=dict(mask_patch_size=args.mask_patch, mask_ratio=args.mask_ratio, norm_target=args.norm_target),
             data=dict(
-                source="fashion_mnist", split="train", batch_size=args.pretrain_batch, num_workers=args.workers,
+                source="fashion_mnist",
+                split="train",
+                batch_size=args.pretrain_batch,
+                num_workers=args.workers,
                 **statistics_overrides(args),
             ),  # fmt: skip
             optim=dict(base_lr=args.pretrain_lr, warmup_lr=args.pretrain_lr / 100, min_lr=args.pretrain_lr / 100),
