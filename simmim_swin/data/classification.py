@@ -10,6 +10,7 @@ RandomResizedCrop and flip only, raw tensors (in_chans, img_size, img_size) norm
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -185,6 +186,16 @@ def build_train_dataset(
     _check_source(data_cfg)
     raw = keeps_raw_values(data_cfg, in_chans)
     if raw:  # crop and flip only: timm's colour operations are defined for 8-bit RGB
+        unused = [f"augment.{name}" for name, on in (
+            ("rand_augment", bool(augment.rand_augment)), ("color_jitter", augment.color_jitter > 0),
+            ("reprob", augment.reprob > 0),
+        ) if on]  # fmt: skip
+        if unused:
+            warnings.warn(
+                f"{', '.join(unused)} not applied: images keep their raw values (model.in_chans={in_chans} or "
+                "data.mean set), which get random crops and flips only; set them to null / 0 to silence this",
+                stacklevel=2,
+            )
         transform = PretrainCrop(img_size, augment.crop_scale, augment.crop_ratio, augment.hflip > 0, in_chans=in_chans)
     else:
         transform = build_train_transform(img_size, augment)
