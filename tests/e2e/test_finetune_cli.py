@@ -130,6 +130,19 @@ def test_pretrain_finetune_evaluate_export_to_timm(tmp_path):
     assert result["stage_window_sizes"] == [16, 16, 8] and result["pretrained_window_sizes"] == [4, 4, 2]
     assert result["num_images"] == 6
 
+    # the same number of classes under other names: the head's outputs would be scored against the wrong folders
+    renamed = tmp_path / "renamed"
+    for split in ("train", "val"):
+        for name, other in zip(CLASSES, ("crimson", "emerald", "navy"), strict=True):
+            (renamed / split).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "images" / split / name).rename(renamed / split / other)
+    refused = tool(tmp_path, "finetune", f"evaluate={run_dir}", f"data.root={renamed}", f"run.output_dir={tmp_path}")
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "was fine-tuned on other classes than the data has" in refused.stderr.strip().splitlines()[-1]
+    for split in ("train", "val"):  # back, for the export below
+        for name, other in zip(CLASSES, ("crimson", "emerald", "navy"), strict=True):
+            (renamed / split / other).rename(tmp_path / "images" / split / name)
+
     # export in timm's layout; timm builds the same model from the printed arguments and gives the same logits
     out = tmp_path / "ft.safetensors"
     export = tool(tmp_path, "tools", "export", str(run_dir), "--out", str(out), "--timm")
