@@ -8,6 +8,7 @@ import tarfile
 
 import numpy as np
 import pytest
+from fake_stream import FakeStream
 from PIL import Image
 
 from simmim_swin.cli.tools import main as tools_main
@@ -168,17 +169,8 @@ def test_make_shards_tool_from_a_folder_and_user_errors(class_folder, tmp_path, 
         assert exit_info.value.code == 2 and err.startswith("error: ") and message in err, err
 
 
-class _FakeStream(io.StringIO):
-    def __init__(self, tty: bool) -> None:
-        super().__init__()
-        self._tty = tty
-
-    def isatty(self) -> bool:
-        return self._tty
-
-
 def test_progress_prints_every_n_items_in_a_log() -> None:
-    stream, now = _FakeStream(tty=False), [0.0]
+    stream, now = FakeStream(tty=False), [0.0]
     progress = Progress(5, every=2, desc="make-shards x", stream=stream, clock=lambda: now[0])
     for _ in range(5):
         now[0] += 0.5
@@ -192,7 +184,7 @@ def test_progress_prints_every_n_items_in_a_log() -> None:
 
 
 def test_progress_redraws_one_line_on_a_terminal_at_most_every_redraw_s() -> None:
-    stream, now = _FakeStream(tty=True), [0.0]
+    stream, now = FakeStream(tty=True), [0.0]
     progress = Progress(4, every=1, desc="d", stream=stream, clock=lambda: now[0], redraw_s=1.0)
     for t in (0.5, 0.6, 2.0, 2.1):
         now[0] = t

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fake_stream import FakeStream
 from PIL import Image
 
 from simmim_swin.config import LoggerConfig
@@ -246,17 +247,8 @@ def test_step_timer_splits_data_wait_from_compute() -> None:
     assert timer.pop() == {"data_wait_frac": 0.5, "step_time_s": 4.0}
 
 
-class _FakeStream(io.StringIO):
-    def __init__(self, tty: bool) -> None:
-        super().__init__()
-        self._tty = tty
-
-    def isatty(self) -> bool:
-        return self._tty
-
-
 def test_progress_plain_lines_when_not_a_terminal() -> None:
-    stream, now = _FakeStream(tty=False), [0.0]
+    stream, now = FakeStream(tty=False), [0.0]
     printer = ProgressPrinter(100, start_step=0, steps_per_epoch=10, stream=stream, clock=lambda: now[0])
     now[0] = 10.0
     printer.update(10, {"loss": 0.5, "lr": 1e-3, "images_per_sec": 64.0, "data_wait_frac": 0.125})
@@ -270,7 +262,7 @@ def test_progress_plain_lines_when_not_a_terminal() -> None:
 
 
 def test_progress_redraws_one_line_on_a_terminal() -> None:
-    stream, now = _FakeStream(tty=True), [0.0]
+    stream, now = FakeStream(tty=True), [0.0]
     printer = ProgressPrinter(100, start_step=0, steps_per_epoch=10, stream=stream, clock=lambda: now[0], width=200)
     now[0] = 10.0
     printer.update(10, {"loss": 0.5, "lr": 1e-3, "images_per_sec": 64.0, "data_wait_frac": 0.125})
@@ -284,7 +276,7 @@ def test_progress_redraws_one_line_on_a_terminal() -> None:
         "\rstep 20/100 ep 2 loss 0.2500 eta 0:00:40\x1b[K\n"
         "\rstep 30/100 ep 3 loss 0.1250 eta 0:00:23\x1b[K\n"
     )
-    narrow = _FakeStream(tty=True)
+    narrow = FakeStream(tty=True)
     ProgressPrinter(100, 0, 10, stream=narrow, width=30).update(10, {"loss": 0.5, "lr": 1e-3})
     assert narrow.getvalue() == "\r" + "step 10/100 ep 1 loss 0.5000 lr"[:29] + "\x1b[K"  # never wraps
 
