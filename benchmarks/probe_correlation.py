@@ -1,16 +1,16 @@
 """Which number tells whether pretraining works? Probes, reconstruction loss and fine-tuned accuracy, compared.
 
-1. SimMIM-pretrain the small SwinV2 of benchmarks/quality_fmnist.py on the 60k Fashion-MNIST training images
+1. SimMIM-pretrain the small SwinV2 of benchmarks/quality.py on the 60k Fashion-MNIST training images
    (labels unused) with the online probe on (probe.source=fashion_mnist, kNN and linear): a probe and a
    checkpoint every (pretraining steps // --points) steps, --points checkpoints in all.
 2. For each checkpoint: the probe's numbers at that step (metrics.jsonl), the masked-pixel loss on --val-images
    Fashion-MNIST test images with fixed masks (the validation reconstruction loss), and a fine-tune with
-   quality_fmnist.py's recipe on --num-labelled labels (seed 0), evaluated on the 10k test images; --jobs
+   quality.py's recipe on --num-labelled labels (seed 0), evaluated on the 10k test images; --jobs
    fine-tunes run side by side, --threads torch threads each.
 3. Print the table and the Spearman rank correlation of each number with the fine-tuned top-1 across the
    checkpoints (the reconstruction loss is negated: lower should mean better), and write them as JSON to --json.
 
-Every flag of quality_fmnist.py applies (model, pretraining and fine-tuning recipe; --seeds and --variants do
+Every flag of quality.py applies (model, pretraining and fine-tuning recipe; --seeds and --variants do
 not: one fine-tune per checkpoint, seed 0). The defaults (3 pretraining epochs, 15 fine-tuning epochs at 48 px)
 take well over half an hour on a shared 2-core CPU; the run in benchmarks/RESULTS.md adds
 --pretrain-epochs 1 --pretrain-batch 48 --size 32 --window 4 --epochs 8 (18 minutes there).
@@ -26,7 +26,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-from quality_fmnist import _set_threads, build_parser, finetune, model_overrides, statistics_overrides
+from quality import _set_threads, build_parser, finetune, model_overrides, statistics_overrides
 
 from simmim_swin.checkpoint import load_checkpoint
 from simmim_swin.config import PretrainConfig, from_dict
@@ -136,7 +136,7 @@ def main() -> None:
     jobs = [(args, out, f"step{row['step']:06d}", 0, checkpoint) for row, checkpoint in zip(rows, checkpoints)]
     finetune_start = time.perf_counter()
     if args.jobs > 1:
-        # one single-thread process per fine-tune, side by side (see quality_fmnist.py)
+        # one single-thread process per fine-tune, side by side (see quality.py)
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_set_threads,
                                  initargs=(args.threads,)) as pool:  # fmt: skip

@@ -92,6 +92,9 @@ class DataConfig:
     batch_size: int = 128  # images per process and micro-batch
     num_workers: int = 4  # data-loader worker processes per process
     samples_per_epoch: int = 8192  # photos: crops per epoch; shards: samples per epoch (0: the index's total)
+    # folder / fashion_mnist: pretrain on this many of the images, a fixed random subset (the first N of a seed-0
+    # permutation, so a smaller subset lies inside a larger one); null: all of them
+    num_images: int | None = None
     shuffle_buffer: int = 2000  # source=shards: samples held per worker for shuffling (0: no shuffle)
     crop_scale: list[float] = field(default_factory=lambda: [0.67, 1.0])  # RandomResizedCrop area range
     crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # RandomResizedCrop aspect range
@@ -406,7 +409,7 @@ NUMBER_BOUNDS: tuple[tuple[str, float, bool], ...] = (
         "model.img_size", "model.patch_size", "model.window_size", "model.in_chans", "mask.mask_patch_size",
         "data.batch_size", "data.eval_batch_size", "optim.accum_steps", "optim.lr_reference_batch",
         "schedule.epochs", "run.save_every", "run.keep_last", "run.max_consecutive_skips", "logger.log_every",
-        "logger.image_every", "logger.num_images", "logger.val_every", "train.eval_every",
+        "logger.image_every", "logger.num_images", "logger.val_every", "train.eval_every", "data.num_images",
     )),
     *((key, 0, False) for key in ("optim.base_lr", "optim.eps", "model.mlp_ratio", "optim.clip_grad")),
     *((key, 0, True) for key in (
@@ -498,6 +501,11 @@ def _validate_pretrain_data(config: PretrainConfig) -> None:
         raise ConfigError(f"data.source={data_cfg.source!r} is not one of {list(DATA_SOURCES)}")
     if data_cfg.source == "shards" and not data_cfg.urls:
         raise ConfigError("data=shards needs data.urls: the index .json written by `simmim-swin make-shards`")
+    if data_cfg.num_images is not None and data_cfg.source not in ("folder", "fashion_mnist"):
+        raise ConfigError(
+            f"data.num_images={data_cfg.num_images} picks a subset of a folder or of Fashion-MNIST, not of "
+            f"data.source={data_cfg.source}; set data.samples_per_epoch instead, or data.num_images=null"
+        )
     if data_cfg.num_workers < 0 or data_cfg.shuffle_buffer < 0 or data_cfg.val_samples < 0:
         raise ConfigError(
             f"data.num_workers={data_cfg.num_workers}, data.shuffle_buffer={data_cfg.shuffle_buffer} and "

@@ -213,7 +213,46 @@ def build_pretrain_dataset(data_cfg: DataConfig, img_size: int, mask_generator: 
     if data_cfg.source == "photos":
         return PhotoCrops(transform, mask_generator, samples_per_epoch=data_cfg.samples_per_epoch)
     if data_cfg.source == "fashion_mnist":
-        return FashionMNISTMIM(data_cfg.split, transform, mask_generator)
-    if not data_cfg.root:
+        dataset = FashionMNISTMIM(data_cfg.split, transform, mask_generator)
+    elif not data_cfg.root:
         raise ValueError("data.source=folder needs data.root: the folder of images to pretrain on")
-    return ImageFolderMIM(data_cfg.root, transform, mask_generator, max_pixels=data_cfg.max_image_pixels)
+    else:
+        dataset = ImageFolderMIM(data_cfg.root, transform, mask_generator, max_pixels=data_cfg.max_image_pixels)
+    return dataset if data_cfg.num_images is None else ImageSubset(dataset, data_cfg.num_images)
+
+
+class ImageSubset(Dataset):
+    """`num_images` images of a pretraining dataset: the first of a seed-0 permutation, in the dataset's order.
+
+    The permutation does not depend on run.seed or num_images, so every run with the same num_images sees the same
+    images and a smaller subset lies inside a larger one (what a study of the unlabelled set's size needs).
+    """
+
+    def __init__(self, dataset: ImageFolderMIM | FashionMNISTMIM, num_images: int) -> None:
+        total = len(dataset)
+        if not 1 <= num_images <= total:
+            raise ValueError(
+                f"data.num_images={num_images} must lie in [1, {total}]: {dataset!r} holds {total} images; lower it "
+                "or set data.num_images=null for all of them"
+            )
+        order = torch.randperm(total, generator=torch.Generator().manual_seed(0))[:num_images]
+        self.indices: list[int] = sorted(order.tolist())
+        self.dataset = dataset
+
+    @property
+    def num_images(self) -> int:
+        """Number of images in the subset."""
+        return len(self.indices)
+
+    def load_image(self, k: int) -> ImageSource:
+        """The k-th image of the subset, decoded as the wrapped dataset decodes it."""
+        return self.dataset.load_image(self.indices[k])
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | BadSample:
+        return self.dataset[self.indices[index]]
+
+    def __repr__(self) -> str:
+        return f"ImageSubset({self.dataset!r}, num_images={self.num_images})"
