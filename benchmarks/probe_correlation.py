@@ -10,8 +10,8 @@
 3. Print the table and the Spearman rank correlation of each number with the fine-tuned top-1 across the
    checkpoints (the reconstruction loss is negated: lower should mean better), and write them as JSON to --json.
 
-Every flag of quality.py applies (model, pretraining and fine-tuning recipe; --seeds and --variants do
-not: one fine-tune per checkpoint, seed 0). The defaults (3 pretraining epochs, 15 fine-tuning epochs at 48 px)
+The model, pretraining and fine-tuning flags of quality.py apply (Fashion-MNIST only; --seeds, --variants,
+--unlabelled and --pretrain-steps do not: one fine-tune per checkpoint, seed 0, the first --num-labelled). The defaults (3 pretraining epochs, 15 fine-tuning epochs at 48 px)
 take well over half an hour on a shared 2-core CPU; the run in benchmarks/RESULTS.md adds
 --pretrain-epochs 1 --pretrain-batch 48 --size 32 --window 4 --epochs 8 (18 minutes there).
 Runs live under --out; starting the same command again reuses the finished pretraining and fine-tunes.

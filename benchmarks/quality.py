@@ -35,7 +35,8 @@ Scale up with flags on a GPU, e.g.
     python benchmarks/quality.py --device cuda --threads 0 --jobs 1 --size 64 --window 8 \\
         --pretrain-epochs 50 --epochs 100 --embed-dim 96 --depths 2 2 6 --heads 3 6 12 --seeds 0 1 2 3 4
 
-Runs live under --out and resume: starting the same command again reuses every finished run (its result is kept
+--tag T adds _T to the fine-tuning run names, so another fine-tuning recipe (e.g. --layer-decay 0.75 --tag ld75)
+can run in the same --out and reuse its pretrainings. Runs live under --out and resume: starting the same command again reuses every finished run (its result is kept
 in the run folder's benchmark.json) and continues an interrupted one from its last checkpoint; a finished run
 whose settings differ from the command's is refused (use another --out).
 
@@ -149,6 +150,10 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--num-labelled", type=int, nargs="+", default=[1000], help="labelled training images per run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument(
+        "--tag", default="",
+        help="suffix of the fine-tuning run names: another fine-tuning recipe in the same --out reuses its pretrainings",
+    )  # fmt: skip
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--warmup-epochs", type=int, default=1)
     p.add_argument("--batch", type=int, default=32)
@@ -399,7 +404,7 @@ def run_grid(args: argparse.Namespace, out: Path) -> tuple[list[dict], list[dict
     waiting: list[tuple] = [("pretrain", cell, (args, out, *cell)) for cell in cells]
     if "scratch" in args.variants:
         for num_labelled, seed in itertools.product(args.num_labelled, args.seeds):
-            name = f"scratch_l{num_labelled}_seed{seed}"
+            name = f"scratch_l{num_labelled}_seed{seed}{args.tag and '_' + args.tag}"
             waiting.append(("finetune", None, (args, out, "scratch", seed, None, num_labelled, name)))
     pretrainings, finetunes = [], []
     context = multiprocessing.get_context("spawn")
@@ -423,6 +428,7 @@ def run_grid(args: argparse.Namespace, out: Path) -> tuple[list[dict], list[dict
             ready = []
             for num_labelled, variant, seed in itertools.product(args.num_labelled, pretrained_variants, args.seeds):
                 name = f"{variant}_{checkpoint.name.removeprefix('pretrain_')}_l{num_labelled}_seed{seed}"
+                name += args.tag and f"_{args.tag}"
                 ready.append(("finetune", cell, (args, out, variant, seed, checkpoint, num_labelled, name)))
             waiting[:0] = ready
     return pretrainings, finetunes
