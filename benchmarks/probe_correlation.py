@@ -11,8 +11,9 @@
    checkpoints (the reconstruction loss is negated: lower should mean better), and write them as JSON to --json.
 
 The model, pretraining and fine-tuning flags of quality.py apply (Fashion-MNIST only; --seeds, --variants,
---unlabelled and --pretrain-steps do not: one fine-tune per checkpoint, seed 0, the first --num-labelled). The defaults (3 pretraining epochs, 15 fine-tuning epochs at 48 px)
-take well over half an hour on a shared 2-core CPU; the run in benchmarks/RESULTS.md adds
+--unlabelled and --pretrain-steps do not: one fine-tune per checkpoint, seed 0, the first --num-labelled).
+The defaults (3 pretraining epochs, 15 fine-tuning epochs at 48 px) take well over half an hour on a shared
+2-core CPU; the run in benchmarks/RESULTS.md adds
 --pretrain-epochs 1 --pretrain-batch 48 --size 32 --window 4 --epochs 8 (18 minutes there).
 Runs live under --out; starting the same command again reuses the finished pretraining and fine-tunes.
 """

@@ -36,9 +36,10 @@ Scale up with flags on a GPU, e.g.
         --pretrain-epochs 50 --epochs 100 --embed-dim 96 --depths 2 2 6 --heads 3 6 12 --seeds 0 1 2 3 4
 
 --tag T adds _T to the fine-tuning run names, so another fine-tuning recipe (e.g. --layer-decay 0.75 --tag ld75)
-can run in the same --out and reuse its pretrainings. Runs live under --out and resume: starting the same command again reuses every finished run (its result is kept
-in the run folder's benchmark.json) and continues an interrupted one from its last checkpoint; a finished run
-whose settings differ from the command's is refused (use another --out).
+can run in the same --out and reuse its pretrainings. Runs live under --out and resume: starting the same
+command again reuses every finished run (its result is kept in the run folder's benchmark.json) and continues an
+interrupted one from its last checkpoint; a finished run whose settings differ from the command's is refused
+(use another --out or --tag).
 
 --in-chans 1 reads Fashion-MNIST as the single grey band it is (instead of grey copied into RGB), with the
 per-channel statistics `simmim-swin stats --source fashion-mnist` prints; fine-tuning then keeps raw values and
@@ -152,7 +153,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument(
         "--tag", default="",
-        help="suffix of the fine-tuning run names: another fine-tuning recipe in the same --out reuses its pretrainings",
+        help="suffix of the fine-tuning run names: another recipe in the same --out reuses its pretrainings",
     )  # fmt: skip
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--warmup-epochs", type=int, default=1)
