@@ -340,9 +340,16 @@ def run_once(config: PretrainConfig | FinetuneConfig, train: Any, summarise_run:
     if record_file.is_file():
         record = json.loads(record_file.read_text())
         if record["config"] != settings:
+            changed = [
+                f"{section}.{key}: {old.get(key)!r} -> {new.get(key)!r}"
+                for section, new in settings.items()
+                if isinstance(new, dict) and isinstance(old := record["config"].get(section, {}), dict)
+                for key in sorted(set(old) | set(new))
+                if old.get(key) != new.get(key)
+            ]  # fmt: skip
             raise SystemExit(
-                f"{run_dir} holds a finished run with other settings than this command's; use another --out "
-                "(or delete that run folder)"
+                f"{run_dir} holds a finished run with other settings than this command's ({', '.join(changed[:5])}); "
+                "use another --out or --tag (or delete that run folder)"
             )
         return record["result"]
     wall, cpu = time.perf_counter(), time.process_time()

@@ -152,5 +152,5 @@ def test_one_command_on_a_class_folder_runs_resumes_and_refuses_other_settings(q
     quality.main(argv)  # everything finished: reused, nothing trained again
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/checkpoints/*")} == before
     assert json.loads(results.read_text())["summary"] == summary["summary"]
-    with pytest.raises(SystemExit, match="holds a finished run with other settings"):
+    with pytest.raises(SystemExit, match=r"holds a finished run with other settings .*optim.base_lr: 0.02 -> 0.05"):
         quality.main([*argv, "--lr", "0.05"])
