@@ -67,8 +67,11 @@ import torch
 from simmim_swin.cli.stats import fashion_mnist_moments
 from simmim_swin.config import FinetuneConfig, PretrainConfig, from_dict, to_dict
 from simmim_swin.data import find_images
+from simmim_swin.distributed import DistInfo
 from simmim_swin.finetune import run_finetune
+from simmim_swin.models import build_simmim
 from simmim_swin.pretrain import run_pretrain
+from simmim_swin.probe import build_probe_set, run_probe
 
 VARIANTS = ("pretrained", "scratch", "reinit_cpb")
 FMNIST_TRAIN_IMAGES = 60000
@@ -396,6 +399,16 @@ def finetune(
     return result | {"variant": variant, "seed": seed, "num_labelled": num_labelled}
 
 
+def untrained_probe(args: argparse.Namespace) -> dict[str, float]:
+    """The probe of the pretraining model's initial weights (run.seed 0), before any step: the floor from which
+    the pretrained cells' probe numbers should rise."""
+    config = pretrain_config(args, Path(args.out), args.unlabelled[0], None)
+    torch.manual_seed(config.run.seed)  # the initial weights of every pretraining run
+    model = build_simmim(**to_dict(config.model), norm_target=None)  # the probe reads the encoder only
+    probe_set = build_probe_set(config.probe, args.pretrain_size, torch.device("cpu"), DistInfo())
+    return run_probe(model, probe_set, "fp32", DistInfo())
+
+
 def _set_threads(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
@@ -522,12 +535,17 @@ def main(argv: list[str] | None = None) -> None:
     device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     pretrainings, finetunes = run_grid(args, out)
     rows, times = summarise(pretrainings, finetunes, args), variant_times(pretrainings, finetunes)
+    floor = untrained_probe(args) if any("probe_knn_top1" in p for p in pretrainings) else None
     wall = time.perf_counter() - start
     print_tables(rows, times, args, device)
+    if floor:
+        print(f"probe of the untrained encoder (initial weights, no pretraining): kNN {floor['probe_knn_top1']:.1f} "
+              f"/ {floor['probe_knn_top1_last2']:.1f}, linear {floor['probe_linear_top1']:.1f} / "
+              f"{floor['probe_linear_top1_last2']:.1f} (last / last two stages)")  # fmt: skip
     print(f"wall time of this command {wall / 60:.1f} min (finished runs it reused count as their recorded time above)")
     summary = {
         "args": vars(args), "device": device, "pretrainings": pretrainings, "results": finetunes, "summary": rows,
-        "times": times, "wall_s": wall,
+        "times": times, "untrained_probe": floor, "wall_s": wall,
     }  # fmt: skip
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
