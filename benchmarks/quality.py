@@ -400,10 +400,10 @@ def finetune(
 
 
 def untrained_probe(args: argparse.Namespace) -> dict[str, float]:
-    """The probe of the pretraining model's initial weights (run.seed 0), before any step: the floor from which
-    the pretrained cells' probe numbers should rise."""
+    """The probe of the pretraining model at random initial weights (seed 0), before any step: the floor from
+    which the pretrained cells' probe numbers should rise."""
     config = pretrain_config(args, Path(args.out), args.unlabelled[0], None)
-    torch.manual_seed(config.run.seed)  # the initial weights of every pretraining run
+    torch.manual_seed(0)
     model = build_simmim(**to_dict(config.model), norm_target=None)  # the probe reads the encoder only
     probe_set = build_probe_set(config.probe, args.pretrain_size, torch.device("cpu"), DistInfo())
     return run_probe(model, probe_set, "fp32", DistInfo())
@@ -539,7 +539,7 @@ def main(argv: list[str] | None = None) -> None:
     wall = time.perf_counter() - start
     print_tables(rows, times, args, device)
     if floor:
-        print(f"probe of the untrained encoder (initial weights, no pretraining): kNN {floor['probe_knn_top1']:.1f} "
+        print(f"probe of the untrained encoder (random initial weights): kNN {floor['probe_knn_top1']:.1f} "
               f"/ {floor['probe_knn_top1_last2']:.1f}, linear {floor['probe_linear_top1']:.1f} / "
               f"{floor['probe_linear_top1_last2']:.1f} (last / last two stages)")  # fmt: skip
     print(f"wall time of this command {wall / 60:.1f} min (finished runs it reused count as their recorded time above)")

@@ -144,7 +144,7 @@ def test_one_command_on_a_class_folder_runs_resumes_and_refuses_other_settings(q
     assert set(summary["times"]) == {"pretraining", "pretrained", "scratch"}
     assert 0 <= summary["untrained_probe"]["probe_linear_top1_last2"] <= 100
     printed = capsys.readouterr().out
-    assert "probe of the untrained encoder (initial weights, no pretraining): kNN" in printed
+    assert "probe of the untrained encoder (random initial weights): kNN" in printed
     assert "| 6 | 36 | 3 |" in printed and "| pretraining | 1 |" in printed
 
     records = sorted(p.relative_to(out).parent.name for p in out.glob("*/benchmark.json"))
