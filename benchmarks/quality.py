@@ -528,6 +528,39 @@ def print_tables(rows: list[dict], times: dict[str, dict], args: argparse.Namesp
         print(f"| {name} | {t['runs']} | {t['wall_s'] / 60:.1f} | {t['cpu_s'] / 60:.1f} |")
 
 
+def plot_grid(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
+    """One panel per label count: pretrained top-1 against pretraining steps, a line per unlabelled-set size
+    (error bars: std over seeds), and the scratch mean ± std as a band."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.2 * len(args.num_labelled), 4.0), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(args.num_labelled), squeeze=False)[0]
+    for ax, num_labelled in zip(axes, args.num_labelled):
+        panel = [r for r in rows if r["num_labelled"] == num_labelled and "pretrained" in r]
+        for unlabelled in sorted({r["unlabelled"] for r in panel}):
+            line = sorted((r for r in panel if r["unlabelled"] == unlabelled), key=lambda r: r["steps"])
+            ax.errorbar([r["steps"] for r in line], [r["pretrained"]["mean"] for r in line],
+                        yerr=[r["pretrained"]["std"] for r in line], marker="o", capsize=3,
+                        label=f"pretrained on {unlabelled:,} images")  # fmt: skip
+        scratch = next((r["scratch"] for r in rows if r["num_labelled"] == num_labelled and "scratch" in r), None)
+        if scratch is not None:
+            ax.axhspan(scratch["mean"] - scratch["std"], scratch["mean"] + scratch["std"], color="grey", alpha=0.25)
+            ax.axhline(scratch["mean"], color="grey", linestyle="--", label="scratch (mean ± std)")
+        ax.set_xscale("log")
+        steps = sorted({r["steps"] for r in panel})
+        ax.set_xticks(steps, [f"{step:,}" for step in steps])
+        ax.minorticks_off()
+        ax.set_xlabel("pretraining steps")
+        ax.set_ylabel("fine-tuned top-1 (%)")
+        ax.set_title(f"{num_labelled:,} labelled images, {len(args.seeds)} seeds")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     _set_threads(args.threads)
@@ -550,6 +583,9 @@ def main(argv: list[str] | None = None) -> None:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {args.json}")
+    if len(pretrainings) > 1:
+        plot_grid(rows, args, Path(args.json).with_suffix(".png"))
+        print(f"wrote {Path(args.json).with_suffix('.png')}")
 
 
 if __name__ == "__main__":

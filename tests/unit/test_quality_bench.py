@@ -98,7 +98,7 @@ def test_command_line_errors(quality, capsys) -> None:
         assert message in capsys.readouterr().err
 
 
-def test_summary_pairs_each_cell_with_the_scratch_runs_of_its_label_count(quality) -> None:
+def test_summary_pairs_each_cell_with_the_scratch_runs_of_its_label_count(quality, tmp_path) -> None:
     argv = ["--num-labelled", "500", "1000", "--seeds", "0", "1", "--variants", "pretrained", "scratch"]
     args = quality.parse_args(argv)
     pretrainings = [
@@ -118,6 +118,8 @@ def test_summary_pairs_each_cell_with_the_scratch_runs_of_its_label_count(qualit
     assert [(r["num_labelled"], r["gain"]) for r in rows] == [(500, 5.0), (1000, -2.0)]
     assert rows[0]["pretrained"]["per_seed"] == [60.0, 62.0] and rows[0]["pretrained"]["std"] == pytest.approx(2**0.5)
     assert rows[1]["probe_knn_top1"] == 70.0 and rows[1]["steps"] == 507
+    quality.plot_grid(rows, args, tmp_path / "grid.png")
+    assert (tmp_path / "grid.png").stat().st_size > 10_000
     times = quality.variant_times(pretrainings, finetunes)
     assert times["pretraining"] == {"runs": 1, "wall_s": 60.0, "cpu_s": 50.0}
     assert times["scratch"] == {"runs": 4, "wall_s": 40.0, "cpu_s": 32.0}
