@@ -86,6 +86,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--data folder needs --root DIR (with DIR/train/<class>/ and DIR/val/<class>/)")
     if args.data == "fashion_mnist" and (args.root or args.unlabelled_root):
         parser.error("--root / --unlabelled-root are for --data folder; Fashion-MNIST is read from Debian's package")
+    if args.data == "folder":
+        for folder in (Path(args.root) / "train", Path(args.root) / "val", Path(unlabelled_root(args))):
+            if not folder.is_dir():
+                parser.error(f"{folder} is not a folder: --root DIR needs DIR/train/<class>/ and DIR/val/<class>/")
+        try:
+            find_images(unlabelled_root(args))
+        except ValueError as e:  # no images: named here rather than as a traceback from a worker
+            parser.error(str(e))
     if (args.mean is None) != (args.std is None):
         parser.error("give --mean and --std together, one value per channel")
     if args.data == "folder" and args.own_stats:

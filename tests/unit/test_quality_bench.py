@@ -86,12 +86,18 @@ def test_pretraining_length_becomes_whole_epochs_with_a_warmup_share(quality) ->
         quality.pretraining_schedule(args, 100, 500)
 
 
-def test_command_line_errors(quality, capsys) -> None:
+def test_command_line_errors(quality, capsys, tmp_path) -> None:
+    (tmp_path / "train").mkdir(), (tmp_path / "val").mkdir()
+    write_class_folder(tmp_path / "images", per_class=1)
+    folder = ["--data", "folder", "--root", str(tmp_path), "--unlabelled-root", str(tmp_path / "images")]
     for argv, message in (
         (["--data", "folder"], "--data folder needs --root"),
         (["--root", "x"], "--root / --unlabelled-root are for --data folder"),
-        (["--data", "folder", "--root", "x", "--mean", "1"], "give --mean and --std together"),
-        (["--data", "folder", "--root", "x", "--in-chans", "4"], "--in-chans 4 needs --mean and --std"),
+        (["--data", "folder", "--root", "no_such_dir"], "no_such_dir/train is not a folder"),
+        ([*folder, "--unlabelled-root", "nowhere"], "nowhere is not a folder"),
+        (folder[:4], "holds no images"),
+        ([*folder, "--mean", "1"], "give --mean and --std together"),
+        ([*folder, "--in-chans", "4"], "--in-chans 4 needs --mean and --std"),
     ):
         with pytest.raises(SystemExit):
             quality.parse_args(argv)
