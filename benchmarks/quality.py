@@ -90,10 +90,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for folder in (Path(args.root) / "train", Path(args.root) / "val", Path(unlabelled_root(args))):
             if not folder.is_dir():
                 parser.error(f"{folder} is not a folder: --root DIR needs DIR/train/<class>/ and DIR/val/<class>/")
-        try:
-            find_images(unlabelled_root(args))
-        except ValueError as e:  # no images: named here rather than as a traceback from a worker
-            parser.error(str(e))
+    try:
+        total = unlabelled_total(args)
+    except ValueError as e:  # no images: named here rather than as a traceback from a worker
+        parser.error(str(e))
+    if not all(0 <= n <= total for n in args.unlabelled):
+        parser.error(f"--unlabelled {args.unlabelled}: each must lie in [0, {total}] (the images there; 0: all)")
+    if args.data == "fashion_mnist" and args.in_chans not in (1, 3):
+        parser.error(f"--in-chans {args.in_chans}: Fashion-MNIST is read as 1 band or as grey in 3")
     if (args.mean is None) != (args.std is None):
         parser.error("give --mean and --std together, one value per channel")
     if args.data == "folder" and args.own_stats:

@@ -96,6 +96,9 @@ def test_command_line_errors(quality, capsys, tmp_path) -> None:
         (["--data", "folder", "--root", "no_such_dir"], "no_such_dir/train is not a folder"),
         ([*folder, "--unlabelled-root", "nowhere"], "nowhere is not a folder"),
         (folder[:4], "holds no images"),
+        ([*folder, "--unlabelled", "4", "0"], "--unlabelled [4, 0]: each must lie in [0, 3]"),
+        (["--unlabelled", "70000"], "each must lie in [0, 60000]"),
+        (["--in-chans", "4"], "Fashion-MNIST is read as 1 band or as grey in 3"),
         ([*folder, "--mean", "1"], "give --mean and --std together"),
         ([*folder, "--in-chans", "4"], "--in-chans 4 needs --mean and --std"),
     ):
