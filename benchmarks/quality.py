@@ -542,9 +542,13 @@ def print_tables(rows: list[dict], times: dict[str, dict], args: argparse.Namesp
 
 def plot_grid(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
     """One panel per label count: pretrained top-1 against pretraining steps, a line per unlabelled-set size
-    (error bars: std over seeds), and the scratch mean ± std as a band."""
+    (error bars: std over seeds), and the scratch mean ± std as a band. x is the requested length (--pretrain-steps;
+    the runs' whole epochs differ from it by a few per cent, the table has the exact counts)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
+    def requested(row: dict) -> int:
+        return row["cell"][1] or row["steps"]
 
     fig = Figure(figsize=(5.2 * len(args.num_labelled), 4.0), dpi=100)
     FigureCanvasAgg(fig)
@@ -552,8 +556,8 @@ def plot_grid(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
     for ax, num_labelled in zip(axes, args.num_labelled):
         panel = [r for r in rows if r["num_labelled"] == num_labelled and "pretrained" in r]
         for unlabelled in sorted({r["unlabelled"] for r in panel}):
-            line = sorted((r for r in panel if r["unlabelled"] == unlabelled), key=lambda r: r["steps"])
-            ax.errorbar([r["steps"] for r in line], [r["pretrained"]["mean"] for r in line],
+            line = sorted((r for r in panel if r["unlabelled"] == unlabelled), key=lambda r: requested(r))
+            ax.errorbar([requested(r) for r in line], [r["pretrained"]["mean"] for r in line],
                         yerr=[r["pretrained"]["std"] for r in line], marker="o", capsize=3,
                         label=f"pretrained on {unlabelled:,} images")  # fmt: skip
         scratch = next((r["scratch"] for r in rows if r["num_labelled"] == num_labelled and "scratch" in r), None)
@@ -561,7 +565,7 @@ def plot_grid(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
             ax.axhspan(scratch["mean"] - scratch["std"], scratch["mean"] + scratch["std"], color="grey", alpha=0.25)
             ax.axhline(scratch["mean"], color="grey", linestyle="--", label="scratch (mean ± std)")
         ax.set_xscale("log")
-        steps = sorted({r["steps"] for r in panel})
+        steps = sorted({requested(r) for r in panel})
         ax.set_xticks(steps, [f"{step:,}" for step in steps])
         ax.minorticks_off()
         ax.set_xlabel("pretraining steps")
