@@ -29,8 +29,12 @@ case "$LOCATION" in
     *) echo "error: simmim_swin was imported from $LOCATION, not from the wheel in $WORK/venv" >&2; exit 1 ;;
 esac
 
-"$VENV/simmim-pretrain" --help | grep -q "experiment   quickstart"
-"$VENV/simmim-finetune" --help | grep -q "finetune     quickstart"
+# into files first: `grep -q` in a pipe exits at the first match and, under pipefail, a writer still printing
+# fails with a broken pipe
+"$VENV/simmim-pretrain" --help > "$WORK/pretrain_help.txt"
+"$VENV/simmim-finetune" --help > "$WORK/finetune_help.txt"
+grep -q "experiment   quickstart" "$WORK/pretrain_help.txt"
+grep -q "finetune     quickstart" "$WORK/finetune_help.txt"
 
 # 3 optimizer steps of a 3-stage 16-wide SwinV2 at 32 px on the photographs bundled with scikit-image
 "$VENV/simmim-pretrain" model.arch=pico model.img_size=32 model.window_size=4 mask.mask_patch_size=8 \
