@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from simmim_swin.config import DataConfig
 from simmim_swin.data.fashion_mnist import FASHION_MNIST_DIR, FashionMNIST
@@ -221,11 +221,12 @@ def build_pretrain_dataset(data_cfg: DataConfig, img_size: int, mask_generator: 
     return dataset if data_cfg.num_images is None else ImageSubset(dataset, data_cfg.num_images)
 
 
-class ImageSubset(Dataset):
+class ImageSubset(Subset):
     """`num_images` images of a pretraining dataset: the first of a seed-0 permutation, in the dataset's order.
 
     The permutation does not depend on run.seed or num_images, so every run with the same num_images sees the same
-    images and a smaller subset lies inside a larger one (what a study of the unlabelled set's size needs).
+    images and a smaller subset lies inside a larger one (what a study of the unlabelled set's size needs). torch's
+    Subset indexes; this adds the `num_images` / `load_image` interface the panels read.
     """
 
     def __init__(self, dataset: ImageFolderMIM | FashionMNISTMIM, num_images: int) -> None:
@@ -236,8 +237,7 @@ class ImageSubset(Dataset):
                 "or set data.num_images=null for all of them"
             )
         order = torch.randperm(total, generator=torch.Generator().manual_seed(0))[:num_images]
-        self.indices: list[int] = sorted(order.tolist())
-        self.dataset = dataset
+        super().__init__(dataset, sorted(order.tolist()))
 
     @property
     def num_images(self) -> int:
@@ -247,12 +247,6 @@ class ImageSubset(Dataset):
     def load_image(self, k: int) -> ImageSource:
         """The k-th image of the subset, decoded as the wrapped dataset decodes it."""
         return self.dataset.load_image(self.indices[k])
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | BadSample:
-        return self.dataset[self.indices[index]]
 
     def __repr__(self) -> str:
         return f"ImageSubset({self.dataset!r}, num_images={self.num_images})"
