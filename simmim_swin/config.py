@@ -322,6 +322,10 @@ class FinetuneDataConfig:
     val_root: str | None = None  # source=folder: validation images (same class folders); null: <root>/val
     num_labelled: int | None = None  # train on this many labelled images, class-balanced; null: all of them
     subset_seed: int = 0  # which images num_labelled picks
+    # hold out this class-balanced share of the labelled training images (after num_labelled) for validation:
+    # evaluation during training, best.pt and train.patience then use it, and the evaluation images (val folder,
+    # Fashion-MNIST's test split) are scored once, at the end, with best.pt. 0: evaluate on the evaluation images
+    val_fraction: float = 0.0
     batch_size: int = 128  # training images per process and micro-batch
     eval_batch_size: int = 256  # evaluation images per process
     num_workers: int = 4  # data-loader worker processes per process
@@ -367,6 +371,12 @@ class FinetuneTrainConfig:
     ema_decay: float = 0.9998  # EMA weight of the old average per step, in (0, 1)
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
     reinit_cpb_mlp: bool = False  # ablation: fresh continuous-position-bias MLPs instead of the pretrained ones
+    # stop after this many evaluations in a row without a better top-1 (with data.val_fraction: on the held-out
+    # labelled images); 0: train for the whole schedule
+    patience: int = 0
+    # random: timm's initialisation of the classifier | linear_probe: a logistic regression fitted on the frozen
+    # pretrained features of the training images (no augmentation) before any step (LP-FT, Kumar et al. 2022)
+    head_init: str = "random"
 
 
 @dataclass
@@ -573,6 +583,7 @@ def _validate_probe(probe: ProbeConfig) -> None:
         raise ConfigError(f"probe.temperature={probe.temperature} and probe.linear_lr={probe.linear_lr} must be > 0")
 
 
+HEAD_INITS = ("random", "linear_probe")  # train.head_init
 MIXUP_MODES = ("batch", "pair", "elem")
 
 
@@ -594,10 +605,19 @@ def validate_finetune(config: FinetuneConfig) -> None:
         raise ConfigError(f"train.ema_decay={train.ema_decay} must lie in (0, 1), e.g. 0.9998")
     if train.eval_every < 1 or config.logger.log_every < 1:
         raise ConfigError("train.eval_every and logger.log_every must be >= 1")
+    if not 0.0 <= data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction={data.val_fraction} must lie in [0, 1), e.g. 0.2 (0: no held-out part)")
+    if train.patience < 0:
+        raise ConfigError(f"train.patience={train.patience} must be >= 0 evaluations (0: no early stopping)")
+    if train.head_init not in HEAD_INITS:
+        raise ConfigError(f"train.head_init={train.head_init!r} is unknown; use one of {list(HEAD_INITS)}")
     check_run_config(config.run)
     check_image_statistics(data.mean, data.std, data.max_image_pixels, config.model.in_chans)
     if not 0.0 <= data.max_bad_fraction <= 1.0:
         raise ConfigError(f"data.max_bad_fraction={data.max_bad_fraction} must lie in [0, 1], e.g. 0.01")
+    if data.val_fraction > 0 and config.run.parallel == "fsdp":
+        # best.pt is scored at the end by loading it into the model, which FSDP holds sharded
+        raise ConfigError("data.val_fraction > 0 does not work with run.parallel=fsdp; use run.parallel=ddp")
     if train.ema and config.run.parallel == "fsdp":
         # the EMA copy would need the sharded weights gathered every step, which defeats FSDP
         raise ConfigError(

@@ -36,7 +36,12 @@ from .config import (
     to_dict,
     validate_finetune,
 )
-from .data.classification import build_train_dataset, build_val_dataset, keeps_raw_values
+from .data.classification import (
+    build_labelled_eval_dataset,
+    build_train_dataset,
+    build_val_dataset,
+    keeps_raw_values,
+)
 from .data.loader import EvalShard, build_pretrain_loader, endless
 from .data.pipeline import monitored
 from .data.stream import BadDataMonitor, collate_good, collate_good_only
@@ -44,7 +49,8 @@ from .data.transforms import Normalizer, normalize_images
 from .distributed import DistInfo, StopSignal, full_model_state_dict, ignore_stop_signals, process_group, wrap_model
 from .engine import evaluate_classifier, train_step
 from .optim import build_optimizer, build_scheduler, scaled_lrs
-from .precision import build_grad_scaler, resolve_device, resolve_precision
+from .precision import autocast_context, build_grad_scaler, resolve_device, resolve_precision
+from .probe import fit_logistic_regression
 from .run import TrainingRun, check_same_settings, run_directory
 from .tracking import check_wandb_credentials
 from .transfer import build_classifier, load_pretrained, reinit_cpb_mlp, resolve_model_config
@@ -108,6 +114,12 @@ def _finetune(config: FinetuneConfig, device: torch.device, info: DistInfo, stop
     torch.manual_seed(config.run.seed)  # the same initial weights (head, re-initialised CPB MLPs) on every rank
     config, model, classes, train_set, val_set = _build_model_and_data(config, info)
     model.to(device)
+    # with data.val_fraction the held-out labelled images steer best.pt and early stopping; val_set is scored once
+    holdout_set = _labelled_eval_set(config, "held_out") if config.data.val_fraction > 0 else None
+    if config.train.head_init == "linear_probe" and find_latest_checkpoint(run_directory(config.run)) is None:
+        fit_top1 = _init_head_by_linear_probe(model, config, device, precision, len(classes))
+        if info.is_main:
+            print(f"classifier initialised by a linear probe of the frozen features (train top-1 {fit_top1:.1f}%)")
     ema = ModelEmaV3(model, decay=config.train.ema_decay) if config.train.ema else None  # a plain copy, unwrapped
     random_seed(config.run.seed, info.rank)  # each rank its own drop path and mixup draws (numpy's global RNG)
     micro_batch, accum = config.data.batch_size, config.optim.accum_steps
@@ -124,7 +136,7 @@ def _finetune(config: FinetuneConfig, device: torch.device, info: DistInfo, stop
     optimizer = build_optimizer(model, config.optim, lr, layer_decay=config.train.layer_decay)
     scheduler = build_scheduler(optimizer, config.schedule, steps_per_epoch, warmup_lr, min_lr)
     mixup, criterion = build_mixup_and_loss(config.augment, len(classes))
-    best = {"top1": -1.0}
+    best = {"top1": -1.0, "since": 0}  # the best top-1 so far, evaluations since it
     run = TrainingRun(
         to_dict(config), config.run, config.logger, info, stop, model, optimizer, build_grad_scaler(precision, device),
         sharded=config.run.parallel == "fsdp" and info.distributed, total_batch=total_batch,
@@ -132,10 +144,12 @@ def _finetune(config: FinetuneConfig, device: torch.device, info: DistInfo, stop
         extra_meta=lambda step: {
             **_checkpoint_meta(model, classes, best["top1"]),
             "ema": ema.module.state_dict() if ema is not None else None,
+            "evaluations_since_best": best["since"],
+            "stopped_early_at": best.get("stopped_at"),
         },
     )  # fmt: skip
     step_model = torch.compile(wrapped) if config.run.compile else wrapped  # checkpoints save `model`: no _orig_mod.
-    val_loader = _eval_loader(val_set, config, info, device)
+    val_loader = _eval_loader(holdout_set if holdout_set is not None else val_set, config, info, device)
 
     # timm's 8-bit RGB pipeline normalises in the workers; other data keeps raw values up to the device
     normalize = (
@@ -155,7 +169,9 @@ def _finetune(config: FinetuneConfig, device: torch.device, info: DistInfo, stop
     with run.running(lambda meta, path: _check_resumable(meta, run.config, classes, path)):
         if run.state:
             _restore_ema(ema, model, run.state)
-            best["top1"] = run.state["best_top1"]
+            best["top1"], best["since"] = run.state["best_top1"], run.state.get("evaluations_since_best", 0)
+            if run.state.get("stopped_early_at") is not None:  # a finished early stop stays finished
+                best["stopped_at"] = run.stop_step = run.state["stopped_early_at"]
         run.say(_describe(config, run, model, len(train_set), len(classes), device, precision, lr))
         model.train()
         batches = monitored(endless(_train_loader(train_set, config, run, info, device)), monitor)
@@ -173,10 +189,78 @@ def _finetune(config: FinetuneConfig, device: torch.device, info: DistInfo, stop
                 run.log({**run.training_metrics(grad_norm), "bad_samples": monitor.reduce(info, device)})
             if (run.epoch_done and (step // steps_per_epoch) % config.train.eval_every == 0) or step == run.stop_step:
                 with run.timer.exclude():
-                    _evaluate(run, val_loader, ema, classes, best, precision, final=step == run.total_steps)
+                    final = step == run.stop_step and holdout_set is None
+                    _evaluate(run, val_loader, ema, classes, best, precision, final=final)
+                if 0 < config.train.patience <= best["since"]:
+                    best["stopped_at"] = run.stop_step = step  # end_of_step saves the last step
+                    run.say(f"early stop at step {step}: no better top-1 in {best['since']} evaluations")
             run.end_of_step(save_now=run.epoch_done)
-    run.say(f"done at step {run.step}/{run.total_steps}. best top-1 {best['top1']:.2f}%; run dir {run.run_dir}")
+        if holdout_set is not None and run.step == run.stop_step:
+            _test_best(run, val_set, config, classes, precision)
+    which = "held-out " if holdout_set is not None else ""
+    run.say(f"done at step {run.step}/{run.total_steps}. best {which}top-1 {best['top1']:.2f}%; run dir {run.run_dir}")
     return run.run_dir
+
+
+def _labelled_eval_set(config: FinetuneConfig, part: str) -> Dataset:
+    """A part ("train" / "held_out") of the labelled training images with the evaluation transform."""
+    model_cfg = config.model
+    return build_labelled_eval_dataset(
+        config.data, model_cfg.img_size, part, config.augment.interpolation, model_cfg.in_chans
+    )
+
+
+@torch.no_grad()
+def _init_head_by_linear_probe(
+    model: nn.Module, config: FinetuneConfig, device: torch.device, precision: str, num_classes: int
+) -> float:
+    """LP-FT: the classifier set to a logistic regression (L2 1e-3, L-BFGS) on the frozen pooled features of the
+    training images, seen through the evaluation transform; returns its top-1 (%) on those images."""
+    loader = DataLoader(
+        _labelled_eval_set(config, "train"), batch_size=config.data.eval_batch_size,
+        num_workers=config.data.num_workers, worker_init_fn=ignore_stop_signals, collate_fn=collate_good_only,
+    )  # fmt: skip
+    features, labels = [], []
+    model.eval()
+    for images, targets, *_ in loader:
+        with autocast_context(precision, device):
+            pooled = model.forward_head(model.forward_features(normalize_images(images.to(device))), pre_logits=True)
+        features.append(pooled.float())  # B, num_features: what head.fc reads
+        labels.append(targets.to(device))
+    model.train()
+    features_all, labels_all = torch.cat(features), torch.cat(labels)
+    weight, bias = fit_logistic_regression(features_all, labels_all, num_classes, l2=1e-3)
+    model.head.fc.weight.copy_(weight)
+    model.head.fc.bias.copy_(bias)
+    return 100.0 * ((features_all @ weight.T + bias).argmax(dim=1) == labels_all).float().mean().item()
+
+
+def _test_best(
+    run: TrainingRun, test_set: Dataset, config: FinetuneConfig, classes: list[str], precision: str
+) -> None:  # fmt: skip
+    """Score best.pt (chosen on the held-out labelled images) once on the evaluation images: test_top1 /
+    test_top5 in metrics.jsonl, final_test_top1 in the summary, the confusion matrix picture."""
+    device, info = next(run.model.parameters()).device, run.info
+    best_path = run.run_dir / CHECKPOINT_DIR / BEST_CHECKPOINT
+    best = torch.load(best_path, map_location=device, weights_only=True)
+    trained = {k: v.clone() for k, v in run.model.state_dict().items()}
+    run.model.load_state_dict(best["model"])
+    try:
+        result = evaluate_classifier(
+            run.model, _eval_loader(test_set, config, info, device), precision, device, confusion=True, info=info
+        )
+    finally:
+        run.model.load_state_dict(trained)  # the last step's weights, as the resume checkpoint holds them
+    confusion = result.pop("confusion")
+    run.log({f"test_{k}": v for k, v in result.items()} | {"best_step": best["step"]})
+    run.logger.log_summary({"final_test_top1": result["top1"], "final_test_top5": result["top5"]})
+    if info.is_main:
+        from .viz import save_confusion_matrix  # matplotlib: only for the final picture
+
+        path = save_confusion_matrix(confusion, classes, run.run_dir / "images" / "confusion_matrix.png")
+        run.logger.log_image(run.step, "confusion_matrix", path)
+        run.say(f"best.pt (step {best['step']}) on the {result['num_images']} evaluation images: top-1 "
+                f"{result['top1']:.2f}%, top-5 {result['top5']:.2f}%")  # fmt: skip
 
 
 def _build_model_and_data(
@@ -251,8 +335,9 @@ def _evaluate(
     if ema is not None:
         ema_metrics = evaluate_classifier(ema.module, loader, precision, device, info=info)
         metrics.update({f"ema_val_{k}": v for k, v in ema_metrics.items() if k != "num_images"})
+    best["since"] += 1
     if metrics["val_top1"] > best["top1"]:  # the same on every rank: the counts were summed over ranks
-        best["top1"] = metrics["val_top1"]
+        best["top1"], best["since"] = metrics["val_top1"], 0
         weights = full_model_state_dict(model, run.sharded)  # every rank joins the gather under FSDP
         if info.is_main:
             ema_weights = ema.module.state_dict() if ema is not None else None

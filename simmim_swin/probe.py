@@ -267,6 +267,29 @@ def linear_top1(
     return 100.0 * (predictions == val_labels).float().mean().item()
 
 
+def fit_logistic_regression(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float = 1e-3, max_iter: int = 300
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight (classes, D), bias (classes,)) of a multinomial logistic regression: mean cross-entropy plus
+    l2 / 2 * |weight|^2, minimised full-batch by L-BFGS from zero (deterministic: no random draw)."""
+    x = features.float()
+    weight = torch.zeros(num_classes, x.shape[1], device=x.device, requires_grad=True)
+    bias = torch.zeros(num_classes, device=x.device, requires_grad=True)
+    optimizer = torch.optim.LBFGS(
+        [weight, bias], lr=1.0, max_iter=max_iter, tolerance_grad=1e-6, line_search_fn="strong_wolfe"
+    )
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(x @ weight.T + bias, labels) + 0.5 * l2 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return weight.detach(), bias.detach()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the probe
 

@@ -179,10 +179,54 @@ def _image_folder(folder: Path, transform: ImageTransform, raw: bool, max_pixels
     return CheckedImageFolder(folder, transform, raw, max_pixels)
 
 
+def split_labelled(targets: Sequence[int], indices: Sequence[int], val_fraction: float, seed: int) -> tuple[
+    list[int], list[int]
+]:  # fmt: skip
+    """(training, held-out) parts of `indices`: round(val_fraction * n) of each class's n images held out (at least
+    one where a class has two or more, never all of them), drawn by `seed`; (indices, []) for val_fraction 0."""
+    if val_fraction <= 0:
+        return sorted(indices), []
+    rng = np.random.default_rng([seed, 1])  # a stream of its own: the subset drawn by `seed` is not reused
+    indices = np.asarray(sorted(indices))
+    labels = np.asarray(targets)[indices]
+    held_out: list[int] = []
+    for c in np.unique(labels):
+        members = rng.permutation(indices[labels == c])
+        count = min(len(members) - 1, max(1, round(val_fraction * len(members))))
+        held_out += members[:count].tolist()
+    train = sorted(set(indices.tolist()) - set(held_out))
+    return train, sorted(held_out)
+
+
+def labelled_split(data_cfg: FinetuneDataConfig, targets: Sequence[int]) -> tuple[list[int], list[int]]:
+    """(training, held-out validation) indices of the labelled training images: the class-balanced num_labelled
+    subset (every image if null), of which a class-balanced data.val_fraction is held out."""
+    picked = (
+        balanced_subset(targets, data_cfg.num_labelled, data_cfg.subset_seed)
+        if data_cfg.num_labelled is not None
+        else range(len(targets))
+    )
+    return split_labelled(targets, picked, data_cfg.val_fraction, data_cfg.subset_seed)
+
+
+def _labelled_source(data_cfg: FinetuneDataConfig, transform: ImageTransform, raw: bool) -> Dataset:
+    """The labelled training images (Fashion-MNIST's train split or the training class folders) through `transform`."""
+    if data_cfg.source == "fashion_mnist":
+        return FashionMNIST("train", transform, data_cfg.root or FASHION_MNIST_DIR)
+    return _image_folder(_folder_roots(data_cfg)[0], transform, raw, data_cfg.max_image_pixels)
+
+
+def _eval_transform(data_cfg: FinetuneDataConfig, img_size: int, interpolation: str, in_chans: int) -> ImageTransform:
+    """Resize + centre crop, normalised floats: timm's for 8-bit RGB, our own view for raw values."""
+    if keeps_raw_values(data_cfg, in_chans):  # normalised here, so that evaluation takes these floats as they are
+        return Compose([EvalView(img_size, in_chans, data_cfg.crop_pct), Normalizer(data_cfg.mean, data_cfg.std)])
+    return build_classification_eval_transform(img_size, data_cfg.crop_pct, interpolation)
+
+
 def build_train_dataset(
     data_cfg: FinetuneDataConfig, img_size: int, augment: AugmentConfig, in_chans: int = 3
 ) -> tuple[Dataset, list[str]]:
-    """(training set with its augmentation, class names); the class-balanced num_labelled subset if set."""
+    """(training set with its augmentation, class names): the labelled_split training part."""
     _check_source(data_cfg)
     raw = keeps_raw_values(data_cfg, in_chans)
     if raw:  # crop and flip only: timm's colour operations are defined for 8-bit RGB
@@ -199,14 +243,24 @@ def build_train_dataset(
         transform = PretrainCrop(img_size, augment.crop_scale, augment.crop_ratio, augment.hflip > 0, in_chans=in_chans)
     else:
         transform = build_train_transform(img_size, augment)
-    if data_cfg.source == "fashion_mnist":
-        dataset = FashionMNIST("train", transform, data_cfg.root or FASHION_MNIST_DIR)
-    else:
-        dataset = _image_folder(_folder_roots(data_cfg)[0], transform, raw, data_cfg.max_image_pixels)
+    dataset = _labelled_source(data_cfg, transform, raw)
     classes = list(dataset.classes)
-    if data_cfg.num_labelled is not None:
-        dataset = Subset(dataset, balanced_subset(dataset.targets, data_cfg.num_labelled, data_cfg.subset_seed))
+    if data_cfg.num_labelled is not None or data_cfg.val_fraction > 0:
+        dataset = Subset(dataset, labelled_split(data_cfg, dataset.targets)[0])
     return dataset, classes
+
+
+def build_labelled_eval_dataset(
+    data_cfg: FinetuneDataConfig, img_size: int, part: str, interpolation: str = "bicubic", in_chans: int = 3
+) -> Dataset:
+    """One part ("train" or "held_out") of labelled_split's labelled training images with the evaluation
+    transform (no augmentation): the held-out validation set, or the training images for a linear-probe head."""
+    _check_source(data_cfg)
+    dataset = _labelled_source(
+        data_cfg, _eval_transform(data_cfg, img_size, interpolation, in_chans), keeps_raw_values(data_cfg, in_chans)
+    )
+    train, held_out = labelled_split(data_cfg, dataset.targets)
+    return Subset(dataset, {"train": train, "held_out": held_out}[part])
 
 
 def build_val_dataset(
@@ -215,16 +269,12 @@ def build_val_dataset(
     """(validation set: resize + centre crop, normalised floats; class names); Fashion-MNIST's 10k test images for
     that source."""
     _check_source(data_cfg)
-    raw = keeps_raw_values(data_cfg, in_chans)
-    if raw:  # normalised here, so that evaluation takes these floats as they are, like timm's
-        transform = Compose([EvalView(img_size, in_chans, data_cfg.crop_pct), Normalizer(data_cfg.mean, data_cfg.std)])
-    else:
-        transform = build_classification_eval_transform(img_size, data_cfg.crop_pct, interpolation)
+    transform = _eval_transform(data_cfg, img_size, interpolation, in_chans)
     if data_cfg.source == "fashion_mnist":
         dataset = FashionMNIST("test", transform, data_cfg.root or FASHION_MNIST_DIR)
         return dataset, list(dataset.classes)
     train_root, val_root = _folder_roots(data_cfg)
-    dataset = _image_folder(val_root, transform, raw, data_cfg.max_image_pixels)
+    dataset = _image_folder(val_root, transform, keeps_raw_values(data_cfg, in_chans), data_cfg.max_image_pixels)
     if train_root.is_dir():
         train_classes = sorted(entry.name for entry in train_root.iterdir() if entry.is_dir())
         if train_classes != dataset.classes:

@@ -1,0 +1,138 @@
+"""Few-label fine-tuning: the held-out validation part of the labelled images, early stopping on it, the linear-probe
+head (LP-FT), the logistic regression behind it, and the few_labels preset."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from simmim_swin.config import ConfigError, FinetuneConfig, FinetuneDataConfig, from_dict, validate_finetune
+from simmim_swin.data.classification import build_labelled_eval_dataset, labelled_split, split_labelled
+from simmim_swin.finetune import run_finetune
+from simmim_swin.probe import fit_logistic_regression
+
+TINY = dict(arch="pico", img_size=32, window_size=4, drop_path_rate=0.0)
+
+
+def test_split_is_class_balanced_disjoint_and_fixed_by_the_seed():
+    targets = np.repeat(np.arange(10), 100)  # 10 classes of 100
+    data = FinetuneDataConfig(source="fashion_mnist", num_labelled=500, subset_seed=3, val_fraction=0.2)
+    train, held_out = labelled_split(data, targets)
+    assert len(train) == 400 and len(held_out) == 100 and not set(train) & set(held_out)
+    assert np.bincount(targets[held_out], minlength=10).tolist() == [10] * 10
+    assert np.bincount(targets[train], minlength=10).tolist() == [40] * 10
+    assert labelled_split(data, targets) == (train, held_out)  # the same seed, the same parts
+    other = labelled_split(FinetuneDataConfig(num_labelled=500, subset_seed=4, val_fraction=0.2), targets)
+    assert other[1] != held_out
+    # no held-out part: the subset itself; a class of one image keeps it for training
+    assert split_labelled(targets, [0, 5, 100], 0.0, 0) == ([0, 5, 100], [])
+    assert split_labelled(targets, [0, 5, 100], 0.5, 0)[1] in ([0], [5])
+
+
+@pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="needs Debian's dataset-fashion-mnist")  # fmt: skip
+def test_fashion_mnist_held_out_and_test_images_are_disjoint_from_training():
+    from simmim_swin.data.fashion_mnist import load_fashion_mnist
+
+    data = FinetuneDataConfig(source="fashion_mnist", num_labelled=1000, subset_seed=0, val_fraction=0.2, crop_pct=1.0)
+    train = build_labelled_eval_dataset(data, 32, "train", in_chans=1)
+    held_out = build_labelled_eval_dataset(data, 32, "held_out", in_chans=1)
+    assert len(train) == 800 and len(held_out) == 200 and not set(train.indices) & set(held_out.indices)
+    images, _ = load_fashion_mnist("train")
+    test_images, _ = load_fashion_mnist("test")
+    seen = {images[i].tobytes() for i in train.indices}
+    assert not seen & {images[i].tobytes() for i in held_out.indices}
+    assert not seen & {image.tobytes() for image in test_images}  # the test split shares no image with training
+
+
+def test_logistic_regression_separates_and_is_deterministic():
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 5, generator=generator) * 4
+    labels = torch.arange(3).repeat_interleave(40)
+    features = centres[labels] + torch.randn(120, 5, generator=generator)
+    weight, bias = fit_logistic_regression(features, labels, 3)
+    assert weight.shape == (3, 5) and bias.shape == (3,)
+    assert ((features @ weight.T + bias).argmax(1) == labels).float().mean() > 0.95
+    again = fit_logistic_regression(features, labels, 3)
+    assert torch.equal(weight, again[0]) and torch.equal(bias, again[1])
+    # a larger L2 shrinks the weights
+    assert fit_logistic_regression(features, labels, 3, l2=1.0)[0].norm() < weight.norm()
+
+
+@pytest.fixture
+def image_root(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 10), ("val", 3)):
+        for c in range(2):
+            folder = tmp_path / "images" / split / f"class_{c}"
+            folder.mkdir(parents=True)
+            for k in range(count):
+                pixels = rng.integers(0, 100, size=(36, 36, 3)) + 120 * c
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{k}.png")
+    return tmp_path / "images"
+
+
+def config(tmp_path, image_root, **sections) -> FinetuneConfig:
+    base = dict(
+        model=TINY,
+        data=dict(root=str(image_root), batch_size=4, eval_batch_size=4, num_workers=0, val_fraction=0.2),
+        augment=dict(mixup=0.0, cutmix=0.0, rand_augment=None, reprob=0.0),
+        optim=dict(base_lr=0.1, warmup_lr=0.001, min_lr=0.001),
+        schedule=dict(epochs=6, warmup_epochs=1, kind="cosine"),
+        logger=dict(log_every=1),
+        run=dict(output_dir=str(tmp_path), name="held_out", device="cpu"),
+    )
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value}
+    return from_dict(FinetuneConfig, base)
+
+
+def records(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_held_out_validation_selects_best_and_the_test_images_are_scored_once(tmp_path, image_root):
+    run_dir = run_finetune(config(tmp_path, image_root))
+    lines = records(run_dir)
+    evaluations = [r for r in lines if "val_top1" in r]
+    assert {r["val_num_images"] for r in evaluations} == {4}  # 2 of each class's 10 held out
+    tests = [r for r in lines if "test_top1" in r]
+    assert len(tests) == 1 and tests[0]["test_num_images"] == 6  # the val/ folder, once
+    best = max(evaluations, key=lambda r: r["val_top1"])  # the first of the best: later ties do not replace it
+    assert tests[0]["best_step"] == best["step"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final_test_top1"] == tests[0]["test_top1"]
+    assert (run_dir / "images" / "confusion_matrix.png").is_file()
+
+
+def test_patience_stops_early_and_a_restart_stays_stopped(tmp_path, image_root):
+    cfg = config(tmp_path, image_root, train=dict(patience=1), optim=dict(base_lr=1e-9, warmup_lr=0.0, min_lr=0.0))
+    run_dir = run_finetune(cfg)  # an lr of ~0 never improves on the first evaluation: stop at the second
+    evaluations = [r for r in records(run_dir) if "val_top1" in r]
+    assert [r["step"] for r in evaluations] == [4, 8]
+    assert len([r for r in records(run_dir) if "test_top1" in r]) == 1
+    run_finetune(cfg)  # started again: no training step, the stop holds
+    assert max(r["step"] for r in records(run_dir)) == 8
+
+
+def test_linear_probe_head_starts_from_the_fitted_regression(tmp_path, image_root, capsys):
+    cfg = config(tmp_path, image_root, train=dict(head_init="linear_probe"), run=dict(max_steps=1))
+    run_finetune(cfg)
+    assert "classifier initialised by a linear probe" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "section, value, message",
+    [
+        ("data", dict(val_fraction=1.0), "data.val_fraction=1.0"),
+        ("train", dict(patience=-1), "train.patience=-1"),
+        ("train", dict(head_init="zeros"), "train.head_init='zeros'"),
+    ],
+)
+def test_bad_values_are_named(tmp_path, image_root, section, value, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_finetune(config(tmp_path, image_root, **{section: value}))
