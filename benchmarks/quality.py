@@ -52,6 +52,7 @@ with ImageNet's statistics, so it is skipped for raw values.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import multiprocessing
@@ -65,13 +66,15 @@ from typing import Any
 import torch
 
 from simmim_swin.cli.stats import fashion_mnist_moments
-from simmim_swin.config import FinetuneConfig, PretrainConfig, from_dict, to_dict
+from simmim_swin.config import FinetuneConfig, FinetuneModelConfig, PretrainConfig, from_dict, to_dict
 from simmim_swin.data import find_images
+from simmim_swin.data.classification import build_labelled_eval_dataset, build_val_dataset
 from simmim_swin.distributed import DistInfo
-from simmim_swin.finetune import run_finetune
+from simmim_swin.finetune import frozen_features, run_finetune
 from simmim_swin.models import build_simmim
 from simmim_swin.pretrain import run_pretrain
-from simmim_swin.probe import build_probe_set, run_probe
+from simmim_swin.probe import build_probe_set, fit_logistic_regression, knn_top1, run_probe
+from simmim_swin.transfer import build_classifier, load_pretrained, resolve_model_config
 
 VARIANTS = ("pretrained", "scratch", "reinit_cpb")
 FMNIST_TRAIN_IMAGES = 60000
@@ -107,8 +110,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             f"--in-chans {args.in_chans} needs --mean and --std (one per channel): run `simmim-swin stats --root "
             f"{args.unlabelled_root or Path(args.root) / 'train'} --in-chans {args.in_chans}`"
         )
-    if raw_values(args) and args.rand_augment != "none":
-        note = f"note: --rand-augment {args.rand_augment} is not applied (raw values: crop / flip only)"
+    try:
+        args.recipe = preset_recipe(args.preset)
+    except Exception as e:  # a missing or broken preset: named at the command line
+        parser.error(f"--preset {args.preset}: {e}")
+    rand_augment = args.rand_augment or args.recipe["augment"]["rand_augment"]
+    if raw_values(args) and rand_augment not in (None, "none"):
+        note = f"note: RandAugment {rand_augment} is not applied (raw values: crop / flip only)"
         print(note, file=sys.stderr)
     if args.data == "fashion_mnist":
         suffix = f"_{args.in_chans}ch" if args.in_chans != 3 else "_own_stats" if args.own_stats else ""
@@ -170,26 +178,73 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         "--tag", default="",
         help="suffix of the fine-tuning run names: another recipe in the same --out reuses its pretrainings",
     )  # fmt: skip
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--warmup-epochs", type=int, default=1)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-2, help="base lr for a batch of 512 (scaled linearly)")
-    p.add_argument("--layer-decay", type=float, default=0.9)
+    p.add_argument(
+        "--preset", default="few_labels",
+        help="the fine-tuning recipe: conf/finetune/PRESET.yaml (few_labels; fashion_mnist: the old 15-epoch one); "
+        "the flags below override it",
+    )  # fmt: skip
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--warmup-epochs", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument(
+        "--lr", type=float, nargs="+", default=None,
+        help="base lr for a batch of 512 (scaled linearly); several: a sweep, each variant selecting its own on the "
+        "held-out labelled images",
+    )  # fmt: skip
+    p.add_argument(
+        "--layer-decay", type=float, nargs="+", default=None, help="several: swept like --lr (1.0: none)"
+    )
     p.add_argument("--drop-path", type=float, default=0.1)
-    p.add_argument("--rand-augment", default="rand-m6-mstd0.5-inc1", help="timm RandAugment string; 'none': off")
-    p.add_argument("--mixup", type=float, default=0.0)
-    p.add_argument("--cutmix", type=float, default=0.0)
-    p.add_argument("--reprob", type=float, default=0.0)
-    p.add_argument("--smoothing", type=float, default=0.1)
-    p.add_argument("--crop-min", type=float, default=0.5, help="RandomResizedCrop's smallest area fraction")
+    p.add_argument("--rand-augment", default=None, help="timm RandAugment string; 'none': off")
+    p.add_argument("--mixup", type=float, default=None)
+    p.add_argument("--cutmix", type=float, default=None)
+    p.add_argument("--reprob", type=float, default=None)
+    p.add_argument("--smoothing", type=float, default=None)
+    p.add_argument("--crop-min", type=float, default=None, help="RandomResizedCrop's smallest area fraction")
+    p.add_argument(
+        "--val-fraction", type=float, default=None,
+        help="class-balanced share of each seed's labelled images held out for selection (0: select nothing, "
+        "report the last epoch on the test images)",
+    )  # fmt: skip
+    p.add_argument("--patience", type=int, default=None, help="evaluations without a better held-out top-1 to stop")
+    p.add_argument("--head-init", default=None, choices=("random", "linear_probe"), help="classifier start (LP-FT)")
+    p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                   help="pixel logistic regression, kNN and linear probes of the frozen encoders")  # fmt: skip
     p.add_argument(
         "--crop-pct", type=float, default=None,
         help="evaluation centre crop (default 1.0 for Fashion-MNIST, whose garments fill the frame; 0.875 otherwise)",
     )  # fmt: skip
     p.add_argument("--precision", default="auto", help="auto | fp32 | bf16 (bf16 autocast also works on CPUs)")
-    p.add_argument("--eval-every", type=int, default=100, help="epochs between evaluations (and the last)")
+    p.add_argument("--eval-every", type=int, default=None, help="epochs between evaluations (and the last)")
     p.add_argument("--workers", type=int, default=0)
     return p
+
+
+def preset_recipe(name: str) -> dict[str, dict]:
+    """The data / augment / optim / schedule / train sections of conf/finetune/NAME.yaml, composed as
+    `simmim-finetune finetune=NAME` composes them."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from simmim_swin.cli.common import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="finetune", overrides=[f"finetune={name}"])
+    composed = OmegaConf.to_container(cfg, resolve=True)
+    return {section: composed[section] for section in ("data", "augment", "optim", "schedule", "train")}
+
+
+def recipe_value(args: argparse.Namespace, flag: str, section: str, key: str) -> Any:
+    """A fine-tuning setting: the flag where given, else the preset's."""
+    value = getattr(args, flag)
+    return args.recipe[section][key] if value is None else value
+
+
+def sweep(args: argparse.Namespace) -> list[tuple[float, float]]:
+    """The (lr, layer decay) pairs every variant fine-tunes with, the held-out images choosing one."""
+    lrs = args.lr or [args.recipe["optim"]["base_lr"]]
+    decays = args.layer_decay or [args.recipe["train"]["layer_decay"]]
+    return list(itertools.product(lrs, decays))
 
 
 def model_overrides(args: argparse.Namespace) -> dict:
@@ -281,14 +336,20 @@ def pretrain_config(args: argparse.Namespace, out: Path, unlabelled: int, steps:
 
 
 def finetune_config(
-    args: argparse.Namespace, out: Path, variant: str, seed: int, pretrained: Path | None, num_labelled: int, name: str
-) -> FinetuneConfig:
-    """One fine-tuning run."""
+    args: argparse.Namespace, out: Path, variant: str, seed: int, pretrained: Path | None, num_labelled: int, name: str,
+    lr: float | None = None, layer_decay: float | None = None,
+) -> FinetuneConfig:  # fmt: skip
+    """One fine-tuning run: the preset's recipe, the flags given, this run's labelled subset, lr and layer decay."""
+    recipe = args.recipe
+    lr = lr if lr is not None else sweep(args)[0][0]
     source = (
         dict(source="fashion_mnist", crop_pct=args.crop_pct or 1.0)  # the garment fills the 28 px frame
         if args.data == "fashion_mnist"
         else dict(source="folder", root=args.root, crop_pct=args.crop_pct or 0.875)
     )
+    rand_augment = recipe_value(args, "rand_augment", "augment", "rand_augment")
+    crop_min = recipe_value(args, "crop_min", "augment", "crop_scale")
+    crop_min = crop_min[0] if isinstance(crop_min, list) else crop_min
     return from_dict(
         FinetuneConfig,
         dict(
@@ -305,25 +366,35 @@ def finetune_config(
                 **source,
                 num_labelled=num_labelled,
                 subset_seed=seed,
-                batch_size=args.batch,
+                val_fraction=recipe_value(args, "val_fraction", "data", "val_fraction"),
+                batch_size=recipe_value(args, "batch", "data", "batch_size"),
                 eval_batch_size=500,
                 num_workers=args.workers,
                 **statistics_overrides(args),
             ),
-            augment=dict(
-                rand_augment=None if args.rand_augment == "none" else args.rand_augment,
-                crop_scale=[args.crop_min, 1.0],
-                reprob=args.reprob,
-                mixup=args.mixup,
-                cutmix=args.cutmix,
-                label_smoothing=args.smoothing,
-            ),
-            optim=dict(base_lr=args.lr, warmup_lr=args.lr / 100, min_lr=args.lr / 100, weight_decay=0.05),
-            schedule=dict(kind="cosine", epochs=args.epochs, warmup_epochs=args.warmup_epochs),
-            train=dict(
-                layer_decay=args.layer_decay, eval_every=args.eval_every, reinit_cpb_mlp=variant == "reinit_cpb"
-            ),
-            logger=dict(log_every=20),
+            augment=recipe["augment"] | dict(
+                rand_augment=None if rand_augment in (None, "none") or raw_values(args) else rand_augment,
+                color_jitter=0.0 if raw_values(args) else recipe["augment"]["color_jitter"],
+                crop_scale=[crop_min, 1.0],
+                reprob=0.0 if raw_values(args) else recipe_value(args, "reprob", "augment", "reprob"),
+                mixup=recipe_value(args, "mixup", "augment", "mixup"),
+                cutmix=recipe_value(args, "cutmix", "augment", "cutmix"),
+                label_smoothing=recipe_value(args, "smoothing", "augment", "label_smoothing"),
+            ),  # fmt: skip
+            optim=recipe["optim"] | dict(base_lr=lr, warmup_lr=lr / 100, min_lr=lr / 100),
+            schedule=recipe["schedule"] | dict(
+                kind="cosine",
+                epochs=recipe_value(args, "epochs", "schedule", "epochs"),
+                warmup_epochs=recipe_value(args, "warmup_epochs", "schedule", "warmup_epochs"),
+            ),  # fmt: skip
+            train=recipe["train"] | dict(
+                layer_decay=layer_decay if layer_decay is not None else sweep(args)[0][1],
+                eval_every=recipe_value(args, "eval_every", "train", "eval_every"),
+                patience=recipe_value(args, "patience", "train", "patience"),
+                head_init=recipe_value(args, "head_init", "train", "head_init"),
+                reinit_cpb_mlp=variant == "reinit_cpb",
+            ),  # fmt: skip
+            logger=dict(log_every=50),
             run=dict(
                 name=name,
                 output_dir=str(out),
@@ -396,19 +467,137 @@ def pretrain(args: argparse.Namespace, out: Path, unlabelled: int, steps: int | 
 
 def finetune(
     args: argparse.Namespace, out: Path, variant: str, seed: int, pretrained: Path | None,
-    num_labelled: int | None = None, name: str | None = None,
+    num_labelled: int | None = None, name: str | None = None, lr: float | None = None,
+    layer_decay: float | None = None,
 ) -> dict:  # fmt: skip
-    """One fine-tune; returns its final evaluation (metrics.jsonl's last val_* line) and times."""
+    """One fine-tune; returns its test top-1 (with a held-out part: of best.pt, the best held-out epoch, and that
+    held-out top-1; without: the last epoch's), its length and times."""
     num_labelled = num_labelled or args.num_labelled[0]
     name = name or f"{variant}_seed{seed}"
+    config = finetune_config(args, out, variant, seed, pretrained, num_labelled, name, lr, layer_decay)
 
     def summarise_run(run_dir: Path) -> dict:
-        final = [line for line in metrics_lines(run_dir) if "val_top1" in line][-1]
-        return {"top1": final["val_top1"], "top5": final["val_top5"], "step_time_s": median_step_time(run_dir)}
+        lines = metrics_lines(run_dir)
+        evaluations = [line for line in lines if "val_top1" in line]
+        result = {"steps": max(line["step"] for line in lines), "step_time_s": median_step_time(run_dir)}
+        if config.data.val_fraction > 0:
+            test = [line for line in lines if "test_top1" in line][-1]
+            best = max(evaluations, key=lambda line: line["val_top1"])
+            return result | {"top1": test["test_top1"], "top5": test["test_top5"], "held_out_top1": best["val_top1"],
+                             "best_step": test["best_step"]}  # fmt: skip
+        return result | {"top1": evaluations[-1]["val_top1"], "top5": evaluations[-1]["val_top5"]}
 
-    config = finetune_config(args, out, variant, seed, pretrained, num_labelled, name)
     result = run_once(config, run_finetune, summarise_run)
-    return result | {"variant": variant, "seed": seed, "num_labelled": num_labelled}
+    return result | {"variant": variant, "seed": seed, "num_labelled": num_labelled, "lr": config.optim.base_lr,
+                     "layer_decay": config.train.layer_decay}  # fmt: skip
+
+
+def select(finetunes: list[dict]) -> list[dict]:
+    """Per (variant, cell, labels, seed), the run of the sweep with the best held-out top-1 (the first of equals);
+    runs without a held-out part cannot be selected and are returned as they are."""
+    chosen: dict[tuple, dict] = {}
+    for run in finetunes:
+        key = (run["variant"], tuple(run["cell"] or ()), run["num_labelled"], run["seed"])
+        if key not in chosen or run.get("held_out_top1", -1.0) > chosen[key].get("held_out_top1", -1.0):
+            chosen[key] = run
+    return list(chosen.values())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# simple baselines on the same labelled parts and test images: pixels, frozen features
+
+L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)  # logistic regressions: the held-out part picks one
+K_GRID = (1, 5, 20)  # weighted kNN (temperature 0.07): the held-out part picks one
+
+
+def stack(dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images (N, ...) float, labels (N,)) of an evaluation-transform dataset."""
+    images, labels = zip(*(dataset[i][:2] for i in range(len(dataset))))
+    return torch.stack(images).float(), torch.tensor(labels)
+
+
+def scored_choice(scores: dict[Any, tuple[float, float]]) -> dict:
+    """Of {setting: (held-out top-1, test top-1)}, the setting with the best held-out top-1 (the first of equals)."""
+    setting = max(scores, key=lambda key: scores[key][0])
+    return {"top1": scores[setting][1], "held_out_top1": scores[setting][0], "setting": setting}
+
+
+def linear_scores(
+    train: tuple[torch.Tensor, torch.Tensor], held_out: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor], num_classes: int,
+) -> dict:  # fmt: skip
+    """Logistic regression on standardised inputs, L2 chosen on the held-out part, scored on the test images."""
+    mean, std = train[0].mean(dim=0), train[0].std(dim=0) + 1e-6
+    scores = {}
+    for l2 in L2_GRID:
+        weight, bias = fit_logistic_regression((train[0] - mean) / std, train[1], num_classes, l2=l2)
+        top1 = [
+            100.0 * (((x - mean) / std @ weight.T + bias).argmax(dim=1) == y).float().mean().item()
+            for x, y in (held_out, test)
+        ]  # fmt: skip
+        scores[l2] = (top1[0], top1[1])
+    return scored_choice(scores)
+
+
+def knn_scores(train: tuple, held_out: tuple, test: tuple, num_classes: int) -> dict:
+    """DINO's weighted kNN on the features, k chosen on the held-out part, scored on the test images."""
+    return scored_choice({
+        k: tuple(knn_top1(train[0], train[1], x, y, k, 0.07, num_classes) for x, y in (held_out, test))
+        for k in K_GRID
+    })  # fmt: skip
+
+
+def frozen_encoder(args: argparse.Namespace, checkpoint: Path | None, num_classes: int) -> tuple[Any, FinetuneConfig]:
+    """The classifier a fine-tune starts from (pretrained at the cell's checkpoint, or random seed-0 weights), with
+    its config; its head is unused: the probes read the pooled features."""
+    variant = "scratch" if checkpoint is None else "pretrained"
+    config = finetune_config(args, Path(args.out), variant, 0, checkpoint, args.num_labelled[0], "probe")
+    weights = load_pretrained(config.pretrained, config.pretrained_format) if checkpoint is not None else None
+    model_cfg = resolve_model_config(config.model, weights)
+    config = dataclasses.replace(config, model=from_dict(FinetuneModelConfig, to_dict(model_cfg)))
+    torch.manual_seed(0)
+    return build_classifier(model_cfg, num_classes, weights, verbose=False), config
+
+
+def baselines(args: argparse.Namespace, pretrainings: list[dict]) -> dict[str, dict]:
+    """{name: {num_labelled: [per-seed results]}} for the pixel logistic regression and, per encoder (untrained;
+    each pretraining cell), kNN and linear probes of its frozen pooled features: each fitted on a seed's training
+    part, its setting chosen on that seed's held-out part, scored on the test images."""
+    encoders = [("untrained", None)]
+    encoders += [(f"pretrained_{cell_name(*p['cell'])}", Path(p["run_dir"])) for p in pretrainings]
+    test_set, classes = build_val_dataset(
+        finetune_config(args, Path(args.out), "scratch", 0, None, args.num_labelled[0], "probe").data,
+        args.pretrain_size, in_chans=args.in_chans,
+    )  # fmt: skip
+    pixel_test = stack(test_set)
+    pixel_test = (pixel_test[0].flatten(1), pixel_test[1])
+    results: dict[str, dict] = {}
+    for num_labelled, seed in itertools.product(args.num_labelled, args.seeds):
+        data = finetune_config(args, Path(args.out), "scratch", seed, None, num_labelled, "probe").data
+        parts = [stack(build_labelled_eval_dataset(data, args.pretrain_size, part, in_chans=args.in_chans))
+                 for part in ("train", "held_out")]  # fmt: skip
+        parts = [(x.flatten(1), y) for x, y in parts]
+        entry = linear_scores(parts[0], parts[1], pixel_test, len(classes)) | {"seed": seed}
+        results.setdefault("pixel_logistic_regression", {}).setdefault(num_labelled, []).append(entry)
+    for name, checkpoint in encoders:
+        model, config = frozen_encoder(args, checkpoint, len(classes))
+        size = config.model.img_size
+
+        def features(dataset: Any, model: Any = model) -> tuple[torch.Tensor, torch.Tensor]:
+            return frozen_features(model, dataset, 500, args.workers, "fp32")
+
+        test = features(build_val_dataset(config.data, size, in_chans=config.model.in_chans)[0])
+        for num_labelled, seed in itertools.product(args.num_labelled, args.seeds):
+            data = dataclasses.replace(config.data, num_labelled=num_labelled, subset_seed=seed)
+            train, held_out = (
+                features(build_labelled_eval_dataset(data, size, part, in_chans=config.model.in_chans))
+                for part in ("train", "held_out")
+            )  # fmt: skip
+            for kind, score in (("knn", knn_scores), ("linear_probe", linear_scores)):
+                entry = score(train, held_out, test, len(classes)) | {"seed": seed}
+                results.setdefault(f"{name}_{kind}", {}).setdefault(num_labelled, []).append(entry)
+        print(f"[{time.strftime('%H:%M:%S')}] baselines of the {name} encoder done", flush=True)
+    return results
 
 
 def untrained_probe(args: argparse.Namespace) -> dict[str, float]:
@@ -435,10 +624,20 @@ def run_grid(args: argparse.Namespace, out: Path) -> tuple[list[dict], list[dict
         cells = []
     cells.sort(key=lambda c: ((c[1] or 0), c[0] or unlabelled_total(args)))  # the shortest pretraining first
     waiting: list[tuple] = [("pretrain", cell, (args, out, *cell)) for cell in cells]
+    runs = sweep(args)
+
+    def jobs(variant: str, cell: tuple | None, checkpoint: Path | None) -> list[tuple]:
+        """Every fine-tune of one variant (and pretraining): labels x seeds x the (lr, layer decay) sweep."""
+        ready = []
+        for num_labelled, seed, (lr, decay) in itertools.product(args.num_labelled, args.seeds, runs):
+            name = variant if checkpoint is None else f"{variant}_{checkpoint.name.removeprefix('pretrain_')}"
+            name += f"_l{num_labelled}_seed{seed}" + (f"_lr{lr:g}_ld{decay:g}" if len(runs) > 1 else "")
+            name += args.tag and f"_{args.tag}"
+            ready.append(("finetune", cell, (args, out, variant, seed, checkpoint, num_labelled, name, lr, decay)))
+        return ready
+
     if "scratch" in args.variants:
-        for num_labelled, seed in itertools.product(args.num_labelled, args.seeds):
-            name = f"scratch_l{num_labelled}_seed{seed}{args.tag and '_' + args.tag}"
-            waiting.append(("finetune", None, (args, out, "scratch", seed, None, num_labelled, name)))
+        waiting += jobs("scratch", None, None)
     pretrainings, finetunes = [], []
     context = multiprocessing.get_context("spawn")
     # independent runs side by side, one process each: on a small CPU two single-thread processes do more work
@@ -458,12 +657,7 @@ def run_grid(args: argparse.Namespace, out: Path) -> tuple[list[dict], list[dict
                 continue
             pretrainings.append(result)
             checkpoint = Path(result["run_dir"])
-            ready = []
-            for num_labelled, variant, seed in itertools.product(args.num_labelled, pretrained_variants, args.seeds):
-                name = f"{variant}_{checkpoint.name.removeprefix('pretrain_')}_l{num_labelled}_seed{seed}"
-                name += args.tag and f"_{args.tag}"
-                ready.append(("finetune", cell, (args, out, variant, seed, checkpoint, num_labelled, name)))
-            waiting[:0] = ready
+            waiting[:0] = [job for variant in pretrained_variants for job in jobs(variant, cell, checkpoint)]
     return pretrainings, finetunes
 
 
@@ -472,25 +666,50 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def summarise(pretrainings: list[dict], finetunes: list[dict], args: argparse.Namespace) -> list[dict]:
-    """One row per (label count, cell): each variant's top-1 over seeds, the gain over scratch, the probes."""
-    rows = []
+BASELINE_COLUMNS = (  # (JSON key prefix, table column)
+    ("pixel_logistic_regression", "pixel logistic regression"),
+    ("untrained_knn", "untrained kNN"),
+    ("untrained_linear_probe", "untrained linear probe"),
+    ("pretrained_knn", "pretrained kNN"),
+    ("pretrained_linear_probe", "pretrained linear probe"),
+)
+
+
+def summarise(
+    pretrainings: list[dict], finetunes: list[dict], args: argparse.Namespace, probes: dict | None = None
+) -> list[dict]:
+    """One row per (label count, cell): each variant's selected test top-1 over seeds (and the lr / layer decay the
+    held-out images chose), the gain over scratch, the online probe and the baselines of `probes`."""
+    rows, probes = [], probes or {}
+    finetunes = select(finetunes)
     for num_labelled in args.num_labelled:
 
-        def top1(variant: str, cell: tuple | None, num_labelled: int = num_labelled) -> list[float]:
+        def chosen(variant: str, cell: tuple | None, num_labelled: int = num_labelled) -> list[dict]:
             runs = [r for r in finetunes if r["variant"] == variant and r["num_labelled"] == num_labelled]
             runs = [r for r in runs if variant == "scratch" or tuple(r["cell"]) == tuple(cell)]
-            return [r["top1"] for r in sorted(runs, key=lambda r: r["seed"])]
+            return sorted(runs, key=lambda r: r["seed"])
 
-        scratch = top1("scratch", None)
+        def over_seeds(runs: list[dict]) -> dict:
+            values = [r["top1"] for r in runs]
+            return dict(zip(("mean", "std"), mean_std(values))) | {"per_seed": values}
+
         for p in pretrainings or [{"cell": None}]:
             row = {"num_labelled": num_labelled, "cell": p["cell"]}
             row |= {k: p[k] for k in ("unlabelled", "steps", "epochs", "final_loss") if k in p}
             row |= {k: v for k, v in p.items() if k.startswith("probe_")}
             for variant in args.variants:
-                values = scratch if variant == "scratch" else top1(variant, p["cell"])
-                if values:
-                    row[variant] = dict(zip(("mean", "std"), mean_std(values))) | {"per_seed": values}
+                runs = chosen(variant, None if variant == "scratch" else p["cell"])
+                if runs:
+                    row[variant] = over_seeds(runs) | {
+                        "lr": [r.get("lr") for r in runs], "layer_decay": [r.get("layer_decay") for r in runs],
+                        "cpu_s": [r["cpu_s"] for r in runs],
+                    }  # fmt: skip
+            encoder = f"pretrained_{cell_name(*p['cell'])}" if p["cell"] is not None else None
+            for key, _ in BASELINE_COLUMNS:
+                source = key.replace("pretrained", encoder) if key.startswith("pretrained") and encoder else key
+                runs = sorted(probes.get(source, {}).get(num_labelled, []), key=lambda r: r["seed"])
+                if runs and not (key.startswith("pretrained") and encoder is None):
+                    row[key] = over_seeds(runs) | {"settings": [r["setting"] for r in runs]}
             if "pretrained" in row and "scratch" in row:
                 row["gain"] = row["pretrained"]["mean"] - row["scratch"]["mean"]
             rows.append(row)
@@ -516,63 +735,93 @@ def format_cell(result: dict | None) -> str:
 def print_tables(rows: list[dict], times: dict[str, dict], args: argparse.Namespace, device: str) -> None:
     """The result tables in Markdown."""
     data = "Fashion-MNIST" if args.data == "fashion_mnist" else f"{args.root}"
+    first = finetune_config(args, Path(args.out), "scratch", 0, None, args.num_labelled[0], "probe")
+    held_out = first.data.val_fraction
+    selection = (
+        f"best.pt of the best held-out epoch ({held_out:.0%} of each seed's labels held out; lr x layer decay "
+        f"{sweep(args)} chosen on it per variant and seed)" if held_out > 0 else "the last epoch (no selection)"
+    )  # fmt: skip
     print(f"\n{data}, {args.in_chans} channel(s): pretrained at {args.pretrain_size} px / window "
-          f"{args.pretrain_window}, "
-          f"fine-tuned at {args.size} px / window {args.window} for {args.epochs} epochs; top-1 (%) on the held-out "
-          f"images, mean ± std over seeds {args.seeds}")  # fmt: skip
+          f"{args.pretrain_window}, fine-tuned at {args.size} px / window {args.window} with --preset {args.preset} "
+          f"(up to {first.schedule.epochs} epochs, head {first.train.head_init}); top-1 (%) on the test images of "
+          f"{selection}, mean ± std over seeds {args.seeds}")  # fmt: skip
     variants = [v for v in VARIANTS if v in args.variants]
-    probe = any("probe_knn_top1" in row for row in rows)
+    baseline_columns = [(key, title) for key, title in BASELINE_COLUMNS if any(key in row for row in rows)]
     head = ["labels", "unlabelled", "pretraining steps", *variants, "pretrained − scratch"]
-    head += ["kNN probe (last / last two)", "linear probe (last / last two)"] if probe else []
+    head += [title for _, title in baseline_columns]
     print("| " + " | ".join(head) + " |\n" + "|---" * len(head) + "|")
     for row in rows:
         cells = [str(row["num_labelled"]), str(row.get("unlabelled", "–")), str(row.get("steps", "–"))]
         cells += [format_cell(row.get(v)) for v in variants]
         cells.append(f"{row['gain']:+.2f}" if "gain" in row else "–")
-        if probe:
-            for kind in ("knn", "linear"):
-                last, two = row.get(f"probe_{kind}_top1"), row.get(f"probe_{kind}_top1_last2")
-                cells.append("–" if last is None else f"{last:.1f} / {two:.1f}")
+        cells += [format_cell(row.get(key)) for key, _ in baseline_columns]
         print("| " + " | ".join(cells) + " |")
+    print("\nsettings chosen on the held-out images, per seed")
+    for row in rows:
+        chosen = [f"{v}: lr {row[v]['lr']}, layer decay {row[v]['layer_decay']}" for v in variants if v in row]
+        chosen += [f"{key}: {row[key]['settings']}" for key, _ in baseline_columns if key in row]
+        print(f"- {row['num_labelled']} labels, {row.get('steps', '–')} pretraining steps: " + "; ".join(chosen))
     print(f"\ntime per variant ({device}, {args.jobs} run(s) side by side, {args.threads or 'default'} thread(s) each)")
-    print("| variant | runs | wall (min, summed over runs) | CPU (min) |\n|---|---|---|---|")
+    print("| variant | runs | wall (min, summed over runs) | CPU (min) | CPU per run (min) |\n|---|---|---|---|---|")
     for name, t in times.items():
-        print(f"| {name} | {t['runs']} | {t['wall_s'] / 60:.1f} | {t['cpu_s'] / 60:.1f} |")
+        print(f"| {name} | {t['runs']} | {t['wall_s'] / 60:.1f} | {t['cpu_s'] / 60:.1f} | "
+              f"{t['cpu_s'] / 60 / t['runs']:.1f} |")  # fmt: skip
+
+
+PICTURE_LINES = (  # (row key, label, style): fine-tunes and probes that depend on the pretraining
+    ("pretrained", "pretrained, fine-tuned", dict(marker="o", color="C0")),
+    ("pretrained_linear_probe", "pretrained, linear probe (frozen)", dict(marker="s", color="C1")),
+    ("pretrained_knn", "pretrained, kNN (frozen)", dict(marker="^", color="C2")),
+)
+PICTURE_LEVELS = (  # (row key, label, colour): what does not
+    ("scratch", "scratch, fine-tuned", "grey"),
+    ("pixel_logistic_regression", "logistic regression on pixels", "C3"),
+    ("untrained_linear_probe", "untrained encoder, linear probe", "C4"),
+)
 
 
 def plot_grid(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
-    """One panel per label count: pretrained top-1 against pretraining steps, a line per unlabelled-set size
-    (error bars: std over seeds), and the scratch mean ± std as a band. x is the requested length (--pretrain-steps;
-    the runs' whole epochs differ from it by a few per cent, the table has the exact counts)."""
+    """One panel per label count: against pretraining steps, the pretrained fine-tune and the frozen pretrained
+    encoder's probes (error bars: std over seeds, a line per unlabelled-set size), and as horizontal bands (mean ±
+    std) scratch, the pixel logistic regression and the untrained encoder's linear probe. x is the requested length
+    (--pretrain-steps; the runs' whole epochs differ from it by a few per cent, the table has the exact counts)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     def requested(row: dict) -> int:
         return row["cell"][1] or row["steps"]
 
-    fig = Figure(figsize=(5.2 * len(args.num_labelled), 4.0), dpi=100)
+    fig = Figure(figsize=(5.6 * len(args.num_labelled), 4.4), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(args.num_labelled), squeeze=False)[0]
     for ax, num_labelled in zip(axes, args.num_labelled):
-        panel = [r for r in rows if r["num_labelled"] == num_labelled and "pretrained" in r]
-        for unlabelled in sorted({r["unlabelled"] for r in panel}):
-            line = sorted((r for r in panel if r["unlabelled"] == unlabelled), key=lambda r: requested(r))
-            ax.errorbar([requested(r) for r in line], [r["pretrained"]["mean"] for r in line],
-                        yerr=[r["pretrained"]["std"] for r in line], marker="o", capsize=3,
-                        label=f"pretrained on {unlabelled:,} images")  # fmt: skip
-        scratch = next((r["scratch"] for r in rows if r["num_labelled"] == num_labelled and "scratch" in r), None)
-        if scratch is not None:
-            ax.axhspan(scratch["mean"] - scratch["std"], scratch["mean"] + scratch["std"], color="grey", alpha=0.25)
-            ax.axhline(scratch["mean"], color="grey", linestyle="--", label="scratch (mean ± std)")
-        ax.set_xscale("log")
+        panel = [r for r in rows if r["num_labelled"] == num_labelled and "steps" in r]
+        sizes = sorted({r["unlabelled"] for r in panel})
+        for key, label, style in PICTURE_LINES:
+            for unlabelled in sizes:
+                line = sorted((r for r in panel if r["unlabelled"] == unlabelled and key in r), key=requested)
+                if line:
+                    suffix = f" ({unlabelled:,} images)" if len(sizes) > 1 else ""
+                    x, means = [requested(r) for r in line], [r[key]["mean"] for r in line]
+                    stds = [r[key]["std"] for r in line]
+                    ax.errorbar(x, means, yerr=stds, capsize=3, label=label + suffix, **style)
+        for key, label, colour in PICTURE_LEVELS:
+            level = next((r[key] for r in rows if r["num_labelled"] == num_labelled and key in r), None)
+            if level is not None:
+                ax.axhspan(level["mean"] - level["std"], level["mean"] + level["std"], color=colour, alpha=0.2)
+                ax.axhline(level["mean"], color=colour, linestyle="--", label=f"{label} (mean ± std)")
         steps = sorted({requested(r) for r in panel})
-        ax.set_xticks(steps, [f"{step:,}" for step in steps])
-        ax.minorticks_off()
+        if steps:
+            ax.set_xscale("log")
+            ax.set_xticks(steps, [f"{step:,}" for step in steps])
+            ax.minorticks_off()
+            if len(steps) == 1:
+                ax.set_xlim(steps[0] / 2, steps[0] * 2)
         ax.set_xlabel("pretraining steps")
-        ax.set_ylabel("fine-tuned top-1 (%)")
-        ax.set_title(f"{num_labelled:,} labelled images, {len(args.seeds)} seeds")
+        ax.set_ylabel("top-1 on the test images (%)")
+        ax.set_title(f"{num_labelled:,} labelled images, {len(args.seeds)} seed(s)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, format="png")
 
@@ -583,23 +832,25 @@ def main(argv: list[str] | None = None) -> None:
     out, start = Path(args.out), time.perf_counter()
     device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     pretrainings, finetunes = run_grid(args, out)
-    rows, times = summarise(pretrainings, finetunes, args), variant_times(pretrainings, finetunes)
+    probes = baselines(args, pretrainings) if args.baselines else {}
+    rows, times = summarise(pretrainings, finetunes, args, probes), variant_times(pretrainings, finetunes)
     floor = untrained_probe(args) if any("probe_knn_top1" in p for p in pretrainings) else None
     wall = time.perf_counter() - start
     print_tables(rows, times, args, device)
     if floor:
-        print(f"probe of the untrained encoder (random initial weights): kNN {floor['probe_knn_top1']:.1f} "
+        print(f"online probe of the untrained encoder (random initial weights): kNN {floor['probe_knn_top1']:.1f} "
               f"/ {floor['probe_knn_top1_last2']:.1f}, linear {floor['probe_linear_top1']:.1f} / "
               f"{floor['probe_linear_top1_last2']:.1f} (last / last two stages)")  # fmt: skip
     print(f"wall time of this command {wall / 60:.1f} min (finished runs it reused count as their recorded time above)")
     summary = {
-        "args": vars(args), "device": device, "pretrainings": pretrainings, "results": finetunes, "summary": rows,
-        "times": times, "untrained_probe": floor, "wall_s": wall,
+        "args": {k: v for k, v in vars(args).items() if k != "recipe"}, "recipe": args.recipe, "device": device,
+        "pretrainings": pretrainings, "results": finetunes, "selected": select(finetunes), "baselines": probes,
+        "summary": rows, "times": times, "untrained_probe": floor, "wall_s": wall,
     }  # fmt: skip
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {args.json}")
-    if len(pretrainings) > 1:
+    if pretrainings:
         plot_grid(rows, args, Path(args.json).with_suffix(".png"))
         print(f"wrote {Path(args.json).with_suffix('.png')}")
 

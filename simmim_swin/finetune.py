@@ -117,7 +117,7 @@ def _finetune(config: FinetuneConfig, device: torch.device, info: DistInfo, stop
     # with data.val_fraction the held-out labelled images steer best.pt and early stopping; val_set is scored once
     holdout_set = _labelled_eval_set(config, "held_out") if config.data.val_fraction > 0 else None
     if config.train.head_init == "linear_probe" and find_latest_checkpoint(run_directory(config.run)) is None:
-        fit_top1 = _init_head_by_linear_probe(model, config, device, precision, len(classes))
+        fit_top1 = _init_head_by_linear_probe(model, config, precision, len(classes))
         if info.is_main:
             print(f"classifier initialised by a linear probe of the frozen features (train top-1 {fit_top1:.1f}%)")
     ema = ModelEmaV3(model, decay=config.train.ema_decay) if config.train.ema else None  # a plain copy, unwrapped
@@ -211,28 +211,43 @@ def _labelled_eval_set(config: FinetuneConfig, part: str) -> Dataset:
 
 
 @torch.no_grad()
-def _init_head_by_linear_probe(
-    model: nn.Module, config: FinetuneConfig, device: torch.device, precision: str, num_classes: int
-) -> float:
-    """LP-FT: the classifier set to a logistic regression (L2 1e-3, L-BFGS) on the frozen pooled features of the
-    training images, seen through the evaluation transform; returns its top-1 (%) on those images."""
+def frozen_features(
+    model: nn.Module, dataset: Dataset, batch_size: int, num_workers: int, precision: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pooled features (N, num_features) float32, labels (N,)) of a classifier's frozen encoder, in eval mode: what
+    head.fc reads. Unreadable images are dropped; the model's mode is restored."""
+    device = next(model.parameters()).device
     loader = DataLoader(
-        _labelled_eval_set(config, "train"), batch_size=config.data.eval_batch_size,
-        num_workers=config.data.num_workers, worker_init_fn=ignore_stop_signals, collate_fn=collate_good_only,
+        dataset, batch_size=batch_size, num_workers=num_workers, worker_init_fn=ignore_stop_signals,
+        collate_fn=collate_good_only,
     )  # fmt: skip
     features, labels = [], []
+    was_training = model.training
     model.eval()
-    for images, targets, *_ in loader:
-        with autocast_context(precision, device):
-            pooled = model.forward_head(model.forward_features(normalize_images(images.to(device))), pre_logits=True)
-        features.append(pooled.float())  # B, num_features: what head.fc reads
-        labels.append(targets.to(device))
-    model.train()
-    features_all, labels_all = torch.cat(features), torch.cat(labels)
-    weight, bias = fit_logistic_regression(features_all, labels_all, num_classes, l2=1e-3)
+    try:
+        for images, targets, *_ in loader:
+            with autocast_context(precision, device):
+                x = model.forward_features(normalize_images(images.to(device)))
+                features.append(model.forward_head(x, pre_logits=True).float())  # B, num_features
+            labels.append(targets.to(device))
+    finally:
+        model.train(was_training)
+    return torch.cat(features), torch.cat(labels)
+
+
+@torch.no_grad()
+def _init_head_by_linear_probe(
+    model: nn.Module, config: FinetuneConfig, precision: str, num_classes: int
+) -> float:  # fmt: skip
+    """LP-FT: the classifier set to a logistic regression (L2 1e-3, L-BFGS) on the frozen pooled features of the
+    training images, seen through the evaluation transform; returns its top-1 (%) on those images."""
+    features, labels = frozen_features(
+        model, _labelled_eval_set(config, "train"), config.data.eval_batch_size, config.data.num_workers, precision
+    )
+    weight, bias = fit_logistic_regression(features, labels, num_classes, l2=1e-3)
     model.head.fc.weight.copy_(weight)
     model.head.fc.bias.copy_(bias)
-    return 100.0 * ((features_all @ weight.T + bias).argmax(dim=1) == labels_all).float().mean().item()
+    return 100.0 * ((features @ weight.T + bias).argmax(dim=1) == labels).float().mean().item()
 
 
 def _test_best(

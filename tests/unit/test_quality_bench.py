@@ -142,28 +142,70 @@ def test_one_command_on_a_class_folder_runs_resumes_and_refuses_other_settings(q
         "--data", "folder", "--root", str(tmp_path / "data"), "--out", str(out), "--json", str(results),
         "--device", "cpu", "--jobs", "1", "--embed-dim", "16", "--depths", "1", "1", "--heads", "1", "2",
         "--pretrain-size", "32", "--pretrain-window", "4", "--size", "32", "--window", "4", "--mask-patch", "8",
-        "--pretrain-batch", "12", "--pretrain-steps", "3", "--num-labelled", "6", "--epochs", "1",
-        "--warmup-epochs", "0", "--batch", "6", "--seeds", "0", "1", "--variants", "pretrained", "scratch",
+        "--pretrain-batch", "12", "--pretrain-steps", "3", "--num-labelled", "15", "--epochs", "2",
+        "--warmup-epochs", "0", "--batch", "4", "--seeds", "1", "--variants", "pretrained", "scratch",
+        "--lr", "0.02", "0.04",
     ]  # fmt: skip
     quality.main(argv)
     summary = json.loads(results.read_text())
     (row,) = summary["summary"]
     assert row["unlabelled"] == 36 and row["steps"] == 3  # 36 images, batch 12: one epoch of 3 steps
-    assert len(row["pretrained"]["per_seed"]) == 2 and len(row["scratch"]["per_seed"]) == 2
+    assert len(row["pretrained"]["per_seed"]) == 1 and len(row["scratch"]["per_seed"]) == 1
     assert row["gain"] == pytest.approx(row["pretrained"]["mean"] - row["scratch"]["mean"])
     assert 0 <= row["probe_knn_top1"] <= 100
     assert set(summary["times"]) == {"pretraining", "pretrained", "scratch"}
     assert 0 <= summary["untrained_probe"]["probe_linear_top1_last2"] <= 100
+
+    # two lrs per (variant, seed); the one reported is the best on the held-out labels, scored on the val/ images
+    assert len(summary["results"]) == 4 and len(summary["selected"]) == 2
+    for chosen in summary["selected"]:
+        sweep = [r for r in summary["results"] if (r["variant"], r["seed"]) == (chosen["variant"], chosen["seed"])]
+        assert {r["lr"] for r in sweep} == {0.02, 0.04}
+        assert chosen["held_out_top1"] == max(r["held_out_top1"] for r in sweep)
+    assert row["scratch"]["per_seed"] == [r["top1"] for r in sorted(
+        (r for r in summary["selected"] if r["variant"] == "scratch"), key=lambda r: r["seed"])]  # fmt: skip
+    # the baselines on the same labelled parts and test images, with keys that name them
+    for key in ("pixel_logistic_regression", "untrained_knn", "untrained_linear_probe", "pretrained_knn",
+                "pretrained_linear_probe"):  # fmt: skip
+        assert len(row[key]["per_seed"]) == 1 and all(0 <= v <= 100 for v in row[key]["per_seed"])
+    assert summary["baselines"]["pixel_logistic_regression"]["15"][0]["setting"] in (1e-4, 1e-3, 1e-2, 1e-1)
     printed = capsys.readouterr().out
-    assert "probe of the untrained encoder (random initial weights): kNN" in printed
-    assert "| 6 | 36 | 3 |" in printed and "| pretraining | 1 |" in printed
+    assert "pixel logistic regression" in printed and "untrained linear probe" in printed
+    assert "| 15 | 36 | 3 |" in printed and "| pretraining | 1 |" in printed
+    assert Path(results).with_suffix(".png").stat().st_size > 10_000
 
     records = sorted(p.relative_to(out).parent.name for p in out.glob("*/benchmark.json"))
-    assert records == ["pretrain_uall_s3"] + [f"{v}_{t}seed{s}" for v, t in (("pretrained", "uall_s3_l6_"),
-                       ("scratch", "l6_")) for s in (0, 1)]  # fmt: skip
+    assert records == ["pretrain_uall_s3"] + [
+        f"{v}_{t}seed{s}_lr{lr}_ld0.9" for v, t in (("pretrained", "uall_s3_l15_"), ("scratch", "l15_"))
+        for s in (1,) for lr in ("0.02", "0.04")
+    ]  # fmt: skip
     before = {p: p.stat().st_mtime_ns for p in out.glob("*/checkpoints/*")}
     quality.main(argv)  # everything finished: reused, nothing trained again
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/checkpoints/*")} == before
     assert json.loads(results.read_text())["summary"] == summary["summary"]
-    with pytest.raises(SystemExit, match=r"holds a finished run with other settings .*optim.base_lr: 0.02 -> 0.05"):
-        quality.main([*argv, "--lr", "0.05"])
+    with pytest.raises(SystemExit, match=r"holds a finished run with other settings .*train.patience: 25 -> 3"):
+        quality.main([*argv, "--patience", "3"])
+
+
+def test_held_out_labels_never_overlap_training_or_test(quality) -> None:
+    """The benchmark's parts for a seed: training and held-out labelled images are disjoint, and both come from the
+    training split while the scores come from the test split."""
+    args = quality.parse_args(["--in-chans", "1", "--num-labelled", "500"])
+    data = quality.finetune_config(args, Path("unused"), "scratch", 2, None, 500, "x").data
+    assert data.source == "fashion_mnist" and data.val_fraction == 0.2 and data.subset_seed == 2
+    from simmim_swin.data.classification import labelled_split
+
+    targets = np.repeat(np.arange(10), 6000)
+    train, held_out = labelled_split(data, targets)
+    assert len(train) == 400 and len(held_out) == 100 and not set(train) & set(held_out)
+
+
+def test_the_default_recipe_is_the_few_labels_preset(quality) -> None:
+    args = quality.parse_args([])
+    config = quality.finetune_config(args, Path("unused"), "pretrained", 0, Path("ckpt"), 1000, "x")
+    assert args.preset == "few_labels"
+    assert (config.data.val_fraction, config.train.patience, config.train.head_init) == (0.2, 25, "linear_probe")
+    assert (config.schedule.epochs, config.augment.mixup, config.augment.rand_augment) == (100, 0.0, None)
+    old = quality.finetune_config(quality.parse_args(["--preset", "fashion_mnist"]), Path("u"), "scratch", 0, None,
+                                  1000, "x")  # fmt: skip
+    assert (old.schedule.epochs, old.data.val_fraction, old.augment.rand_augment) == (15, 0.0, "rand-m6-mstd0.5-inc1")
