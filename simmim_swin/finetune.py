@@ -257,6 +257,8 @@ def _test_best(
     test_top5 in metrics.jsonl, final_test_top1 in the summary, the confusion matrix picture."""
     device, info = next(run.model.parameters()).device, run.info
     best_path = run.run_dir / CHECKPOINT_DIR / BEST_CHECKPOINT
+    if info.distributed:
+        torch.distributed.barrier()  # rank 0 may still be writing best.pt from the last evaluation
     best = torch.load(best_path, map_location=device, weights_only=True)
     trained = {k: v.clone() for k, v in run.model.state_dict().items()}
     run.model.load_state_dict(best["model"])
