@@ -86,6 +86,20 @@ def test_two_processes_fine_tune_like_one(tmp_path, images):
     assert two.stdout.count("done at step 4/4") == 1
 
 
+def test_two_processes_select_on_held_out_labels_then_score_best_once(tmp_path, images):
+    """DDP with data.val_fraction and the linear-probe head: every rank holds out the same labelled images, best.pt
+    is chosen on them, and the whole val/ set is scored once, with the same numbers on every rank."""
+    held_out = ("data.val_fraction=0.25", "train.head_init=linear_probe", "data.batch_size=3", "schedule.epochs=3")
+    two = run_cli(tmp_path, "finetune", *finetune_args(images, "two", *held_out), nproc=2)
+    assert two.stdout.count("classifier initialised by a linear probe") == 1
+    lines = records(tmp_path / "two")
+    assert {r["val_num_images"] for r in lines if "val_top1" in r} == {4}  # 2 of each class's 8 held out
+    (test,) = [r for r in lines if "test_top1" in r]
+    assert test["test_num_images"] == 5 and test["best_step"] in (2, 4, 6)
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["final_test_top1"] == test["test_top1"]
+
+
 def test_fsdp_fine_tune_from_fsdp_pretraining_resumes_and_evaluates_in_one_process(tmp_path, images):
     """FSDP end to end: a sharded pretraining checkpoint is read as pretrained weights, the FSDP fine-tune writes
     sharded resume checkpoints and a whole best.pt, one process resumes it, and evaluate= reads a shard folder."""
