@@ -101,14 +101,17 @@ def clip_window(
     return window, shift if shifted else (0, 0)
 
 
-def check_divisible_size(size: Sequence[int], patch_size: int, num_stages: int, what: str = "input size") -> None:
-    """Raise ValueError unless both sides of `size` are divisible by patch_size * 2**(num_stages - 1)."""
+def check_divisible_size(size: int | Sequence[int], patch_size: int, num_stages: int, name: str = "input_size") -> None:
+    """Raise ValueError unless both sides of `size` divide by patch_size * 2**(num_stages - 1) (the last stage's
+    stride), naming `name` and the nearest size that fits; the model, its inputs and the configs share this check."""
     reduction = patch_size * 2 ** (num_stages - 1)
-    if size[0] % reduction or size[1] % reduction:
+    sides = (size, size) if isinstance(size, int) else tuple(size)
+    if sides[0] % reduction or sides[1] % reduction:
+        fits = [max(1, round(side / reduction)) * reduction for side in sides]
+        suggestion = fits[0] if isinstance(size, int) else fits if isinstance(size, list) else tuple(fits)
         raise ValueError(
-            f"{what} {tuple(size)} must be divisible by patch_size * 2**(stages-1) = {reduction} (patch_size "
-            f"{patch_size}, {num_stages} stages) on both axes; resize or crop to e.g. "
-            f"{tuple(max(1, s // reduction) * reduction for s in size)}"
+            f"{name}={size} must be divisible by patch_size * 2**(stages-1) = {reduction} (patch_size {patch_size}, "
+            f"{num_stages} stages) on both sides; try {name}={suggestion}"
         )
 
 
@@ -347,7 +350,7 @@ class SwinTransformerV2(timm_swinv2.SwinTransformerV2):
         num_stages = len(depths)
         if len(num_heads) != num_stages:
             raise ValueError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} must have one entry per stage")
-        check_divisible_size(img_size, patch_size, num_stages, what="img_size")
+        check_divisible_size(img_size, patch_size, num_stages, name="img_size")
         pretrained_window_sizes = tuple(pretrained_window_sizes or (0,) * num_stages)
         if len(pretrained_window_sizes) != num_stages:
             raise ValueError(
