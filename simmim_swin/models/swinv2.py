@@ -217,7 +217,6 @@ class SwinTransformerV2Block(timm_swinv2.SwinTransformerV2Block):
             dim, input_resolution, num_heads, window_size, shift_size,
             pretrained_window_size=pretrained_window_size, **attn_kwargs, **kwargs,
         )  # fmt: skip
-        self.target_window_size = to_2tuple(window_size)  # before clipping: what another input size clips again
         # timm's block takes no attention class: its attention is replaced by the subclass (a build-time cost only)
         self.attn = WindowAttention(
             dim, self.window_size, num_heads, fused_attn, pretrained_window_size=pretrained_window_size, **attn_kwargs
@@ -228,8 +227,10 @@ class SwinTransformerV2Block(timm_swinv2.SwinTransformerV2Block):
     def _calc_window_shift(
         self, target_window_size: int | tuple[int, int], target_shift_size: int | tuple[int, int] | None = None
     ) -> tuple[tuple[int, int], tuple[int, int]]:
+        # timm calls this with the unclipped window at build and from set_input_size: kept for other input sizes
+        self.target_window_size = to_2tuple(target_window_size)
         shift = self.target_shift_size if target_shift_size is None else to_2tuple(target_shift_size)
-        return clip_window(self.input_resolution, to_2tuple(target_window_size), shifted=any(shift))
+        return clip_window(self.input_resolution, self.target_window_size, shifted=any(shift))
 
     def get_attn_mask(
         self, x: torch.Tensor | None = None, device: Any = None, dtype: Any = None
