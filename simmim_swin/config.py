@@ -64,11 +64,6 @@ def check_img_size(value: Any, key: str) -> int | list[int]:
     raise ConfigError(f"{key}={value!r} must be a positive int (square) or [height, width], e.g. 192 or [192, 256]")
 
 
-def img_size_pair(img_size: int | list[int]) -> tuple[int, int]:
-    """(height, width) of a config's img_size."""
-    return (img_size, img_size) if isinstance(img_size, int) else (img_size[0], img_size[1])
-
-
 @dataclass
 class MaskConfig:
     """SimMIM masking and reconstruction target."""
@@ -459,20 +454,16 @@ def validate_pretrain(config: PretrainConfig) -> None:
     """Reject inconsistent pretraining settings before anything is built; raises ConfigError naming the key."""
     check_numbers(config)
     from .masking import MaskGenerator  # imported here: simmim_swin.data and the models import this module
-    from .models.swinv2 import SWINV2_SIZES
+    from .models.swinv2 import SWINV2_SIZES, check_divisible_size
 
     model_cfg, mask_cfg = config.model, config.mask
     if model_cfg.arch not in SWINV2_SIZES:
         raise ConfigError(f"model.arch={model_cfg.arch!r} is not a known size; choose one of {sorted(SWINV2_SIZES)}")
     num_stages = len(model_cfg.depths or SWINV2_SIZES[model_cfg.arch]["depths"])
-    reduction = model_cfg.patch_size * 2 ** (num_stages - 1)
-    if any(side % reduction for side in img_size_pair(model_cfg.img_size)):
-        suggestion = [max(1, round(side / reduction)) * reduction for side in img_size_pair(model_cfg.img_size)]
-        suggestion = suggestion[0] if isinstance(model_cfg.img_size, int) else suggestion
-        raise ConfigError(
-            f"model.img_size={model_cfg.img_size} must be divisible by patch_size * 2**(stages-1) = {reduction} "
-            f"for model.arch={model_cfg.arch}; try model.img_size={suggestion}"
-        )
+    try:
+        check_divisible_size(model_cfg.img_size, model_cfg.patch_size, num_stages, name="model.img_size")
+    except ValueError as error:
+        raise ConfigError(f"{error} (model.arch={model_cfg.arch})") from None
     if not isinstance(model_cfg.img_size, int):
         # the pretraining crops, masks and panels are square; non-square sizes are for encoders run on other data
         raise ConfigError(

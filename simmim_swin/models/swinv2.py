@@ -1,9 +1,18 @@
-"""Swin Transformer V2 (Liu et al., 2021, arXiv 2111.09883): res-post-norm, scaled cosine attention and a
-log-spaced continuous position bias (CPB) that transfers across window sizes.
+"""Swin Transformer V2 (Liu et al., 2021, arXiv 2111.09883) as subclasses of timm's `SwinTransformerV2`.
 
-Parameter names match timm's `swinv2_*` models (a stage's patch merging is the start of the next stage, the
-classifier is `head.fc`), so timm weights load directly. Tokens are kept channels-last, (B, H', W', C): the same
-memory as the paper's (B, L, C) with L in row-major order, and no reshapes between blocks.
+timm (>= 1.0.31) computes the paper's function: res-post-norm blocks, scaled cosine attention, the log-spaced
+continuous position bias (CPB, finite at a 1x1 window), V2 patch merging, the init. Its parameter names are ours, so
+timm weights load directly. What the subclasses add:
+
+- the SimMIM mask token, put in place of masked tokens after the patch-embedding norm;
+- a fused attention path (`scaled_dot_product_attention`, the CPB bias + shift mask as a float mask) beside the
+  eager one;
+- the reference's window clipping (a stage whose shorter side fits in the window attends over square windows of that
+  side, unshifted, on both axes; timm clips each axis on its own and keeps shifting the longer one);
+- any input size divisible by patch_size * 2**(stages-1): windows are clipped and shift masks built for the actual
+  feature maps, once per size (timm pads to the built windows instead);
+- the optional absolute position embedding (`ape`) and the extra LayerNorm every 6 blocks of huge and giant;
+- the optimizer hooks: layer ids for layer-wise lr decay, the mask token and position embedding without weight decay.
 """
 
 from __future__ import annotations
@@ -15,8 +24,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from timm.layers import ClassifierHead, DropPath, Mlp, PatchEmbed, trunc_normal_
+from timm.layers import (
+    calculate_drop_path_rates,
+    gen_relative_log_coords,
+    gen_relative_position_index,
+    to_2tuple,
+    trunc_normal_,
+)
+from timm.models import swin_transformer_v2 as timm_swinv2
 from timm.models._features import feature_take_indices
+from timm.models.swin_transformer_v2 import window_partition, window_reverse
 from torch import nn
 
 # exp(logit_scale) is clamped to 100, as in the paper's code
@@ -24,64 +41,34 @@ LOGIT_SCALE_MAX = math.log(1.0 / 0.01)
 # a shifted window adds this to logits between tokens from different image regions (the reference value, not -inf)
 SHIFT_MASK_VALUE = -100.0
 
-
 # ----------------------------------------------------------------------------------------------------------------
-# window helpers and derived tables (all rebuilt from sizes, never loaded from checkpoints)
-
-
-def window_partition(x: torch.Tensor, window_size: tuple[int, int]) -> torch.Tensor:
-    """Cut (B, H, W, C) into (B*nW, Wh, Ww, C) windows, nW in row-major order."""
-    B, H, W, C = x.shape
-    wh, ww = window_size
-    x = x.view(B, H // wh, wh, W // ww, ww, C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, wh, ww, C)
-
-
-def window_reverse(windows: torch.Tensor, window_size: tuple[int, int], feat_size: tuple[int, int]) -> torch.Tensor:
-    """Inverse of window_partition: (B*nW, Wh, Ww, C) -> (B, H, W, C)."""
-    wh, ww = window_size
-    H, W = feat_size
-    C = windows.shape[-1]
-    x = windows.view(-1, H // wh, W // ww, wh, ww, C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)
+# derived tables for any window (timm builds them inside its modules for the one window each was built with;
+# an input of another size needs them for other windows)
 
 
 def make_relative_coords_table(
     window_size: tuple[int, int], pretrained_window_size: tuple[int, int] = (0, 0)
 ) -> torch.Tensor:
-    """Log-spaced relative offsets fed to the CPB MLP, shape (2Wh-1, 2Ww-1, 2) in 'ij' order.
+    """Log-spaced relative offsets fed to the CPB MLP, shape (2Wh-1, 2Ww-1, 2) in 'ij' order: timm's table.
 
-    Offsets are normalised by the *pretrained* window when one is given: offsets inside the old window then map to
-    exactly the inputs seen in pretraining, and larger ones are extrapolated by the MLP (the paper's transfer).
+    Offsets are normalised by the *pretrained* window when one is given, else by the window itself.
     """
-    wh, ww = window_size
-    dy = torch.arange(-(wh - 1), wh, dtype=torch.float32)
-    dx = torch.arange(-(ww - 1), ww, dtype=torch.float32)
-    table = torch.stack(torch.meshgrid(dy, dx, indexing="ij"), dim=-1)  # 2Wh-1, 2Ww-1, 2
     norm = pretrained_window_size if pretrained_window_size[0] > 0 else window_size
-    # max(., 1): a 1x1 window has the single offset 0, and 0 / 0 would make the whole table NaN
-    table[..., 0] /= max(norm[0] - 1, 1)
-    table[..., 1] /= max(norm[1] - 1, 1)
-    table = table * 8  # to [-8, 8]
-    return torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
-
-
-def make_relative_position_index(window_size: tuple[int, int]) -> torch.Tensor:
-    """Index into the flattened coords table for every token pair of a window, shape (Wh*Ww, Wh*Ww)."""
-    wh, ww = window_size
-    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")).flatten(1)  # 2, N
-    rel = coords[:, :, None] - coords[:, None, :]  # 2, N, N: token i minus token j
-    return (rel[0] + wh - 1) * (2 * ww - 1) + (rel[1] + ww - 1)
+    # timm's function divides by (n - 1), 0 / 0 for a 1x1 window; its modules divide by max(n - 1, 1), which n = 2 gives
+    norm = tuple(max(int(n), 2) for n in norm)
+    return gen_relative_log_coords(tuple(window_size), norm)
 
 
 def make_shift_attn_mask(
-    feat_size: tuple[int, int], window_size: tuple[int, int], shift_size: tuple[int, int]
+    feat_size: tuple[int, int], window_size: tuple[int, int], shift_size: tuple[int, int], device: Any = None
 ) -> torch.Tensor:
-    """Additive mask for shifted windows, shape (nW, Wh*Ww, Wh*Ww): 0 within an image region, -100 across regions."""
-    H, W = feat_size
-    wh, ww = window_size
-    sh, sw = shift_size
-    region = torch.zeros(1, H, W, 1)
+    """Additive mask for shifted windows, shape (nW, Wh*Ww, Wh*Ww): 0 within an image region, -100 across regions.
+
+    Kept here rather than timm's `get_attn_mask`, which is a block method tied to the block's built window: inputs
+    of other sizes need masks for other windows, and one function serves both.
+    """
+    (H, W), (wh, ww), (sh, sw) = feat_size, window_size, shift_size
+    region = torch.zeros(1, H, W, 1, device=device)
     label = 0
     # after the cyclic roll by -shift, the last windows mix tokens from the image's far edges: label the 3x3 regions
     for hs in (slice(0, -wh), slice(-wh, -sh), slice(-sh, None)):
@@ -93,71 +80,61 @@ def make_shift_attn_mask(
     return torch.zeros_like(diff).masked_fill(diff != 0, SHIFT_MASK_VALUE)
 
 
-def clip_window(feat_size: tuple[int, int], window_size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
-    """The (window, shift) a shifted block of a stage uses.
+def clip_window(
+    feat_size: tuple[int, int], window_size: tuple[int, int], shifted: bool
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The (window, shift) of a block on a feature map of `feat_size`, clipped as the reference clips.
 
-    As in the reference: once the map's shorter side is no larger than the window, the stage attends over
-    windows of that side (square) and does not shift; the pretrained window size is left as it was.
+    Once the map's shorter side is no larger than the window, the stage attends over square windows of that side
+    and does not shift; the pretrained window size is left as it was.
     """
     side = min(feat_size)
     if side <= max(window_size):
-        return (side, side), (0, 0)
-    return tuple(window_size), (window_size[0] // 2, window_size[1] // 2)
+        window, shift = (side, side), (0, 0)
+    else:
+        window, shift = tuple(window_size), (window_size[0] // 2, window_size[1] // 2)
+    if any(r % w for r, w in zip(feat_size, window)):
+        raise ValueError(
+            f"feature map {tuple(feat_size)} is not divisible by window {window}; choose the image size so that "
+            "img_size / patch_size / 2**stage is a multiple of window_size on both axes (or give one window per stage)"
+        )
+    return window, shift if shifted else (0, 0)
+
+
+def check_divisible_size(size: int | Sequence[int], patch_size: int, num_stages: int, name: str = "input_size") -> None:
+    """Raise ValueError unless both sides of `size` divide by patch_size * 2**(num_stages - 1) (the last stage's
+    stride), naming `name` and the nearest size that fits; the model, its inputs and the configs share this check."""
+    reduction = patch_size * 2 ** (num_stages - 1)
+    sides = (size, size) if isinstance(size, int) else tuple(size)
+    if sides[0] % reduction or sides[1] % reduction:
+        fits = [max(1, round(side / reduction)) * reduction for side in sides]
+        suggestion = fits[0] if isinstance(size, int) else fits if isinstance(size, list) else tuple(fits)
+        raise ValueError(
+            f"{name}={size} must be divisible by patch_size * 2**(stages-1) = {reduction} (patch_size {patch_size}, "
+            f"{num_stages} stages) on both sides; try {name}={suggestion}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # modules
 
 
-class WindowAttention(nn.Module):
-    """Multi-head scaled cosine attention within windows, plus the continuous position bias.
+class WindowAttention(timm_swinv2.WindowAttention):
+    """timm's cosine window attention with the CPB, plus a fused path and windows other than the built one.
 
-    Two paths compute the same function: eager matmuls, or `scaled_dot_product_attention` with the logit scale
-    folded into the normalised queries and the bias (+ shift mask) as a float mask. The bias needs gradients, so
-    SDPA's flash backend is out; its memory-efficient and cuDNN backends accept it.
+    Two paths compute the same function: timm's eager matmuls, or `scaled_dot_product_attention` with the logit
+    scale folded into the normalised queries and the bias (+ shift mask) as a float mask. The bias needs gradients,
+    so SDPA's flash backend is out; its memory-efficient and cuDNN backends accept it. On the CPU masked SDPA is
+    slower than eager.
     """
 
     def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        window_size: tuple[int, int],
-        pretrained_window_size: tuple[int, int] = (0, 0),
-        qkv_bias: bool = True,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-        fused_attn: bool = False,
+        self, dim: int, window_size: tuple[int, int], num_heads: int, fused_attn: bool = False, **kwargs: Any
     ) -> None:
-        super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
-        self.dim = dim
-        self.num_heads = num_heads
-        self.window_size = tuple(window_size)
-        self.pretrained_window_size = tuple(pretrained_window_size)
+        super().__init__(dim, to_2tuple(window_size), num_heads, **kwargs)
         self.fused_attn = fused_attn
-        self.attn_drop_rate = attn_drop
-
-        self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
-        self.cpb_mlp = nn.Sequential(
-            nn.Linear(2, 512, bias=True), nn.ReLU(inplace=True), nn.Linear(512, num_heads, bias=False)
-        )
-        self.qkv = nn.Linear(dim, dim * 3, bias=False)
-        if qkv_bias:
-            # k gets no bias (a constant added to every key cancels in softmax); it stays a zero buffer
-            self.q_bias = nn.Parameter(torch.zeros(dim))
-            self.register_buffer("k_bias", torch.zeros(dim), persistent=False)
-            self.v_bias = nn.Parameter(torch.zeros(dim))
-        else:
-            self.q_bias = self.k_bias = self.v_bias = None
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-        table = make_relative_coords_table(self.window_size, self.pretrained_window_size)
-        self.register_buffer("relative_coords_table", table, persistent=False)
-        index = make_relative_position_index(self.window_size)
-        self.register_buffer("relative_position_index", index, persistent=False)
         # (coords table, index) of other windows (the model run at another input size), built once per window
         self._other_tables: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -167,8 +144,8 @@ class WindowAttention(nn.Module):
             return self.relative_coords_table, self.relative_position_index
         tables = self._other_tables.get(window_size)
         if tables is None or tables[0].device != device:
-            table = make_relative_coords_table(window_size, self.pretrained_window_size)
-            tables = (table.to(device), make_relative_position_index(window_size).to(device))
+            table = make_relative_coords_table(window_size, self.pretrained_window_size).to(device)
+            tables = (table, gen_relative_position_index(window_size, device=device))
             self._other_tables[window_size] = tables
         return tables
 
@@ -186,47 +163,39 @@ class WindowAttention(nn.Module):
     ) -> torch.Tensor:
         """x: (B*nW, N, C); mask: (nW, N, N) additive shift mask or None; window_size: the windows' size when it
         is not the built one (the model run at another input size). Returns (B*nW, N, C)."""
+        if not self.fused_attn and window_size in (None, self.window_size):
+            return super().forward(x, mask)
         B_, N, C = x.shape
         qkv_bias = None if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
         qkv = F.linear(x, self.qkv.weight, qkv_bias)
-        qkv = qkv.view(B_, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each B*nW, heads, N, d
+        q, k, v = qkv.view(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # each B*nW, heads, N, d
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         logit_scale = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()  # heads, 1, 1
         bias = self.position_bias(window_size)  # heads, N, N
-
-        if self.fused_attn:
-            q = q * logit_scale  # cosine logits scaled per head; SDPA then uses scale 1
-            if mask is None:
-                attn_mask = bias.unsqueeze(0).to(q.dtype)  # 1, heads, N, N broadcast over windows
-                out = F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop_rate if self.training else 0.0, scale=1.0
-                )
-            else:
-                # fold windows into the head axis so one (nW*heads, N, N) mask broadcasts over the batch
-                # instead of being repeated B times
-                nW = mask.shape[0]
-                attn_mask = (bias.unsqueeze(0) + mask.unsqueeze(1)).reshape(1, nW * self.num_heads, N, N).to(q.dtype)
-                q, k, v = (t.reshape(-1, nW * self.num_heads, N, t.shape[-1]) for t in (q, k, v))  # B, nW*heads, N, d
-                out = F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop_rate if self.training else 0.0, scale=1.0
-                )
-                out = out.view(B_, self.num_heads, N, -1)
-        else:
+        if not self.fused_attn:  # timm's eager path, at another window
             attn = (q @ k.transpose(-2, -1)) * logit_scale + bias.unsqueeze(0)  # B*nW, heads, N, N
             if mask is not None:
-                nW = mask.shape[0]
-                attn = attn.view(-1, nW, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
-                attn = attn.view(-1, self.num_heads, N, N)
-            attn = self.attn_drop(attn.softmax(dim=-1))
-            out = attn @ v  # B*nW, heads, N, d
-
+                attn = attn.view(-1, mask.shape[0], self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+            out = self.attn_drop(attn.view(-1, self.num_heads, N, N).softmax(dim=-1)) @ v  # B*nW, heads, N, d
+        else:
+            q = q * logit_scale  # cosine logits scaled per head; SDPA then uses scale 1
+            heads = self.num_heads
+            attn_mask = bias.unsqueeze(0)  # 1, heads, N, N broadcast over windows
+            if mask is not None:
+                # fold windows into the head axis so one (nW*heads, N, N) mask broadcasts over the batch
+                # instead of being repeated B times
+                heads = mask.shape[0] * self.num_heads
+                attn_mask = (attn_mask + mask.unsqueeze(1)).reshape(1, heads, N, N)
+                q, k, v = (t.reshape(-1, heads, N, t.shape[-1]) for t in (q, k, v))  # B, nW*heads, N, d
+            dropout_p = self.attn_drop.p if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask.to(q.dtype), dropout_p=dropout_p, scale=1.0)
+            out = out.view(B_, self.num_heads, N, -1)
         x = out.transpose(1, 2).reshape(B_, N, C)
         return self.proj_drop(self.proj(x))
 
 
-class SwinTransformerV2Block(nn.Module):
-    """(Shifted) window attention and MLP, each followed by a LayerNorm on the residual branch (res-post-norm)."""
+class SwinTransformerV2Block(timm_swinv2.SwinTransformerV2Block):
+    """timm's res-post-norm block with the reference's window clipping, the fused attention and any map size."""
 
     def __init__(
         self,
@@ -234,57 +203,42 @@ class SwinTransformerV2Block(nn.Module):
         input_resolution: tuple[int, int],
         num_heads: int,
         window_size: tuple[int, int],
-        shifted: bool = False,
+        shift_size: int | tuple[int, int] = 0,
         pretrained_window_size: tuple[int, int] = (0, 0),
-        mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
-        proj_drop: float = 0.0,
         attn_drop: float = 0.0,
-        drop_path: float = 0.0,
+        proj_drop: float = 0.0,
         fused_attn: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
-        self.dim = dim
-        self.input_resolution = tuple(input_resolution)
-        self.target_window_size = tuple(window_size)  # before clipping: what another input size clips again
-        self.shifted = shifted
-        self.window_size, self.shift_size = self.window_and_shift(self.input_resolution)
-
+        attn_kwargs = dict(qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
+        pretrained_window_size = to_2tuple(pretrained_window_size)
+        super().__init__(
+            dim, input_resolution, num_heads, window_size, shift_size,
+            pretrained_window_size=pretrained_window_size, **attn_kwargs, **kwargs,
+        )  # fmt: skip
+        # timm's block takes no attention class: its attention is replaced by the subclass (a build-time cost only)
         self.attn = WindowAttention(
-            dim,
-            num_heads=num_heads,
-            window_size=self.window_size,
-            pretrained_window_size=pretrained_window_size,
-            qkv_bias=qkv_bias,
-            attn_drop=attn_drop,
-            proj_drop=proj_drop,
-            fused_attn=fused_attn,
+            dim, self.window_size, num_heads, fused_attn, pretrained_window_size=pretrained_window_size, **attn_kwargs
         )
-        self.norm1 = nn.LayerNorm(dim)
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
-        self.norm2 = nn.LayerNorm(dim)
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-
-        if any(self.shift_size):
-            attn_mask = make_shift_attn_mask(self.input_resolution, self.window_size, self.shift_size)
-        else:
-            attn_mask = None
-        self.register_buffer("attn_mask", attn_mask, persistent=False)
         # (window, shift, shift mask) of other feature-map sizes (the model run at another input size)
         self._other_sizes: dict[tuple[int, int], tuple[tuple[int, int], tuple[int, int], torch.Tensor | None]] = {}
 
-    def window_and_shift(self, feat_size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
-        """The (window, shift) this block uses on a feature map of `feat_size` (clipped as the reference does)."""
-        window, shift = clip_window(feat_size, self.target_window_size)
-        for r, w in zip(feat_size, window):
-            if r % w != 0:
-                raise ValueError(
-                    f"feature map {tuple(feat_size)} is not divisible by window {window}; choose the image size so "
-                    "that img_size / patch_size / 2**stage is a multiple of window_size on both axes (or give one "
-                    "window per stage)"
-                )
-        return window, shift if self.shifted else (0, 0)
+    def _calc_window_shift(
+        self, target_window_size: int | tuple[int, int], target_shift_size: int | tuple[int, int] | None = None
+    ) -> tuple[tuple[int, int], tuple[int, int]]:
+        # timm calls this with the unclipped window at build and from set_input_size: kept for other input sizes
+        self.target_window_size = to_2tuple(target_window_size)
+        shift = self.target_shift_size if target_shift_size is None else to_2tuple(target_shift_size)
+        return clip_window(self.input_resolution, self.target_window_size, shifted=any(shift))
+
+    def get_attn_mask(
+        self, x: torch.Tensor | None = None, device: Any = None, dtype: Any = None
+    ) -> torch.Tensor | None:
+        """The shift mask of the block's built map, or None for an unshifted block."""
+        if not any(self.shift_size):
+            return None
+        return make_shift_attn_mask(self.input_resolution, self.window_size, self.shift_size, device)
 
     def _geometry(self, feat_size: tuple[int, int], device: torch.device) -> tuple:
         """(window, shift, shift mask) for a feature map of `feat_size`: the built ones, or cached per size."""
@@ -292,58 +246,29 @@ class SwinTransformerV2Block(nn.Module):
             return self.window_size, self.shift_size, self.attn_mask
         geometry = self._other_sizes.get(feat_size)
         if geometry is None or (geometry[2] is not None and geometry[2].device != device):
-            window, shift = self.window_and_shift(feat_size)
-            mask = make_shift_attn_mask(feat_size, window, shift).to(device) if any(shift) else None
+            window, shift = clip_window(feat_size, self.target_window_size, shifted=any(self.target_shift_size))
+            mask = make_shift_attn_mask(feat_size, window, shift, device) if any(shift) else None
             geometry = (window, shift, mask)
             self._other_sizes[feat_size] = geometry
         return geometry
 
     def _attn(self, x: torch.Tensor) -> torch.Tensor:
+        """(Shifted) window attention on x (B, H, W, C), windows clipped for its actual H, W (no padding)."""
         B, H, W, C = x.shape
         window, shift, mask = self._geometry((H, W), x.device)
         if any(shift):
             x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-        windows = window_partition(x, window).reshape(-1, window[0] * window[1], C)
-        windows = self.attn(windows, mask=mask, window_size=window)  # B*nW, N, C
+        windows = window_partition(x, window).view(-1, window[0] * window[1], C)  # B*nW, N, C
+        windows = self.attn(windows, mask=mask, window_size=window)
         x = window_reverse(windows.view(-1, *window, C), window, (H, W))  # B, H, W, C
         if any(shift):
             x = torch.roll(x, shifts=shift, dims=(1, 2))
         return x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, H, W, C) -> (B, H, W, C)."""
-        x = x + self.drop_path1(self.norm1(self._attn(x)))
-        x = x + self.drop_path2(self.norm2(self.mlp(x)))
-        return x
 
-    def init_respostnorm(self) -> None:
-        """Zero both post-norms so the block starts as the identity (the paper's res-post-norm init)."""
-        for norm in (self.norm1, self.norm2):
-            nn.init.zeros_(norm.weight)
-            nn.init.zeros_(norm.bias)
-
-
-class PatchMerging(nn.Module):
-    """V2 patch merging: 2x2 neighbours concatenated, Linear(4C, 2C) then LayerNorm(2C) (V1 normalises first)."""
-
-    def __init__(self, dim: int, out_dim: int | None = None) -> None:
-        super().__init__()
-        self.dim = dim
-        self.out_dim = out_dim or 2 * dim
-        self.reduction = nn.Linear(4 * dim, self.out_dim, bias=False)
-        self.norm = nn.LayerNorm(self.out_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, H, W, C) -> (B, H/2, W/2, 2C)."""
-        B, H, W, C = x.shape
-        # B, H/2, 2(row), W/2, 2(col), C -> B, H/2, W/2, 2(col), 2(row), C: concatenation order
-        # [0::2, 0::2], [1::2, 0::2], [0::2, 1::2], [1::2, 1::2] as in the reference
-        x = x.view(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)
-        return self.norm(self.reduction(x))
-
-
-class SwinTransformerV2Stage(nn.Module):
-    """Optional patch merging, then `depth` blocks alternating plain and shifted windows."""
+class SwinTransformerV2Stage(timm_swinv2.SwinTransformerV2Stage):
+    """timm's stage (optional patch merging, then blocks alternating plain and shifted windows) built from our
+    blocks, with the extra main-branch LayerNorm of SwinV2-H/G after every `extra_norm_every` blocks."""
 
     def __init__(
         self,
@@ -352,50 +277,24 @@ class SwinTransformerV2Stage(nn.Module):
         input_resolution: tuple[int, int],
         depth: int,
         num_heads: int,
-        window_size: tuple[int, int],
+        window_size: int,
         downsample: bool = False,
-        pretrained_window_size: tuple[int, int] = (0, 0),
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        proj_drop: float = 0.0,
-        attn_drop: float = 0.0,
         drop_path: Sequence[float] = (),
         extra_norm_every: int = 0,
-        fused_attn: bool = False,
+        **block_kwargs: Any,
     ) -> None:
-        super().__init__()
-        self.dim = dim
-        self.input_resolution = tuple(input_resolution)
-        if downsample:
-            self.output_resolution = (input_resolution[0] // 2, input_resolution[1] // 2)
-            self.downsample = PatchMerging(dim, out_dim)
-        else:
-            if dim != out_dim:
-                raise ValueError(f"a stage without downsampling keeps its width: dim={dim}, out_dim={out_dim}")
-            self.output_resolution = self.input_resolution
-            self.downsample = nn.Identity()
-        self.grad_checkpointing = False
+        # timm's stage builds the patch merging; its constructor takes no block class, so the blocks are built here
+        super().__init__(dim, out_dim, input_resolution, 0, num_heads, window_size, downsample=downsample)
+        self.depth = depth
         self.blocks = nn.ModuleList(
-            [
-                SwinTransformerV2Block(
-                    out_dim,
-                    input_resolution=self.output_resolution,
-                    num_heads=num_heads,
-                    window_size=window_size,
-                    shifted=j % 2 == 1,
-                    pretrained_window_size=pretrained_window_size,
-                    mlp_ratio=mlp_ratio,
-                    qkv_bias=qkv_bias,
-                    proj_drop=proj_drop,
-                    attn_drop=attn_drop,
-                    drop_path=drop_path[j] if drop_path else 0.0,
-                    fused_attn=fused_attn,
-                )
-                for j in range(depth)
-            ]
-        )
-        # SwinV2-H/G stabilisation: a LayerNorm on the main branch after every `extra_norm_every` blocks
-        # (counted within the stage). Stored by block index so only those blocks get one.
+            SwinTransformerV2Block(
+                out_dim, self.output_resolution, num_heads, (window_size, window_size),
+                shift_size=0 if j % 2 == 0 else window_size // 2, drop_path=drop_path[j] if drop_path else 0.0,
+                **block_kwargs,
+            )
+            for j in range(depth)
+        )  # fmt: skip
+        # stored by block index (counted within the stage) so only those blocks get one
         self.extra_norms = nn.ModuleDict(
             {
                 str(j): nn.LayerNorm(out_dim)
@@ -417,16 +316,13 @@ class SwinTransformerV2Stage(nn.Module):
         return x
 
 
-def _pair(value: int | Sequence[int]) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+class SwinTransformerV2(timm_swinv2.SwinTransformerV2):
+    """Swin Transformer V2 encoder and classifier: timm's model with the additions listed in the module docstring.
 
-
-class SwinTransformerV2(nn.Module):
-    """Swin Transformer V2 encoder and classifier.
-
-    Keyword names follow timm's `SwinTransformerV2`. `pretrained_window_sizes` (one per stage) normalises the CPB
-    inputs by the window each stage used in pretraining, which is how a model fine-tuned at a larger window
-    inherits the pretrained position bias. `fused_attn=None` uses SDPA on CUDA and the eager path elsewhere.
+    Keyword names follow timm's. `window_size` is one int for all stages or one per stage; `pretrained_window_sizes`
+    (one per stage) normalises the CPB inputs by the window each stage used in pretraining, which is how a model
+    fine-tuned at a larger window inherits the pretrained position bias. `fused_attn=None` uses SDPA on CUDA and the
+    eager path elsewhere.
     """
 
     def __init__(
@@ -438,7 +334,7 @@ class SwinTransformerV2(nn.Module):
         embed_dim: int = 96,
         depths: Sequence[int] = (2, 2, 6, 2),
         num_heads: Sequence[int] = (3, 6, 12, 24),
-        window_size: int | Sequence[int] = 7,  # one square window for all stages, or one per stage
+        window_size: int | Sequence[int] = 7,
         pretrained_window_sizes: Sequence[int] | None = None,
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
@@ -451,105 +347,52 @@ class SwinTransformerV2(nn.Module):
         fused_attn: bool | None = None,
         grad_checkpointing: bool = False,
     ) -> None:
-        super().__init__()
-        img_size = _pair(img_size)
+        img_size = (img_size, img_size) if isinstance(img_size, int) else (int(img_size[0]), int(img_size[1]))
         num_stages = len(depths)
         if len(num_heads) != num_stages:
             raise ValueError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} must have one entry per stage")
-        reduction = patch_size * 2 ** (num_stages - 1)
-        if img_size[0] % reduction or img_size[1] % reduction:
-            raise ValueError(
-                f"img_size {img_size} must be divisible by patch_size * 2**(stages-1) = {patch_size} * "
-                f"2**{num_stages - 1} = {reduction}; use e.g. img_size={max(1, img_size[0] // reduction) * reduction}"
-            )
+        check_divisible_size(img_size, patch_size, num_stages, name="img_size")
         pretrained_window_sizes = tuple(pretrained_window_sizes or (0,) * num_stages)
         if len(pretrained_window_sizes) != num_stages:
             raise ValueError(
                 f"pretrained_window_sizes {pretrained_window_sizes} needs one entry per stage ({num_stages})"
             )
-
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.img_size = img_size
-        self.patch_size = patch_size
-        self.embed_dim = embed_dim
-        self.num_layers = num_stages
-        self.num_features = int(embed_dim * 2 ** (num_stages - 1))
-        self.window_size = window_size
-        self.pretrained_window_sizes = pretrained_window_sizes
-        if fused_attn is None:
-            fused_attn = torch.cuda.is_available()
-
-        self.depths = tuple(depths)
-        # Conv2d(kernel = stride = patch) then LayerNorm over channels, kept channels-last: B, H/p, W/p, C
-        self.patch_embed = PatchEmbed(
-            img_size, patch_size, in_chans, embed_dim, norm_layer=nn.LayerNorm, output_fmt="NHWC", strict_img_size=False
-        )
-        grid = self.patch_embed.grid_size
-        if ape:
-            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, grid[0], grid[1], embed_dim))
-        else:
-            self.absolute_pos_embed = None
-        self.register_parameter("mask_token", None)  # created by enable_mask_token() for SimMIM
-        self.pos_drop = nn.Dropout(drop_rate)
-
-        # stochastic depth rises linearly over all blocks
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         if isinstance(window_size, int):
-            windows = [(window_size, window_size)] * num_stages
-        elif len(window_size) == num_stages:  # one square window per stage
-            windows = [(int(w), int(w)) for w in window_size]
+            windows = [window_size] * num_stages
+        elif len(window_size) == num_stages:
+            windows = [int(w) for w in window_size]
         else:
             raise ValueError(f"window_size {tuple(window_size)} must be an int or one int per stage ({num_stages})")
-        stages = []
-        in_dim = embed_dim
-        resolution = grid
+        # timm builds the patch embedding (any input size), final norm, head and feature_info; its constructor
+        # takes no stage class, so it is given no blocks and its stages are replaced by ours below
+        super().__init__(
+            img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
+            embed_dim=embed_dim, depths=(0,) * num_stages, num_heads=num_heads, window_size=windows,
+            strict_img_size=False, drop_rate=drop_rate,
+        )  # fmt: skip
+        self.img_size, self.patch_size, self.depths = img_size, patch_size, tuple(depths)
+        self.window_size, self.pretrained_window_sizes = window_size, pretrained_window_sizes
+        grid = self.patch_embed.grid_size
+        self.absolute_pos_embed = nn.Parameter(torch.zeros(1, *grid, embed_dim)) if ape else None
+        self.register_parameter("mask_token", None)  # created by enable_mask_token() for SimMIM
+        self.pos_drop = nn.Dropout(drop_rate)
+        fused_attn = torch.cuda.is_available() if fused_attn is None else fused_attn
+        dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
+        stages, resolution = [], grid
         for i in range(num_stages):
-            out_dim = embed_dim * 2**i
             stage = SwinTransformerV2Stage(
-                in_dim,
-                out_dim,
-                input_resolution=resolution,
-                depth=depths[i],
-                num_heads=num_heads[i],
-                window_size=windows[i],
-                downsample=i > 0,
-                pretrained_window_size=_pair(pretrained_window_sizes[i]),
-                mlp_ratio=mlp_ratio,
-                qkv_bias=qkv_bias,
-                proj_drop=proj_drop_rate,
-                attn_drop=attn_drop_rate,
-                drop_path=dpr[sum(depths[:i]) : sum(depths[: i + 1])],
-                extra_norm_every=extra_norm_every,
-                fused_attn=fused_attn,
-            )
+                embed_dim * 2 ** max(i - 1, 0), embed_dim * 2**i, resolution, depths[i], num_heads[i], windows[i],
+                downsample=i > 0, drop_path=dpr[i], extra_norm_every=extra_norm_every,
+                pretrained_window_size=pretrained_window_sizes[i], mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, fused_attn=fused_attn,
+            )  # fmt: skip
             stages.append(stage)
-            in_dim = out_dim
             resolution = stage.output_resolution
         self.layers = nn.Sequential(*stages)
-        self.norm = nn.LayerNorm(self.num_features)
-        # the final norm above, then mean over tokens and Linear (`head.fc`, Identity when num_classes == 0)
-        self.head = ClassifierHead(
-            self.num_features, num_classes, pool_type="avg", drop_rate=drop_rate, input_fmt="NHWC"
-        )
-
-        self.apply(self._init_weights)
+        self.init_weights(needs_reset=False)  # timm's: trunc-normal Linear weights, zero biases, zero post-norms
         if self.absolute_pos_embed is not None:
             trunc_normal_(self.absolute_pos_embed, std=0.02)
-        for stage in self.layers:
-            for block in stage.blocks:
-                block.init_respostnorm()
         self.set_grad_checkpointing(grad_checkpointing)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
     @property
     def stage_window_sizes(self) -> list[int]:
@@ -569,11 +412,6 @@ class SwinTransformerV2(nn.Module):
             self.mask_token = nn.Parameter(trunc_normal_(token, std=0.02))
         return self.mask_token
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block's activations in backward to trade compute for memory."""
-        for stage in self.layers:
-            stage.grad_checkpointing = enable
-
     def set_fused_attn(self, enable: bool = True) -> None:
         """Switch every block between the SDPA path and the eager path."""
         for module in self.modules():
@@ -581,15 +419,9 @@ class SwinTransformerV2(nn.Module):
                 module.fused_attn = enable
 
     def no_weight_decay(self) -> set[str]:
-        """fnmatch patterns of the >= 2-D parameters trained without weight decay (timm's optimizer factory).
-
-        timm matches these against full parameter names; the leading `*` also covers a wrapper's prefix
-        (`encoder.`, `module.`). Biases and other 1-D parameters (norms, q_bias, v_bias) are excluded by timm's
-        1-D rule. The SwinV2 reference code means to exclude cpb_mlp and logit_scale but, through a name-prefix
-        slip, decays them during pretraining, and timm's own swinv2 list (bare module names) never matches them:
-        we exclude them.
-        """
-        return {"*absolute_pos_embed", "*mask_token", "*cpb_mlp.*", "*logit_scale"}
+        """Names of the >= 2-D parameters trained without weight decay (timm's optimizer factory matches them with
+        fnmatch): timm's cpb_mlp and logit_scale parameters, the absolute position embedding and the mask token."""
+        return {*super().no_weight_decay(), "*absolute_pos_embed", "*mask_token"}
 
     def layer_id(self, name: str) -> int:
         """Layer id of a parameter for layer-wise lr decay (lr scale decay^(sum(depths) + 1 - id)).
@@ -597,7 +429,7 @@ class SwinTransformerV2(nn.Module):
         Patch embedding 0; block j of stage i -> sum(depths[:i]) + j + 1; a stage's patch merging shares the id
         of that stage's last block (stored as the start of the next stage, layers.{i+1}.downsample, so it gets
         sum(depths[:i+1])); everything else (final norm, head, absolute position embedding, mask token) the top
-        id sum(depths) + 1.
+        id sum(depths) + 1. (timm's group_matcher puts the merging with the next stage's blocks.)
         """
         if name.startswith("patch_embed."):
             return 0
@@ -630,12 +462,7 @@ class SwinTransformerV2(nn.Module):
     def check_input_size(self, size: Sequence[int]) -> None:
         """Raise ValueError unless an input of `size` (H, W) fits: divisible by patch_size * 2**(stages-1)."""
         size = tuple(size)
-        reduction = self.patch_size * 2 ** (self.num_layers - 1)
-        if size[0] % reduction or size[1] % reduction:
-            raise ValueError(
-                f"input size {size} must be divisible by patch_size * 2**(stages-1) = {reduction} on both axes; "
-                f"resize or crop to e.g. {tuple(max(1, s // reduction) * reduction for s in size)}"
-            )
+        check_divisible_size(size, self.patch_size, self.num_layers)
         if size != self.img_size and self.absolute_pos_embed is not None:
             raise ValueError(
                 f"input size {size} differs from img_size {self.img_size}, and the absolute position embedding "
@@ -661,8 +488,7 @@ class SwinTransformerV2(nn.Module):
         Any input size divisible by patch_size * 2**(stages-1) works (windows clipped and shift masks built for it,
         cached per size); the model's own img_size uses the tables built with it.
         """
-        x = self.layers(self._embed(x, mask))
-        return self.norm(x)
+        return self.norm(self.layers(self._embed(x, mask)))
 
     def forward_intermediates(
         self,
@@ -681,7 +507,7 @@ class SwinTransformerV2(nn.Module):
             indices: stages to return: None all, an int n the last n, a sequence those stage indices.
             norm: apply the final norm to the last stage's map (the only norm the encoder has, as in timm).
             stop_early: skip the stages after the last one asked for.
-            output_fmt: NCHW (B, C_i, H_i, W_i) or NHWC.
+            output_fmt: NCHW (B, C_i, H_i, W_i) or NHWC (timm's swinv2 allows NCHW only).
             intermediates_only: return only the list.
             mask: optional SimMIM token mask (B, H/p, W/p).
         Returns:
@@ -703,22 +529,6 @@ class SwinTransformerV2(nn.Module):
         if intermediates_only:
             return intermediates
         return (self.norm(x) if len(stages) == self.num_layers else x), intermediates
-
-    @property
-    def feature_info(self) -> list[dict[str, Any]]:
-        """Channels and stride of each stage's map, as timm's feature_info lists them."""
-        return [
-            dict(num_chs=self.embed_dim * 2**i, reduction=self.patch_size * 2**i, module=f"layers.{i}")
-            for i in range(self.num_layers)
-        ]
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pool (B, H, W, C) features and classify."""
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C_in, H, W) -> logits (B, num_classes), or pooled features when num_classes == 0."""
-        return self.forward_head(self.forward_features(x))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -746,7 +556,7 @@ def create_swinv2(arch: str, **kwargs: Any) -> SwinTransformerV2:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# timm interoperability
+# timm interoperability: the layouts are the same, only derived tables and SimMIM-only weights differ
 
 # derived tables: rebuilt from the window size, never carried between models
 DERIVED_BUFFER_NAMES = ("relative_position_index", "relative_coords_table", "attn_mask", "k_bias")
@@ -758,16 +568,12 @@ def is_derived_buffer(key: str) -> bool:
 
 
 def from_timm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Convert a timm `swinv2_*` state dict to ours.
-
-    The parameter layouts are the same by design; derived tables (which some timm versions and checkpoints carry)
-    are dropped because ours are rebuilt from the window size.
-    """
+    """A timm `swinv2_*` state dict as ours: the same, less the derived tables some checkpoints carry."""
     return {key: value for key, value in state_dict.items() if not is_derived_buffer(key)}
 
 
 def to_timm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Convert our encoder or classifier state dict (or a whole SimMIM one) to timm's `swinv2_*` layout.
+    """Our encoder or classifier state dict (or a whole SimMIM one) in timm's `swinv2_*` layout.
 
     SimMIM-only weights (mask token, decoder) and derived tables are dropped. timm's swinv2 has no absolute
     position embedding, so a model built with ape=True cannot be expressed there.

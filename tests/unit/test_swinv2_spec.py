@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from timm.layers import gen_relative_position_index
 from torch import nn
 
 from simmim_swin.models.swinv2 import (
@@ -15,7 +16,6 @@ from simmim_swin.models.swinv2 import (
     WindowAttention,
     create_swinv2,
     make_relative_coords_table,
-    make_relative_position_index,
     make_shift_attn_mask,
     window_partition,
     window_reverse,
@@ -77,6 +77,18 @@ def test_coords_table_matches_formula_in_ij_order(window, pretrained, reference_
     assert table[0, 0, 0] < 0 and table[-1, 0, 0] > 0
 
 
+@pytest.mark.parametrize(("window", "pretrained"), [(1, 0), (1, 6), (2, 1), (4, 0), (7, 6), (14, 12)])
+def test_attention_buffers_are_the_tables(window: int, pretrained: int) -> None:
+    """The tables a module builds for its own window are the functions' values (which serve other windows)."""
+    attn = WindowAttention(dim=8, num_heads=2, window_size=(window, window), pretrained_window_size=(pretrained,) * 2)
+    expected = make_relative_coords_table((window, window), (pretrained, pretrained))
+    assert torch.equal(attn.relative_coords_table.reshape(expected.shape), expected)
+    assert torch.equal(attn.relative_position_index, gen_relative_position_index((window, window)))
+    for other in (window + 1, 2 * window + 3):  # a window the module was not built for: the functions' values
+        bias = attn.position_bias((other, other))
+        assert bias.shape == (2, other * other, other * other) and torch.isfinite(bias).all()
+
+
 @pytest.mark.parametrize("pretrained", [0, 6, 12])
 def test_window_of_one_gives_finite_zero_table(pretrained: int) -> None:
     table = make_relative_coords_table((1, 1), (pretrained, pretrained))
@@ -86,7 +98,7 @@ def test_window_of_one_gives_finite_zero_table(pretrained: int) -> None:
 
 
 def test_relative_position_index_window_12() -> None:
-    index = make_relative_position_index((12, 12))
+    index = gen_relative_position_index((12, 12))
     assert index.shape == (144, 144)
     assert index.dtype == torch.long
     assert index.min().item() == 0
@@ -99,7 +111,7 @@ def test_relative_position_index_window_12() -> None:
 @pytest.mark.parametrize("window", [1, 2, 3, 5])
 def test_relative_position_index_matches_loops(window, reference_tables) -> None:
     _, ref_index = reference_tables
-    assert torch.equal(make_relative_position_index((window, window)), ref_index(window))
+    assert torch.equal(gen_relative_position_index((window, window)), ref_index(window))
 
 
 # ---------------------------------------------------------------- windows and shift masks

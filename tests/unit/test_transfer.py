@@ -85,7 +85,7 @@ def test_transferred_coords_table_matches_spec(randomize):
     assert simmim.encoder.stage_window_sizes == [12, 6, 3]
     model = classifier(64, 16, simmim.encoder.stage_window_sizes)
     load_encoder_weights(model, simmim.state_dict())
-    table = model.layers[0].blocks[0].attn.relative_coords_table
+    table = model.layers[0].blocks[0].attn.relative_coords_table[0]  # timm keeps a leading 1
     assert table.shape == (31, 31, 2)
     assert table.abs().max().item() == pytest.approx(1.191330, abs=1e-6)  # reference §4: W 16 from 12
     offsets = table[15, :, 1]  # dy = 0 row: dx from -15 to 15
@@ -94,7 +94,7 @@ def test_transferred_coords_table_matches_spec(randomize):
     for stage, (window, pretrained) in zip(model.layers, [(16, 12), (8, 6), (4, 3)]):
         attn = stage.blocks[0].attn
         expected = make_relative_coords_table((window, window), (pretrained, pretrained))
-        assert torch.equal(attn.relative_coords_table, expected)
+        assert torch.equal(attn.relative_coords_table[0], expected)
         top = math.log2(8 * (window - 1) / (pretrained - 1) + 1) / 3
         assert attn.relative_coords_table.abs().max().item() == pytest.approx(top, abs=1e-6)
 
@@ -119,8 +119,8 @@ def test_a_larger_window_changes_the_bias_only_beyond_the_old_window(randomize):
     old = simmim.encoder.layers[0].blocks[0].attn
     new = model.layers[0].blocks[0].attn
     with torch.no_grad():
-        old_bias = old.cpb_mlp(old.relative_coords_table)  # 7, 7, heads: offsets -3..3
-        new_bias = new.cpb_mlp(new.relative_coords_table)  # 15, 15, heads: offsets -7..7
+        old_bias = old.cpb_mlp(old.relative_coords_table[0])  # 7, 7, heads: offsets -3..3
+        new_bias = new.cpb_mlp(new.relative_coords_table[0])  # 15, 15, heads: offsets -7..7
     torch.testing.assert_close(new_bias[4:11, 4:11], old_bias, rtol=0, atol=1e-6)
 
 
