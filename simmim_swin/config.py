@@ -18,6 +18,9 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+# PIL stops at twice its MAX_IMAGE_PIXELS by default (178,956,970 pixels): the same limit by default here
+DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
+
 
 class ConfigError(ValueError):
     """A configuration value is unknown, mistyped or inconsistent; the message names it and the fix."""
@@ -109,7 +112,7 @@ class DataConfig:
     mean: list[float] | None = None
     std: list[float] | None = None
     # images with more pixels count as bad samples (PIL's decompression-bomb guard); null: no limit
-    max_image_pixels: int | None = 178_956_970
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
 
     def __post_init__(self) -> None:
         for name in ("urls", "val_urls"):

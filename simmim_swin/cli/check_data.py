@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..data.images import DEFAULT_MAX_IMAGE_PIXELS
-from ..data.scan import scan, scan_units
+from ..config import DEFAULT_MAX_IMAGE_PIXELS
 
 EPILOG = """\
 examples:
@@ -38,6 +37,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Scan and print the report; exit status 1 when any image is bad."""
+    from ..data.scan import scan, scan_units  # torch: loaded only when the command runs
+
     kind, units = scan_units(args.path)
     report = scan(units, kind, args.max_image_pixels, args.in_chans, workers=args.workers, desc="check-data")
     print(f"{report.images} readable images in {args.path}:")

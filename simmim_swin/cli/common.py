@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from ..config import from_dict
-from ..distributed import launcher_rank
+from ..launcher import launcher_rank
 from .errors import command_errors, describe_os_error, fail
 
 

@@ -6,8 +6,6 @@ import argparse
 import json
 import sys
 
-from ..data.shards import Progress, fashion_mnist_samples, folder_samples, write_shards
-
 DESCRIPTION = """\
 Write webdataset tar shards for `simmim-pretrain data=shards`.
 
@@ -65,6 +63,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Write the shards and the index; print where they are."""
+    from ..data.shards import Progress, fashion_mnist_samples, folder_samples, write_shards  # torch: loaded here
+
     skipped: list[str] = []
     if args.source == "fashion-mnist":
         if args.folder:

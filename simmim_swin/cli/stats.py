@@ -6,11 +6,14 @@ import argparse
 import math
 import random
 import sys
+from typing import TYPE_CHECKING
 
-import numpy as np
+from ..config import DEFAULT_MAX_IMAGE_PIXELS
 
-from ..data.images import DEFAULT_MAX_IMAGE_PIXELS
-from ..data.scan import Moments, UnitReport, check_unit, scan, scan_units
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ..data.scan import Moments
 
 EPILOG = """\
 examples:
@@ -45,6 +48,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def format_override(moments: Moments) -> str:
     """'data.mean=[...] data.std=[...]' with six significant digits."""
+    import numpy as np
+
 
     def values(array: np.ndarray) -> str:
         return "[" + ",".join(f"{float(v):.6g}" for v in array) + "]"
@@ -54,7 +59,10 @@ def format_override(moments: Moments) -> str:
 
 def fashion_mnist_moments(in_chans: int = 1, split: str = "train") -> Moments:
     """The moments of every pixel of a Fashion-MNIST split read with `in_chans` channels (grey repeated for 3)."""
+    import numpy as np
+
     from ..data.fashion_mnist import load_fashion_mnist
+    from ..data.scan import Moments
 
     images, _ = load_fashion_mnist(split)  # N, 28, 28 uint8
     histogram = np.bincount(images.ravel(), minlength=256).astype(np.float64)  # exact, without a float copy
@@ -68,6 +76,8 @@ def fashion_mnist_moments(in_chans: int = 1, split: str = "train") -> Moments:
 
 def run(args: argparse.Namespace) -> None:
     """Compute and print the statistics."""
+    from ..data.scan import UnitReport, check_unit, scan, scan_units  # torch: loaded only when the command runs
+
     if args.samples < 1:
         raise ValueError(f"--samples={args.samples} must be >= 1")
     if args.source == "fashion-mnist":

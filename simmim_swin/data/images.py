@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-# PIL stops at twice its MAX_IMAGE_PIXELS by default (178,956,970 pixels): the same limit by default here
-DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
+from simmim_swin.config import DEFAULT_MAX_IMAGE_PIXELS
+
 ARRAY_EXTENSIONS: frozenset[str] = frozenset({".npy", ".tif", ".tiff"})
 EIGHT_BIT_MODES: frozenset[str] = frozenset({"1", "L", "P", "RGB", "RGBA", "LA", "PA", "CMYK", "YCbCr", "RGBX"})
 
