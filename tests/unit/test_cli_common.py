@@ -88,3 +88,29 @@ def test_override_error_quotes_a_value_holding_a_single_quote():
     message = override_error("data.root=/it's here", ["data.root=/it's here"])
     assert message.endswith('"data.root=\\"/it\'s here\\""')
     assert "is not a KEY=VALUE override (e.g. data.root=DIR)" in override_error("oops", ["oops"])
+
+
+@pytest.mark.parametrize(
+    ("command", "argv", "expected"),
+    [
+        ("pretrain", ["logger.wandb=sometimes"], "logger.wandb='sometimes' is unknown"),
+        ("pretrain", ["schedule.kind=linear"], "schedule.kind='linear' is unknown"),
+        ("pretrain", ["model.arch=pico", "model.img_size=36"], "model.img_size=36 must be divisible"),
+        ("finetune", ["run.precision=fp8"], "run.precision='fp8' is unknown"),
+        ("finetune", ["data.batch_size=3"], "data.batch_size=3 must be even"),
+    ],
+)
+def test_a_bad_value_is_refused_before_hydra_creates_the_run_directory(
+    monkeypatch, capsys, tmp_path, command, argv, expected
+):
+    import importlib
+
+    module = importlib.import_module(f"simmim_swin.cli.{command}")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [f"simmim-{command}", f"run.output_dir={tmp_path}/runs", *argv])
+    with pytest.raises(SystemExit) as exc:
+        module.main()
+    assert exc.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+    assert not list(tmp_path.iterdir())  # no run directory, no .hydra/, no log
