@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 
     from ..data.scan import Moments
 
+MAX_NAMED = 20  # bad images named one per line; check-data lists every one
+
 EPILOG = """\
 examples:
   simmim-swin stats /data/tiles --in-chans 4        # prints: data.mean=[...] data.std=[...]
@@ -30,7 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="per-channel mean / std of a folder or shard set (raw units), printed as data.mean / data.std",
         description="Read a random sample of the images (whole images, raw values: 16-bit stays 16-bit) in a pool "
         "of processes and print the per-channel mean and standard deviation as the override to paste into "
-        "simmim-pretrain / simmim-finetune. Unreadable images are left out and counted.",
+        "simmim-pretrain / simmim-finetune. Unreadable images and images holding NaN or infinite values are left "
+        "out and named.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -100,7 +103,13 @@ def run(args: argparse.Namespace) -> None:
         if moments is None:
             raise ValueError(f"no readable image in {args.path}; run `simmim-swin check-data {args.path}`")
     if report.bad:
-        print(f"{len(report.bad)} unreadable images left out, e.g. {report.bad[0][0]}", file=sys.stderr)
+        print(f"{len(report.bad)} images left out (unreadable, or NaN / infinite values):", file=sys.stderr)
+        for name, reason in sorted(report.bad)[:MAX_NAMED]:
+            print(f"  {name}: {reason}", file=sys.stderr)
+        if len(report.bad) > MAX_NAMED:
+            print(f"  ... and {len(report.bad) - MAX_NAMED} more (`simmim-swin check-data` lists all)", file=sys.stderr)
+    for line in report.mixture_warnings(args.in_chans):
+        print(f"warning: {line}", file=sys.stderr)
     channels = len(moments.mean)
     print(f"{report.images} images, {channels} channel{'s' if channels != 1 else ''}, raw units:")
     for c, (mean, std) in enumerate(zip(moments.mean, moments.std)):
