@@ -173,6 +173,25 @@ def source_bands(source: ImageSource) -> int:
     return int(source.shape[0])
 
 
+def source_channels(source: ImageSource) -> int:
+    """The channels an image gives when read as it is (a palette image as RGB)."""
+    if isinstance(source, Image.Image):
+        return 3 if source.mode == "P" else len(source.getbands())
+    return int(source.shape[0])
+
+
+def verify_image(
+    data: bytes | str | os.PathLike, ext: str | None = None, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> None:
+    """Decode an image completely, as a run reads it: raises what a run would skip it for (unreadable, truncated,
+    over `max_pixels`, NaN / infinite values)."""
+    source = open_source(data, ext, max_pixels=max_pixels)
+    try:
+        to_tensor(source, source_channels(source))
+    finally:
+        close_source(source)
+
+
 def describe_source(source: ImageSource, ext: str | None = None) -> str:
     """A short description for check-data: 'PNG I;16 1 band 16-bit int', 'NPY 13 bands 32-bit float'.
 

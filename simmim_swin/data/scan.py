@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from simmim_swin.data.datasets import find_images
 from simmim_swin.data.images import (
@@ -25,6 +24,7 @@ from simmim_swin.data.images import (
     describe_error,
     describe_source,
     open_source,
+    source_channels,
     source_depth,
     to_tensor,
 )
@@ -155,7 +155,7 @@ def check_unit(args: tuple[str, str, int | None, int | None, bool]) -> UnitRepor
             continue
         try:
             kind_name = describe_source(source, ext)
-            bands, depth = _bands(source), source_depth(source)
+            bands, depth = source_channels(source), source_depth(source)
             pixels = to_tensor(source, in_chans or bands)  # decodes everything: truncation shows here
         except Exception as e:
             report.bad.append((name, describe_error(e)))
@@ -169,13 +169,6 @@ def check_unit(args: tuple[str, str, int | None, int | None, bool]) -> UnitRepor
         if moments:
             report.moments = Moments.of(pixels).combine(report.moments)
     return report
-
-
-def _bands(source: ImageSource) -> int:
-    """The channels an image gives when read as it is (a palette image as RGB)."""
-    if isinstance(source, Image.Image):
-        return 3 if source.mode == "P" else len(source.getbands())
-    return int(source.shape[0])
 
 
 def scan(

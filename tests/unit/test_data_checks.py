@@ -3,7 +3,13 @@ sets that mix bit depths or band counts, files skipped for their extension; each
 
 from __future__ import annotations
 
+import io
+import json
+import os
+import socket
 import struct
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -13,8 +19,9 @@ import torch
 from PIL import Image
 
 from simmim_swin.cli.tools import main as tools_main
-from simmim_swin.data import BadSample, ImageFolderMIM, PretrainCrop, open_source, read_tensor, to_tensor
+from simmim_swin.data import BadSample, ImageFolderMIM, PretrainCrop, open_source, read_tensor, to_tensor, write_shards
 from simmim_swin.data.images import describe_source
+from simmim_swin.data.shards import ShardSample
 from simmim_swin.masking import MaskGenerator
 
 IMG = 32
@@ -148,3 +155,47 @@ def test_check_data_warns_about_mixed_depths_and_bands_and_names_unread_files(tm
     tools_main(["check-data", str(root), "--workers", "1", "--in-chans", "3"])
     out = capsys.readouterr().out
     assert "mix bit depths" in out and "mix band counts" not in out  # every image gives 3 channels
+
+
+def test_make_shards_decodes_before_packing_and_names_what_it_skips(tmp_path, capsys):
+    root = tmp_path / "photos"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(root / f"{name}.jpg", quality=90)
+    jpeg = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(jpeg, "JPEG")
+    (root / "truncated.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
+    assert Image.open(root / "truncated.jpg").size == (64, 64)  # the header reads fine: only decoding fails
+    Image.new("L", (40, 40)).save(root / "bomb.png")  # over the --max-image-pixels given below
+    np.save(root / "nan.npy", np.full((3, 24, 24), np.nan, dtype=np.float32))
+    (root / "anim.gif").write_bytes(b"GIF89a")
+    out = tmp_path / "shards"
+    tools_main(["make-shards", str(root), "--out", str(out), "--max-image-pixels", "1000", "--workers", "1"])
+    captured = capsys.readouterr()
+    index = json.loads((out / "train.json").read_text())
+    assert index["total"] == 2 and "(3 unreadable files skipped)" in captured.out
+    for name, reason in [("truncated.jpg", "truncated"), ("bomb.png", "max_image_pixels=1000"), ("nan.npy", "NaN")]:
+        line = next(ln for ln in captured.err.splitlines() if name in ln)
+        assert line.startswith("skipped (a run would skip it): ") and reason in line, line
+    assert "note: 1 file not read (extensions .gif: 1)" in captured.err
+
+
+def test_make_shards_removes_the_partial_folder_a_killed_run_left(tmp_path, capsys):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    out = tmp_path / "shards"
+    killed = out / f".train.partial-{host}-{int(dead.stdout)}-k1ll3d"  # its process is gone
+    running = out / f".train.partial-{host}-{os.getpid()}-l1v3"  # a live process: another run still writing
+    older = out / ".train.partial-abc123_x"  # written before the process id was part of the name
+    other_set = out / f".val.partial-{host}-{int(dead.stdout)}-v4l"  # another set: left for its own next run
+    for folder in (killed, running, older, other_set):
+        folder.mkdir(parents=True)
+        (folder / "train-000000.tar").write_bytes(b"partial")
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "PNG")
+    write_shards([ShardSample("a", buffer.getvalue(), "png")], out)
+    assert not killed.exists() and not older.exists() and running.is_dir() and other_set.is_dir()
+    err = capsys.readouterr().err
+    assert f"removed {killed}" in err and f"removed {older}" in err
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["train-000000.tar", "train.json"]
