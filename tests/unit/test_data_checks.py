@@ -199,3 +199,33 @@ def test_make_shards_removes_the_partial_folder_a_killed_run_left(tmp_path, caps
     err = capsys.readouterr().err
     assert f"removed {killed}" in err and f"removed {older}" in err
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["train-000000.tar", "train.json"]
+
+
+def _class_folder(root, classes):
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(root / name / "x.png")
+
+
+def test_finetuning_folders_with_one_class_or_an_empty_val_are_named(tmp_path):
+    from simmim_swin.config import AugmentConfig, FinetuneDataConfig
+    from simmim_swin.data.classification import build_train_dataset, build_val_dataset
+
+    _class_folder(tmp_path / "one" / "train", ["cats"])
+    _class_folder(tmp_path / "one" / "val", ["cats"])
+    one = FinetuneDataConfig(source="folder", root=str(tmp_path / "one"))
+    with pytest.raises(ValueError, match=r"training folder \(train/ of data.root=.*one\) has one class sub-folder, "
+                       r"'cats': a classifier of one class scores 100 %"):
+        build_train_dataset(one, IMG, AugmentConfig())
+
+    _class_folder(tmp_path / "two" / "train", ["cats", "dogs"])
+    (tmp_path / "two" / "val").mkdir()
+    empty_val = FinetuneDataConfig(source="folder", root=str(tmp_path / "two"))
+    dataset, classes = build_train_dataset(empty_val, IMG, AugmentConfig())
+    assert classes == ["cats", "dogs"] and len(dataset) == 2
+    with pytest.raises(ValueError, match=r"validation folder .*two/val \(val/ of data.root=.*two\) holds no images"):
+        build_val_dataset(empty_val, IMG)
+    (tmp_path / "else" / "cats").mkdir(parents=True)  # a class folder with no image in it
+    apart = FinetuneDataConfig(source="folder", root=str(tmp_path / "two" / "train"), val_root=str(tmp_path / "else"))
+    with pytest.raises(ValueError, match=r"validation folder .*else \(data.val_root=.*else\) holds no images"):
+        build_val_dataset(apart, IMG)
