@@ -493,8 +493,8 @@ class SwinTransformerV2(nn.Module):
         self.register_parameter("mask_token", None)  # created by enable_mask_token() for SimMIM
         self.pos_drop = nn.Dropout(drop_rate)
 
-        # stochastic depth rises linearly over all blocks
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        # stochastic depth rises linearly over all blocks (on the CPU: the model may be built on the meta device)
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         if isinstance(window_size, int):
             windows = [(window_size, window_size)] * num_stages
         elif len(window_size) == num_stages:  # one square window per stage
