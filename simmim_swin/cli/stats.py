@@ -53,7 +53,6 @@ def format_override(moments: Moments) -> str:
     """'data.mean=[...] data.std=[...]' with six significant digits."""
     import numpy as np
 
-
     def values(array: np.ndarray) -> str:
         return "[" + ",".join(f"{float(v):.6g}" for v in array) + "]"
 

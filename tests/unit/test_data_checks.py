@@ -214,8 +214,11 @@ def test_finetuning_folders_with_one_class_or_an_empty_val_are_named(tmp_path):
     _class_folder(tmp_path / "one" / "train", ["cats"])
     _class_folder(tmp_path / "one" / "val", ["cats"])
     one = FinetuneDataConfig(source="folder", root=str(tmp_path / "one"))
-    with pytest.raises(ValueError, match=r"training folder \(train/ of data.root=.*one\) has one class sub-folder, "
-                       r"'cats': a classifier of one class scores 100 %"):
+    with pytest.raises(
+        ValueError,
+        match=r"training folder \(train/ of data.root=.*one\) has one class sub-folder, "
+        r"'cats': a classifier of one class scores 100 %",
+    ):
         build_train_dataset(one, IMG, AugmentConfig())
 
     _class_folder(tmp_path / "two" / "train", ["cats", "dogs"])
