@@ -18,9 +18,25 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+# PIL stops at twice its MAX_IMAGE_PIXELS by default (178,956,970 pixels): the same limit by default here
+DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
+
 
 class ConfigError(ValueError):
     """A configuration value is unknown, mistyped or inconsistent; the message names it and the fix."""
+
+
+# the values of the settings that name one of a few choices; checked when the config is built, before a run
+# directory exists (the modules that act on them import these)
+SCHEDULE_KINDS = ("cosine", "multistep")
+WANDB_MODES = ("online", "offline", "disabled")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def check_choice(value: Any, choices: tuple[str, ...], key: str) -> None:
+    """ConfigError naming `key` when `value` is not one of `choices`."""
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is unknown; use one of {list(choices)}")
 
 
 @dataclass
@@ -104,7 +120,7 @@ class DataConfig:
     mean: list[float] | None = None
     std: list[float] | None = None
     # images with more pixels count as bad samples (PIL's decompression-bomb guard); null: no limit
-    max_image_pixels: int | None = 178_956_970
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
 
     def __post_init__(self) -> None:
         for name in ("urls", "val_urls"):
@@ -143,6 +159,9 @@ class ScheduleConfig:
     decay_epochs: list[int] = field(default_factory=lambda: [700])  # multistep milestones
     decay_rate: float = 0.1  # multistep: lr factor at each milestone
 
+    def __post_init__(self) -> None:
+        check_choice(self.kind, SCHEDULE_KINDS, "schedule.kind")
+
 
 @dataclass
 class LoggerConfig:
@@ -162,6 +181,9 @@ class LoggerConfig:
     # statistics is shown as it is
     panel_bands: list[int] | None = None
 
+    def __post_init__(self) -> None:
+        check_choice(self.wandb, WANDB_MODES, "logger.wandb")
+
 
 @dataclass
 class RunConfig:
@@ -180,6 +202,9 @@ class RunConfig:
     max_consecutive_skips: int = 10  # stop after this many optimizer steps in a row with a non-finite loss/gradient
     # a run lock of another host with no heartbeat (written at every metrics line) for this long is taken over
     lock_stale_after_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        check_choice(self.precision, PRECISIONS, "run.precision")
 
 
 PARALLEL_STRATEGIES = ("ddp", "fsdp")

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import PARALLEL_STRATEGIES
+from .launcher import launcher_rank as launcher_rank  # re-exported; lives apart so the CLI reads it without torch
 
 
 @dataclass(frozen=True)
@@ -75,14 +76,6 @@ def export_launcher_env() -> None:
         # every task of the job derives the same port from the job id
         job_id = os.environ.get("SLURM_JOB_ID", "0")
         os.environ.setdefault("MASTER_PORT", str(20000 + zlib.crc32(job_id.encode()) % 20000))
-
-
-def launcher_rank() -> int:
-    """This process's global rank as the launcher set it, before any process group exists (0 if none)."""
-    for name in ("RANK", "SLURM_PROCID"):
-        if name in os.environ and (name == "RANK" or int(os.environ.get("SLURM_NTASKS", "1")) > 1):
-            return int(os.environ[name])
-    return 0
 
 
 def init_distributed(device: torch.device) -> DistInfo:

@@ -12,9 +12,7 @@ from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
 from timm.scheduler.scheduler import Scheduler
 from torch import nn
 
-from simmim_swin.config import OptimConfig, ScheduleConfig
-
-SCHEDULE_KINDS = ("cosine", "multistep")
+from simmim_swin.config import SCHEDULE_KINDS, OptimConfig, ScheduleConfig
 
 
 def scaled_lrs(optim_cfg: OptimConfig, total_batch: int) -> tuple[float, float, float]:

@@ -22,11 +22,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from simmim_swin.config import ConfigError, LoggerConfig
+from simmim_swin.config import WANDB_MODES, ConfigError, LoggerConfig
 from simmim_swin.files import atomic_write
 from simmim_swin.progress import StatusLine
 
-WANDB_MODES = ("online", "offline", "disabled")
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 RUN_ID_FILE = "wandb_run_id"

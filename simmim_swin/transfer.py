@@ -467,13 +467,50 @@ def _check_same_architecture(model_cfg: ModelConfig, pretrained: PretrainedWeigh
         "ape": model_cfg.ape,
     }
     differ = [key for key in ours if ours[key] != found[key]]
-    if differ:
+    if not differ:
+        return  # load_encoder_weights names any key that still does not fit
+    inferred = dataclasses.replace(model_cfg, arch=found["arch"], **{key: found[key] for key in ours})
+    if not shape_mismatches(inferred, pretrained.state_dict):  # the advice below is checked before it is given
         fix = " ".join(f"model.{key}={found[key]}".replace(" ", "") for key in ["arch", *differ])
         raise ConfigError(
             f"init_from={pretrained.path} holds a different encoder: "
             + "; ".join(f"{key} {found[key]} (configured {ours[key]})" for key in differ)
             + f". Configure its architecture: {fix}"
         )
+    # the shapes contradict each other (e.g. widths that fit no single embed_dim / mlp_ratio): no setting fits
+    mismatches = shape_mismatches(model_cfg, pretrained.state_dict)
+    more = f" and {len(mismatches) - _MAX_NAMES} more" if len(mismatches) > _MAX_NAMES else ""
+    raise ConfigError(
+        f"init_from={pretrained.path} does not fit the configured encoder (model.arch={model_cfg.arch}), and no "
+        f"SwinV2 architecture fits all of its tensors (a damaged or edited file?); by key, the weights' shape vs "
+        f"the model's: {'; '.join(mismatches[:_MAX_NAMES])}{more}"
+    )
+
+
+def shape_mismatches(model_cfg: ModelConfig, state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """'key (weights' shape) vs (model's shape)' for every encoder weight that the encoder `model_cfg` builds lacks,
+    has extra or shapes otherwise (derived tables, head, mask token and decoder aside; the input channels may
+    differ); built on the meta device, so a giant model costs no memory."""
+    with torch.device("meta"):
+        encoder = build_encoder(**to_dict(model_cfg), num_classes=0)
+    model = {key: tuple(value.shape) for key, value in encoder.state_dict().items() if not key.startswith("head.")}
+    weights = {
+        key.removeprefix("encoder."): tuple(value.shape)
+        for key, value in state_dict.items()
+        if not (is_derived_buffer(key) or key.startswith(("head.", "decoder.")) or key.endswith("mask_token"))
+    }
+
+    def fits(key: str) -> bool:
+        ours, theirs = model.get(key), weights.get(key)
+        if key == "patch_embed.proj.weight" and ours and theirs:  # adapted to model.in_chans (adapt_input_conv)
+            return ours[:1] + ours[2:] == theirs[:1] + theirs[2:]
+        return ours == theirs
+
+    return [
+        f"{key} {weights.get(key, 'missing')} vs {model.get(key, 'absent')}"
+        for key in sorted(model.keys() | weights.keys())
+        if not fits(key)
+    ]
 
 
 def resolve_init_from(

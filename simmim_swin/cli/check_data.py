@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..data.images import DEFAULT_MAX_IMAGE_PIXELS
-from ..data.scan import scan, scan_units
+from ..config import DEFAULT_MAX_IMAGE_PIXELS
 
 EPILOG = """\
 examples:
@@ -21,7 +20,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "check-data",
         help="decode every image of a folder or shard set in parallel; list unreadable files and the formats found",
         description="Decode every image completely (as training would) in a pool of processes; print the image "
-        "kinds found (format, mode, bands, bit depth) and every file a run would skip as a bad sample. "
+        "kinds found (format, mode, bands, bit depth) and every file a run would skip as a bad sample (unreadable, "
+        "truncated, too large, NaN or infinite values, a band count that does not fit --in-chans); warn about a set "
+        "that mixes bit depths or band counts, and name the files that are not read (other extensions). "
         "Exits 1 when any file is bad.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -38,11 +39,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Scan and print the report; exit status 1 when any image is bad."""
+    from ..data.datasets import describe_unread, unread_files
+    from ..data.scan import scan, scan_units  # torch: loaded only when the command runs
+
     kind, units = scan_units(args.path)
     report = scan(units, kind, args.max_image_pixels, args.in_chans, workers=args.workers, desc="check-data")
     print(f"{report.images} readable images in {args.path}:")
     for name, count in sorted(report.kinds.items(), key=lambda item: -item[1]):
         print(f"  {count:8d}  {name}")
+    unread = unread_files(args.path) if kind == "folder" else []
+    if unread:
+        print(f"note: {describe_unread(unread)}")
+    for line in report.mixture_warnings(args.in_chans):
+        print(f"warning: {line}")
     if not report.bad:
         print("no bad files")
         return

@@ -10,13 +10,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
-from hydra.errors import ConfigCompositionException
+from hydra.errors import ConfigCompositionException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from ..config import from_dict
-from ..distributed import launcher_rank
+from ..launcher import launcher_rank
 from .errors import command_errors, describe_os_error, fail
+from .overrides import override_error
 
 
 def find_conf_dir() -> Path:
@@ -70,6 +71,8 @@ def run_hydra(entry: Callable[[], None]) -> None:
         entry()
     except (ConfigCompositionException, OmegaConfBaseException) as e:
         fail(composition_error(e))
+    except OverrideParseException as e:  # an unquoted value with spaces or non-ASCII letters
+        fail(override_error(e.override, sys.argv[1:]))
     except OSError as e:  # Hydra creating the run directory (an unwritable or misspelt run.output_dir)
         fail(*describe_os_error(e))
     finally:

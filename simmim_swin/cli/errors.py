@@ -15,9 +15,7 @@ from typing import NoReturn
 
 from safetensors import SafetensorError
 
-from ..distributed import Preempted, launcher_rank
-from ..engine import TrainingDiverged
-from ..run import RunLockedError
+from ..launcher import launcher_rank
 
 BAD_INPUT = 2
 RUN_FAILED = 1
@@ -47,25 +45,38 @@ def describe_os_error(e: OSError) -> tuple[str, int]:
     return f"{e.strerror}: {path}", BAD_INPUT
 
 
+def _run_errors() -> tuple[type, type, type]:
+    """(Preempted, TrainingDiverged, RunLockedError): imported when a command fails, so that the tools' start-up
+    and `--help` never load torch."""
+    from ..distributed import Preempted
+    from ..engine import TrainingDiverged
+    from ..run import RunLockedError
+
+    return Preempted, TrainingDiverged, RunLockedError
+
+
 @contextmanager
 def command_errors() -> Iterator[None]:
     """Map a command's expected failures to one line and an exit status (see the module docstring)."""
     try:
         yield
-    except Preempted as e:
-        if launcher_rank() == 0:  # every rank stopped at the same step; one line says so
-            print(e, flush=True)
-        sys.exit(e.exit_code)
-    except (OSError, ValueError, SafetensorError, TrainingDiverged, RunLockedError) as e:
+    except KeyboardInterrupt:
+        fail("interrupted by a second Ctrl-C: no checkpoint was written for the steps since the last save", 130)
+    except Exception as e:
+        preempted, diverged, locked = _run_errors()
+        if isinstance(e, preempted):
+            if launcher_rank() == 0:  # every rank stopped at the same step; one line says so
+                print(e, flush=True)
+            sys.exit(e.exit_code)
         # anything else (a RuntimeError from torch, a bug) keeps its traceback: that is what a report needs
+        if not isinstance(e, (OSError, ValueError, SafetensorError, diverged, locked)):
+            raise
         if os.environ.get(DEBUG_ENV) == "1":
             raise
-        if isinstance(e, TrainingDiverged):
+        if isinstance(e, diverged):
             fail(str(e), RUN_FAILED)
         if isinstance(e, OSError):
             fail(*describe_os_error(e))
         if isinstance(e, SafetensorError):
             fail(f"not a readable .safetensors file ({e}); check the path or export it again", BAD_INPUT)
         fail(str(e), BAD_INPUT)  # ConfigError, BadDataError, RunLockedError, unreadable checkpoints ...
-    except KeyboardInterrupt:
-        fail("interrupted by a second Ctrl-C: no checkpoint was written for the steps since the last save", 130)

@@ -14,14 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save as safetensors_bytes
-from safetensors.torch import save_file
-
-from ..checkpoint import load_checkpoint, resolve_checkpoint
-from ..files import atomic_write
-from ..hf import HF_CARD, HF_CONFIG, HF_WEIGHTS, hf_config, to_hf
-from ..models.swinv2 import SWINV2_SIZES, is_derived_buffer, to_timm
-from ..transfer import EXPORT_CONFIG_KEY, EXPORT_FORMAT_KEY
+# the functions import torch and the model code when they run: `simmim-swin --help` stays fast
 
 # any swinv2 variant works with explicit sizes; this one is the plain (non-"cr") SwinV2 family
 TIMM_MODEL_NAME = "swinv2_tiny_window8_256"
@@ -52,6 +45,9 @@ def _read_weights(
 ) -> tuple[Path, dict[str, Any], dict[str, Any], dict[str, Any]]:
     """(checkpoint path, its contents, encoder / classifier weights without decoder and tables, model config with
     the CPB normalisers the weights were trained with)."""
+    from ..checkpoint import load_checkpoint, resolve_checkpoint
+    from ..models.swinv2 import SWINV2_SIZES, is_derived_buffer
+
     path = resolve_checkpoint(checkpoint)
     state = load_checkpoint(path)
     if not isinstance(state.get("config"), dict) or "stage_window_sizes" not in state:
@@ -84,6 +80,11 @@ def export_checkpoint(
     encoder_only: bool = False,
 ) -> dict[str, Any]:
     """Write the checkpoint's encoder (pretraining) or classifier (fine-tuning) to `out`; returns the metadata."""
+    from safetensors.torch import save_file
+
+    from ..models.swinv2 import to_timm
+    from ..transfer import EXPORT_CONFIG_KEY, EXPORT_FORMAT_KEY
+
     path, state, weights, model_cfg = _read_weights(checkpoint, use_ema, encoder_only)
     if timm_layout:
         if any(".extra_norms." in k for k in weights):
@@ -115,6 +116,11 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, use_ema: bool = False
     A pretraining checkpoint (or --encoder-only) gives a `Swinv2Model`, a fine-tuning one a
     `Swinv2ForImageClassification`; returns the config written.
     """
+    from safetensors.torch import save as safetensors_bytes
+
+    from ..files import atomic_write
+    from ..hf import HF_CARD, HF_CONFIG, HF_WEIGHTS, hf_config, to_hf
+
     path, state, weights, model_cfg = _read_weights(checkpoint, use_ema, encoder_only)
     weights.pop("mask_token", None)  # Swinv2Model has none; the MIM decoder is not exported
     num_classes = int(weights["head.fc.weight"].shape[0]) if "head.fc.weight" in weights else 0

@@ -8,11 +8,12 @@ import hydra
 from omegaconf import DictConfig
 
 from ..config import FinetuneConfig
-from ..finetune import evaluate_transfer, run_finetune
 from .common import CONF_DIR, check_command_groups, quiet_hydra_on_other_ranks, run_command, run_hydra
 
 
 def _finetune_or_evaluate(config: FinetuneConfig) -> None:
+    from ..finetune import evaluate_transfer, run_finetune  # torch: loaded only when a run starts, never for --help
+
     evaluate_transfer(config) if config.evaluate else run_finetune(config)
 
 

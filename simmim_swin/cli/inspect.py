@@ -6,8 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-from ..checkpoint import load_checkpoint, load_safetensors, resolve_checkpoint
-
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the sub-command."""
@@ -18,6 +16,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Print a checkpoint's step, model settings and parameter counts."""
+    from ..checkpoint import load_checkpoint, resolve_checkpoint  # torch: loaded only when a command runs
+
     path = resolve_checkpoint(args.checkpoint)
     if path.suffix == ".safetensors":
         weights, state = _read_export(path)
@@ -67,6 +67,8 @@ def cpb_normalisers_line(pretrained: list[int], stage_windows: list[int] | None)
 
 def _read_export(path: Path) -> tuple[dict, dict]:
     """(tensors, a checkpoint-like dict of its metadata) of a `simmim-swin export` file."""
+    from ..checkpoint import load_safetensors
+
     tensors, metadata = load_safetensors(path)
     print(f"export format: {metadata.get('format', 'unknown')}")
     if "simmim_swin" not in metadata:

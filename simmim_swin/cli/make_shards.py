@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ..data.shards import Progress, fashion_mnist_samples, folder_samples, write_shards
+from ..config import DEFAULT_MAX_IMAGE_PIXELS
 
 DESCRIPTION = """\
 Write webdataset tar shards for `simmim-pretrain data=shards`.
@@ -18,9 +18,13 @@ refused before anything is written) and, with --labels, its integer class goes i
 closed at --max-count samples or --max-size bytes. Next to the shards, OUT/NAME.json lists every shard with its
 sample count, the total and the image member types: pass it as data.urls.
 
+Every image is decoded completely first (in --workers processes), as a run reads it: files a run would skip as bad
+samples (unreadable, truncated, over --max-image-pixels, NaN or infinite values) are left out and named.
+
 The set is written into a temporary folder inside OUT and moved into place when complete, so a failed run never
-touches an existing set. OUT may hold other sets (train and val); a set of the same NAME is refused unless
---overwrite, which replaces all of its files.
+touches an existing set; the temporary folder of a run that was killed is removed by the next run. OUT may
+hold other sets (train and val); a set of the same NAME is refused unless --overwrite, which replaces all of its
+files.
 
 Write at least as many shards as there will be ranks x data-loader workers, since each worker reads its own
 subset of the shards (ImageNet-1K at 1000 images of ~110 kB per shard gives 1282 shards).
@@ -60,11 +64,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-size", type=float, default=1e9, help="bytes per shard at most (default 1e9)")
     p.add_argument("--log-every", type=int, default=5000, help="a progress line every N images when not on a terminal")
     p.add_argument("--overwrite", action="store_true", help="replace an existing set OUT/NAME (all of its files)")
+    p.add_argument(
+        "--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+        help=f"larger images are skipped, as data.max_image_pixels (default {DEFAULT_MAX_IMAGE_PIXELS})",
+    )  # fmt: skip
+    p.add_argument("--workers", type=int, default=0, help="processes decoding the images (default: one per CPU)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
     """Write the shards and the index; print where they are."""
+    from ..data.datasets import describe_unread, unread_files
+    from ..data.shards import Progress, fashion_mnist_samples, folder_samples, write_shards  # torch: loaded here
+
     skipped: list[str] = []
     if args.source == "fashion-mnist":
         if args.folder:
@@ -74,8 +86,13 @@ def run(args: argparse.Namespace) -> None:
     else:
         if not args.folder:
             raise ValueError("give the image folder to shard (or --source fashion-mnist)")
-        total, samples, classes = folder_samples(args.folder, labels=args.labels, skipped=skipped)
+        total, samples, classes = folder_samples(
+            args.folder, labels=args.labels, skipped=skipped, max_pixels=args.max_image_pixels, workers=args.workers
+        )
         source = f"folder {args.folder}"
+        unread = unread_files(args.folder)
+        if unread:
+            print(f"note: {describe_unread(unread)}", file=sys.stderr)
     progress = Progress(total, args.log_every, desc=f"make-shards {args.name}")
     try:
         index_path = write_shards(
@@ -92,9 +109,9 @@ def run(args: argparse.Namespace) -> None:
     finally:
         progress.close()
     for line in skipped[:20]:
-        print(f"skipped (not an image): {line}", file=sys.stderr)
+        print(f"skipped (a run would skip it): {line}", file=sys.stderr)
     if len(skipped) > 20:
-        print(f"... and {len(skipped) - 20} more files that are not images", file=sys.stderr)
+        print(f"... and {len(skipped) - 20} more files that do not decode", file=sys.stderr)
     index = json.loads(index_path.read_text())
     labels = f", {len(classes)} classes" if classes else ""
     print(

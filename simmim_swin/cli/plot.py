@@ -7,18 +7,15 @@ import sys
 import warnings
 from pathlib import Path
 
-from ..tracking import load_metrics
-from ..viz import CURVE_PANELS, plot_metric_curves
-
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the sub-command."""
     p = sub.add_parser(
         "plot",
         help="draw metric curves of one or more runs (overlaid) to a PNG, without wandb",
-        description="Reads RUN_DIR/metrics.jsonl of each run and draws one panel per metric present: "
-        + ", ".join(title for title, _, _ in CURVE_PANELS)
-        + ". Several runs are overlaid, labelled by their directory name.",
+        description="Reads RUN_DIR/metrics.jsonl of each run and draws one panel per metric present (training and "
+        "validation loss, learning rate, throughput, top-1 / top-5, probe accuracies, data wait, GPU memory). "
+        "Several runs are overlaid, labelled by their directory name.",
     )
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (or metrics.jsonl files)")
     p.add_argument("--out", required=True, metavar="PNG", help="the PNG to write")
@@ -37,6 +34,9 @@ def run_labels(paths: list[Path]) -> list[str]:
 
 def run(args: argparse.Namespace) -> None:
     """Read the runs' metrics and write the curves PNG."""
+    from ..tracking import load_metrics  # torch and matplotlib: loaded only when the command runs
+    from ..viz import plot_metric_curves
+
     paths = [Path(r) for r in args.runs]
     runs = {}
     for label, path in zip(run_labels(paths), paths):

@@ -9,13 +9,14 @@ import yaml
 from omegaconf import DictConfig
 
 from ..config import ConfigError, PretrainConfig, check_img_size
-from ..pretrain import run_pretrain
 from .common import CONF_DIR, check_command_groups, quiet_hydra_on_other_ranks, run_command, run_hydra
 from .errors import fail
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="pretrain")
 def _main(cfg: DictConfig) -> None:
+    from ..pretrain import run_pretrain  # torch and the model: loaded only when a run starts, never for --help
+
     run_command(cfg, PretrainConfig, "experiment", run_pretrain)
 
 

@@ -4,17 +4,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from ..checkpoint import load_checkpoint, resolve_checkpoint
-from ..config import MaskConfig, ModelConfig, from_dict, to_dict
-from ..data import EvalView, Normalizer, open_source
-from ..data.images import ImageSource
-from ..masking import MaskGenerator
-from ..models import build_simmim
-from ..panel import build_display
-from ..pretrain import write_panel
+if TYPE_CHECKING:
+    from ..data.images import ImageSource
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -35,6 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def load_image(path: str | Path) -> ImageSource:
     """An image file as it is (PIL image or (C, H, W) array), with an error naming the file when it is missing or
     unreadable."""
+    from ..data.images import open_source
+
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path} is a directory; pass image files (e.g. {path}/*.png)")
@@ -51,6 +46,16 @@ def load_image(path: str | Path) -> ImageSource:
 
 def run(args: argparse.Namespace) -> None:
     """Mask the user's images and write the checkpoint's reconstructions as a PNG panel."""
+    import torch  # here, not at the top: `simmim-swin --help` must not wait for torch
+
+    from ..checkpoint import load_checkpoint, resolve_checkpoint
+    from ..config import MaskConfig, ModelConfig, from_dict, to_dict
+    from ..data import EvalView, Normalizer
+    from ..masking import MaskGenerator
+    from ..models import build_simmim
+    from ..panel import build_display
+    from ..pretrain import write_panel
+
     path = resolve_checkpoint(args.checkpoint)
     state = load_checkpoint(path)
     if "encoder.mask_token" not in state.get("model", {}):

@@ -6,11 +6,16 @@ import argparse
 import math
 import random
 import sys
+from typing import TYPE_CHECKING
 
-import numpy as np
+from ..config import DEFAULT_MAX_IMAGE_PIXELS
 
-from ..data.images import DEFAULT_MAX_IMAGE_PIXELS
-from ..data.scan import Moments, UnitReport, check_unit, scan, scan_units
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ..data.scan import Moments
+
+MAX_NAMED = 20  # bad images named one per line; check-data lists every one
 
 EPILOG = """\
 examples:
@@ -27,7 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="per-channel mean / std of a folder or shard set (raw units), printed as data.mean / data.std",
         description="Read a random sample of the images (whole images, raw values: 16-bit stays 16-bit) in a pool "
         "of processes and print the per-channel mean and standard deviation as the override to paste into "
-        "simmim-pretrain / simmim-finetune. Unreadable images are left out and counted.",
+        "simmim-pretrain / simmim-finetune. Unreadable images and images holding NaN or infinite values are left "
+        "out and named.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -45,6 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def format_override(moments: Moments) -> str:
     """'data.mean=[...] data.std=[...]' with six significant digits."""
+    import numpy as np
 
     def values(array: np.ndarray) -> str:
         return "[" + ",".join(f"{float(v):.6g}" for v in array) + "]"
@@ -54,7 +61,10 @@ def format_override(moments: Moments) -> str:
 
 def fashion_mnist_moments(in_chans: int = 1, split: str = "train") -> Moments:
     """The moments of every pixel of a Fashion-MNIST split read with `in_chans` channels (grey repeated for 3)."""
+    import numpy as np
+
     from ..data.fashion_mnist import load_fashion_mnist
+    from ..data.scan import Moments
 
     images, _ = load_fashion_mnist(split)  # N, 28, 28 uint8
     histogram = np.bincount(images.ravel(), minlength=256).astype(np.float64)  # exact, without a float copy
@@ -68,6 +78,8 @@ def fashion_mnist_moments(in_chans: int = 1, split: str = "train") -> Moments:
 
 def run(args: argparse.Namespace) -> None:
     """Compute and print the statistics."""
+    from ..data.scan import UnitReport, check_unit, scan, scan_units  # torch: loaded only when the command runs
+
     if args.samples < 1:
         raise ValueError(f"--samples={args.samples} must be >= 1")
     if args.source == "fashion-mnist":
@@ -90,7 +102,13 @@ def run(args: argparse.Namespace) -> None:
         if moments is None:
             raise ValueError(f"no readable image in {args.path}; run `simmim-swin check-data {args.path}`")
     if report.bad:
-        print(f"{len(report.bad)} unreadable images left out, e.g. {report.bad[0][0]}", file=sys.stderr)
+        print(f"{len(report.bad)} images left out (unreadable, or NaN / infinite values):", file=sys.stderr)
+        for name, reason in sorted(report.bad)[:MAX_NAMED]:
+            print(f"  {name}: {reason}", file=sys.stderr)
+        if len(report.bad) > MAX_NAMED:
+            print(f"  ... and {len(report.bad) - MAX_NAMED} more (`simmim-swin check-data` lists all)", file=sys.stderr)
+    for line in report.mixture_warnings(args.in_chans):
+        print(f"warning: {line}", file=sys.stderr)
     channels = len(moments.mean)
     print(f"{report.images} images, {channels} channel{'s' if channels != 1 else ''}, raw units:")
     for c, (mean, std) in enumerate(zip(moments.mean, moments.std)):

@@ -1,9 +1,14 @@
-"""`simmim-swin`: plain tools around runs and checkpoints (no Hydra here); one module per sub-command."""
+"""`simmim-swin`: plain tools around runs and checkpoints (no Hydra here); one module per sub-command.
+
+The sub-command modules import torch and the model code only inside the function that runs the command, so that
+`simmim-swin --help` (and a mistyped option) answers at once.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from collections.abc import Sequence
 
 from .errors import command_errors
@@ -24,9 +29,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, with a sub-command's options accepted anywhere among its positionals
+    (`export RUN --format hf DIR`): argparse's intermixed parsing, which it offers for parsers without
+    sub-commands only, so it is applied to the chosen sub-command's own parser."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    if not argv or argv[0] not in commands:
+        return parser.parse_args(argv)  # --help, a missing or unknown command: argparse's own answer
+    args = commands[argv[0]].parse_intermixed_args(argv[1:])
+    args.command = argv[0]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     with command_errors():
         args.func(args)
 

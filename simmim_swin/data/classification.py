@@ -114,6 +114,15 @@ def balanced_subset(targets: Sequence[int], num_images: int, seed: int) -> list[
     return sorted(picked)
 
 
+def _folder_keys(data_cfg: FinetuneDataConfig) -> tuple[str, str]:
+    """The settings that name the training and the validation folder, for messages: ('train/ of data.root=/d', ...)."""
+    train, _ = _folder_roots(data_cfg)
+    return (
+        f"data.root={data_cfg.root}" if Path(data_cfg.root) == train else f"train/ of data.root={data_cfg.root}",
+        f"data.val_root={data_cfg.val_root}" if data_cfg.val_root else f"val/ of data.root={data_cfg.root}",
+    )
+
+
 def _folder_roots(data_cfg: FinetuneDataConfig) -> tuple[Path, Path]:
     if not data_cfg.root:
         raise ValueError("data.source=folder needs data.root: a folder of class sub-folders (or with train/ and val/)")
@@ -173,10 +182,19 @@ def _as_rgb8(source: ImageSource) -> Image.Image:
     return source.convert("RGB")
 
 
-def _image_folder(folder: Path, transform: ImageTransform, raw: bool, max_pixels: int | None) -> ImageFolder:
+def _image_folder(
+    folder: Path, transform: ImageTransform, raw: bool, max_pixels: int | None, role: str, key: str
+) -> ImageFolder:
+    """The class folders under `folder`, the `role` ('training' / 'validation') set named by setting `key`."""
     if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {folder} does not exist")
-    return CheckedImageFolder(folder, transform, raw, max_pixels)
+        raise FileNotFoundError(f"the {role} image folder {folder} ({key}) does not exist")
+    try:
+        return CheckedImageFolder(folder, transform, raw, max_pixels)
+    except FileNotFoundError as e:  # torchvision: no class sub-folder, or no image file in any of them
+        raise ValueError(
+            f"the {role} folder {folder} ({key}) holds no images in class sub-folders ({e}); it needs one "
+            "sub-folder of images per class"
+        ) from e
 
 
 def split_labelled(targets: Sequence[int], indices: Sequence[int], val_fraction: float, seed: int) -> tuple[
@@ -213,7 +231,14 @@ def _labelled_source(data_cfg: FinetuneDataConfig, transform: ImageTransform, ra
     """The labelled training images (Fashion-MNIST's train split or the training class folders) through `transform`."""
     if data_cfg.source == "fashion_mnist":
         return FashionMNIST("train", transform, data_cfg.root or FASHION_MNIST_DIR)
-    return _image_folder(_folder_roots(data_cfg)[0], transform, raw, data_cfg.max_image_pixels)
+    key = _folder_keys(data_cfg)[0]
+    dataset = _image_folder(_folder_roots(data_cfg)[0], transform, raw, data_cfg.max_image_pixels, "training", key)
+    if len(dataset.classes) < 2:
+        raise ValueError(
+            f"the training folder ({key}) has one class sub-folder, {dataset.classes[0]!r}: a classifier of one "
+            "class scores 100 % whatever it learns; give one sub-folder of images per class (at least two)"
+        )
+    return dataset
 
 
 def _eval_transform(data_cfg: FinetuneDataConfig, img_size: int, interpolation: str, in_chans: int) -> ImageTransform:
@@ -274,12 +299,13 @@ def build_val_dataset(
         dataset = FashionMNIST("test", transform, data_cfg.root or FASHION_MNIST_DIR)
         return dataset, list(dataset.classes)
     train_root, val_root = _folder_roots(data_cfg)
-    dataset = _image_folder(val_root, transform, keeps_raw_values(data_cfg, in_chans), data_cfg.max_image_pixels)
+    raw, val_key = keeps_raw_values(data_cfg, in_chans), _folder_keys(data_cfg)[1]
+    dataset = _image_folder(val_root, transform, raw, data_cfg.max_image_pixels, "validation", val_key)
     if train_root.is_dir():
         train_classes = sorted(entry.name for entry in train_root.iterdir() if entry.is_dir())
         if train_classes != dataset.classes:
             raise ValueError(
-                f"{val_root} has classes {dataset.classes[:10]} but {train_root} has {train_classes[:10]}; "
-                "both need the same class sub-folders"
+                f"the validation folder {val_root} ({val_key}) has classes {dataset.classes[:10]} but the training "
+                f"folder {train_root} has {train_classes[:10]}; both need the same class sub-folders"
             )
     return dataset, list(dataset.classes)

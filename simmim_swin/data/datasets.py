@@ -113,6 +113,24 @@ def find_images(root: str | Path) -> list[Path]:
     return files
 
 
+def unread_files(root: str | Path) -> list[Path]:
+    """The files under `root` that find_images leaves out (other extensions: .gif, .txt, ...), sorted."""
+    return sorted(p for p in Path(root).rglob("*") if p.suffix.lower() not in IMAGE_EXTENSIONS and p.is_file())
+
+
+def describe_unread(files: list[Path], limit: int = 5) -> str:
+    """'3 files that are not read (extensions .gif: 2, .txt: 1), e.g. a/b.gif, c.txt'."""
+    extensions: dict[str, int] = {}
+    for path in files:
+        extensions[path.suffix.lower() or "(none)"] = extensions.get(path.suffix.lower() or "(none)", 0) + 1
+    ordered = ", ".join(f"{ext}: {n}" for ext, n in sorted(extensions.items(), key=lambda item: -item[1]))
+    shown = ", ".join(str(p) for p in files[:limit]) + (", ..." if len(files) > limit else "")
+    return (
+        f"{len(files)} file{'s' if len(files) != 1 else ''} not read (extensions {ordered}), e.g. {shown}; "
+        f"images are read from {', '.join(sorted(IMAGE_EXTENSIONS))} files only"
+    )
+
+
 class ImageFolderMIM(Dataset):
     """Every image file under `root` (recursively, sorted), decoded on access; one epoch = each file once.
 

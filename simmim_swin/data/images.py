@@ -1,7 +1,8 @@
 """Image files as they are: 8/16-bit and float PNG / TIFF, grey / RGB / RGBA, multi-band `.npy` and TIFF.
 
 `open_source` gives a lazily opened PIL image for the formats PIL reads (a JPEG can then be decoded at reduced
-size), or a (C, H, W) array for `.npy` and TIFF (read with tifffile: multi-page and multi-band, any bit depth).
+size), or a (C, H, W) array for `.npy`, TIFF (read with tifffile: multi-page and multi-band, any bit depth) and
+16-bit-per-channel colour PNGs (which PIL itself would cut to 8 bits).
 `to_tensor` turns either into a tensor of `in_chans` channels without clipping anything: 8-bit images stay uint8
 (the fast path: a quarter of the bytes of float32 through the loader queues), every other depth becomes float32
 in the file's own units. Nothing is scaled here; data.mean / data.std map raw values to the model's input on the
@@ -15,6 +16,7 @@ import logging
 import os
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -22,12 +24,23 @@ import numpy as np
 import torch
 from PIL import Image
 
-# PIL stops at twice its MAX_IMAGE_PIXELS by default (178,956,970 pixels): the same limit by default here
-DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
+from simmim_swin.config import DEFAULT_MAX_IMAGE_PIXELS
+
 ARRAY_EXTENSIONS: frozenset[str] = frozenset({".npy", ".tif", ".tiff"})
 EIGHT_BIT_MODES: frozenset[str] = frozenset({"1", "L", "P", "RGB", "RGBA", "LA", "PA", "CMYK", "YCbCr", "RGBX"})
 
 ImageSource = Image.Image | np.ndarray
+
+# PIL opens 16-bit-per-channel colour PNGs (48-bit RGB, 64-bit RGBA) and 16-bit grey + alpha in 8-bit modes, keeping
+# only the high byte of each sample. Its own decoder reads every bit when asked for another raw mode of the same
+# bits per pixel (so that the PNG filters still see the right pixel stride): ";16L" unpacks the low bytes of the
+# big-endian samples, and plain "RGBA" passes the 4 bytes of a 16-bit grey + alpha pixel through unchanged.
+# PIL rawmode of the file -> (decodes that together give every byte, samples per pixel)
+_PNG16_DECODES: dict[str, tuple[tuple[str, ...], int]] = {
+    "RGB;16B": (("RGB;16B", "RGB;16L"), 3),
+    "RGBA;16B": (("RGBA;16B", "RGBA;16L"), 4),
+    "LA;16B": (("RGBA",), 2),
+}
 
 
 class ImageTooLargeError(ValueError):
@@ -78,6 +91,11 @@ def open_source(
         array = np.load(stream, allow_pickle=False, mmap_mode=None if isinstance(data, bytes) else "r")
         if array.ndim not in (2, 3):
             raise ValueError(f"{name}: a .npy image must be (H, W) or (C, H, W), got shape {array.shape}")
+        if array.ndim == 3 and array.shape[2] <= 4 < array.shape[0]:
+            raise ValueError(
+                f"{name}: shape {array.shape} looks channels-last (H, W, C) with {array.shape[2]} channels, but "
+                ".npy images are read as (C, H, W): save it as np.moveaxis(a, -1, 0)"
+            )
         _check_pixels(array.shape[-1] * array.shape[-2], max_pixels, name)
         return np.array(array if array.ndim == 3 else array[None])  # read now (a writable copy of the map)
     if suffix in (".tif", ".tiff"):
@@ -97,7 +115,25 @@ def open_source(
                 f"{name} has more pixels than data.max_image_pixels={max_pixels} (PIL: {e}) a guard against "
                 "decompression bombs; raise data.max_image_pixels if the image is genuine"
             ) from e
+    rawmode = img.tile[0][3] if img.format == "PNG" and img.tile else None
+    if rawmode in _PNG16_DECODES:
+        img.close()
+        return _read_png16(lambda: Image.open(io.BytesIO(data) if isinstance(data, bytes) else data), rawmode)
     return img
+
+
+def _read_png16(reopen: Callable[[], Image.Image], rawmode: str) -> np.ndarray:
+    """A 16-bit-per-channel RGB / RGBA / grey + alpha PNG as (C, H, W) uint16, every bit kept (see _PNG16_DECODES)."""
+    decodes, samples = _PNG16_DECODES[rawmode]
+    planes = []
+    for raw in decodes:
+        with reopen() as img:
+            img.tile = [(*tile[:3], raw) for tile in img.tile]
+            img.load()
+            planes.append(np.asarray(img, dtype=np.uint16))  # H, W, bands: one byte of each sample
+    high, low = (planes[0], planes[1]) if len(planes) == 2 else (planes[0][..., 0::2], planes[0][..., 1::2])
+    pixels = high << 8 | low
+    return np.ascontiguousarray(pixels[..., :samples].transpose(2, 0, 1))  # C, H, W
 
 
 def _read_tiff(stream: io.BytesIO | str | os.PathLike, max_pixels: int | None, name: str) -> np.ndarray | None:
@@ -137,16 +173,47 @@ def source_bands(source: ImageSource) -> int:
     return int(source.shape[0])
 
 
-def describe_source(source: ImageSource) -> str:
-    """A short description for check-data: 'PNG I;16 1 band 16-bit', 'npy float32 13 bands'."""
+def source_channels(source: ImageSource) -> int:
+    """The channels an image gives when read as it is (a palette image as RGB)."""
+    if isinstance(source, Image.Image):
+        return 3 if source.mode == "P" else len(source.getbands())
+    return int(source.shape[0])
+
+
+def verify_image(
+    data: bytes | str | os.PathLike, ext: str | None = None, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> None:
+    """Decode an image completely, as a run reads it: raises what a run would skip it for (unreadable, truncated,
+    over `max_pixels`, NaN / infinite values)."""
+    source = open_source(data, ext, max_pixels=max_pixels)
+    try:
+        to_tensor(source, source_channels(source))
+    finally:
+        close_source(source)
+
+
+def describe_source(source: ImageSource, ext: str | None = None) -> str:
+    """A short description for check-data: 'PNG I;16 1 band 16-bit int', 'NPY 13 bands 32-bit float'.
+
+    Args:
+        ext: the file's extension, which names the format of a source read as an array (.npy, TIFF, 16-bit PNG).
+    """
     if isinstance(source, Image.Image):
         kind, mode = source.format or "image", source.mode
-        dtype = np.dtype("uint8") if mode in EIGHT_BIT_MODES else np.asarray(source).dtype
     else:
-        kind, mode, dtype = "array", "", source.dtype
-    depth = f"{dtype.itemsize * 8}-bit {'float' if dtype.kind == 'f' else 'int'}"
+        fmt = (ext or "").lower().lstrip(".")
+        kind, mode = {"tif": "TIFF", "tiff": "TIFF"}.get(fmt, fmt.upper() or "array"), ""
     bands = source_bands(source)
-    return " ".join(p for p in (kind, mode, f"{bands} band{'s' if bands != 1 else ''}", depth) if p)
+    return " ".join(p for p in (kind, mode, f"{bands} band{'s' if bands != 1 else ''}", source_depth(source)) if p)
+
+
+def source_depth(source: ImageSource) -> str:
+    """The bits per sample as check-data names them: '8-bit int', '16-bit int', '32-bit float'."""
+    if isinstance(source, Image.Image):
+        dtype = np.dtype("uint8") if source.mode in EIGHT_BIT_MODES else np.asarray(source).dtype
+    else:
+        dtype = source.dtype
+    return f"{dtype.itemsize * 8}-bit {'float' if dtype.kind == 'f' else 'int'}"
 
 
 def to_tensor(source: ImageSource, in_chans: int) -> torch.Tensor:
@@ -174,6 +241,12 @@ def to_tensor(source: ImageSource, in_chans: int) -> torch.Tensor:
     bands = array.shape[0]
     if bands == 1 and in_chans == 3:
         array = np.repeat(array, 3, axis=0)
+    elif bands != in_chans and not isinstance(source, Image.Image) and array.shape[-1] == in_chans:
+        raise ValueError(
+            f"the array has shape {tuple(array.shape)}, read as (C, H, W) = {bands} bands, but model.in_chans="
+            f"{in_chans} matches its last axis: it looks channels-last (H, W, C); store (C, H, W) arrays "
+            "(np.moveaxis(a, -1, 0))"
+        )
     elif bands != in_chans:
         raise ValueError(
             f"the image has {bands} band{'s' if bands != 1 else ''} but model.in_chans={in_chans}; set "
@@ -181,7 +254,25 @@ def to_tensor(source: ImageSource, in_chans: int) -> torch.Tensor:
         )
     if array.dtype == np.uint8:
         return torch.from_numpy(np.ascontiguousarray(array))
+    check_finite(array)
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
+def check_finite(array: np.ndarray) -> None:
+    """ValueError when a float image (C, H, W) holds NaN or infinite values: one such pixel makes the loss of every
+    batch holding the image non-finite, so a run must skip the file as a bad sample rather than the whole step."""
+    if array.dtype.kind not in "fc":
+        return
+    finite = np.isfinite(array)
+    if finite.all():
+        return
+    nan = int(np.isnan(array).sum())
+    bands = sorted({int(c) for c in np.nonzero(~finite.reshape(len(array), -1).all(axis=1))[0]})
+    shown = ("bands " if len(bands) > 1 else "band ") + ", ".join(map(str, bands[:8])) + (", ..." * (len(bands) > 8))
+    raise ValueError(
+        f"the image holds {nan} NaN and {int((~finite).sum()) - nan} infinite pixel values ({shown}); replace them "
+        "(e.g. np.nan_to_num) or remove the file"
+    )
 
 
 def read_tensor(

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from simmim_swin.data.datasets import find_images
 from simmim_swin.data.images import (
@@ -25,9 +24,11 @@ from simmim_swin.data.images import (
     describe_error,
     describe_source,
     open_source,
+    source_channels,
+    source_depth,
     to_tensor,
 )
-from simmim_swin.data.shards import Progress, resolve_urls
+from simmim_swin.data.shards import IMAGE_MEMBER_KEYS, Progress, resolve_urls
 from simmim_swin.data.stream import BadSampleLog, iter_shard_samples, open_image
 
 
@@ -42,25 +43,26 @@ def scan_units(path: str | Path) -> tuple[str, list[str]]:
     raise ValueError(f"{path_str} is neither an image folder nor a shard index (.json) or .tar shards")
 
 
-def _sources(unit: str, kind: str, max_pixels: int | None) -> Iterator[tuple[str, ImageSource | Exception]]:
-    """(name, opened image or the error) for each image of a unit: a file, or every sample of a shard."""
+def _sources(unit: str, kind: str, max_pixels: int | None) -> Iterator[tuple[str, str, ImageSource | Exception]]:
+    """(name, extension, opened image or the error) for each image of a unit: a file, or every sample of a shard."""
     if kind == "folder":
         try:
-            yield unit, open_source(unit, max_pixels=max_pixels)
+            yield unit, Path(unit).suffix, open_source(unit, max_pixels=max_pixels)
         except Exception as e:  # any failure to open is what check-data reports
-            yield unit, e
+            yield unit, Path(unit).suffix, e
         return
     log = BadSampleLog(stream=io.StringIO())  # unreadable tars are reported below, not printed
     for sample in iter_shard_samples([unit], log):
         if sample is None:
             continue
         name = f"{unit}#{sample.get('__key__')}"
+        ext = next((key for key in IMAGE_MEMBER_KEYS if key in sample), "")
         try:
-            yield name, open_image(sample, max_pixels)
+            yield name, ext, open_image(sample, max_pixels)
         except Exception as e:
-            yield name, e
+            yield name, ext, e
     if log.total:
-        yield unit, ValueError(f"{log.total} unreadable part(s) of the shard (truncated or not a tar)")
+        yield unit, "", ValueError(f"{log.total} unreadable part(s) of the shard (truncated or not a tar)")
 
 
 @dataclass
@@ -107,45 +109,66 @@ class UnitReport:
     bad: list[tuple[str, str]] = field(default_factory=list)
     images: int = 0
     moments: Moments | None = None
+    bands: dict[int, int] = field(default_factory=dict)  # images per band count as stored (palette: 3)
+    depths: dict[str, int] = field(default_factory=dict)  # images per bit depth ('8-bit int', '32-bit float')
 
     def add(self, other: UnitReport) -> None:
         """Merge another report into this one."""
-        for name, n in other.kinds.items():
-            self.kinds[name] = self.kinds.get(name, 0) + n
+        for mine, theirs in ((self.kinds, other.kinds), (self.bands, other.bands), (self.depths, other.depths)):
+            for name, n in theirs.items():
+                mine[name] = mine.get(name, 0) + n
         self.bad.extend(other.bad)
         self.images += other.images
         if other.moments is not None:
             self.moments = other.moments.combine(self.moments)
+
+    def mixture_warnings(self, in_chans: int | None) -> list[str]:
+        """What a run would do silently to a set that mixes bit depths (or, read as stored, band counts)."""
+        lines = []
+        if len(self.depths) > 1:
+            lines.append(
+                f"the images mix bit depths ({_counts(self.depths)}): a run normalises all of them with one "
+                "data.mean / data.std, so they reach the model on different scales; convert them to one depth"
+            )
+        if len(self.bands) > 1 and in_chans is None:
+            lines.append(
+                f"the images mix band counts ({_counts(self.bands, ' band')}): a run reads each with model.in_chans "
+                "channels (grey repeated to 3, 8-bit colour to grey for 1, alpha dropped for 3; others refused); "
+                "check them with --in-chans N"
+            )
+        return lines
+
+
+def _counts(counts: dict, unit: str = "") -> str:
+    """'8-bit int: 10, 16-bit int: 2' or '3 bands: 10, 1 band: 2', most frequent first."""
+    ordered = sorted(counts.items(), key=lambda item: -item[1])
+    return ", ".join(f"{key}{unit}{'s' if unit and key != 1 else ''}: {n}" for key, n in ordered)
 
 
 def check_unit(args: tuple[str, str, int | None, int | None, bool]) -> UnitReport:
     """Decode every image of a unit completely; with `moments`, per-channel statistics in raw units."""
     unit, kind, max_pixels, in_chans, moments = args
     report = UnitReport()
-    for name, source in _sources(unit, kind, max_pixels):
+    for name, ext, source in _sources(unit, kind, max_pixels):
         if isinstance(source, Exception):
             report.bad.append((name, describe_error(source)))
             continue
         try:
-            kind_name = describe_source(source)
-            pixels = to_tensor(source, in_chans or _bands(source))  # decodes everything: truncation shows here
+            kind_name = describe_source(source, ext)
+            bands, depth = source_channels(source), source_depth(source)
+            pixels = to_tensor(source, in_chans or bands)  # decodes everything: truncation shows here
         except Exception as e:
             report.bad.append((name, describe_error(e)))
             continue
         finally:
             close_source(source)
         report.kinds[kind_name] = report.kinds.get(kind_name, 0) + 1
+        report.bands[bands] = report.bands.get(bands, 0) + 1
+        report.depths[depth] = report.depths.get(depth, 0) + 1
         report.images += 1
         if moments:
             report.moments = Moments.of(pixels).combine(report.moments)
     return report
-
-
-def _bands(source: ImageSource) -> int:
-    """The channels an image gives when read as it is (a palette image as RGB)."""
-    if isinstance(source, Image.Image):
-        return 3 if source.mode == "P" else len(source.getbands())
-    return int(source.shape[0])
 
 
 def scan(
@@ -158,6 +181,11 @@ def scan(
     progress = Progress(len(units), max(1, len(units) // 20), desc=f"{desc} ({kind})")
     tasks = [(unit, kind, max_pixels, in_chans, moments) for unit in units]
     try:
+        if workers == 1:  # in this process: no pool to start
+            for task in tasks:
+                total.add(check_unit(task))
+                progress.update()
+            return total
         # spawn: the workers never inherit the caller's threads or open files
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
             for report in pool.imap_unordered(check_unit, tasks, chunksize=max(1, len(units) // (workers * 8))):

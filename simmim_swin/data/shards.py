@@ -3,7 +3,9 @@
 A sample in a shard is `<key>.<ext>` (the image file's own bytes: jpg, png, 16-bit png / tif, multi-band tif or
 npy, ...) plus `<key>.cls` (the integer class as ASCII) when the source has labels. Next to the shards,
 `<name>.json` lists every shard with its sample count and the image member types, so a loader knows the data size
-without reading the tars. A set is written into a temporary folder and moved into place only when complete.
+without reading the tars. Every image is decoded completely before it is packed (in a pool of processes): what a run
+would skip as a bad sample never enters a shard. A set is written into a temporary folder and moved into place only
+when complete; the folder a killed run left behind is removed by the next run.
 """
 
 from __future__ import annotations
@@ -11,7 +13,11 @@ from __future__ import annotations
 import io
 import json
 import math
+import multiprocessing
+import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -25,7 +31,7 @@ from PIL import Image
 
 from simmim_swin.data.datasets import find_images
 from simmim_swin.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
-from simmim_swin.data.images import close_source, describe_error, open_source
+from simmim_swin.data.images import DEFAULT_MAX_IMAGE_PIXELS, describe_error, verify_image
 from simmim_swin.files import atomic_write
 from simmim_swin.progress import StatusLine
 
@@ -46,14 +52,17 @@ class ShardSample:
 
 
 def folder_samples(
-    root: str | Path, labels: bool = False, skipped: list[str] | None = None
-) -> tuple[int, Iterator[ShardSample], list[str] | None]:
+    root: str | Path, labels: bool = False, skipped: list[str] | None = None,
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, workers: int = 1,
+) -> tuple[int, Iterator[ShardSample], list[str] | None]:  # fmt: skip
     """(number of files, samples, class names) for every image under `root`, bytes as stored on disk.
 
     With labels=True the class is the first-level sub-folder (sorted names -> 0, 1, ...), as torchvision's
     ImageFolder; images directly under root are then an error. Keys are the relative paths without extension;
     two files with one key (x.jpg and x.png) are refused here, before any file is read or written.
-    Files that cannot be opened (headers only: nothing is decoded) are left out and appended to `skipped`.
+    Every file is decoded completely (by `workers` processes; 0: one per CPU, 1: this one) as a run reads it; one
+    that a run would skip (unreadable, truncated, over `max_pixels`, NaN / infinite values) is left out and
+    appended to `skipped` as 'path: reason'. Nothing is re-encoded.
     """
     root = Path(root)
     paths = find_images(root)
@@ -72,21 +81,39 @@ def folder_samples(
     _check_unique_keys(keys, paths)
 
     def generate() -> Iterator[ShardSample]:
-        for path, key in zip(paths, keys):
-            rel = path.relative_to(root)
-            data = path.read_bytes()
-            ext = path.suffix.lower().lstrip(".")
-            try:
-                # PIL reads the header only; npy / tif are read whole: nothing is re-encoded either way
-                close_source(open_source(data, ext, max_pixels=None))
-            except Exception as e:  # several types for unreadable files; all mean "not an image"
+        for path, key, (data, error) in zip(paths, keys, _read_verified(paths, max_pixels, workers)):
+            if data is None:
                 if skipped is not None:
-                    skipped.append(f"{path}: {describe_error(e)}")
+                    skipped.append(f"{path}: {error}")
                 continue
-            label = class_index[rel.parts[0]] if labels else None
+            ext = path.suffix.lower().lstrip(".")
+            label = class_index[path.relative_to(root).parts[0]] if labels else None
             yield ShardSample(key, data, _EXTENSION_ALIASES.get(ext, ext), label)
 
     return len(paths), generate(), classes
+
+
+def read_verified(args: tuple[Path, int | None]) -> tuple[bytes | None, str]:
+    """(the file's bytes, "") if it decodes completely as a run reads it, else (None, why not)."""
+    path, max_pixels = args
+    try:
+        data = path.read_bytes()
+        verify_image(data, path.suffix, max_pixels)
+    except Exception as e:  # several types for unreadable files; all mean "a run would skip it"
+        return None, describe_error(e)
+    return data, ""
+
+
+def _read_verified(paths: list[Path], max_pixels: int | None, workers: int) -> Iterator[tuple[bytes | None, str]]:
+    """read_verified of each path in order, by a pool of `workers` processes (0: one per CPU, 1: in this one)."""
+    tasks = [(path, max_pixels) for path in paths]
+    workers = min(workers or os.cpu_count() or 1, max(1, len(paths)))
+    if workers == 1:
+        yield from map(read_verified, tasks)
+        return
+    # spawn: the workers never inherit the caller's threads or open files; imap keeps the order (the keys')
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        yield from pool.imap(read_verified, tasks, chunksize=max(1, min(64, len(paths) // (workers * 8))))
 
 
 def _check_unique_keys(keys: list[str], paths: list[Path]) -> None:
@@ -185,7 +212,11 @@ def write_shards(
             "--overwrite to replace the whole set, or choose another --out or --name"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=out_dir))  # same filesystem: renames are moves
+    for stale in remove_stale_staging(out_dir, name):
+        print(f"removed {stale}, left by a make-shards run that did not finish", file=sys.stderr)
+    # same filesystem: renames are moves; the host and process id in the name tell a later run whether it is stale
+    prefix = f".{name}.partial-{socket.gethostname()}-{os.getpid()}-"
+    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=out_dir))
     try:
         counts, members = _write_tars(samples, staging, name, max_count, max_size, on_sample)
         if not counts:
@@ -208,6 +239,36 @@ def write_shards(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return index_path
+
+
+def remove_stale_staging(out_dir: str | Path, name: str) -> list[Path]:
+    """Remove the temporary folders of set `name` that runs killed before the end left in out_dir; returns them.
+
+    A folder is stale when the process named in it (`.NAME.partial-HOST-PID-XXXX`) no longer runs on this host;
+    folders of other hosts are left alone (their process cannot be checked from here), except those without a
+    process id, which only versions before the id was added wrote.
+    """
+    pattern = re.compile(rf"\.{re.escape(name)}\.partial-(?:(?P<host>.+)-(?P<pid>\d+)-)?[^-]+")
+    removed = []
+    for folder in sorted(Path(out_dir).glob(f".{name}.partial-*")):
+        match = pattern.fullmatch(folder.name)
+        if not match or not folder.is_dir():
+            continue
+        if match["pid"] is not None and (match["host"] != socket.gethostname() or _process_alive(int(match["pid"]))):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _write_tars(

@@ -71,3 +71,28 @@ def test_wrong_arguments_get_one_line(tmp_path, module, arg, expected):
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert expected in lines[0]
     assert not list(tmp_path.iterdir())  # nothing was started
+
+
+@pytest.mark.parametrize(
+    ("module", "args"),
+    [
+        ("pretrain", ["--help"]),
+        ("finetune", ["--help"]),
+        ("tools", ["--help"]),
+        ("tools", ["export", "--help"]),
+        ("tools", ["check-data", "--help"]),
+    ],
+)
+def test_help_never_imports_torch(tmp_path, module, args):
+    """--help answers without loading torch, timm or the model code (seconds on a busy machine)."""
+    code = (
+        "import sys\n"
+        f"sys.argv = ['x', *{args!r}]\n"
+        f"from simmim_swin.cli.{module} import main\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+        "print('loaded:', sorted(m for m in ('torch', 'timm', 'simmim_swin.models') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "usage" in result.stdout.lower() or "== Config ==" in result.stdout or "Powered by Hydra" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "loaded: []"

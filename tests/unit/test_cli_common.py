@@ -1,13 +1,16 @@
-"""The command-line helpers: CPU thread default, wrong-command groups, the W&B name of a preset."""
+"""The command-line helpers: CPU thread default, wrong-command groups, the W&B name of a preset, overrides Hydra
+cannot parse."""
 
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
 
 from simmim_swin.cli import common
+from simmim_swin.cli.overrides import override_error
 
 
 @pytest.mark.parametrize(
@@ -58,3 +61,56 @@ def test_logger_named_after_the_preset():
 
 def test_conf_dir_holds_both_primary_configs():
     assert (common.CONF_DIR / "pretrain.yaml").is_file() and (common.CONF_DIR / "finetune.yaml").is_file()
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["data.root=/path/with", "spaces", "ü"], "the shell split a value with spaces"),
+        (["data.root=/path/with spaces ü"], "non-ASCII letters"),
+    ],
+)
+def test_unquoted_value_with_spaces_or_umlaut_gets_the_quoting_advice(monkeypatch, capsys, tmp_path, argv, expected):
+    from simmim_swin.cli import pretrain
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["simmim-pretrain", *argv])
+    with pytest.raises(SystemExit) as exc:
+        pretrain.main()
+    assert exc.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], lines
+    assert lines[0].endswith("\"data.root='/path/with spaces ü'\"")
+    assert not list(tmp_path.iterdir())
+
+
+def test_override_error_quotes_a_value_holding_a_single_quote():
+    message = override_error("data.root=/it's here", ["data.root=/it's here"])
+    assert message.endswith('"data.root=\\"/it\'s here\\""')
+    assert "is not a KEY=VALUE override (e.g. data.root=DIR)" in override_error("oops", ["oops"])
+
+
+@pytest.mark.parametrize(
+    ("command", "argv", "expected"),
+    [
+        ("pretrain", ["logger.wandb=sometimes"], "logger.wandb='sometimes' is unknown"),
+        ("pretrain", ["schedule.kind=linear"], "schedule.kind='linear' is unknown"),
+        ("pretrain", ["model.arch=pico", "model.img_size=36"], "model.img_size=36 must be divisible"),
+        ("finetune", ["run.precision=fp8"], "run.precision='fp8' is unknown"),
+        ("finetune", ["data.batch_size=3"], "data.batch_size=3 must be even"),
+    ],
+)
+def test_a_bad_value_is_refused_before_hydra_creates_the_run_directory(
+    monkeypatch, capsys, tmp_path, command, argv, expected
+):
+    import importlib
+
+    module = importlib.import_module(f"simmim_swin.cli.{command}")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [f"simmim-{command}", f"run.output_dir={tmp_path}/runs", *argv])
+    with pytest.raises(SystemExit) as exc:
+        module.main()
+    assert exc.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+    assert not list(tmp_path.iterdir())  # no run directory, no .hydra/, no log

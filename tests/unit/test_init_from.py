@@ -117,6 +117,20 @@ def test_another_architecture_names_the_overrides(tmp_path, randomize) -> None:
     assert "embed_dim 16 (configured 32)" in str(info.value)
 
 
+def test_shapes_that_fit_no_architecture_are_listed_without_advice(tmp_path, randomize) -> None:
+    state = ours(source_model(randomize))
+    for key in ("patch_embed.proj.weight", "patch_embed.proj.bias", "patch_embed.norm.weight"):
+        old = state["model"][f"encoder.{key}"]
+        state["model"][f"encoder.{key}"] = torch.zeros(24, *old.shape[1:])  # 24 wide here, 16 everywhere else
+    torch.save(state, tmp_path / "edited.pt")
+    with pytest.raises(ConfigError, match="no SwinV2 architecture fits all of its tensors") as info:
+        resolve_init_from(from_dict(ModelConfig, MODEL), tmp_path / "edited.pt")
+    message = str(info.value)
+    assert "patch_embed.proj.weight (24, 3, 4, 4) vs (16, 3, 4, 4)" in message
+    assert "patch_embed.norm.weight (24,) vs (16,)" in message
+    assert "mlp_ratio" not in message and "Configure" not in message  # no advice that leads to the next error
+
+
 def test_unknown_format_is_a_config_error() -> None:
     from simmim_swin.config import validate_pretrain
 

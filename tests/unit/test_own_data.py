@@ -284,7 +284,7 @@ def test_check_data_and_stats_tools(tmp_path, capsys, monkeypatch):
         tools_main(["check-data", str(root), "--in-chans", "4", "--workers", "2"])
     out = capsys.readouterr().out
     assert exit_info.value.code == 1
-    assert "5 readable images" in out and "array 4 bands 16-bit int" in out and "t0.tif" in out
+    assert "5 readable images" in out and "TIFF 4 bands 16-bit int" in out and "t0.tif" in out
 
     tools_main(["stats", str(root), "--in-chans", "4", "--workers", "2"])
     out = capsys.readouterr().out
