@@ -31,14 +31,23 @@ class StatusLine:
         """The stream written to now."""
         return sys.stdout if self._stream is None else self._stream
 
-    def show(self, line: str) -> None:
-        """Redraw the status line with `line` on a terminal (cut to the width), else print it as a line."""
+    def show(self, line: str, logged: str | None = None) -> None:
+        """Redraw the status line with `line` on a terminal (cut to the width), else print it as a line.
+
+        A stream that copies the output into a log (a run's log file) gets `logged` (default: `line`) for the log
+        through its `show_status(shown, logged)`: there every update is a line, whatever the terminal shows.
+        """
         if not self.tty:
             print(line, file=self.stream, flush=True)
             return
-        line = line[: max(self.width - 1, 20)]  # a wrapped line cannot be redrawn
-        self.stream.write("\r" + line + "\x1b[K")  # carriage return, text, erase the rest of the old line
-        self.stream.flush()
+        shown = "\r" + line[: max(self.width - 1, 20)] + "\x1b[K"  # carriage return, text (a wrapped line cannot
+        # be redrawn), erase the rest of the old line
+        show_status = getattr(self.stream, "show_status", None)
+        if show_status is not None:
+            show_status(shown, line if logged is None else logged)
+        else:
+            self.stream.write(shown)
+            self.stream.flush()
         self._line_open = True
 
     def close(self) -> None:

@@ -175,6 +175,8 @@ class MetricsLogger:
     ) -> None:
         if logger_cfg.wandb not in WANDB_MODES:
             raise ValueError(f"logger.wandb={logger_cfg.wandb!r} is unknown; use one of {list(WANDB_MODES)}")
+        if logger_cfg.console not in WANDB_CONSOLE:
+            raise ValueError(f"logger.console={logger_cfg.console!r} is unknown; use one of {list(WANDB_CONSOLE)}")
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.run_id = run_id
@@ -480,5 +482,6 @@ class ProgressPrinter(StatusLine):
         return " ".join(parts)
 
     def update(self, step: int, metrics: dict[str, Any]) -> None:
-        """Show the progress for `step`: redraw the status line on a terminal, else print a line."""
-        self.show(self.format(step, metrics, compact=self.tty))
+        """Show the progress for `step`: redraw the status line on a terminal (a log copying it gets every update
+        with all metrics), else print a line."""
+        self.show(self.format(step, metrics, compact=self.tty), logged=self.format(step, metrics) if self.tty else None)

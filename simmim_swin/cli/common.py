@@ -229,8 +229,8 @@ def build_config(
 
 
 def quiet_hydra_on_other_ranks() -> None:
-    """Under torchrun / srun every rank runs the entry point; only rank 0 writes Hydra's own output (.hydra/, the
-    job log) into the run directory the ranks share."""
+    """Under torchrun / srun every rank runs the entry point; only rank 0 writes Hydra's job log into the run
+    directory the ranks share."""
     if launcher_rank() > 0:
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
 
@@ -239,7 +239,8 @@ class _LogTee:
     """A text stream that writes through to `stream` and appends each finished line to `log`.
 
     Lines redrawn in place on a terminal (carriage returns) reach the log in their last state only, without the
-    escape codes, so the log reads like the plain output of a run without a terminal.
+    escape codes, so the log reads like the plain output of a run without a terminal; a status line drawn through
+    `show_status` (the training progress) reaches it at every update.
     """
 
     def __init__(self, stream: TextIO, log: TextIO) -> None:
@@ -256,6 +257,13 @@ class _LogTee:
         if lines:
             self.log.flush()
         return len(text)
+
+    def show_status(self, shown: str, logged: str) -> None:
+        """Redraw a terminal status line with `shown` (its escape codes included); the log gets `logged` as a line."""
+        self.stream.write(shown)
+        self.stream.flush()
+        self.log.write(logged + "\n")
+        self.log.flush()
 
     def flush(self) -> None:
         self.stream.flush()

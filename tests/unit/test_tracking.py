@@ -13,7 +13,7 @@ import torch
 from fake_stream import FakeStream
 from PIL import Image
 
-from simmim_swin.config import LoggerConfig
+from simmim_swin.config import ConfigError, LoggerConfig
 from simmim_swin.data import build_eval_transform
 from simmim_swin.masking import MaskGenerator
 from simmim_swin.models import build_simmim
@@ -22,6 +22,7 @@ from simmim_swin.tracking import (
     MetricsLogger,
     ProgressPrinter,
     StepTimer,
+    check_wandb_credentials,
     load_metrics,
     lr_metrics,
     system_metrics,
@@ -72,6 +73,10 @@ def test_disabled_rank_writes_nothing(tmp_path: Path) -> None:
 def test_unknown_wandb_mode(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"logger.wandb='offlne'.*\['online', 'offline', 'disabled'\]"):
         MetricsLogger(tmp_path, LoggerConfig(wandb="offlne"), config={})
+    with pytest.raises(ValueError, match=r"logger.console='of'.*\['auto', 'wrap', 'redirect', 'off'\]"):
+        MetricsLogger(tmp_path, LoggerConfig(console="of"), config={})
+    with pytest.raises(ConfigError, match=r"logger.console='of'"):  # before any compute
+        check_wandb_credentials(LoggerConfig(console="of"))
 
 
 def test_wandb_offline_run(tmp_path: Path, wandb_env: None) -> None:
