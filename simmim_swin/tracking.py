@@ -129,7 +129,7 @@ def _ends_with_newline(path: Path) -> bool:
 
 
 def logged_until(path: Path) -> tuple[int, set[str]]:
-    """The last step of a metrics.jsonl and the keys logged at that step ((-1, {}) when there is none).
+    """The last step of a metrics.jsonl and the keys logged at that step (-1 and no keys when there is none).
 
     A run resumed from a checkpoint older than its last metrics line (a hard kill) trains those steps again; the
     logger skips what was logged already so the file and W&B never go back in step.

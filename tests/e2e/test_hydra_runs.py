@@ -4,6 +4,7 @@ users' own configs and W&B's environment. Each run is a few CPU steps; main() is
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -142,3 +143,16 @@ def test_wandb_mode_from_the_environment(tmp_path, monkeypatch):
     run_dir = tmp_path / "w"
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["logger"]["wandb"] == "offline"
     assert list((run_dir / "wandb").glob("offline-run-*")) and steps(run_dir) == [1, 2]
+
+
+def test_a_sweep_through_the_submitit_launcher(tmp_path):
+    """hydra/launcher=local2 starts the jobs side by side (two processes each): each holds its own run directory
+    instead of waiting on the other's run lock."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    command = [sys.executable, "-m", "simmim_swin.cli.pretrain", "-m", "hydra/launcher=local2",
+               "mask.mask_ratio=0.4,0.6", f"run.output_dir={tmp_path}", *TINY]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for ratio in (0.4, 0.6):
+        run_dir = tmp_path / "pretrain_sweep" / f"mask.mask_ratio={ratio}"
+        assert steps(run_dir) == [1, 2] and "2 x cpu" in (run_dir / "pretrain.log").read_text()
