@@ -151,7 +151,7 @@ def test_a_sweep_through_the_submitit_launcher(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     command = [sys.executable, "-m", "simmim_swin.cli.pretrain", "-m", "hydra/launcher=local2",
                "mask.mask_ratio=0.4,0.6", f"run.output_dir={tmp_path}", *TINY]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1200, cwd=tmp_path)  # 4 processes
     assert result.returncode == 0, result.stderr[-3000:]
     for ratio in (0.4, 0.6):
         run_dir = tmp_path / "pretrain_sweep" / f"mask.mask_ratio={ratio}"
