@@ -167,11 +167,18 @@ class ScheduleConfig:
 class LoggerConfig:
     """Metrics sinks: metrics.jsonl is always written; wandb is optional."""
 
-    wandb: str = "disabled"  # online | offline | disabled
-    project: str = "simmim-swin"  # W&B project
-    entity: str | None = None  # W&B team or user; None: the API key's default
-    group: str | None = None  # W&B group; None: the command line fills in the experiment / finetune preset name
-    tags: list[str] = field(default_factory=list)  # W&B tags; the command line adds the preset name
+    wandb: str = "disabled"  # online | offline | disabled (the logger=wandb preset: WANDB_MODE, else online)
+    # W&B run fields; a null one comes from W&B's environment variable, as in any W&B script (WANDB_PROJECT,
+    # WANDB_ENTITY, WANDB_RUN_GROUP, WANDB_TAGS, WANDB_JOB_TYPE, WANDB_NOTES); a value set here wins over it
+    project: str | None = None  # null: WANDB_PROJECT, else simmim-swin
+    entity: str | None = None  # W&B team or user; null: WANDB_ENTITY, else the API key's default
+    group: str | None = None  # null: WANDB_RUN_GROUP, else the command line's experiment / finetune preset or sweep
+    tags: list[str] = field(default_factory=list)  # empty: WANDB_TAGS; the command line adds the preset name
+    job_type: str | None = None  # W&B job type (e.g. pretrain, finetune, eval); null: WANDB_JOB_TYPE
+    notes: str | None = None  # W&B run notes; null: WANDB_NOTES
+    system_metrics: bool = True  # W&B samples GPU / CPU / memory / disk use alongside the run
+    git: bool = True  # W&B records the commit and the uncommitted diff of the working tree
+    console: str = "auto"  # W&B console capture: auto | wrap | redirect | off
     log_every: int = 20  # optimizer steps between metric lines (each one syncs the host)
     image_every: int = 1000  # optimizer steps between reconstruction panels
     num_images: int = 4  # fixed images in the panel

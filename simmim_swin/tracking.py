@@ -26,6 +26,8 @@ from simmim_swin.config import WANDB_MODES, ConfigError, LoggerConfig
 from simmim_swin.files import atomic_write
 from simmim_swin.progress import StatusLine
 
+WANDB_CONSOLE = ("auto", "wrap", "redirect", "off")  # W&B's console capture (Settings.console)
+WANDB_DEFAULT_PROJECT = "simmim-swin"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 RUN_ID_FILE = "wandb_run_id"
@@ -52,8 +54,12 @@ def _wandb_url() -> urllib.parse.SplitResult:
 
 
 def check_wandb_credentials(logger_cfg: LoggerConfig) -> None:
-    """With logger.wandb=online, fail before any compute when no W&B API key is set up (WANDB_API_KEY or the
-    ~/.netrc entry that `wandb login` writes)."""
+    """Fail before any compute on an unknown logger.wandb or logger.console, and with logger.wandb=online when no
+    W&B API key is set up (WANDB_API_KEY or the ~/.netrc entry that `wandb login` writes)."""
+    if logger_cfg.wandb not in WANDB_MODES:
+        raise ConfigError(f"logger.wandb={logger_cfg.wandb!r} is unknown; use one of {list(WANDB_MODES)}")
+    if logger_cfg.console not in WANDB_CONSOLE:
+        raise ConfigError(f"logger.console={logger_cfg.console!r} is unknown; use one of {list(WANDB_CONSOLE)}")
     if logger_cfg.wandb != "online" or os.environ.get("WANDB_API_KEY"):
         return
     host = _wandb_url().hostname or ""
@@ -80,6 +86,71 @@ def wandb_reachable(timeout_s: float = WANDB_CONNECT_TIMEOUT_S) -> tuple[bool, s
         return False, f"{host}:{port} ({e.strerror or type(e).__name__})"
 
 
+def wandb_run_fields(logger_cfg: LoggerConfig, environ: Mapping[str, str]) -> dict[str, Any]:
+    """The `wandb.init` run fields from the config; a null (or empty) one is left to W&B, which reads its environment
+    variable (WANDB_RUN_GROUP, WANDB_TAGS ...), as in any W&B script. The project alone has a default of its own."""
+    return {
+        "project": logger_cfg.project or environ.get("WANDB_PROJECT") or WANDB_DEFAULT_PROJECT,
+        "entity": logger_cfg.entity,
+        "group": logger_cfg.group,
+        "tags": list(logger_cfg.tags) or None,
+        "job_type": logger_cfg.job_type,
+        "notes": logger_cfg.notes,
+    }
+
+
+def wandb_settings(logger_cfg: LoggerConfig) -> dict[str, Any]:
+    """`wandb.Settings` keywords: W&B's system metrics, git state and console capture, each switched off by a key."""
+    return {
+        "console": logger_cfg.console,
+        "disable_git": not logger_cfg.git,
+        "x_disable_stats": not logger_cfg.system_metrics,
+    }
+
+
+# metric name prefixes and their W&B section; everything else is a training metric (train/loss, train/lr ...)
+WANDB_SECTIONS = (("ema_val_", "val/ema_"), ("val_", "val/"), ("best_", "val/best_"), ("probe_", "probe/"))
+
+
+def wandb_name(key: str) -> str:
+    """The W&B name of a metrics.jsonl key: namespaced train/, val/ or probe/ (val_loss -> val/loss), as W&B
+    dashboards group them; metrics.jsonl keeps the flat names that simmim-swin plot and the benchmarks read."""
+    for prefix, section in WANDB_SECTIONS:
+        if key.startswith(prefix):
+            return section + key[len(prefix) :]
+    return f"train/{key}"
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
+def logged_until(path: Path) -> tuple[int, set[str]]:
+    """The last step of a metrics.jsonl and the keys logged at that step (-1 and no keys when there is none).
+
+    A run resumed from a checkpoint older than its last metrics line (a hard kill) trains those steps again; the
+    logger skips what was logged already so the file and W&B never go back in step.
+    """
+    last, keys = -1, set()
+    if not path.is_file():
+        return last, keys
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # cut short by a crash
+        step = record.get("step") if isinstance(record, dict) else None
+        if type(step) is not int:
+            continue
+        if step > last:
+            last, keys = step, set()
+        if step == last:
+            keys |= set(record) - {"step"}
+    return last, keys
+
+
 class MetricsLogger:
     """Appends one JSON object per `log` call to run_dir/metrics.jsonl and mirrors it to wandb when enabled.
 
@@ -103,18 +174,25 @@ class MetricsLogger:
     ) -> None:
         if logger_cfg.wandb not in WANDB_MODES:
             raise ValueError(f"logger.wandb={logger_cfg.wandb!r} is unknown; use one of {list(WANDB_MODES)}")
+        if logger_cfg.console not in WANDB_CONSOLE:
+            raise ValueError(f"logger.console={logger_cfg.console!r} is unknown; use one of {list(WANDB_CONSOLE)}")
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.run_id = run_id
         self._file: TextIO | None = None
         self._wandb_run = None
+        self._logged_until, self._logged_keys = -1, set()  # see log()
         summary_path = self.run_dir / SUMMARY_FILE
         # a restarted run keeps its best values: update_best compares against them
         self.summary: dict[str, Any] = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        metrics_path = self.run_dir / METRICS_FILE
+        self._logged_until, self._logged_keys = logged_until(metrics_path)
+        self._file = open(metrics_path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        if self._file.tell() and not _ends_with_newline(metrics_path):  # a line cut by a crash stays on its own
+            self._file.write("\n")
         if logger_cfg.wandb != "disabled":
             self._init_wandb(logger_cfg, config, run_name)
 
@@ -142,17 +220,14 @@ class MetricsLogger:
         if self.run_id is None and id_file.is_file():
             self.run_id = id_file.read_text().strip() or None
         self._wandb_run = wandb.init(
-            mode=mode,  # from the config, never from WANDB_MODE: the environment is read only once
+            mode=mode,  # from the config (the logger=wandb preset reads WANDB_MODE): never left to the environment
             dir=str(self.run_dir),
-            project=logger_cfg.project,
-            entity=logger_cfg.entity,
-            group=logger_cfg.group,
-            tags=list(logger_cfg.tags),
+            **wandb_run_fields(logger_cfg, os.environ),
             name=run_name,
             config=config,
             id=self.run_id,  # None: wandb generates one
             resume="allow",
-            settings=wandb.Settings(console="off", disable_git=True, x_disable_stats=True),
+            settings=wandb.Settings(**wandb_settings(logger_cfg)),
         )
         self.run_id = self._wandb_run.id
         id_file.write_text(self.run_id)
@@ -165,18 +240,27 @@ class MetricsLogger:
         return self._wandb_run
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        """Write {"step": step, **metrics} to metrics.jsonl and to wandb at `step` (which must not decrease)."""
-        if not self.enabled:
+        """Write {"step": step, **metrics} to metrics.jsonl and to wandb (names namespaced, see `wandb_name`) at
+        `step`, which must not decrease.
+
+        What an earlier process of this run logged already (steps up to its last line, and that line's keys) is
+        skipped: a run resumed from an older checkpoint repeats those steps, and neither sink goes back in step.
+        """
+        if not self.enabled or step < self._logged_until:
             return
-        record = {"step": int(step), **{key: _plain(value) for key, value in metrics.items() if key != "step"}}
-        self._file.write(json.dumps(record) + "\n")
+        values = {key: _plain(value) for key, value in metrics.items() if key != "step"}
+        if step == self._logged_until:  # only what the earlier process did not log at its last step
+            values = {key: value for key, value in values.items() if key not in self._logged_keys}
+            if not values:
+                return
+        self._file.write(json.dumps({"step": int(step), **values}) + "\n")
         self._file.flush()
-        if self._wandb_run is not None:
-            self._wandb_run.log({key: value for key, value in record.items() if key != "step"}, step=int(step))
+        if self._wandb_run is not None and step > self._logged_until:  # W&B drops a step it has passed
+            self._wandb_run.log({wandb_name(key): value for key, value in values.items()}, step=int(step))
 
     def log_images(self, step: int, images: Mapping[str, str | Path]) -> None:
         """Send PNGs ({wandb key: png path}) to wandb at `step` in one call (the PNGs are the local record)."""
-        if not self.enabled or self._wandb_run is None or not images:
+        if not self.enabled or self._wandb_run is None or not images or step <= self._logged_until:
             return
         import wandb
 
@@ -345,6 +429,7 @@ class ProgressPrinter(StatusLine):
     follow as `name value` (except `epoch`, shown as `ep`). The ETA extrapolates the rate since construction.
 
     Args:
+        stream: where the lines go; None: `sys.stdout` as it is at each update (a run's log copies it).
         tty: force the terminal (True) or line (False) display; None asks the stream.
         width: terminal columns for the status line; None asks the terminal.
     """
@@ -361,7 +446,7 @@ class ProgressPrinter(StatusLine):
         total_steps: int,
         start_step: int,
         steps_per_epoch: int,
-        stream: TextIO = sys.stdout,
+        stream: TextIO | None = None,
         clock: Callable[[], float] = time.monotonic,
         tty: bool | None = None,
         width: int | None = None,
@@ -396,5 +481,6 @@ class ProgressPrinter(StatusLine):
         return " ".join(parts)
 
     def update(self, step: int, metrics: dict[str, Any]) -> None:
-        """Show the progress for `step`: redraw the status line on a terminal, else print a line."""
-        self.show(self.format(step, metrics, compact=self.tty))
+        """Show the progress for `step`: redraw the status line on a terminal (a log copying it gets every update
+        with all metrics), else print a line."""
+        self.show(self.format(step, metrics, compact=self.tty), logged=self.format(step, metrics) if self.tty else None)

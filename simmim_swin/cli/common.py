@@ -1,4 +1,5 @@
-"""Helpers shared by the Hydra entry points: where conf/ is, one-line errors, the preset name as W&B group."""
+"""Helpers shared by the Hydra entry points: where conf/ is, one-line errors, the run directory of a job and of a
+sweep, the preset name as W&B group, the run's log."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
-from hydra.errors import ConfigCompositionException, OverrideParseException
+from hydra.errors import HydraException, OverrideParseException
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
@@ -59,6 +61,83 @@ def check_command_groups(command: str, argv: Sequence[str]) -> None:
             )
 
 
+# Hydra's commands: at most one per call (Hydra itself answers two with a traceback)
+HYDRA_COMMANDS = (("multirun", "-m/--multirun"), ("cfg", "--cfg"), ("info", "--info"), ("run", "-r/--run"),
+                  ("shell_completion", "--shell-completion"))  # fmt: skip
+SWEEP_SUFFIX = "_sweep"  # a sweep's jobs live in <run.output_dir>/<run.name>_sweep/<the job's overrides>
+
+
+def _job_dir(override_dirname: str, num: Any) -> str:
+    """A sweep job's folder: its overrides (`hydra.job.override_dirname`, without path separators), else its
+    number (a sweep over Hydra's own keys only)."""
+    return override_dirname.replace("/", "_") or str(num)
+
+
+OmegaConf.register_new_resolver("simmim_job_dir", _job_dir, replace=True)
+
+
+def hydra_arguments(argv: Sequence[str]) -> list[str]:
+    """Check Hydra's command flags and give the arguments that lay out a sweep.
+
+    With -m and swept values (`key=a,b`, `range(...)`, a sweeper plugin), each job gets its own run directory,
+    `<run.output_dir>/<run.name>_sweep/<the job's swept overrides>`, unless the command line sets run.name (which
+    must then differ between the jobs) or Hydra's sweep folders. Returns the overrides to append to `argv`.
+    """
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if "--version" in argv:
+        return []
+    try:
+        args = get_args_parser().parse_args(list(argv))
+        overrides = OverridesParser.create().parse_overrides(args.overrides)
+    except (SystemExit, HydraException):  # Hydra reports a malformed command line itself
+        return []
+    given = [flag for attr, flag in HYDRA_COMMANDS if getattr(args, attr) not in (None, False)]
+    if len(given) > 1:
+        hint = " (--cfg shows one job: drop -m and give one value per key)" if "--cfg" in given else ""
+        fail(f"{' and '.join(given)} cannot be combined: use one of them{hint}")
+    multirun = args.multirun or any(o.key_or_group == "hydra.mode" and o.value() == "MULTIRUN" for o in overrides)
+    swept = [o for o in overrides if o.is_sweep_override()]
+    if not multirun or args.help or not (swept or any(o.key_or_group == "hydra/sweeper" for o in overrides)):
+        return []
+    keys = {o.key_or_group: o for o in overrides}
+    name = keys.get("run.name")
+    if name is not None:
+        if not name.is_sweep_override() and "${" not in str(name.value()):
+            fail(
+                f"run.name={name.value()} names every job of this sweep the same run: drop run.name (each job then "
+                f"gets <run.output_dir>/<run.name>{SWEEP_SUFFIX}/<its overrides>) or put the swept values into it, "
+                "e.g. 'run.name=lr${optim.base_lr}'"
+            )
+        return []
+    fixed = sorted({o.key_or_group for o in overrides if not o.is_sweep_override() and not o.is_hydra_override()})
+    extra = {
+        "hydra.sweep.dir": f"${{run.output_dir}}/${{run.name}}{SWEEP_SUFFIX}",
+        "hydra.sweep.subdir": "'${simmim_job_dir:${hydra.job.override_dirname},${hydra.job.num}}'",
+        # the job's folder names only what differs between the jobs
+        "hydra.job.config.override_dirname.exclude_keys": "[" + ",".join(f"'{k}'" for k in fixed) + "]",
+    }
+    return [f"{key}={value}" for key, value in extra.items() if key not in keys]
+
+
+def place_run(run: dict[str, Any], hydra_cfg: DictConfig) -> bool:
+    """Make run.output_dir / run.name the directory Hydra made for this job, so that the run's files, Hydra's log
+    and the checkpoints share one folder whatever Hydra was told (hydra.run.dir, a sweep's folders,
+    hydra.job.chdir=true). Returns whether the run moved (a sweep job, or Hydra's folders set on the command line).
+    """
+    job_dir = Path(hydra_cfg.runtime.output_dir)  # absolute
+    launch_dir = Path(hydra_cfg.runtime.cwd)
+    chdir = bool(hydra_cfg.job.chdir)
+    configured = launch_dir / run["output_dir"] / run["name"]
+    if os.path.realpath(configured) == os.path.realpath(job_dir) and not chdir:
+        return False
+    if not chdir and not Path(run["output_dir"]).is_absolute() and job_dir.is_relative_to(launch_dir):
+        job_dir = job_dir.relative_to(launch_dir)  # keep a relative output folder relative
+    run["output_dir"], run["name"] = str(job_dir.parent), job_dir.name
+    return True
+
+
 def run_hydra(entry: Callable[[], None]) -> None:
     """Call a @hydra.main function; a composition error (unknown key, wrong type, missing option) ends in one line.
 
@@ -69,10 +148,10 @@ def run_hydra(entry: Callable[[], None]) -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         entry()
-    except (ConfigCompositionException, OmegaConfBaseException) as e:
-        fail(composition_error(e))
-    except OverrideParseException as e:  # an unquoted value with spaces or non-ASCII letters
+    except OverrideParseException as e:  # an unquoted value with spaces or non-ASCII letters (a HydraException too)
         fail(override_error(e.override, sys.argv[1:]))
+    except (HydraException, OmegaConfBaseException) as e:  # composition, a malformed override, a missing config
+        fail(composition_error(e))
     except OSError as e:  # Hydra creating the run directory (an unwritable or misspelt run.output_dir)
         fail(*describe_os_error(e))
     finally:
@@ -94,7 +173,9 @@ def composition_error(e: Exception) -> str:
             return f"unknown key {cause.full_key} ({object_type.__name__} has no such key); check the spelling"
         return f"{cause.full_key}: {reason}"
     text = str(e).split("Config search path:")[0]  # Hydra appends its search path to a missing option
-    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+    text = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    override = getattr(e, "override", None)  # a malformed key=value
+    return f"cannot parse the argument {override!r}: {text}" if override else text
 
 
 # a CPU run on a machine with at most this many cores uses one intra-op thread unless OMP_NUM_THREADS is set:
@@ -115,27 +196,44 @@ def default_cpu_threads(device: str) -> None:
         torch.set_num_threads(1)
 
 
-def name_logger_after_preset(logger: dict[str, Any], preset: str | None) -> None:
-    """W&B group and tag from the selected preset: logger.group when it is null, and a tag unless already there."""
+def name_logger_after_preset(
+    logger: dict[str, Any], preset: str | None, environ: Mapping[str, str] | None = None, group: str | None = None
+) -> None:
+    """W&B group and tag from the selected preset (or `group`, a sweep's folder): logger.group when neither it nor
+    WANDB_RUN_GROUP is set, and the preset as a tag next to logger.tags, or next to WANDB_TAGS when those are empty
+    (an environment variable wins over these defaults, a config key over both)."""
+    environ = os.environ if environ is None else environ
+    group = group or preset
+    if group and logger.get("group") is None and not environ.get("WANDB_RUN_GROUP"):
+        logger["group"] = group
     if not preset:
         return
-    if logger.get("group") is None:
-        logger["group"] = preset
     tags = list(logger.get("tags") or [])
-    if preset not in tags:
-        logger["tags"] = [*tags, preset]
+    if not tags and environ.get("WANDB_TAGS"):
+        tags = [tag.strip() for tag in environ["WANDB_TAGS"].split(",") if tag.strip()]
+    logger["tags"] = tags if preset in tags else [*tags, preset]
 
 
-def build_config(cls: type, cfg: DictConfig, choices: Mapping[str, str | None], preset_group: str) -> Any:
-    """The typed config of a composed Hydra config, with the W&B group / tag of the preset in `preset_group`."""
+def build_config(
+    cls: type,
+    cfg: DictConfig,
+    choices: Mapping[str, str | None],
+    preset_group: str,
+    hydra_cfg: DictConfig | None = None,
+) -> Any:
+    """The typed config of a composed Hydra config, with the W&B group / tag of the preset in `preset_group`; with
+    `hydra_cfg` (a launched job) the run directory is the job's (see `place_run`) and a sweep is the W&B group."""
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    name_logger_after_preset(container["logger"], choices.get(preset_group))
+    sweep = None
+    if hydra_cfg is not None and place_run(container["run"], hydra_cfg) and hydra_cfg.mode == RunMode.MULTIRUN:
+        sweep = Path(container["run"]["output_dir"]).name
+    name_logger_after_preset(container["logger"], choices.get(preset_group), group=sweep)
     return from_dict(cls, container)
 
 
 def quiet_hydra_on_other_ranks() -> None:
-    """Under torchrun / srun every rank runs the entry point; only rank 0 writes Hydra's own output (.hydra/, the
-    job log) into the run directory the ranks share."""
+    """Under torchrun / srun every rank runs the entry point; only rank 0 writes Hydra's job log into the run
+    directory the ranks share."""
     if launcher_rank() > 0:
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
 
@@ -144,7 +242,8 @@ class _LogTee:
     """A text stream that writes through to `stream` and appends each finished line to `log`.
 
     Lines redrawn in place on a terminal (carriage returns) reach the log in their last state only, without the
-    escape codes, so the log reads like the plain output of a run without a terminal.
+    escape codes, so the log reads like the plain output of a run without a terminal; a status line drawn through
+    `show_status` (the training progress) reaches it at every update.
     """
 
     def __init__(self, stream: TextIO, log: TextIO) -> None:
@@ -161,6 +260,13 @@ class _LogTee:
         if lines:
             self.log.flush()
         return len(text)
+
+    def show_status(self, shown: str, logged: str) -> None:
+        """Redraw a terminal status line with `shown` (its escape codes included); the log gets `logged` as a line."""
+        self.stream.write(shown)
+        self.stream.flush()
+        self.log.write(logged + "\n")
+        self.log.flush()
 
     def flush(self) -> None:
         self.stream.flush()
@@ -202,7 +308,8 @@ def run_command(cfg: DictConfig, cls: type, preset_group: str, run: Callable[[An
     line and all output copied into the run's log."""
     from hydra.core.hydra_config import HydraConfig
 
+    hydra_cfg = HydraConfig.get()
     with output_into_log(hydra_log_file()), command_errors():
-        config = build_config(cls, cfg, HydraConfig.get().runtime.choices, preset_group=preset_group)
+        config = build_config(cls, cfg, hydra_cfg.runtime.choices, preset_group, hydra_cfg)
         default_cpu_threads(config.run.device)
         run(config)  # validates the settings before building anything

@@ -8,7 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 from ..config import FinetuneConfig
-from .common import CONF_DIR, check_command_groups, quiet_hydra_on_other_ranks, run_command, run_hydra
+from .common import CONF_DIR, check_command_groups, hydra_arguments, quiet_hydra_on_other_ranks, run_command, run_hydra
 
 
 def _finetune_or_evaluate(config: FinetuneConfig) -> None:
@@ -26,6 +26,7 @@ def main() -> None:
     """Console entry point: `simmim-finetune pretrained=RUN_DIR_OR_CHECKPOINT [key=value ...]` (torchrun works too;
     `--help` lists the presets)."""
     check_command_groups("simmim-finetune", sys.argv[1:])
+    sys.argv += hydra_arguments(sys.argv[1:])
     quiet_hydra_on_other_ranks()
     run_hydra(_main)
 

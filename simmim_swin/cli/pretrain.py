@@ -9,7 +9,7 @@ import yaml
 from omegaconf import DictConfig
 
 from ..config import ConfigError, PretrainConfig, check_img_size
-from .common import CONF_DIR, check_command_groups, quiet_hydra_on_other_ranks, run_command, run_hydra
+from .common import CONF_DIR, check_command_groups, hydra_arguments, quiet_hydra_on_other_ranks, run_command, run_hydra
 from .errors import fail
 
 
@@ -34,6 +34,7 @@ def check_img_size_override(argv: list[str]) -> None:
 def main() -> None:
     """Console entry point: `simmim-pretrain [group=option ...] [key=value ...]` (`--help` lists the groups)."""
     check_command_groups("simmim-pretrain", sys.argv[1:])
+    sys.argv += hydra_arguments(sys.argv[1:])
     check_img_size_override(sys.argv[1:])
     quiet_hydra_on_other_ranks()
     run_hydra(_main)

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from simmim_swin.cli import common
 from simmim_swin.cli.overrides import override_error
@@ -114,3 +115,116 @@ def test_a_bad_value_is_refused_before_hydra_creates_the_run_directory(
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
     assert not list(tmp_path.iterdir())  # no run directory, no .hydra/, no log
+
+
+def test_logger_defaults_give_way_to_wandb_environment_variables():
+    """WANDB_RUN_GROUP / WANDB_TAGS win over the preset's group and tag list; a config value wins over both."""
+    env = {"WANDB_RUN_GROUP": "cluster", "WANDB_TAGS": "a, b"}
+    logger = {"group": None, "tags": []}
+    common.name_logger_after_preset(logger, "quickstart", env)
+    assert logger == {"group": None, "tags": ["a", "b", "quickstart"]}  # group None: W&B reads WANDB_RUN_GROUP
+    logger = {"group": "mine", "tags": ["x"]}
+    common.name_logger_after_preset(logger, "quickstart", env)
+    assert logger == {"group": "mine", "tags": ["x", "quickstart"]}
+    logger = {"group": None, "tags": []}
+    common.name_logger_after_preset(logger, None, {}, group="pretrain_sweep")  # a sweep without a preset
+    assert logger == {"group": "pretrain_sweep", "tags": []}
+
+
+SWEEP_LAYOUT = [
+    "hydra.sweep.dir=${run.output_dir}/${run.name}_sweep",
+    "hydra.sweep.subdir='${simmim_job_dir:${hydra.job.override_dirname},${hydra.job.num}}'",
+]
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        # each job of a sweep in its own folder, named by what differs between the jobs
+        (["-m", "mask.mask_ratio=0.4,0.6", "experiment=quickstart", "+x=1"],
+         [*SWEEP_LAYOUT, "hydra.job.config.override_dirname.exclude_keys=['experiment','x']"]),
+        (["--multirun", "optim.base_lr=range(1,3)", "hydra/launcher=local2"],
+         [*SWEEP_LAYOUT, "hydra.job.config.override_dirname.exclude_keys=[]"]),
+        (["-m", "hydra/sweeper=optuna", "run.device=cpu"],  # a sweeper plugin picks the values
+         [*SWEEP_LAYOUT, "hydra.job.config.override_dirname.exclude_keys=['run.device']"]),
+        # the user's own sweep folder is kept
+        (["-m", "a=1,2", "hydra.sweep.dir=/x"], [SWEEP_LAYOUT[1], "hydra.job.config.override_dirname.exclude_keys=[]"]),
+        (["-m", "hydra/launcher=slurm", "run.name=base"], []),  # one job through a launcher: <output_dir>/<name>
+        (["-m", "a=1,2", "run.name=r1,r2"], []),  # run.name differs between the jobs
+        (["-m", "a=1,2", "run.name=lr${a}"], []),
+        (["a=1", "b=2"], []),  # not a multirun
+        (["-m", "a=1,2", "--help"], []),
+    ],
+)  # fmt: skip
+def test_hydra_arguments_lay_out_a_sweep(argv, expected):
+    assert common.hydra_arguments(argv) == expected
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["-m", "a=1,2", "run.name=same"], "run.name=same names every job of this sweep the same run"),
+        (["-m", "a=1,2", "--cfg", "hydra"], "-m/--multirun and --cfg cannot be combined"),
+        (["--info", "--cfg", "job"], "--cfg and --info cannot be combined"),
+    ],
+)
+def test_hydra_arguments_refuse_in_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        common.hydra_arguments(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def _hydra_job(output_dir: str, cwd: str, chdir: bool = False) -> OmegaConf:
+    return OmegaConf.create({"runtime": {"output_dir": output_dir, "cwd": cwd}, "job": {"chdir": chdir}})
+
+
+@pytest.mark.parametrize(
+    ("run", "job", "expected"),
+    [
+        # Hydra's folder is the run directory already: nothing moves
+        ({"output_dir": "outputs", "name": "a"}, _hydra_job("/w/outputs/a", "/w"), None),
+        ({"output_dir": "/data/runs", "name": "a"}, _hydra_job("/data/runs/a", "/w"), None),
+        # hydra.run.dir=elsewhere/D, a sweep job: the run follows Hydra's folder (relative stays relative)
+        ({"output_dir": "outputs", "name": "a"}, _hydra_job("/w/elsewhere/D", "/w"), ("elsewhere", "D")),
+        ({"output_dir": "out", "name": "a"}, _hydra_job("/w/out/a_sweep/x=1", "/w"), ("out/a_sweep", "x=1")),
+        ({"output_dir": "/o", "name": "a"}, _hydra_job("/o/a_sweep/x=1", "/w"), ("/o/a_sweep", "x=1")),
+        # hydra.job.chdir=true: the process works inside the run directory, so the run's path must be absolute
+        ({"output_dir": "outputs", "name": "a"}, _hydra_job("/w/outputs/a", "/w", chdir=True), ("/w/outputs", "a")),
+    ],
+)  # fmt: skip
+def test_place_run_follows_the_folder_hydra_made(run, job, expected):
+    before = dict(run)
+    moved = common.place_run(run, job)
+    assert moved == (expected is not None)
+    assert (run["output_dir"], run["name"]) == (expected or (before["output_dir"], before["name"]))
+
+
+def test_job_folder_names_the_overrides_or_the_job_number():
+    assert common._job_dir("data.root=/a/b,mask.mask_ratio=0.4", 0) == "data.root=_a_b,mask.mask_ratio=0.4"
+    assert common._job_dir("", 3) == "3"
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_the_run_log_gets_every_line_the_run_prints(tmp_path, monkeypatch, tty):
+    """The progress printer is made after the command started copying its output into the log (as in a run): every
+    update reaches the log as a line with all metrics, also when a terminal shows one status line redrawn."""
+    from fake_stream import FakeStream
+
+    from simmim_swin.tracking import ProgressPrinter
+
+    terminal = FakeStream(tty=tty)
+    monkeypatch.setattr(sys, "stdout", terminal)
+    log = tmp_path / "run" / "pretrain.log"
+    with common.output_into_log(log):
+        print("pretraining pico ...")
+        printer = ProgressPrinter(30, start_step=0, steps_per_epoch=10, width=200)
+        for step in (10, 20, 30):
+            printer.update(step, {"loss": 1.0 / step, "data_wait_frac": 0.5})
+        printer.close()
+        print("done at step 30/30")
+    lines = log.read_text().splitlines()
+    assert lines[0] == "pretraining pico ..." and lines[-1] == "done at step 30/30" and len(lines) == 5
+    assert [line.split(" ep ")[0] for line in lines[1:4]] == ["step 10/30", "step 20/30", "step 30/30"]
+    assert all("data_wait_frac 0.5" in line and "\r" not in line for line in lines[1:4])
+    assert terminal.getvalue().count("\r") == (3 if tty else 0)  # the terminal: redrawn in place, or plain lines

@@ -5,6 +5,7 @@ import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import torch
 from fake_stream import FakeStream
 from PIL import Image
 
-from simmim_swin.config import LoggerConfig
+from simmim_swin.config import ConfigError, LoggerConfig
 from simmim_swin.data import build_eval_transform
 from simmim_swin.masking import MaskGenerator
 from simmim_swin.models import build_simmim
@@ -21,6 +22,7 @@ from simmim_swin.tracking import (
     MetricsLogger,
     ProgressPrinter,
     StepTimer,
+    check_wandb_credentials,
     load_metrics,
     lr_metrics,
     system_metrics,
@@ -71,6 +73,10 @@ def test_disabled_rank_writes_nothing(tmp_path: Path) -> None:
 def test_unknown_wandb_mode(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"logger.wandb='offlne'.*\['online', 'offline', 'disabled'\]"):
         MetricsLogger(tmp_path, LoggerConfig(wandb="offlne"), config={})
+    with pytest.raises(ValueError, match=r"logger.console='of'.*\['auto', 'wrap', 'redirect', 'off'\]"):
+        MetricsLogger(tmp_path, LoggerConfig(console="of"), config={})
+    with pytest.raises(ConfigError, match=r"logger.console='of'"):  # before any compute
+        check_wandb_credentials(LoggerConfig(console="of"))
 
 
 def test_wandb_offline_run(tmp_path: Path, wandb_env: None) -> None:
@@ -337,3 +343,133 @@ def test_wandb_tags_and_group_come_from_the_config(tmp_path: Path, wandb_env: No
     logger = MetricsLogger(tmp_path / "run2", LoggerConfig(wandb="offline"), config={})
     assert not logger.wandb_run.group and list(logger.wandb_run.tags) == []
     logger.close()
+
+
+def test_progress_printer_writes_to_the_stdout_of_the_moment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command copies its output into the run's log by replacing sys.stdout after the imports: the printer made
+    without a stream follows it (it must not hold the stream that was there at import)."""
+    printer = ProgressPrinter(100, start_step=0, steps_per_epoch=10, tty=False)
+    replaced = io.StringIO()
+    monkeypatch.setattr("sys.stdout", replaced)
+    printer.update(10, {"loss": 0.5})
+    assert replaced.getvalue().startswith("step 10/100 ep 1 loss 0.5000")
+
+
+class FakeWandbRun:
+    """What MetricsLogger uses of a wandb Run, recording each log call."""
+
+    def __init__(self, **init_kwargs: Any) -> None:
+        self.init_kwargs, self.id, self.logged, self.summary = init_kwargs, init_kwargs.get("id") or "fake1", [], {}
+
+    def log(self, values: dict, step: int) -> None:
+        self.logged.append((step, values))
+
+    def finish(self) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_wandb(monkeypatch: pytest.MonkeyPatch) -> list[FakeWandbRun]:
+    """wandb.init replaced by FakeWandbRun (the runs it made, in order); no W&B environment variable is set."""
+    wandb = pytest.importorskip("wandb")
+    runs: list[FakeWandbRun] = []
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: runs.append(FakeWandbRun(**kwargs)) or runs[-1])
+    for name in ("WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_GROUP", "WANDB_TAGS", "WANDB_JOB_TYPE"):
+        monkeypatch.delenv(name, raising=False)
+    return runs
+
+
+def test_wandb_environment_variables_fill_what_the_config_leaves_open(
+    tmp_path: Path, fake_wandb: list[FakeWandbRun], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    logger = MetricsLogger(tmp_path / "a", LoggerConfig(wandb="offline"), config={})
+    logger.close()
+    init = fake_wandb[-1].init_kwargs
+    assert init["project"] == "simmim-swin"  # the project's own default without WANDB_PROJECT
+    assert (init["group"], init["tags"], init["job_type"], init["notes"], init["entity"]) == (None,) * 5  # W&B's env
+    # W&B's defaults: system metrics, git state and console capture on
+    settings = init["settings"]
+    auto = pytest.importorskip("wandb").Settings(console="auto").console  # wandb resolves "auto" itself
+    assert (settings.console, settings.disable_git, settings.x_disable_stats) == (auto, False, False)
+
+    monkeypatch.setenv("WANDB_PROJECT", "from-env")
+    MetricsLogger(tmp_path / "b", LoggerConfig(wandb="offline"), config={}).close()
+    assert fake_wandb[-1].init_kwargs["project"] == "from-env"
+    explicit = LoggerConfig(
+        wandb="offline", project="mine", group="g", tags=["t"], job_type="pretrain", notes="n",
+        system_metrics=False, git=False, console="off",
+    )  # fmt: skip
+    MetricsLogger(tmp_path / "c", explicit, config={}).close()
+    init = fake_wandb[-1].init_kwargs
+    assert (init["project"], init["group"], init["tags"], init["job_type"], init["notes"]) == (
+        "mine", "g", ["t"], "pretrain", "n",
+    )  # fmt: skip
+    settings = init["settings"]
+    assert (settings.console, settings.disable_git, settings.x_disable_stats) == ("off", True, True)
+
+
+def test_wandb_reads_its_environment_in_an_offline_run(
+    tmp_path: Path, wandb_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real wandb: what the config leaves open comes from W&B's own variables, a config value wins."""
+    env = {"WANDB_PROJECT": "p-env", "WANDB_RUN_GROUP": "g-env", "WANDB_TAGS": "a,b", "WANDB_JOB_TYPE": "j-env",
+           "WANDB_NOTES": "n-env"}  # fmt: skip
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    quiet = dict(wandb="offline", system_metrics=False, git=False, console="off")
+    logger = MetricsLogger(tmp_path / "run", LoggerConfig(**quiet), config={})
+    run = logger.wandb_run
+    assert (run.project, run.group, tuple(run.tags), run.job_type, run.notes) == ("p-env", "g-env", ("a", "b"),
+                                                                               "j-env", "n-env")  # fmt: skip
+    logger.close()
+    logger = MetricsLogger(tmp_path / "run2", LoggerConfig(**quiet, group="mine", job_type="pretrain"), config={})
+    assert (logger.wandb_run.group, logger.wandb_run.job_type) == ("mine", "pretrain")
+    logger.close()
+
+
+def test_wandb_names_are_namespaced_and_the_jsonl_keeps_flat_names(
+    tmp_path: Path, fake_wandb: list[FakeWandbRun]
+) -> None:
+    logger = MetricsLogger(tmp_path / "run", LoggerConfig(wandb="offline"), config={})
+    metrics = {"loss": 0.5, "lr/group0": 1e-3, "val_loss": 0.4, "val_top1": 50.0, "ema_val_top1": 51.0,
+               "best_top1": 51.0, "probe_knn_top1": 30.0, "gpu_mem_peak_gib": 1.0}  # fmt: skip
+    logger.log(10, metrics)
+    logger.close()
+    assert fake_wandb[-1].logged == [(10, {
+        "train/loss": 0.5, "train/lr/group0": 1e-3, "val/loss": 0.4, "val/top1": 50.0, "val/ema_top1": 51.0,
+        "val/best_top1": 51.0, "probe/knn_top1": 30.0, "train/gpu_mem_peak_gib": 1.0,
+    })]  # fmt: skip
+    assert load_metrics(tmp_path / "run") == [{"step": 10, **metrics}]
+
+
+def test_a_resumed_run_never_logs_a_step_twice(tmp_path: Path, fake_wandb: list[FakeWandbRun]) -> None:
+    """A hard kill at step 150 with the last checkpoint at 100: the restarted process trains 110-150 again."""
+    cfg = LoggerConfig(wandb="offline")
+    first = MetricsLogger(tmp_path / "run", cfg, config={})
+    for step in range(10, 160, 10):
+        first.log(step, {"loss": 1.0})
+    first.log(150, {"val_loss": 2.0})  # an evaluation at the last logged step
+    first.close()
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 160, "lo')  # the kill cut this line short
+
+    resumed = MetricsLogger(tmp_path / "run", cfg, config={})
+    for step in range(110, 210, 10):
+        resumed.log(step, {"loss": 0.5})
+        if step == 150:
+            resumed.log(step, {"val_loss": 1.5, "val_top1": 10.0})  # val_top1 was not logged before the kill
+    resumed.log_images(150, {"panel": tmp_path / "never_read.png"})  # W&B has step 150 already: not sent
+    resumed.close()
+
+    with pytest.warns(UserWarning, match="metrics.jsonl:17: skipped a malformed line"):
+        records = load_metrics(tmp_path / "run")
+    steps = [r["step"] for r in records]
+    assert steps == sorted(steps)  # never back in step
+    assert records[:15] == [{"step": s, "loss": 1.0} for s in range(10, 160, 10)]  # the first process's lines
+    assert records[15:] == [
+        {"step": 150, "val_loss": 2.0},
+        {"step": 150, "val_top1": 10.0},  # what the first process had not logged at its last step
+        *({"step": s, "loss": 0.5} for s in range(160, 210, 10)),
+    ]
+    wandb_steps = [step for run in fake_wandb for step, _ in run.logged]
+    assert wandb_steps == [*range(10, 160, 10), 150, *range(160, 210, 10)]  # never lower than a step it has
