@@ -1,7 +1,8 @@
 """One line on stderr, not a traceback, for every expected way a command can fail; the exit status says which.
 
 Exit 2: bad input (a setting, a path, a file that cannot be read). Exit 1: the run itself failed (diverged, disk
-full). 130 / 143: stopped by Ctrl-C / SIGTERM after saving a checkpoint. With SIMMIM_DEBUG=1 the traceback is shown.
+full, run directory deleted). 130 / 143 / 138: stopped by Ctrl-C / SIGTERM / SIGUSR1 after saving a checkpoint.
+With SIMMIM_DEBUG=1 the traceback is printed first; the exit status stays the same.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import NoReturn
@@ -17,7 +19,7 @@ from safetensors import SafetensorError
 
 from ..distributed import Preempted, launcher_rank
 from ..engine import TrainingDiverged
-from ..run import RunLockedError
+from ..run import RunDirectoryGone, RunLockedError
 
 BAD_INPUT = 2
 RUN_FAILED = 1
@@ -35,7 +37,10 @@ def describe_os_error(e: OSError) -> tuple[str, int]:
     """The message and exit status for an OSError: what failed, on which path, and what to do."""
     path = e.filename if e.filename is not None else ""
     if e.errno == errno.ENOSPC:
-        return f"no space left on the device writing {path}; free space or choose another run.output_dir", RUN_FAILED
+        return (
+            f"no space left on the device (ENOSPC) writing {path}; free space or choose another run.output_dir",
+            RUN_FAILED,
+        )
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"{e.strerror}: {path}; choose a folder you can write to (e.g. run.output_dir=DIR)", BAD_INPUT
     if e.errno == errno.EISDIR:
@@ -56,11 +61,11 @@ def command_errors() -> Iterator[None]:
         if launcher_rank() == 0:  # every rank stopped at the same step; one line says so
             print(e, flush=True)
         sys.exit(e.exit_code)
-    except (OSError, ValueError, SafetensorError, TrainingDiverged, RunLockedError) as e:
+    except (OSError, ValueError, SafetensorError, TrainingDiverged, RunLockedError, RunDirectoryGone) as e:
         # anything else (a RuntimeError from torch, a bug) keeps its traceback: that is what a report needs
         if os.environ.get(DEBUG_ENV) == "1":
-            raise
-        if isinstance(e, TrainingDiverged):
+            traceback.print_exc()  # then the same line and exit status as without the variable
+        if isinstance(e, (TrainingDiverged, RunDirectoryGone)):
             fail(str(e), RUN_FAILED)
         if isinstance(e, OSError):
             fail(*describe_os_error(e))
