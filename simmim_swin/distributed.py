@@ -222,7 +222,10 @@ _exit_handler_registered = False
 def _end_daemonic_children() -> None:
     # multiprocessing ends daemonic children at exit with SIGTERM and then waits for them; loader workers ignore
     # SIGTERM (ignore_stop_signals), so a process leaving with live workers (e.g. an error that keeps the loader
-    # referenced from its traceback) would wait forever. Daemonic children are ended at exit anyway: SIGKILL them.
+    # referenced from its traceback) would wait forever. Daemonic children are ended at exit anyway: SIGKILL them,
+    # with torch's SIGCHLD handler (which raises when a loader worker is killed) out of the way first.
+    if hasattr(signal, "SIGCHLD"):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for child in multiprocessing.active_children():
         if child.daemon:
             child.kill()

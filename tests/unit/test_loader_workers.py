@@ -110,3 +110,14 @@ def test_workers_ignore_a_stop_signal_sent_to_the_whole_group(tmp_path):
         main.kill()
         main.wait(timeout=60)
         _kill_all(workers)
+
+
+def test_a_normal_exit_with_live_workers_is_quick_and_quiet(tmp_path):
+    """Ending the workers at exit trips no error report (torch's SIGCHLD check would call a killed worker a failure)."""
+    result = subprocess.run([sys.executable, "-c", LOADER], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    workers = [int(pid) for pid in result.stdout.split()]
+    try:
+        assert result.returncode == 0 and result.stderr == "", result.stderr[-2000:]
+        assert len(workers) == 2 and _wait_until_gone(workers, timeout_s=30) == []
+    finally:
+        _kill_all(workers)
