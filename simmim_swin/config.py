@@ -397,6 +397,9 @@ class FinetuneTrainConfig:
     ema: bool = False  # keep an exponential moving average of the weights and evaluate it too
     ema_decay: float = 0.9998  # EMA weight of the old average per step, in (0, 1)
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
+    # validation images scored by the evaluations during training: a fixed random subset (the same every time,
+    # drawn from run.seed) keeps them short on a large set; null: all. The end of the run always scores them all.
+    eval_num_images: int | None = None
     reinit_cpb_mlp: bool = False  # ablation: fresh continuous-position-bias MLPs instead of the pretrained ones
     # stop after this many evaluations in a row without a better top-1 (with data.val_fraction: on the held-out
     # labelled images); 0: train for the whole schedule
@@ -447,6 +450,7 @@ NUMBER_BOUNDS: tuple[tuple[str, float, bool], ...] = (
         "data.batch_size", "data.eval_batch_size", "optim.accum_steps", "optim.lr_reference_batch",
         "schedule.epochs", "run.save_every", "run.keep_last", "run.max_consecutive_skips", "logger.log_every",
         "logger.image_every", "logger.num_images", "logger.val_every", "train.eval_every", "data.num_images",
+        "train.eval_num_images",
     )),
     *((key, 0, False) for key in ("optim.base_lr", "optim.eps", "model.mlp_ratio", "optim.clip_grad")),
     *((key, 0, True) for key in (

@@ -3,11 +3,16 @@ collectives the training loops need. Model code never asks for the rank; the loo
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import ctypes
 import datetime
+import multiprocessing
+import multiprocessing.util  # registers its exit handler now, so the one registered here runs before it
 import os
 import signal
 import subprocess
+import sys
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -168,8 +173,9 @@ class Preempted(Exception):
 
 
 def stop_signals() -> tuple[int, ...]:
-    """SIGTERM, SIGINT (Ctrl-C), SIGUSR2 and the signal submitit uses for preemption (SUBMITIT_PREEMPT_SIGNAL)."""
-    names = ["SIGTERM", "SIGINT", "SIGUSR2", "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")]
+    """SIGTERM, SIGINT (Ctrl-C), SIGUSR1 (the pre-emption / time-limit warning of many clusters and of Lightning),
+    SIGUSR2 and the signal submitit uses for preemption (SUBMITIT_PREEMPT_SIGNAL)."""
+    names = ["SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")]
     return tuple(dict.fromkeys(getattr(signal, name) for name in names if hasattr(signal, name)))
 
 
@@ -182,6 +188,61 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
     """
     for signum in stop_signals():
         signal.signal(signum, signal.SIG_IGN)
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel to SIGKILL this process as soon as its parent `parent_pid` dies (Linux; elsewhere a no-op).
+
+    A process that ignores SIGTERM would otherwise outlive a parent killed with SIGKILL or dying on an error.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):  # no libc prctl (e.g. a static build): torch's own watchdog remains
+        return
+    if os.getppid() != parent_pid:  # the parent died before the request: no signal will come
+        os._exit(1)
+
+
+_exit_handler_registered = False
+
+
+def _end_daemonic_children() -> None:
+    # multiprocessing ends daemonic children at exit with SIGTERM and then waits for them; loader workers ignore
+    # SIGTERM (ignore_stop_signals), so a process leaving with live workers (e.g. an error that keeps the loader
+    # referenced from its traceback) would wait forever. Daemonic children are ended at exit anyway: SIGKILL them,
+    # with torch's SIGCHLD handler (which raises when a loader worker is killed) out of the way first.
+    if hasattr(signal, "SIGCHLD"):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(timeout=5)
+
+
+class LoaderWorkerInit:
+    """DataLoader worker_init_fn: the worker ignores the stop signals (the main process owns stopping) and never
+    outlives the main process, however that ends (SIGKILL, an error, a debugger exit).
+
+    Build it in the process that iterates the loader (its pid is the workers' parent). It also makes that process
+    end live daemonic workers when it exits, before multiprocessing's own exit handler waits for them.
+    """
+
+    def __init__(self) -> None:
+        global _exit_handler_registered
+        self.parent_pid = os.getpid()
+        if not _exit_handler_registered:
+            atexit.register(_end_daemonic_children)  # atexit runs last-in first-out: before multiprocessing's
+            _exit_handler_registered = True
+
+    def __call__(self, worker_id: int) -> None:
+        ignore_stop_signals(worker_id)
+        die_with_parent(self.parent_pid)
 
 
 class StopSignal:
@@ -239,6 +300,56 @@ class StopSignal:
             signal.signal(signum, previous)
 
 
+# the signals that ask a Slurm batch job to come back: the time-limit warning (--signal=TERM@120 or USR1@120) and
+# pre-emption. Ctrl-C and submitit's own signal are not among them (submitit requeues by itself).
+REQUEUE_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def under_submitit() -> bool:
+    """This process was started by submitit (Hydra's submitit launcher), which requeues its jobs itself."""
+    return "SUBMITIT_EXECUTOR" in os.environ or "SUBMITIT_FOLDER" in os.environ
+
+
+def _slurm_job_state(job_id: str) -> str | None:
+    """JobState of a Slurm job as scontrol reports it (e.g. RUNNING, CANCELLED), None if it cannot be read."""
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "job", "--oneliner", job_id], capture_output=True, text=True, check=True, timeout=60
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    fields = dict(item.split("=", 1) for item in out.split() if "=" in item)
+    return fields.get("JobState")
+
+
+def requeue_slurm_job(signum: int | None) -> bool:
+    """Put this Slurm batch job back in the queue after the checkpoint of a stop by SIGTERM / SIGUSR1.
+
+    Done by rank 0 of an sbatch job (SLURM_JOB_ID set, not submitit), unless the job was cancelled (`scancel`
+    sends the same SIGTERM, and a cancelled job must stay cancelled). The requeued job keeps its job id and,
+    started with the same command, resumes the same run directory. Returns whether the job was requeued.
+    """
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if not job_id or signum not in REQUEUE_SIGNALS or under_submitit():
+        return False
+    state = _slurm_job_state(job_id)
+    if state is not None and state.startswith("CANCELLED"):
+        print(f"Slurm job {job_id} was cancelled: not requeued", flush=True)
+        return False
+    try:
+        subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, check=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = (getattr(e, "stderr", None) or str(e)).strip().splitlines()
+        print(
+            f"could not requeue Slurm job {job_id} ({detail[-1] if detail else type(e).__name__}); submit the same "
+            "command again to resume from the checkpoint",
+            flush=True,
+        )
+        return False
+    print(f"requeued Slurm job {job_id}: it resumes from this checkpoint when it starts again", flush=True)
+    return True
+
+
 def cleanup(info: DistInfo) -> None:
     """Leave the process group."""
     if info.distributed and dist.is_initialized():
@@ -250,8 +361,9 @@ def process_group(device: torch.device) -> Iterator[tuple[torch.device, DistInfo
     """For one run: join the job's process group and watch for SIGTERM; yields (device, DistInfo, StopSignal).
 
     The device is this process's own (cuda:LOCAL_RANK under a multi-GPU launch). A run that raises Preempted has
-    saved its checkpoint: the signal's earlier handler runs then (StopSignal.hand_over). On exit the handlers are
-    put back and the process group left, also when the run raises.
+    saved its checkpoint: the signal's earlier handler runs then (StopSignal.hand_over), and an sbatch job stopped
+    by SIGTERM / SIGUSR1 requeues itself (requeue_slurm_job). On exit the handlers are put back and the process
+    group left, also when the run raises.
     """
     info = init_distributed(device)
     stop = StopSignal(info)
@@ -259,6 +371,8 @@ def process_group(device: torch.device) -> Iterator[tuple[torch.device, DistInfo
         yield process_device(device, info), info, stop
     except Preempted:
         stop.hand_over()  # the checkpoint is on disk: now submitit may requeue (and exit)
+        if info.is_main:
+            requeue_slurm_job(stop.received)
         raise
     finally:
         stop.restore()

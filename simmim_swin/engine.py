@@ -34,6 +34,10 @@ class TrainingDiverged(RuntimeError):
         )
 
 
+class EvaluationStopped(Exception):
+    """A stop signal arrived during an evaluation, which was abandoned at the next batch (no numbers)."""
+
+
 def train_step(
     model: nn.Module,
     micro_batches: Sequence[tuple[torch.Tensor, ...]],
@@ -180,6 +184,8 @@ def evaluate_classifier(
     device: torch.device,
     confusion: bool = False,
     info: DistInfo | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Top-1 / top-5 accuracy (%) and mean cross-entropy over (images, labels) batches, in eval mode.
 
@@ -188,6 +194,10 @@ def evaluate_classifier(
     of a multi-process job each rank evaluates its shard and the counts are summed over ranks: every rank
     returns the whole set's numbers. confusion=True adds "confusion": the (classes, classes) count matrix, rows
     true classes, columns predicted.
+
+    `should_stop()` is asked before every batch (every rank asks it the same number of times: StopSignal's
+    should_stop is a collective); when it says yes the evaluation raises EvaluationStopped, so a stop signal
+    never waits for a whole evaluation. `on_batch(n)` is told the size of each batch done (a progress display).
     """
     from .viz import confusion_matrix
 
@@ -198,6 +208,8 @@ def evaluate_classifier(
     matrix = None
     try:
         for images, labels, *_ in loader:
+            if should_stop is not None and should_stop():
+                raise EvaluationStopped
             images = normalize_images(images.to(device, non_blocking=True))
             labels = labels.to(device, non_blocking=True)
             with autocast_context(precision, device):
@@ -213,6 +225,8 @@ def evaluate_classifier(
                 # boolean indexing syncs the device: fine, the confusion matrix is asked for once per run
                 cells = confusion_matrix(logits[valid], labels[valid], logits.shape[1], check=False)
                 matrix = cells if matrix is None else matrix + cells
+            if on_batch is not None:
+                on_batch(len(labels))
     finally:
         model.train(was_training)
     if info is not None:

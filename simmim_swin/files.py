@@ -51,14 +51,57 @@ def atomic_write(path: str | os.PathLike, content: bytes | str | Callable[[IO[by
 
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            content(f)
-            f.flush()
-            os.fsync(f.fileno())
+        with open_temporary(fd) as raw:
+            f = _WriteErrors(raw)
+            try:
+                content(f)
+                f.flush()
+            except Exception as e:
+                # torch.save reports a failed write (disk full, quota) as a RuntimeError of its own that loses
+                # the errno: raise the write's OSError instead, naming the file being written
+                if f.error is None:
+                    raise
+                raise OSError(f.error.errno, f.error.strerror, str(path)) from e
+            os.fsync(raw.fileno())
         os.chmod(tmp_name, FILE_MODE)
         os.replace(tmp_name, path)
+    except OSError as e:
+        Path(tmp_name).unlink(missing_ok=True)
+        if e.filename is None or e.filename == tmp_name:  # name the target, not the hidden temporary file
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
     return path
+
+
+def open_temporary(fd: int) -> IO[bytes]:
+    """The binary file object atomic_write writes its temporary file through."""
+    return os.fdopen(fd, "wb")
+
+
+class _WriteErrors:
+    """A writable binary file that remembers the first OSError of a write or flush (e.g. ENOSPC)."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.file.flush()
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name: str) -> object:  # tell, seek, fileno ... of the real file
+        return getattr(self.file, name)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3, random_seed
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from .checkpoint import CHECKPOINT_DIR, find_latest_checkpoint, save_checkpoint
 from .config import (
@@ -44,10 +45,19 @@ from .data.classification import (
 )
 from .data.loader import EvalShard, build_pretrain_loader, endless
 from .data.pipeline import monitored
+from .data.shards import Progress
 from .data.stream import BadDataMonitor, collate_good, collate_good_only
 from .data.transforms import Normalizer, normalize_images
-from .distributed import DistInfo, StopSignal, full_model_state_dict, ignore_stop_signals, process_group, wrap_model
-from .engine import evaluate_classifier, train_step
+from .distributed import (
+    DistInfo,
+    LoaderWorkerInit,
+    Preempted,
+    StopSignal,
+    full_model_state_dict,
+    process_group,
+    wrap_model,
+)
+from .engine import EvaluationStopped, evaluate_classifier, train_step
 from .optim import build_optimizer, build_scheduler, scaled_lrs
 from .precision import autocast_context, build_grad_scaler, resolve_device, resolve_precision
 from .probe import fit_logistic_regression
@@ -149,7 +159,11 @@ def _finetune(config: FinetuneConfig, device: torch.device, info: DistInfo, stop
         },
     )  # fmt: skip
     step_model = torch.compile(wrapped) if config.run.compile else wrapped  # checkpoints save `model`: no _orig_mod.
-    val_loader = _eval_loader(holdout_set if holdout_set is not None else val_set, config, info, device)
+    scored_set = holdout_set if holdout_set is not None else val_set  # what the evaluations during training score
+    val_loader = _eval_loader(scored_set, config, info, device)
+    # the evaluations during training score a fixed subset when train.eval_num_images asks for one
+    val_subset = _evaluation_subset(scored_set, config.train.eval_num_images, config.run.seed)
+    train_val_loader = val_loader if val_subset is scored_set else _eval_loader(val_subset, config, info, device)
 
     # timm's 8-bit RGB pipeline normalises in the workers; other data keeps raw values up to the device
     normalize = (
@@ -173,8 +187,11 @@ def _finetune(config: FinetuneConfig, device: torch.device, info: DistInfo, stop
             if run.state.get("stopped_early_at") is not None:  # a finished early stop stays finished
                 best["stopped_at"] = run.stop_step = run.state["stopped_early_at"]
         run.say(_describe(config, run, model, len(train_set), len(classes), device, precision, lr))
+        if val_subset is not val_set:
+            run.say(f"evaluating {len(val_subset)} of {len(val_set)} validation images during training, all at the end")
         model.train()
         batches = monitored(endless(_train_loader(train_set, config, run, info, device)), monitor)
+        final_done = False
         while run.step < run.stop_step:
             with run.timer.data():
                 micro_batches = [next(batches) for _ in range(accum)]
@@ -187,19 +204,34 @@ def _finetune(config: FinetuneConfig, device: torch.device, info: DistInfo, stop
                 ema.update(model, step=step)
             if run.log_due():  # bad_samples: summed over ranks, which all stop here past data.max_bad_fraction
                 run.log({**run.training_metrics(grad_norm), "bad_samples": monitor.reduce(info, device)})
-            if (run.epoch_done and (step // steps_per_epoch) % config.train.eval_every == 0) or step == run.stop_step:
-                with run.timer.exclude():
-                    final = step == run.stop_step and holdout_set is None
-                    _evaluate(run, val_loader, ema, classes, best, precision, final=final)
-                if 0 < config.train.patience <= best["since"]:
-                    best["stopped_at"] = run.stop_step = step  # end_of_step saves the last step
-                    run.say(f"early stop at step {step}: no better top-1 in {best['since']} evaluations")
-            run.end_of_step(save_now=run.epoch_done)
-        if holdout_set is not None and run.step == run.stop_step:
-            _test_best(run, val_set, config, classes, precision)
+            with run.timer.exclude():
+                if step == run.stop_step:  # the end (schedule or run.max_steps): the whole set, confusion matrix
+                    final = holdout_set is None  # with a held-out part the evaluation images come after the loop
+                    final_done = _evaluate(run, val_loader, ema, classes, best, precision, final=final)
+                elif run.epoch_done and (step // steps_per_epoch) % config.train.eval_every == 0:
+                    _evaluate(run, train_val_loader, ema, classes, best, precision, final=False)
+            if 0 < config.train.patience <= best["since"] and step < run.stop_step:
+                best["stopped_at"] = run.stop_step = step  # end_of_step saves the last step
+                run.say(f"early stop at step {step}: no better top-1 in {best['since']} evaluations")
+            run.end_of_step(save_now=run.epoch_done)  # saves and raises Preempted if a stop signal came
+        if holdout_set is not None:  # best.pt, chosen on the held-out images, scored once on the evaluation images
+            if not _test_best(run, val_set, config, classes, precision):
+                raise Preempted(run.step, stop.name)
+        # resumed at the end, or stopped during the final evaluation last time: its checkpoint is on disk already
+        elif not final_done and not _evaluate(run, val_loader, ema, classes, best, precision, final=True):
+            raise Preempted(run.step, stop.name)
     which = "held-out " if holdout_set is not None else ""
     run.say(f"done at step {run.step}/{run.total_steps}. best {which}top-1 {best['top1']:.2f}%; run dir {run.run_dir}")
     return run.run_dir
+
+
+def _evaluation_subset(dataset: Dataset, num_images: int | None, seed: int) -> Dataset:
+    """A fixed random `num_images` of `dataset` in index order (the same at every evaluation, on every rank);
+    the dataset itself when num_images is None or not smaller."""
+    if num_images is None or num_images >= len(dataset):
+        return dataset
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    return Subset(dataset, sorted(order[:num_images].tolist()))
 
 
 def _labelled_eval_set(config: FinetuneConfig, part: str) -> Dataset:
@@ -218,7 +250,7 @@ def frozen_features(
     head.fc reads. Unreadable images are dropped; the model's mode is restored."""
     device = next(model.parameters()).device
     loader = DataLoader(
-        dataset, batch_size=batch_size, num_workers=num_workers, worker_init_fn=ignore_stop_signals,
+        dataset, batch_size=batch_size, num_workers=num_workers, worker_init_fn=LoaderWorkerInit(),
         collate_fn=collate_good_only,
     )  # fmt: skip
     features, labels = [], []
@@ -252,9 +284,10 @@ def _init_head_by_linear_probe(
 
 def _test_best(
     run: TrainingRun, test_set: Dataset, config: FinetuneConfig, classes: list[str], precision: str
-) -> None:  # fmt: skip
+) -> bool:  # fmt: skip
     """Score best.pt (chosen on the held-out labelled images) once on the evaluation images: test_top1 /
-    test_top5 in metrics.jsonl, final_test_top1 in the summary, the confusion matrix picture."""
+    test_top5 in metrics.jsonl, final_test_top1 in the summary, the confusion matrix picture. False, having logged
+    nothing, when a stop signal cut it short (a restart scores it again)."""
     device, info = next(run.model.parameters()).device, run.info
     best_path = run.run_dir / CHECKPOINT_DIR / BEST_CHECKPOINT
     if info.distributed:
@@ -262,10 +295,12 @@ def _test_best(
     best = torch.load(best_path, map_location=device, weights_only=True)
     trained = {k: v.clone() for k, v in run.model.state_dict().items()}
     run.model.load_state_dict(best["model"])
+    loader = _eval_loader(test_set, config, info, device)
     try:
-        result = evaluate_classifier(
-            run.model, _eval_loader(test_set, config, info, device), precision, device, confusion=True, info=info
-        )
+        result = _scored(run, run.model, loader, precision, confusion=True, what="test of best.pt")
+    except EvaluationStopped:
+        run.say(f"{run.stop.name} during the test of best.pt at step {run.step}: stopped it")
+        return False
     finally:
         run.model.load_state_dict(trained)  # the last step's weights, as the resume checkpoint holds them
     confusion = result.pop("confusion")
@@ -278,6 +313,7 @@ def _test_best(
         run.logger.log_image(run.step, "confusion_matrix", path)
         run.say(f"best.pt (step {best['step']}) on the {result['num_images']} evaluation images: top-1 "
                 f"{result['top1']:.2f}%, top-5 {result['top5']:.2f}%")  # fmt: skip
+    return True
 
 
 def _build_model_and_data(
@@ -324,7 +360,7 @@ def _eval_loader(dataset: Dataset, config: FinetuneConfig, info: DistInfo, devic
         num_workers=config.data.num_workers,
         pin_memory=config.data.pin_memory and device.type == "cuda",
         persistent_workers=config.data.num_workers > 0,
-        worker_init_fn=ignore_stop_signals,
+        worker_init_fn=LoaderWorkerInit(),
         collate_fn=collate_good_only,
     )
 
@@ -343,14 +379,25 @@ def _checkpoint_meta(model: nn.Module, classes: list[str], best_top1: float) -> 
 def _evaluate(
     run: TrainingRun, loader: DataLoader, ema: ModelEmaV3 | None, classes: list[str], best: dict[str, float],
     precision: str, final: bool,
-) -> None:  # fmt: skip
-    """Top-1 / top-5 of the model (and its EMA) on the validation set; keeps best.pt; the confusion matrix last."""
-    model, info, device, step = run.model, run.info, next(run.model.parameters()).device, run.step
-    result = evaluate_classifier(model, loader, precision, device, confusion=final, info=info)
+) -> bool:  # fmt: skip
+    """Top-1 / top-5 of the model (and its EMA) on the validation set (or the subset `loader` holds); keeps best.pt;
+    `final` adds the confusion matrix and the final numbers of summary.json.
+
+    Returns False, having logged nothing, when a stop signal arrived meanwhile: the evaluation stops at the next
+    batch so the run can save and exit within the signal's grace time.
+    """
+    model, info, step = run.model, run.info, run.step
+    try:
+        what = "final evaluation" if final else "evaluation"
+        result = _scored(run, model, loader, precision, confusion=final, what=what)
+        if ema is not None:
+            ema_metrics = _scored(run, ema.module, loader, precision, confusion=False, what="EMA evaluation")
+    except EvaluationStopped:
+        run.say(f"{run.stop.name} during the evaluation at step {step}: stopped it")
+        return False
     confusion = result.pop("confusion", None)
     metrics = {f"val_{k}": v for k, v in result.items()}
     if ema is not None:
-        ema_metrics = evaluate_classifier(ema.module, loader, precision, device, info=info)
         metrics.update({f"ema_val_{k}": v for k, v in ema_metrics.items() if k != "num_images"})
     best["since"] += 1
     if metrics["val_top1"] > best["top1"]:  # the same on every rank: the counts were summed over ranks
@@ -371,6 +418,24 @@ def _evaluate(
         run.logger.log_image(step, "confusion_matrix", path)
     if final:
         run.logger.log_summary({"final_val_top1": metrics["val_top1"], "final_val_top5": metrics["val_top5"]})
+    return True
+
+
+def _scored(
+    run: TrainingRun, model: nn.Module, loader: DataLoader, precision: str, confusion: bool, what: str
+) -> dict[str, Any]:
+    """evaluate_classifier with the run's stop signal asked at every batch and the images counted on rank 0."""
+    device = next(model.parameters()).device
+    total = len(loader.dataset) * run.info.world_size  # EvalShard: every rank's padded share
+    progress = Progress(total, every=max(1, total // 10), desc=f"{what} at step {run.step}", stream=sys.stdout)
+    on_batch = (lambda n: progress.update(n * run.info.world_size)) if run.info.is_main else None
+    try:
+        return evaluate_classifier(
+            model, loader, precision, device, confusion=confusion, info=run.info, should_stop=run.stop.should_stop,
+            on_batch=on_batch,
+        )  # fmt: skip
+    finally:
+        progress.close()
 
 
 def _describe(
@@ -431,7 +496,7 @@ def _evaluate_transfer(config: FinetuneConfig, device: torch.device, info: DistI
         EvalShard(val_set, info.rank, info.world_size),
         batch_size=config.data.eval_batch_size,
         num_workers=config.data.num_workers,
-        worker_init_fn=ignore_stop_signals,
+        worker_init_fn=LoaderWorkerInit(),
         collate_fn=collate_good_only,
     )
     metrics = evaluate_classifier(model, loader, precision, device, info=info)

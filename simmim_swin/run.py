@@ -8,11 +8,14 @@ which decides whether to save and whether to stop, as torchtitan's `checkpointer
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
-import math
 import os
 import shutil
 import socket
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -34,7 +37,7 @@ from .checkpoint import (
 from .config import ConfigError, LoggerConfig, RunConfig
 from .distributed import DistInfo, Preempted, StopSignal
 from .engine import StepStats, TrainingDiverged
-from .files import atomic_write
+from .files import FILE_MODE, atomic_write
 from .tracking import MetricsLogger, ProgressPrinter, StepTimer, lr_metrics, system_metrics
 
 
@@ -59,60 +62,119 @@ class RunLockedError(RuntimeError):
     """Another live process holds the run directory."""
 
 
+class RunDirectoryGone(RuntimeError):
+    """The run directory was deleted (or replaced by another folder) while the run was going."""
+
+
 class RunLock:
     """An advisory lock file in the run directory: one live process (rank 0 of one job) trains a run at a time.
 
     The file holds the holder's host, pid and start time; its modification time is the holder's heartbeat,
-    touched every time metrics are logged. A lock left behind is taken over with a warning when its process is
-    gone (same host) or its heartbeat is older than `stale_after_s` (another host, e.g. a requeued Slurm job
-    starting on a new node), so requeues keep working.
+    touched every time metrics are logged. It appears at once with its content (written to a temporary file and
+    hard-linked into place, which fails if the lock exists), so no process ever reads a lock half written. A lock
+    left behind is taken over with a warning when its process is gone (same host) or its heartbeat is older than
+    `stale_after_s` (another host, e.g. a requeued Slurm job starting on a new node, or a lock that cannot be
+    read), so requeues keep working. The take-over itself runs under a kernel lock (flock) on the old file, so of
+    several processes finding the same stale lock exactly one takes it.
     """
 
     def __init__(self, run_dir: Path, stale_after_s: float) -> None:
         self.path = run_dir / LOCK_FILE
         self.stale_after_s = stale_after_s
         self.held = False
+        self._inode: int | None = None
 
     def acquire(self) -> None:
         """Take the lock or raise RunLockedError naming the holder and what to do."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        for _ in range(2):  # a stale lock is removed once, then taken like a free one
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-            except FileExistsError:
-                self._take_over_if_stale()
-                continue
+        for _ in range(3):  # a stale lock is removed, then taken like a free one (another start may be faster)
+            if self._create(json.dumps(holder)):
+                self.held = True
+                return
+            self._take_over_if_stale()
+        raise RunLockedError(f"could not take {self.path}: other processes took it at the same time")
+
+    def _create(self, content: str) -> bool:
+        """Put a lock holding `content` in place atomically; False if a lock is there already."""
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{LOCK_FILE}.", suffix=".new")
+        try:
             with os.fdopen(fd, "w") as f:
-                json.dump(holder, f)
-            self.held = True
-            return
-        raise RunLockedError(f"could not take {self.path}: another process took it at the same time")
+                f.write(content)
+            os.chmod(tmp, FILE_MODE)
+            try:
+                os.link(tmp, self.path)
+            except FileExistsError:
+                return False
+            except OSError as e:  # a file system without hard links: exclusive creation, then the content
+                if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
+                    raise
+                return self._create_exclusive(content)
+            self._inode = os.stat(tmp).st_ino
+            return True
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def _create_exclusive(self, content: str) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, FILE_MODE)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(content)
+        self._inode = os.stat(self.path).st_ino
+        return True
 
     def _take_over_if_stale(self) -> None:
+        """Remove the lock if its holder is gone; raise RunLockedError if it is alive (or may be)."""
         try:
-            holder = json.loads(self.path.read_text())
-            age = time.time() - self.path.stat().st_mtime
+            fd = os.open(self.path, os.O_RDWR)  # read-write: NFS implements flock with write locks
         except FileNotFoundError:
             return  # released meanwhile
-        except (OSError, ValueError):
-            holder, age = {}, math.inf  # unreadable: left by a crash while writing it
+        try:
+            with contextlib.suppress(OSError):  # no flock on this file system: the check below runs unguarded
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if os.stat(self.path).st_ino != os.fstat(fd).st_ino:
+                    return  # taken over and replaced while this process waited: judge the new one
+            except FileNotFoundError:
+                return
+            with os.fdopen(os.dup(fd), "r") as f:
+                text = f.read()
+            age = time.time() - os.fstat(fd).st_mtime
+            reason = self._stale_reason(text, age)
+            warnings.warn(f"taking over the lock {self.path}: {reason}", stacklevel=3)
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(fd)  # releases the flock
+
+    def _stale_reason(self, text: str, age: float) -> str:
+        """Why the lock with content `text` and heartbeat `age` s ago is stale; RunLockedError if it is not."""
+        try:
+            holder = json.loads(text)
+        except ValueError:
+            holder = None
+        if not isinstance(holder, dict):  # not written by this class: whoever left it may be writing it still
+            if age > self.stale_after_s:
+                return f"unreadable and untouched for {age:.0f} s (run.lock_stale_after_s={self.stale_after_s:g})"
+            raise RunLockedError(
+                f"{self.path} exists but cannot be read (modified {age:.0f} s ago): another process may be starting "
+                f"this run. Wait, start another run with run.name=<new name>, or delete {self.path} if no process "
+                "uses this run"
+            )
         host, pid = holder.get("host"), holder.get("pid")
         same_host = host == socket.gethostname()
         if same_host and pid == os.getpid():
-            reason = "left by this process"
-        elif same_host and isinstance(pid, int) and not _process_alive(pid):
-            reason = f"process {pid} on {host} is gone"
-        elif not same_host and age > self.stale_after_s:
-            reason = f"no heartbeat from {host} for {age:.0f} s (run.lock_stale_after_s={self.stale_after_s:g})"
-        else:
-            raise RunLockedError(
-                f"{self.path.parent} is in use by process {pid} on {host} (started {holder.get('started')}, last "
-                f"heartbeat {age:.0f} s ago); wait for it to finish, stop it, or start another run with "
-                f"run.name=<new name>. If that process is really gone, delete {self.path}"
-            )
-        warnings.warn(f"taking over the lock {self.path}: {reason}", stacklevel=3)
-        self.path.unlink(missing_ok=True)
+            return "left by this process"
+        if same_host and isinstance(pid, int) and not _process_alive(pid):
+            return f"process {pid} on {host} is gone"
+        if not same_host and age > self.stale_after_s:
+            return f"no heartbeat from {host} for {age:.0f} s (run.lock_stale_after_s={self.stale_after_s:g})"
+        raise RunLockedError(
+            f"{self.path.parent} is in use by process {pid} on {host} (started {holder.get('started')}, last "
+            f"heartbeat {age:.0f} s ago); wait for it to finish, stop it, or start another run with "
+            f"run.name=<new name>. If that process is really gone, delete {self.path}"
+        )
 
     def heartbeat(self) -> None:
         """Tell other hosts this process is alive (the file's modification time)."""
@@ -120,9 +182,11 @@ class RunLock:
             os.utime(self.path)
 
     def release(self) -> None:
-        """Remove the lock file if this process holds it."""
+        """Remove the lock file if this process holds it (and it is still the file this process created)."""
         if self.held:
-            self.path.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(self.path).st_ino == self._inode:
+                    self.path.unlink()
             self.held = False
 
 
@@ -134,6 +198,15 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:
         return True  # alive, another user's
     return True
+
+
+def _identity(folder: Path) -> tuple[int, int] | None:
+    """(device, inode) of `folder`, None if it does not exist."""
+    try:
+        st = os.stat(folder)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def remove_stale_temporaries(run_dir: Path) -> list[Path]:
@@ -197,6 +270,7 @@ class TrainingRun:
         self.logger: MetricsLogger | None = None
         self.progress: ProgressPrinter | None = None
         self.lock = RunLock(self.run_dir, run_cfg.lock_stale_after_s)
+        self._run_dir_identity: tuple[int, int] | None = None  # (device, inode) of the run directory at the start
 
     def say(self, text: str) -> None:
         """Print one line from rank 0."""
@@ -213,6 +287,7 @@ class TrainingRun:
         if self.info.is_main:
             self.lock.acquire()
         try:
+            self._run_dir_identity = _identity(self.run_dir)
             if self.info.is_main:
                 for path in remove_stale_temporaries(self.run_dir):
                     self.say(f"removed {path}, left by an interrupted save")
@@ -230,13 +305,27 @@ class TrainingRun:
             self.progress = ProgressPrinter(
                 total_steps=self.stop_step, start_step=self.step, steps_per_epoch=self.steps_per_epoch
             )
-            yield self
+            try:
+                yield self
+            except OSError:  # e.g. "No such file" on a temporary file: say what happened to the folder
+                self.check_run_dir()
+                raise
         finally:
             if self.progress is not None:
                 self.progress.close()
             if self.logger is not None:
                 self.logger.close()
             self.lock.release()
+
+    def check_run_dir(self) -> None:
+        """Raise RunDirectoryGone if the run directory is not the folder the run started in (deleted, or deleted
+        and created again by a later write)."""
+        if self._run_dir_identity is None or _identity(self.run_dir) == self._run_dir_identity:
+            return
+        raise RunDirectoryGone(
+            f"the run directory {self.run_dir} was deleted while the run was going (at step {self.step}); nothing "
+            "more can be saved there. Start the run again to begin anew, or restore the folder to resume it"
+        )
 
     def _resume(self, check: Callable[[dict[str, Any], Path], None]) -> None:
         """Restore the latest checkpoint of the run directory, if there is one."""
@@ -283,6 +372,8 @@ class TrainingRun:
 
     def log(self, metrics: dict[str, Any], show: bool = True) -> None:
         """metrics.jsonl (+ W&B) at this step; `show` also puts them on the terminal (rank 0)."""
+        if self.info.is_main:
+            self.check_run_dir()  # metrics.jsonl is an open file: writing to it would not notice
         self.logger.log(self.step, metrics)
         self.lock.heartbeat()
         if show and self.info.is_main:
@@ -310,6 +401,7 @@ class TrainingRun:
 
     def save(self) -> None:
         """The resume checkpoint of the current step (every rank calls it)."""
+        self.check_run_dir()  # a save would create the folder again, empty but for this checkpoint
         meta = {
             "step": self.step,
             "config": self.config,

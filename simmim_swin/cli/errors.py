@@ -1,7 +1,8 @@
 """One line on stderr, not a traceback, for every expected way a command can fail; the exit status says which.
 
 Exit 2: bad input (a setting, a path, a file that cannot be read). Exit 1: the run itself failed (diverged, disk
-full). 130 / 143: stopped by Ctrl-C / SIGTERM after saving a checkpoint. With SIMMIM_DEBUG=1 the traceback is shown.
+full, run directory deleted). 130 / 143 / 138: stopped by Ctrl-C / SIGTERM / SIGUSR1 after saving a checkpoint.
+With SIMMIM_DEBUG=1 the traceback is printed first; the exit status stays the same.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import NoReturn
@@ -33,7 +35,10 @@ def describe_os_error(e: OSError) -> tuple[str, int]:
     """The message and exit status for an OSError: what failed, on which path, and what to do."""
     path = e.filename if e.filename is not None else ""
     if e.errno == errno.ENOSPC:
-        return f"no space left on the device writing {path}; free space or choose another run.output_dir", RUN_FAILED
+        return (
+            f"no space left on the device (ENOSPC) writing {path}; free space or choose another run.output_dir",
+            RUN_FAILED,
+        )
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"{e.strerror}: {path}; choose a folder you can write to (e.g. run.output_dir=DIR)", BAD_INPUT
     if e.errno == errno.EISDIR:
@@ -45,14 +50,14 @@ def describe_os_error(e: OSError) -> tuple[str, int]:
     return f"{e.strerror}: {path}", BAD_INPUT
 
 
-def _run_errors() -> tuple[type, type, type]:
-    """(Preempted, TrainingDiverged, RunLockedError): imported when a command fails, so that the tools' start-up
-    and `--help` never load torch."""
+def _run_errors() -> tuple[type, type, type, type]:
+    """(Preempted, TrainingDiverged, RunLockedError, RunDirectoryGone): imported when a command fails, so that the
+    tools' start-up and `--help` never load torch."""
     from ..distributed import Preempted
     from ..engine import TrainingDiverged
-    from ..run import RunLockedError
+    from ..run import RunDirectoryGone, RunLockedError
 
-    return Preempted, TrainingDiverged, RunLockedError
+    return Preempted, TrainingDiverged, RunLockedError, RunDirectoryGone
 
 
 @contextmanager
@@ -63,17 +68,17 @@ def command_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         fail("interrupted by a second Ctrl-C: no checkpoint was written for the steps since the last save", 130)
     except Exception as e:
-        preempted, diverged, locked = _run_errors()
+        preempted, diverged, locked, gone = _run_errors()
         if isinstance(e, preempted):
             if launcher_rank() == 0:  # every rank stopped at the same step; one line says so
                 print(e, flush=True)
             sys.exit(e.exit_code)
         # anything else (a RuntimeError from torch, a bug) keeps its traceback: that is what a report needs
-        if not isinstance(e, (OSError, ValueError, SafetensorError, diverged, locked)):
+        if not isinstance(e, (OSError, ValueError, SafetensorError, diverged, locked, gone)):
             raise
         if os.environ.get(DEBUG_ENV) == "1":
-            raise
-        if isinstance(e, diverged):
+            traceback.print_exc()  # then the same line and exit status as without the variable
+        if isinstance(e, (diverged, gone)):
             fail(str(e), RUN_FAILED)
         if isinstance(e, OSError):
             fail(*describe_os_error(e))

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from simmim_swin.data.images import BadSample, describe_error
 from simmim_swin.data.transforms import EvalView
-from simmim_swin.distributed import ignore_stop_signals
+from simmim_swin.distributed import LoaderWorkerInit
 
 _MAX_SAMPLE_SEED = 2**62  # torch and python take seeds this large; numpy's legacy seeding gets them mod 2**32
 
@@ -168,8 +168,9 @@ def build_pretrain_loader(
     permutation. `skip_batches` starts the first pass that many batches in, without loading them, and yields
     exactly the batches an uninterrupted run would have; `batches_per_epoch` caps every pass (whole optimizer
     steps only, so no remainder spills into the next epoch). Workers persist across passes.
-    Worker processes need no worker_init_fn: torch seeds torch, `random` and numpy in each worker from the
-    loader generator already (torch.utils.data._utils.worker), and the per-sample seeds override them anyway.
+    Workers need no seeding of their own: torch seeds torch, `random` and numpy in each worker from the loader
+    generator already (torch.utils.data._utils.worker), and the per-sample seeds override them anyway; their
+    worker_init_fn only ties them to the main process (distributed.LoaderWorkerInit).
     collate_fn=stream.collate_good makes it yield Batch tuples that carry the bad samples dropped from each batch.
     """
     if batch_size <= 0:
@@ -207,7 +208,7 @@ def build_pretrain_loader(
         persistent_workers=num_workers > 0,
         collate_fn=collate_fn,
         generator=worker_generator,
-        worker_init_fn=ignore_stop_signals,
+        worker_init_fn=LoaderWorkerInit(),
     )
 
 

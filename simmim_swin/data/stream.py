@@ -30,7 +30,7 @@ from simmim_swin.data.images import (
 )
 from simmim_swin.data.shards import IMAGE_MEMBER_KEYS
 from simmim_swin.data.transforms import ImageTransform, PretrainCrop
-from simmim_swin.distributed import DistInfo, all_reduce_sum_
+from simmim_swin.distributed import DistInfo, LoaderWorkerInit, all_reduce_sum_
 
 SampleFn = Callable[[dict[str, Any], torch.Generator], tuple[torch.Tensor, ...]]
 LOG_FIRST_BAD = 10  # each worker logs its first bad samples one line each...
@@ -290,6 +290,7 @@ def build_shard_loader(stream: ShardStream, num_workers: int, pin_memory: bool =
         pin_memory=pin_memory and torch.cuda.is_available(),
         # persistent workers keep their ShardStream copy, whose iteration count is the epoch
         persistent_workers=num_workers > 0,
+        worker_init_fn=LoaderWorkerInit(),  # workers leave stopping to the main process and die with it
     )
 
 

@@ -102,6 +102,85 @@ def test_ctrl_c_saves_at_the_step_and_exits_130(tmp_path):
     assert (tmp_path / "interrupted" / "pretrain.log").read_text().count("received SIGINT") == 1  # the run's log
 
 
+def fake_scontrol(tmp_path: Path) -> tuple[Path, Path]:
+    """(bin folder, call log): an `scontrol` that records its arguments and reports every job as RUNNING."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol_calls"
+    bin_dir.mkdir()
+    script = bin_dir / "scontrol"
+    script.write_text(
+        f"#!{sys.executable}\n"
+        "import sys\n"
+        f"with open({str(calls)!r}, 'a') as f:\n"
+        "    f.write(' '.join(sys.argv[1:]) + '\\n')\n"
+        "if sys.argv[1:3] == ['show', 'job']:\n"
+        "    print(f'JobId={sys.argv[-1]} JobState=RUNNING')\n"
+    )
+    script.chmod(0o755)
+    return bin_dir, calls
+
+
+def test_sigusr1_under_sbatch_saves_releases_the_lock_and_requeues_the_job(tmp_path):
+    """The pre-emption / time-limit warning of many clusters: saved like SIGTERM, then the job goes back in the
+    queue with its id (a requeued job runs the same command and so resumes the same run directory)."""
+    bin_dir, calls = fake_scontrol(tmp_path)
+    env = {**os.environ, "SLURM_JOB_ID": "4242", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    proc = start(tmp_path, "usr1", env=env)
+    wait_for_steps(proc, tmp_path / "usr1", 2)
+    proc.send_signal(signal.SIGUSR1)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGUSR1, output[-3000:]
+    assert "Traceback" not in output and "received SIGUSR1: saved a checkpoint at step" in output
+    assert "requeued Slurm job 4242" in output
+    state = load_checkpoint(find_latest_checkpoint(tmp_path / "usr1"))
+    assert state["step"] >= logged_steps(tmp_path / "usr1")[-1] >= 2
+    assert not (tmp_path / "usr1" / "run.lock").exists()
+    assert "requeue 4242" in calls.read_text().splitlines()
+
+
+def _session_gone(session: int, timeout_s: float) -> bool:
+    """No process of the session (the run and its loader workers) is left, within timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(session, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_an_error_under_simmim_debug_with_loader_workers_exits_as_without_it(tmp_path):
+    """The traceback first, then the same line and status; the loader workers (which ignore SIGTERM) are gone."""
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(4):  # 8 files, 2 per batch: every epoch reads them all
+        Image.new("RGB", (40, 40), (40 * i, 90, 200 - 30 * i)).save(folder / f"{i}.png")
+        (folder / f"notes{i}.jpg").write_text("not an image")
+    data = ["data=folder", f"data.root={folder}", "data.batch_size=2", "data.num_workers=2"]
+    data += ["data.max_bad_fraction=0", "data.bad_check_after=0"]
+    results = {}
+    for debug in ("0", "1"):
+        command = cli_command(tmp_path, "pretrain", f"run.name=debug{debug}", *BASE, *data)
+        env = {**os.environ, "SIMMIM_DEBUG": debug}
+        proc = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            _, err = proc.communicate(timeout=240)  # it used to wait forever on its workers
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        assert _session_gone(proc.pid, timeout_s=30), "loader workers outlived the run"
+        results[debug] = (proc.returncode, err)
+    assert results["0"][0] == results["1"][0] == 2, results
+    assert "Traceback" not in results["0"][1] and "Traceback (most recent call last)" in results["1"][1]
+    last_lines = [err.strip().splitlines()[-1] for _, err in results.values()]
+    assert last_lines[0] == last_lines[1] and "notes" in last_lines[0]
+
+
 def test_written_files_respect_the_umask(tmp_path):
     def umask_022() -> None:
         os.umask(0o022)

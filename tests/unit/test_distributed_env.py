@@ -107,10 +107,11 @@ def test_process_group_hands_over_after_a_preempted_run_and_restores_handlers():
 
 
 def test_submitit_preempt_signal_is_watched_too(monkeypatch):
-    monkeypatch.setenv("SUBMITIT_PREEMPT_SIGNAL", "USR1")
-    assert set(stop_signals()) == {signal.SIGTERM, signal.SIGINT, signal.SIGUSR2, signal.SIGUSR1}
+    monkeypatch.setenv("SUBMITIT_PREEMPT_SIGNAL", "HUP")
+    assert set(stop_signals()) == {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP}
     monkeypatch.delenv("SUBMITIT_PREEMPT_SIGNAL")
-    assert stop_signals() == (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
+    # SIGUSR1: the time-limit / pre-emption warning of many clusters (and Lightning's) stops the run the same way
+    assert stop_signals() == (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
 
 def _skip_agreement_worker(rank: int, init_file: str, results) -> None:

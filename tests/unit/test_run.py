@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import queue
 import socket
 import subprocess
 import sys
@@ -56,6 +58,103 @@ def test_lock_of_another_host_is_taken_over_only_without_a_heartbeat(tmp_path):
     _write_lock(tmp_path, "node-that-does-not-exist", 12345, age_s=120)
     with pytest.warns(UserWarning, match="no heartbeat from node-that-does-not-exist for 1[12]\\d s"):
         RunLock(tmp_path, stale_after_s=60).acquire()
+
+
+class _SlowWrites:
+    """A text file whose writes take a while, as on a busy network file system."""
+
+    def __init__(self, file) -> None:
+        self.file = file
+
+    def write(self, text: str) -> int:
+        time.sleep(0.05)
+        return self.file.write(text)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+    def __getattr__(self, name: str):
+        return getattr(self.file, name)
+
+
+def _contend(run_dir: Path, go, results, release) -> None:
+    """One of many processes starting the same run at once: report whether it got the lock, hold it until told."""
+    real_fdopen = os.fdopen
+    os.fdopen = lambda *args, **kwargs: _SlowWrites(real_fdopen(*args, **kwargs))  # this child process only
+    go.wait()
+    try:
+        lock = RunLock(run_dir, 600)
+        lock.acquire()
+    except RunLockedError:
+        results.put("refused")
+        return
+    except Exception as e:  # anything else is a failure the test names
+        results.put(repr(e))
+        return
+    results.put("won")
+    release.wait(60)
+    lock.release()
+
+
+@pytest.mark.parametrize("left_behind", ["none", "dead process"])
+def test_exactly_one_of_many_simultaneous_starts_takes_the_lock(tmp_path, left_behind):
+    if left_behind == "dead process":  # each start finds a stale lock to take over: still one winner
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        _write_lock(tmp_path, socket.gethostname(), dead.pid)
+    context = multiprocessing.get_context("fork")
+    go, release, results = context.Event(), context.Event(), context.Queue()
+    starts = [context.Process(target=_contend, args=(tmp_path, go, results, release)) for _ in range(24)]
+    for process in starts:
+        process.start()
+    go.set()
+    try:
+        outcomes = [results.get(timeout=120) for _ in starts]
+    except queue.Empty:
+        outcomes = ["no answer"]
+    finally:
+        release.set()
+        for process in starts:
+            process.join(60)
+    assert sorted(outcomes) == ["refused"] * 23 + ["won"]
+    assert not (tmp_path / LOCK_FILE).exists()  # the winner released it
+    assert [p.name for p in tmp_path.iterdir()] == []  # no temporary file left either
+
+
+def test_an_empty_or_half_written_lock_is_never_taken_as_stale(tmp_path):
+    """A lock another process is still writing must not be taken over; only one untouched for long is stale."""
+    path = tmp_path / LOCK_FILE
+    for content in ("", '{"host": "node-1", "pi'):
+        path.write_text(content)
+        with pytest.raises(RunLockedError, match="cannot be read .*another process may be starting this run"):
+            RunLock(tmp_path, 600).acquire()
+        assert path.read_text() == content
+    then = time.time() - 700
+    os.utime(path, (then, then))
+    lock = RunLock(tmp_path, 600)
+    with pytest.warns(UserWarning, match="unreadable and untouched for 70\\d s"):
+        lock.acquire()
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+    lock.release()
+
+
+def test_the_lock_appears_with_its_content(tmp_path, monkeypatch):
+    """Whoever sees run.lock can read its holder: it is linked into place already written."""
+    seen = []
+    real_link = os.link
+
+    def link_and_look(source, target, *args, **kwargs):
+        real_link(source, target, *args, **kwargs)
+        seen.append(Path(target).read_text())
+
+    monkeypatch.setattr(os, "link", link_and_look)
+    lock = RunLock(tmp_path, 600)
+    lock.acquire()
+    assert json.loads(seen[0])["pid"] == os.getpid()
+    lock.release()
 
 
 def test_heartbeat_refreshes_the_lock(tmp_path):
