@@ -791,7 +791,7 @@ def plot_grid(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
     def requested(row: dict) -> int:
         return row["cell"][1] or row["steps"]
 
-    fig = Figure(figsize=(5.6 * len(args.num_labelled), 4.4), dpi=100)
+    fig = Figure(figsize=(5.0 * len(args.num_labelled) + 3.2, 4.4), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(args.num_labelled), squeeze=False)[0]
     for ax, num_labelled in zip(axes, args.num_labelled):
@@ -821,7 +821,7 @@ def plot_grid(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
         ax.set_ylabel("top-1 on the test images (%)")
         ax.set_title(f"{num_labelled:,} labelled images, {len(args.seeds)} seed(s)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+    axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # outside: the points stay visible
     fig.tight_layout()
     fig.savefig(path, format="png")
 
