@@ -34,7 +34,7 @@ esac
 "$VENV/simmim-pretrain" --help > "$WORK/pretrain_help.txt"
 "$VENV/simmim-finetune" --help > "$WORK/finetune_help.txt"
 grep -q "experiment   quickstart" "$WORK/pretrain_help.txt"
-grep -q "finetune     quickstart" "$WORK/finetune_help.txt"
+grep -q "finetune     few_labels | quickstart" "$WORK/finetune_help.txt"
 
 # 3 optimizer steps of a 3-stage 16-wide SwinV2 at 32 px on the photographs bundled with scikit-image
 "$VENV/simmim-pretrain" model.arch=pico model.img_size=32 model.window_size=4 mask.mask_patch_size=8 \
