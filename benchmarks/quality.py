@@ -6,13 +6,18 @@
    smaller sets lie inside larger ones). At the last step the online probe (kNN and linear top-1 on frozen
    features) and the reconstruction loss are recorded.
 2. Fine-tune at --size px with window --window (the CPB transferred, simmim_swin.finetune.run_finetune) on a
-   class-balanced subset of --num-labelled training images, a different subset per seed, and evaluate on the
-   held-out images (Fashion-MNIST's 10,000 test images, or DIR/val). Variants: `pretrained`; `scratch` (same
-   recipe, random init); `reinit_cpb` (pretrained encoder, CPB MLPs re-initialised: what the position-bias
-   transfer is worth).
-3. Print, per label count, a table of the cells (unlabelled images x pretraining steps): final-epoch top-1 mean
-   and sample standard deviation over seeds per variant, pretrained - scratch, the probe numbers; then the total
-   wall and CPU time per variant. Everything is also written as JSON to --json.
+   class-balanced subset of --num-labelled training images, a different subset per seed, with the recipe of
+   conf/finetune/--preset.yaml (default few_labels). A class-balanced part of each seed's labels is held out
+   (data.val_fraction): the best epoch, early stopping and, with several --lr / --layer-decay values, the run of
+   the sweep are chosen on it per variant and seed; only the chosen run's best.pt is scored on the test images
+   (Fashion-MNIST's 10,000, or DIR/val). Variants: `pretrained`; `scratch` (same recipe, random init);
+   `reinit_cpb` (pretrained encoder, CPB MLPs re-initialised: what the position-bias transfer is worth).
+3. Baselines on the same parts and test images, their settings chosen on the held-out part: a logistic
+   regression on the pixels, kNN and logistic regression on the frozen pooled features of the untrained encoder
+   and of each pretrained one (--no-baselines skips them).
+4. Print, per label count, a table of the cells (unlabelled images x pretraining steps): test top-1 mean and
+   sample standard deviation over seeds per variant, pretrained - scratch, the baselines; the settings chosen;
+   then the wall and CPU time per variant. Everything is also written as JSON to --json, with a picture.
 
 Your own labelled class folder, one command (DIR/train/<class>/* and DIR/val/<class>/*; sizes to suit the images):
     python benchmarks/quality.py --data folder --root DIR --pretrain-size 64 --pretrain-window 4 --size 96 --window 6
@@ -20,17 +25,20 @@ Your own labelled class folder, one command (DIR/train/<class>/* and DIR/val/<cl
 (what `simmim-swin stats --root DIR/train --in-chans N` prints) and fine-tune with crop / flip only.
 
 A grid: --unlabelled, --pretrain-steps and --num-labelled take several values and every combination is run
-(the Fashion-MNIST study in benchmarks/RESULTS.md):
+(the 15-epoch grid "When does SimMIM pay off?" in benchmarks/RESULTS.md was):
     python benchmarks/quality.py --unlabelled 5000 15000 60000 --pretrain-steps 500 1500 4000 \\
-        --num-labelled 500 1000 --variants pretrained scratch
+        --num-labelled 500 1000 --variants pretrained scratch --preset fashion_mnist --eval-every 100
 A pretraining length in steps becomes whole epochs of the unlabelled set (round(steps / steps per epoch), at
 least one) with --warmup-fraction of them as warm-up (at least one when there are two or more epochs); without
 --pretrain-steps the run is --pretrain-epochs long with one warm-up epoch.
 
-Defaults (the Fashion-MNIST protocol; about 20 minutes on a 2-core CPU): 32 px / window 4 -> 48 px / window 6
-(stage windows [4, 4, 2] -> [6, 6, 3]), 3 pretraining epochs, 15 fine-tuning epochs, two single-thread runs side
-by side. With so short a fine-tuning, mixup / cutmix / random erasing slow convergence more than they regularise,
-so they are off here (the reference recipe, conf/finetune/swinv2_base_w14_224.yaml, is for 100 ImageNet epochs).
+Defaults: 32 px / window 4 -> 48 px / window 6 (stage windows [4, 4, 2] -> [6, 6, 3]), 3 pretraining epochs,
+fine-tuning with finetune=few_labels (up to 100 epochs, held-out selection, linear-probe head, crops and flips),
+two single-thread runs side by side. A 1,000-label fine-tune takes 3-6 CPU-minutes on this model; the study in
+benchmarks/RESULTS.md ("Few labels, converged and selected on held-out images") is
+    python benchmarks/quality.py --in-chans 1 --pretrain-steps 4000 --num-labelled 500 1000 --lr 0.01 0.02 \
+        --variants pretrained scratch
+--preset fashion_mnist gives the older 15-epoch recipe of the earlier sections (last epoch, no selection).
 Scale up with flags on a GPU, e.g.
     python benchmarks/quality.py --device cuda --threads 0 --jobs 1 --size 64 --window 8 \\
         --pretrain-epochs 50 --epochs 100 --embed-dim 96 --depths 2 2 6 --heads 3 6 12 --seeds 0 1 2 3 4
