@@ -187,8 +187,9 @@ def _finetune(config: FinetuneConfig, device: torch.device, info: DistInfo, stop
             if run.state.get("stopped_early_at") is not None:  # a finished early stop stays finished
                 best["stopped_at"] = run.stop_step = run.state["stopped_early_at"]
         run.say(_describe(config, run, model, len(train_set), len(classes), device, precision, lr))
-        if val_subset is not val_set:
-            run.say(f"evaluating {len(val_subset)} of {len(val_set)} validation images during training, all at the end")
+        if val_subset is not scored_set:
+            what = "held-out" if holdout_set is not None else "validation"
+            run.say(f"evaluating {len(val_subset)} of {len(scored_set)} {what} images during training, all at the end")
         model.train()
         batches = monitored(endless(_train_loader(train_set, config, run, info, device)), monitor)
         final_done = False
@@ -282,6 +283,15 @@ def _init_head_by_linear_probe(
     return 100.0 * ((features @ weight.T + bias).argmax(dim=1) == labels).float().mean().item()
 
 
+def _save_confusion(run: TrainingRun, confusion: torch.Tensor, classes: list[str]) -> None:
+    """images/confusion_matrix.png (and to W&B) from rank 0."""
+    if run.info.is_main:
+        from .viz import save_confusion_matrix  # matplotlib: only for the final picture
+
+        path = save_confusion_matrix(confusion, classes, run.run_dir / "images" / "confusion_matrix.png")
+        run.logger.log_image(run.step, "confusion_matrix", path)
+
+
 def _test_best(
     run: TrainingRun, test_set: Dataset, config: FinetuneConfig, classes: list[str], precision: str
 ) -> bool:  # fmt: skip
@@ -306,11 +316,8 @@ def _test_best(
     confusion = result.pop("confusion")
     run.log({f"test_{k}": v for k, v in result.items()} | {"best_step": best["step"]})
     run.logger.log_summary({"final_test_top1": result["top1"], "final_test_top5": result["top5"]})
+    _save_confusion(run, confusion, classes)
     if info.is_main:
-        from .viz import save_confusion_matrix  # matplotlib: only for the final picture
-
-        path = save_confusion_matrix(confusion, classes, run.run_dir / "images" / "confusion_matrix.png")
-        run.logger.log_image(run.step, "confusion_matrix", path)
         run.say(f"best.pt (step {best['step']}) on the {result['num_images']} evaluation images: top-1 "
                 f"{result['top1']:.2f}%, top-5 {result['top5']:.2f}%")  # fmt: skip
     return True
@@ -411,11 +418,8 @@ def _evaluate(
     run.logger.update_best(step, "best_val_top1", metrics["val_top1"], mode="max")
     metrics.update(best_top1=best["top1"], epoch=step / run.steps_per_epoch)
     run.log(metrics)
-    if confusion is not None and info.is_main:
-        from .viz import save_confusion_matrix  # matplotlib: only for the final picture
-
-        path = save_confusion_matrix(confusion, classes, run.run_dir / "images" / "confusion_matrix.png")
-        run.logger.log_image(step, "confusion_matrix", path)
+    if confusion is not None:
+        _save_confusion(run, confusion, classes)
     if final:
         run.logger.log_summary({"final_val_top1": metrics["val_top1"], "final_val_top5": metrics["val_top5"]})
     return True

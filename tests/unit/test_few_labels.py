@@ -3,6 +3,7 @@ head (LP-FT), the logistic regression behind it, and the few_labels preset."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -120,8 +121,26 @@ def test_patience_stops_early_and_a_restart_stays_stopped(tmp_path, image_root):
 
 
 def test_linear_probe_head_starts_from_the_fitted_regression(tmp_path, image_root, capsys):
-    cfg = config(tmp_path, image_root, train=dict(head_init="linear_probe"), run=dict(max_steps=1))
-    run_finetune(cfg)
+    from simmim_swin.config import FinetuneModelConfig, to_dict
+    from simmim_swin.finetune import _init_head_by_linear_probe, _labelled_eval_set, frozen_features
+    from simmim_swin.transfer import build_classifier, resolve_model_config
+
+    cfg = config(tmp_path, image_root, train=dict(head_init="linear_probe"))
+    resolved = dataclasses.replace(
+        cfg, model=from_dict(FinetuneModelConfig, to_dict(resolve_model_config(cfg.model, None)))
+    )  # as run_finetune resolves it
+    torch.manual_seed(0)
+    model = build_classifier(resolved.model, 2, None)
+    fit_top1 = _init_head_by_linear_probe(model, resolved, "fp32", 2)
+    features, labels = frozen_features(model, _labelled_eval_set(resolved, "train"), 4, 0, "fp32")
+    assert len(labels) == 16  # the training part only: 8 of each class's 10, the held-out 2 left out
+    weight, bias = fit_logistic_regression(features, labels, 2, l2=1e-3)
+    assert torch.allclose(model.head.fc.weight, weight) and torch.allclose(model.head.fc.bias, bias)
+    logits = model.eval()(torch.stack([_labelled_eval_set(resolved, "train")[i][0] for i in range(16)]))
+    assert torch.allclose(logits, features @ weight.T + bias, atol=1e-5)  # the head reads exactly these features
+    assert fit_top1 == pytest.approx(100.0 * ((logits.argmax(1) == labels).float().mean().item()))
+
+    run_finetune(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, max_steps=1)))
     assert "classifier initialised by a linear probe" in capsys.readouterr().out
 
 
