@@ -10,12 +10,16 @@ dataclasses, or better the one narrow sub-config it needs.
 from __future__ import annotations
 
 import dataclasses
+import enum
+import functools
 import math
+import re
+import typing
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import EnumNode, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 # PIL stops at twice its MAX_IMAGE_PIXELS by default (178,956,970 pixels): the same limit by default here
@@ -26,17 +30,120 @@ class ConfigError(ValueError):
     """A configuration value is unknown, mistyped or inconsistent; the message names it and the fix."""
 
 
-# the values of the settings that name one of a few choices; checked when the config is built, before a run
-# directory exists (the modules that act on them import these)
-SCHEDULE_KINDS = ("cosine", "multistep")
-WANDB_MODES = ("online", "offline", "disabled")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+class Choice(str, enum.Enum):
+    """A setting that names one of a few values: the Enum types the field, so that Hydra's composition and
+    `from_dict` refuse any other value with the key and the choices. A member equals its string and prints as it
+    (str() and f-strings differ between Python versions for a plain (str, Enum))."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
 
 
-def check_choice(value: Any, choices: tuple[str, ...], key: str) -> None:
-    """ConfigError naming `key` when `value` is not one of `choices`."""
-    if value not in choices:
-        raise ConfigError(f"{key}={value!r} is unknown; use one of {list(choices)}")
+class DataSource(Choice):
+    """data.source of pretraining: scikit-image's bundled photos, an image folder, webdataset shards, Fashion-MNIST."""
+
+    photos = "photos"
+    folder = "folder"
+    fashion_mnist = "fashion_mnist"
+    shards = "shards"
+
+
+class LabelledSource(Choice):
+    """data.source of fine-tuning: class sub-folders, or Fashion-MNIST."""
+
+    folder = "folder"
+    fashion_mnist = "fashion_mnist"
+
+
+class ProbeSource(Choice):
+    """probe.source: Fashion-MNIST, class folders, or labelled shards."""
+
+    fashion_mnist = "fashion_mnist"
+    folder = "folder"
+    shards = "shards"
+
+
+class Split(Choice):
+    """data.split of source=fashion_mnist."""
+
+    train = "train"
+    test = "test"
+
+
+class ScheduleKind(Choice):
+    """schedule.kind."""
+
+    cosine = "cosine"
+    multistep = "multistep"
+
+
+class WandbMode(Choice):
+    """logger.wandb."""
+
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+class WandbConsole(Choice):
+    """logger.console: W&B's console capture (wandb.Settings.console)."""
+
+    auto = "auto"
+    wrap = "wrap"
+    redirect = "redirect"
+    off = "off"
+
+
+class Precision(Choice):
+    """run.precision: auto is bf16 on CUDA and fp32 elsewhere."""
+
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Parallel(Choice):
+    """run.parallel: DDP, or FSDP (parameters sharded across ranks)."""
+
+    ddp = "ddp"
+    fsdp = "fsdp"
+
+
+class WeightFormat(Choice):
+    """init_from_format / pretrained_format: the layout of a weights file (auto: detected)."""
+
+    auto = "auto"
+    simmim = "simmim"
+    reference = "reference"
+    timm = "timm"
+    hf = "hf"
+
+
+class HeadInit(Choice):
+    """train.head_init."""
+
+    random = "random"
+    linear_probe = "linear_probe"
+
+
+class MixupMode(Choice):
+    """augment.mixup_mode (timm's Mixup mode)."""
+
+    batch = "batch"
+    pair = "pair"
+    elem = "elem"
+
+
+class EraseMode(Choice):
+    """augment.remode: the fill of timm's random erasing."""
+
+    const = "const"
+    rand = "rand"
+    pixel = "pixel"
 
 
 @dataclass
@@ -94,12 +201,12 @@ class MaskConfig:
 class DataConfig:
     """Where images come from and how they are batched (batch_size is per process)."""
 
-    source: str = "photos"  # photos (bundled scikit-image photographs) | folder | shards | fashion_mnist
+    source: DataSource = DataSource.photos  # photos (scikit-image's photographs) | folder | shards | fashion_mnist
     root: str | None = None  # image folder for source=folder
     # source=shards: index .json, brace pattern, `a::b`, or `pipe:CMD` URLs; a str, a list of str or None
     # (typed Any: OmegaConf has no str-or-list type; from_dict checks it)
     urls: Any = None
-    split: str = "train"  # source=fashion_mnist: train (60k) | test (10k)
+    split: Split = Split.train  # source=fashion_mnist: train (60k) | test (10k)
     batch_size: int = 128  # images per process and micro-batch
     num_workers: int = 4  # data-loader worker processes per process
     samples_per_epoch: int = 8192  # photos: crops per epoch; shards: samples per epoch (0: the index's total)
@@ -155,19 +262,16 @@ class ScheduleConfig:
 
     epochs: int = 800  # training length
     warmup_epochs: int = 10  # linear warm-up from optim.warmup_lr
-    kind: str = "multistep"  # multistep | cosine
+    kind: ScheduleKind = ScheduleKind.multistep  # multistep | cosine
     decay_epochs: list[int] = field(default_factory=lambda: [700])  # multistep milestones
     decay_rate: float = 0.1  # multistep: lr factor at each milestone
-
-    def __post_init__(self) -> None:
-        check_choice(self.kind, SCHEDULE_KINDS, "schedule.kind")
 
 
 @dataclass
 class LoggerConfig:
     """Metrics sinks: metrics.jsonl is always written; wandb is optional."""
 
-    wandb: str = "disabled"  # online | offline | disabled (the logger=wandb preset: WANDB_MODE, else online)
+    wandb: WandbMode = WandbMode.disabled  # online | offline | disabled (logger=wandb: WANDB_MODE, else online)
     # W&B run fields; a null one comes from W&B's environment variable, as in any W&B script (WANDB_PROJECT,
     # WANDB_ENTITY, WANDB_RUN_GROUP, WANDB_TAGS, WANDB_JOB_TYPE, WANDB_NOTES); a value set here wins over it
     project: str | None = None  # null: WANDB_PROJECT, else simmim-swin
@@ -178,7 +282,7 @@ class LoggerConfig:
     notes: str | None = None  # W&B run notes; null: WANDB_NOTES
     system_metrics: bool = True  # W&B samples GPU / CPU / memory / disk use alongside the run
     git: bool = True  # W&B records the commit and the uncommitted diff of the working tree
-    console: str = "auto"  # W&B console capture: auto | wrap | redirect | off
+    console: WandbConsole = WandbConsole.auto  # W&B console capture: auto | wrap | redirect | off
     log_every: int = 20  # optimizer steps between metric lines (each one syncs the host)
     image_every: int = 1000  # optimizer steps between reconstruction panels
     num_images: int = 4  # fixed images in the panel
@@ -187,9 +291,6 @@ class LoggerConfig:
     # between its 1st and 99th percentile; null: the first three (one band: grey). 8-bit RGB with ImageNet
     # statistics is shown as it is
     panel_bands: list[int] | None = None
-
-    def __post_init__(self) -> None:
-        check_choice(self.wandb, WANDB_MODES, "logger.wandb")
 
 
 @dataclass
@@ -200,22 +301,15 @@ class RunConfig:
     output_dir: str = "outputs"  # parent of the run directories
     seed: int = 0  # seeds weights, data order, crops and masks
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    precision: Precision = Precision.auto  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     save_every: int = 1000  # optimizer steps between checkpoints
     keep_last: int = 3  # checkpoints kept on disk
     max_steps: int | None = None  # stop after this many optimizer steps (the schedule is unchanged)
     compile: bool = False  # torch.compile the model
-    parallel: str = "ddp"  # ddp | fsdp (parameters sharded across ranks, for models too large for DDP)
+    parallel: Parallel = Parallel.ddp  # ddp | fsdp (parameters sharded across ranks, for models too large for DDP)
     max_consecutive_skips: int = 10  # stop after this many optimizer steps in a row with a non-finite loss/gradient
     # a run lock of another host with no heartbeat (written at every metrics line) for this long is taken over
     lock_stale_after_s: float = 600.0
-
-    def __post_init__(self) -> None:
-        check_choice(self.precision, PRECISIONS, "run.precision")
-
-
-PARALLEL_STRATEGIES = ("ddp", "fsdp")
-WEIGHT_FORMATS = ("auto", "simmim", "reference", "timm", "hf")  # of pretrained= / init_from=
 
 
 @dataclass
@@ -225,7 +319,7 @@ class ProbeConfig:
 
     enabled: bool = False  # run the probes during pretraining
     every: int = 500  # optimizer steps between probes (and the last step)
-    source: str = "fashion_mnist"  # fashion_mnist | folder (class sub-folders) | shards (with .cls labels)
+    source: ProbeSource = ProbeSource.fashion_mnist  # fashion_mnist | folder (class folders) | shards (.cls labels)
     root: str | None = None  # folder: a folder with train/ and val/ class folders; fashion_mnist: the IDX folder
     # explicit probe sets: folder: class-folder paths; shards: index .json / URLs of labelled shards (str or list;
     # typed Any as data.urls). null with source=folder: <root>/train and <root>/val
@@ -263,7 +357,8 @@ class PretrainConfig:
     # weights a NEW run starts from (run dir, checkpoint, .safetensors, Hugging Face folder); a run that resumes
     # continues from its own checkpoint and ignores this. The optimizer and the schedule start fresh
     init_from: str | None = None
-    init_from_format: str = "auto"  # auto | simmim (ours) | reference (Microsoft's SimMIM / Swin) | timm | hf
+    # auto | simmim (ours) | reference (Microsoft's SimMIM / Swin) | timm | hf
+    init_from_format: WeightFormat = WeightFormat.auto
 
 
 def from_dict(cls: type, data: dict[str, Any] | None, path: str = "") -> Any:
@@ -285,12 +380,27 @@ def from_dict(cls: type, data: dict[str, Any] | None, path: str = "") -> Any:
             "Check the spelling of the override."
         ) from None
     except OmegaConfBaseException as e:
-        raise ConfigError(f"{_join(path, e.full_key) or cls.__name__}: {_first_line(e)}") from None
+        raise ConfigError(describe_error(e, path) or cls.__name__) from None
+
+
+def describe_error(e: OmegaConfBaseException, path: str = "") -> str:
+    """One line for an OmegaConf error, naming the full key (under `path`); a value outside an Enum-typed field's
+    choices gets the choices."""
+    key = _join(path, e.full_key)
+    node = getattr(e, "child_node", None)
+    if isinstance(node, EnumNode) and getattr(e, "value", None) is not None:
+        return f"{key}={e.value!r} is unknown; use one of {[choice.value for choice in node.enum_type]}"
+    return f"{key}: {_first_line(e)}" if key else _first_line(e)
 
 
 def to_dict(config: Any) -> dict[str, Any]:
-    """Plain nested dict of a config dataclass (what checkpoints store: no pickled objects)."""
-    return dataclasses.asdict(config)
+    """Plain nested dict of a config dataclass, choices as their strings (what checkpoints, config.yaml and W&B
+    store: no pickled objects, and older run directories hold strings)."""
+    return dataclasses.asdict(config, dict_factory=lambda items: {k: _plain(v) for k, v in items})
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, enum.Enum) else value
 
 
 def _check_sections(cls: type, data: Any, path: str) -> None:
@@ -344,7 +454,8 @@ class FinetuneModelConfig:
 class FinetuneDataConfig:
     """Labelled images; batch sizes are per process."""
 
-    source: str = "folder"  # folder (one sub-folder per class) | fashion_mnist (Debian's package; test split = val)
+    # folder (one sub-folder per class) | fashion_mnist (Debian's package; its test split is the validation set)
+    source: LabelledSource = LabelledSource.folder
     root: str | None = None  # source=folder: training images, or a folder holding train/ and val/
     val_root: str | None = None  # source=folder: validation images (same class folders); null: <root>/val
     num_labelled: int | None = None  # train on this many labelled images, class-balanced; null: all of them
@@ -379,13 +490,13 @@ class AugmentConfig:
     crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # RandomResizedCrop aspect range
     hflip: float = 0.5  # probability of a horizontal flip
     reprob: float = 0.25  # random erasing probability
-    remode: str = "pixel"  # random erasing fill: const | rand | pixel
+    remode: EraseMode = EraseMode.pixel  # random erasing fill: const | rand | pixel
     recount: int = 1  # random erasing: rectangles per image
     mixup: float = 0.8  # mixup alpha
     cutmix: float = 1.0  # cutmix alpha
     mixup_prob: float = 1.0  # probability of mixing a batch at all
     mixup_switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
-    mixup_mode: str = "batch"  # batch | pair | elem
+    mixup_mode: MixupMode = MixupMode.batch  # batch | pair | elem
     label_smoothing: float = 0.1  # inside mixup's soft targets, or a smoothed cross-entropy without mixup
 
 
@@ -406,7 +517,7 @@ class FinetuneTrainConfig:
     patience: int = 0
     # random: timm's initialisation of the classifier | linear_probe: a logistic regression fitted on the frozen
     # pretrained features of the training images (no augmentation) before any step (LP-FT, Kumar et al. 2022)
-    head_init: str = "random"
+    head_init: HeadInit = HeadInit.random
 
 
 @dataclass
@@ -414,7 +525,8 @@ class FinetuneConfig:
     """Everything a fine-tuning run needs; `evaluate` turns it into an evaluation of a fine-tuned checkpoint."""
 
     pretrained: str | None = None  # run dir, checkpoint (.pt / .pth) or export (.safetensors); null: from scratch
-    pretrained_format: str = "auto"  # auto | simmim (ours) | reference (Microsoft's SimMIM / Swin) | timm
+    # auto | simmim (ours) | reference (Microsoft's SimMIM / Swin) | timm | hf
+    pretrained_format: WeightFormat = WeightFormat.auto
     evaluate: str | None = None  # fine-tuned run dir or checkpoint: evaluate it at model.img_size / window_size
     model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)  # the classifier
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)  # labelled images
@@ -427,19 +539,72 @@ class FinetuneConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# checks across fields, run once where a config enters (the command line, run_pretrain / run_finetune)
+# the checks at the door: every value, run once where a config enters (the Hydra preflight callback before any
+# directory exists, and run_pretrain / run_finetune / evaluate_transfer for library callers). What the code deeper
+# down still checks depends on the machine or the data (CUDA present, a folder that exists, a readable file).
+
+
+def check_choices(config: Any, path: str = "") -> None:
+    """Every Enum-typed field of a config dataclass (and of its sections) one of its choices, stored as the member:
+    a config built in Python, not through `from_dict` or Hydra, is refused the same way."""
+    for name, hint in _field_types(type(config)).items():
+        value, key = getattr(config, name), _join(path, name)
+        if dataclasses.is_dataclass(value):
+            check_choices(value, key)
+        elif isinstance(hint, type) and issubclass(hint, Choice):
+            try:
+                setattr(config, name, hint(value))
+            except ValueError:
+                raise ConfigError(f"{key}={value!r} is unknown; use one of {[c.value for c in hint]}") from None
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
 def check_run_config(run: RunConfig) -> None:
     """Reject run settings that cannot work (shared by pretraining and fine-tuning)."""
-    if run.parallel not in PARALLEL_STRATEGIES:
-        raise ConfigError(f"run.parallel={run.parallel!r} is unknown; use one of {list(PARALLEL_STRATEGIES)}")
-    if run.max_consecutive_skips < 1:
-        raise ConfigError(f"run.max_consecutive_skips={run.max_consecutive_skips} must be >= 1")
-    if run.save_every < 1 or run.keep_last < 1:
-        raise ConfigError(f"run.save_every={run.save_every} and run.keep_last={run.keep_last} must be >= 1")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", run.device):
+        raise ConfigError(f"run.device={run.device!r} is unknown; use auto, cpu, cuda or cuda:N")
     if not run.lock_stale_after_s > 0:
         raise ConfigError(f"run.lock_stale_after_s={run.lock_stale_after_s} must be > 0 seconds, e.g. 600")
+
+
+def check_schedule(schedule: ScheduleConfig) -> None:
+    """The lr schedule: the warm-up within the epochs, multistep milestones after the warm-up and before the end."""
+    if schedule.warmup_epochs > schedule.epochs:
+        raise ConfigError(
+            f"schedule.warmup_epochs={schedule.warmup_epochs} must lie in [0, schedule.epochs={schedule.epochs}]; "
+            "lower warmup_epochs or raise epochs"
+        )
+    if schedule.kind == ScheduleKind.cosine and schedule.warmup_epochs == schedule.epochs:
+        raise ConfigError(
+            f"schedule.kind=cosine needs at least one epoch after warm-up; warmup_epochs={schedule.warmup_epochs} "
+            f"equals epochs={schedule.epochs}"
+        )
+    if schedule.kind != ScheduleKind.multistep:
+        return
+    for epoch in schedule.decay_epochs:
+        if not 0 < epoch < schedule.epochs:
+            raise ConfigError(
+                f"schedule.decay_epochs={schedule.decay_epochs}: milestone {epoch} must lie strictly between 0 and "
+                f"schedule.epochs={schedule.epochs}"
+            )
+        if epoch < schedule.warmup_epochs:
+            # the reference implementation asserts the same: a drop inside the warm-up is never what was meant
+            raise ConfigError(
+                f"schedule.decay_epochs={schedule.decay_epochs}: milestone {epoch} falls inside the warm-up "
+                f"(warmup_epochs={schedule.warmup_epochs}); move it after the warm-up"
+            )
+
+
+def check_optim(optim: OptimConfig) -> None:
+    """AdamW's moment decay rates: two values in [0, 1)."""
+    if len(optim.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in optim.betas):
+        raise ConfigError(
+            f"optim.betas={list(optim.betas)} must be two values (beta1, beta2) in [0, 1), e.g. [0.9, 0.999]"
+        )
 
 
 # (key, lower bound, whether the bound itself is allowed): every number is also checked to be finite. Keys that a
@@ -450,14 +615,19 @@ NUMBER_BOUNDS: tuple[tuple[str, float, bool], ...] = (
         "data.batch_size", "data.eval_batch_size", "optim.accum_steps", "optim.lr_reference_batch",
         "schedule.epochs", "run.save_every", "run.keep_last", "run.max_consecutive_skips", "logger.log_every",
         "logger.image_every", "logger.num_images", "logger.val_every", "train.eval_every", "data.num_images",
-        "train.eval_num_images",
+        "train.eval_num_images", "data.num_labelled",
     )),
     *((key, 0, False) for key in ("optim.base_lr", "optim.eps", "model.mlp_ratio", "optim.clip_grad")),
     *((key, 0, True) for key in (
         "optim.warmup_lr", "optim.min_lr", "optim.weight_decay", "model.drop_path_rate", "data.num_workers",
         "schedule.warmup_epochs", "schedule.decay_rate", "run.seed", "run.max_steps", "data.samples_per_epoch",
-        "augment.mixup", "augment.cutmix", "augment.label_smoothing", "augment.reprob",
+        "augment.mixup", "augment.cutmix", "augment.label_smoothing", "augment.reprob", "data.shuffle_buffer",
+        "data.val_samples", "train.patience",
     )),
+    *((key, 1, True) for key in (
+        "probe.every", "probe.num_train", "probe.num_val", "probe.k", "probe.batch_size", "probe.linear_steps"
+    )),
+    *((key, 0, False) for key in ("probe.temperature", "probe.linear_lr")),
 )  # fmt: skip
 
 
@@ -487,9 +657,11 @@ def _numbers(tree: Any, path: str = "") -> Iterator[tuple[str, float]]:
 
 
 def validate_pretrain(config: PretrainConfig) -> None:
-    """Reject inconsistent pretraining settings before anything is built; raises ConfigError naming the key."""
+    """Reject a pretraining setting that cannot work before anything is built; raises ConfigError naming the key."""
+    check_choices(config)
     check_numbers(config)
-    from .masking import MaskGenerator  # imported here: simmim_swin.data and the models import this module
+    # imported here: torch and timm, which the command line loads only once a run starts (`--help` stays quick)
+    from .masking import MaskGenerator
     from .models.swinv2 import SWINV2_SIZES, check_divisible_size
 
     model_cfg, mask_cfg = config.model, config.mask
@@ -507,17 +679,11 @@ def validate_pretrain(config: PretrainConfig) -> None:
             f"{min(model_cfg.img_size)}). A non-square size works for building an encoder and for its feature maps "
             "(forward_intermediates), which accept any size the patch size and stages divide"
         )
-    if config.data.batch_size < 1 or config.optim.accum_steps < 1:
-        raise ConfigError(
-            f"data.batch_size={config.data.batch_size} and optim.accum_steps={config.optim.accum_steps} must be >= 1"
-        )
-    if config.logger.log_every < 1 or config.logger.image_every < 1:
-        raise ConfigError("logger.log_every and logger.image_every must be >= 1")
     check_run_config(config.run)
+    check_schedule(config.schedule)
+    check_optim(config.optim)
     _validate_pretrain_data(config)
     _validate_probe(config.probe)
-    if config.init_from_format not in WEIGHT_FORMATS:
-        raise ConfigError(f"init_from_format={config.init_from_format!r} is unknown; use one of {list(WEIGHT_FORMATS)}")
     try:
         MaskGenerator(
             input_size=model_cfg.img_size,
@@ -531,29 +697,29 @@ def validate_pretrain(config: PretrainConfig) -> None:
 
 def _validate_pretrain_data(config: PretrainConfig) -> None:
     """The data settings that can be checked without reading any data."""
-    from .data import DATA_SOURCES
-
     data_cfg = config.data
-    if data_cfg.source not in DATA_SOURCES:
-        raise ConfigError(f"data.source={data_cfg.source!r} is not one of {list(DATA_SOURCES)}")
-    if data_cfg.source == "shards" and not data_cfg.urls:
+    if data_cfg.source == DataSource.shards and not data_cfg.urls:
         raise ConfigError("data=shards needs data.urls: the index .json written by `simmim-swin make-shards`")
-    if data_cfg.num_images is not None and data_cfg.source not in ("folder", "fashion_mnist"):
+    if data_cfg.source == DataSource.folder and not data_cfg.root:
+        raise ConfigError("data.source=folder needs data.root: the folder of images to pretrain on")
+    if data_cfg.source == DataSource.photos and data_cfg.samples_per_epoch < 1:
+        raise ConfigError(
+            f"data.samples_per_epoch={data_cfg.samples_per_epoch}: source=photos needs the crops per epoch, e.g. 8192"
+        )
+    if data_cfg.num_images is not None and data_cfg.source not in (DataSource.folder, DataSource.fashion_mnist):
         raise ConfigError(
             f"data.num_images={data_cfg.num_images} picks a subset of a folder or of Fashion-MNIST, not of "
             f"data.source={data_cfg.source}; set data.samples_per_epoch instead, or data.num_images=null"
         )
-    if data_cfg.num_workers < 0 or data_cfg.shuffle_buffer < 0 or data_cfg.val_samples < 0:
-        raise ConfigError(
-            f"data.num_workers={data_cfg.num_workers}, data.shuffle_buffer={data_cfg.shuffle_buffer} and "
-            f"data.val_samples={data_cfg.val_samples} must be >= 0"
-        )
-    if not 0.0 <= data_cfg.max_bad_fraction <= 1.0:
-        raise ConfigError(f"data.max_bad_fraction={data_cfg.max_bad_fraction} must lie in [0, 1], e.g. 0.01")
-    if config.logger.val_every < 1:
-        raise ConfigError(f"logger.val_every={config.logger.val_every} must be >= 1")
+    check_fraction(data_cfg.max_bad_fraction)
     check_image_statistics(data_cfg.mean, data_cfg.std, data_cfg.max_image_pixels, config.model.in_chans)
     check_panel_bands(config.logger.panel_bands, config.model.in_chans)
+
+
+def check_fraction(max_bad_fraction: float) -> None:
+    """data.max_bad_fraction in [0, 1]."""
+    if not 0.0 <= max_bad_fraction <= 1.0:
+        raise ConfigError(f"data.max_bad_fraction={max_bad_fraction} must lie in [0, 1], e.g. 0.01")
 
 
 def check_image_statistics(
@@ -590,62 +756,48 @@ def check_panel_bands(panel_bands: list[int] | None, in_chans: int | None) -> No
         raise ConfigError(f"logger.panel_bands={list(panel_bands)} must lie in [0, model.in_chans={in_chans})")
 
 
-PROBE_SOURCES = ("fashion_mnist", "folder", "shards")
-
-
 def _validate_probe(probe: ProbeConfig) -> None:
     """The probe settings that can be checked without reading any data."""
-    if not probe.enabled:
-        return
-    if probe.source not in PROBE_SOURCES:
-        raise ConfigError(f"probe.source={probe.source!r} is not one of {list(PROBE_SOURCES)}")
-    if probe.source == "shards" and not (probe.train and probe.val):
+    if probe.enabled and probe.source == ProbeSource.shards and not (probe.train and probe.val):
         raise ConfigError("probe.source=shards needs probe.train and probe.val: labelled shards (make-shards --labels)")
-    if probe.source == "folder" and not (probe.root or (probe.train and probe.val)):
+    if probe.enabled and probe.source == ProbeSource.folder and not (probe.root or (probe.train and probe.val)):
         raise ConfigError("probe.source=folder needs probe.root (with train/ and val/) or probe.train and probe.val")
-    for key in ("every", "num_train", "num_val", "k", "batch_size", "linear_steps"):
-        if getattr(probe, key) < 1:
-            raise ConfigError(f"probe.{key}={getattr(probe, key)} must be >= 1")
-    if not probe.temperature > 0 or not probe.linear_lr > 0:
-        raise ConfigError(f"probe.temperature={probe.temperature} and probe.linear_lr={probe.linear_lr} must be > 0")
-
-
-HEAD_INITS = ("random", "linear_probe")  # train.head_init
-MIXUP_MODES = ("batch", "pair", "elem")
 
 
 def validate_finetune(config: FinetuneConfig) -> None:
-    """Reject fine-tuning settings that cannot work before anything is loaded; raises ConfigError naming the key."""
+    """Reject fine-tuning settings that cannot work before anything is loaded; raises ConfigError naming the key.
+
+    An evaluation (`evaluate` set) trains nothing: the batch, augmentation, schedule and EMA checks do not apply.
+    """
+    check_choices(config)
     check_numbers(config)
+    check_run_config(config.run)
     train, data, augment = config.train, config.data, config.augment
-    if data.batch_size < 1 or data.eval_batch_size < 1 or config.optim.accum_steps < 1:
-        raise ConfigError(
-            f"data.batch_size={data.batch_size}, data.eval_batch_size={data.eval_batch_size} and "
-            f"optim.accum_steps={config.optim.accum_steps} must be >= 1"
-        )
-    if augment.mixup_mode not in MIXUP_MODES:
-        raise ConfigError(f"augment.mixup_mode={augment.mixup_mode!r} is unknown; use batch, pair or elem")
+    if data.source == LabelledSource.folder and not data.root:
+        raise ConfigError("data.source=folder needs data.root: a folder of class sub-folders (or with train/ and val/)")
+    if not 0.0 < data.crop_pct <= 1.0:
+        raise ConfigError(f"data.crop_pct={data.crop_pct} must lie in (0, 1]; 0.875 is the 224-of-256 protocol")
+    check_image_statistics(data.mean, data.std, data.max_image_pixels, config.model.in_chans)
+    if config.evaluate:
+        return
+    if len(augment.crop_scale) != 2 or not 0.0 < augment.crop_scale[0] <= augment.crop_scale[1] <= 1.0:
+        raise ConfigError(f"augment.crop_scale={augment.crop_scale} must be [min, max] with 0 < min <= max <= 1")
     mixing = (augment.mixup > 0 or augment.cutmix > 0) and augment.mixup_prob > 0
     if mixing and data.batch_size % 2:
         raise ConfigError(f"mixup / cutmix pair images within a batch: data.batch_size={data.batch_size} must be even")
     if not 0.0 < train.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay={train.ema_decay} must lie in (0, 1), e.g. 0.9998")
-    if train.eval_every < 1 or config.logger.log_every < 1:
-        raise ConfigError("train.eval_every and logger.log_every must be >= 1")
+    if not 0.0 < train.layer_decay <= 1.0:
+        raise ConfigError(f"train.layer_decay={train.layer_decay} must lie in (0, 1]; 1.0 turns layer decay off")
     if not 0.0 <= data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={data.val_fraction} must lie in [0, 1), e.g. 0.2 (0: no held-out part)")
-    if train.patience < 0:
-        raise ConfigError(f"train.patience={train.patience} must be >= 0 evaluations (0: no early stopping)")
-    if train.head_init not in HEAD_INITS:
-        raise ConfigError(f"train.head_init={train.head_init!r} is unknown; use one of {list(HEAD_INITS)}")
-    check_run_config(config.run)
-    check_image_statistics(data.mean, data.std, data.max_image_pixels, config.model.in_chans)
-    if not 0.0 <= data.max_bad_fraction <= 1.0:
-        raise ConfigError(f"data.max_bad_fraction={data.max_bad_fraction} must lie in [0, 1], e.g. 0.01")
-    if data.val_fraction > 0 and config.run.parallel == "fsdp":
+    check_schedule(config.schedule)
+    check_optim(config.optim)
+    check_fraction(data.max_bad_fraction)
+    if data.val_fraction > 0 and config.run.parallel == Parallel.fsdp:
         # best.pt is scored at the end by loading it into the model, which FSDP holds sharded
         raise ConfigError("data.val_fraction > 0 does not work with run.parallel=fsdp; use run.parallel=ddp")
-    if train.ema and config.run.parallel == "fsdp":
+    if train.ema and config.run.parallel == Parallel.fsdp:
         # the EMA copy would need the sharded weights gathered every step, which defeats FSDP
         raise ConfigError(
             "train.ema=true does not work with run.parallel=fsdp; use run.parallel=ddp or train.ema=false"

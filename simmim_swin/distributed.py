@@ -22,7 +22,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import PARALLEL_STRATEGIES
 from .launcher import launcher_rank as launcher_rank  # re-exported; lives apart so the CLI reads it without torch
 
 
@@ -106,22 +105,23 @@ def process_device(device: torch.device, info: DistInfo) -> torch.device:
 
 
 def wrap_model(model: nn.Module, info: DistInfo, device: torch.device, strategy: str = "ddp") -> nn.Module:
-    """DDP (default) or FSDP (fully_shard, parameters sharded across ranks) around `model`; as is on one process."""
+    """DDP (default) or FSDP (fully_shard, parameters sharded across ranks) around `model`; as is on one process.
+
+    `strategy` is run.parallel (ddp | fsdp), checked when the config was validated.
+    """
     if not info.distributed:
         return model
     if strategy == "ddp":
         device_ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard
 
-        # shard block by block, then the rest: each block's parameters are gathered just for its own forward
-        for module in model.modules():
-            if type(module).__name__ == "SwinTransformerV2Block":
-                fully_shard(module)
-        fully_shard(model)
-        return model
-    raise ValueError(f"run.parallel={strategy!r} is unknown; use one of {list(PARALLEL_STRATEGIES)}")
+    # shard block by block, then the rest: each block's parameters are gathered just for its own forward
+    for module in model.modules():
+        if type(module).__name__ == "SwinTransformerV2Block":
+            fully_shard(module)
+    fully_shard(model)
+    return model
 
 
 def all_reduce_sum_(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -32,7 +32,6 @@ from .config import (
     FinetuneConfig,
     FinetuneModelConfig,
     check_image_statistics,
-    check_run_config,
     from_dict,
     to_dict,
     validate_finetune,
@@ -470,7 +469,7 @@ def evaluate_transfer(config: FinetuneConfig) -> dict[str, Any]:
     """
     if not config.evaluate:
         raise ConfigError("evaluate is not set: give the fine-tuned run directory or checkpoint to evaluate")
-    check_run_config(config.run)  # no training: the batch / augmentation / EMA checks do not apply
+    validate_finetune(config)  # with `evaluate` set: only what an evaluation uses
     with process_group(resolve_device(config.run.device)) as (device, info, _):
         return _evaluate_transfer(config, device, info)
 

@@ -16,7 +16,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from ..config import from_dict
+from ..config import describe_error, from_dict
 from ..launcher import launcher_rank
 from .errors import command_errors, describe_os_error, fail
 from .overrides import override_error
@@ -171,7 +171,7 @@ def composition_error(e: Exception) -> str:
         object_type = getattr(cause, "object_type", None)
         if "not in" in reason and isinstance(object_type, type):
             return f"unknown key {cause.full_key} ({object_type.__name__} has no such key); check the spelling"
-        return f"{cause.full_key}: {reason}"
+        return describe_error(cause)  # a value outside an Enum-typed field's choices lists them
     text = str(e).split("Config search path:")[0]  # Hydra appends its search path to a missing option
     text = " ".join(line.strip() for line in text.splitlines() if line.strip())
     override = getattr(e, "override", None)  # a malformed key=value
@@ -223,7 +223,7 @@ def build_config(
 ) -> Any:
     """The typed config of a composed Hydra config, with the W&B group / tag of the preset in `preset_group`; with
     `hydra_cfg` (a launched job) the run directory is the job's (see `place_run`) and a sweep is the W&B group."""
-    container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True, enum_to_str=True)
     sweep = None
     if hydra_cfg is not None and place_run(container["run"], hydra_cfg) and hydra_cfg.mode == RunMode.MULTIRUN:
         sweep = Path(container["run"]["output_dir"]).name

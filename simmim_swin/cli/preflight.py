@@ -14,13 +14,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict, read_write
 
-from ..config import (
-    FinetuneConfig,
-    PretrainConfig,
-    check_run_config,
-    validate_finetune,
-    validate_pretrain,
-)
+from ..config import FinetuneConfig, PretrainConfig, validate_finetune, validate_pretrain
 from .common import build_config
 from .errors import command_errors
 
@@ -37,7 +31,7 @@ def validate_composed(config: DictConfig, command: str) -> Any:
         validate_pretrain(typed)
     else:
         typed = build_config(FinetuneConfig, task, choices, preset_group="finetune")
-        check_run_config(typed.run) if typed.evaluate else validate_finetune(typed)
+        validate_finetune(typed)
     return typed
 
 

@@ -1,7 +1,6 @@
 """Data pipeline for SimMIM pretraining: transforms, datasets, deterministic loaders, webdataset shards."""
 
 from simmim_swin.data.datasets import (
-    DATA_SOURCES,
     IMAGE_EXTENSIONS,
     MAP_STYLE_SOURCES,
     PHOTO_FILES,
@@ -68,7 +67,6 @@ from simmim_swin.data.transforms import (
 )
 
 __all__ = [
-    "DATA_SOURCES",
     "DEFAULT_MAX_IMAGE_PIXELS",
     "BadSample",
     "EvalView",

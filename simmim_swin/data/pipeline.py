@@ -115,8 +115,6 @@ def build_pretrain_data(
 
     The panels show the first validation images when there is a validation set, else the first training images.
     """
-    if data_cfg.source not in (*MAP_STYLE_SOURCES, "shards"):
-        raise ValueError(f"data.source={data_cfg.source!r} is not one of {[*MAP_STYLE_SOURCES, 'shards']}")
     val_batches = build_val_batches(data_cfg, img_size, mask_generator, seed, in_chans)
     layout = _Layout(data_cfg.batch_size, accum_steps, rank, world_size, seed, pin_memory, in_chans)
     map_style = data_cfg.source in MAP_STYLE_SOURCES
