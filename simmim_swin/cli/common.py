@@ -16,7 +16,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from ..config import describe_error, from_dict
+from ..config import ConfigError, describe_error, from_dict
 from ..launcher import launcher_rank
 from .errors import command_errors, describe_os_error, fail
 from .overrides import override_error
@@ -223,7 +223,10 @@ def build_config(
 ) -> Any:
     """The typed config of a composed Hydra config, with the W&B group / tag of the preset in `preset_group`; with
     `hydra_cfg` (a launched job) the run directory is the job's (see `place_run`) and a sweep is the W&B group."""
-    container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True, enum_to_str=True)
+    try:
+        container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True, enum_to_str=True)
+    except OmegaConfBaseException as e:  # an interpolation resolving to a bad value (logger=wandb: WANDB_MODE)
+        raise ConfigError(describe_error(e)) from None
     sweep = None
     if hydra_cfg is not None and place_run(container["run"], hydra_cfg) and hydra_cfg.mode == RunMode.MULTIRUN:
         sweep = Path(container["run"]["output_dir"]).name

@@ -5,12 +5,10 @@ from __future__ import annotations
 import sys
 
 import hydra
-import yaml
 from omegaconf import DictConfig
 
-from ..config import ConfigError, PretrainConfig, check_img_size
+from ..config import PretrainConfig
 from .common import CONF_DIR, check_command_groups, hydra_arguments, quiet_hydra_on_other_ranks, run_command, run_hydra
-from .errors import fail
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="pretrain")
@@ -20,22 +18,10 @@ def _main(cfg: DictConfig) -> None:
     run_command(cfg, PretrainConfig, "experiment", run_pretrain)
 
 
-def check_img_size_override(argv: list[str]) -> None:
-    """model.img_size is typed Any (int or [H, W]), so Hydra's composition cannot reject a bad value: check it here,
-    before Hydra creates the run directory."""
-    for arg in argv:
-        if arg.startswith("model.img_size="):
-            try:
-                check_img_size(yaml.safe_load(arg.split("=", 1)[1]), "model.img_size")
-            except (ConfigError, yaml.YAMLError) as e:
-                fail(str(e))
-
-
 def main() -> None:
     """Console entry point: `simmim-pretrain [group=option ...] [key=value ...]` (`--help` lists the groups)."""
     check_command_groups("simmim-pretrain", sys.argv[1:])
     sys.argv += hydra_arguments(sys.argv[1:])
-    check_img_size_override(sys.argv[1:])
     quiet_hydra_on_other_ranks()
     run_hydra(_main)
 

@@ -98,7 +98,8 @@ def test_override_error_quotes_a_value_holding_a_single_quote():
         ("pretrain", ["schedule.kind=linear"], "schedule.kind='linear' is unknown"),
         ("pretrain", ["model.arch=pico", "model.img_size=36"], "model.img_size=36 must be divisible"),
         ("finetune", ["run.precision=fp8"], "run.precision='fp8' is unknown"),
-        ("finetune", ["data.batch_size=3"], "data.batch_size=3 must be even"),
+        ("finetune", ["data.root=imgs", "data.batch_size=3"], "data.batch_size=3 must be even"),
+        ("finetune", [], "data.source=folder needs data.root"),
     ],
 )
 def test_a_bad_value_is_refused_before_hydra_creates_the_run_directory(
