@@ -2,19 +2,19 @@
 
 The dataclasses are registered with Hydra's ConfigStore as structured configs (`pretrain_schema`,
 `finetune_schema`): conf/*.yaml hold only presets and overrides on top of them. `from_dict` builds a dataclass
-from plain dicts (checkpoints, tests, benchmarks) with the same type rules; `validate_pretrain` /
-`validate_finetune` check what one field alone cannot say. Everything below the command line takes these
-dataclasses, or better the one narrow sub-config it needs.
+from plain dicts (checkpoints, tests, benchmarks) with the same type rules. A setting that names one of a few
+values is an Enum (`Choice`), so both refuse any other value with the key and the choices. `validate_pretrain` /
+`validate_finetune` hold every other check of a value, run once before any directory, model or data exists; the
+code below takes the values as checked. Everything below the command line takes these dataclasses, or better the
+one narrow sub-config it needs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-import functools
 import math
 import re
-import typing
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,108 +42,26 @@ class Choice(str, enum.Enum):
         return format(self.value, spec)
 
 
-class DataSource(Choice):
-    """data.source of pretraining: scikit-image's bundled photos, an image folder, webdataset shards, Fashion-MNIST."""
-
-    photos = "photos"
-    folder = "folder"
-    fashion_mnist = "fashion_mnist"
-    shards = "shards"
+def _choices(name: str, values: str) -> Any:
+    """A Choice type of the space-separated `values` (each member is named as its value: OmegaConf, which looks
+    members up by name, then accepts exactly the values)."""
+    return Choice(name, [(value, value) for value in values.split()], module=__name__, qualname=name)
 
 
-class LabelledSource(Choice):
-    """data.source of fine-tuning: class sub-folders, or Fashion-MNIST."""
-
-    folder = "folder"
-    fashion_mnist = "fashion_mnist"
-
-
-class ProbeSource(Choice):
-    """probe.source: Fashion-MNIST, class folders, or labelled shards."""
-
-    fashion_mnist = "fashion_mnist"
-    folder = "folder"
-    shards = "shards"
-
-
-class Split(Choice):
-    """data.split of source=fashion_mnist."""
-
-    train = "train"
-    test = "test"
-
-
-class ScheduleKind(Choice):
-    """schedule.kind."""
-
-    cosine = "cosine"
-    multistep = "multistep"
-
-
-class WandbMode(Choice):
-    """logger.wandb."""
-
-    online = "online"
-    offline = "offline"
-    disabled = "disabled"
-
-
-class WandbConsole(Choice):
-    """logger.console: W&B's console capture (wandb.Settings.console)."""
-
-    auto = "auto"
-    wrap = "wrap"
-    redirect = "redirect"
-    off = "off"
-
-
-class Precision(Choice):
-    """run.precision: auto is bf16 on CUDA and fp32 elsewhere."""
-
-    auto = "auto"
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
-class Parallel(Choice):
-    """run.parallel: DDP, or FSDP (parameters sharded across ranks)."""
-
-    ddp = "ddp"
-    fsdp = "fsdp"
-
-
-class WeightFormat(Choice):
-    """init_from_format / pretrained_format: the layout of a weights file (auto: detected)."""
-
-    auto = "auto"
-    simmim = "simmim"
-    reference = "reference"
-    timm = "timm"
-    hf = "hf"
-
-
-class HeadInit(Choice):
-    """train.head_init."""
-
-    random = "random"
-    linear_probe = "linear_probe"
-
-
-class MixupMode(Choice):
-    """augment.mixup_mode (timm's Mixup mode)."""
-
-    batch = "batch"
-    pair = "pair"
-    elem = "elem"
-
-
-class EraseMode(Choice):
-    """augment.remode: the fill of timm's random erasing."""
-
-    const = "const"
-    rand = "rand"
-    pixel = "pixel"
+# the settings that name one of a few values (the first is not necessarily the default)
+DataSource = _choices("DataSource", "photos folder fashion_mnist shards")  # data.source of pretraining
+LabelledSource = _choices("LabelledSource", "folder fashion_mnist")  # data.source of fine-tuning
+ProbeSource = _choices("ProbeSource", "fashion_mnist folder shards")  # probe.source
+Split = _choices("Split", "train test")  # data.split of source=fashion_mnist
+ScheduleKind = _choices("ScheduleKind", "cosine multistep")  # schedule.kind
+WandbMode = _choices("WandbMode", "online offline disabled")  # logger.wandb
+WandbConsole = _choices("WandbConsole", "auto wrap redirect off")  # logger.console: W&B's Settings.console
+Precision = _choices("Precision", "auto fp32 bf16 fp16")  # run.precision; auto: bf16 on CUDA, fp32 elsewhere
+Parallel = _choices("Parallel", "ddp fsdp")  # run.parallel
+WeightFormat = _choices("WeightFormat", "auto simmim reference timm hf")  # init_from_format, pretrained_format
+HeadInit = _choices("HeadInit", "random linear_probe")  # train.head_init
+MixupMode = _choices("MixupMode", "batch pair elem")  # augment.mixup_mode (timm's Mixup)
+EraseMode = _choices("EraseMode", "const rand pixel")  # augment.remode: the fill of timm's random erasing
 
 
 @dataclass
@@ -544,31 +462,16 @@ class FinetuneConfig:
 # down still checks depends on the machine or the data (CUDA present, a folder that exists, a readable file).
 
 
-def check_choices(config: Any, path: str = "") -> None:
-    """Every Enum-typed field of a config dataclass (and of its sections) one of its choices, stored as the member:
-    a config built in Python, not through `from_dict` or Hydra, is refused the same way."""
-    for name, hint in _field_types(type(config)).items():
-        value, key = getattr(config, name), _join(path, name)
-        if dataclasses.is_dataclass(value):
-            check_choices(value, key)
-        elif isinstance(hint, type) and issubclass(hint, Choice):
-            try:
-                setattr(config, name, hint(value))
-            except ValueError:
-                raise ConfigError(f"{key}={value!r} is unknown; use one of {[c.value for c in hint]}") from None
-
-
-@functools.cache
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+def check_types(config: Any) -> None:
+    """A config built in Python, not by `from_dict` or Hydra, gets the same refusal of a mistyped value or of a
+    choice outside its set: a round trip through OmegaConf's typed merge."""
+    from_dict(type(config), to_dict(config))
 
 
 def check_run_config(run: RunConfig) -> None:
     """Reject run settings that cannot work (shared by pretraining and fine-tuning)."""
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", run.device):
         raise ConfigError(f"run.device={run.device!r} is unknown; use auto, cpu, cuda or cuda:N")
-    if not run.lock_stale_after_s > 0:
-        raise ConfigError(f"run.lock_stale_after_s={run.lock_stale_after_s} must be > 0 seconds, e.g. 600")
 
 
 def check_schedule(schedule: ScheduleConfig) -> None:
@@ -617,7 +520,9 @@ NUMBER_BOUNDS: tuple[tuple[str, float, bool], ...] = (
         "logger.image_every", "logger.num_images", "logger.val_every", "train.eval_every", "data.num_images",
         "train.eval_num_images", "data.num_labelled",
     )),
-    *((key, 0, False) for key in ("optim.base_lr", "optim.eps", "model.mlp_ratio", "optim.clip_grad")),
+    *((key, 0, False) for key in (
+        "optim.base_lr", "optim.eps", "model.mlp_ratio", "optim.clip_grad", "run.lock_stale_after_s",
+    )),
     *((key, 0, True) for key in (
         "optim.warmup_lr", "optim.min_lr", "optim.weight_decay", "model.drop_path_rate", "data.num_workers",
         "schedule.warmup_epochs", "schedule.decay_rate", "run.seed", "run.max_steps", "data.samples_per_epoch",
@@ -658,7 +563,7 @@ def _numbers(tree: Any, path: str = "") -> Iterator[tuple[str, float]]:
 
 def validate_pretrain(config: PretrainConfig) -> None:
     """Reject a pretraining setting that cannot work before anything is built; raises ConfigError naming the key."""
-    check_choices(config)
+    check_types(config)
     check_numbers(config)
     # imported here: torch and timm, which the command line loads only once a run starts (`--help` stays quick)
     from .masking import MaskGenerator
@@ -769,7 +674,7 @@ def validate_finetune(config: FinetuneConfig) -> None:
 
     An evaluation (`evaluate` set) trains nothing: the batch, augmentation, schedule and EMA checks do not apply.
     """
-    check_choices(config)
+    check_types(config)
     check_numbers(config)
     check_run_config(config.run)
     train, data, augment = config.train, config.data, config.augment

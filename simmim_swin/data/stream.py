@@ -316,8 +316,6 @@ class BadDataMonitor:
         self, max_bad_fraction: float, check_after: int = 1000, world_size: int = 1, name_files: bool = False,
         stream=None,
     ) -> None:  # fmt: skip
-        if not 0.0 <= max_bad_fraction <= 1.0:
-            raise ValueError(f"data.max_bad_fraction={max_bad_fraction} must lie in [0, 1], e.g. 0.01")
         self.max_bad_fraction = max_bad_fraction
         self.check_after = max(1, check_after)
         self.world_size = world_size
