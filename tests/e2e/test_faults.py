@@ -302,7 +302,9 @@ def test_bad_input_ends_in_one_line_and_changes_nothing(existing_run, module, ar
     if module == "tools":
         command = [sys.executable, "-m", "simmim_swin.cli.tools", *args]
     else:
-        command = cli_command(existing_run, module, *([] if module == "finetune" else BASE), *args)
+        # fine-tuning's default data.source=folder needs data.root at the door (the folder is not read here)
+        base = [f"data.root={existing_run}"] if module == "finetune" else BASE
+        command = cli_command(existing_run, module, *base, *args)
         command += [] if any(a.startswith("run.name=") for a in args) else [f"run.name=bad_{module}"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=existing_run)
     lines = result.stderr.strip().splitlines()
