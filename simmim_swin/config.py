@@ -298,13 +298,13 @@ def from_dict(cls: type, data: dict[str, Any] | None, path: str = "") -> Any:
             "Check the spelling of the override."
         ) from None
     except OmegaConfBaseException as e:
-        raise ConfigError(describe_error(e, path) or cls.__name__) from None
+        raise ConfigError(describe_error(e, path, cls.__name__)) from None
 
 
-def describe_error(e: OmegaConfBaseException, path: str = "") -> str:
-    """One line for an OmegaConf error, naming the full key (under `path`); a value outside an Enum-typed field's
-    choices gets the choices."""
-    key = _join(path, e.full_key)
+def describe_error(e: OmegaConfBaseException, path: str = "", where: str = "") -> str:
+    """One line for an OmegaConf error, naming the full key (under `path`; `where` when there is none); a value
+    outside an Enum-typed field's choices gets the choices."""
+    key = _join(path, e.full_key) or where
     node = getattr(e, "child_node", None)
     if isinstance(node, EnumNode) and getattr(e, "value", None) is not None:
         return f"{key}={e.value!r} is unknown; use one of {[choice.value for choice in node.enum_type]}"
