@@ -235,9 +235,7 @@ class ProbeConfig:
     num_val: int = 1000  # images scored
     k: int = 20  # neighbours per vote (DINO's 20)
     temperature: float = 0.07  # vote weight exp(cosine / temperature) (DINO's 0.07)
-    linear: bool = False  # also fit a logistic-regression head on the features every probe
-    linear_steps: int = 100  # full-batch AdamW steps of the linear head
-    linear_lr: float = 0.01  # lr of the linear head
+    linear: bool = False  # also fit a logistic-regression head (L-BFGS, as the fine-tuning LP head) every probe
     batch_size: int = 256  # images per forward pass when embedding the probe set
     seed: int = 0  # which images the class-balanced subsets pick
 
@@ -603,11 +601,11 @@ def _validate_probe(probe: ProbeConfig) -> None:
         raise ConfigError("probe.source=shards needs probe.train and probe.val: labelled shards (make-shards --labels)")
     if probe.source == "folder" and not (probe.root or (probe.train and probe.val)):
         raise ConfigError("probe.source=folder needs probe.root (with train/ and val/) or probe.train and probe.val")
-    for key in ("every", "num_train", "num_val", "k", "batch_size", "linear_steps"):
+    for key in ("every", "num_train", "num_val", "k", "batch_size"):
         if getattr(probe, key) < 1:
             raise ConfigError(f"probe.{key}={getattr(probe, key)} must be >= 1")
-    if not probe.temperature > 0 or not probe.linear_lr > 0:
-        raise ConfigError(f"probe.temperature={probe.temperature} and probe.linear_lr={probe.linear_lr} must be > 0")
+    if not probe.temperature > 0:
+        raise ConfigError(f"probe.temperature={probe.temperature} must be > 0")
 
 
 HEAD_INITS = ("random", "linear_probe")  # train.head_init
