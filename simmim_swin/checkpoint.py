@@ -9,6 +9,7 @@ they load with torch.load(weights_only=True).
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -30,6 +31,9 @@ LATEST_POINTER = "latest"
 # by every rank through torch.distributed.checkpoint plus meta.pt (step, config, RNG states) from rank 0
 _STEP_FILE = re.compile(r"step_(\d+)\.(pt|dcp)")
 SHARDED_META = "meta.pt"
+# safetensors metadata keys written by `simmim-swin export`: the layout, and the JSON of what rebuilds the model
+EXPORT_FORMAT_KEY = "format"
+EXPORT_CONFIG_KEY = "simmim_swin"
 
 
 def save_checkpoint(path: str | Path, state: dict) -> Path:
@@ -259,21 +263,33 @@ def _what_to_do(path: Path) -> str:
     return "Check the path, or copy or export the file again."
 
 
-def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a .safetensors file, with errors that name the file."""
+def load_weights_file(path: str | Path) -> dict:
+    """A checkpoint's contents (load_checkpoint), or a .safetensors file read as one: {"model": tensors,
+    "export_format": ...} plus, for a `simmim-swin export`, what its metadata records (config.model, step,
+    stage_window_sizes, pretrained_window_sizes, num_classes, class_names)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return load_checkpoint(path)
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; check the path")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {key: f.get_tensor(key) for key in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
+            tensors, metadata = {key: f.get_tensor(key) for key in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
     except SafetensorError as e:
         raise ValueError(
             f"{path} is not a readable .safetensors file ({e}); check the path, or write it again with "
             "`simmim-swin export`"
         ) from e
+    state = {"model": tensors, "export_format": metadata.get(EXPORT_FORMAT_KEY, "unknown")}
+    if EXPORT_CONFIG_KEY in metadata:
+        info = json.loads(metadata[EXPORT_CONFIG_KEY])
+        keys = ("step", "stage_window_sizes", "num_classes", "class_names")
+        state.update({key: info[key] for key in keys if info.get(key) is not None})
+        state["config"] = {"model": info["model"]}
+        state["pretrained_window_sizes"] = info["model"].get("pretrained_window_sizes")
+    return state
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

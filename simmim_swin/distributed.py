@@ -68,7 +68,7 @@ def export_launcher_env() -> None:
     """
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return
-    if "SUBMITIT_EXECUTOR" in os.environ or "SUBMITIT_FOLDER" in os.environ:
+    if under_submitit():
         import submitit
 
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)

@@ -13,7 +13,6 @@ inputs it saw, and larger offsets are extrapolated.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -23,16 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint, load_safetensors, resolve_checkpoint
+from .checkpoint import load_weights_file, resolve_checkpoint
 from .config import ConfigError, FinetuneModelConfig, ModelConfig, from_dict, to_dict
 from .hf import from_hf, hf_windows, is_hf_folder, read_hf_folder
 from .models import SimMIM, build_encoder
 from .models.swinv2 import SWINV2_SIZES, SwinTransformerV2, WindowAttention, is_derived_buffer
 
 PRETRAINED_FORMATS = ("auto", "simmim", "reference", "timm", "hf")
-# safetensors metadata keys written by `simmim-swin export`
-EXPORT_FORMAT_KEY = "format"
-EXPORT_CONFIG_KEY = "simmim_swin"
 _MAX_NAMES = 8  # keys listed per kind in error messages
 
 
@@ -56,13 +52,6 @@ class PretrainedWeights:
             return None
         pretrained = self.pretrained_window_sizes or [0] * len(self.stage_window_sizes)
         return [p if p > 0 else w for w, p in zip(self.stage_window_sizes, pretrained)]
-
-
-def _read_file(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
-    """(contents, safetensors metadata) of a .safetensors file or a torch checkpoint (weights_only)."""
-    if path.suffix == ".safetensors":
-        return load_safetensors(path)
-    return load_checkpoint(path), {}
 
 
 def detect_format(weights: dict[str, Any]) -> str:
@@ -160,10 +149,10 @@ def load_pretrained(path: str | Path, fmt: str = "auto") -> PretrainedWeights:
     if is_hf_folder(path):  # a Hugging Face model folder: config.json + model.safetensors
         hf_config, path = read_hf_folder(path)
     path = resolve_checkpoint(path)
-    contents, metadata = _read_file(path)
-    ours = "stage_window_sizes" in contents and isinstance(contents.get("config"), dict)
+    contents = load_weights_file(path)
+    ours = "stage_window_sizes" in contents and isinstance(contents.get("config"), dict)  # a checkpoint or export
     if fmt == "auto":
-        fmt = "simmim" if ours or EXPORT_CONFIG_KEY in metadata else detect_format(_model_weights(contents))
+        fmt = "simmim" if ours else detect_format(_model_weights(contents))
     if fmt == "reference":
         contents = {**contents, "model": convert_reference(_model_weights(contents))}
     elif fmt == "hf":
@@ -177,12 +166,6 @@ def load_pretrained(path: str | Path, fmt: str = "auto") -> PretrainedWeights:
             "pretrained_window_sizes"
         )
         weights.extra = {k: contents[k] for k in ("step", "num_classes", "class_names") if k in contents}
-    elif EXPORT_CONFIG_KEY in metadata:
-        info = json.loads(metadata[EXPORT_CONFIG_KEY])
-        weights.model_config = info["model"]
-        weights.stage_window_sizes = info["stage_window_sizes"]
-        weights.pretrained_window_sizes = info["model"].get("pretrained_window_sizes")
-        weights.extra = {k: info[k] for k in ("step", "num_classes", "class_names") if k in info}
     elif hf_config is not None:
         weights.stage_window_sizes, weights.pretrained_window_sizes = hf_windows(hf_config)
         weights.model_config = {"img_size": hf_config.get("image_size"), "window_size": hf_config.get("window_size")}

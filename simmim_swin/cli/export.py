@@ -82,8 +82,8 @@ def export_checkpoint(
     """Write the checkpoint's encoder (pretraining) or classifier (fine-tuning) to `out`; returns the metadata."""
     from safetensors.torch import save_file
 
+    from ..checkpoint import EXPORT_CONFIG_KEY, EXPORT_FORMAT_KEY
     from ..models.swinv2 import to_timm
-    from ..transfer import EXPORT_CONFIG_KEY, EXPORT_FORMAT_KEY
 
     path, state, weights, model_cfg = _read_weights(checkpoint, use_ema, encoder_only)
     if timm_layout:
