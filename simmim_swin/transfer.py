@@ -70,7 +70,9 @@ def convert_reference(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
     The reference stores a stage's patch merging at the END of stage i (`layers.i.downsample`), timm and we at the
     start of stage i + 1; its CPB MLP is `rpe_mlp` in the SimMIM code base; its classifier is `head`, ours
-    `head.fc`; its absolute position embedding is flat (1, L, C), ours (1, H, W, C) (square grids only).
+    `head.fc`; its absolute position embedding is flat (1, L, C), ours (1, H, W, C) (square grids only). timm's
+    swinv2 `checkpoint_filter_fn` moves the merging and head too, but needs the target model, drops the tables
+    unreported and knows neither the SimMIM `encoder.` prefix, `rpe_mlp` nor the flat position embedding.
     """
     out = {}
     for key, value in state_dict.items():

@@ -60,4 +60,3 @@ def cpb_normalisers_line(pretrained: list[int], stage_windows: list[int] | None)
     normalisers = [p if p > 0 else w for p, w in zip(pretrained, stage_windows, strict=True)]
     note = "the stages' own windows" if not any(pretrained) else "pretrained windows, the stage's own where 0"
     return f"CPB normalised by ({note}): {normalisers}"
-
