@@ -292,19 +292,19 @@ def load_weights_file(path: str | Path) -> dict:
     return state
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """torch.load(weights_only=True) with errors that name the file; a step_N.dcp folder gives its whole model.
+def load_checkpoint(path: str | Path) -> dict:
+    """torch.load(weights_only=True) to the CPU, errors naming the file; a step_N.dcp folder gives its whole model.
 
     For a sharded (FSDP) checkpoint the result is meta.pt's contents plus "model", the full state dict gathered
     from the shards in this one process (no process group needed), as a whole-model checkpoint holds it.
     """
     path = Path(path)
     if (path / SHARDED_META).is_file():
-        return {**load_checkpoint(path / SHARDED_META, map_location), "model": _consolidate_sharded_model(path)}
+        return {**load_checkpoint(path / SHARDED_META), "model": _consolidate_sharded_model(path)}
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; check the path or the run directory")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(
             f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it is truncated, corrupt or holds "

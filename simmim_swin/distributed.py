@@ -145,9 +145,7 @@ def all_reduce_mean(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Mean of `tensor` over ranks (a copy); the tensor itself on one process."""
     if not info.distributed:
         return tensor
-    tensor = tensor.detach().clone()
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor / info.world_size
+    return all_reduce_sum_(tensor.detach().clone(), info) / info.world_size
 
 
 def all_gather_objects(obj: Any, info: DistInfo) -> list[Any]:

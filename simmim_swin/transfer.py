@@ -26,7 +26,7 @@ from .checkpoint import load_weights_file, resolve_checkpoint
 from .config import ConfigError, FinetuneModelConfig, ModelConfig, from_dict, to_dict
 from .hf import from_hf, hf_windows, is_hf_folder, read_hf_folder
 from .models import SimMIM, build_encoder
-from .models.swinv2 import SWINV2_SIZES, SwinTransformerV2, WindowAttention, is_derived_buffer
+from .models.swinv2 import SWINV2_SIZES, SwinTransformerV2, WindowAttention, is_derived_buffer, size_fields
 
 PRETRAINED_FORMATS = ("auto", "simmim", "reference", "timm", "hf")
 _MAX_NAMES = 8  # keys listed per kind in error messages
@@ -365,11 +365,8 @@ def _check_arch_matches_weights(arch: str, values: dict[str, Any], pretrained: P
     """A model.arch given with pretrained weights must describe them: the model is built from the weights, and the
     logs and the saved config would otherwise name another size."""
 
-    def plain(value: Any) -> Any:
-        return list(value) if isinstance(value, (list, tuple)) else value
-
-    size = {key: plain(SWINV2_SIZES[arch][key]) for key in ("embed_dim", "depths", "num_heads")}
-    mismatched = [f"{key} {plain(values[key])} (not {size[key]})" for key in size if plain(values[key]) != size[key]]
+    size, found = size_fields(arch), size_fields(arch, values["embed_dim"], values["depths"], values["num_heads"])
+    mismatched = [f"{key} {found[key]} (not {size[key]})" for key in size if found[key] != size[key]]
     if mismatched:
         raise ConfigError(
             f"model.arch={arch} does not match the weights in {pretrained.path}: {'; '.join(mismatched)}. Leave "
@@ -410,10 +407,8 @@ def resolve_model_config(model_cfg: FinetuneModelConfig, pretrained: PretrainedW
         raise ConfigError(f"model.arch={values['arch']!r} is not a known size; choose one of {sorted(SWINV2_SIZES)}")
     if pretrained is not None and model_cfg.arch is not None:
         _check_arch_matches_weights(model_cfg.arch, values, pretrained)
-    for key in ("embed_dim", "depths", "num_heads"):  # spelled out, so the saved config is complete
-        if values[key] is None:
-            size = SWINV2_SIZES[values["arch"]][key]
-            values[key] = list(size) if isinstance(size, tuple) else size
+    # spelled out, so the saved config is complete
+    values.update(size_fields(values["arch"], values["embed_dim"], values["depths"], values["num_heads"]))
     return from_dict(ModelConfig, values, "model")
 
 
@@ -442,11 +437,8 @@ def build_classifier(
 def _check_same_architecture(model_cfg: ModelConfig, pretrained: PretrainedWeights) -> None:
     """The configured encoder must have the weights' shape (only size, window and channels may change)."""
     found = infer_architecture(pretrained.state_dict)
-    size = SWINV2_SIZES[model_cfg.arch]
     ours = {
-        "embed_dim": model_cfg.embed_dim or size["embed_dim"],
-        "depths": list(model_cfg.depths or size["depths"]),
-        "num_heads": list(model_cfg.num_heads or size["num_heads"]),
+        **size_fields(model_cfg.arch, model_cfg.embed_dim, model_cfg.depths, model_cfg.num_heads),
         "patch_size": model_cfg.patch_size,
         "mlp_ratio": model_cfg.mlp_ratio,
         "ape": model_cfg.ape,

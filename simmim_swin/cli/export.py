@@ -46,7 +46,7 @@ def _read_weights(
     """(checkpoint path, its contents, encoder / classifier weights without decoder and tables, model config with
     the CPB normalisers the weights were trained with)."""
     from ..checkpoint import load_checkpoint, resolve_checkpoint
-    from ..models.swinv2 import SWINV2_SIZES, is_derived_buffer
+    from ..models.swinv2 import is_derived_buffer, size_fields
 
     path = resolve_checkpoint(checkpoint)
     state = load_checkpoint(path)
@@ -60,9 +60,8 @@ def _read_weights(
     if encoder_only:
         weights = {k: v for k, v in weights.items() if not k.startswith("head.")}
     model_cfg = dict(state["config"]["model"])
-    for name, value in SWINV2_SIZES[model_cfg["arch"]].items():  # sizes a pretraining config leaves to the arch
-        if model_cfg.get(name) is None:
-            model_cfg[name] = list(value) if isinstance(value, tuple) else value
+    sizes = (model_cfg.get("embed_dim"), model_cfg.get("depths"), model_cfg.get("num_heads"))
+    model_cfg.update(size_fields(model_cfg["arch"], *sizes))  # a pretraining config leaves them to the arch
     # the CPB normalisers the weights were trained with: what a rebuilt model must use to give the same outputs
     model_cfg["pretrained_window_sizes"] = list(
         state.get("pretrained_window_sizes")
