@@ -54,9 +54,8 @@ def _step_files(folder: Path) -> list[tuple[int, Path]]:
 
 
 def save_and_prune(run_dir: str | Path, step: int, state: dict, keep_last: int) -> Path:
-    """Save run_dir/checkpoints/step_{step:08d}.pt, point `latest` at it, delete all but the newest keep_last."""
-    if keep_last < 1:
-        raise ValueError(f"run.keep_last={keep_last} must be at least 1 (the checkpoint just written)")
+    """Save run_dir/checkpoints/step_{step:08d}.pt, point `latest` at it, delete all but the newest keep_last (>= 1,
+    as the run config is checked)."""
     folder = Path(run_dir) / CHECKPOINT_DIR
     path = save_checkpoint(folder / f"step_{step:08d}.pt", state)
     atomic_write(folder / LATEST_POINTER, path.name)

@@ -23,12 +23,11 @@ import torch
 from torch import nn
 
 from .checkpoint import load_weights_file, resolve_checkpoint
-from .config import ConfigError, FinetuneModelConfig, ModelConfig, from_dict, to_dict
+from .config import WEIGHT_FORMATS, ConfigError, FinetuneModelConfig, ModelConfig, from_dict, to_dict
 from .hf import from_hf, hf_windows, is_hf_folder, read_hf_folder
 from .models import SimMIM, build_encoder
 from .models.swinv2 import SWINV2_SIZES, SwinTransformerV2, WindowAttention, is_derived_buffer, size_fields
 
-PRETRAINED_FORMATS = ("auto", "simmim", "reference", "timm", "hf")
 _MAX_NAMES = 8  # keys listed per kind in error messages
 
 
@@ -145,8 +144,8 @@ def _split_simmim(
 
 def load_pretrained(path: str | Path, fmt: str = "auto") -> PretrainedWeights:
     """Read pretrained weights (run dir, .pt/.pth checkpoint or .safetensors) into our layout."""
-    if fmt not in PRETRAINED_FORMATS:
-        raise ValueError(f"pretrained_format={fmt!r} is unknown; use one of {list(PRETRAINED_FORMATS)}")
+    if fmt not in WEIGHT_FORMATS:
+        raise ValueError(f"pretrained_format={fmt!r} is unknown; use one of {list(WEIGHT_FORMATS)}")
     hf_config = None
     if is_hf_folder(path):  # a Hugging Face model folder: config.json + model.safetensors
         hf_config, path = read_hf_folder(path)
