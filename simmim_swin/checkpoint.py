@@ -265,7 +265,8 @@ def _what_to_do(path: Path) -> str:
 def load_weights_file(path: str | Path) -> dict:
     """A checkpoint's contents (load_checkpoint), or a .safetensors file read as one: {"model": tensors,
     "export_format": ...} plus, for a `simmim-swin export`, what its metadata records (config.model, step,
-    stage_window_sizes, pretrained_window_sizes, num_classes, class_names)."""
+    stage_window_sizes, pretrained_window_sizes, num_classes, class_names). Not timm's load_state_dict: it returns
+    the weights alone, without the config and windows stored beside them."""
     path = Path(path)
     if path.suffix != ".safetensors":
         return load_checkpoint(path)
