@@ -340,13 +340,14 @@ def _adapt_patch_embedding(weights: dict[str, torch.Tensor], target: dict[str, t
 
 
 def reinit_cpb_mlp(model: nn.Module, seed: int = 0) -> list[str]:
-    """Re-draw every CPB MLP as at init (trunc-normal 0.02 weights, zero bias): the no-transfer ablation."""
+    """Re-draw every CPB MLP as at init (trunc-normal 0.02 weights, zero bias) from `seed`, the global generators
+    left as they were: the no-transfer ablation."""
     from timm.layers import trunc_normal_
 
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
     names = []
-    try:
+    # the CPU generator alone (torch.manual_seed would reseed CUDA too, which fork_rng(devices=[]) does not restore)
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
         for name, module in model.named_modules():
             if isinstance(module, WindowAttention):
                 for layer in module.cpb_mlp:
@@ -355,8 +356,6 @@ def reinit_cpb_mlp(model: nn.Module, seed: int = 0) -> list[str]:
                         if layer.bias is not None:
                             nn.init.zeros_(layer.bias)
                 names.append(f"{name}.cpb_mlp")
-    finally:
-        torch.random.set_rng_state(generator_state)
     return names
 
 
