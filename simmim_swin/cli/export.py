@@ -187,11 +187,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="a pretraining or fine-tuning checkpoint, or a run directory (its latest)")
     p.add_argument("out", nargs="?", help="the .safetensors file (a folder for --format hf) to write")
     p.add_argument("--out", dest="out_option", help="the same as the positional OUT")
-    p.add_argument(
-        "--format", choices=EXPORT_FORMATS, default=None,
+    layout = p.add_mutually_exclusive_group()
+    layout.add_argument(
+        "--format", choices=EXPORT_FORMATS, default="simmim",
         help="simmim (ours, default), timm (timm's swinv2 layout) or hf (a transformers Swinv2 folder)",
     )  # fmt: skip
-    p.add_argument("--timm", action="store_true", help="the same as --format timm")
+    layout.add_argument("--timm", dest="format", action="store_const", const="timm", help="the same as --format timm")
     p.add_argument("--ema", action="store_true", help="export the EMA weights of a fine-tuning checkpoint")
     p.add_argument("--encoder-only", action="store_true", help="leave out a fine-tuned classifier's head")
     p.set_defaults(func=run)
@@ -202,10 +203,7 @@ def run(args: argparse.Namespace) -> None:
     out = args.out or args.out_option
     if not out or (args.out and args.out_option and args.out != args.out_option):
         raise ValueError("give one output path: simmim-swin export CHECKPOINT OUT (or --out OUT)")
-    fmt = args.format or ("timm" if args.timm else "simmim")
-    if args.timm and fmt != "timm":
-        raise ValueError(f"--timm contradicts --format {fmt}; give one of them")
-    if fmt == "hf":
+    if args.format == "hf":
         if out.endswith(".safetensors"):
             raise ValueError(f"--format hf writes a folder; give a directory, not {out}")
         config = export_hf(args.checkpoint, out, args.ema, args.encoder_only)
@@ -216,7 +214,7 @@ def run(args: argparse.Namespace) -> None:
         return
     if not out.endswith(".safetensors"):
         raise ValueError(f"the output {out} must end in .safetensors (or use --format hf for a folder)")
-    info = export_checkpoint(args.checkpoint, out, fmt == "timm", args.ema, args.encoder_only)
+    info = export_checkpoint(args.checkpoint, out, args.format == "timm", args.ema, args.encoder_only)
     model = info["model"]
     what = f"classifier ({info['num_classes']} classes)" if info["num_classes"] else "encoder"
     print(
