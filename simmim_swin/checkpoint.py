@@ -230,13 +230,13 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
 def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The checkpoint to resume from: the one `latest` names if it exists, else the highest step, else None."""
     folder = Path(run_dir) / CHECKPOINT_DIR
+    files = _step_files(folder)
     pointer = folder / LATEST_POINTER
     if pointer.is_file():
-        # Only a bare file name inside the checkpoint folder is trusted.
+        # Only a bare file name inside the checkpoint folder, naming a complete checkpoint, is trusted.
         target = folder / Path(pointer.read_text().strip()).name
-        if _STEP_FILE.fullmatch(target.name) and (target.is_file() or (target / SHARDED_META).is_file()):
+        if any(path == target for _, path in files):
             return target
-    files = _step_files(folder)
     return files[-1][1] if files else None
 
 
