@@ -42,9 +42,9 @@ def timm_create_kwargs(model_cfg: dict[str, Any], num_classes: int, path: str | 
 
 def _read_weights(
     checkpoint: str | Path, use_ema: bool, encoder_only: bool
-) -> tuple[Path, dict[str, Any], dict[str, Any], dict[str, Any]]:
+) -> tuple[Path, dict[str, Any], dict[str, Any], dict[str, Any], int]:
     """(checkpoint path, its contents, encoder / classifier weights without decoder and tables, model config with
-    the CPB normalisers the weights were trained with)."""
+    the CPB normalisers the weights were trained with, number of classes (0: no head))."""
     from ..checkpoint import load_checkpoint, resolve_checkpoint
     from ..models.swinv2 import is_derived_buffer, size_fields
 
@@ -68,7 +68,8 @@ def _read_weights(
         or model_cfg.get("pretrained_window_sizes")
         or [0] * len(state["stage_window_sizes"])
     )
-    return path, state, weights, model_cfg
+    num_classes = int(weights["head.fc.weight"].shape[0]) if "head.fc.weight" in weights else 0
+    return path, state, weights, model_cfg, num_classes
 
 
 def export_checkpoint(
@@ -79,19 +80,19 @@ def export_checkpoint(
     encoder_only: bool = False,
 ) -> dict[str, Any]:
     """Write the checkpoint's encoder (pretraining) or classifier (fine-tuning) to `out`; returns the metadata."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_bytes
 
     from ..checkpoint import EXPORT_CONFIG_KEY, EXPORT_FORMAT_KEY
+    from ..files import atomic_write
     from ..models.swinv2 import to_timm
 
-    path, state, weights, model_cfg = _read_weights(checkpoint, use_ema, encoder_only)
+    path, state, weights, model_cfg, num_classes = _read_weights(checkpoint, use_ema, encoder_only)
     if timm_layout:
         if any(".extra_norms." in k for k in weights):
             raise ValueError(
                 "this model has the huge/giant extra norms, which timm's swinv2 lacks; export without --timm"
             )
         weights = to_timm(weights)
-    num_classes = int(weights["head.fc.weight"].shape[0]) if "head.fc.weight" in weights else 0
     stage_windows = list(state["stage_window_sizes"])
     info = {
         "model": model_cfg,
@@ -103,9 +104,8 @@ def export_checkpoint(
         "timm_create_model": timm_create_kwargs(model_cfg, num_classes, out) if timm_layout else None,
     }
     metadata = {EXPORT_FORMAT_KEY: "timm" if timm_layout else "simmim_swin", EXPORT_CONFIG_KEY: json.dumps(info)}
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in weights.items()}  # safetensors needs contiguous storage
-    save_file(tensors, str(out), metadata=metadata)
+    atomic_write(out, safetensors_bytes(tensors, metadata=metadata))
     return info
 
 
@@ -120,9 +120,8 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, use_ema: bool = False
     from ..files import atomic_write
     from ..hf import HF_CARD, HF_CONFIG, HF_WEIGHTS, hf_config, to_hf
 
-    path, state, weights, model_cfg = _read_weights(checkpoint, use_ema, encoder_only)
+    path, state, weights, model_cfg, num_classes = _read_weights(checkpoint, use_ema, encoder_only)
     weights.pop("mask_token", None)  # Swinv2Model has none; the MIM decoder is not exported
-    num_classes = int(weights["head.fc.weight"].shape[0]) if "head.fc.weight" in weights else 0
     config = hf_config(model_cfg, num_classes, state.get("class_names"))
     tensors = to_hf(weights, prefix="swinv2." if num_classes else "")
     tensors = {k: v.detach().float().contiguous() for k, v in tensors.items()}
