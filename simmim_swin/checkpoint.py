@@ -9,6 +9,7 @@ they load with torch.load(weights_only=True).
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -30,6 +31,9 @@ LATEST_POINTER = "latest"
 # by every rank through torch.distributed.checkpoint plus meta.pt (step, config, RNG states) from rank 0
 _STEP_FILE = re.compile(r"step_(\d+)\.(pt|dcp)")
 SHARDED_META = "meta.pt"
+# safetensors metadata keys written by `simmim-swin export`: the layout, and the JSON of what rebuilds the model
+EXPORT_FORMAT_KEY = "format"
+EXPORT_CONFIG_KEY = "simmim_swin"
 
 
 def save_checkpoint(path: str | Path, state: dict) -> Path:
@@ -50,9 +54,8 @@ def _step_files(folder: Path) -> list[tuple[int, Path]]:
 
 
 def save_and_prune(run_dir: str | Path, step: int, state: dict, keep_last: int) -> Path:
-    """Save run_dir/checkpoints/step_{step:08d}.pt, point `latest` at it, delete all but the newest keep_last."""
-    if keep_last < 1:
-        raise ValueError(f"run.keep_last={keep_last} must be at least 1 (the checkpoint just written)")
+    """Save run_dir/checkpoints/step_{step:08d}.pt, point `latest` at it, delete all but the newest keep_last (>= 1,
+    as the run config is checked)."""
     folder = Path(run_dir) / CHECKPOINT_DIR
     path = save_checkpoint(folder / f"step_{step:08d}.pt", state)
     atomic_write(folder / LATEST_POINTER, path.name)
@@ -227,13 +230,13 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
 def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The checkpoint to resume from: the one `latest` names if it exists, else the highest step, else None."""
     folder = Path(run_dir) / CHECKPOINT_DIR
+    files = _step_files(folder)
     pointer = folder / LATEST_POINTER
     if pointer.is_file():
-        # Only a bare file name inside the checkpoint folder is trusted.
+        # Only a bare file name inside the checkpoint folder, naming a complete checkpoint, is trusted.
         target = folder / Path(pointer.read_text().strip()).name
-        if _STEP_FILE.fullmatch(target.name) and (target.is_file() or (target / SHARDED_META).is_file()):
+        if any(path == target for _, path in files):
             return target
-    files = _step_files(folder)
     return files[-1][1] if files else None
 
 
@@ -259,36 +262,49 @@ def _what_to_do(path: Path) -> str:
     return "Check the path, or copy or export the file again."
 
 
-def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a .safetensors file, with errors that name the file."""
+def load_weights_file(path: str | Path) -> dict:
+    """A checkpoint's contents (load_checkpoint), or a .safetensors file read as one: {"model": tensors,
+    "export_format": ...} plus, for a `simmim-swin export`, what its metadata records (config.model, step,
+    stage_window_sizes, pretrained_window_sizes, num_classes, class_names). Not timm's load_state_dict: it returns
+    the weights alone, without the config and windows stored beside them."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return load_checkpoint(path)
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; check the path")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {key: f.get_tensor(key) for key in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
+            tensors, metadata = {key: f.get_tensor(key) for key in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
     except SafetensorError as e:
         raise ValueError(
             f"{path} is not a readable .safetensors file ({e}); check the path, or write it again with "
             "`simmim-swin export`"
         ) from e
+    state = {"model": tensors, "export_format": metadata.get(EXPORT_FORMAT_KEY, "unknown")}
+    if EXPORT_CONFIG_KEY in metadata:
+        info = json.loads(metadata[EXPORT_CONFIG_KEY])
+        keys = ("step", "stage_window_sizes", "num_classes", "class_names")
+        state.update({key: info[key] for key in keys if info.get(key) is not None})
+        state["config"] = {"model": info["model"]}
+        state["pretrained_window_sizes"] = info["model"].get("pretrained_window_sizes")
+    return state
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """torch.load(weights_only=True) with errors that name the file; a step_N.dcp folder gives its whole model.
+def load_checkpoint(path: str | Path) -> dict:
+    """torch.load(weights_only=True) to the CPU, errors naming the file; a step_N.dcp folder gives its whole model.
 
     For a sharded (FSDP) checkpoint the result is meta.pt's contents plus "model", the full state dict gathered
     from the shards in this one process (no process group needed), as a whole-model checkpoint holds it.
     """
     path = Path(path)
     if (path / SHARDED_META).is_file():
-        return {**load_checkpoint(path / SHARDED_META, map_location), "model": _consolidate_sharded_model(path)}
+        return {**load_checkpoint(path / SHARDED_META), "model": _consolidate_sharded_model(path)}
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; check the path or the run directory")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(
             f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it is truncated, corrupt or holds "

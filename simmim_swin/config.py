@@ -247,9 +247,7 @@ class ProbeConfig:
     num_val: int = 1000  # images scored
     k: int = 20  # neighbours per vote (DINO's 20)
     temperature: float = 0.07  # vote weight exp(cosine / temperature) (DINO's 0.07)
-    linear: bool = False  # also fit a logistic-regression head on the features every probe
-    linear_steps: int = 100  # full-batch AdamW steps of the linear head
-    linear_lr: float = 0.01  # lr of the linear head
+    linear: bool = False  # also fit a logistic-regression head (L-BFGS, as the fine-tuning LP head) every probe
     batch_size: int = 256  # images per forward pass when embedding the probe set
     seed: int = 0  # which images the class-balanced subsets pick
 
@@ -530,9 +528,9 @@ NUMBER_BOUNDS: tuple[tuple[str, float, bool], ...] = (
         "data.val_samples", "train.patience",
     )),
     *((key, 1, True) for key in (
-        "probe.every", "probe.num_train", "probe.num_val", "probe.k", "probe.batch_size", "probe.linear_steps"
+        "probe.every", "probe.num_train", "probe.num_val", "probe.k", "probe.batch_size",
     )),
-    *((key, 0, False) for key in ("probe.temperature", "probe.linear_lr")),
+    *((key, 0, False) for key in ("probe.temperature",)),
 )  # fmt: skip
 
 

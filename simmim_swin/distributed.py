@@ -67,11 +67,12 @@ def export_launcher_env() -> None:
     """
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return
-    if "SUBMITIT_EXECUTOR" in os.environ or "SUBMITIT_FOLDER" in os.environ:
+    if under_submitit():
         import submitit
 
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         return
+    # read by hand rather than with submitit's TorchDistributedEnvironment: submitit is an optional extra
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
         os.environ["RANK"] = os.environ["SLURM_PROCID"]
         os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
@@ -145,9 +146,7 @@ def all_reduce_mean(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Mean of `tensor` over ranks (a copy); the tensor itself on one process."""
     if not info.distributed:
         return tensor
-    tensor = tensor.detach().clone()
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor / info.world_size
+    return all_reduce_sum_(tensor.detach().clone(), info) / info.world_size
 
 
 def all_gather_objects(obj: Any, info: DistInfo) -> list[Any]:

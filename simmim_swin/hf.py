@@ -122,7 +122,7 @@ def from_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def hf_config(model_cfg: dict[str, Any], num_classes: int, class_names: list[str] | None) -> dict[str, Any]:
-    """transformers' Swinv2Config fields (config.json) for our model config."""
+    """transformers' Swinv2Config fields (config.json) for our model config (embed_dim, depths, num_heads given)."""
     img_size = model_cfg["img_size"]
     if not isinstance(img_size, int):
         raise ValueError(
@@ -139,16 +139,16 @@ def hf_config(model_cfg: dict[str, Any], num_classes: int, class_names: list[str
     size = SWINV2_SIZES[model_cfg["arch"]]
     if size.get("extra_norm_every"):
         raise ValueError(f"model.arch={model_cfg['arch']} has extra norms, which transformers' Swinv2 lacks")
-    depths = list(model_cfg["depths"] or size["depths"])
+    depths = model_cfg["depths"]
     config = {
         "architectures": ["Swinv2ForImageClassification" if num_classes else "Swinv2Model"],
         "model_type": "swinv2",
         "image_size": img_size,
         "patch_size": model_cfg["patch_size"],
         "num_channels": model_cfg["in_chans"],
-        "embed_dim": model_cfg["embed_dim"] or size["embed_dim"],
-        "depths": depths,
-        "num_heads": list(model_cfg["num_heads"] or size["num_heads"]),
+        "embed_dim": model_cfg["embed_dim"],
+        "depths": list(depths),
+        "num_heads": list(model_cfg["num_heads"]),
         "window_size": window,
         "pretrained_window_sizes": list(model_cfg.get("pretrained_window_sizes") or [0] * len(depths)),
         "mlp_ratio": model_cfg["mlp_ratio"],

@@ -246,24 +246,12 @@ def linear_top1(
     val_feats: torch.Tensor,
     val_labels: torch.Tensor,
     num_classes: int,
-    steps: int,
-    lr: float,
 ) -> float:
-    """Top-1 (%) of a logistic-regression head fitted full-batch with AdamW for `steps` steps on the training
-    features (standardised with their mean / std); it starts at zero, so no random draw is involved."""
+    """Top-1 (%) of fit_logistic_regression's head on the training features standardised with their mean / std
+    (L-BFGS from zero: no random draw)."""
     mean, std = train_feats.mean(dim=0), train_feats.std(dim=0) + 1e-6
-    x_train, x_val = (train_feats - mean) / std, (val_feats - mean) / std
-    weight = torch.zeros(num_classes, x_train.shape[1], device=x_train.device, requires_grad=True)
-    bias = torch.zeros(num_classes, device=x_train.device, requires_grad=True)
-    optimizer = torch.optim.AdamW([weight, bias], lr=lr, weight_decay=1e-4)
-    with torch.enable_grad():
-        for _ in range(steps):
-            loss = F.cross_entropy(x_train @ weight.T + bias, train_labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    with torch.no_grad():
-        predictions = (x_val @ weight.T + bias).argmax(dim=1)
+    weight, bias = fit_logistic_regression((train_feats - mean) / std, train_labels, num_classes)
+    predictions = ((val_feats - mean) / std @ weight.T + bias).argmax(dim=1)
     return 100.0 * (predictions == val_labels).float().mean().item()
 
 
@@ -327,7 +315,7 @@ def run_probe(
         )
         if cfg.linear:
             metrics[f"probe_linear_top1{suffix}"] = linear_top1(
-                train_feats, labels[0], val_feats, labels[1], probe_set.num_classes, cfg.linear_steps, cfg.linear_lr
+                train_feats, labels[0], val_feats, labels[1], probe_set.num_classes
             )
     metrics["probe_seconds"] = time.perf_counter() - start
     return metrics

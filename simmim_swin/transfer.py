@@ -13,7 +13,6 @@ inputs it saw, and larger offsets are extrapolated.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -23,16 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint, load_safetensors, resolve_checkpoint
-from .config import ConfigError, FinetuneModelConfig, ModelConfig, from_dict, to_dict
+from .checkpoint import load_weights_file, resolve_checkpoint
+from .config import ConfigError, WeightFormat, FinetuneModelConfig, ModelConfig, from_dict, to_dict
 from .hf import from_hf, hf_windows, is_hf_folder, read_hf_folder
 from .models import SimMIM, build_encoder
-from .models.swinv2 import SWINV2_SIZES, SwinTransformerV2, WindowAttention, is_derived_buffer
+from .models.swinv2 import SWINV2_SIZES, SwinTransformerV2, WindowAttention, is_derived_buffer, size_fields
 
-PRETRAINED_FORMATS = ("auto", "simmim", "reference", "timm", "hf")
-# safetensors metadata keys written by `simmim-swin export`
-EXPORT_FORMAT_KEY = "format"
-EXPORT_CONFIG_KEY = "simmim_swin"
 _MAX_NAMES = 8  # keys listed per kind in error messages
 
 
@@ -58,13 +53,6 @@ class PretrainedWeights:
         return [p if p > 0 else w for w, p in zip(self.stage_window_sizes, pretrained)]
 
 
-def _read_file(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
-    """(contents, safetensors metadata) of a .safetensors file or a torch checkpoint (weights_only)."""
-    if path.suffix == ".safetensors":
-        return load_safetensors(path)
-    return load_checkpoint(path), {}
-
-
 def detect_format(weights: dict[str, Any]) -> str:
     """`hf` for Hugging Face's Swinv2 layout, `reference` for the reference implementation's, else `timm` (ours)."""
     if any(".patch_embeddings.projection." in f".{key}" for key in weights):
@@ -81,7 +69,9 @@ def convert_reference(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
     The reference stores a stage's patch merging at the END of stage i (`layers.i.downsample`), timm and we at the
     start of stage i + 1; its CPB MLP is `rpe_mlp` in the SimMIM code base; its classifier is `head`, ours
-    `head.fc`; its absolute position embedding is flat (1, L, C), ours (1, H, W, C) (square grids only).
+    `head.fc`; its absolute position embedding is flat (1, L, C), ours (1, H, W, C) (square grids only). timm's
+    swinv2 `checkpoint_filter_fn` moves the merging and head too, but needs the target model, drops the tables
+    unreported and knows neither the SimMIM `encoder.` prefix, `rpe_mlp` nor the flat position embedding.
     """
     out = {}
     for key, value in state_dict.items():
@@ -154,16 +144,16 @@ def _split_simmim(
 
 def load_pretrained(path: str | Path, fmt: str = "auto") -> PretrainedWeights:
     """Read pretrained weights (run dir, .pt/.pth checkpoint or .safetensors) into our layout."""
-    if fmt not in PRETRAINED_FORMATS:
-        raise ValueError(f"pretrained_format={fmt!r} is unknown; use one of {list(PRETRAINED_FORMATS)}")
+    if fmt not in list(WeightFormat):  # a library caller's string; configs hold a WeightFormat already
+        raise ValueError(f"pretrained_format={fmt!r} is unknown; use one of {[f.value for f in WeightFormat]}")
     hf_config = None
     if is_hf_folder(path):  # a Hugging Face model folder: config.json + model.safetensors
         hf_config, path = read_hf_folder(path)
     path = resolve_checkpoint(path)
-    contents, metadata = _read_file(path)
-    ours = "stage_window_sizes" in contents and isinstance(contents.get("config"), dict)
+    contents = load_weights_file(path)
+    ours = "stage_window_sizes" in contents and isinstance(contents.get("config"), dict)  # a checkpoint or export
     if fmt == "auto":
-        fmt = "simmim" if ours or EXPORT_CONFIG_KEY in metadata else detect_format(_model_weights(contents))
+        fmt = "simmim" if ours else detect_format(_model_weights(contents))
     if fmt == "reference":
         contents = {**contents, "model": convert_reference(_model_weights(contents))}
     elif fmt == "hf":
@@ -177,12 +167,6 @@ def load_pretrained(path: str | Path, fmt: str = "auto") -> PretrainedWeights:
             "pretrained_window_sizes"
         )
         weights.extra = {k: contents[k] for k in ("step", "num_classes", "class_names") if k in contents}
-    elif EXPORT_CONFIG_KEY in metadata:
-        info = json.loads(metadata[EXPORT_CONFIG_KEY])
-        weights.model_config = info["model"]
-        weights.stage_window_sizes = info["stage_window_sizes"]
-        weights.pretrained_window_sizes = info["model"].get("pretrained_window_sizes")
-        weights.extra = {k: info[k] for k in ("step", "num_classes", "class_names") if k in info}
     elif hf_config is not None:
         weights.stage_window_sizes, weights.pretrained_window_sizes = hf_windows(hf_config)
         weights.model_config = {"img_size": hf_config.get("image_size"), "window_size": hf_config.get("window_size")}
@@ -356,13 +340,14 @@ def _adapt_patch_embedding(weights: dict[str, torch.Tensor], target: dict[str, t
 
 
 def reinit_cpb_mlp(model: nn.Module, seed: int = 0) -> list[str]:
-    """Re-draw every CPB MLP as at init (trunc-normal 0.02 weights, zero bias): the no-transfer ablation."""
+    """Re-draw every CPB MLP as at init (trunc-normal 0.02 weights, zero bias) from `seed`, the global generators
+    left as they were: the no-transfer ablation."""
     from timm.layers import trunc_normal_
 
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
     names = []
-    try:
+    # the CPU generator alone (torch.manual_seed would reseed CUDA too, which fork_rng(devices=[]) does not restore)
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
         for name, module in model.named_modules():
             if isinstance(module, WindowAttention):
                 for layer in module.cpb_mlp:
@@ -371,8 +356,6 @@ def reinit_cpb_mlp(model: nn.Module, seed: int = 0) -> list[str]:
                         if layer.bias is not None:
                             nn.init.zeros_(layer.bias)
                 names.append(f"{name}.cpb_mlp")
-    finally:
-        torch.random.set_rng_state(generator_state)
     return names
 
 
@@ -380,11 +363,8 @@ def _check_arch_matches_weights(arch: str, values: dict[str, Any], pretrained: P
     """A model.arch given with pretrained weights must describe them: the model is built from the weights, and the
     logs and the saved config would otherwise name another size."""
 
-    def plain(value: Any) -> Any:
-        return list(value) if isinstance(value, (list, tuple)) else value
-
-    size = {key: plain(SWINV2_SIZES[arch][key]) for key in ("embed_dim", "depths", "num_heads")}
-    mismatched = [f"{key} {plain(values[key])} (not {size[key]})" for key in size if plain(values[key]) != size[key]]
+    size, found = size_fields(arch), size_fields(arch, values["embed_dim"], values["depths"], values["num_heads"])
+    mismatched = [f"{key} {found[key]} (not {size[key]})" for key in size if found[key] != size[key]]
     if mismatched:
         raise ConfigError(
             f"model.arch={arch} does not match the weights in {pretrained.path}: {'; '.join(mismatched)}. Leave "
@@ -425,10 +405,8 @@ def resolve_model_config(model_cfg: FinetuneModelConfig, pretrained: PretrainedW
         raise ConfigError(f"model.arch={values['arch']!r} is not a known size; choose one of {sorted(SWINV2_SIZES)}")
     if pretrained is not None and model_cfg.arch is not None:
         _check_arch_matches_weights(model_cfg.arch, values, pretrained)
-    for key in ("embed_dim", "depths", "num_heads"):  # spelled out, so the saved config is complete
-        if values[key] is None:
-            size = SWINV2_SIZES[values["arch"]][key]
-            values[key] = list(size) if isinstance(size, tuple) else size
+    # spelled out, so the saved config is complete
+    values.update(size_fields(values["arch"], values["embed_dim"], values["depths"], values["num_heads"]))
     return from_dict(ModelConfig, values, "model")
 
 
@@ -457,11 +435,8 @@ def build_classifier(
 def _check_same_architecture(model_cfg: ModelConfig, pretrained: PretrainedWeights) -> None:
     """The configured encoder must have the weights' shape (only size, window and channels may change)."""
     found = infer_architecture(pretrained.state_dict)
-    size = SWINV2_SIZES[model_cfg.arch]
     ours = {
-        "embed_dim": model_cfg.embed_dim or size["embed_dim"],
-        "depths": list(model_cfg.depths or size["depths"]),
-        "num_heads": list(model_cfg.num_heads or size["num_heads"]),
+        **size_fields(model_cfg.arch, model_cfg.embed_dim, model_cfg.depths, model_cfg.num_heads),
         "patch_size": model_cfg.patch_size,
         "mlp_ratio": model_cfg.mlp_ratio,
         "ape": model_cfg.ape,

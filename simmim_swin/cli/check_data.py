@@ -28,13 +28,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("path", help="image folder, shard index .json, or shard .tar / brace pattern")
-    p.add_argument("--in-chans", type=int, default=None, help="check that each image gives this many channels")
+    add_decode_options(p, in_chans_help="check that each image gives this many channels")
+    p.set_defaults(func=run)
+
+
+def add_decode_options(p: argparse.ArgumentParser, in_chans_help: str | None) -> None:
+    """How the tools that read every image (check-data, stats, make-shards) decode them, as a run would:
+    --in-chans (when in_chans_help is given), --max-image-pixels and --workers."""
+    if in_chans_help:
+        p.add_argument("--in-chans", type=int, default=None, help=in_chans_help)
     p.add_argument(
         "--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
-        help=f"larger images count as bad, as data.max_image_pixels (default {DEFAULT_MAX_IMAGE_PIXELS})",
+        help=f"larger images are bad (skipped), as data.max_image_pixels (default {DEFAULT_MAX_IMAGE_PIXELS})",
     )  # fmt: skip
-    p.add_argument("--workers", type=int, default=0, help="processes (default: one per CPU)")
-    p.set_defaults(func=run)
+    p.add_argument("--workers", type=int, default=0, help="processes decoding the images (default: one per CPU)")
 
 
 def run(args: argparse.Namespace) -> None:

@@ -15,8 +15,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import NoReturn
 
-from safetensors import SafetensorError
-
 from ..launcher import launcher_rank
 
 BAD_INPUT = 2
@@ -74,7 +72,7 @@ def command_errors() -> Iterator[None]:
                 print(e, flush=True)
             sys.exit(e.exit_code)
         # anything else (a RuntimeError from torch, a bug) keeps its traceback: that is what a report needs
-        if not isinstance(e, (OSError, ValueError, SafetensorError, diverged, locked, gone)):
+        if not isinstance(e, (OSError, ValueError, diverged, locked, gone)):
             raise
         if os.environ.get(DEBUG_ENV) == "1":
             traceback.print_exc()  # then the same line and exit status as without the variable
@@ -82,6 +80,4 @@ def command_errors() -> Iterator[None]:
             fail(str(e), RUN_FAILED)
         if isinstance(e, OSError):
             fail(*describe_os_error(e))
-        if isinstance(e, SafetensorError):
-            fail(f"not a readable .safetensors file ({e}); check the path or export it again", BAD_INPUT)
         fail(str(e), BAD_INPUT)  # ConfigError, BadDataError, RunLockedError, unreadable checkpoints ...

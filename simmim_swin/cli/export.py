@@ -42,11 +42,11 @@ def timm_create_kwargs(model_cfg: dict[str, Any], num_classes: int, path: str | 
 
 def _read_weights(
     checkpoint: str | Path, use_ema: bool, encoder_only: bool
-) -> tuple[Path, dict[str, Any], dict[str, Any], dict[str, Any]]:
+) -> tuple[Path, dict[str, Any], dict[str, Any], dict[str, Any], int]:
     """(checkpoint path, its contents, encoder / classifier weights without decoder and tables, model config with
-    the CPB normalisers the weights were trained with)."""
+    the CPB normalisers the weights were trained with, number of classes (0: no head))."""
     from ..checkpoint import load_checkpoint, resolve_checkpoint
-    from ..models.swinv2 import SWINV2_SIZES, is_derived_buffer
+    from ..models.swinv2 import is_derived_buffer, size_fields
 
     path = resolve_checkpoint(checkpoint)
     state = load_checkpoint(path)
@@ -60,16 +60,16 @@ def _read_weights(
     if encoder_only:
         weights = {k: v for k, v in weights.items() if not k.startswith("head.")}
     model_cfg = dict(state["config"]["model"])
-    for name, value in SWINV2_SIZES[model_cfg["arch"]].items():  # sizes a pretraining config leaves to the arch
-        if model_cfg.get(name) is None:
-            model_cfg[name] = list(value) if isinstance(value, tuple) else value
+    sizes = (model_cfg.get("embed_dim"), model_cfg.get("depths"), model_cfg.get("num_heads"))
+    model_cfg.update(size_fields(model_cfg["arch"], *sizes))  # a pretraining config leaves them to the arch
     # the CPB normalisers the weights were trained with: what a rebuilt model must use to give the same outputs
     model_cfg["pretrained_window_sizes"] = list(
         state.get("pretrained_window_sizes")
         or model_cfg.get("pretrained_window_sizes")
         or [0] * len(state["stage_window_sizes"])
     )
-    return path, state, weights, model_cfg
+    num_classes = int(weights["head.fc.weight"].shape[0]) if "head.fc.weight" in weights else 0
+    return path, state, weights, model_cfg, num_classes
 
 
 def export_checkpoint(
@@ -80,19 +80,19 @@ def export_checkpoint(
     encoder_only: bool = False,
 ) -> dict[str, Any]:
     """Write the checkpoint's encoder (pretraining) or classifier (fine-tuning) to `out`; returns the metadata."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_bytes
 
+    from ..checkpoint import EXPORT_CONFIG_KEY, EXPORT_FORMAT_KEY
+    from ..files import atomic_write
     from ..models.swinv2 import to_timm
-    from ..transfer import EXPORT_CONFIG_KEY, EXPORT_FORMAT_KEY
 
-    path, state, weights, model_cfg = _read_weights(checkpoint, use_ema, encoder_only)
+    path, state, weights, model_cfg, num_classes = _read_weights(checkpoint, use_ema, encoder_only)
     if timm_layout:
         if any(".extra_norms." in k for k in weights):
             raise ValueError(
                 "this model has the huge/giant extra norms, which timm's swinv2 lacks; export without --timm"
             )
         weights = to_timm(weights)
-    num_classes = int(weights["head.fc.weight"].shape[0]) if "head.fc.weight" in weights else 0
     stage_windows = list(state["stage_window_sizes"])
     info = {
         "model": model_cfg,
@@ -104,9 +104,8 @@ def export_checkpoint(
         "timm_create_model": timm_create_kwargs(model_cfg, num_classes, out) if timm_layout else None,
     }
     metadata = {EXPORT_FORMAT_KEY: "timm" if timm_layout else "simmim_swin", EXPORT_CONFIG_KEY: json.dumps(info)}
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in weights.items()}  # safetensors needs contiguous storage
-    save_file(tensors, str(out), metadata=metadata)
+    atomic_write(out, safetensors_bytes(tensors, metadata=metadata))
     return info
 
 
@@ -121,9 +120,8 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, use_ema: bool = False
     from ..files import atomic_write
     from ..hf import HF_CARD, HF_CONFIG, HF_WEIGHTS, hf_config, to_hf
 
-    path, state, weights, model_cfg = _read_weights(checkpoint, use_ema, encoder_only)
+    path, state, weights, model_cfg, num_classes = _read_weights(checkpoint, use_ema, encoder_only)
     weights.pop("mask_token", None)  # Swinv2Model has none; the MIM decoder is not exported
-    num_classes = int(weights["head.fc.weight"].shape[0]) if "head.fc.weight" in weights else 0
     config = hf_config(model_cfg, num_classes, state.get("class_names"))
     tensors = to_hf(weights, prefix="swinv2." if num_classes else "")
     tensors = {k: v.detach().float().contiguous() for k, v in tensors.items()}
@@ -188,11 +186,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="a pretraining or fine-tuning checkpoint, or a run directory (its latest)")
     p.add_argument("out", nargs="?", help="the .safetensors file (a folder for --format hf) to write")
     p.add_argument("--out", dest="out_option", help="the same as the positional OUT")
-    p.add_argument(
-        "--format", choices=EXPORT_FORMATS, default=None,
+    layout = p.add_mutually_exclusive_group()
+    layout.add_argument(
+        "--format", choices=EXPORT_FORMATS, default="simmim",
         help="simmim (ours, default), timm (timm's swinv2 layout) or hf (a transformers Swinv2 folder)",
     )  # fmt: skip
-    p.add_argument("--timm", action="store_true", help="the same as --format timm")
+    layout.add_argument("--timm", dest="format", action="store_const", const="timm", help="the same as --format timm")
     p.add_argument("--ema", action="store_true", help="export the EMA weights of a fine-tuning checkpoint")
     p.add_argument("--encoder-only", action="store_true", help="leave out a fine-tuned classifier's head")
     p.set_defaults(func=run)
@@ -203,10 +202,7 @@ def run(args: argparse.Namespace) -> None:
     out = args.out or args.out_option
     if not out or (args.out and args.out_option and args.out != args.out_option):
         raise ValueError("give one output path: simmim-swin export CHECKPOINT OUT (or --out OUT)")
-    fmt = args.format or ("timm" if args.timm else "simmim")
-    if args.timm and fmt != "timm":
-        raise ValueError(f"--timm contradicts --format {fmt}; give one of them")
-    if fmt == "hf":
+    if args.format == "hf":
         if out.endswith(".safetensors"):
             raise ValueError(f"--format hf writes a folder; give a directory, not {out}")
         config = export_hf(args.checkpoint, out, args.ema, args.encoder_only)
@@ -217,7 +213,7 @@ def run(args: argparse.Namespace) -> None:
         return
     if not out.endswith(".safetensors"):
         raise ValueError(f"the output {out} must end in .safetensors (or use --format hf for a folder)")
-    info = export_checkpoint(args.checkpoint, out, fmt == "timm", args.ema, args.encoder_only)
+    info = export_checkpoint(args.checkpoint, out, args.format == "timm", args.ema, args.encoder_only)
     model = info["model"]
     what = f"classifier ({info['num_classes']} classes)" if info["num_classes"] else "encoder"
     print(

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -16,14 +14,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Print a checkpoint's step, model settings and parameter counts."""
-    from ..checkpoint import load_checkpoint, resolve_checkpoint  # torch: loaded only when a command runs
+    from ..checkpoint import load_weights_file, resolve_checkpoint  # torch: loaded only when a command runs
 
     path = resolve_checkpoint(args.checkpoint)
-    if path.suffix == ".safetensors":
-        weights, state = _read_export(path)
-    else:
-        state = load_checkpoint(path)
-        weights = state.get("model", state)
+    state = load_weights_file(path)
+    weights = state.get("model", state)
+    if "export_format" in state:
+        print(f"export format: {state['export_format']}")
     print(f"checkpoint: {path}")
     if "step" in state:
         print(f"step: {state['step']}")
@@ -63,20 +60,3 @@ def cpb_normalisers_line(pretrained: list[int], stage_windows: list[int] | None)
     normalisers = [p if p > 0 else w for p, w in zip(pretrained, stage_windows, strict=True)]
     note = "the stages' own windows" if not any(pretrained) else "pretrained windows, the stage's own where 0"
     return f"CPB normalised by ({note}): {normalisers}"
-
-
-def _read_export(path: Path) -> tuple[dict, dict]:
-    """(tensors, a checkpoint-like dict of its metadata) of a `simmim-swin export` file."""
-    from ..checkpoint import load_safetensors
-
-    tensors, metadata = load_safetensors(path)
-    print(f"export format: {metadata.get('format', 'unknown')}")
-    if "simmim_swin" not in metadata:
-        return tensors, {}
-    info = json.loads(metadata["simmim_swin"])
-    state = {
-        k: info[k] for k in ("step", "stage_window_sizes", "num_classes", "class_names") if info.get(k) is not None
-    }
-    state["config"] = {"model": info["model"]}
-    state["pretrained_window_sizes"] = info["model"].get("pretrained_window_sizes")
-    return tensors, state

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ..config import DEFAULT_MAX_IMAGE_PIXELS
+from .check_data import add_decode_options
 
 DESCRIPTION = """\
 Write webdataset tar shards for `simmim-pretrain data=shards`.
@@ -64,11 +64,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-size", type=float, default=1e9, help="bytes per shard at most (default 1e9)")
     p.add_argument("--log-every", type=int, default=5000, help="a progress line every N images when not on a terminal")
     p.add_argument("--overwrite", action="store_true", help="replace an existing set OUT/NAME (all of its files)")
-    p.add_argument(
-        "--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
-        help=f"larger images are skipped, as data.max_image_pixels (default {DEFAULT_MAX_IMAGE_PIXELS})",
-    )  # fmt: skip
-    p.add_argument("--workers", type=int, default=0, help="processes decoding the images (default: one per CPU)")
+    add_decode_options(p, in_chans_help=None)
     p.set_defaults(func=run)
 
 

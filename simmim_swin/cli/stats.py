@@ -8,7 +8,7 @@ import random
 import sys
 from typing import TYPE_CHECKING
 
-from ..config import DEFAULT_MAX_IMAGE_PIXELS
+from .check_data import add_decode_options
 
 if TYPE_CHECKING:
     import numpy as np
@@ -39,13 +39,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("path", nargs="?", help="image folder, shard index .json, or shard .tar / brace pattern")
     p.add_argument("--source", choices=("path", "fashion-mnist"), default="path", help="fashion-mnist: its train split")
-    p.add_argument(
-        "--in-chans", type=int, default=None, help="read every image with this many channels (model.in_chans)"
-    )
     p.add_argument("--samples", type=int, default=2000, help="images (folder) or about that many samples (shards)")
     p.add_argument("--seed", type=int, default=0, help="which images the sample takes")
-    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, help="larger images are skipped")
-    p.add_argument("--workers", type=int, default=0, help="processes (default: one per CPU)")
+    add_decode_options(p, in_chans_help="read every image with this many channels (model.in_chans)")
     p.set_defaults(func=run)
 
 

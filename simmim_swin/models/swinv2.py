@@ -548,6 +548,15 @@ SWINV2_SIZES: dict[str, dict[str, Any]] = {
 }
 
 
+def size_fields(
+    arch: str, embed_dim: int | None = None, depths: Sequence[int] | None = None, num_heads: Sequence[int] | None = None
+) -> dict[str, Any]:
+    """embed_dim, depths and num_heads (as lists) as given, else the named size's: what a config leaves to its arch."""
+    given = dict(embed_dim=embed_dim, depths=depths, num_heads=num_heads)
+    values = {key: SWINV2_SIZES[arch][key] if value is None else value for key, value in given.items()}
+    return {key: list(value) if isinstance(value, (list, tuple)) else value for key, value in values.items()}
+
+
 def create_swinv2(arch: str, **kwargs: Any) -> SwinTransformerV2:
     """Build a named size (see SWINV2_SIZES); keyword arguments override the size's values."""
     if arch not in SWINV2_SIZES:
