@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load_weights_file, resolve_checkpoint
-from .config import ConfigError, WeightFormat, FinetuneModelConfig, ModelConfig, from_dict, to_dict
+from .config import ConfigError, FinetuneModelConfig, ModelConfig, WeightFormat, from_dict, to_dict
 from .hf import from_hf, hf_windows, is_hf_folder, read_hf_folder
 from .models import SimMIM, build_encoder
 from .models.swinv2 import SWINV2_SIZES, SwinTransformerV2, WindowAttention, is_derived_buffer, size_fields
