@@ -26,6 +26,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import Compose
 
 from simmim_swin.config import AugmentConfig, FinetuneDataConfig
+from simmim_swin.data.datasets import transform_image
 from simmim_swin.data.fashion_mnist import FASHION_MNIST_DIR, FashionMNIST
 from simmim_swin.data.images import (
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -35,10 +36,9 @@ from simmim_swin.data.images import (
     close_source,
     open_source,
 )
-from simmim_swin.data.transforms import EvalView, Normalizer, PretrainCrop
+from simmim_swin.data.transforms import EvalView, ImageTransform, Normalizer, PretrainCrop
 
 CLASSIFICATION_SOURCES = ("folder", "fashion_mnist")
-ImageTransform = Callable[[Image.Image], torch.Tensor]
 
 
 def build_train_transform(img_size: int, augment: AugmentConfig) -> ImageTransform:
@@ -149,7 +149,7 @@ def keeps_raw_values(data_cfg: FinetuneDataConfig, in_chans: int) -> bool:
 
 class CheckedImageFolder(ImageFolder):
     """torchvision's ImageFolder (class sub-folders, plus .npy files), reading any bit depth and band count; a file
-    that cannot be read gives an images.BadSample naming it instead of an exception.
+    that cannot be read gives an images.BadSample naming it instead of an exception (datasets.transform_image).
 
     raw=False feeds timm's transforms 8-bit RGB PIL images; a 16-bit or float file is then a bad sample whose
     reason says to set data.mean / data.std."""
@@ -159,18 +159,26 @@ class CheckedImageFolder(ImageFolder):
     ) -> None:
         super().__init__(str(root), transform, is_valid_file=lambda p: p.lower().endswith((*IMG_EXTENSIONS, ".npy")))
         self.raw, self.max_pixels = raw, max_pixels
+        self.paths = [path for path, _ in self.samples]
+
+    @property
+    def num_images(self) -> int:
+        """Number of image files."""
+        return len(self.samples)
+
+    def load_image(self, k: int) -> ImageSource:
+        """The k-th file: opened lazily when raw, else decoded to 8-bit RGB (ValueError for other depths)."""
+        source = open_source(self.paths[k], max_pixels=self.max_pixels)
+        if self.raw:
+            return source
+        try:
+            return _as_rgb8(source)
+        finally:
+            close_source(source)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | BadSample:
-        path, target = self.samples[index]
-        try:
-            source = open_source(path, max_pixels=self.max_pixels)
-            try:
-                image = self.transform(source if self.raw else _as_rgb8(source))
-            finally:
-                close_source(source)
-        except Exception as e:  # the bad-data policy: any failure to read a file skips and counts it
-            return BadSample.of(path, e)
-        return image, target
+        image = transform_image(self, index, self.transform)
+        return image if isinstance(image, BadSample) else (image, self.targets[index])
 
 
 def _as_rgb8(source: ImageSource) -> Image.Image:

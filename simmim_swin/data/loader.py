@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from simmim_swin.data.images import BadSample, describe_error
+from simmim_swin.data.datasets import ImageCollection, transform_image
+from simmim_swin.data.images import BadSample
 from simmim_swin.data.transforms import EvalView
 from simmim_swin.distributed import LoaderWorkerInit
 
@@ -219,7 +220,7 @@ def endless(loader: Iterable[Any]) -> Iterator[Any]:
 
 
 def make_fixed_batch(
-    dataset: Any,
+    dataset: ImageCollection,
     num_images: int,
     img_size: int,
     mask_generator: Callable[..., torch.Tensor],
@@ -229,8 +230,7 @@ def make_fixed_batch(
     """The same images and masks every call: the first `num_images` readable images (cycled if fewer).
 
     Args:
-        dataset: anything with `num_images` and `load_image(k)` giving a PIL image or a (C, H, W) array
-            (PhotoCrops, ImageFolderMIM); images that fail to load are passed over.
+        dataset: any datasets.ImageCollection; images that fail to load are passed over.
         mask_generator: called as mask_generator(generator=g), e.g. a MaskGenerator.
 
     Returns:
@@ -245,10 +245,11 @@ def make_fixed_batch(
     found: list[torch.Tensor] = []
     errors: list[str] = []
     for k in range(dataset.num_images):
-        try:
-            found.append(view(dataset.load_image(k)))
-        except Exception as e:  # a bad file is skipped here as in training
-            errors.append(describe_error(e))
+        image = transform_image(dataset, k, view)  # a bad file is skipped here as in training
+        if isinstance(image, BadSample):
+            errors.append(image.reason)
+        else:
+            found.append(image)
         if len(found) == num_images:
             break
     if not found:

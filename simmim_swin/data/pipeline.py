@@ -18,7 +18,6 @@ from simmim_swin.data.shards import resolve_urls
 from simmim_swin.data.stream import (
     BadDataMonitor,
     Batch,
-    EvalSample,
     PretrainSample,
     ShardStream,
     build_shard_loader,
@@ -87,7 +86,7 @@ def build_val_batches(
     if not data_cfg.val_urls or data_cfg.val_samples <= 0:
         return []
     urls, _ = resolve_urls(data_cfg.val_urls, what="data.val_urls")
-    sample_fn = EvalSample(EvalView(img_size, in_chans), mask_generator, data_cfg.max_image_pixels)
+    sample_fn = PretrainSample(EvalView(img_size, in_chans), mask_generator, data_cfg.max_image_pixels)
     items = read_samples(urls, data_cfg.val_samples, sample_fn, seed=seed)
     if not items:
         raise ValueError(f"data.val_urls={data_cfg.val_urls!r} holds no readable image samples")

@@ -29,7 +29,7 @@ from simmim_swin.data.images import (
     open_source,
 )
 from simmim_swin.data.shards import IMAGE_MEMBER_KEYS
-from simmim_swin.data.transforms import ImageTransform, PretrainCrop
+from simmim_swin.data.transforms import EvalView, PretrainCrop
 from simmim_swin.distributed import DistInfo, LoaderWorkerInit, all_reduce_sum_
 
 SampleFn = Callable[[dict[str, Any], torch.Generator], tuple[torch.Tensor, ...]]
@@ -134,11 +134,12 @@ def open_image(sample: dict[str, Any], max_pixels: int | None = DEFAULT_MAX_IMAG
 
 
 class PretrainSample:
-    """Raw sample -> (image (C, S, S) uint8 or float32, token mask uint8): SimMIM's crop with draft decoding,
-    mask drawn in the worker; both from the worker's generator."""
+    """Raw sample -> (image (C, S, S) uint8 or float32, token mask uint8): `transform` (SimMIM's PretrainCrop with
+    draft decoding, or the deterministic EvalView for validation) and a mask, both drawn from the worker's
+    generator."""
 
     def __init__(
-        self, transform: PretrainCrop, mask_generator: Callable[..., torch.Tensor],
+        self, transform: PretrainCrop | EvalView, mask_generator: Callable[..., torch.Tensor],
         max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:  # fmt: skip
         self.transform = transform
@@ -149,26 +150,6 @@ class PretrainSample:
         source = open_image(sample, self.max_pixels)
         try:
             image = self.transform(source, generator=generator)
-        finally:
-            close_source(source)
-        return image, self.mask_generator(generator=generator)
-
-
-class EvalSample:
-    """Raw sample -> (image (C, S, S), token mask): the deterministic eval view and a mask from `generator`."""
-
-    def __init__(
-        self, transform: ImageTransform, mask_generator: Callable[..., torch.Tensor],
-        max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-    ) -> None:  # fmt: skip
-        self.transform = transform
-        self.mask_generator = mask_generator
-        self.max_pixels = max_pixels
-
-    def __call__(self, sample: dict[str, Any], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        source = open_image(sample, self.max_pixels)
-        try:
-            image = self.transform(source)
         finally:
             close_source(source)
         return image, self.mask_generator(generator=generator)

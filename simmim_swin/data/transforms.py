@@ -154,7 +154,8 @@ class EvalView:
         self.img_size, self.in_chans, self.crop_pct = img_size, in_chans, crop_pct
         self.rgb = build_eval_transform(img_size, normalize=False)
 
-    def __call__(self, img: ImageSource) -> torch.Tensor:
+    def __call__(self, img: ImageSource, generator: torch.Generator | None = None) -> torch.Tensor:
+        # `generator` is unused (the view draws nothing): taken so that the view can stand where PretrainCrop does
         if isinstance(img, Image.Image) and self.in_chans == 3 and img.mode in EIGHT_BIT_MODES and self.crop_pct == 1:
             return self.rgb(img)
         pixels = to_tensor(img, self.in_chans)

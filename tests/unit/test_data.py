@@ -20,9 +20,8 @@ from simmim_swin.data import (
     IMAGENET_STD,
     PHOTO_FILES,
     BadSample,
-    FashionMNISTMIM,
-    ImageFolderMIM,
-    PhotoCrops,
+    ImageFiles,
+    MaskedImages,
     PretrainCrop,
     SeededSampler,
     build_eval_transform,
@@ -31,6 +30,7 @@ from simmim_swin.data import (
     build_pretrain_loader,
     build_pretrain_transform,
     denormalize,
+    load_photos,
     make_fixed_batch,
     normalize_images,
     sample_crop_box,
@@ -51,8 +51,8 @@ def mask_generator() -> MaskGenerator:
 
 
 @pytest.fixture(scope="module")
-def photos(mask_generator: MaskGenerator) -> PhotoCrops:
-    return PhotoCrops(build_pretrain_transform(IMG), mask_generator, samples_per_epoch=36)
+def photos(mask_generator: MaskGenerator) -> MaskedImages:
+    return MaskedImages(load_photos(), build_pretrain_transform(IMG), mask_generator, samples_per_epoch=36)
 
 
 def _noise_image(seed: int, size: tuple[int, int] = (80, 60)) -> Image.Image:
@@ -143,7 +143,7 @@ def test_denormalize_inverts_normalisation_and_clamps() -> None:
 # ----------------------------------------------------------------------------------------------- datasets
 
 
-def test_photo_crops_are_distinct_with_masks_of_the_right_shape(photos: PhotoCrops) -> None:
+def test_photo_crops_are_distinct_with_masks_of_the_right_shape(photos: MaskedImages) -> None:
     assert photos.num_images == len(PHOTO_FILES) and len(photos) == 36
     first = photos.load_image(0)
     assert first.mode == "RGB" and min(first.size) >= 256  # a real photograph, not a thumbnail
@@ -176,8 +176,8 @@ def image_folder(tmp_path):
 
 
 def test_image_folder_finds_images_recursively(image_folder, mask_generator: MaskGenerator) -> None:
-    ds = ImageFolderMIM(image_folder, build_pretrain_transform(IMG), mask_generator)
-    names = [p.relative_to(image_folder).as_posix() for p in ds.paths]
+    ds = MaskedImages(ImageFiles(image_folder), build_pretrain_transform(IMG), mask_generator)
+    names = [p.relative_to(image_folder).as_posix() for p in ds.images.paths]
     assert names == ["b.png", "sub/A.JPG", "sub/deeper/grey.Png", "sub/deeper/rgba.TIFF"]
     assert len(ds) == ds.num_images == 4
     for k in range(len(ds)):
@@ -193,24 +193,24 @@ def test_image_folder_errors_name_the_folder(tmp_path, mask_generator: MaskGener
     (empty / "sub").mkdir(parents=True)
     (empty / "sub" / "readme.md").write_text("no images here")
     with pytest.raises(ValueError, match="holds no images") as err:
-        ImageFolderMIM(empty, build_pretrain_transform(IMG), mask_generator)
+        MaskedImages(ImageFiles(empty), build_pretrain_transform(IMG), mask_generator)
     assert str(empty) in str(err.value)
     with pytest.raises(ValueError, match="does not exist"):
-        ImageFolderMIM(tmp_path / "missing", build_pretrain_transform(IMG), mask_generator)
+        MaskedImages(ImageFiles(tmp_path / "missing"), build_pretrain_transform(IMG), mask_generator)
 
 
 def test_image_folder_corrupt_file_is_a_bad_sample_naming_the_file(tmp_path, mask_generator: MaskGenerator) -> None:
     (tmp_path / "broken.jpg").write_bytes(b"definitely not a jpeg")
-    ds = ImageFolderMIM(tmp_path, build_pretrain_transform(IMG), mask_generator)
+    ds = MaskedImages(ImageFiles(tmp_path), build_pretrain_transform(IMG), mask_generator)
     bad = ds[0]
     assert isinstance(bad, BadSample) and bad.path.endswith("broken.jpg") and "UnidentifiedImageError" in bad.reason
 
 
 def test_build_pretrain_dataset_sources(image_folder, mask_generator: MaskGenerator) -> None:
     photos = build_pretrain_dataset(DataConfig(source="photos", samples_per_epoch=20), IMG, mask_generator)
-    assert isinstance(photos, PhotoCrops) and len(photos) == 20
+    assert isinstance(photos, MaskedImages) and photos.num_images == len(PHOTO_FILES) and len(photos) == 20
     folder = build_pretrain_dataset(DataConfig(source="folder", root=str(image_folder)), IMG, mask_generator)
-    assert isinstance(folder, ImageFolderMIM) and len(folder) == 4
+    assert isinstance(folder.images, ImageFiles) and len(folder) == 4
     assert folder[0][0].shape == (3, IMG, IMG)
     with pytest.raises(ValueError, match="data.root"):
         build_pretrain_dataset(DataConfig(source="folder"), IMG, mask_generator)
@@ -226,7 +226,7 @@ def _first_batch(dataset, num_workers: int, seed: int = 0, epoch: int = 0):
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_loader_is_deterministic_in_seed_and_epoch(photos: PhotoCrops, num_workers: int) -> None:
+def test_loader_is_deterministic_in_seed_and_epoch(photos: MaskedImages, num_workers: int) -> None:
     images, masks = _first_batch(photos, num_workers)
     assert images.shape == (8, 3, IMG, IMG) and masks.shape == (8, IMG // PATCH, IMG // PATCH)
     torch.manual_seed(123)  # the global RNG must not matter
@@ -238,7 +238,7 @@ def test_loader_is_deterministic_in_seed_and_epoch(photos: PhotoCrops, num_worke
     assert not torch.equal(images, other_seed)
 
 
-def test_loader_batches_do_not_depend_on_num_workers(photos: PhotoCrops) -> None:
+def test_loader_batches_do_not_depend_on_num_workers(photos: MaskedImages) -> None:
     in_process = _first_batch(photos, 0, seed=5, epoch=3)
     with_workers = _first_batch(photos, 2, seed=5, epoch=3)
     assert torch.equal(in_process[0], with_workers[0]) and torch.equal(in_process[1], with_workers[1])
@@ -297,7 +297,7 @@ def test_sampler_splits_ranks_disjointly() -> None:
         SeededSampler(10, seed=0, epoch=0, rank=3, world_size=3)
 
 
-def test_make_fixed_batch_is_deterministic(photos: PhotoCrops, mask_generator: MaskGenerator) -> None:
+def test_make_fixed_batch_is_deterministic(photos: MaskedImages, mask_generator: MaskGenerator) -> None:
     n = photos.num_images + 2  # more than there are photos: cycles
     images, masks = make_fixed_batch(photos, n, IMG, mask_generator, seed=0)
     assert images.shape == (n, 3, IMG, IMG) and images.dtype == torch.uint8  # raw: normalised on the device
@@ -362,7 +362,7 @@ def test_jpegs_are_decoded_in_full_when_the_crop_needs_it():
 @pytest.mark.skipif(not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(), reason="no dataset-fashion-mnist")
 def test_fashion_mnist_dataset_gives_rgb_crops_at_the_model_size(mask_generator: MaskGenerator) -> None:
     ds = build_pretrain_dataset(DataConfig(source="fashion_mnist", split="test"), IMG, mask_generator)
-    assert isinstance(ds, FashionMNISTMIM) and len(ds) == ds.num_images == 10000
+    assert isinstance(ds.images, FashionMNIST) and len(ds) == ds.num_images == 10000
     grey = ds.load_image(0)
     assert grey.mode == "RGB" and grey.size == (28, 28)
     pixels = np.asarray(grey)
@@ -393,8 +393,8 @@ def test_pretraining_and_classification_read_fashion_mnist_through_one_reader(
     assert repr(plain) == "FashionMNIST(split='test', num_images=6)"
 
     transform = build_eval_transform(IMG)
-    mim = FashionMNISTMIM("test", transform, mask_generator, root=tmp_path)
-    assert isinstance(mim, FashionMNIST) and repr(mim) == "FashionMNISTMIM(split='test', num_images=6)"
+    mim = MaskedImages(plain, transform, mask_generator)
+    assert repr(mim) == "FashionMNIST(split='test', num_images=6)"
     crop, mask = mim[2]
     assert torch.equal(crop, transform(plain.load_image(2))) and mask.shape == (IMG // PATCH,) * 2
 
