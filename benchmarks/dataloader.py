@@ -47,10 +47,10 @@ from simmim_swin.data import (
     IMAGENET_STD,
     ImageFiles,
     MaskedImages,
+    PretrainCrop,
     PretrainSample,
     ShardStream,
     build_pretrain_loader,
-    build_pretrain_transform,
     build_shard_loader,
     folder_samples,
     read_index,
@@ -103,11 +103,11 @@ def make_loader(kind: str, folder: Path, urls: list[str], workers: int, batch_si
     """One of the three pipelines, with `workers` worker processes."""
     mask_generator = MaskGenerator(IMG_SIZE, 32, 4, 0.6)
     if kind == "shards":
-        sample_fn = PretrainSample(build_pretrain_transform(IMG_SIZE), mask_generator)
+        sample_fn = PretrainSample(PretrainCrop(IMG_SIZE), mask_generator)
         stream = ShardStream(urls, sample_fn, batch_size=batch_size, batches_per_epoch=10**6, shuffle_buffer=500)
         return build_shard_loader(stream, num_workers=workers)
     if kind == "folder":
-        dataset = MaskedImages(ImageFiles(folder), build_pretrain_transform(IMG_SIZE), mask_generator)
+        dataset = MaskedImages(ImageFiles(folder), PretrainCrop(IMG_SIZE), mask_generator)
         return build_pretrain_loader(dataset, batch_size=batch_size, num_workers=workers, seed=0)
     transform = T.Compose([
         T.RandomResizedCrop(IMG_SIZE, scale=(0.67, 1.0), ratio=(3 / 4, 4 / 3)),
@@ -144,7 +144,7 @@ def per_image_ms(folder: Path, num_images: int = 200) -> dict[str, float]:
         T.ToTensor(),
         T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])  # fmt: skip
-    ours = build_pretrain_transform(IMG_SIZE)
+    ours = PretrainCrop(IMG_SIZE)
     steps = {
         "decode": lambda d: Image.open(io.BytesIO(d)).convert("RGB"),
         "torchvision": lambda d: tv_transform(Image.open(io.BytesIO(d)).convert("RGB")),

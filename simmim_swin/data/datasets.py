@@ -20,7 +20,7 @@ from torch.utils.data import Dataset, Subset
 from simmim_swin.config import DataConfig
 from simmim_swin.data.fashion_mnist import FashionMNIST
 from simmim_swin.data.images import DEFAULT_MAX_IMAGE_PIXELS, BadSample, ImageSource, close_source, open_source
-from simmim_swin.data.transforms import ImageTransform, build_pretrain_transform
+from simmim_swin.data.transforms import ImageTransform, PretrainCrop
 
 # The colour photographs shipped inside the scikit-image wheel (skimage/data); none needs a download.
 PHOTO_FILES: tuple[str, ...] = (
@@ -216,7 +216,7 @@ def build_pretrain_dataset(data_cfg: DataConfig, img_size: int, mask_generator: 
     if data_cfg.source not in MAP_STYLE_SOURCES:
         hint = " (source=shards streams: use build_pretrain_data)" if data_cfg.source == "shards" else ""
         raise ValueError(f"data.source={data_cfg.source!r} is not one of {list(MAP_STYLE_SOURCES)}{hint}")
-    transform = build_pretrain_transform(
+    transform = PretrainCrop(
         img_size,
         crop_scale=data_cfg.crop_scale,
         crop_ratio=data_cfg.crop_ratio,

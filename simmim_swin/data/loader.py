@@ -23,16 +23,22 @@ from simmim_swin.distributed import LoaderWorkerInit
 _MAX_SAMPLE_SEED = 2**62  # torch and python take seeds this large; numpy's legacy seeding gets them mod 2**32
 
 
+def derive_seed(*values: int) -> int:
+    """A 62-bit seed that is a hash of all `values`: neighbouring tuples give unrelated streams (seed + epoch would
+    equate (0, 1) and (1, 0))."""
+    state = np.random.SeedSequence([int(v) for v in values]).generate_state(1, dtype=np.uint64)[0]
+    return int(state) % _MAX_SAMPLE_SEED
+
+
 def make_epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """A CPU torch.Generator whose state is a function of (seed, epoch) alone."""
     if seed < 0 or epoch < 0:
         raise ValueError(f"seed={seed} and epoch={epoch} must be non-negative integers")
-    # SeedSequence hashes the pair: neighbouring pairs give unrelated streams (seed + epoch would equate (0, 1), (1, 0))
-    state = np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state) % _MAX_SAMPLE_SEED)
+    return torch.Generator().manual_seed(derive_seed(seed, epoch))
 
 
-def _check_rank(rank: int, world_size: int) -> None:
+def check_rank(rank: int, world_size: int) -> None:
+    """ValueError unless 0 <= rank < world_size."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
 
@@ -57,7 +63,7 @@ class SeededSampler(Sampler[tuple[int, int]]):
         skip: int = 0,
         samples_per_epoch: int | None = None,
     ) -> None:
-        _check_rank(rank, world_size)
+        check_rank(rank, world_size)
         make_epoch_generator(seed, epoch)  # checks seed and epoch
         self.num_samples = num_samples
         self.seed, self.epoch = seed, epoch
@@ -87,7 +93,7 @@ class SeededSamples(Dataset):
     """Wraps a map-style dataset: item (index, seed) runs dataset[index] with torch, python and numpy RNGs seeded.
 
     The caller's RNG states are restored afterwards, so with num_workers=0 the training process's random
-    streams (dropout, drop path) are left untouched. Other attributes are forwarded to the wrapped dataset.
+    streams (dropout, drop path) are left untouched.
     """
 
     def __init__(self, dataset: Dataset) -> None:
@@ -111,13 +117,6 @@ class SeededSamples(Dataset):
                 random.setstate(py_state)
                 np.random.set_state(np_state)
 
-    def __getattr__(self, name: str) -> Any:
-        # only public names: dunders (e.g. __getitems__) must not bypass the seeding, and guarding "dataset"
-        # avoids infinite recursion while unpickling in a worker
-        if name.startswith("_") or name == "dataset":
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
-
 
 class EvalShard(Dataset):
     """Rank `rank`'s share of an evaluation set: items rank, rank + world_size, ..., padded to an even length.
@@ -128,7 +127,7 @@ class EvalShard(Dataset):
     """
 
     def __init__(self, dataset: Dataset, rank: int = 0, world_size: int = 1) -> None:
-        _check_rank(rank, world_size)
+        check_rank(rank, world_size)
         if len(dataset) == 0:
             raise ValueError("the evaluation set is empty: check the validation images")
         self.dataset = dataset
@@ -178,7 +177,7 @@ def build_pretrain_loader(
         raise ValueError(f"batch_size={batch_size} must be positive")
     if num_workers < 0:
         raise ValueError(f"num_workers={num_workers} must be >= 0 (0 loads in the main process)")
-    _check_rank(rank, world_size)
+    check_rank(rank, world_size)
     per_rank = len(dataset) // world_size
     if per_rank < batch_size:
         total = f" ({len(dataset)} across world_size={world_size})" if world_size > 1 else ""

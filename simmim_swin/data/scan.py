@@ -7,8 +7,6 @@ the work is split by file or by shard over a multiprocessing pool, with a progre
 from __future__ import annotations
 
 import io
-import multiprocessing
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +26,7 @@ from simmim_swin.data.images import (
     source_depth,
     to_tensor,
 )
-from simmim_swin.data.shards import IMAGE_MEMBER_KEYS, Progress, resolve_urls
+from simmim_swin.data.shards import IMAGE_MEMBER_KEYS, Progress, pool_map, resolve_urls
 from simmim_swin.data.stream import BadSampleLog, iter_shard_samples, open_image
 
 
@@ -177,20 +175,12 @@ def scan(
 ) -> UnitReport:  # fmt: skip
     """All units read by a pool of `workers` processes (0: one per CPU), merged into one report."""
     total = UnitReport()
-    workers = min(workers or os.cpu_count() or 1, max(1, len(units)))
     progress = Progress(len(units), max(1, len(units) // 20), desc=f"{desc} ({kind})")
     tasks = [(unit, kind, max_pixels, in_chans, moments) for unit in units]
     try:
-        if workers == 1:  # in this process: no pool to start
-            for task in tasks:
-                total.add(check_unit(task))
-                progress.update()
-            return total
-        # spawn: the workers never inherit the caller's threads or open files
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            for report in pool.imap_unordered(check_unit, tasks, chunksize=max(1, len(units) // (workers * 8))):
-                total.add(report)
-                progress.update()
+        for report in pool_map(check_unit, tasks, workers, ordered=False):
+            total.add(report)
+            progress.update()
     finally:
         progress.close()
     return total

@@ -15,7 +15,6 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
@@ -28,6 +27,7 @@ from simmim_swin.data.images import (
     describe_error,
     open_source,
 )
+from simmim_swin.data.loader import check_rank, derive_seed
 from simmim_swin.data.shards import IMAGE_MEMBER_KEYS
 from simmim_swin.data.transforms import EvalView, PretrainCrop
 from simmim_swin.distributed import DistInfo, LoaderWorkerInit, all_reduce_sum_
@@ -35,11 +35,6 @@ from simmim_swin.distributed import DistInfo, LoaderWorkerInit, all_reduce_sum_
 SampleFn = Callable[[dict[str, Any], torch.Generator], tuple[torch.Tensor, ...]]
 LOG_FIRST_BAD = 10  # each worker logs its first bad samples one line each...
 LOG_BAD_EVERY = 100  # ...then one line per this many
-
-
-def derive_seed(*values: int) -> int:
-    """A 62-bit seed that is a hash of all `values` (neighbouring tuples give unrelated streams)."""
-    return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1, dtype=np.uint64)[0]) % 2**62
 
 
 def assign_shards(urls: list[str], slot: int, num_slots: int) -> list[str]:
@@ -155,10 +150,6 @@ class PretrainSample:
         return image, self.mask_generator(generator=generator)
 
 
-def _collate(items: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
-    return tuple(torch.stack(field) for field in zip(*items))  # each field: B, ...
-
-
 _REPORTED: set[str] = set()  # files this process has already named
 
 
@@ -210,8 +201,7 @@ class ShardStream(IterableDataset):
             raise ValueError("no shard URLs given")
         if batch_size < 1 or batches_per_epoch < 1:
             raise ValueError(f"batch_size={batch_size} and batches_per_epoch={batches_per_epoch} must be >= 1")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
+        check_rank(rank, world_size)
         if not 0 <= skip_batches < batches_per_epoch:
             raise ValueError(f"skip_batches={skip_batches} must lie in [0, {batches_per_epoch})")
         self.urls = list(urls)
@@ -250,7 +240,7 @@ class ShardStream(IterableDataset):
                 except Exception as e:  # the bad-data policy: any failure to decode skips and counts the sample
                     log.record(sample.get("__url__", log.current_url), sample.get("__key__"), e)
             if len(items) == self.batch_size:
-                yield Batch(_collate(items), *log.take())
+                yield Batch(tuple(default_collate(items)), *log.take())
                 items = []
                 quota -= 1
                 if quota == 0:

@@ -130,17 +130,6 @@ class PretrainCrop:
         )
 
 
-def build_pretrain_transform(
-    img_size: int,
-    crop_scale: Sequence[float] = (0.67, 1.0),
-    crop_ratio: Sequence[float] = (3 / 4, 4 / 3),
-    hflip: bool = True,
-    in_chans: int = 3,
-) -> PretrainCrop:
-    """SimMIM augmentation: image -> tensor (in_chans, img_size, img_size), raw values; normalise on the device."""
-    return PretrainCrop(img_size, crop_scale=crop_scale, crop_ratio=crop_ratio, hflip=hflip, in_chans=in_chans)
-
-
 class EvalView:
     """Deterministic view of any image: resize the shorter side to img_size / crop_pct (antialiased bilinear) and
     centre crop img_size -> (in_chans, img_size, img_size), raw values (uint8 for 8-bit files, float32 otherwise).

@@ -28,7 +28,6 @@ from simmim_swin.data import (
     build_pretrain_data,
     build_pretrain_dataset,
     build_pretrain_loader,
-    build_pretrain_transform,
     denormalize,
     load_photos,
     make_fixed_batch,
@@ -52,7 +51,7 @@ def mask_generator() -> MaskGenerator:
 
 @pytest.fixture(scope="module")
 def photos(mask_generator: MaskGenerator) -> MaskedImages:
-    return MaskedImages(load_photos(), build_pretrain_transform(IMG), mask_generator, samples_per_epoch=36)
+    return MaskedImages(load_photos(), PretrainCrop(IMG), mask_generator, samples_per_epoch=36)
 
 
 def _noise_image(seed: int, size: tuple[int, int] = (80, 60)) -> Image.Image:
@@ -79,7 +78,7 @@ class _IndexDataset(torch.utils.data.Dataset):
 
 def test_pretrain_transform_gives_uint8_and_normalize_images_matches_torchvision() -> None:
     rgb = (200, 100, 50)
-    out = build_pretrain_transform(IMG)(Image.new("RGB", (90, 70), rgb))
+    out = PretrainCrop(IMG)(Image.new("RGB", (90, 70), rgb))
     assert out.shape == (3, IMG, IMG) and out.dtype == torch.uint8
     # a flat colour survives any crop, so every pixel must be exactly that colour
     assert torch.equal(out, torch.tensor(rgb, dtype=torch.uint8).view(3, 1, 1).expand_as(out))
@@ -94,7 +93,7 @@ def test_pretrain_transform_gives_uint8_and_normalize_images_matches_torchvision
 
 
 def test_pretrain_transform_is_random_and_follows_torch_rng() -> None:
-    transform = build_pretrain_transform(IMG)
+    transform = PretrainCrop(IMG)
     img = _noise_image(0)
     torch.manual_seed(1)
     a, b = transform(img), transform(img)
@@ -105,11 +104,11 @@ def test_pretrain_transform_is_random_and_follows_torch_rng() -> None:
 
 def test_pretrain_transform_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError, match="crop_scale"):
-        build_pretrain_transform(IMG, crop_scale=(0.5, 1.5))
+        PretrainCrop(IMG, crop_scale=(0.5, 1.5))
     with pytest.raises(ValueError, match="crop_ratio"):
-        build_pretrain_transform(IMG, crop_ratio=(4 / 3, 3 / 4))
+        PretrainCrop(IMG, crop_ratio=(4 / 3, 3 / 4))
     with pytest.raises(ValueError, match="img_size"):
-        build_pretrain_transform(0)
+        PretrainCrop(0)
 
 
 def test_eval_transform_is_a_deterministic_centre_crop() -> None:
@@ -176,7 +175,7 @@ def image_folder(tmp_path):
 
 
 def test_image_folder_finds_images_recursively(image_folder, mask_generator: MaskGenerator) -> None:
-    ds = MaskedImages(ImageFiles(image_folder), build_pretrain_transform(IMG), mask_generator)
+    ds = MaskedImages(ImageFiles(image_folder), PretrainCrop(IMG), mask_generator)
     names = [p.relative_to(image_folder).as_posix() for p in ds.images.paths]
     assert names == ["b.png", "sub/A.JPG", "sub/deeper/grey.Png", "sub/deeper/rgba.TIFF"]
     assert len(ds) == ds.num_images == 4
@@ -193,15 +192,15 @@ def test_image_folder_errors_name_the_folder(tmp_path, mask_generator: MaskGener
     (empty / "sub").mkdir(parents=True)
     (empty / "sub" / "readme.md").write_text("no images here")
     with pytest.raises(ValueError, match="holds no images") as err:
-        MaskedImages(ImageFiles(empty), build_pretrain_transform(IMG), mask_generator)
+        MaskedImages(ImageFiles(empty), PretrainCrop(IMG), mask_generator)
     assert str(empty) in str(err.value)
     with pytest.raises(ValueError, match="does not exist"):
-        MaskedImages(ImageFiles(tmp_path / "missing"), build_pretrain_transform(IMG), mask_generator)
+        MaskedImages(ImageFiles(tmp_path / "missing"), PretrainCrop(IMG), mask_generator)
 
 
 def test_image_folder_corrupt_file_is_a_bad_sample_naming_the_file(tmp_path, mask_generator: MaskGenerator) -> None:
     (tmp_path / "broken.jpg").write_bytes(b"definitely not a jpeg")
-    ds = MaskedImages(ImageFiles(tmp_path), build_pretrain_transform(IMG), mask_generator)
+    ds = MaskedImages(ImageFiles(tmp_path), PretrainCrop(IMG), mask_generator)
     bad = ds[0]
     assert isinstance(bad, BadSample) and bad.path.endswith("broken.jpg") and "UnidentifiedImageError" in bad.reason
 
