@@ -210,19 +210,18 @@ class ImageFiles:
         return f"ImageFiles(root={str(self.root)!r}, num_images={self.num_images})"
 
 
+def build_pretrain_transform(data_cfg: DataConfig, img_size: int, in_chans: int = 3) -> PretrainCrop:
+    """SimMIM's augmentation as `data_cfg` sets it: image -> (in_chans, img_size, img_size), raw values."""
+    return PretrainCrop(img_size, data_cfg.crop_scale, data_cfg.crop_ratio, data_cfg.hflip, in_chans=in_chans)
+
+
 def build_pretrain_dataset(data_cfg: DataConfig, img_size: int, mask_generator: MaskFn, in_chans: int = 3) -> Dataset:
     """The map-style pretraining dataset named by `data_cfg.source`, with the SimMIM augmentation at `img_size`
     giving `in_chans` channels."""
     if data_cfg.source not in MAP_STYLE_SOURCES:
         hint = " (source=shards streams: use build_pretrain_data)" if data_cfg.source == "shards" else ""
         raise ValueError(f"data.source={data_cfg.source!r} is not one of {list(MAP_STYLE_SOURCES)}{hint}")
-    transform = PretrainCrop(
-        img_size,
-        crop_scale=data_cfg.crop_scale,
-        crop_ratio=data_cfg.crop_ratio,
-        hflip=data_cfg.hflip,
-        in_chans=in_chans,
-    )
+    transform = build_pretrain_transform(data_cfg, img_size, in_chans)
     if data_cfg.source == "photos":
         return MaskedImages(load_photos(), transform, mask_generator, samples_per_epoch=data_cfg.samples_per_epoch)
     if data_cfg.source == "fashion_mnist":

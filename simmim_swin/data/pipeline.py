@@ -13,7 +13,13 @@ from PIL import Image
 from torch.utils.data import default_collate
 
 from simmim_swin.config import DataConfig
-from simmim_swin.data.datasets import MAP_STYLE_SOURCES, ImageCollection, ImageList, build_pretrain_dataset
+from simmim_swin.data.datasets import (
+    MAP_STYLE_SOURCES,
+    ImageCollection,
+    ImageList,
+    build_pretrain_dataset,
+    build_pretrain_transform,
+)
 from simmim_swin.data.loader import build_pretrain_loader, endless
 from simmim_swin.data.shards import resolve_urls
 from simmim_swin.data.stream import (
@@ -26,7 +32,7 @@ from simmim_swin.data.stream import (
     open_image,
     read_samples,
 )
-from simmim_swin.data.transforms import EvalView, PretrainCrop
+from simmim_swin.data.transforms import EvalView
 
 MaskFn = Callable[..., torch.Tensor]
 
@@ -186,9 +192,7 @@ def _shard_data(
         )
     steps_per_epoch = samples_per_epoch // layout.global_batch
     _check_steps(steps_per_epoch, samples_per_epoch, layout.global_batch, "data.samples_per_epoch")
-    transform = PretrainCrop(
-        img_size, data_cfg.crop_scale, data_cfg.crop_ratio, data_cfg.hflip, in_chans=layout.in_chans
-    )
+    transform = build_pretrain_transform(data_cfg, img_size, layout.in_chans)
     sample_fn = PretrainSample(transform, mask_generator, data_cfg.max_image_pixels)
 
     def shard_batches(start_step: int) -> Iterator[Batch]:
