@@ -188,10 +188,6 @@ def build_pretrain_loader(
     num_batches = min(per_rank // batch_size, batches_per_epoch or per_rank)
     if not 0 <= skip_batches <= num_batches:
         raise ValueError(f"skip_batches={skip_batches} must lie in [0, {num_batches}], the batches in one epoch")
-    # the DataLoader draws its workers' base seed from a generator on every iter(); give it its own, derived from
-    # (seed, epoch), so that draw never consumes the process's global torch RNG
-    worker_seed = int(torch.randint(_MAX_SAMPLE_SEED, (1,), generator=make_epoch_generator(seed, epoch)))
-    worker_generator = torch.Generator().manual_seed(worker_seed)
     cap = batches_per_epoch * batch_size if batches_per_epoch else None
     sampler = SeededSampler(
         len(dataset), seed, epoch, rank=rank, world_size=world_size, skip=skip_batches * batch_size,
@@ -207,7 +203,9 @@ def build_pretrain_loader(
         drop_last=drop_last,
         persistent_workers=num_workers > 0,
         collate_fn=collate_fn,
-        generator=worker_generator,
+        # the DataLoader draws its workers' base seed from a generator on every iter(): one of its own, from
+        # (seed, epoch), so that the draw never consumes the process's global torch RNG
+        generator=make_epoch_generator(seed, epoch),
         worker_init_fn=LoaderWorkerInit(),
     )
 
