@@ -9,6 +9,7 @@ drops and counts. Webdataset shards stream through data/stream.py instead.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -177,10 +178,8 @@ def unread_files(root: str | Path) -> list[Path]:
 
 def describe_unread(files: list[Path], limit: int = 5) -> str:
     """'3 files that are not read (extensions .gif: 2, .txt: 1), e.g. a/b.gif, c.txt'."""
-    extensions: dict[str, int] = {}
-    for path in files:
-        extensions[path.suffix.lower() or "(none)"] = extensions.get(path.suffix.lower() or "(none)", 0) + 1
-    ordered = ", ".join(f"{ext}: {n}" for ext, n in sorted(extensions.items(), key=lambda item: -item[1]))
+    extensions = Counter(path.suffix.lower() or "(none)" for path in files)
+    ordered = ", ".join(f"{ext}: {n}" for ext, n in extensions.most_common())
     shown = ", ".join(str(p) for p in files[:limit]) + (", ..." if len(files) > limit else "")
     return (
         f"{len(files)} file{'s' if len(files) != 1 else ''} not read (extensions {ordered}), e.g. {shown}; "
