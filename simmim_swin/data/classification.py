@@ -36,7 +36,7 @@ from simmim_swin.data.images import (
     close_source,
     open_source,
 )
-from simmim_swin.data.transforms import EvalView, ImageTransform, Normalizer, PretrainCrop
+from simmim_swin.data.transforms import EvalView, ImageTransform, Normalizer, PretrainCrop, build_eval_transform
 
 CLASSIFICATION_SOURCES = ("folder", "fashion_mnist")
 
@@ -83,15 +83,6 @@ def _patch_posterize(transform: Callable) -> None:
             for op in step.ops:
                 if op.aug_fn is timm_posterize:
                     op.aug_fn = _posterize_keep_zero_bits
-
-
-def build_classification_eval_transform(
-    img_size: int, crop_pct: float, interpolation: str = "bicubic"
-) -> ImageTransform:
-    """Resize to floor(img_size / crop_pct), centre crop img_size, normalise -> tensor (3, img_size, img_size)."""
-    if not 0.0 < crop_pct <= 1.0:
-        raise ValueError(f"data.crop_pct={crop_pct} must lie in (0, 1]; 0.875 is the 224-of-256 protocol")
-    return create_transform(input_size=img_size, is_training=False, crop_pct=crop_pct, interpolation=interpolation)
 
 
 def balanced_subset(targets: Sequence[int], num_images: int, seed: int) -> list[int]:
@@ -253,7 +244,7 @@ def _eval_transform(data_cfg: FinetuneDataConfig, img_size: int, interpolation: 
     """Resize + centre crop, normalised floats: timm's for 8-bit RGB, our own view for raw values."""
     if keeps_raw_values(data_cfg, in_chans):  # normalised here, so that evaluation takes these floats as they are
         return Compose([EvalView(img_size, in_chans, data_cfg.crop_pct), Normalizer(data_cfg.mean, data_cfg.std)])
-    return build_classification_eval_transform(img_size, data_cfg.crop_pct, interpolation)
+    return build_eval_transform(img_size, crop_pct=data_cfg.crop_pct, interpolation=interpolation)
 
 
 def build_train_dataset(

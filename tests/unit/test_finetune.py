@@ -21,9 +21,9 @@ from simmim_swin.config import (
 )
 from simmim_swin.data.classification import (
     balanced_subset,
-    build_classification_eval_transform,
     build_train_transform,
 )
+from simmim_swin.data.transforms import build_eval_transform
 from simmim_swin.engine import evaluate_classifier
 from simmim_swin.finetune import (
     build_mixup_and_loss,
@@ -179,13 +179,13 @@ def test_balanced_subset_is_balanced_and_seeded():
 def test_eval_transform_resizes_then_centre_crops():
     from PIL import Image
 
-    transform = build_classification_eval_transform(64, crop_pct=0.875)
+    transform = build_eval_transform(64, crop_pct=0.875, interpolation="bicubic")
     sizes = [type(t).__name__ for t in transform.transforms]
-    assert sizes[:2] == ["Resize", "CenterCrop"] and transform.transforms[0].size == 73  # floor(64 / 0.875)
-    assert transform.transforms[1].size == (64, 64) and transform.transforms[0].interpolation.value == "bicubic"
-    assert transform(Image.new("L", (28, 28)).convert("RGB")).shape == (3, 64, 64)
+    assert sizes[1:3] == ["Resize", "CenterCrop"] and transform.transforms[1].size == 73  # floor(64 / 0.875)
+    assert transform.transforms[2].size == (64, 64) and transform.transforms[1].interpolation.value == "bicubic"
+    assert transform(Image.new("L", (28, 28))).shape == (3, 64, 64)  # grey becomes RGB first
     with pytest.raises(ValueError, match="crop_pct=1.5"):
-        build_classification_eval_transform(64, crop_pct=1.5)
+        build_eval_transform(64, crop_pct=1.5)
 
 
 def test_rand_augment_posterize_with_zero_bits_gives_black_not_an_error():
