@@ -6,7 +6,7 @@ each number of workers, images per second through:
 
   shards          simmim-swin's ShardStream: tar shards, draft-mode JPEG decoding, crop + resize on the uint8
                   tensor (torch's antialiased bilinear), masks in the workers, uint8 batches
-  folder          simmim-swin's map-style ImageFolderMIM with the same decoding and transform (file per image)
+  folder          simmim-swin's map-style MaskedImages(ImageFiles) with the same decoding and transform (file per image)
   torchvision     torchvision.datasets.ImageFolder + RandomResizedCrop + RandomHorizontalFlip + ToTensor +
                   Normalize with plain PIL decoding (the SimMIM reference pipeline), masks drawn the same way
 
@@ -45,11 +45,12 @@ from torchvision import transforms as T
 from simmim_swin.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    ImageFolderMIM,
+    ImageFiles,
+    MaskedImages,
+    PretrainCrop,
     PretrainSample,
     ShardStream,
     build_pretrain_loader,
-    build_pretrain_transform,
     build_shard_loader,
     folder_samples,
     read_index,
@@ -102,11 +103,11 @@ def make_loader(kind: str, folder: Path, urls: list[str], workers: int, batch_si
     """One of the three pipelines, with `workers` worker processes."""
     mask_generator = MaskGenerator(IMG_SIZE, 32, 4, 0.6)
     if kind == "shards":
-        sample_fn = PretrainSample(build_pretrain_transform(IMG_SIZE), mask_generator)
+        sample_fn = PretrainSample(PretrainCrop(IMG_SIZE), mask_generator)
         stream = ShardStream(urls, sample_fn, batch_size=batch_size, batches_per_epoch=10**6, shuffle_buffer=500)
         return build_shard_loader(stream, num_workers=workers)
     if kind == "folder":
-        dataset = ImageFolderMIM(folder, build_pretrain_transform(IMG_SIZE), mask_generator)
+        dataset = MaskedImages(ImageFiles(folder), PretrainCrop(IMG_SIZE), mask_generator)
         return build_pretrain_loader(dataset, batch_size=batch_size, num_workers=workers, seed=0)
     transform = T.Compose([
         T.RandomResizedCrop(IMG_SIZE, scale=(0.67, 1.0), ratio=(3 / 4, 4 / 3)),
@@ -143,7 +144,7 @@ def per_image_ms(folder: Path, num_images: int = 200) -> dict[str, float]:
         T.ToTensor(),
         T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])  # fmt: skip
-    ours = build_pretrain_transform(IMG_SIZE)
+    ours = PretrainCrop(IMG_SIZE)
     steps = {
         "decode": lambda d: Image.open(io.BytesIO(d)).convert("RGB"),
         "torchvision": lambda d: tv_transform(Image.open(io.BytesIO(d)).convert("RGB")),

@@ -26,12 +26,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 from .config import ProbeConfig
 from .data.classification import balanced_subset
-from .data.fashion_mnist import FASHION_MNIST_DIR, load_fashion_mnist
+from .data.fashion_mnist import FASHION_MNIST_DIR, FashionMNIST
 from .data.transforms import build_eval_transform, normalize_images
 from .distributed import DistInfo
 from .precision import autocast_context
@@ -57,23 +56,21 @@ class ProbeSet:
 # the probe set
 
 
-def _fashion_mnist(cfg: ProbeConfig, split: str, num: int, transform: Callable) -> tuple[list, list[int]]:
-    images, labels = load_fashion_mnist("train" if split == "train" else "test", cfg.root or FASHION_MNIST_DIR)
-    picked = balanced_subset(labels.tolist(), min(num, len(labels)), cfg.seed)
-    return [transform(Image.fromarray(images[i]).convert("RGB")) for i in picked], [int(labels[i]) for i in picked]
-
-
-def _folder(cfg: ProbeConfig, split: str, num: int, transform: Callable) -> tuple[list, list[int], list[str]]:
+def _labelled(cfg: ProbeConfig, split: str, num: int, transform: Callable) -> tuple[list, list[int], list[str]]:
+    """A class-balanced `num` of Fashion-MNIST's or a class folder's images (transformed), labels, class names."""
     from torchvision.datasets import ImageFolder
 
-    explicit = cfg.train if split == "train" else cfg.val
-    folder = Path(explicit if isinstance(explicit, str) else Path(cfg.root or "") / split)
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"probe {split} folder {folder} does not exist; give probe.root with train/ and val/ class folders "
-            f"or probe.{split}=DIR"
-        )
-    dataset = ImageFolder(str(folder), transform)
+    if cfg.source == "fashion_mnist":
+        dataset = FashionMNIST("train" if split == "train" else "test", transform, cfg.root or FASHION_MNIST_DIR)
+    else:
+        explicit = cfg.train if split == "train" else cfg.val
+        folder = Path(explicit if isinstance(explicit, str) else Path(cfg.root or "") / split)
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"probe {split} folder {folder} does not exist; give probe.root with train/ and val/ class folders "
+                f"or probe.{split}=DIR"
+            )
+        dataset = ImageFolder(str(folder), transform)
     picked = balanced_subset(dataset.targets, min(num, len(dataset)), cfg.seed)
     items = [dataset[i] for i in picked]
     return [image for image, _ in items], [label for _, label in items], list(dataset.classes)
@@ -98,10 +95,8 @@ def _load_split(cfg: ProbeConfig, split: str, num: int, img_size: int) -> tuple[
     """(uint8 images (N, 3, S, S), labels (N,), class names or []) of one split, resized and centre-cropped."""
     transform = build_eval_transform(img_size, normalize=False)
     classes: list[str] = []
-    if cfg.source == "fashion_mnist":
-        images, labels = _fashion_mnist(cfg, split, num, transform)
-    elif cfg.source == "folder":
-        images, labels, classes = _folder(cfg, split, num, transform)
+    if cfg.source in ("fashion_mnist", "folder"):
+        images, labels, classes = _labelled(cfg, split, num, transform)
     else:
         images, labels = _shards(cfg, split, num, transform)
     if not images:

@@ -26,6 +26,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import Compose
 
 from simmim_swin.config import AugmentConfig, FinetuneDataConfig
+from simmim_swin.data.datasets import transform_image
 from simmim_swin.data.fashion_mnist import FASHION_MNIST_DIR, FashionMNIST
 from simmim_swin.data.images import (
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -35,9 +36,7 @@ from simmim_swin.data.images import (
     close_source,
     open_source,
 )
-from simmim_swin.data.transforms import EvalView, Normalizer, PretrainCrop
-
-ImageTransform = Callable[[Image.Image], torch.Tensor]
+from simmim_swin.data.transforms import EvalView, ImageTransform, Normalizer, PretrainCrop, build_eval_transform
 
 
 def build_train_transform(img_size: int, augment: AugmentConfig) -> ImageTransform:
@@ -80,13 +79,6 @@ def _patch_posterize(transform: Callable) -> None:
             for op in step.ops:
                 if op.aug_fn is timm_posterize:
                     op.aug_fn = _posterize_keep_zero_bits
-
-
-def build_classification_eval_transform(
-    img_size: int, crop_pct: float, interpolation: str = "bicubic"
-) -> ImageTransform:
-    """Resize to floor(img_size / crop_pct), centre crop img_size, normalise -> tensor (3, img_size, img_size)."""
-    return create_transform(input_size=img_size, is_training=False, crop_pct=crop_pct, interpolation=interpolation)
 
 
 def balanced_subset(targets: Sequence[int], num_images: int, seed: int) -> list[int]:
@@ -137,7 +129,7 @@ def keeps_raw_values(data_cfg: FinetuneDataConfig, in_chans: int) -> bool:
 
 class CheckedImageFolder(ImageFolder):
     """torchvision's ImageFolder (class sub-folders, plus .npy files), reading any bit depth and band count; a file
-    that cannot be read gives an images.BadSample naming it instead of an exception.
+    that cannot be read gives an images.BadSample naming it instead of an exception (datasets.transform_image).
 
     raw=False feeds timm's transforms 8-bit RGB PIL images; a 16-bit or float file is then a bad sample whose
     reason says to set data.mean / data.std."""
@@ -147,18 +139,26 @@ class CheckedImageFolder(ImageFolder):
     ) -> None:
         super().__init__(str(root), transform, is_valid_file=lambda p: p.lower().endswith((*IMG_EXTENSIONS, ".npy")))
         self.raw, self.max_pixels = raw, max_pixels
+        self.paths = [path for path, _ in self.samples]
+
+    @property
+    def num_images(self) -> int:
+        """Number of image files."""
+        return len(self.samples)
+
+    def load_image(self, k: int) -> ImageSource:
+        """The k-th file: opened lazily when raw, else decoded to 8-bit RGB (ValueError for other depths)."""
+        source = open_source(self.paths[k], max_pixels=self.max_pixels)
+        if self.raw:
+            return source
+        try:
+            return _as_rgb8(source)
+        finally:
+            close_source(source)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | BadSample:
-        path, target = self.samples[index]
-        try:
-            source = open_source(path, max_pixels=self.max_pixels)
-            try:
-                image = self.transform(source if self.raw else _as_rgb8(source))
-            finally:
-                close_source(source)
-        except Exception as e:  # the bad-data policy: any failure to read a file skips and counts it
-            return BadSample.of(path, e)
-        return image, target
+        image = transform_image(self, index, self.transform)
+        return image if isinstance(image, BadSample) else (image, self.targets[index])
 
 
 def _as_rgb8(source: ImageSource) -> Image.Image:
@@ -233,7 +233,7 @@ def _eval_transform(data_cfg: FinetuneDataConfig, img_size: int, interpolation: 
     """Resize + centre crop, normalised floats: timm's for 8-bit RGB, our own view for raw values."""
     if keeps_raw_values(data_cfg, in_chans):  # normalised here, so that evaluation takes these floats as they are
         return Compose([EvalView(img_size, in_chans, data_cfg.crop_pct), Normalizer(data_cfg.mean, data_cfg.std)])
-    return build_classification_eval_transform(img_size, data_cfg.crop_pct, interpolation)
+    return build_eval_transform(img_size, crop_pct=data_cfg.crop_pct, interpolation=interpolation)
 
 
 def build_train_dataset(

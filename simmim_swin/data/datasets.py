@@ -1,24 +1,27 @@
 """Map-style datasets for SimMIM pretraining: bundled scikit-image photographs, image folders, Fashion-MNIST.
 
-Every sample is (augmented image (C, H, W), token mask (H/p, W/p) uint8); labels are not used. Images keep the
+Each source is an ImageCollection (numbered images: `num_images`, `load_image(k)`), and MaskedImages turns any of
+them into samples (augmented image (C, H, W), token mask (H/p, W/p) uint8); labels are not used. Images keep the
 files' values (uint8 for 8-bit files, float32 otherwise) and are normalised on the device (transforms.Normalizer).
-An image folder's unreadable file comes back as an images.BadSample, which stream.collate_good drops and
-counts. Webdataset shards stream through data/stream.py instead.
+An image that cannot be read comes back as an images.BadSample (transform_image), which stream.collate_good
+drops and counts. Webdataset shards stream through data/stream.py instead.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 
 from simmim_swin.config import DataConfig
-from simmim_swin.data.fashion_mnist import FASHION_MNIST_DIR, FashionMNIST
+from simmim_swin.data.fashion_mnist import FashionMNIST
 from simmim_swin.data.images import DEFAULT_MAX_IMAGE_PIXELS, BadSample, ImageSource, close_source, open_source
-from simmim_swin.data.transforms import ImageTransform, build_pretrain_transform
+from simmim_swin.data.transforms import ImageTransform, PretrainCrop
 
 # The colour photographs shipped inside the scikit-image wheel (skimage/data); none needs a download.
 PHOTO_FILES: tuple[str, ...] = (
@@ -57,44 +60,101 @@ def skimage_data_dir() -> Path:
     return Path(skimage.data.__file__).parent
 
 
-class PhotoCrops(Dataset):
-    """Random crops of the real photographs bundled with scikit-image; an epoch is `samples_per_epoch` crops.
-
-    The photos are decoded once (about 15 MB in memory); sample i uses photo i % num_images, and the random
-    crop / flip / mask make every sample different.
-    """
-
-    def __init__(self, transform: ImageTransform, mask_generator: MaskFn, samples_per_epoch: int) -> None:
-        data_dir = skimage_data_dir()
-        missing = [name for name in PHOTO_FILES if not (data_dir / name).is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"scikit-image's bundled photos {missing} are not in {data_dir}; reinstall scikit-image "
-                "(pip install --force-reinstall scikit-image) or use data.source=folder"
-            )
-        self.paths = [data_dir / name for name in PHOTO_FILES]
-        self.photos = [_load_rgb(p) for p in self.paths]
-        self.transform = transform
-        self.mask_generator = mask_generator
-        self.samples_per_epoch = samples_per_epoch
+class ImageCollection(Protocol):
+    """Numbered images: what every image source offers (ImageList, ImageFiles, FashionMNIST, the classification
+    folders, ImageSubset, MaskedImages) and what MaskedImages, the panels (make_fixed_batch) and subsets read."""
 
     @property
     def num_images(self) -> int:
-        """Number of distinct photographs."""
-        return len(self.photos)
+        """Number of distinct images."""
 
-    def load_image(self, k: int) -> Image.Image:
-        """The k-th distinct photograph as an RGB PIL image (a copy: callers may modify it)."""
-        return self.photos[k].copy()
+    def load_image(self, k: int) -> ImageSource:
+        """The k-th image: a PIL image (which the caller may modify and closes) or a (C, H, W) array."""
+
+
+def transform_image(images: ImageCollection, k: int, transform: ImageTransform) -> torch.Tensor | BadSample:
+    """transform(image k), its file closed afterwards; an images.BadSample naming the file (`images.paths[k]`
+    where the collection has files) if it cannot be read, so that one bad file never ends a run."""
+    try:
+        source = images.load_image(k)
+        try:
+            return transform(source)
+        finally:
+            close_source(source)
+    except Exception as e:  # the bad-data policy: any failure to read an image skips and counts it
+        paths = getattr(images, "paths", None)
+        return BadSample.of(paths[k] if paths is not None else f"image {k} of {images!r}", e)
+
+
+class MaskedImages(Dataset):
+    """SimMIM samples of an image collection: item i is (transform(image i % num_images), mask), or a BadSample.
+
+    An epoch is `samples_per_epoch` samples (default: each image once); with more samples than images the random
+    crop / flip / mask make every sample different.
+    """
+
+    def __init__(
+        self, images: ImageCollection, transform: ImageTransform, mask_generator: MaskFn,
+        samples_per_epoch: int | None = None,
+    ) -> None:  # fmt: skip
+        if samples_per_epoch is not None and samples_per_epoch <= 0:
+            raise ValueError(f"samples_per_epoch={samples_per_epoch} must be positive, e.g. 8192")
+        self.images = images
+        self.transform = transform
+        self.mask_generator = mask_generator
+        self.samples_per_epoch = samples_per_epoch or images.num_images
+
+    @property
+    def num_images(self) -> int:
+        """Number of distinct images."""
+        return self.images.num_images
+
+    def load_image(self, k: int) -> ImageSource:
+        """The k-th distinct image, as the collection gives it."""
+        return self.images.load_image(k)
 
     def __len__(self) -> int:
         return self.samples_per_epoch
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.transform(self.photos[index % len(self.photos)]), self.mask_generator()
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | BadSample:
+        image = transform_image(self.images, index % self.images.num_images, self.transform)
+        return image if isinstance(image, BadSample) else (image, self.mask_generator())
 
     def __repr__(self) -> str:
-        return f"PhotoCrops(num_images={self.num_images}, samples_per_epoch={self.samples_per_epoch})"
+        per_epoch = f", {self.samples_per_epoch} samples per epoch" if len(self) != self.num_images else ""
+        return f"{self.images!r}{per_epoch}"
+
+
+class ImageList:
+    """A fixed list of RGB PIL images, e.g. the bundled photographs or the first images of a shard set."""
+
+    def __init__(self, images: list[Image.Image], name: str = "images") -> None:
+        self.images = images
+        self.name = name
+
+    @property
+    def num_images(self) -> int:
+        """Number of images."""
+        return len(self.images)
+
+    def load_image(self, k: int) -> Image.Image:
+        """The k-th image (a copy: callers may modify and close it)."""
+        return self.images[k].copy()
+
+    def __repr__(self) -> str:
+        return f"ImageList({self.name}, num_images={self.num_images})"
+
+
+def load_photos() -> ImageList:
+    """The real photographs bundled with scikit-image, decoded once (about 15 MB in memory)."""
+    data_dir = skimage_data_dir()
+    missing = [name for name in PHOTO_FILES if not (data_dir / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"scikit-image's bundled photos {missing} are not in {data_dir}; reinstall scikit-image "
+            "(pip install --force-reinstall scikit-image) or use data.source=folder"
+        )
+    return ImageList([_load_rgb(data_dir / name) for name in PHOTO_FILES], "scikit-image photos")
 
 
 def find_images(root: str | Path) -> list[Path]:
@@ -117,10 +177,8 @@ def unread_files(root: str | Path) -> list[Path]:
 
 def describe_unread(files: list[Path], limit: int = 5) -> str:
     """'3 files that are not read (extensions .gif: 2, .txt: 1), e.g. a/b.gif, c.txt'."""
-    extensions: dict[str, int] = {}
-    for path in files:
-        extensions[path.suffix.lower() or "(none)"] = extensions.get(path.suffix.lower() or "(none)", 0) + 1
-    ordered = ", ".join(f"{ext}: {n}" for ext, n in sorted(extensions.items(), key=lambda item: -item[1]))
+    extensions = Counter(path.suffix.lower() or "(none)" for path in files)
+    ordered = ", ".join(f"{ext}: {n}" for ext, n in extensions.most_common())
     shown = ", ".join(str(p) for p in files[:limit]) + (", ..." if len(files) > limit else "")
     return (
         f"{len(files)} file{'s' if len(files) != 1 else ''} not read (extensions {ordered}), e.g. {shown}; "
@@ -128,21 +186,12 @@ def describe_unread(files: list[Path], limit: int = 5) -> str:
     )
 
 
-class ImageFolderMIM(Dataset):
-    """Every image file under `root` (recursively, sorted), decoded on access; one epoch = each file once.
+class ImageFiles:
+    """Every image file under `root` (recursively, sorted), opened on access: any bit depth and band count."""
 
-    A file that cannot be read (corrupt, truncated, over `max_pixels`, wrong band count) gives an images.BadSample
-    naming it instead of an exception, so one bad file never ends a run (stream.collate_good drops and counts it).
-    """
-
-    def __init__(
-        self, root: str | Path, transform: ImageTransform, mask_generator: MaskFn,
-        max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-    ) -> None:  # fmt: skip
+    def __init__(self, root: str | Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         self.root = Path(root)
         self.paths = find_images(self.root)
-        self.transform = transform
-        self.mask_generator = mask_generator
         self.max_pixels = max_pixels
 
     @property
@@ -151,84 +200,30 @@ class ImageFolderMIM(Dataset):
         return len(self.paths)
 
     def load_image(self, k: int) -> ImageSource:
-        """The k-th image file (sorted order), decoded: a PIL image or a (C, H, W) array."""
-        source = open_source(self.paths[k], max_pixels=self.max_pixels)
-        if isinstance(source, Image.Image):
-            source.load()
-        return source
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | BadSample:
-        path = self.paths[index]
-        try:
-            # opened lazily: the transform decodes a JPEG at reduced size when its crop allows (draft mode)
-            source = open_source(path, max_pixels=self.max_pixels)
-            try:
-                image = self.transform(source)
-            finally:
-                close_source(source)
-        except Exception as e:  # the bad-data policy: any failure to read a file skips and counts it
-            return BadSample.of(path, e)
-        return image, self.mask_generator()
+        """The k-th file, opened lazily (a transform then decodes a JPEG at reduced size when its crop allows):
+        a PIL image or a (C, H, W) array."""
+        return open_source(self.paths[k], max_pixels=self.max_pixels)
 
     def __repr__(self) -> str:
-        return f"ImageFolderMIM(root={str(self.root)!r}, num_images={self.num_images})"
+        return f"ImageFiles(root={str(self.root)!r}, num_images={self.num_images})"
 
 
-class FashionMNISTMIM(FashionMNIST):
-    """Fashion-MNIST for pretraining: (transform(image), mask) per image, labels unused; one epoch = the whole
-    split (60k train, 10k test)."""
-
-    def __init__(
-        self, split: str, transform: ImageTransform, mask_generator: MaskFn, root: str | Path = FASHION_MNIST_DIR
-    ) -> None:
-        super().__init__(split, transform, root)
-        self.mask_generator = mask_generator
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.transform(self.load_image(index)), self.mask_generator()
-
-
-class ImageList:
-    """A fixed list of RGB PIL images with the `num_images` / `load_image` interface of the datasets above
-    (what make_fixed_batch takes), e.g. the first images of a shard set."""
-
-    def __init__(self, images: list[Image.Image], name: str = "images") -> None:
-        self.images = images
-        self.name = name
-
-    @property
-    def num_images(self) -> int:
-        """Number of images."""
-        return len(self.images)
-
-    def load_image(self, k: int) -> Image.Image:
-        """The k-th image (a copy: callers may modify it)."""
-        return self.images[k].copy()
-
-    def __repr__(self) -> str:
-        return f"ImageList({self.name}, num_images={self.num_images})"
+def build_pretrain_transform(data_cfg: DataConfig, img_size: int, in_chans: int = 3) -> PretrainCrop:
+    """SimMIM's augmentation as `data_cfg` sets it: image -> (in_chans, img_size, img_size), raw values."""
+    return PretrainCrop(img_size, data_cfg.crop_scale, data_cfg.crop_ratio, data_cfg.hflip, in_chans=in_chans)
 
 
 def build_pretrain_dataset(data_cfg: DataConfig, img_size: int, mask_generator: MaskFn, in_chans: int = 3) -> Dataset:
     """The map-style pretraining dataset named by `data_cfg.source`, with the SimMIM augmentation at `img_size`
-    giving `in_chans` channels (data_cfg.source photos, folder or fashion_mnist; shards stream, see
-    build_pretrain_data)."""
-    transform = build_pretrain_transform(
-        img_size,
-        crop_scale=data_cfg.crop_scale,
-        crop_ratio=data_cfg.crop_ratio,
-        hflip=data_cfg.hflip,
-        in_chans=in_chans,
-    )
+    giving `in_chans` channels."""
+    transform = build_pretrain_transform(data_cfg, img_size, in_chans)
     if data_cfg.source == "photos":
-        return PhotoCrops(transform, mask_generator, samples_per_epoch=data_cfg.samples_per_epoch)
+        return MaskedImages(load_photos(), transform, mask_generator, samples_per_epoch=data_cfg.samples_per_epoch)
     if data_cfg.source == "fashion_mnist":
-        dataset = FashionMNISTMIM(str(data_cfg.split), transform, mask_generator)
+        images: ImageCollection = FashionMNIST(str(data_cfg.split))
     else:
-        dataset = ImageFolderMIM(data_cfg.root, transform, mask_generator, max_pixels=data_cfg.max_image_pixels)
+        images = ImageFiles(data_cfg.root, max_pixels=data_cfg.max_image_pixels)
+    dataset = MaskedImages(images, transform, mask_generator)
     return dataset if data_cfg.num_images is None else ImageSubset(dataset, data_cfg.num_images)
 
 
@@ -240,7 +235,7 @@ class ImageSubset(Subset):
     Subset indexes; this adds the `num_images` / `load_image` interface the panels read.
     """
 
-    def __init__(self, dataset: ImageFolderMIM | FashionMNISTMIM, num_images: int) -> None:
+    def __init__(self, dataset: MaskedImages, num_images: int) -> None:
         total = len(dataset)
         if not 1 <= num_images <= total:
             raise ValueError(

@@ -53,8 +53,8 @@ def load_fashion_mnist(split: str = "train", root: str | Path = FASHION_MNIST_DI
 class FashionMNIST(Dataset):
     """A Fashion-MNIST split as RGB PIL images (grey copied to three channels) with their labels.
 
-    The one reader of both uses: indexing gives (transform(image), label) for fine-tuning; the pretraining
-    dataset (FashionMNISTMIM) adds a mask. `num_images` / `load_image` are what make_fixed_batch takes.
+    The one reader of both uses: indexing gives (transform(image), label) for fine-tuning; as an ImageCollection
+    (`num_images` / `load_image`) it is what datasets.MaskedImages pretrains on and the panels show.
     """
 
     classes = list(FASHION_MNIST_CLASSES)

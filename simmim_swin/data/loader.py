@@ -15,23 +15,30 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from simmim_swin.data.images import BadSample, describe_error
+from simmim_swin.data.datasets import ImageCollection, transform_image
+from simmim_swin.data.images import BadSample
 from simmim_swin.data.transforms import EvalView
 from simmim_swin.distributed import LoaderWorkerInit
 
 _MAX_SAMPLE_SEED = 2**62  # torch and python take seeds this large; numpy's legacy seeding gets them mod 2**32
 
 
+def derive_seed(*values: int) -> int:
+    """A 62-bit seed that is a hash of all `values`: neighbouring tuples give unrelated streams (seed + epoch would
+    equate (0, 1) and (1, 0))."""
+    state = np.random.SeedSequence([int(v) for v in values]).generate_state(1, dtype=np.uint64)[0]
+    return int(state) % _MAX_SAMPLE_SEED
+
+
 def make_epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """A CPU torch.Generator whose state is a function of (seed, epoch) alone."""
     if seed < 0 or epoch < 0:
         raise ValueError(f"seed={seed} and epoch={epoch} must be non-negative integers")
-    # SeedSequence hashes the pair: neighbouring pairs give unrelated streams (seed + epoch would equate (0, 1), (1, 0))
-    state = np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state) % _MAX_SAMPLE_SEED)
+    return torch.Generator().manual_seed(derive_seed(seed, epoch))
 
 
-def _check_rank(rank: int, world_size: int) -> None:
+def check_rank(rank: int, world_size: int) -> None:
+    """ValueError unless 0 <= rank < world_size."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
 
@@ -56,7 +63,7 @@ class SeededSampler(Sampler[tuple[int, int]]):
         skip: int = 0,
         samples_per_epoch: int | None = None,
     ) -> None:
-        _check_rank(rank, world_size)
+        check_rank(rank, world_size)
         make_epoch_generator(seed, epoch)  # checks seed and epoch
         self.num_samples = num_samples
         self.seed, self.epoch = seed, epoch
@@ -86,7 +93,7 @@ class SeededSamples(Dataset):
     """Wraps a map-style dataset: item (index, seed) runs dataset[index] with torch, python and numpy RNGs seeded.
 
     The caller's RNG states are restored afterwards, so with num_workers=0 the training process's random
-    streams (dropout, drop path) are left untouched. Other attributes are forwarded to the wrapped dataset.
+    streams (dropout, drop path) are left untouched.
     """
 
     def __init__(self, dataset: Dataset) -> None:
@@ -110,13 +117,6 @@ class SeededSamples(Dataset):
                 random.setstate(py_state)
                 np.random.set_state(np_state)
 
-    def __getattr__(self, name: str) -> Any:
-        # only public names: dunders (e.g. __getitems__) must not bypass the seeding, and guarding "dataset"
-        # avoids infinite recursion while unpickling in a worker
-        if name.startswith("_") or name == "dataset":
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
-
 
 class EvalShard(Dataset):
     """Rank `rank`'s share of an evaluation set: items rank, rank + world_size, ..., padded to an even length.
@@ -127,7 +127,7 @@ class EvalShard(Dataset):
     """
 
     def __init__(self, dataset: Dataset, rank: int = 0, world_size: int = 1) -> None:
-        _check_rank(rank, world_size)
+        check_rank(rank, world_size)
         if len(dataset) == 0:
             raise ValueError("the evaluation set is empty: check the validation images")
         self.dataset = dataset
@@ -177,7 +177,7 @@ def build_pretrain_loader(
         raise ValueError(f"batch_size={batch_size} must be positive")
     if num_workers < 0:
         raise ValueError(f"num_workers={num_workers} must be >= 0 (0 loads in the main process)")
-    _check_rank(rank, world_size)
+    check_rank(rank, world_size)
     per_rank = len(dataset) // world_size
     if per_rank < batch_size:
         total = f" ({len(dataset)} across world_size={world_size})" if world_size > 1 else ""
@@ -188,10 +188,6 @@ def build_pretrain_loader(
     num_batches = min(per_rank // batch_size, batches_per_epoch or per_rank)
     if not 0 <= skip_batches <= num_batches:
         raise ValueError(f"skip_batches={skip_batches} must lie in [0, {num_batches}], the batches in one epoch")
-    # the DataLoader draws its workers' base seed from a generator on every iter(); give it its own, derived from
-    # (seed, epoch), so that draw never consumes the process's global torch RNG
-    worker_seed = int(torch.randint(_MAX_SAMPLE_SEED, (1,), generator=make_epoch_generator(seed, epoch)))
-    worker_generator = torch.Generator().manual_seed(worker_seed)
     cap = batches_per_epoch * batch_size if batches_per_epoch else None
     sampler = SeededSampler(
         len(dataset), seed, epoch, rank=rank, world_size=world_size, skip=skip_batches * batch_size,
@@ -207,7 +203,9 @@ def build_pretrain_loader(
         drop_last=drop_last,
         persistent_workers=num_workers > 0,
         collate_fn=collate_fn,
-        generator=worker_generator,
+        # the DataLoader draws its workers' base seed from a generator on every iter(): one of its own, from
+        # (seed, epoch), so that the draw never consumes the process's global torch RNG
+        generator=make_epoch_generator(seed, epoch),
         worker_init_fn=LoaderWorkerInit(),
     )
 
@@ -219,7 +217,7 @@ def endless(loader: Iterable[Any]) -> Iterator[Any]:
 
 
 def make_fixed_batch(
-    dataset: Any,
+    dataset: ImageCollection,
     num_images: int,
     img_size: int,
     mask_generator: Callable[..., torch.Tensor],
@@ -229,8 +227,7 @@ def make_fixed_batch(
     """The same images and masks every call: the first `num_images` readable images (cycled if fewer).
 
     Args:
-        dataset: anything with `num_images` and `load_image(k)` giving a PIL image or a (C, H, W) array
-            (PhotoCrops, ImageFolderMIM); images that fail to load are passed over.
+        dataset: any datasets.ImageCollection; images that fail to load are passed over.
         mask_generator: called as mask_generator(generator=g), e.g. a MaskGenerator.
 
     Returns:
@@ -245,10 +242,11 @@ def make_fixed_batch(
     found: list[torch.Tensor] = []
     errors: list[str] = []
     for k in range(dataset.num_images):
-        try:
-            found.append(view(dataset.load_image(k)))
-        except Exception as e:  # a bad file is skipped here as in training
-            errors.append(describe_error(e))
+        image = transform_image(dataset, k, view)  # a bad file is skipped here as in training
+        if isinstance(image, BadSample):
+            errors.append(image.reason)
+        else:
+            found.append(image)
         if len(found) == num_images:
             break
     if not found:

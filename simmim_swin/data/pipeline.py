@@ -10,15 +10,21 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import default_collate
 
 from simmim_swin.config import DataConfig
-from simmim_swin.data.datasets import MAP_STYLE_SOURCES, ImageList, build_pretrain_dataset
+from simmim_swin.data.datasets import (
+    MAP_STYLE_SOURCES,
+    ImageCollection,
+    ImageList,
+    build_pretrain_dataset,
+    build_pretrain_transform,
+)
 from simmim_swin.data.loader import build_pretrain_loader, endless
 from simmim_swin.data.shards import resolve_urls
 from simmim_swin.data.stream import (
     BadDataMonitor,
     Batch,
-    EvalSample,
     PretrainSample,
     ShardStream,
     build_shard_loader,
@@ -26,7 +32,7 @@ from simmim_swin.data.stream import (
     open_image,
     read_samples,
 )
-from simmim_swin.data.transforms import EvalView, build_pretrain_transform
+from simmim_swin.data.transforms import EvalView
 
 MaskFn = Callable[..., torch.Tensor]
 
@@ -39,7 +45,7 @@ class PretrainData:
 
     steps_per_epoch: int
     description: str
-    panel_source: Any  # num_images / load_image(k): what make_fixed_batch takes
+    panel_source: ImageCollection | None  # what make_fixed_batch shows
     make_batches: Callable[[int], Iterator[Batch]]
     monitor: BadDataMonitor
     val_batches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
@@ -72,11 +78,9 @@ def _decoded_sample(sample: dict[str, Any], generator: torch.Generator) -> tuple
     return (source,)
 
 
-def _val_images(data_cfg: DataConfig, num_images: int) -> ImageList:
-    """The first validation images, for the reconstruction panels."""
-    urls, _ = resolve_urls(data_cfg.val_urls, what="data.val_urls")
-    items = read_samples(urls, num_images, _decoded_sample)
-    return ImageList([item[0] for item in items], "first validation images")
+def _first_images(urls: list[str], num_images: int, name: str) -> ImageList:
+    """The first readable images of the shards `urls`, decoded, for the reconstruction panels."""
+    return ImageList([item[0] for item in read_samples(urls, num_images, _decoded_sample)], name)
 
 
 def build_val_batches(
@@ -87,15 +91,12 @@ def build_val_batches(
     if not data_cfg.val_urls or data_cfg.val_samples <= 0:
         return []
     urls, _ = resolve_urls(data_cfg.val_urls, what="data.val_urls")
-    sample_fn = EvalSample(EvalView(img_size, in_chans), mask_generator, data_cfg.max_image_pixels)
+    sample_fn = PretrainSample(EvalView(img_size, in_chans), mask_generator, data_cfg.max_image_pixels)
     items = read_samples(urls, data_cfg.val_samples, sample_fn, seed=seed)
     if not items:
         raise ValueError(f"data.val_urls={data_cfg.val_urls!r} holds no readable image samples")
-    batches = []
-    for start in range(0, len(items), data_cfg.batch_size):
-        chunk = items[start : start + data_cfg.batch_size]
-        batches.append((torch.stack([i[0] for i in chunk]), torch.stack([i[1] for i in chunk])))  # B,C,H,W; B,h,w
-    return batches
+    size = data_cfg.batch_size
+    return [tuple(default_collate(items[i : i + size])) for i in range(0, len(items), size)]  # (B,C,H,W), (B,h,w)
 
 
 def build_pretrain_data(
@@ -122,7 +123,9 @@ def build_pretrain_data(
     monitor = BadDataMonitor(data_cfg.max_bad_fraction, data_cfg.bad_check_after, world_size, name_files=map_style)
     data = build(data_cfg, img_size, mask_generator, layout, monitor, 0 if val_batches else num_panel_images)
     if val_batches:
-        data.val_batches, data.panel_source = val_batches, _val_images(data_cfg, num_panel_images)
+        val_urls, _ = resolve_urls(data_cfg.val_urls, what="data.val_urls")
+        data.val_batches = val_batches
+        data.panel_source = _first_images(val_urls, num_panel_images, "first validation images")
     return data
 
 
@@ -187,9 +190,7 @@ def _shard_data(
         )
     steps_per_epoch = samples_per_epoch // layout.global_batch
     _check_steps(steps_per_epoch, samples_per_epoch, layout.global_batch, "data.samples_per_epoch")
-    transform = build_pretrain_transform(
-        img_size, data_cfg.crop_scale, data_cfg.crop_ratio, data_cfg.hflip, in_chans=layout.in_chans
-    )
+    transform = build_pretrain_transform(data_cfg, img_size, layout.in_chans)
     sample_fn = PretrainSample(transform, mask_generator, data_cfg.max_image_pixels)
 
     def shard_batches(start_step: int) -> Iterator[Batch]:
@@ -211,7 +212,7 @@ def _shard_data(
 
     panel = None
     if num_panel_images:
-        panel = ImageList([item[0] for item in read_samples(urls, num_panel_images, _decoded_sample)], "first images")
+        panel = _first_images(urls, num_panel_images, "first images")
         if not panel.num_images:
             raise ValueError(f"data.urls={data_cfg.urls!r}: no readable image in the shards")
     description = f"{len(urls)} shards, {samples_per_epoch} samples per epoch"

@@ -7,8 +7,7 @@ the work is split by file or by shard over a multiprocessing pool, with a progre
 from __future__ import annotations
 
 import io
-import multiprocessing
-import os
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from simmim_swin.data.images import (
     source_depth,
     to_tensor,
 )
-from simmim_swin.data.shards import IMAGE_MEMBER_KEYS, Progress, resolve_urls
+from simmim_swin.data.shards import IMAGE_MEMBER_KEYS, Progress, pool_map, resolve_urls
 from simmim_swin.data.stream import BadSampleLog, iter_shard_samples, open_image
 
 
@@ -105,18 +104,18 @@ class Moments:
 class UnitReport:
     """What one file or shard (or all of them) held: image kinds with counts, bad images with reasons, moments."""
 
-    kinds: dict[str, int] = field(default_factory=dict)
+    kinds: Counter[str] = field(default_factory=Counter)
     bad: list[tuple[str, str]] = field(default_factory=list)
     images: int = 0
     moments: Moments | None = None
-    bands: dict[int, int] = field(default_factory=dict)  # images per band count as stored (palette: 3)
-    depths: dict[str, int] = field(default_factory=dict)  # images per bit depth ('8-bit int', '32-bit float')
+    bands: Counter[int] = field(default_factory=Counter)  # images per band count as stored (palette: 3)
+    depths: Counter[str] = field(default_factory=Counter)  # images per bit depth ('8-bit int', '32-bit float')
 
     def add(self, other: UnitReport) -> None:
         """Merge another report into this one."""
-        for mine, theirs in ((self.kinds, other.kinds), (self.bands, other.bands), (self.depths, other.depths)):
-            for name, n in theirs.items():
-                mine[name] = mine.get(name, 0) + n
+        self.kinds.update(other.kinds)
+        self.bands.update(other.bands)
+        self.depths.update(other.depths)
         self.bad.extend(other.bad)
         self.images += other.images
         if other.moments is not None:
@@ -139,10 +138,9 @@ class UnitReport:
         return lines
 
 
-def _counts(counts: dict, unit: str = "") -> str:
+def _counts(counts: Counter, unit: str = "") -> str:
     """'8-bit int: 10, 16-bit int: 2' or '3 bands: 10, 1 band: 2', most frequent first."""
-    ordered = sorted(counts.items(), key=lambda item: -item[1])
-    return ", ".join(f"{key}{unit}{'s' if unit and key != 1 else ''}: {n}" for key, n in ordered)
+    return ", ".join(f"{key}{unit}{'s' if unit and key != 1 else ''}: {n}" for key, n in counts.most_common())
 
 
 def check_unit(args: tuple[str, str, int | None, int | None, bool]) -> UnitReport:
@@ -162,9 +160,9 @@ def check_unit(args: tuple[str, str, int | None, int | None, bool]) -> UnitRepor
             continue
         finally:
             close_source(source)
-        report.kinds[kind_name] = report.kinds.get(kind_name, 0) + 1
-        report.bands[bands] = report.bands.get(bands, 0) + 1
-        report.depths[depth] = report.depths.get(depth, 0) + 1
+        report.kinds[kind_name] += 1
+        report.bands[bands] += 1
+        report.depths[depth] += 1
         report.images += 1
         if moments:
             report.moments = Moments.of(pixels).combine(report.moments)
@@ -177,20 +175,12 @@ def scan(
 ) -> UnitReport:  # fmt: skip
     """All units read by a pool of `workers` processes (0: one per CPU), merged into one report."""
     total = UnitReport()
-    workers = min(workers or os.cpu_count() or 1, max(1, len(units)))
     progress = Progress(len(units), max(1, len(units) // 20), desc=f"{desc} ({kind})")
     tasks = [(unit, kind, max_pixels, in_chans, moments) for unit in units]
     try:
-        if workers == 1:  # in this process: no pool to start
-            for task in tasks:
-                total.add(check_unit(task))
-                progress.update()
-            return total
-        # spawn: the workers never inherit the caller's threads or open files
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            for report in pool.imap_unordered(check_unit, tasks, chunksize=max(1, len(units) // (workers * 8))):
-                total.add(report)
-                progress.update()
+        for report in pool_map(check_unit, tasks, workers, ordered=False):
+            total.add(report)
+            progress.update()
     finally:
         progress.close()
     return total

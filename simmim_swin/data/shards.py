@@ -81,7 +81,8 @@ def folder_samples(
     _check_unique_keys(keys, paths)
 
     def generate() -> Iterator[ShardSample]:
-        for path, key, (data, error) in zip(paths, keys, _read_verified(paths, max_pixels, workers)):
+        verified = pool_map(read_verified, [(path, max_pixels) for path in paths], workers)  # in the keys' order
+        for path, key, (data, error) in zip(paths, keys, verified):
             if data is None:
                 if skipped is not None:
                     skipped.append(f"{path}: {error}")
@@ -104,16 +105,17 @@ def read_verified(args: tuple[Path, int | None]) -> tuple[bytes | None, str]:
     return data, ""
 
 
-def _read_verified(paths: list[Path], max_pixels: int | None, workers: int) -> Iterator[tuple[bytes | None, str]]:
-    """read_verified of each path in order, by a pool of `workers` processes (0: one per CPU, 1: in this one)."""
-    tasks = [(path, max_pixels) for path in paths]
-    workers = min(workers or os.cpu_count() or 1, max(1, len(paths)))
-    if workers == 1:
-        yield from map(read_verified, tasks)
+def pool_map(fn: Callable[[Any], Any], tasks: list[Any], workers: int, ordered: bool = True) -> Iterator[Any]:
+    """fn of each task by a pool of `workers` processes (0: one per CPU, 1: in this one), in the tasks' order or
+    (ordered=False) as they finish."""
+    workers = min(workers or os.cpu_count() or 1, max(1, len(tasks)))
+    if workers == 1:  # in this process: no pool to start
+        yield from map(fn, tasks)
         return
-    # spawn: the workers never inherit the caller's threads or open files; imap keeps the order (the keys')
+    # spawn: the workers never inherit the caller's threads or open files
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        yield from pool.imap(read_verified, tasks, chunksize=max(1, min(64, len(paths) // (workers * 8))))
+        imap = pool.imap if ordered else pool.imap_unordered
+        yield from imap(fn, tasks, chunksize=max(1, min(64, len(tasks) // (workers * 8))))
 
 
 def _check_unique_keys(keys: list[str], paths: list[Path]) -> None:

@@ -15,7 +15,6 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
@@ -28,18 +27,14 @@ from simmim_swin.data.images import (
     describe_error,
     open_source,
 )
+from simmim_swin.data.loader import check_rank, derive_seed
 from simmim_swin.data.shards import IMAGE_MEMBER_KEYS
-from simmim_swin.data.transforms import ImageTransform, PretrainCrop
+from simmim_swin.data.transforms import EvalView, PretrainCrop
 from simmim_swin.distributed import DistInfo, LoaderWorkerInit, all_reduce_sum_
 
 SampleFn = Callable[[dict[str, Any], torch.Generator], tuple[torch.Tensor, ...]]
 LOG_FIRST_BAD = 10  # each worker logs its first bad samples one line each...
 LOG_BAD_EVERY = 100  # ...then one line per this many
-
-
-def derive_seed(*values: int) -> int:
-    """A 62-bit seed that is a hash of all `values` (neighbouring tuples give unrelated streams)."""
-    return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1, dtype=np.uint64)[0]) % 2**62
 
 
 def assign_shards(urls: list[str], slot: int, num_slots: int) -> list[str]:
@@ -134,11 +129,12 @@ def open_image(sample: dict[str, Any], max_pixels: int | None = DEFAULT_MAX_IMAG
 
 
 class PretrainSample:
-    """Raw sample -> (image (C, S, S) uint8 or float32, token mask uint8): SimMIM's crop with draft decoding,
-    mask drawn in the worker; both from the worker's generator."""
+    """Raw sample -> (image (C, S, S) uint8 or float32, token mask uint8): `transform` (SimMIM's PretrainCrop with
+    draft decoding, or the deterministic EvalView for validation) and a mask, both drawn from the worker's
+    generator."""
 
     def __init__(
-        self, transform: PretrainCrop, mask_generator: Callable[..., torch.Tensor],
+        self, transform: PretrainCrop | EvalView, mask_generator: Callable[..., torch.Tensor],
         max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:  # fmt: skip
         self.transform = transform
@@ -152,30 +148,6 @@ class PretrainSample:
         finally:
             close_source(source)
         return image, self.mask_generator(generator=generator)
-
-
-class EvalSample:
-    """Raw sample -> (image (C, S, S), token mask): the deterministic eval view and a mask from `generator`."""
-
-    def __init__(
-        self, transform: ImageTransform, mask_generator: Callable[..., torch.Tensor],
-        max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-    ) -> None:  # fmt: skip
-        self.transform = transform
-        self.mask_generator = mask_generator
-        self.max_pixels = max_pixels
-
-    def __call__(self, sample: dict[str, Any], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        source = open_image(sample, self.max_pixels)
-        try:
-            image = self.transform(source)
-        finally:
-            close_source(source)
-        return image, self.mask_generator(generator=generator)
-
-
-def _collate(items: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
-    return tuple(torch.stack(field) for field in zip(*items))  # each field: B, ...
 
 
 _REPORTED: set[str] = set()  # files this process has already named
@@ -229,8 +201,7 @@ class ShardStream(IterableDataset):
             raise ValueError("no shard URLs given")
         if batch_size < 1 or batches_per_epoch < 1:
             raise ValueError(f"batch_size={batch_size} and batches_per_epoch={batches_per_epoch} must be >= 1")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
+        check_rank(rank, world_size)
         if not 0 <= skip_batches < batches_per_epoch:
             raise ValueError(f"skip_batches={skip_batches} must lie in [0, {batches_per_epoch})")
         self.urls = list(urls)
@@ -269,7 +240,7 @@ class ShardStream(IterableDataset):
                 except Exception as e:  # the bad-data policy: any failure to decode skips and counts the sample
                     log.record(sample.get("__url__", log.current_url), sample.get("__key__"), e)
             if len(items) == self.batch_size:
-                yield Batch(_collate(items), *log.take())
+                yield Batch(tuple(default_collate(items)), *log.take())
                 items = []
                 quota -= 1
                 if quota == 0:

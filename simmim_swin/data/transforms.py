@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image
+from timm.data import create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as TF
@@ -130,17 +131,6 @@ class PretrainCrop:
         )
 
 
-def build_pretrain_transform(
-    img_size: int,
-    crop_scale: Sequence[float] = (0.67, 1.0),
-    crop_ratio: Sequence[float] = (3 / 4, 4 / 3),
-    hflip: bool = True,
-    in_chans: int = 3,
-) -> PretrainCrop:
-    """SimMIM augmentation: image -> tensor (in_chans, img_size, img_size), raw values; normalise on the device."""
-    return PretrainCrop(img_size, crop_scale=crop_scale, crop_ratio=crop_ratio, hflip=hflip, in_chans=in_chans)
-
-
 class EvalView:
     """Deterministic view of any image: resize the shorter side to img_size / crop_pct (antialiased bilinear) and
     centre crop img_size -> (in_chans, img_size, img_size), raw values (uint8 for 8-bit files, float32 otherwise).
@@ -148,32 +138,34 @@ class EvalView:
     8-bit images with 3 channels take exactly the PIL path of build_eval_transform(normalize=False)."""
 
     def __init__(self, img_size: int, in_chans: int = 3, crop_pct: float = 1.0) -> None:
-        _check_img_size(img_size)
-        if not 0.0 < crop_pct <= 1.0:
-            raise ValueError(f"crop_pct={crop_pct} must lie in (0, 1]; 0.875 is the 224-of-256 protocol")
+        self.rgb = build_eval_transform(img_size, normalize=False, crop_pct=crop_pct)  # checks img_size, crop_pct
         self.img_size, self.in_chans, self.crop_pct = img_size, in_chans, crop_pct
-        self.rgb = build_eval_transform(img_size, normalize=False)
 
-    def __call__(self, img: ImageSource) -> torch.Tensor:
-        if isinstance(img, Image.Image) and self.in_chans == 3 and img.mode in EIGHT_BIT_MODES and self.crop_pct == 1:
+    def __call__(self, img: ImageSource, generator: torch.Generator | None = None) -> torch.Tensor:
+        # `generator` is unused (the view draws nothing): taken so that the view can stand where PretrainCrop does
+        if isinstance(img, Image.Image) and self.in_chans == 3 and img.mode in EIGHT_BIT_MODES:
             return self.rgb(img)
         pixels = to_tensor(img, self.in_chans)
         pixels = TF.resize(pixels, [math.floor(self.img_size / self.crop_pct)], antialias=True)
         return TF.center_crop(pixels, [self.img_size, self.img_size])  # C, img_size, img_size
 
 
-def build_eval_transform(img_size: int, normalize: bool = True) -> ImageTransform:
-    """Deterministic view: resize the shorter side to img_size and centre crop -> (3, img_size, img_size).
+def build_eval_transform(
+    img_size: int, normalize: bool = True, crop_pct: float = 1.0, interpolation: str = "bilinear"
+) -> ImageTransform:
+    """timm's deterministic view of an image as RGB: resize the shorter side to floor(img_size / crop_pct) and centre
+    crop img_size -> (3, img_size, img_size) (crop_pct 0.875: the 224-of-256 protocol).
 
-    normalize=True gives ImageNet-normalised floats (what image panels take); False gives uint8, like the loaders.
+    normalize=True gives ImageNet-normalised floats (what image panels and classifiers take); False gives uint8,
+    like the loaders.
     """
     _check_img_size(img_size)
-    steps: list[Callable] = [T.Resize(img_size), T.CenterCrop(img_size)]
-    if normalize:
-        steps += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    else:
-        steps.append(T.PILToTensor())
-    return T.Compose([T.Lambda(_to_rgb), *steps])
+    if not 0.0 < crop_pct <= 1.0:
+        raise ValueError(f"crop_pct={crop_pct} must lie in (0, 1]; 0.875 is the 224-of-256 protocol")
+    view = create_transform(
+        img_size, is_training=False, crop_pct=crop_pct, interpolation=interpolation, normalize=normalize
+    )
+    return T.Compose([T.Lambda(_to_rgb), *view.transforms])
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -138,6 +138,6 @@ def test_pretrain_on_fashion_mnist_directly(tmp_path):
     result = pretrain(tmp_path, "data=fashion_mnist", "data.batch_size=8", "data.num_workers=0",
                       "logger.log_every=2", "run.max_steps=2", "run.name=fmnist")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "FashionMNISTMIM(split='train', num_images=60000)" in result.stdout
+    assert "FashionMNIST(split='train', num_images=60000)" in result.stdout
     metrics = [json.loads(line) for line in (tmp_path / "fmnist" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [2] and np.isfinite(metrics[0]["loss"])

@@ -20,17 +20,16 @@ from simmim_swin.data import (
     IMAGENET_STD,
     PHOTO_FILES,
     BadSample,
-    FashionMNISTMIM,
-    ImageFolderMIM,
-    PhotoCrops,
+    ImageFiles,
+    MaskedImages,
     PretrainCrop,
     SeededSampler,
     build_eval_transform,
     build_pretrain_data,
     build_pretrain_dataset,
     build_pretrain_loader,
-    build_pretrain_transform,
     denormalize,
+    load_photos,
     make_fixed_batch,
     normalize_images,
     sample_crop_box,
@@ -51,8 +50,8 @@ def mask_generator() -> MaskGenerator:
 
 
 @pytest.fixture(scope="module")
-def photos(mask_generator: MaskGenerator) -> PhotoCrops:
-    return PhotoCrops(build_pretrain_transform(IMG), mask_generator, samples_per_epoch=36)
+def photos(mask_generator: MaskGenerator) -> MaskedImages:
+    return MaskedImages(load_photos(), PretrainCrop(IMG), mask_generator, samples_per_epoch=36)
 
 
 def _noise_image(seed: int, size: tuple[int, int] = (80, 60)) -> Image.Image:
@@ -79,7 +78,7 @@ class _IndexDataset(torch.utils.data.Dataset):
 
 def test_pretrain_transform_gives_uint8_and_normalize_images_matches_torchvision() -> None:
     rgb = (200, 100, 50)
-    out = build_pretrain_transform(IMG)(Image.new("RGB", (90, 70), rgb))
+    out = PretrainCrop(IMG)(Image.new("RGB", (90, 70), rgb))
     assert out.shape == (3, IMG, IMG) and out.dtype == torch.uint8
     # a flat colour survives any crop, so every pixel must be exactly that colour
     assert torch.equal(out, torch.tensor(rgb, dtype=torch.uint8).view(3, 1, 1).expand_as(out))
@@ -94,7 +93,7 @@ def test_pretrain_transform_gives_uint8_and_normalize_images_matches_torchvision
 
 
 def test_pretrain_transform_is_random_and_follows_torch_rng() -> None:
-    transform = build_pretrain_transform(IMG)
+    transform = PretrainCrop(IMG)
     img = _noise_image(0)
     torch.manual_seed(1)
     a, b = transform(img), transform(img)
@@ -105,11 +104,11 @@ def test_pretrain_transform_is_random_and_follows_torch_rng() -> None:
 
 def test_pretrain_transform_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError, match="crop_scale"):
-        build_pretrain_transform(IMG, crop_scale=(0.5, 1.5))
+        PretrainCrop(IMG, crop_scale=(0.5, 1.5))
     with pytest.raises(ValueError, match="crop_ratio"):
-        build_pretrain_transform(IMG, crop_ratio=(4 / 3, 3 / 4))
+        PretrainCrop(IMG, crop_ratio=(4 / 3, 3 / 4))
     with pytest.raises(ValueError, match="img_size"):
-        build_pretrain_transform(0)
+        PretrainCrop(0)
 
 
 def test_eval_transform_is_a_deterministic_centre_crop() -> None:
@@ -143,7 +142,7 @@ def test_denormalize_inverts_normalisation_and_clamps() -> None:
 # ----------------------------------------------------------------------------------------------- datasets
 
 
-def test_photo_crops_are_distinct_with_masks_of_the_right_shape(photos: PhotoCrops) -> None:
+def test_photo_crops_are_distinct_with_masks_of_the_right_shape(photos: MaskedImages) -> None:
     assert photos.num_images == len(PHOTO_FILES) and len(photos) == 36
     first = photos.load_image(0)
     assert first.mode == "RGB" and min(first.size) >= 256  # a real photograph, not a thumbnail
@@ -176,8 +175,8 @@ def image_folder(tmp_path):
 
 
 def test_image_folder_finds_images_recursively(image_folder, mask_generator: MaskGenerator) -> None:
-    ds = ImageFolderMIM(image_folder, build_pretrain_transform(IMG), mask_generator)
-    names = [p.relative_to(image_folder).as_posix() for p in ds.paths]
+    ds = MaskedImages(ImageFiles(image_folder), PretrainCrop(IMG), mask_generator)
+    names = [p.relative_to(image_folder).as_posix() for p in ds.images.paths]
     assert names == ["b.png", "sub/A.JPG", "sub/deeper/grey.Png", "sub/deeper/rgba.TIFF"]
     assert len(ds) == ds.num_images == 4
     for k in range(len(ds)):
@@ -193,24 +192,24 @@ def test_image_folder_errors_name_the_folder(tmp_path, mask_generator: MaskGener
     (empty / "sub").mkdir(parents=True)
     (empty / "sub" / "readme.md").write_text("no images here")
     with pytest.raises(ValueError, match="holds no images") as err:
-        ImageFolderMIM(empty, build_pretrain_transform(IMG), mask_generator)
+        MaskedImages(ImageFiles(empty), PretrainCrop(IMG), mask_generator)
     assert str(empty) in str(err.value)
     with pytest.raises(ValueError, match="does not exist"):
-        ImageFolderMIM(tmp_path / "missing", build_pretrain_transform(IMG), mask_generator)
+        MaskedImages(ImageFiles(tmp_path / "missing"), PretrainCrop(IMG), mask_generator)
 
 
 def test_image_folder_corrupt_file_is_a_bad_sample_naming_the_file(tmp_path, mask_generator: MaskGenerator) -> None:
     (tmp_path / "broken.jpg").write_bytes(b"definitely not a jpeg")
-    ds = ImageFolderMIM(tmp_path, build_pretrain_transform(IMG), mask_generator)
+    ds = MaskedImages(ImageFiles(tmp_path), PretrainCrop(IMG), mask_generator)
     bad = ds[0]
     assert isinstance(bad, BadSample) and bad.path.endswith("broken.jpg") and "UnidentifiedImageError" in bad.reason
 
 
 def test_build_pretrain_dataset_sources(image_folder, mask_generator: MaskGenerator) -> None:
     photos = build_pretrain_dataset(DataConfig(source="photos", samples_per_epoch=20), IMG, mask_generator)
-    assert isinstance(photos, PhotoCrops) and len(photos) == 20
+    assert isinstance(photos, MaskedImages) and photos.num_images == len(PHOTO_FILES) and len(photos) == 20
     folder = build_pretrain_dataset(DataConfig(source="folder", root=str(image_folder)), IMG, mask_generator)
-    assert isinstance(folder, ImageFolderMIM) and len(folder) == 4
+    assert isinstance(folder.images, ImageFiles) and len(folder) == 4
     assert folder[0][0].shape == (3, IMG, IMG)
     # an unknown data.source and source=folder without data.root are refused at the door: test_validate.py
 
@@ -223,7 +222,7 @@ def _first_batch(dataset, num_workers: int, seed: int = 0, epoch: int = 0):
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_loader_is_deterministic_in_seed_and_epoch(photos: PhotoCrops, num_workers: int) -> None:
+def test_loader_is_deterministic_in_seed_and_epoch(photos: MaskedImages, num_workers: int) -> None:
     images, masks = _first_batch(photos, num_workers)
     assert images.shape == (8, 3, IMG, IMG) and masks.shape == (8, IMG // PATCH, IMG // PATCH)
     torch.manual_seed(123)  # the global RNG must not matter
@@ -235,7 +234,7 @@ def test_loader_is_deterministic_in_seed_and_epoch(photos: PhotoCrops, num_worke
     assert not torch.equal(images, other_seed)
 
 
-def test_loader_batches_do_not_depend_on_num_workers(photos: PhotoCrops) -> None:
+def test_loader_batches_do_not_depend_on_num_workers(photos: MaskedImages) -> None:
     in_process = _first_batch(photos, 0, seed=5, epoch=3)
     with_workers = _first_batch(photos, 2, seed=5, epoch=3)
     assert torch.equal(in_process[0], with_workers[0]) and torch.equal(in_process[1], with_workers[1])
@@ -294,7 +293,7 @@ def test_sampler_splits_ranks_disjointly() -> None:
         SeededSampler(10, seed=0, epoch=0, rank=3, world_size=3)
 
 
-def test_make_fixed_batch_is_deterministic(photos: PhotoCrops, mask_generator: MaskGenerator) -> None:
+def test_make_fixed_batch_is_deterministic(photos: MaskedImages, mask_generator: MaskGenerator) -> None:
     n = photos.num_images + 2  # more than there are photos: cycles
     images, masks = make_fixed_batch(photos, n, IMG, mask_generator, seed=0)
     assert images.shape == (n, 3, IMG, IMG) and images.dtype == torch.uint8  # raw: normalised on the device
@@ -359,7 +358,7 @@ def test_jpegs_are_decoded_in_full_when_the_crop_needs_it():
 @pytest.mark.skipif(not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(), reason="no dataset-fashion-mnist")
 def test_fashion_mnist_dataset_gives_rgb_crops_at_the_model_size(mask_generator: MaskGenerator) -> None:
     ds = build_pretrain_dataset(DataConfig(source="fashion_mnist", split="test"), IMG, mask_generator)
-    assert isinstance(ds, FashionMNISTMIM) and len(ds) == ds.num_images == 10000
+    assert isinstance(ds.images, FashionMNIST) and len(ds) == ds.num_images == 10000
     grey = ds.load_image(0)
     assert grey.mode == "RGB" and grey.size == (28, 28)
     pixels = np.asarray(grey)
@@ -390,8 +389,8 @@ def test_pretraining_and_classification_read_fashion_mnist_through_one_reader(
     assert repr(plain) == "FashionMNIST(split='test', num_images=6)"
 
     transform = build_eval_transform(IMG)
-    mim = FashionMNISTMIM("test", transform, mask_generator, root=tmp_path)
-    assert isinstance(mim, FashionMNIST) and repr(mim) == "FashionMNISTMIM(split='test', num_images=6)"
+    mim = MaskedImages(plain, transform, mask_generator)
+    assert repr(mim) == "FashionMNIST(split='test', num_images=6)"
     crop, mask = mim[2]
     assert torch.equal(crop, transform(plain.load_image(2))) and mask.shape == (IMG // PATCH,) * 2
 

@@ -19,7 +19,16 @@ import torch
 from PIL import Image
 
 from simmim_swin.cli.tools import main as tools_main
-from simmim_swin.data import BadSample, ImageFolderMIM, PretrainCrop, open_source, read_tensor, to_tensor, write_shards
+from simmim_swin.data import (
+    BadSample,
+    ImageFiles,
+    MaskedImages,
+    PretrainCrop,
+    open_source,
+    read_tensor,
+    to_tensor,
+    write_shards,
+)
 from simmim_swin.data.images import describe_source
 from simmim_swin.data.shards import ShardSample
 from simmim_swin.masking import MaskGenerator
@@ -107,8 +116,8 @@ def test_nan_and_inf_pixels_are_bad_samples_named_by_every_reader(tmp_path, caps
         to_tensor(open_source(root / "inf.tif"), 2)
     # a run: the dataset gives a BadSample naming the file, which the bad-sample policy counts and names once
     masks = MaskGenerator(input_size=IMG, mask_patch_size=8, model_patch_size=4, mask_ratio=0.5)
-    dataset = ImageFolderMIM(root, PretrainCrop(IMG, in_chans=2), masks)
-    items = {path.name: dataset[i] for i, path in enumerate(dataset.paths)}
+    dataset = MaskedImages(ImageFiles(root), PretrainCrop(IMG, in_chans=2), masks)
+    items = {path.name: dataset[i] for i, path in enumerate(dataset.images.paths)}
     assert isinstance(items["nan.npy"], BadSample) and "NaN" in items["nan.npy"].reason
     assert isinstance(items["inf.tif"], BadSample) and items["inf.tif"].path.endswith("inf.tif")
     assert not isinstance(items["good.npy"], BadSample) and torch.isfinite(items["good.npy"][0]).all()

@@ -21,9 +21,9 @@ from simmim_swin.config import (
 )
 from simmim_swin.data.classification import (
     balanced_subset,
-    build_classification_eval_transform,
     build_train_transform,
 )
+from simmim_swin.data.transforms import build_eval_transform
 from simmim_swin.engine import evaluate_classifier
 from simmim_swin.finetune import (
     build_mixup_and_loss,
@@ -123,6 +123,8 @@ def test_timm_optimizer_and_scheduler_apply_the_scales():
         assert group["lr"] == pytest.approx(1e-3 * 0.5 ** (7 - layer_id.pop()))
         assert group["lr_scale"] == pytest.approx(group["lr"] / 1e-3)
     assert max(g["lr"] for g in optimizer.param_groups) == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="layer_decay=0"):
+        build_optimizer(model, optim_cfg, lr=1e-3, layer_decay=0.0)
 
 
 def test_mixup_and_loss_selection():
@@ -148,18 +150,17 @@ def test_mixup_and_loss_selection():
     ],
 )
 def test_bad_finetune_settings_are_rejected(overrides, message):
-    with pytest.raises(ConfigError, match=message):  # an unknown choice already in from_dict
-        data = {"root": "imgs", **overrides.get("data", {})}  # source=folder needs one (never read here)
-        validate_finetune(from_dict(FinetuneConfig, {**overrides, "data": data}))
+    config = from_dict(FinetuneConfig, overrides)
+    with pytest.raises(ConfigError, match=message):
+        validate_finetune(config)
 
 
 def test_missing_pretrained_weights_or_evaluate_checkpoint_are_named(tmp_path):
-    data_and_cpu = {"data": {"root": str(tmp_path)}, "run": {"device": "cpu"}}
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        run_finetune(from_dict(FinetuneConfig, {"pretrained": str(tmp_path / "nowhere"), **data_and_cpu}))
+        run_finetune(from_dict(FinetuneConfig, {"pretrained": str(tmp_path / "nowhere"), "run": {"device": "cpu"}}))
     (tmp_path / "empty_run").mkdir()
     with pytest.raises(FileNotFoundError, match="empty_run holds no checkpoints"):
-        evaluate_transfer(from_dict(FinetuneConfig, {"evaluate": str(tmp_path / "empty_run"), **data_and_cpu}))
+        evaluate_transfer(from_dict(FinetuneConfig, {"evaluate": str(tmp_path / "empty_run")}))
 
 
 def test_balanced_subset_is_balanced_and_seeded():
@@ -178,11 +179,13 @@ def test_balanced_subset_is_balanced_and_seeded():
 def test_eval_transform_resizes_then_centre_crops():
     from PIL import Image
 
-    transform = build_classification_eval_transform(64, crop_pct=0.875)
+    transform = build_eval_transform(64, crop_pct=0.875, interpolation="bicubic")
     sizes = [type(t).__name__ for t in transform.transforms]
-    assert sizes[:2] == ["Resize", "CenterCrop"] and transform.transforms[0].size == 73  # floor(64 / 0.875)
-    assert transform.transforms[1].size == (64, 64) and transform.transforms[0].interpolation.value == "bicubic"
-    assert transform(Image.new("L", (28, 28)).convert("RGB")).shape == (3, 64, 64)
+    assert sizes[1:3] == ["Resize", "CenterCrop"] and transform.transforms[1].size == 73  # floor(64 / 0.875)
+    assert transform.transforms[2].size == (64, 64) and transform.transforms[1].interpolation.value == "bicubic"
+    assert transform(Image.new("L", (28, 28))).shape == (3, 64, 64)  # grey becomes RGB first
+    with pytest.raises(ValueError, match="crop_pct=1.5"):
+        build_eval_transform(64, crop_pct=1.5)
 
 
 def test_rand_augment_posterize_with_zero_bits_gives_black_not_an_error():

@@ -28,8 +28,9 @@ from simmim_swin.data import (
     BadDataMonitor,
     BadSample,
     EvalView,
-    ImageFolderMIM,
+    ImageFiles,
     ImageTooLargeError,
+    MaskedImages,
     Normalizer,
     PretrainCrop,
     collate_good,
@@ -67,7 +68,7 @@ def test_16bit_png_reaches_the_model_unclipped_as_raw_minus_mean_over_std(tmp_pa
     assert Image.open(tmp_path / "ramp.png").mode.startswith("I;16")
     # a crop of the whole image at its own size, no flip: the pixels pass through the augmentation unchanged
     crop = PretrainCrop(IMG, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=False, in_chans=1)
-    dataset = ImageFolderMIM(tmp_path, crop, masks)
+    dataset = MaskedImages(ImageFiles(tmp_path), crop, masks)
     image, mask = dataset[0]
     assert image.dtype == torch.float32 and image.shape == (1, IMG, IMG)
     mean, std = [30000.0], [20000.0]

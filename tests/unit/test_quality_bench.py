@@ -55,7 +55,7 @@ def test_num_images_is_a_fixed_nested_subset_of_the_folder(tmp_path) -> None:
     assert len(small) == 7 and small.num_images == 7 and len(large) == 20
     assert set(small.indices) < set(large.indices)  # the smaller subset lies inside the larger one
     assert subset(7).indices == small.indices  # fixed: no dependence on anything but num_images
-    paths = small.dataset.paths
+    paths = small.dataset.images.paths
     image, mask = small[0]
     assert image.shape == (3, 32, 32) and mask.shape == (8, 8)  # one entry per 4 px model patch
     assert np.array_equal(np.asarray(small.load_image(1)), np.asarray(Image.open(paths[small.indices[1]])))

@@ -17,10 +17,10 @@ from simmim_swin.data import (
     BadDataMonitor,
     BadSampleLog,
     Batch,
+    PretrainCrop,
     PretrainSample,
     ShardSample,
     ShardStream,
-    build_pretrain_transform,
     build_shard_loader,
     iter_shard_samples,
     read_index,
@@ -113,7 +113,7 @@ def test_same_seed_same_batches_other_seed_epoch_or_resume_step_differ(shard_url
 
 def test_pretrain_samples_are_uint8_crops_with_masks(shard_urls):
     mask_generator = MaskGenerator(IMG, 8, 4, 0.6)
-    sample_fn = PretrainSample(build_pretrain_transform(IMG), mask_generator)
+    sample_fn = PretrainSample(PretrainCrop(IMG), mask_generator)
     stream = ShardStream(shard_urls, sample_fn, batch_size=4, batches_per_epoch=2, shuffle_buffer=0)
     (epoch,) = _epochs(stream, num_workers=0, num_epochs=1)
     images, masks = epoch[0].data
