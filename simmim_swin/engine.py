@@ -69,6 +69,8 @@ def train_step(
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += loss.detach()
 
+    # by hand rather than timm's NativeScaler / dispatch_clip_grad: they return no gradient norm, skip nothing
+    # without a scaler and know no accumulation (no_sync) or FSDP's DTensor norm
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
     max_norm = clip_grad if clip_grad is not None else math.inf
