@@ -26,7 +26,7 @@ from timm.utils import ModelEmaV3, random_seed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .checkpoint import CHECKPOINT_DIR, find_latest_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT_DIR, find_latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import (
     AugmentConfig,
     ConfigError,
@@ -298,7 +298,7 @@ def _test_best(
     best_path = run.run_dir / CHECKPOINT_DIR / BEST_CHECKPOINT
     if info.distributed:
         torch.distributed.barrier()  # rank 0 may still be writing best.pt from the last evaluation
-    best = torch.load(best_path, map_location=device, weights_only=True)
+    best = load_checkpoint(best_path)  # to the CPU; load_state_dict copies it onto the device
     trained = {k: v.clone() for k, v in run.model.state_dict().items()}
     run.model.load_state_dict(best["model"])
     loader = _eval_loader(test_set, config, info, device)
