@@ -17,6 +17,8 @@ from .data.transforms import normalize_images
 from .distributed import DistInfo, all_reduce_mean, all_reduce_sum_
 from .precision import autocast_context
 
+LossFn = Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]  # loss_fn(model, micro-batch on the device)
+
 
 class TrainingDiverged(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient; `last_checkpoint` is the newest save."""
@@ -41,7 +43,7 @@ class EvaluationStopped(Exception):
 def train_step(
     model: nn.Module,
     micro_batches: Sequence[tuple[torch.Tensor, ...]],
-    loss_fn: Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor],
+    loss_fn: LossFn,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None,
     precision: str,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +55,7 @@ from .distributed import (
     full_model_state_dict,
     process_group,
 )
-from .engine import EvaluationStopped, evaluate_classifier
+from .engine import EvaluationStopped, LossFn, evaluate_classifier
 from .precision import autocast_context, resolve_device, resolve_precision
 from .probe import fit_logistic_regression
 from .run import TrainingRun, check_same_settings, run_directory
@@ -200,9 +199,7 @@ def _finetune(config: FinetuneConfig, device: torch.device, info: DistInfo, stop
     return run.run_dir
 
 
-def _classification_loss(
-    config: FinetuneConfig, num_classes: int
-) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]:
+def _classification_loss(config: FinetuneConfig, num_classes: int) -> LossFn:
     """train_step's loss_fn: the images normalised on the device, mixup / cutmix when configured, the criterion."""
     mixup, criterion = build_mixup_and_loss(config.augment, num_classes)
     # timm's 8-bit RGB pipeline normalises in the workers; other data keeps raw values up to the device

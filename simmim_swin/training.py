@@ -10,12 +10,10 @@ from torch import nn
 
 from .config import FinetuneConfig, PretrainConfig, to_dict
 from .distributed import DistInfo, StopSignal, wrap_model
-from .engine import train_step
+from .engine import LossFn, train_step
 from .optim import build_optimizer, build_scheduler, scaled_lrs
 from .precision import build_grad_scaler
 from .run import TrainingRun
-
-LossFn = Callable[[nn.Module, tuple], torch.Tensor]  # train_step's loss_fn(model, micro-batch)
 
 
 def start_training(
