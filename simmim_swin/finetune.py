@@ -136,14 +136,14 @@ def _finetune(config: FinetuneConfig, device: torch.device, info: DistInfo, stop
             print(f"classifier initialised by a linear probe of the frozen features (train top-1 {fit_top1:.1f}%)")
     ema = ModelEmaV3(model, decay=config.train.ema_decay) if config.train.ema else None  # a plain copy, unwrapped
     random_seed(config.run.seed, info.rank)  # each rank its own drop path and mixup draws (numpy's global RNG)
-    accum = config.optim.accum_steps
+    micro_batch, accum = config.data.batch_size, config.optim.accum_steps
     # each rank takes every world_size-th image of one shuffled order: the per-rank share sets the epoch length
-    steps_per_epoch = len(train_set) // info.world_size // (config.data.batch_size * accum)
+    steps_per_epoch = len(train_set) // info.world_size // (micro_batch * accum)
     if steps_per_epoch < 1:
         raise ConfigError(
             f"one optimizer step needs data.batch_size * optim.accum_steps * processes = "
-            f"{config.data.batch_size * accum * info.world_size} labelled images but there are {len(train_set)}; "
-            "lower the batch size or label more images"
+            f"{micro_batch * accum * info.world_size} labelled images but there are {len(train_set)}; lower the "
+            "batch size or label more images"
         )
     best = {"top1": -1.0, "since": 0}  # the best top-1 so far, evaluations since it
     run, lr, optimizer_step = start_training(
