@@ -157,14 +157,12 @@ def evaluate_reconstruction(
     model: nn.Module, batches: Sequence[tuple[torch.Tensor, ...]], precision: str, device: torch.device,
     normalize: Callable[[torch.Tensor], torch.Tensor] = normalize_images,
 ) -> float:  # fmt: skip
-    """Mean SimMIM loss over fixed (images, masks) batches, in eval mode; the model's mode is restored after.
+    """Mean SimMIM loss over fixed (images, masks) batches (at least one), in eval mode; the mode is restored after.
 
     Images are normalised on the device by `normalize` (data.Normalizer with the run's statistics; by default
     uint8 with the ImageNet mean / std, float taken as normalised).
     Each batch's loss is weighted by its number of images. This .item() syncs: call it every val_every steps.
     """
-    if not batches:
-        raise ValueError("no validation batches: set data.val_urls and data.val_samples > 0")
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), device=device), 0
