@@ -87,7 +87,7 @@ def save_sharded_and_prune(
     """
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import get_state_dict
 
     folder = Path(run_dir) / CHECKPOINT_DIR
     path = folder / f"step_{step:08d}.dcp"
@@ -95,12 +95,10 @@ def save_sharded_and_prune(
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         folder.mkdir(parents=True, exist_ok=True)
-    if dist.is_initialized():
-        dist.barrier()
-    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
-    dcp.save(state, checkpoint_id=str(tmp))
-    if dist.is_initialized():
-        dist.barrier()
+    dist.barrier()  # FSDP runs in a process group: the other ranks wait for the clean folder
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp))
+    dist.barrier()
     if is_main:
         save_checkpoint(tmp / SHARDED_META, meta)
         shutil.rmtree(path, ignore_errors=True)
@@ -108,8 +106,7 @@ def save_sharded_and_prune(
         fsync_dir(folder)
         atomic_write(folder / LATEST_POINTER, path.name)
         _prune(folder, keep=path, keep_last=keep_last)
-    if dist.is_initialized():
-        dist.barrier()
+    dist.barrier()
     return path
 
 
@@ -180,7 +177,7 @@ def check_total_batch(state: dict, total_batch: int, path: str | Path, images_pe
 def read_resume_meta(path: str | Path) -> dict:
     """What a resume checks before loading any weights: meta.pt of a step_N.dcp folder, a step_N.pt whole."""
     path = Path(path)
-    return load_checkpoint(path / SHARDED_META if is_sharded_checkpoint(path) else path)
+    return load_checkpoint(path / SHARDED_META if path.is_dir() else path)
 
 
 def restore_training_state(
@@ -191,7 +188,7 @@ def restore_training_state(
 
     A step_N.dcp folder loads at any world size, FSDP or not; a whole step_N.pt cannot be loaded into FSDP shards.
     """
-    if is_sharded_checkpoint(path):
+    if Path(path).is_dir():  # step_N.dcp
         load_sharded_checkpoint(path, model, optimizer)
     elif sharded:
         raise ValueError(f"{path} is a whole-model checkpoint; resume it with run.parallel=ddp")
@@ -220,11 +217,6 @@ def save_training_state(
     elif info.is_main:
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **meta}
         save_and_prune(run_dir, step, state, keep_last=keep_last)
-
-
-def is_sharded_checkpoint(path: str | Path) -> bool:
-    """True for an FSDP checkpoint folder (step_N.dcp)."""
-    return Path(path).is_dir()
 
 
 def find_latest_checkpoint(run_dir: str | Path) -> Path | None:

@@ -17,6 +17,8 @@ from .data.transforms import normalize_images
 from .distributed import DistInfo, all_reduce_mean, all_reduce_sum_
 from .precision import autocast_context
 
+LossFn = Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]  # loss_fn(model, micro-batch on the device)
+
 
 class TrainingDiverged(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient; `last_checkpoint` is the newest save."""
@@ -41,7 +43,7 @@ class EvaluationStopped(Exception):
 def train_step(
     model: nn.Module,
     micro_batches: Sequence[tuple[torch.Tensor, ...]],
-    loss_fn: Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor],
+    loss_fn: LossFn,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None,
     precision: str,
@@ -69,6 +71,8 @@ def train_step(
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += loss.detach()
 
+    # by hand rather than timm's NativeScaler / dispatch_clip_grad: they return no gradient norm, skip nothing
+    # without a scaler and know no accumulation (no_sync) or FSDP's DTensor norm
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
     max_norm = clip_grad if clip_grad is not None else math.inf
@@ -153,14 +157,12 @@ def evaluate_reconstruction(
     model: nn.Module, batches: Sequence[tuple[torch.Tensor, ...]], precision: str, device: torch.device,
     normalize: Callable[[torch.Tensor], torch.Tensor] = normalize_images,
 ) -> float:  # fmt: skip
-    """Mean SimMIM loss over fixed (images, masks) batches, in eval mode; the model's mode is restored after.
+    """Mean SimMIM loss over fixed (images, masks) batches (at least one), in eval mode; the mode is restored after.
 
     Images are normalised on the device by `normalize` (data.Normalizer with the run's statistics; by default
     uint8 with the ImageNet mean / std, float taken as normalised).
     Each batch's loss is weighted by its number of images. This .item() syncs: call it every val_every steps.
     """
-    if not batches:
-        raise ValueError("no validation batches: set data.val_urls and data.val_samples > 0")
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), device=device), 0

@@ -25,7 +25,7 @@ from timm.utils import ModelEmaV3, random_seed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .checkpoint import CHECKPOINT_DIR, find_latest_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT_DIR, find_latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import (
     AugmentConfig,
     ConfigError,
@@ -54,14 +54,13 @@ from .distributed import (
     StopSignal,
     full_model_state_dict,
     process_group,
-    wrap_model,
 )
-from .engine import EvaluationStopped, evaluate_classifier, train_step
-from .optim import build_optimizer, build_scheduler, scaled_lrs
-from .precision import autocast_context, build_grad_scaler, resolve_device, resolve_precision
+from .engine import EvaluationStopped, LossFn, evaluate_classifier
+from .precision import autocast_context, resolve_device, resolve_precision
 from .probe import fit_logistic_regression
 from .run import TrainingRun, check_same_settings, run_directory
 from .tracking import check_wandb_credentials
+from .training import start_training
 from .transfer import build_classifier, load_pretrained, reinit_cpb_mlp, resolve_model_config
 
 BEST_CHECKPOINT = "best.pt"
@@ -99,10 +98,16 @@ def _check_resumable(meta: dict[str, Any], config: dict[str, Any], classes: list
         )
 
 
-def _restore_ema(ema: ModelEmaV3 | None, model: nn.Module, state: dict[str, Any]) -> None:
-    """The EMA weights of a checkpoint; one without them (EMA switched on at resume) starts at the loaded weights."""
+def _restore_state(run: TrainingRun, ema: ModelEmaV3 | None, best: dict[str, Any]) -> None:
+    """What a resumed checkpoint adds to the run's own state: the EMA weights (a checkpoint without them, EMA
+    switched on at resume, starts the EMA at the loaded weights), the best top-1 so far, a finished early stop."""
+    if not run.state:
+        return
     if ema is not None:
-        ema.module.load_state_dict(state["ema"]) if state.get("ema") else ema.set(model)
+        ema.module.load_state_dict(run.state["ema"]) if run.state.get("ema") else ema.set(run.model)
+    best["top1"], best["since"] = run.state["best_top1"], run.state.get("evaluations_since_best", 0)
+    if run.state.get("stopped_early_at") is not None:  # a finished early stop stays finished
+        best["stopped_at"] = run.stop_step = run.state["stopped_early_at"]
 
 
 def run_finetune(config: FinetuneConfig) -> Path:
@@ -134,22 +139,15 @@ def _finetune(config: FinetuneConfig, device: torch.device, info: DistInfo, stop
     micro_batch, accum = config.data.batch_size, config.optim.accum_steps
     # each rank takes every world_size-th image of one shuffled order: the per-rank share sets the epoch length
     steps_per_epoch = len(train_set) // info.world_size // (micro_batch * accum)
-    total_batch = micro_batch * accum * info.world_size
     if steps_per_epoch < 1:
         raise ConfigError(
-            f"one optimizer step needs data.batch_size * optim.accum_steps * processes = {total_batch} labelled "
-            f"images but there are {len(train_set)}; lower the batch size or label more images"
+            f"one optimizer step needs data.batch_size * optim.accum_steps * processes = "
+            f"{micro_batch * accum * info.world_size} labelled images but there are {len(train_set)}; lower the "
+            "batch size or label more images"
         )
-    lr, warmup_lr, min_lr = scaled_lrs(config.optim, total_batch)
-    wrapped = wrap_model(model, info, device, config.run.parallel)  # FSDP shards in place: before the optimizer
-    optimizer = build_optimizer(model, config.optim, lr, layer_decay=config.train.layer_decay)
-    scheduler = build_scheduler(optimizer, config.schedule, steps_per_epoch, warmup_lr, min_lr)
-    mixup, criterion = build_mixup_and_loss(config.augment, len(classes))
     best = {"top1": -1.0, "since": 0}  # the best top-1 so far, evaluations since it
-    run = TrainingRun(
-        to_dict(config), config.run, config.logger, info, stop, model, optimizer, build_grad_scaler(precision, device),
-        sharded=config.run.parallel == "fsdp" and info.distributed, total_batch=total_batch,
-        steps_per_epoch=steps_per_epoch, total_steps=config.schedule.epochs * steps_per_epoch,
+    run, lr, optimizer_step = start_training(
+        config, model, info, stop, device, precision, steps_per_epoch, layer_decay=config.train.layer_decay,
         extra_meta=lambda step: {
             **_checkpoint_meta(model, classes, best["top1"]),
             "ema": ema.module.state_dict() if ema is not None else None,
@@ -157,34 +155,16 @@ def _finetune(config: FinetuneConfig, device: torch.device, info: DistInfo, stop
             "stopped_early_at": best.get("stopped_at"),
         },
     )  # fmt: skip
-    step_model = torch.compile(wrapped) if config.run.compile else wrapped  # checkpoints save `model`: no _orig_mod.
     scored_set = holdout_set if holdout_set is not None else val_set  # what the evaluations during training score
     val_loader = _eval_loader(scored_set, config, info, device)
     # the evaluations during training score a fixed subset when train.eval_num_images asks for one
     val_subset = _evaluation_subset(scored_set, config.train.eval_num_images, config.run.seed)
     train_val_loader = val_loader if val_subset is scored_set else _eval_loader(val_subset, config, info, device)
-
-    # timm's 8-bit RGB pipeline normalises in the workers; other data keeps raw values up to the device
-    normalize = (
-        Normalizer(config.data.mean, config.data.std)
-        if keeps_raw_values(config.data, config.model.in_chans)
-        else normalize_images
-    )
+    loss_fn = _classification_loss(config, len(classes))
     monitor = BadDataMonitor(config.data.max_bad_fraction, config.data.bad_check_after, info.world_size, True)
 
-    def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        images, targets = normalize(batch[0]), batch[1]
-        if mixup is not None:
-            even = images.shape[0] // 2 * 2  # mixup pairs images; a batch short of a bad sample may be odd
-            images, targets = mixup(images[:even], targets[:even])  # soft targets (B, classes), smoothing included
-        return criterion(model(images), targets)
-
     with run.running(lambda meta, path: _check_resumable(meta, run.config, classes, path)):
-        if run.state:
-            _restore_ema(ema, model, run.state)
-            best["top1"], best["since"] = run.state["best_top1"], run.state.get("evaluations_since_best", 0)
-            if run.state.get("stopped_early_at") is not None:  # a finished early stop stays finished
-                best["stopped_at"] = run.stop_step = run.state["stopped_early_at"]
+        _restore_state(run, ema, best)
         run.say(_describe(config, run, model, len(train_set), len(classes), device, precision, lr))
         if val_subset is not scored_set:
             what = "held-out" if holdout_set is not None else "validation"
@@ -193,13 +173,7 @@ def _finetune(config: FinetuneConfig, device: torch.device, info: DistInfo, stop
         batches = monitored(endless(_train_loader(train_set, config, run, info, device)), monitor)
         final_done = False
         while run.step < run.stop_step:
-            with run.timer.data():
-                micro_batches = [next(batches) for _ in range(accum)]
-            scheduler.step_update(run.step)  # the lr is a function of the optimizer step
-            loss, grad_norm, skipped = train_step(
-                step_model, micro_batches, loss_fn, optimizer, run.scaler, precision, device, config.optim.clip_grad
-            )
-            step = run.step_done(loss, skipped)
+            step, grad_norm = optimizer_step(batches, loss_fn)
             if ema is not None:
                 ema.update(model, step=step)
             if run.log_due():  # bad_samples: summed over ranks, which all stop here past data.max_bad_fraction
@@ -223,6 +197,26 @@ def _finetune(config: FinetuneConfig, device: torch.device, info: DistInfo, stop
     which = "held-out " if holdout_set is not None else ""
     run.say(f"done at step {run.step}/{run.total_steps}. best {which}top-1 {best['top1']:.2f}%; run dir {run.run_dir}")
     return run.run_dir
+
+
+def _classification_loss(config: FinetuneConfig, num_classes: int) -> LossFn:
+    """train_step's loss_fn: the images normalised on the device, mixup / cutmix when configured, the criterion."""
+    mixup, criterion = build_mixup_and_loss(config.augment, num_classes)
+    # timm's 8-bit RGB pipeline normalises in the workers; other data keeps raw values up to the device
+    normalize = (
+        Normalizer(config.data.mean, config.data.std)
+        if keeps_raw_values(config.data, config.model.in_chans)
+        else normalize_images
+    )
+
+    def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        images, targets = normalize(batch[0]), batch[1]
+        if mixup is not None:
+            even = images.shape[0] // 2 * 2  # mixup pairs images; a batch short of a bad sample may be odd
+            images, targets = mixup(images[:even], targets[:even])  # soft targets (B, classes), smoothing included
+        return criterion(model(images), targets)
+
+    return loss_fn
 
 
 def _evaluation_subset(dataset: Dataset, num_images: int | None, seed: int) -> Dataset:
@@ -301,7 +295,7 @@ def _test_best(
     best_path = run.run_dir / CHECKPOINT_DIR / BEST_CHECKPOINT
     if info.distributed:
         torch.distributed.barrier()  # rank 0 may still be writing best.pt from the last evaluation
-    best = torch.load(best_path, map_location=device, weights_only=True)
+    best = load_checkpoint(best_path)  # to the CPU; load_state_dict copies it onto the device
     trained = {k: v.clone() for k, v in run.model.state_dict().items()}
     run.model.load_state_dict(best["model"])
     loader = _eval_loader(test_set, config, info, device)
@@ -495,14 +489,7 @@ def _evaluate_transfer(config: FinetuneConfig, device: torch.device, info: DistI
             f"{' ...' if len(changed) > 5 else ''}); evaluate on folders named as in training: {list(trained_classes)}"
         )
     model = build_classifier(model_cfg, num_classes, weights, keep_head=True, verbose=info.is_main).to(device)
-    loader = DataLoader(
-        EvalShard(val_set, info.rank, info.world_size),
-        batch_size=config.data.eval_batch_size,
-        num_workers=config.data.num_workers,
-        worker_init_fn=LoaderWorkerInit(),
-        collate_fn=collate_good_only,
-    )
-    metrics = evaluate_classifier(model, loader, precision, device, info=info)
+    metrics = evaluate_classifier(model, _eval_loader(val_set, config, info, device), precision, device, info=info)
     trained = weights.model_config or {}
     result = {
         "checkpoint": str(weights.path),

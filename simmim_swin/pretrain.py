@@ -13,16 +13,16 @@ from torch import nn
 from .checkpoint import find_latest_checkpoint
 from .config import PretrainConfig, to_dict, validate_pretrain
 from .data import Normalizer, PretrainData, build_pretrain_data, make_fixed_batch, normalize_images
-from .distributed import DistInfo, StopSignal, process_group, wrap_model
-from .engine import evaluate_reconstruction, train_step
+from .distributed import DistInfo, StopSignal, process_group
+from .engine import evaluate_reconstruction
 from .masking import MaskGenerator
 from .models import SimMIM, build_simmim
-from .optim import build_optimizer, build_scheduler, scaled_lrs
 from .panel import BandDisplay, build_display, save_reconstruction_panel
-from .precision import autocast_context, build_grad_scaler, resolve_device, resolve_precision
+from .precision import autocast_context, resolve_device, resolve_precision
 from .probe import ProbeSet, build_probe_set, describe_probe, run_probe
 from .run import TrainingRun, check_same_settings, run_directory
 from .tracking import check_wandb_credentials
+from .training import start_training
 from .transfer import load_simmim_weights, resolve_init_from
 from .viz import make_position_bias_maps, save_position_bias_figure
 
@@ -96,18 +96,10 @@ def _train(
         in_chans=config.model.in_chans,
     )  # fmt: skip
     normalize = Normalizer(config.data.mean, config.data.std)  # raw units -> model input, on the device
-    total_batch = config.data.batch_size * config.optim.accum_steps * info.world_size
-    lr, warmup_lr, min_lr = scaled_lrs(config.optim, total_batch)
-    wrapped = wrap_model(model, info, device, config.run.parallel)  # FSDP shards in place: before the optimizer
-    optimizer = build_optimizer(model, config.optim, lr)
-    scheduler = build_scheduler(optimizer, config.schedule, data.steps_per_epoch, warmup_lr, min_lr)
-    run = TrainingRun(
-        to_dict(config), config.run, config.logger, info, stop, model, optimizer, build_grad_scaler(precision, device),
-        sharded=config.run.parallel == "fsdp" and info.distributed, total_batch=total_batch,
-        steps_per_epoch=data.steps_per_epoch, total_steps=config.schedule.epochs * data.steps_per_epoch,
+    run, lr, optimizer_step = start_training(
+        config, model, info, stop, device, precision, data.steps_per_epoch,
         extra_meta=lambda step: {"stage_window_sizes": model.encoder.stage_window_sizes},
     )  # fmt: skip
-    step_model = torch.compile(wrapped) if config.run.compile else wrapped  # checkpoints save `model`: no _orig_mod.
     panel_images, panel_masks = make_fixed_batch(
         data.panel_source, config.logger.num_images, config.model.img_size, mask_generator, seed=config.run.seed,
         in_chans=config.model.in_chans,
@@ -125,14 +117,7 @@ def _train(
         # the data position is the step: map-style sources skip to it exactly, shards draw a new order from it
         batches = data.batches(run.step)
         while run.step < run.stop_step:
-            with run.timer.data():
-                micro_batches = [next(batches) for _ in range(config.optim.accum_steps)]
-            scheduler.step_update(run.step)  # the lr is a function of the optimizer step
-            loss, grad_norm, skipped = train_step(
-                step_model, micro_batches, partial(masked_pixel_loss, normalize=normalize), optimizer, run.scaler,
-                precision, device, config.optim.clip_grad,
-            )  # fmt: skip
-            step = run.step_done(loss, skipped)
+            step, grad_norm = optimizer_step(batches, partial(masked_pixel_loss, normalize=normalize))
 
             metrics = {}
             if run.log_due():

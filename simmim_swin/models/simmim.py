@@ -160,18 +160,7 @@ class SimMIM(nn.Module):
 
 
 def build_encoder(arch: str, num_classes: int = 0, **kwargs: Any) -> SwinTransformerV2:
-    """The SwinV2 encoder of a named size (see SWINV2_SIZES) with keyword overrides.
-
-    Args:
-        arch: a key of SWINV2_SIZES.
-        num_classes: classifier outputs; 0 gives a headless encoder (pooled features).
-        kwargs: SwinTransformerV2 arguments (img_size, patch_size, in_chans, window_size, pretrained_window_sizes,
-            embed_dim, depths, num_heads, mlp_ratio, drop_path_rate, ape, fused_attn, grad_checkpointing).
-            embed_dim, depths and num_heads set to None mean "from arch", so `**to_dict(config.model)` works.
-    """
-    for key in ("embed_dim", "depths", "num_heads"):
-        if key in kwargs and kwargs[key] is None:
-            del kwargs[key]
+    """create_swinv2 with no classifier unless `num_classes` is given: a thin wrapper, the encoder SimMIM wraps."""
     return create_swinv2(arch, num_classes=num_classes, **kwargs)
 
 
@@ -181,6 +170,6 @@ def build_simmim(arch: str, norm_target: int | None = 47, **encoder_kwargs: Any)
     Args:
         arch: a key of SWINV2_SIZES.
         norm_target: window of the per-pixel target normalisation (47 for SwinV2), or None for the plain input.
-        encoder_kwargs: build_encoder's keyword arguments.
+        encoder_kwargs: create_swinv2's keyword arguments.
     """
     return SimMIM(build_encoder(arch, num_classes=0, **encoder_kwargs), norm_target=norm_target)

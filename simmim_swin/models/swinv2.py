@@ -558,10 +558,16 @@ def size_fields(
 
 
 def create_swinv2(arch: str, **kwargs: Any) -> SwinTransformerV2:
-    """Build a named size (see SWINV2_SIZES); keyword arguments override the size's values."""
+    """The SwinV2 of a named size (a key of SWINV2_SIZES) with keyword overrides.
+
+    kwargs: SwinTransformerV2 arguments (img_size, patch_size, in_chans, window_size, pretrained_window_sizes,
+    embed_dim, depths, num_heads, num_classes, mlp_ratio, drop_path_rate, ape, fused_attn, grad_checkpointing ...).
+    embed_dim, depths and num_heads set to None mean "from arch", so `**to_dict(config.model)` works.
+    """
     if arch not in SWINV2_SIZES:
         raise ValueError(f"unknown model size {arch!r}; choose one of {sorted(SWINV2_SIZES)}")
-    return SwinTransformerV2(**{**SWINV2_SIZES[arch], **kwargs})
+    given = {key: value for key, value in kwargs.items() if value is not None or key not in SWINV2_SIZES[arch]}
+    return SwinTransformerV2(**{**SWINV2_SIZES[arch], **given})
 
 
 # ----------------------------------------------------------------------------------------------------------------
