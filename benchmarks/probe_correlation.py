@@ -50,6 +50,8 @@ def parse_args():
     # the recipe this was measured with: 15 epochs, evaluated once at the end
     p.set_defaults(preset="fashion_mnist", eval_every=100)
     args = p.parse_args()
+    if args.val_images < 1:
+        p.error(f"--val-images {args.val_images}: the reconstruction loss needs at least 1 test image, e.g. 1000")
     args.recipe = preset_recipe(args.preset)
     return args
 
