@@ -194,7 +194,7 @@ def _finetune(config: FinetuneConfig, device: torch.device, info: DistInfo, stop
         batches = monitored(endless(_train_loader(train_set, config, run, info, device)), monitor)
         final_done = False
         while run.step < run.stop_step:
-            with run.timer.data():
+            with run.timer.measure("data"):
                 micro_batches = [next(batches) for _ in range(accum)]
             scheduler.step_update(run.step)  # the lr is a function of the optimizer step
             loss, grad_norm, skipped = train_step(
@@ -205,7 +205,7 @@ def _finetune(config: FinetuneConfig, device: torch.device, info: DistInfo, stop
                 ema.update(model, step=step)
             if run.log_due():  # bad_samples: summed over ranks, which all stop here past data.max_bad_fraction
                 run.log({**run.training_metrics(grad_norm), "bad_samples": monitor.reduce(info, device)})
-            with run.timer.exclude():
+            with run.timer.measure("excluded"):
                 if step == run.stop_step:  # the end (schedule or run.max_steps): the whole set, confusion matrix
                     final = holdout_set is None  # with a held-out part the evaluation images come after the loop
                     final_done = _evaluate(run, val_loader, ema, classes, best, precision, final=final)

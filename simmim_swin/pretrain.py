@@ -125,7 +125,7 @@ def _train(
         # the data position is the step: map-style sources skip to it exactly, shards draw a new order from it
         batches = data.batches(run.step)
         while run.step < run.stop_step:
-            with run.timer.data():
+            with run.timer.measure("data"):
                 micro_batches = [next(batches) for _ in range(config.optim.accum_steps)]
             scheduler.step_update(run.step)  # the lr is a function of the optimizer step
             loss, grad_norm, skipped = train_step(
@@ -139,12 +139,12 @@ def _train(
                 # summed over ranks; every rank stops here together when data.max_bad_fraction is exceeded
                 metrics = {**run.training_metrics(grad_norm), "bad_samples": data.monitor.reduce(info, device)}
                 last_loss = metrics["loss"]
-            with run.timer.exclude():
+            with run.timer.measure("excluded"):
                 metrics.update(_evaluations(config, run, data, probe_set, precision, normalize))
             if metrics:
                 run.log(metrics, show=run.log_due())
             if step % config.logger.image_every == 0 or step == run.stop_step:
-                with run.timer.exclude():
+                with run.timer.measure("excluded"):
                     panel_path = _save_images(run, model, panel_batch, precision, display)
             run.end_of_step()
 

@@ -411,7 +411,7 @@ class TrainingRun:
             **self.stats.counts(),
             **self.extra_meta(self.step),
         }
-        with self.timer.exclude():
+        with self.timer.measure("excluded"):
             save_training_state(
                 self.run_dir, self.step, self.model, self.optimizer, meta, self.run_cfg.keep_last, self.info,
                 self.sharded,

@@ -363,37 +363,29 @@ def system_metrics(device: torch.device | str) -> dict[str, float]:
 
 
 class StepTimer:
-    """Splits the wall time between two `pop` calls into waiting for data (inside `data()`) and the rest.
+    """Splits the wall time between two `pop` calls into waiting for data (`measure("data")`) and the rest.
 
     Host clocks only, no device sync: the data wait is the time the loop blocks on the loader. With CUDA the
     compute part is only exact over a whole interval, which is why `pop` belongs right after the log step's sync.
-    Time inside `exclude()` (checkpoints, panels, evaluation) counts in neither part.
+    Time inside `measure("excluded")` (checkpoints, panels, evaluation) counts in neither part.
     """
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         self.clock = clock
         self._start = clock()
-        self._data_s = self._excluded_s = 0.0
+        self._seconds = {"data": 0.0, "excluded": 0.0}
         self._steps = 0
 
     @contextmanager
-    def data(self) -> Iterator[None]:
-        """Wrap the fetch of one optimizer step's batches (all its micro-batches)."""
+    def measure(self, part: str) -> Iterator[None]:
+        """Wrap the fetch of one optimizer step's batches, all its micro-batches ("data", which counts a step), or
+        work that is neither training nor data loading ("excluded")."""
         start = self.clock()
         try:
             yield
         finally:
-            self._data_s += self.clock() - start
-            self._steps += 1
-
-    @contextmanager
-    def exclude(self) -> Iterator[None]:
-        """Wrap work that is neither training nor data loading."""
-        start = self.clock()
-        try:
-            yield
-        finally:
-            self._excluded_s += self.clock() - start
+            self._seconds[part] += self.clock() - start
+            self._steps += part == "data"
 
     def pop(self, images_per_step: int | None = None, world_size: int = 1) -> dict[str, float]:
         """Metrics of the interval since the last pop, then start a new one.
@@ -402,14 +394,14 @@ class StepTimer:
         and images_per_sec_per_gpu.
         """
         now = self.clock()
-        elapsed = max(now - self._start - self._excluded_s, 1e-9)
+        elapsed = max(now - self._start - self._seconds["excluded"], 1e-9)
         steps = max(self._steps, 1)
-        metrics = {"data_wait_frac": min(self._data_s / elapsed, 1.0), "step_time_s": elapsed / steps}
+        metrics = {"data_wait_frac": min(self._seconds["data"] / elapsed, 1.0), "step_time_s": elapsed / steps}
         if images_per_step is not None:
             metrics["images_per_sec"] = self._steps * images_per_step / elapsed
             metrics["images_per_sec_per_gpu"] = metrics["images_per_sec"] / world_size
         self._start = now
-        self._data_s = self._excluded_s = 0.0
+        self._seconds = {"data": 0.0, "excluded": 0.0}
         self._steps = 0
         return metrics
 

@@ -235,10 +235,10 @@ def test_step_timer_splits_data_wait_from_compute() -> None:
     now = [0.0]
     timer = StepTimer(clock=lambda: now[0])
     for _ in range(4):  # 1 s waiting for data, 3 s computing, per step
-        with timer.data():
+        with timer.measure("data"):
             now[0] += 1.0
         now[0] += 3.0
-    with timer.exclude():  # a checkpoint: in neither part
+    with timer.measure("excluded"):  # a checkpoint: in neither part
         now[0] += 100.0
     metrics = timer.pop(images_per_step=32, world_size=4)
     assert metrics == {
@@ -247,7 +247,7 @@ def test_step_timer_splits_data_wait_from_compute() -> None:
         "images_per_sec": 8.0,
         "images_per_sec_per_gpu": 2.0,
     }
-    with timer.data():  # the next interval starts at the pop
+    with timer.measure("data"):  # the next interval starts at the pop
         now[0] += 2.0
     now[0] += 2.0
     assert timer.pop() == {"data_wait_frac": 0.5, "step_time_s": 4.0}
