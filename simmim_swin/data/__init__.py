@@ -31,7 +31,6 @@ from simmim_swin.data.loader import (
 from simmim_swin.data.pipeline import PretrainData, build_pretrain_data, build_val_batches, monitored
 from simmim_swin.data.shards import (
     IMAGE_MEMBER_KEYS,
-    Progress,
     ShardSample,
     fashion_mnist_samples,
     folder_samples,
@@ -98,7 +97,6 @@ __all__ = [
     "PretrainCrop",
     "PretrainData",
     "PretrainSample",
-    "Progress",
     "SeededSampler",
     "SeededSamples",
     "ShardSample",
