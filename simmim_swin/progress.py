@@ -104,12 +104,7 @@ class StepProgress(Progress):
     The ETA extrapolates the rate since construction. The bar is drawn on stdout (default), next to the messages.
     """
 
-    KNOWN = (
-        ("loss", "loss", ".4f"),
-        ("lr", "lr", ".2e"),
-        ("grad_norm", "grad", ".2f"),
-        ("images_per_sec", "img/s", ".1f"),
-    )
+    KNOWN = {"loss": "loss {:.4f}", "lr": "lr {:.2e}", "grad_norm": "grad {:.2f}", "images_per_sec": "img/s {:.1f}"}
 
     def __init__(
         self, total_steps: int, start_step: int, steps_per_epoch: int, stream: TextIO | None = None,
@@ -124,12 +119,12 @@ class StepProgress(Progress):
 
     def known(self, metrics: dict[str, Any]) -> str:
         """The known metrics, labelled: the bar's postfix."""
-        return " ".join(f"{label} {_plain(metrics[key]):{spec}}" for key, label, spec in self.KNOWN if key in metrics)
+        return " ".join(text.format(_plain(metrics[key])) for key, text in self.KNOWN.items() if key in metrics)
 
     def format(self, step: int, metrics: dict[str, Any]) -> str:
         """The plain progress line of `step` (its ETA from the count as it stands)."""
         parts = [f"step {step}/{self.total}", f"ep {step // self.steps_per_epoch}", self.known(metrics)]
-        skip = {key for key, _, _ in self.KNOWN} | {"step", "epoch"}
+        skip = {*self.KNOWN, "step", "epoch"}
         for key, value in metrics.items():
             value = _plain(value)
             if key not in skip and isinstance(value, numbers.Number):
@@ -183,18 +178,24 @@ def command_logging(log_file: Path | None = None, messages: TextIO | None = None
     if log_file is not None and rank == 0:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
-    logger = logging.getLogger(PACKAGE_LOGGER)
-    level, propagate = logger.level, logger.propagate
-    # Hydra's job logging puts a console and a file handler on the root logger: propagating would repeat each line
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    for handler in handlers:
-        logger.addHandler(handler)  # the default format: the message alone
+    # the package's messages and Python warnings (warnings.warn, through logging.captureWarnings); Hydra's job logging
+    # puts a console and a file handler on the root logger: propagating there would repeat each line
+    loggers = [logging.getLogger(PACKAGE_LOGGER), logging.getLogger("py.warnings")]
+    saved = [(logger.level, logger.propagate) for logger in loggers]
+    logging.captureWarnings(True)
+    for logger in loggers:
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        for handler in handlers:
+            logger.addHandler(handler)  # the default format: the message alone
     try:
         yield
     finally:
+        logging.captureWarnings(False)
+        for logger, (level, propagate) in zip(loggers, saved):
+            for handler in handlers:
+                logger.removeHandler(handler)
+            logger.setLevel(level)
+            logger.propagate = propagate
         for handler in handlers:
-            logger.removeHandler(handler)
             handler.close()
-        logger.setLevel(level)
-        logger.propagate = propagate

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 
 import pytest
 import torch
@@ -148,3 +149,12 @@ def test_ranks_above_0_show_warnings_only_and_write_no_log(tmp_path, monkeypatch
         logging.getLogger("simmim_swin.data.stream").warning("skipping bad sample")
     assert capsys.readouterr() == ("", "skipping bad sample\n")
     assert not (tmp_path / "pretrain.log").exists()
+
+
+def test_python_warnings_during_a_command_reach_stderr_and_the_run_log(tmp_path, capsys) -> None:
+    log_file, before = tmp_path / "pretrain.log", warnings.showwarning
+    with command_logging(log_file):
+        warnings.warn("taking over the lock run.lock: process 1 is gone", UserWarning, stacklevel=1)
+    assert "UserWarning: taking over the lock run.lock: process 1 is gone" in capsys.readouterr().err
+    assert "UserWarning: taking over the lock run.lock: process 1 is gone" in log_file.read_text()
+    assert warnings.showwarning is before  # logging.captureWarnings undone
