@@ -7,6 +7,7 @@ import atexit
 import contextlib
 import ctypes
 import datetime
+import logging
 import multiprocessing
 import multiprocessing.util  # registers its exit handler now, so the one registered here runs before it
 import os
@@ -23,6 +24,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .launcher import launcher_rank as launcher_rank  # re-exported; lives apart so the CLI reads it without torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -264,7 +267,7 @@ class StopSignal:
         if signum == signal.SIGINT and self.received == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait for the checkpoint
         if signum == signal.SIGINT and self.info.is_main and self.received is None:
-            print("\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to quit now)", flush=True)
+            log.info("Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to quit now)")
         self.received = signum
 
     def should_stop(self) -> bool:
@@ -333,19 +336,18 @@ def requeue_slurm_job(signum: int | None) -> bool:
         return False
     state = _slurm_job_state(job_id)
     if state is not None and state.startswith("CANCELLED"):
-        print(f"Slurm job {job_id} was cancelled: not requeued", flush=True)
+        log.info(f"Slurm job {job_id} was cancelled: not requeued")
         return False
     try:
         subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, check=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as e:
         detail = (getattr(e, "stderr", None) or str(e)).strip().splitlines()
-        print(
+        log.warning(
             f"could not requeue Slurm job {job_id} ({detail[-1] if detail else type(e).__name__}); submit the same "
-            "command again to resume from the checkpoint",
-            flush=True,
+            "command again to resume from the checkpoint"
         )
         return False
-    print(f"requeued Slurm job {job_id}: it resumes from this checkpoint when it starts again", flush=True)
+    log.info(f"requeued Slurm job {job_id}: it resumes from this checkpoint when it starts again")
     return True
 
 

@@ -201,7 +201,7 @@ def evaluate_classifier(
     should_stop is a collective); when it says yes the evaluation raises EvaluationStopped, so a stop signal
     never waits for a whole evaluation. `on_batch(n)` is told the size of each batch done (a progress display).
     """
-    from .viz import confusion_matrix
+    from .figures import confusion_matrix
 
     was_training = model.training
     model.eval()

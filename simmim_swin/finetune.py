@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,6 @@ from .data.classification import (
 )
 from .data.loader import EvalShard, build_pretrain_loader, endless
 from .data.pipeline import monitored
-from .data.shards import Progress
 from .data.stream import BadDataMonitor, collate_good, collate_good_only
 from .data.transforms import Normalizer, normalize_images
 from .distributed import (
@@ -58,12 +58,15 @@ from .distributed import (
 from .engine import EvaluationStopped, LossFn, evaluate_classifier
 from .precision import autocast_context, resolve_device, resolve_precision
 from .probe import fit_logistic_regression
+from .progress import Progress
 from .run import TrainingRun, check_same_settings, run_directory
 from .tracking import check_wandb_credentials
 from .training import start_training
 from .transfer import build_classifier, load_pretrained, reinit_cpb_mlp, resolve_model_config
 
 BEST_CHECKPOINT = "best.pt"
+
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -132,8 +135,7 @@ def _finetune(config: FinetuneConfig, device: torch.device, info: DistInfo, stop
     holdout_set = _labelled_eval_set(config, "held_out") if config.data.val_fraction > 0 else None
     if config.train.head_init == "linear_probe" and find_latest_checkpoint(run_directory(config.run)) is None:
         fit_top1 = _init_head_by_linear_probe(model, config, precision, len(classes))
-        if info.is_main:
-            print(f"classifier initialised by a linear probe of the frozen features (train top-1 {fit_top1:.1f}%)")
+        log.info(f"classifier initialised by a linear probe of the frozen features (train top-1 {fit_top1:.1f}%)")
     ema = ModelEmaV3(model, decay=config.train.ema_decay) if config.train.ema else None  # a plain copy, unwrapped
     random_seed(config.run.seed, info.rank)  # each rank its own drop path and mixup draws (numpy's global RNG)
     micro_batch, accum = config.data.batch_size, config.optim.accum_steps
@@ -165,10 +167,10 @@ def _finetune(config: FinetuneConfig, device: torch.device, info: DistInfo, stop
 
     with run.running(lambda meta, path: _check_resumable(meta, run.config, classes, path)):
         _restore_state(run, ema, best)
-        run.say(_describe(config, run, model, len(train_set), len(classes), device, precision, lr))
+        log.info(_describe(config, run, model, len(train_set), len(classes), device, precision, lr))
         if val_subset is not scored_set:
             what = "held-out" if holdout_set is not None else "validation"
-            run.say(f"evaluating {len(val_subset)} of {len(scored_set)} {what} images during training, all at the end")
+            log.info(f"evaluating {len(val_subset)} of {len(scored_set)} {what} images during training, all at the end")
         model.train()
         batches = monitored(endless(_train_loader(train_set, config, run, info, device)), monitor)
         final_done = False
@@ -178,7 +180,7 @@ def _finetune(config: FinetuneConfig, device: torch.device, info: DistInfo, stop
                 ema.update(model, step=step)
             if run.log_due():  # bad_samples: summed over ranks, which all stop here past data.max_bad_fraction
                 run.log({**run.training_metrics(grad_norm), "bad_samples": monitor.reduce(info, device)})
-            with run.timer.exclude():
+            with run.timer.measure("excluded"):
                 if step == run.stop_step:  # the end (schedule or run.max_steps): the whole set, confusion matrix
                     final = holdout_set is None  # with a held-out part the evaluation images come after the loop
                     final_done = _evaluate(run, val_loader, ema, classes, best, precision, final=final)
@@ -186,7 +188,7 @@ def _finetune(config: FinetuneConfig, device: torch.device, info: DistInfo, stop
                     _evaluate(run, train_val_loader, ema, classes, best, precision, final=False)
             if 0 < config.train.patience <= best["since"] and step < run.stop_step:
                 best["stopped_at"] = run.stop_step = step  # end_of_step saves the last step
-                run.say(f"early stop at step {step}: no better top-1 in {best['since']} evaluations")
+                log.info(f"early stop at step {step}: no better top-1 in {best['since']} evaluations")
             run.end_of_step(save_now=run.epoch_done)  # saves and raises Preempted if a stop signal came
         if holdout_set is not None:  # best.pt, chosen on the held-out images, scored once on the evaluation images
             if not _test_best(run, val_set, config, classes, precision):
@@ -195,7 +197,7 @@ def _finetune(config: FinetuneConfig, device: torch.device, info: DistInfo, stop
         elif not final_done and not _evaluate(run, val_loader, ema, classes, best, precision, final=True):
             raise Preempted(run.step, stop.name)
     which = "held-out " if holdout_set is not None else ""
-    run.say(f"done at step {run.step}/{run.total_steps}. best {which}top-1 {best['top1']:.2f}%; run dir {run.run_dir}")
+    log.info(f"done at step {run.step}/{run.total_steps}. best {which}top-1 {best['top1']:.2f}%; run dir {run.run_dir}")
     return run.run_dir
 
 
@@ -279,7 +281,7 @@ def _init_head_by_linear_probe(
 def _save_confusion(run: TrainingRun, confusion: torch.Tensor, classes: list[str]) -> None:
     """images/confusion_matrix.png (and to W&B) from rank 0."""
     if run.info.is_main:
-        from .viz import save_confusion_matrix  # matplotlib: only for the final picture
+        from .figures import save_confusion_matrix  # matplotlib: only for the final picture
 
         path = save_confusion_matrix(confusion, classes, run.run_dir / "images" / "confusion_matrix.png")
         run.logger.log_image(run.step, "confusion_matrix", path)
@@ -302,7 +304,7 @@ def _test_best(
     try:
         result = _scored(run, run.model, loader, precision, confusion=True, what="test of best.pt")
     except EvaluationStopped:
-        run.say(f"{run.stop.name} during the test of best.pt at step {run.step}: stopped it")
+        log.info(f"{run.stop.name} during the test of best.pt at step {run.step}: stopped it")
         return False
     finally:
         run.model.load_state_dict(trained)  # the last step's weights, as the resume checkpoint holds them
@@ -310,9 +312,8 @@ def _test_best(
     run.log({f"test_{k}": v for k, v in result.items()} | {"best_step": best["step"]})
     run.logger.log_summary({"final_test_top1": result["top1"], "final_test_top5": result["top5"]})
     _save_confusion(run, confusion, classes)
-    if info.is_main:
-        run.say(f"best.pt (step {best['step']}) on the {result['num_images']} evaluation images: top-1 "
-                f"{result['top1']:.2f}%, top-5 {result['top5']:.2f}%")  # fmt: skip
+    log.info(f"best.pt (step {best['step']}) on the {result['num_images']} evaluation images: top-1 "
+             f"{result['top1']:.2f}%, top-5 {result['top5']:.2f}%")  # fmt: skip
     return True
 
 
@@ -334,8 +335,7 @@ def _build_model_and_data(
     model = build_classifier(model_cfg, len(classes), None if resuming else pretrained, verbose=info.is_main)
     if config.train.reinit_cpb_mlp and not resuming:
         reinitialised = reinit_cpb_mlp(model, seed=config.run.seed)
-        if info.is_main:
-            print(f"re-initialised {len(reinitialised)} CPB MLPs (ablation)", flush=True)
+        log.info(f"re-initialised {len(reinitialised)} CPB MLPs (ablation)")
     return config, model, classes, train_set, val_set
 
 
@@ -393,7 +393,7 @@ def _evaluate(
         if ema is not None:
             ema_metrics = _scored(run, ema.module, loader, precision, confusion=False, what="EMA evaluation")
     except EvaluationStopped:
-        run.say(f"{run.stop.name} during the evaluation at step {step}: stopped it")
+        log.info(f"{run.stop.name} during the evaluation at step {step}: stopped it")
         return False
     confusion = result.pop("confusion", None)
     metrics = {f"val_{k}": v for k, v in result.items()}
@@ -424,7 +424,10 @@ def _scored(
     """evaluate_classifier with the run's stop signal asked at every batch and the images counted on rank 0."""
     device = next(model.parameters()).device
     total = len(loader.dataset) * run.info.world_size  # EvalShard: every rank's padded share
-    progress = Progress(total, every=max(1, total // 10), desc=f"{what} at step {run.step}", stream=sys.stdout)
+    progress = Progress(  # rank 0 alone counts (on_batch): no bar on the others
+        total, every=max(1, total // 10), desc=f"{what} at step {run.step}", stream=sys.stdout,
+        tty=None if run.info.is_main else False,
+    )  # fmt: skip
     on_batch = (lambda n: progress.update(n * run.info.world_size)) if run.info.is_main else None
     try:
         return evaluate_classifier(
@@ -506,10 +509,9 @@ def _evaluate_transfer(config: FinetuneConfig, device: torch.device, info: DistI
     run_dir = Path(config.run.output_dir) / config.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "evaluation.json").write_text(json.dumps(result, indent=2))
-    print(
+    log.info(
         f"{weights.path} (trained at {result['trained_img_size']}px / window {result['trained_window_size']}) "
         f"evaluated at {model_cfg.img_size}px / window {model_cfg.window_size}: top-1 {metrics['top1']:.2f}%, "
-        f"top-5 {metrics['top5']:.2f}% on {metrics['num_images']} images",
-        flush=True,
+        f"top-5 {metrics['top5']:.2f}% on {metrics['num_images']} images"
     )
     return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from functools import partial
 from pathlib import Path
 
@@ -15,16 +16,23 @@ from .config import PretrainConfig, to_dict, validate_pretrain
 from .data import Normalizer, PretrainData, build_pretrain_data, make_fixed_batch, normalize_images
 from .distributed import DistInfo, StopSignal, process_group
 from .engine import evaluate_reconstruction
+from .figures import (
+    BandDisplay,
+    build_display,
+    make_position_bias_maps,
+    save_position_bias_figure,
+    save_reconstruction_panel,
+)
 from .masking import MaskGenerator
 from .models import SimMIM, build_simmim
-from .panel import BandDisplay, build_display, save_reconstruction_panel
 from .precision import autocast_context, resolve_device, resolve_precision
 from .probe import ProbeSet, build_probe_set, describe_probe, run_probe
 from .run import TrainingRun, check_same_settings, run_directory
 from .tracking import check_wandb_credentials
 from .training import start_training
 from .transfer import load_simmim_weights, resolve_init_from
-from .viz import make_position_bias_maps, save_position_bias_figure
+
+log = logging.getLogger(__name__)
 
 # parts of the config that must match a checkpoint for it to be resumed into this run
 RESUME_MUST_MATCH = ("model", "mask")
@@ -36,7 +44,7 @@ def write_panel(
     display: BandDisplay | None = None,
 ) -> Path:  # fmt: skip
     """Reconstruct the fixed panel images (normalised) and save original | masked | reconstruction | error as a PNG
-    (if `write`); `display` picks and stretches the bands shown (panel.build_display)."""
+    (if `write`); `display` picks and stretches the bands shown (figures.build_display)."""
     images, masks = batch
     device = next(model.parameters()).device
     was_training = model.training
@@ -110,9 +118,9 @@ def _train(
 
     panel_path, last_loss = None, float("nan")
     with run.running(lambda meta, path: check_same_settings(meta["config"], run.config, RESUME_MUST_MATCH, path)):
-        run.say(_describe(config, run, data, device, precision, lr))
+        log.info(_describe(config, run, data, device, precision, lr))
         if probe_set is not None:
-            run.say(f"probe: {probe_set.description}")
+            log.info(f"probe: {probe_set.description}")
         model.train()
         # the data position is the step: map-style sources skip to it exactly, shards draw a new order from it
         batches = data.batches(run.step)
@@ -124,19 +132,19 @@ def _train(
                 # summed over ranks; every rank stops here together when data.max_bad_fraction is exceeded
                 metrics = {**run.training_metrics(grad_norm), "bad_samples": data.monitor.reduce(info, device)}
                 last_loss = metrics["loss"]
-            with run.timer.exclude():
+            with run.timer.measure("excluded"):
                 metrics.update(_evaluations(config, run, data, probe_set, precision, normalize))
             if metrics:
                 run.log(metrics, show=run.log_due())
             if step % config.logger.image_every == 0 or step == run.stop_step:
-                with run.timer.exclude():
+                with run.timer.measure("excluded"):
                     panel_path = _save_images(run, model, panel_batch, precision, display)
             run.end_of_step()
 
         if panel_path is None:  # nothing left to train: still show where the run stands
             panel_path = _save_images(run, model, panel_batch, precision, display)
         run.logger.log_summary({"final_loss": last_loss, "steps": run.step})
-    run.say(f"done at step {run.step}/{run.total_steps}. reconstructions: {panel_path}")
+    log.info(f"done at step {run.step}/{run.total_steps}. reconstructions: {panel_path}")
     return run.run_dir
 
 
@@ -154,7 +162,7 @@ def _evaluations(
     if probe_set is not None and (step % config.probe.every == 0 or last):
         probe_metrics = run_probe(model, probe_set, precision, run.info, sharded=run.sharded)
         metrics.update(probe_metrics)
-        run.say(describe_probe(step, probe_metrics))
+        log.info(describe_probe(step, probe_metrics))
     return metrics
 
 
@@ -167,21 +175,19 @@ def _build_model(config: PretrainConfig, info: DistInfo) -> tuple[PretrainConfig
         run_dir = run_directory(config.run)
         if find_latest_checkpoint(run_dir) is not None:
             config = _windows_as_saved(config, run_dir)
-            if info.is_main:
-                print(f"resuming {run_dir}: its own checkpoint wins; init_from={config.init_from} is not loaded")
+            log.info(f"resuming {run_dir}: its own checkpoint wins; init_from={config.init_from} is not loaded")
         else:
             model_cfg, pretrained = resolve_init_from(config.model, config.init_from, config.init_from_format)
             config = dataclasses.replace(config, model=model_cfg)
     model = build_simmim(**to_dict(config.model), norm_target=norm_target)
     if pretrained is not None:
         report = load_simmim_weights(model, pretrained)
-        if info.is_main:
-            windows = f"windows {model.encoder.stage_window_sizes}, CPB normalised by {model.encoder.cpb_window_sizes}"
-            print(f"init_from: {pretrained.source_format} weights from {pretrained.path} ({windows})", flush=True)
-            print(report.summary(), flush=True)
-            if pretrained.cpb_windows() is None and config.model.pretrained_window_sizes is None:
-                note = "set model.pretrained_window_sizes to the source's windows when they differ"
-                print(f"init_from: the source does not record its windows; CPB normalised by this run's ({note})")
+        windows = f"windows {model.encoder.stage_window_sizes}, CPB normalised by {model.encoder.cpb_window_sizes}"
+        log.info(f"init_from: {pretrained.source_format} weights from {pretrained.path} ({windows})")
+        log.info(report.summary())
+        if pretrained.cpb_windows() is None and config.model.pretrained_window_sizes is None:
+            note = "set model.pretrained_window_sizes to the source's windows when they differ"
+            log.info(f"init_from: the source does not record its windows; CPB normalised by this run's ({note})")
     return config, model
 
 

@@ -1,58 +1,201 @@
-"""A status line for long loops: redrawn in place on a terminal, printed as plain lines elsewhere (Slurm logs, pipes).
+"""What a command shows while it works: the package's messages (Python logging: the terminal and the run's log
+file) and the progress of long loops (training steps, make-shards and scan items, evaluation batches).
 
-The training loops' ProgressPrinter (tracking.py) and make-shards' item counter (data/shards.py) both draw through it.
+Library modules log through `logging.getLogger(__name__)`; `command_logging` shows those messages for one command.
+Progress is a tqdm bar on a terminal; elsewhere (Slurm logs, pipes) plain lines logged every so often, and the run's
+log file gets plain lines always. The plain lines are not tqdm's: tqdm writing to a stream that is not a terminal
+still redraws with carriage returns, which a log must never hold. Records logged with `extra=FILE_ONLY` go to the
+log file only (the terminal shows a bar instead).
 """
 
 from __future__ import annotations
 
-import shutil
+import logging
+import math
+import numbers
 import sys
-from typing import TextIO
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+from .launcher import launcher_rank
+
+log = logging.getLogger(__name__)
+PACKAGE_LOGGER = "simmim_swin"  # the parent of every module's logger: the one a command shows and writes
+FILE_ONLY = {"terminal": False}  # `extra` of a record the terminal shows as a progress bar instead
 
 
-class StatusLine:
-    """Where progress lines go and how: `show(line)` redraws one line on a terminal, else prints the line.
+def format_duration(seconds: float) -> str:
+    """H:MM:SS, hours unbounded (tqdm's own format drops the hours below one)."""
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _plain(value: Any) -> Any:
+    """A Python number from a tensor or numpy scalar (`.item()`); other values pass through."""
+    return value.item() if hasattr(value, "item") else value
+
+
+class Progress:
+    """Progress of a loop over `total` items: a tqdm bar on a terminal; else the line `desc: n/total (rate/s)`
+    every `every` items and at the last. A bar ends with that line in the log file.
 
     Args:
-        stream: the output stream; None: whatever `sys.stdout` is at each write, so output that a command copies
-            into its log by replacing `sys.stdout` (the run's log file) gets the progress lines too.
-        tty: force the terminal (True) or line (False) display; None asks the stream.
-        width: terminal columns for the status line; None asks the terminal.
+        stream: where the bar is drawn (default stderr, as tqdm); whether it is a terminal picks the display.
+        tty: force the bar (True) or the lines (False); None asks the stream.
+        initial: the count the loop starts from (a resumed run's step).
+        redraw_s: the bar is redrawn at most this often (tqdm's mininterval).
     """
 
-    def __init__(self, stream: TextIO | None = None, tty: bool | None = None, width: int | None = None) -> None:
-        self._stream = stream
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)()) if tty is None else tty
-        self.width = width if width is not None else shutil.get_terminal_size(fallback=(120, 24)).columns
-        self._line_open = False  # a status line is on screen without its newline
+    def __init__(
+        self, total: int, desc: str, every: int = 1, stream: TextIO | None = None, tty: bool | None = None,
+        initial: int = 0, clock: Callable[[], float] = time.monotonic, redraw_s: float = 0.1,
+    ) -> None:  # fmt: skip
+        stream = sys.stderr if stream is None else stream
+        self.tty = bool(getattr(stream, "isatty", lambda: False)()) if tty is None else tty
+        self.total, self.desc, self.every = total, desc, max(1, every)
+        self.count = self.start_count = initial
+        self.clock, self.start_time = clock, clock()
+        options = dict(total=total, initial=initial, desc=desc, file=stream, mininterval=redraw_s, dynamic_ncols=True)
+        self.bar = tqdm(**options) if self.tty else None
 
-    @property
-    def stream(self) -> TextIO:
-        """The stream written to now."""
-        return sys.stdout if self._stream is None else self._stream
+    def rate(self) -> float:
+        """Items per second since the start."""
+        return (self.count - self.start_count) / max(self.clock() - self.start_time, 1e-9)
 
-    def show(self, line: str, logged: str | None = None) -> None:
-        """Redraw the status line with `line` on a terminal (cut to the width), else print it as a line.
+    def eta(self) -> str:
+        """The time left at the rate since the start, H:MM:SS ('?' before the first item)."""
+        done, elapsed = self.count - self.start_count, self.clock() - self.start_time
+        if done <= 0 or elapsed <= 0:
+            return "?"
+        eta = (self.total - self.count) * elapsed / done
+        return format_duration(eta) if math.isfinite(eta) else "?"
 
-        A stream that copies the output into a log (a run's log file) gets `logged` (default: `line`) for the log
-        through its `show_status(shown, logged)`: there every update is a line, whatever the terminal shows.
-        """
-        if not self.tty:
-            print(line, file=self.stream, flush=True)
-            return
-        shown = "\r" + line[: max(self.width - 1, 20)] + "\x1b[K"  # carriage return, text (a wrapped line cannot
-        # be redrawn), erase the rest of the old line
-        show_status = getattr(self.stream, "show_status", None)
-        if show_status is not None:
-            show_status(shown, line if logged is None else logged)
-        else:
-            self.stream.write(shown)
-            self.stream.flush()
-        self._line_open = True
+    def line(self) -> str:
+        """The plain line of the current count."""
+        return f"{self.desc}: {self.count}/{self.total} ({self.rate():.0f}/s)"
+
+    def update(self, n: int = 1) -> None:
+        """Count n more items."""
+        self.count += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.count % self.every < n or self.count == self.total:
+            log.info(self.line())
 
     def close(self) -> None:
-        """End the status line on a terminal so later output starts on a fresh line."""
-        if self._line_open:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._line_open = False
+        """End the bar (later output starts on a fresh line) and put its last state into the log file."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+            log.info(self.line(), extra=FILE_ONLY)
+
+
+class StepProgress(Progress):
+    """Progress of a training run: `step N/M ep E`, the known metrics, the other numeric ones, then the ETA.
+
+    `show` is called at the log steps. On a terminal the tqdm bar shows the known metrics as its postfix and the log
+    file gets the full line; elsewhere the full line is logged. Known keys and their labels: loss, lr, grad_norm
+    (grad), images_per_sec (img/s); other numeric metrics follow as `name value` (but `epoch`, shown as `ep`).
+    The ETA extrapolates the rate since construction. The bar is drawn on stdout (default), next to the messages.
+    """
+
+    KNOWN = {"loss": "loss {:.4f}", "lr": "lr {:.2e}", "grad_norm": "grad {:.2f}", "images_per_sec": "img/s {:.1f}"}
+
+    def __init__(
+        self, total_steps: int, start_step: int, steps_per_epoch: int, stream: TextIO | None = None,
+        tty: bool | None = None, clock: Callable[[], float] = time.monotonic,
+    ) -> None:  # fmt: skip
+        if steps_per_epoch <= 0:
+            raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
+        stream = sys.stdout if stream is None else stream
+        # redrawn at every show: the log steps are few
+        super().__init__(total_steps, "train", stream=stream, tty=tty, initial=start_step, clock=clock, redraw_s=0)
+        self.steps_per_epoch = steps_per_epoch
+
+    def known(self, metrics: dict[str, Any]) -> str:
+        """The known metrics, labelled: the bar's postfix."""
+        return " ".join(text.format(_plain(metrics[key])) for key, text in self.KNOWN.items() if key in metrics)
+
+    def format(self, step: int, metrics: dict[str, Any]) -> str:
+        """The plain progress line of `step` (its ETA from the count as it stands)."""
+        parts = [f"step {step}/{self.total}", f"ep {step // self.steps_per_epoch}", self.known(metrics)]
+        skip = {*self.KNOWN, "step", "epoch"}
+        for key, value in metrics.items():
+            value = _plain(value)
+            if key not in skip and isinstance(value, numbers.Number):
+                parts.append(f"{key} {value:.4g}")
+        return " ".join(part for part in [*parts, f"eta {self.eta()}"] if part)
+
+    def show(self, step: int, metrics: dict[str, Any]) -> None:
+        """Show the progress at `step` with its metrics."""
+        self.count = step
+        line = self.format(step, metrics)
+        if self.bar is None:
+            log.info(line)
+            return
+        self.bar.set_description(f"ep {step // self.steps_per_epoch}", refresh=False)
+        self.bar.set_postfix_str(self.known(metrics), refresh=False)
+        self.bar.update(step - self.bar.n)
+        log.info(line, extra=FILE_ONLY)
+
+    def close(self) -> None:
+        """End the bar; the log file holds the lines of every `show` already."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class _Terminal(logging.StreamHandler):
+    """A console handler that writes through tqdm (a message never breaks a progress bar) and leaves out the records
+    a bar shows instead (FILE_ONLY)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not getattr(record, "terminal", True):
+            return
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()  # a pipe (a Slurm log) buffers otherwise
+        except Exception:
+            self.handleError(record)
+
+
+@contextmanager
+def command_logging(log_file: Path | None = None, messages: TextIO | None = None) -> Iterator[None]:
+    """Show the package's messages for one command as plain lines: on `messages` (default stdout; a tool whose
+    stdout is its result passes stderr), warnings and errors on stderr (ranks > 0 show only those), and on rank 0
+    in `log_file` too (the run's log, `<run dir>/<command>.log`, which Hydra creates). The handlers go when the
+    command returns."""
+    rank = launcher_rank()
+    out, err = _Terminal(sys.stdout if messages is None else messages), _Terminal(sys.stderr)
+    out.addFilter(lambda record: rank == 0 and record.levelno < logging.WARNING)
+    err.setLevel(logging.WARNING)
+    handlers: list[logging.Handler] = [out, err]
+    if log_file is not None and rank == 0:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
+    # the package's messages and Python warnings (warnings.warn, through logging.captureWarnings); Hydra's job logging
+    # puts a console and a file handler on the root logger: propagating there would repeat each line
+    loggers = [logging.getLogger(PACKAGE_LOGGER), logging.getLogger("py.warnings")]
+    saved = [(logger.level, logger.propagate) for logger in loggers]
+    logging.captureWarnings(True)
+    for logger in loggers:
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        for handler in handlers:
+            logger.addHandler(handler)  # the default format: the message alone
+    try:
+        yield
+    finally:
+        logging.captureWarnings(False)
+        for logger, (level, propagate) in zip(loggers, saved):
+            for handler in handlers:
+                logger.removeHandler(handler)
+            logger.setLevel(level)
+            logger.propagate = propagate
+        for handler in handlers:
+            handler.close()

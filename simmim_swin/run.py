@@ -12,6 +12,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
 import socket
@@ -38,7 +39,10 @@ from .config import ConfigError, LoggerConfig, RunConfig
 from .distributed import DistInfo, Preempted, StopSignal
 from .engine import StepStats, TrainingDiverged
 from .files import FILE_MODE, atomic_write
-from .tracking import MetricsLogger, ProgressPrinter, StepTimer, lr_metrics, system_metrics
+from .progress import StepProgress
+from .tracking import MetricsLogger, StepTimer, lr_metrics, system_metrics
+
+log = logging.getLogger(__name__)
 
 
 def check_same_settings(saved: dict[str, Any], current: dict[str, Any], sections: tuple[str, ...], path: Path) -> None:
@@ -268,14 +272,9 @@ class TrainingRun:
         self.check_every = 1 if device.type == "cpu" else logger_cfg.log_every
         self.stats = StepStats(device)
         self.logger: MetricsLogger | None = None
-        self.progress: ProgressPrinter | None = None
+        self.progress: StepProgress | None = None  # rank 0's
         self.lock = RunLock(self.run_dir, run_cfg.lock_stale_after_s)
         self._run_dir_identity: tuple[int, int] | None = None  # (device, inode) of the run directory at the start
-
-    def say(self, text: str) -> None:
-        """Print one line from rank 0."""
-        if self.info.is_main:
-            print(text, flush=True)
 
     @contextmanager
     def running(self, check: Callable[[dict[str, Any], Path], None]) -> Iterator[TrainingRun]:
@@ -290,7 +289,7 @@ class TrainingRun:
             self._run_dir_identity = _identity(self.run_dir)
             if self.info.is_main:
                 for path in remove_stale_temporaries(self.run_dir):
-                    self.say(f"removed {path}, left by an interrupted save")
+                    log.info(f"removed {path}, left by an interrupted save")
             self._resume(check)
             if self.info.is_main:
                 atomic_write(self.run_dir / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
@@ -302,9 +301,8 @@ class TrainingRun:
                 enabled=self.info.is_main,
                 run_name=self.run_cfg.name,
             )
-            self.progress = ProgressPrinter(
-                total_steps=self.stop_step, start_step=self.step, steps_per_epoch=self.steps_per_epoch
-            )
+            if self.info.is_main:
+                self.progress = StepProgress(self.stop_step, self.step, self.steps_per_epoch)
             try:
                 yield self
             except OSError:  # e.g. "No such file" on a temporary file: say what happened to the folder
@@ -339,7 +337,7 @@ class TrainingRun:
         self.step, self.state, self.resumed_from = state["step"], state, latest
         device = self.stats.loss_sum.device
         self.stats = StepStats(device, state.get("skipped_steps", 0), state.get("consecutive_skips", 0))
-        self.say(f"resuming {self.run_dir} from {latest.name} at step {self.step}")
+        log.info(f"resuming {self.run_dir} from {latest.name} at step {self.step}")
 
     # ------------------------------------------------------------------------------------------------ each step
 
@@ -376,8 +374,8 @@ class TrainingRun:
             self.check_run_dir()  # metrics.jsonl is an open file: writing to it would not notice
         self.logger.log(self.step, metrics)
         self.lock.heartbeat()
-        if show and self.info.is_main:
-            self.progress.update(self.step, {k: v for k, v in metrics.items() if not k.startswith("lr/")})
+        if show and self.progress is not None:
+            self.progress.show(self.step, {k: v for k, v in metrics.items() if not k.startswith("lr/")})
 
     def end_of_step(self, save_now: bool = False) -> None:
         """Save and stop as the policy says, after the loop's logging and evaluation of this step.
@@ -411,7 +409,7 @@ class TrainingRun:
             **self.stats.counts(),
             **self.extra_meta(self.step),
         }
-        with self.timer.exclude():
+        with self.timer.measure("excluded"):
             save_training_state(
                 self.run_dir, self.step, self.model, self.optimizer, meta, self.run_cfg.keep_last, self.info,
                 self.sharded,

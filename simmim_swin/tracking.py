@@ -1,15 +1,15 @@
-"""Metrics sinks: metrics.jsonl and summary.json (always), Weights & Biases (optional, rank 0 only), the terminal
-progress display, and the small measurements the loops log (data-wait fraction, GPU memory, per-group lrs)."""
+"""Metrics sinks: metrics.jsonl and summary.json (always), Weights & Biases (optional, rank 0 only), and the small
+measurements the loops log (data-wait fraction, GPU memory, per-group lrs)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import netrc
 import numbers
 import os
 import socket
-import sys
 import time
 import urllib.parse
 import warnings
@@ -24,13 +24,13 @@ from PIL import Image
 
 from simmim_swin.config import ConfigError, LoggerConfig
 from simmim_swin.files import atomic_write
-from simmim_swin.progress import StatusLine
 
 WANDB_DEFAULT_PROJECT = "simmim-swin"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 RUN_ID_FILE = "wandb_run_id"
 GIB = 2**30
+log = logging.getLogger(__name__)
 
 
 def _plain(value: Any) -> Any:
@@ -200,11 +200,9 @@ class MetricsLogger:
             reachable, where = wandb_reachable()
             if not reachable:
                 mode = "offline"
-                print(
+                log.warning(
                     f"warning: W&B server {where} is unreachable: logging offline into {self.run_dir / 'wandb'}; "
-                    f"upload later with `wandb sync {self.run_dir / 'wandb'}/offline-run-*`",
-                    file=sys.stderr,
-                    flush=True,
+                    f"upload later with `wandb sync {self.run_dir / 'wandb'}/offline-run-*`"
                 )
 
         id_file = self.run_dir / RUN_ID_FILE
@@ -354,37 +352,29 @@ def system_metrics(device: torch.device | str) -> dict[str, float]:
 
 
 class StepTimer:
-    """Splits the wall time between two `pop` calls into waiting for data (inside `data()`) and the rest.
+    """Splits the wall time between two `pop` calls into waiting for data (`measure("data")`) and the rest.
 
     Host clocks only, no device sync: the data wait is the time the loop blocks on the loader. With CUDA the
     compute part is only exact over a whole interval, which is why `pop` belongs right after the log step's sync.
-    Time inside `exclude()` (checkpoints, panels, evaluation) counts in neither part.
+    Time inside `measure("excluded")` (checkpoints, panels, evaluation) counts in neither part.
     """
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         self.clock = clock
         self._start = clock()
-        self._data_s = self._excluded_s = 0.0
+        self._seconds = {"data": 0.0, "excluded": 0.0}
         self._steps = 0
 
     @contextmanager
-    def data(self) -> Iterator[None]:
-        """Wrap the fetch of one optimizer step's batches (all its micro-batches)."""
+    def measure(self, part: str) -> Iterator[None]:
+        """Wrap the fetch of one optimizer step's batches, all its micro-batches ("data", which counts a step), or
+        work that is neither training nor data loading ("excluded")."""
         start = self.clock()
         try:
             yield
         finally:
-            self._data_s += self.clock() - start
-            self._steps += 1
-
-    @contextmanager
-    def exclude(self) -> Iterator[None]:
-        """Wrap work that is neither training nor data loading."""
-        start = self.clock()
-        try:
-            yield
-        finally:
-            self._excluded_s += self.clock() - start
+            self._seconds[part] += self.clock() - start
+            self._steps += part == "data"
 
     def pop(self, images_per_step: int | None = None, world_size: int = 1) -> dict[str, float]:
         """Metrics of the interval since the last pop, then start a new one.
@@ -393,85 +383,13 @@ class StepTimer:
         and images_per_sec_per_gpu.
         """
         now = self.clock()
-        elapsed = max(now - self._start - self._excluded_s, 1e-9)
+        elapsed = max(now - self._start - self._seconds["excluded"], 1e-9)
         steps = max(self._steps, 1)
-        metrics = {"data_wait_frac": min(self._data_s / elapsed, 1.0), "step_time_s": elapsed / steps}
+        metrics = {"data_wait_frac": min(self._seconds["data"] / elapsed, 1.0), "step_time_s": elapsed / steps}
         if images_per_step is not None:
             metrics["images_per_sec"] = self._steps * images_per_step / elapsed
             metrics["images_per_sec_per_gpu"] = metrics["images_per_sec"] / world_size
         self._start = now
-        self._data_s = self._excluded_s = 0.0
+        self._seconds = {"data": 0.0, "excluded": 0.0}
         self._steps = 0
         return metrics
-
-
-def _format_duration(seconds: float) -> str:
-    """H:MM:SS, hours unbounded."""
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-class ProgressPrinter(StatusLine):
-    """Progress of a run: step, epoch, known metrics, then the rest, and the ETA.
-
-    On a terminal (stream.isatty()) one status line is redrawn in place with the known metrics only; elsewhere
-    (Slurm logs, pipes) every update is a plain line with all numeric metrics.
-    Known keys and their labels: loss, lr, grad_norm (grad), images_per_sec (img/s); other numeric metrics
-    follow as `name value` (except `epoch`, shown as `ep`). The ETA extrapolates the rate since construction.
-
-    Args:
-        stream: where the lines go; None: `sys.stdout` as it is at each update (a run's log copies it).
-        tty: force the terminal (True) or line (False) display; None asks the stream.
-        width: terminal columns for the status line; None asks the terminal.
-    """
-
-    _KNOWN = (
-        ("loss", "loss", ".4f"),
-        ("lr", "lr", ".2e"),
-        ("grad_norm", "grad", ".2f"),
-        ("images_per_sec", "img/s", ".1f"),
-    )
-
-    def __init__(
-        self,
-        total_steps: int,
-        start_step: int,
-        steps_per_epoch: int,
-        stream: TextIO | None = None,
-        clock: Callable[[], float] = time.monotonic,
-        tty: bool | None = None,
-        width: int | None = None,
-    ) -> None:
-        if steps_per_epoch <= 0:
-            raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
-        super().__init__(stream, tty=tty, width=width)
-        self.total_steps = total_steps
-        self.start_step = start_step
-        self.steps_per_epoch = steps_per_epoch
-        self.clock = clock
-        self.start_time = clock()
-
-    def format(self, step: int, metrics: dict[str, Any], compact: bool = False) -> str:
-        """The progress line for `step` (without a newline); compact leaves out the metrics not in _KNOWN."""
-        parts = [f"step {step}/{self.total_steps}", f"ep {step // self.steps_per_epoch}"]
-        known = {key for key, _, _ in self._KNOWN} | {"step", "epoch"}
-        for key, label, spec in self._KNOWN:
-            if key in metrics:
-                parts.append(f"{label} {_plain(metrics[key]):{spec}}")
-        for key, value in metrics.items():
-            value = _plain(value)
-            if not compact and key not in known and isinstance(value, numbers.Number):
-                parts.append(f"{key} {value:.4g}")
-        done = step - self.start_step
-        elapsed = self.clock() - self.start_time
-        if done > 0 and elapsed > 0:
-            eta = (self.total_steps - step) * elapsed / done
-            parts.append(f"eta {_format_duration(eta) if math.isfinite(eta) else '?'}")
-        else:
-            parts.append("eta ?")
-        return " ".join(parts)
-
-    def update(self, step: int, metrics: dict[str, Any]) -> None:
-        """Show the progress for `step`: redraw the status line on a terminal (a log copying it gets every update
-        with all metrics), else print a line."""
-        self.show(self.format(step, metrics, compact=self.tty), logged=self.format(step, metrics) if self.tty else None)

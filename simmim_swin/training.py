@@ -40,7 +40,7 @@ def start_training(
     step_model = torch.compile(wrapped) if config.run.compile else wrapped  # checkpoints save `model`: no _orig_mod.
 
     def step(batches: Iterator[tuple], loss_fn: LossFn) -> tuple[int, torch.Tensor]:
-        with run.timer.data():
+        with run.timer.measure("data"):
             micro_batches = [next(batches) for _ in range(config.optim.accum_steps)]
         scheduler.step_update(run.step)  # the lr is a function of the optimizer step
         loss, grad_norm, skipped = train_step(

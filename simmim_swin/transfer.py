@@ -13,6 +13,7 @@ inputs it saw, and larger offsets are extrapolated.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from .models import SimMIM, build_encoder
 from .models.swinv2 import SWINV2_SIZES, SwinTransformerV2, WindowAttention, is_derived_buffer, size_fields
 
 _MAX_NAMES = 8  # keys listed per kind in error messages
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -419,7 +422,7 @@ def build_classifier(
 ) -> SwinTransformerV2:
     """The classifier at model_cfg's size and window, with the pretrained encoder (and head if keep_head) loaded.
 
-    verbose prints what was loaded, dropped and re-created (rank 0 of a multi-process job alone does).
+    verbose logs what was loaded, dropped and re-created (rank 0 of a multi-process job alone does).
     """
     model = build_encoder(**to_dict(model_cfg), num_classes=num_classes)
     if pretrained is not None:
@@ -427,8 +430,8 @@ def build_classifier(
         dropped = {**pretrained.dropped, **report.dropped}
         windows = f"windows {model.stage_window_sizes}, CPB normalised by {model.cpb_window_sizes}"
         if verbose:
-            print(f"loaded {pretrained.source_format} weights from {pretrained.path} ({windows})", flush=True)
-            print(dataclasses.replace(report, dropped=dropped).summary(), flush=True)
+            log.info(f"loaded {pretrained.source_format} weights from {pretrained.path} ({windows})")
+            log.info(dataclasses.replace(report, dropped=dropped).summary())
     return model
 
 

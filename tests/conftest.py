@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +32,16 @@ TINY_ENCODER_KWARGS = dict(
 def _seed() -> None:
     """Every test starts from the same global RNG state."""
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _root_logging():
+    """A command run in-process leaves Hydra's job logging on the root logger (handlers bound to that test's captured
+    streams): put the root logger back, so later tests see the package's warnings on their own stderr."""
+    handlers, level = logging.root.handlers[:], logging.root.level
+    yield
+    logging.root.handlers[:] = handlers
+    logging.root.setLevel(level)
 
 
 @pytest.fixture

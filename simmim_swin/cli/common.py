@@ -1,15 +1,13 @@
 """Helpers shared by the Hydra entry points: where conf/ is, one-line errors, the run directory of a job and of a
-sweep, the preset name as W&B group, the run's log."""
+sweep, the preset name as W&B group, the messages on the terminal and in the run's log."""
 
 from __future__ import annotations
 
 import os
-import re
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from hydra.errors import HydraException, OverrideParseException
 from hydra.types import RunMode
@@ -18,6 +16,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from ..config import ConfigError, describe_error, from_dict
 from ..launcher import launcher_rank
+from ..progress import command_logging
 from .errors import command_errors, describe_os_error, fail
 from .overrides import override_error
 
@@ -241,63 +240,6 @@ def quiet_hydra_on_other_ranks() -> None:
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
 
 
-class _LogTee:
-    """A text stream that writes through to `stream` and appends each finished line to `log`.
-
-    Lines redrawn in place on a terminal (carriage returns) reach the log in their last state only, without the
-    escape codes, so the log reads like the plain output of a run without a terminal; a status line drawn through
-    `show_status` (the training progress) reaches it at every update.
-    """
-
-    def __init__(self, stream: TextIO, log: TextIO) -> None:
-        self.stream, self.log, self._pending = stream, log, ""
-
-    def write(self, text: str) -> int:
-        self.stream.write(text)
-        self._pending += text
-        *lines, self._pending = self._pending.split("\n")
-        for line in lines:
-            line = _ESCAPES.sub("", line.rsplit("\r", 1)[-1])
-            if line.strip():
-                self.log.write(line + "\n")
-        if lines:
-            self.log.flush()
-        return len(text)
-
-    def show_status(self, shown: str, logged: str) -> None:
-        """Redraw a terminal status line with `shown` (its escape codes included); the log gets `logged` as a line."""
-        self.stream.write(shown)
-        self.stream.flush()
-        self.log.write(logged + "\n")
-        self.log.flush()
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding ... of the real stream
-        return getattr(self.stream, name)
-
-
-_ESCAPES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-@contextmanager
-def output_into_log(path: Path) -> Iterator[None]:
-    """Copy everything the command prints (progress, messages, the final error line) into the run's log file,
-    `<run dir>/<command>.log`, which Hydra creates; other ranks have no log (their Hydra logging is off)."""
-    if launcher_rank() > 0:
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as log:
-        stdout, stderr = sys.stdout, sys.stderr
-        sys.stdout, sys.stderr = _LogTee(stdout, log), _LogTee(stderr, log)
-        try:
-            yield
-        finally:
-            sys.stdout, sys.stderr = stdout, stderr
-
-
 def hydra_log_file() -> Path:
     """The job log Hydra writes in the run directory (pretrain.log / finetune.log)."""
     from hydra.core.hydra_config import HydraConfig
@@ -308,11 +250,11 @@ def hydra_log_file() -> Path:
 
 def run_command(cfg: DictConfig, cls: type, preset_group: str, run: Callable[[Any], Any]) -> None:
     """The body of both Hydra entry points: build the typed config, then `run(config)`, every expected failure in one
-    line and all output copied into the run's log."""
+    line and every message also in the run's log."""
     from hydra.core.hydra_config import HydraConfig
 
     hydra_cfg = HydraConfig.get()
-    with output_into_log(hydra_log_file()), command_errors():
+    with command_logging(hydra_log_file()), command_errors():
         config = build_config(cls, cfg, hydra_cfg.runtime.choices, preset_group, hydra_cfg)
         default_cpu_threads(config.run.device)
         run(config)  # validates the settings before building anything

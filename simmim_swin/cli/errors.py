@@ -8,6 +8,7 @@ With SIMMIM_DEBUG=1 the traceback is printed first; the exit status stays the sa
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import sys
 import traceback
@@ -16,16 +17,25 @@ from contextlib import contextmanager
 from typing import NoReturn
 
 from ..launcher import launcher_rank
+from ..progress import PACKAGE_LOGGER
 
 BAD_INPUT = 2
 RUN_FAILED = 1
 DEBUG_ENV = "SIMMIM_DEBUG"
 
 
+log = logging.getLogger(PACKAGE_LOGGER)
+
+
 def fail(message: str, code: int = BAD_INPUT) -> NoReturn:
-    """Print `error: message` on stderr (tagged with the rank on ranks > 0) and exit with `code`."""
+    """Print `error: message` on stderr (tagged with the rank on ranks > 0), and into the run's log during a command,
+    then exit with `code`."""
     rank = launcher_rank()
-    print(f"error{f' (rank {rank})' if rank else ''}: {message}", file=sys.stderr, flush=True)
+    line = f"error{f' (rank {rank})' if rank else ''}: {message}"
+    if log.handlers:  # a command's logging (progress.command_logging): stderr and the run's log
+        log.error(line)
+    else:  # before the command set its logging up (a bad command line)
+        print(line, file=sys.stderr, flush=True)
     sys.exit(code)
 
 
@@ -68,8 +78,7 @@ def command_errors() -> Iterator[None]:
     except Exception as e:
         preempted, diverged, locked, gone = _run_errors()
         if isinstance(e, preempted):
-            if launcher_rank() == 0:  # every rank stopped at the same step; one line says so
-                print(e, flush=True)
+            log.info(str(e))  # every rank stopped at the same step: rank 0 says so (the others show no messages)
             sys.exit(e.exit_code)
         # anything else (a RuntimeError from torch, a bug) keeps its traceback: that is what a report needs
         if not isinstance(e, (OSError, ValueError, diverged, locked, gone)):

@@ -71,7 +71,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     """Write the shards and the index; print where they are."""
     from ..data.datasets import describe_unread, unread_files
-    from ..data.shards import Progress, fashion_mnist_samples, folder_samples, write_shards  # torch: loaded here
+    from ..data.shards import fashion_mnist_samples, folder_samples, write_shards  # torch: loaded here
+    from ..progress import Progress
 
     skipped: list[str] = []
     if args.source == "fashion-mnist":
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace) -> None:
         unread = unread_files(args.folder)
         if unread:
             print(f"note: {describe_unread(unread)}", file=sys.stderr)
-    progress = Progress(total, args.log_every, desc=f"make-shards {args.name}")
+    progress = Progress(total, f"make-shards {args.name}", every=args.log_every)
     try:
         index_path = write_shards(
             samples,

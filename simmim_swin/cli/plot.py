@@ -34,8 +34,8 @@ def run_labels(paths: list[Path]) -> list[str]:
 
 def run(args: argparse.Namespace) -> None:
     """Read the runs' metrics and write the curves PNG."""
+    from ..figures import plot_metric_curves
     from ..tracking import load_metrics  # torch and matplotlib: loaded only when the command runs
-    from ..viz import plot_metric_curves
 
     paths = [Path(r) for r in args.runs]
     runs = {}

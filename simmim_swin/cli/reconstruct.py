@@ -51,9 +51,9 @@ def run(args: argparse.Namespace) -> None:
     from ..checkpoint import load_checkpoint, resolve_checkpoint
     from ..config import MaskConfig, ModelConfig, from_dict, to_dict
     from ..data import EvalView, Normalizer
+    from ..figures import build_display
     from ..masking import MaskGenerator
     from ..models import build_simmim
-    from ..panel import build_display
     from ..pretrain import write_panel
 
     path = resolve_checkpoint(args.checkpoint)

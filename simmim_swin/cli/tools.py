@@ -11,6 +11,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from ..progress import command_logging
 from .errors import command_errors
 
 # each module has add_parser(subparsers) registering a sub-command whose `func(args)` runs it
@@ -46,7 +47,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point."""
     args = parse_args(argv)
-    with command_errors():
+    with command_logging(messages=sys.stderr), command_errors():  # stdout: the tools' results
         args.func(args)
 
 

@@ -14,7 +14,6 @@ from simmim_swin.data.images import BadSample, ImageTooLargeError, open_source, 
 from simmim_swin.data.loader import SeededSampler, build_pretrain_loader, make_fixed_batch
 from simmim_swin.data.pipeline import PretrainData, build_pretrain_data
 from simmim_swin.data.shards import (
-    Progress,
     ShardSample,
     folder_samples,
     read_index,
@@ -64,7 +63,6 @@ __all__ = [
     "PretrainCrop",
     "PretrainData",
     "PretrainSample",
-    "Progress",
     "SeededSampler",
     "ShardSample",
     "ShardStream",

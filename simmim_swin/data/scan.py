@@ -6,7 +6,6 @@ the work is split by file or by shard over a multiprocessing pool, with a progre
 
 from __future__ import annotations
 
-import io
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,8 +26,9 @@ from simmim_swin.data.images import (
     source_depth,
     to_tensor,
 )
-from simmim_swin.data.shards import IMAGE_MEMBER_KEYS, Progress, pool_map, resolve_urls
+from simmim_swin.data.shards import IMAGE_MEMBER_KEYS, pool_map, resolve_urls
 from simmim_swin.data.stream import BadSampleLog, iter_shard_samples, open_image
+from simmim_swin.progress import Progress
 
 
 def scan_units(path: str | Path) -> tuple[str, list[str]]:
@@ -50,7 +50,7 @@ def _sources(unit: str, kind: str, max_pixels: int | None) -> Iterator[tuple[str
         except Exception as e:  # any failure to open is what check-data reports
             yield unit, Path(unit).suffix, e
         return
-    log = BadSampleLog(stream=io.StringIO())  # unreadable tars are reported below, not printed
+    log = BadSampleLog(quiet=True)  # unreadable tars are reported below
     for sample in iter_shard_samples([unit], log):
         if sample is None:
             continue
@@ -175,7 +175,7 @@ def scan(
 ) -> UnitReport:  # fmt: skip
     """All units read by a pool of `workers` processes (0: one per CPU), merged into one report."""
     total = UnitReport()
-    progress = Progress(len(units), max(1, len(units) // 20), desc=f"{desc} ({kind})")
+    progress = Progress(len(units), f"{desc} ({kind})", every=max(1, len(units) // 20))
     tasks = [(unit, kind, max_pixels, in_chans, moments) for unit in units]
     try:
         for report in pool_map(check_unit, tasks, workers, ordered=False):

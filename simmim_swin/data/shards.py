@@ -12,19 +12,17 @@ from __future__ import annotations
 
 import io
 import json
-import math
+import logging
 import multiprocessing
 import os
 import re
 import shutil
 import socket
-import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import webdataset as wds
 from PIL import Image
@@ -33,12 +31,12 @@ from simmim_swin.data.datasets import find_images
 from simmim_swin.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
 from simmim_swin.data.images import DEFAULT_MAX_IMAGE_PIXELS, describe_error, verify_image
 from simmim_swin.files import atomic_write
-from simmim_swin.progress import StatusLine
 
 INDEX_FORMAT = "simmim-swin-shards/1"
 # image member extensions the loaders read, in order of preference when a sample holds several
 IMAGE_MEMBER_KEYS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "npy")
 _EXTENSION_ALIASES = {"jpeg": "jpg", "tiff": "tif"}
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -147,37 +145,6 @@ def fashion_mnist_samples(split: str, root: str | Path | None = None) -> tuple[i
     return len(images), generate(), list(FASHION_MNIST_CLASSES)
 
 
-class Progress(StatusLine):
-    """Progress of a long loop over items: on a terminal a status line redrawn at most every `redraw_s` seconds,
-    elsewhere (Slurm logs) a plain line every `every` items; both end with the last item."""
-
-    def __init__(
-        self,
-        total: int,
-        every: int,
-        desc: str,
-        stream: TextIO | None = None,
-        clock: Callable[[], float] = time.monotonic,
-        tty: bool | None = None,
-        redraw_s: float = 0.2,
-    ) -> None:
-        super().__init__(stream or sys.stderr, tty=tty)
-        self.total, self.every, self.desc = total, max(1, every), desc
-        self.clock, self.redraw_s = clock, redraw_s
-        self.count, self.start = 0, clock()
-        self._last_draw = -math.inf
-
-    def update(self, n: int = 1) -> None:
-        """Count n more items."""
-        self.count += n
-        now = self.clock()
-        due = now - self._last_draw >= self.redraw_s if self.tty else self.count % self.every < n
-        if due or self.count == self.total:
-            self._last_draw = now
-            rate = self.count / max(now - self.start, 1e-9)
-            self.show(f"{self.desc}: {self.count}/{self.total} ({rate:.0f}/s)")
-
-
 def existing_set(out_dir: str | Path, name: str) -> list[Path]:
     """The files of the shard set `name` already in out_dir: its index and its NAME-*.tar shards."""
     out_dir = Path(out_dir)
@@ -215,7 +182,7 @@ def write_shards(
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in remove_stale_staging(out_dir, name):
-        print(f"removed {stale}, left by a make-shards run that did not finish", file=sys.stderr)
+        log.info(f"removed {stale}, left by a make-shards run that did not finish")
     # same filesystem: renames are moves; the host and process id in the name tell a later run whether it is stale
     prefix = f".{name}.partial-{socket.gethostname()}-{os.getpid()}-"
     staging = Path(tempfile.mkdtemp(prefix=prefix, dir=out_dir))

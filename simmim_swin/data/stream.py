@@ -9,8 +9,8 @@ the same seed gives the same batches and a run resumed at step s draws a new ord
 from __future__ import annotations
 
 import itertools
+import logging
 import random
-import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
@@ -31,6 +31,8 @@ from simmim_swin.data.loader import check_rank, derive_seed
 from simmim_swin.data.shards import IMAGE_MEMBER_KEYS
 from simmim_swin.data.transforms import EvalView, PretrainCrop
 from simmim_swin.distributed import DistInfo, LoaderWorkerInit, all_reduce_sum_
+
+log = logging.getLogger(__name__)
 
 SampleFn = Callable[[dict[str, Any], torch.Generator], tuple[torch.Tensor, ...]]
 LOG_FIRST_BAD = 10  # each worker logs its first bad samples one line each...
@@ -72,9 +74,9 @@ def collate_good(items: list[Any]) -> Batch:
 class BadSampleLog:
     """A worker's record of skipped samples: counts, the shards they came from, rate-limited log lines."""
 
-    def __init__(self, where: str = "", stream=None) -> None:
+    def __init__(self, where: str = "", quiet: bool = False) -> None:
         self.where = where
-        self.stream = stream or sys.stderr
+        self.quiet = quiet  # count only: the caller reports the bad samples itself
         self.total = 0
         self.pending: list[str] = []  # shards of bad samples not yet handed to the main process
         self.current_url = ""
@@ -83,11 +85,10 @@ class BadSampleLog:
         """Count one bad sample (or empty / unreadable shard) and log it if it is within the rate limit."""
         self.total += 1
         self.pending.append(url)
-        if self.total <= LOG_FIRST_BAD or self.total % LOG_BAD_EVERY == 0:
+        if not self.quiet and (self.total <= LOG_FIRST_BAD or self.total % LOG_BAD_EVERY == 0):
             what = f"sample {key!r}" if key else "shard"
             reason = reason if isinstance(reason, str) else describe_error(reason)
-            line = f"skipping bad {what} in {url}: {reason} [{self.total} bad{self.where}]"
-            print(line, file=self.stream, flush=True)
+            log.warning(f"skipping bad {what} in {url}: {reason} [{self.total} bad{self.where}]")
 
     def handler(self, exn: Exception) -> bool:
         """webdataset error handler: record and continue (its warn_and_continue sleeps 0.5 s per error)."""
@@ -159,7 +160,7 @@ def collate_good_only(items: list[Any]) -> tuple[torch.Tensor, ...]:
     for path, reason in zip(batch.bad_shards, batch.bad_reasons):
         if path not in _REPORTED:
             _REPORTED.add(path)
-            print(f"skipping unreadable evaluation image {path}: {reason}", file=sys.stderr, flush=True)
+            log.warning(f"skipping unreadable evaluation image {path}: {reason}")
     if not batch.data:
         raise ValueError(f"every image of an evaluation batch is unreadable, e.g. {batch.bad_shards[0]}")
     return batch.data
@@ -280,18 +281,16 @@ class BadDataMonitor:
     while a broken data set stops it after about check_after * max_bad_fraction bad samples. In one process
     `update` checks after every batch; with world_size > 1 it leaves the fraction to `reduce`, which every rank
     calls at the same step with the counts summed over ranks, so all ranks stop together.
-    `name_files=True` (image folders) prints each bad file once, with the reason, the first time it is seen.
+    `name_files=True` (image folders) logs each bad file once, with the reason, the first time it is seen.
     """
 
     def __init__(
-        self, max_bad_fraction: float, check_after: int = 1000, world_size: int = 1, name_files: bool = False,
-        stream=None,
-    ) -> None:  # fmt: skip
+        self, max_bad_fraction: float, check_after: int = 1000, world_size: int = 1, name_files: bool = False
+    ) -> None:
         self.max_bad_fraction = max_bad_fraction
         self.check_after = max(1, check_after)
         self.world_size = world_size
         self.name_files = name_files
-        self.stream = stream or sys.stderr
         self.num_good = 0
         self.num_bad = 0
         self.bad_shards: Counter[str] = Counter()
@@ -303,7 +302,7 @@ class BadDataMonitor:
         if self.name_files:
             for path, reason in zip(batch.bad_shards, batch.bad_reasons):
                 if path not in self.bad_shards:
-                    print(f"skipping unreadable image {path}: {reason}", file=self.stream, flush=True)
+                    log.warning(f"skipping unreadable image {path}: {reason}")
         self.bad_shards.update(batch.bad_shards)
         if self.num_good == 0 and self.num_bad >= self.check_after:  # nothing good at all: never wait for it
             self._stop(self.num_bad, self.num_bad, nothing_good=True)

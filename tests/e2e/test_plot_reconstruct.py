@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from simmim_swin.cli.tools import main as tools_main
-from simmim_swin.panel import MASK_GREY, panel_size, tile_box
+from simmim_swin.figures import MASK_GREY, panel_size, tile_box
 from simmim_swin.tracking import load_metrics
 
 pytestmark = pytest.mark.slow

@@ -204,28 +204,3 @@ def test_place_run_follows_the_folder_hydra_made(run, job, expected):
 def test_job_folder_names_the_overrides_or_the_job_number():
     assert common._job_dir("data.root=/a/b,mask.mask_ratio=0.4", 0) == "data.root=_a_b,mask.mask_ratio=0.4"
     assert common._job_dir("", 3) == "3"
-
-
-@pytest.mark.parametrize("tty", [False, True])
-def test_the_run_log_gets_every_line_the_run_prints(tmp_path, monkeypatch, tty):
-    """The progress printer is made after the command started copying its output into the log (as in a run): every
-    update reaches the log as a line with all metrics, also when a terminal shows one status line redrawn."""
-    from fake_stream import FakeStream
-
-    from simmim_swin.tracking import ProgressPrinter
-
-    terminal = FakeStream(tty=tty)
-    monkeypatch.setattr(sys, "stdout", terminal)
-    log = tmp_path / "run" / "pretrain.log"
-    with common.output_into_log(log):
-        print("pretraining pico ...")
-        printer = ProgressPrinter(30, start_step=0, steps_per_epoch=10, width=200)
-        for step in (10, 20, 30):
-            printer.update(step, {"loss": 1.0 / step, "data_wait_frac": 0.5})
-        printer.close()
-        print("done at step 30/30")
-    lines = log.read_text().splitlines()
-    assert lines[0] == "pretraining pico ..." and lines[-1] == "done at step 30/30" and len(lines) == 5
-    assert [line.split(" ep ")[0] for line in lines[1:4]] == ["step 10/30", "step 20/30", "step 30/30"]
-    assert all("data_wait_frac 0.5" in line and "\r" not in line for line in lines[1:4])
-    assert terminal.getvalue().count("\r") == (3 if tty else 0)  # the terminal: redrawn in place, or plain lines

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import socket
 import struct
@@ -190,7 +191,8 @@ def test_make_shards_decodes_before_packing_and_names_what_it_skips(tmp_path, ca
     assert "note: 1 file not read (extensions .gif: 1)" in captured.err
 
 
-def test_make_shards_removes_the_partial_folder_a_killed_run_left(tmp_path, capsys):
+def test_make_shards_removes_the_partial_folder_a_killed_run_left(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="simmim_swin")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     host = socket.gethostname()
     out = tmp_path / "shards"
@@ -205,7 +207,7 @@ def test_make_shards_removes_the_partial_folder_a_killed_run_left(tmp_path, caps
     Image.new("RGB", (8, 8)).save(buffer, "PNG")
     write_shards([ShardSample("a", buffer.getvalue(), "png")], out)
     assert not killed.exists() and not older.exists() and running.is_dir() and other_set.is_dir()
-    err = capsys.readouterr().err
+    err = caplog.text
     assert f"removed {killed}" in err and f"removed {older}" in err
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["train-000000.tar", "train.json"]
 

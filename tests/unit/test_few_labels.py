@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -120,7 +121,8 @@ def test_patience_stops_early_and_a_restart_stays_stopped(tmp_path, image_root):
     assert max(r["step"] for r in records(run_dir)) == 8
 
 
-def test_linear_probe_head_starts_from_the_fitted_regression(tmp_path, image_root, capsys):
+def test_linear_probe_head_starts_from_the_fitted_regression(tmp_path, image_root, caplog):
+    caplog.set_level(logging.INFO, logger="simmim_swin")
     from simmim_swin.config import FinetuneModelConfig, to_dict
     from simmim_swin.finetune import _init_head_by_linear_probe, _labelled_eval_set, frozen_features
     from simmim_swin.transfer import build_classifier, resolve_model_config
@@ -141,7 +143,7 @@ def test_linear_probe_head_starts_from_the_fitted_regression(tmp_path, image_roo
     assert fit_top1 == pytest.approx(100.0 * ((logits.argmax(1) == labels).float().mean().item()))
 
     run_finetune(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, max_steps=1)))
-    assert "classifier initialised by a linear probe" in capsys.readouterr().out
+    assert "classifier initialised by a linear probe" in caplog.text
 
 
 @pytest.mark.parametrize(

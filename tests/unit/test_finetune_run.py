@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -86,12 +87,13 @@ def test_a_run_ended_by_max_steps_writes_the_final_evaluation(tmp_path, image_ro
     assert json.loads((run_dir / "summary.json").read_text())["final_val_top1"] == final["val_top1"]
 
 
-def test_evaluations_during_training_score_a_fixed_subset_and_the_end_scores_all(tmp_path, image_root, capsys):
+def test_evaluations_during_training_score_a_fixed_subset_and_the_end_scores_all(tmp_path, image_root, caplog):
+    caplog.set_level(logging.INFO, logger="simmim_swin")
     cfg = config(tmp_path, image_root, train=dict(eval_num_images=2))
     run_dir = run_finetune(cfg)
     evaluated = {r["step"]: r["val_num_images"] for r in _records(run_dir) if "val_top1" in r}
     assert evaluated == {2: 2, 4: 6}  # the end of epoch 1 on the subset, the end of the run on all
-    out = capsys.readouterr().out
+    out = caplog.text
     assert "evaluating 2 of 6 validation images during training, all at the end" in out
     assert "evaluation at step 2: 2/2" in out and "final evaluation at step 4: 6/6" in out  # the progress lines
 

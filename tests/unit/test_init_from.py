@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 import pytest
@@ -138,7 +139,8 @@ def test_unknown_format_is_a_config_error() -> None:
         validate_pretrain(from_dict(PretrainConfig, {"model": MODEL, "init_from_format": "caffe"}))
 
 
-def test_pretraining_run_starts_from_weights_and_a_resume_ignores_them(tmp_path, randomize, capsys) -> None:
+def test_pretraining_run_starts_from_weights_and_a_resume_ignores_them(tmp_path, randomize, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="simmim_swin")
     source = source_model(randomize)
     torch.save(ours(source), tmp_path / "source.pt")
     settings = {
@@ -151,7 +153,8 @@ def test_pretraining_run_starts_from_weights_and_a_resume_ignores_them(tmp_path,
         "init_from": str(tmp_path / "source.pt"),
     }
     run_dir = run_pretrain(from_dict(PretrainConfig, settings))
-    first = capsys.readouterr().out
+    first = caplog.text
+    caplog.clear()
     assert "init_from: simmim weights from" in first and "CPB normalised by [4, 4, 2]" in first
     saved = torch.load(run_dir / "checkpoints" / "step_00000002.pt", weights_only=True)
     assert saved["config"]["model"]["pretrained_window_sizes"] == [4, 4, 2]
@@ -160,6 +163,6 @@ def test_pretraining_run_starts_from_weights_and_a_resume_ignores_them(tmp_path,
     torch.save({"model": {}}, tmp_path / "source.pt")  # a resume that read init_from again would fail on this
     settings["run"]["max_steps"] = 4
     run_pretrain(from_dict(PretrainConfig, settings))
-    second = capsys.readouterr().out
+    second = caplog.text
     assert "its own checkpoint wins; init_from=" in second and "init_from: simmim weights" not in second
     assert torch.load(run_dir / "checkpoints" / "step_00000004.pt", weights_only=True)["step"] == 4

@@ -3,7 +3,6 @@ skipped and counted, band panels, patch-embedding adaptation, safe shard writing
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 
@@ -42,8 +41,8 @@ from simmim_swin.data import (
 )
 from simmim_swin.data.shards import folder_samples
 from simmim_swin.data.stream import open_image
+from simmim_swin.figures import BandDisplay, build_display, make_panel_tiles
 from simmim_swin.masking import MaskGenerator
-from simmim_swin.panel import BandDisplay, build_display, make_panel_tiles
 from simmim_swin.pretrain import masked_pixel_loss
 
 IMG = 32
@@ -158,20 +157,19 @@ def test_config_requires_statistics_beyond_8bit_rgb_and_checks_panel_bands():
 # ------------------------------------------------------------------------------------------------- bad samples
 
 
-def test_collate_drops_bad_samples_and_the_monitor_names_each_file_once():
+def test_collate_drops_bad_samples_and_the_monitor_names_each_file_once(caplog):
     good = (torch.zeros(3, 2, 2, dtype=torch.uint8), torch.zeros(1, 1, dtype=torch.uint8))
     batch = collate_good([good, BadSample("/d/x.jpg", "OSError: truncated"), good])
     assert batch.data[0].shape == (2, 3, 2, 2) and batch.num_bad == 1 and batch.bad_shards == ("/d/x.jpg",)
-    stream = io.StringIO()
-    monitor = BadDataMonitor(max_bad_fraction=0.5, check_after=1, name_files=True, stream=stream)
+    monitor = BadDataMonitor(max_bad_fraction=0.5, check_after=1, name_files=True)
     monitor.update(batch)
     monitor.update(batch)  # the same file again in the next epoch: counted, not named again
-    assert monitor.num_bad == 2 and stream.getvalue().count("/d/x.jpg") == 1
-    strict = BadDataMonitor(max_bad_fraction=0.0, check_after=1000, name_files=True, stream=io.StringIO())
+    assert monitor.num_bad == 2 and caplog.text.count("/d/x.jpg") == 1
+    strict = BadDataMonitor(max_bad_fraction=0.0, check_after=1000, name_files=True)
     with pytest.raises(BadDataError, match=r"Bad samples per file: /d/x\.jpg \(1\)"):
         strict.update(batch)
     # with several ranks the decision waits for the all-reduced counts, taken at the same step on every rank
-    ranks = BadDataMonitor(max_bad_fraction=0.0, check_after=10, world_size=2, name_files=True, stream=io.StringIO())
+    ranks = BadDataMonitor(max_bad_fraction=0.0, check_after=10, world_size=2, name_files=True)
     ranks.update(batch)
     with pytest.raises(BadDataError, match=r"1 of 3 samples read \(all ranks\)"):
         ranks.check(1, 3)

@@ -8,9 +8,7 @@ import torch
 from PIL import Image
 
 from simmim_swin.data import denormalize
-from simmim_swin.masking import MaskGenerator
-from simmim_swin.models import build_simmim
-from simmim_swin.panel import (
+from simmim_swin.figures import (
     GUTTER_PX,
     MASK_GREY,
     NUM_COLUMNS,
@@ -21,6 +19,8 @@ from simmim_swin.panel import (
     save_reconstruction_panel,
     tile_box,
 )
+from simmim_swin.masking import MaskGenerator
+from simmim_swin.models import build_simmim
 
 PATCH = 4
 

@@ -4,6 +4,7 @@ one-line errors (also with SIMMIM_DEBUG=1), and the Slurm requeue after a stop s
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
 import signal
@@ -17,11 +18,11 @@ import torch
 import simmim_swin.files
 import simmim_swin.pretrain
 from simmim_swin.checkpoint import find_latest_checkpoint, load_checkpoint
-from simmim_swin.cli.common import output_into_log
 from simmim_swin.cli.errors import DEBUG_ENV, RUN_FAILED, command_errors
 from simmim_swin.config import PretrainConfig, from_dict
 from simmim_swin.distributed import requeue_slurm_job
 from simmim_swin.pretrain import run_pretrain
+from simmim_swin.progress import command_logging
 from simmim_swin.run import RunDirectoryGone
 
 
@@ -93,7 +94,7 @@ def test_a_full_disk_while_saving_names_the_file_and_keeps_the_previous_checkpoi
 def test_a_full_disk_is_one_line_in_the_run_log_and_exit_status_1(tmp_path, capsys):
     log = tmp_path / "run" / "pretrain.log"
     target = tmp_path / "run" / "checkpoints" / "step_00000004.pt"
-    with pytest.raises(SystemExit) as exit_status, output_into_log(log), command_errors():
+    with pytest.raises(SystemExit) as exit_status, command_logging(log), command_errors():
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
     assert exit_status.value.code == RUN_FAILED
     lines = capsys.readouterr().err.strip().splitlines()
@@ -179,24 +180,26 @@ def fake_scontrol(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
-def test_an_sbatch_job_stopped_by_its_time_limit_requeues_itself(fake_scontrol, capsys, signum):
+def test_an_sbatch_job_stopped_by_its_time_limit_requeues_itself(fake_scontrol, caplog, signum):
+    caplog.set_level(logging.INFO, logger="simmim_swin")
     assert requeue_slurm_job(signum)
     assert "requeue 4242" in fake_scontrol()
-    assert "requeued Slurm job 4242" in capsys.readouterr().out
+    assert "requeued Slurm job 4242" in caplog.text
 
 
-def test_a_cancelled_job_ctrl_c_and_submitit_jobs_are_not_requeued(fake_scontrol, monkeypatch, capsys):
+def test_a_cancelled_job_ctrl_c_and_submitit_jobs_are_not_requeued(fake_scontrol, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="simmim_swin")
     assert not requeue_slurm_job(signal.SIGINT)  # Ctrl-C in an interactive allocation
     monkeypatch.setenv("FAKE_JOB_STATE", "CANCELLED")  # scancel sends the same SIGTERM
     assert not requeue_slurm_job(signal.SIGTERM)
-    assert "was cancelled: not requeued" in capsys.readouterr().out
+    assert "was cancelled: not requeued" in caplog.text
     monkeypatch.setenv("FAKE_JOB_STATE", "RUNNING")
     monkeypatch.setenv("SUBMITIT_FOLDER", "/somewhere")  # submitit requeues its jobs itself
     assert not requeue_slurm_job(signal.SIGTERM)
     assert not any(call.startswith("requeue") for call in fake_scontrol())
 
 
-def test_a_failed_requeue_says_how_to_resume(fake_scontrol, monkeypatch, capsys):
+def test_a_failed_requeue_says_how_to_resume(fake_scontrol, monkeypatch, caplog):
     monkeypatch.setenv("PATH", "/nonexistent")  # no scontrol at all
     assert not requeue_slurm_job(signal.SIGUSR1)
-    assert "could not requeue Slurm job 4242" in capsys.readouterr().out
+    assert "could not requeue Slurm job 4242" in caplog.text  # a warning

@@ -8,13 +8,11 @@ import tarfile
 
 import numpy as np
 import pytest
-from fake_stream import FakeStream
 from PIL import Image
 
 from simmim_swin.cli.tools import main as tools_main
 from simmim_swin.data import (
     BadSampleLog,
-    Progress,
     ShardSample,
     folder_samples,
     iter_shard_samples,
@@ -168,28 +166,3 @@ def test_make_shards_tool_from_a_folder_and_user_errors(class_folder, tmp_path, 
             tools_main(argv)
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and err.startswith("error: ") and message in err, err
-
-
-def test_progress_prints_every_n_items_in_a_log() -> None:
-    stream, now = FakeStream(tty=False), [0.0]
-    progress = Progress(5, every=2, desc="make-shards x", stream=stream, clock=lambda: now[0])
-    for _ in range(5):
-        now[0] += 0.5
-        progress.update()
-    progress.close()
-    assert stream.getvalue().splitlines() == [
-        "make-shards x: 2/5 (2/s)",
-        "make-shards x: 4/5 (2/s)",
-        "make-shards x: 5/5 (2/s)",  # the last item always
-    ]
-
-
-def test_progress_redraws_one_line_on_a_terminal_at_most_every_redraw_s() -> None:
-    stream, now = FakeStream(tty=True), [0.0]
-    progress = Progress(4, every=1, desc="d", stream=stream, clock=lambda: now[0], redraw_s=1.0)
-    for t in (0.5, 0.6, 2.0, 2.1):
-        now[0] = t
-        progress.update()
-    progress.close()
-    # the first item draws, the second is within 1 s of it, the third is due, the fourth is the last
-    assert stream.getvalue() == "\rd: 1/4 (2/s)\x1b[K\rd: 3/4 (2/s)\x1b[K\rd: 4/4 (2/s)\x1b[K\n"

@@ -161,7 +161,7 @@ def _noise_png(seed: int) -> bytes:
     return buffer.getvalue()
 
 
-def test_empty_missing_and_truncated_shards_are_counted_and_logged(tmp_path, capsys):
+def test_empty_missing_and_truncated_shards_are_counted_and_logged(tmp_path, caplog):
     empty = _write_tar(tmp_path / "empty.tar", [])
     pngs = [_noise_png(i) for i in range(4)]
     full = _write_tar(tmp_path / "full.tar", [(f"k{i}.png", data) for i, data in enumerate(pngs)])
@@ -175,16 +175,15 @@ def test_empty_missing_and_truncated_shards_are_counted_and_logged(tmp_path, cap
     assert samples[:2] == [None, None]  # a marker after each shard that gave nothing
     assert log.pending[:2] == [empty, str(tmp_path / "missing.tar")]
     assert str(truncated) in log.pending[2:]
-    err = capsys.readouterr().err
+    err = caplog.text
     assert f"skipping bad shard in {empty}: empty shard" in err and "missing.tar" in err
 
 
-def test_bad_sample_log_is_rate_limited():
-    stream = io.StringIO()
-    log = BadSampleLog(stream=stream)
+def test_bad_sample_log_is_rate_limited(caplog):
+    log = BadSampleLog()
     for i in range(250):
         log.record("shard.tar", f"k{i}", ValueError("broken"))
-    lines = stream.getvalue().splitlines()
+    lines = caplog.messages
     assert len(lines) == LOG_FIRST_BAD + 2  # the first ten, then the 100th and the 200th
     assert lines[0] == "skipping bad sample 'k0' in shard.tar: ValueError: broken [1 bad]"
     assert log.take() == (250, ("shard.tar",) * 250) and log.take() == (0, ())

@@ -1,7 +1,6 @@
 """metrics.jsonl and summary.json content, wandb offline runs (existence and images only: offline runs write no
 summary), the step timer, system metrics and the progress display on a terminal and in a log."""
 
-import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,17 +9,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from fake_stream import FakeStream
 from PIL import Image
 
 from simmim_swin.config import ConfigError, LoggerConfig
 from simmim_swin.data import build_eval_transform
+from simmim_swin.figures import MASK_GREY, save_reconstruction_panel, tile_box
 from simmim_swin.masking import MaskGenerator
 from simmim_swin.models import build_simmim
-from simmim_swin.panel import MASK_GREY, save_reconstruction_panel, tile_box
 from simmim_swin.tracking import (
     MetricsLogger,
-    ProgressPrinter,
     StepTimer,
     check_wandb_credentials,
     load_metrics,
@@ -137,28 +134,6 @@ def test_resumed_logger_keeps_its_generated_run_id(tmp_path: Path, wandb_env: No
     assert [r["step"] for r in load_metrics(tmp_path / "run")] == [10, 20]
 
 
-def test_progress_printer_format() -> None:
-    now = [100.0]
-    stream = io.StringIO()
-    printer = ProgressPrinter(total_steps=400, start_step=100, steps_per_epoch=40, stream=stream, clock=lambda: now[0])
-    printer.update(100, {"loss": 1.0})
-    now[0] = 110.0  # 20 steps in 10 s -> 2 steps/s; 280 steps left -> 140 s
-    metrics = {"loss": 0.81234, "lr": 1.2e-4, "grad_norm": torch.tensor(1.234), "images_per_sec": 85.24}
-    printer.update(120, {**metrics, "data_s": 0.01, "epoch": 3.0})
-    lines = stream.getvalue().splitlines()
-    assert lines[0] == "step 100/400 ep 2 loss 1.0000 eta ?"
-    assert lines[1] == "step 120/400 ep 3 loss 0.8123 lr 1.20e-04 grad 1.23 img/s 85.2 data_s 0.01 eta 0:02:20"
-
-
-def test_progress_printer_long_eta() -> None:
-    stream = io.StringIO()
-    now = [0.0]
-    printer = ProgressPrinter(100_000, start_step=0, steps_per_epoch=1000, stream=stream, clock=lambda: now[0])
-    now[0] = 100.0
-    printer.update(10, {})
-    assert stream.getvalue() == "step 10/100000 ep 0 eta 277:45:00\n"  # 99990 steps at 0.1 step/s
-
-
 def test_summary_and_best_values_survive_a_restart(tmp_path: Path) -> None:
     logger = MetricsLogger(tmp_path / "run", LoggerConfig(), config={})
     assert logger.update_best(10, "best_val_loss", torch.tensor(0.5)) is True
@@ -240,10 +215,10 @@ def test_step_timer_splits_data_wait_from_compute() -> None:
     now = [0.0]
     timer = StepTimer(clock=lambda: now[0])
     for _ in range(4):  # 1 s waiting for data, 3 s computing, per step
-        with timer.data():
+        with timer.measure("data"):
             now[0] += 1.0
         now[0] += 3.0
-    with timer.exclude():  # a checkpoint: in neither part
+    with timer.measure("excluded"):  # a checkpoint: in neither part
         now[0] += 100.0
     metrics = timer.pop(images_per_step=32, world_size=4)
     assert metrics == {
@@ -252,44 +227,10 @@ def test_step_timer_splits_data_wait_from_compute() -> None:
         "images_per_sec": 8.0,
         "images_per_sec_per_gpu": 2.0,
     }
-    with timer.data():  # the next interval starts at the pop
+    with timer.measure("data"):  # the next interval starts at the pop
         now[0] += 2.0
     now[0] += 2.0
     assert timer.pop() == {"data_wait_frac": 0.5, "step_time_s": 4.0}
-
-
-def test_progress_plain_lines_when_not_a_terminal() -> None:
-    stream, now = FakeStream(tty=False), [0.0]
-    printer = ProgressPrinter(100, start_step=0, steps_per_epoch=10, stream=stream, clock=lambda: now[0])
-    now[0] = 10.0
-    printer.update(10, {"loss": 0.5, "lr": 1e-3, "images_per_sec": 64.0, "data_wait_frac": 0.125})
-    printer.update(20, {"loss": 0.25})
-    printer.close()  # nothing to end in line mode
-    assert stream.getvalue().splitlines() == [
-        "step 10/100 ep 1 loss 0.5000 lr 1.00e-03 img/s 64.0 data_wait_frac 0.125 eta 0:01:30",
-        "step 20/100 ep 2 loss 0.2500 eta 0:00:40",
-    ]
-    assert "\r" not in stream.getvalue()
-
-
-def test_progress_redraws_one_line_on_a_terminal() -> None:
-    stream, now = FakeStream(tty=True), [0.0]
-    printer = ProgressPrinter(100, start_step=0, steps_per_epoch=10, stream=stream, clock=lambda: now[0], width=200)
-    now[0] = 10.0
-    printer.update(10, {"loss": 0.5, "lr": 1e-3, "images_per_sec": 64.0, "data_wait_frac": 0.125})
-    printer.update(20, {"loss": 0.25})
-    printer.close()  # before other output: the status line gets its newline
-    printer.close()  # a second close writes nothing
-    printer.update(30, {"loss": 0.125})
-    printer.close()
-    assert stream.getvalue() == (
-        "\rstep 10/100 ep 1 loss 0.5000 lr 1.00e-03 img/s 64.0 eta 0:01:30\x1b[K"  # compact: known metrics only
-        "\rstep 20/100 ep 2 loss 0.2500 eta 0:00:40\x1b[K\n"
-        "\rstep 30/100 ep 3 loss 0.1250 eta 0:00:23\x1b[K\n"
-    )
-    narrow = FakeStream(tty=True)
-    ProgressPrinter(100, 0, 10, stream=narrow, width=30).update(10, {"loss": 0.5, "lr": 1e-3})
-    assert narrow.getvalue() == "\r" + "step 10/100 ep 1 loss 0.5000 lr"[:29] + "\x1b[K"  # never wraps
 
 
 def _real_photo_panel(path: Path, img_size: int = 64, patch: int = 4) -> Path:
@@ -348,16 +289,6 @@ def test_wandb_tags_and_group_come_from_the_config(tmp_path: Path, wandb_env: No
     logger = MetricsLogger(tmp_path / "run2", LoggerConfig(wandb="offline"), config={})
     assert not logger.wandb_run.group and list(logger.wandb_run.tags) == []
     logger.close()
-
-
-def test_progress_printer_writes_to_the_stdout_of_the_moment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A command copies its output into the run's log by replacing sys.stdout after the imports: the printer made
-    without a stream follows it (it must not hold the stream that was there at import)."""
-    printer = ProgressPrinter(100, start_step=0, steps_per_epoch=10, tty=False)
-    replaced = io.StringIO()
-    monkeypatch.setattr("sys.stdout", replaced)
-    printer.update(10, {"loss": 0.5})
-    assert replaced.getvalue().startswith("step 10/100 ep 1 loss 0.5000")
 
 
 class FakeWandbRun:

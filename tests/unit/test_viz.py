@@ -10,8 +10,7 @@ import torch
 from PIL import Image
 
 from simmim_swin.cli.plot import run_labels
-from simmim_swin.models import build_simmim
-from simmim_swin.viz import (
+from simmim_swin.figures import (
     BIAS_COLORMAP,
     colour_bar_box,
     confusion_matrix,
@@ -22,6 +21,7 @@ from simmim_swin.viz import (
     save_confusion_matrix,
     save_position_bias_figure,
 )
+from simmim_swin.models import build_simmim
 
 
 def _read_png(path: Path) -> np.ndarray:
