@@ -151,6 +151,9 @@ def run_hydra(entry: Callable[[], None]) -> None:
         fail(override_error(e.override, sys.argv[1:]))
     except (HydraException, OmegaConfBaseException) as e:  # composition, a malformed override, a missing config
         fail(composition_error(e))
+    except BrokenPipeError:  # the reader went away (`--help | head`): no error line, as any command-line tool
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush of stdout would fail again
+        sys.exit(1)
     except OSError as e:  # Hydra creating the run directory (an unwritable or misspelt run.output_dir)
         fail(*describe_os_error(e))
     finally:

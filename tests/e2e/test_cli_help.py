@@ -96,3 +96,13 @@ def test_help_never_imports_torch(tmp_path, module, args):
     assert result.returncode == 0, result.stderr
     assert "usage" in result.stdout.lower() or "== Config ==" in result.stdout or "Powered by Hydra" in result.stdout
     assert result.stdout.strip().splitlines()[-1] == "loaded: []"
+
+
+@pytest.mark.parametrize("module", ["pretrain", "finetune"])
+def test_help_into_a_closed_pipe_ends_without_an_error_line(tmp_path, module):
+    """`simmim-finetune --help | head -1`: the reader leaves before the help is written; no `error:` line follows."""
+    cmd = [sys.executable, "-m", f"simmim_swin.cli.{module}", "--help"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    proc.stdout.close()  # before the process has started: its first write finds no reader
+    _, stderr = proc.communicate(timeout=300)
+    assert "error" not in stderr.lower() and "Traceback" not in stderr, stderr

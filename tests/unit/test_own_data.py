@@ -107,7 +107,7 @@ def test_image_over_the_pixel_limit_is_refused_naming_it(tmp_path):
     limit = Image.MAX_IMAGE_PIXELS
     with pytest.raises(ImageTooLargeError, match="max_image_pixels=1000"):
         open_source(tmp_path / "big.png", max_pixels=1000)
-    assert Image.MAX_IMAGE_PIXELS == limit  # PIL's process-wide limit is set for that open only
+    assert limit == Image.MAX_IMAGE_PIXELS  # PIL's process-wide limit is set for that open only
     assert open_source(tmp_path / "big.png", max_pixels=1200).size == (40, 30)
     np.save(tmp_path / "big.npy", np.zeros((2, 40, 30), dtype=np.uint16))
     with pytest.raises(ImageTooLargeError, match="big.npy"):
