@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from cli_helpers import CommandResult, run_main
 
 from simmim_swin.checkpoint import find_latest_checkpoint, load_checkpoint
 
@@ -24,8 +25,13 @@ def cli_command(tmp_path: Path, module: str, *args: str, nproc: int = 1) -> list
     return [sys.executable, *args]
 
 
-def run_cli(tmp_path: Path, module: str, *args: str, nproc: int = 1) -> subprocess.CompletedProcess:
-    """Run the tool to the end in tmp_path; it must succeed (the output tails are the assertion message)."""
+def run_cli(tmp_path: Path, module: str, *args: str, nproc: int = 1) -> subprocess.CompletedProcess | CommandResult:
+    """Run the tool to the end in tmp_path (in this process when nproc is 1, under torchrun otherwise); it must
+    succeed (the output tails are the assertion message)."""
+    if nproc == 1:
+        result = run_main(module, f"run.output_dir={tmp_path}", *args, cwd=tmp_path)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        return result
     result = subprocess.run(
         cli_command(tmp_path, module, *args, nproc=nproc), capture_output=True, text=True, timeout=600, cwd=tmp_path
     )

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_main
 from e2e_helpers import cli_command, run_cli, wait_for
 
 from simmim_swin.checkpoint import find_latest_checkpoint, load_checkpoint
@@ -207,11 +208,11 @@ def test_wandb_online_without_a_reachable_server_falls_back_to_offline(tmp_path)
     assert list((tmp_path / "nonet" / "wandb").glob("offline-run-*"))
 
 
-def test_wandb_online_without_an_api_key_stops_before_any_compute(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
-    env["HOME"] = str(tmp_path)  # no ~/.netrc
-    command = cli_command(tmp_path, "pretrain", "run.name=nokey", *BASE, *SHORT, "logger.wandb=online")
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+def test_wandb_online_without_an_api_key_stops_before_any_compute(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    args = [f"run.output_dir={tmp_path}", "run.name=nokey", *BASE, *SHORT, "logger.wandb=online"]
+    result = run_main("pretrain", *args, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: logger.wandb=online needs a W&B API key for api.wandb.ai: run `wandb login` or set WANDB_API_KEY, "
@@ -299,12 +300,10 @@ def test_bad_input_ends_in_one_line_and_changes_nothing(existing_run, module, ar
     garbage_files(existing_run)
     before = snapshot(existing_run / "kept")
     args = [a.replace("{tmp}", str(existing_run)) for a in args]
-    if module == "tools":
-        command = [sys.executable, "-m", "simmim_swin.cli.tools", *args]
-    else:
-        command = cli_command(existing_run, module, *([] if module == "finetune" else BASE), *args)
-        command += [] if any(a.startswith("run.name=") for a in args) else [f"run.name=bad_{module}"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=existing_run)
+    if module != "tools":
+        args = [f"run.output_dir={existing_run}", *([] if module == "finetune" else BASE), *args]
+        args += [] if any(a.startswith("run.name=") for a in args) else [f"run.name=bad_{module}"]
+    result = run_main(module, *args, cwd=existing_run)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr[-3000:]
     assert len(lines) == 1 and message.replace("{tmp}", str(existing_run)) in lines[0], result.stderr[-3000:]

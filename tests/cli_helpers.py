@@ -1,0 +1,80 @@
+"""Run a console entry point in this process, as its console script would run it, without a second interpreter.
+
+Imported as `from cli_helpers import run_main` (pytest puts tests/ on sys.path: it holds conftest.py and no
+packages). A subprocess costs about 5 s of start-up on a busy 2-core machine, mostly importing torch; tests that
+need a real process (signals, torchrun, dying workers, the installed scripts, `--help` not importing torch) keep it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from hydra.core.global_hydra import GlobalHydra
+
+# the signals a run may take over while it trains (saved and put back around every call)
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+class CommandResult(NamedTuple):
+    """What a finished command left: its exit status and everything it printed."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _exit_code(e: SystemExit) -> int:
+    """The status a process would exit with for this SystemExit (None is 0, a message is 1)."""
+    if e.code is None:
+        return 0
+    return e.code if isinstance(e.code, int) else 1
+
+
+def run_main(module: str, *argv: str, cwd: Path | str | None = None) -> CommandResult:
+    """`python -m simmim_swin.cli.<module> ARGV` in this process: (exit status, stdout, stderr).
+
+    Hydra's global state, the working directory, the environment, sys.argv, the root logger's handlers, the signal
+    handlers and torch's thread count are put back afterwards, so that calls do not see each other. An exception
+    other than SystemExit is a bug of the command (a process would print its traceback): it propagates.
+    """
+    command = importlib.import_module(f"simmim_swin.cli.{module}")
+    saved_argv, saved_cwd, saved_env = sys.argv, os.getcwd(), dict(os.environ)
+    saved_handlers, saved_level = list(logging.root.handlers), logging.root.level
+    saved_signals = {signum: signal.getsignal(signum) for signum in _SIGNALS}
+    saved_threads = torch.get_num_threads()  # a CPU run on few cores sets one thread
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    GlobalHydra.instance().clear()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        sys.argv = [f"simmim_swin.cli.{module}", *argv]  # a list of its own: the entry points append to it
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                command.main()
+            except SystemExit as e:
+                code = _exit_code(e)
+    finally:
+        GlobalHydra.instance().clear()
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        for handler in logging.root.handlers:
+            if handler not in saved_handlers:
+                handler.close()  # Hydra's job log file
+        logging.root.handlers[:] = saved_handlers
+        logging.root.setLevel(saved_level)
+        for signum, handler in saved_signals.items():
+            signal.signal(signum, handler)
+        torch.set_num_threads(saved_threads)
+    return CommandResult(code, out.getvalue(), err.getvalue())
