@@ -4,13 +4,12 @@ labelled images (and resume), evaluate it at another size, export it for timm an
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cli_helpers import CommandResult, run_main
 from PIL import Image
 
 pytestmark = pytest.mark.slow
@@ -65,15 +64,9 @@ def make_class_folders(root: Path) -> None:
                 Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{k}.png")
 
 
-def tool(tmp_path: Path, module: str, *args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, "-m", f"simmim_swin.cli.{module}", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-    )
-    return result
+def tool(tmp_path: Path, module: str, *args: str) -> CommandResult:
+    """Run the command `python -m simmim_swin.cli.<module> ARGS` would run, in this process, from tmp_path."""
+    return run_main(module, *args, cwd=tmp_path)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

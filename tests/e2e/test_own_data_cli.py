@@ -4,13 +4,12 @@ channel pretraining, fine-tuning, panels, reconstruct and export, and an RGB che
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
+from cli_helpers import CommandResult, run_main
 from PIL import Image
 
 from simmim_swin.data.loader import SeededSampler
@@ -44,9 +43,9 @@ FINETUNE = [
 ]
 
 
-def tool(tmp_path: Path, module: str, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", f"simmim_swin.cli.{module}", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+def tool(tmp_path: Path, module: str, *args: str) -> CommandResult:
+    """Run the command `python -m simmim_swin.cli.<module> ARGS` would run, in this process, from tmp_path."""
+    return run_main(module, *args, cwd=tmp_path)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -1,14 +1,14 @@
-"""The real `simmim-pretrain` command in a subprocess: trains, writes its run directory, resumes, rejects bad input."""
+"""The real `simmim-pretrain` command (its entry point, in this process): trains, writes its run directory, resumes,
+rejects bad input."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import CommandResult, run_main
 
 pytestmark = pytest.mark.slow
 
@@ -36,10 +36,9 @@ TINY_RUN = [
 ]
 
 
-def pretrain(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    """Run `python -m simmim_swin.cli.pretrain` with the overrides, output under tmp_path."""
-    cmd = [sys.executable, "-m", "simmim_swin.cli.pretrain", f"run.output_dir={tmp_path}", *overrides]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+def pretrain(tmp_path: Path, *overrides: str) -> CommandResult:
+    """Run `simmim-pretrain` (in this process) with the overrides, output under tmp_path."""
+    return run_main("pretrain", f"run.output_dir={tmp_path}", *overrides, cwd=tmp_path)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
