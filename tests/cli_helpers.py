@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -39,12 +40,16 @@ def _exit_code(e: SystemExit) -> int:
     return e.code if isinstance(e.code, int) else 1
 
 
-def run_main(module: str, *argv: str, cwd: Path | str | None = None) -> CommandResult:
-    """`python -m simmim_swin.cli.<module> ARGV` in this process: (exit status, stdout, stderr).
+def run_main(
+    module: str, *argv: str, cwd: Path | str | None = None, env: Mapping[str, str | None] | None = None
+) -> CommandResult:
+    """`python -m simmim_swin.cli.<module> ARGV` in this process, from `cwd`, with the environment variables in `env`
+    set (None: unset) for this call only: (exit status, stdout, stderr).
 
     Hydra's global state, the working directory, the environment, sys.argv, the root logger's handlers, the signal
-    handlers and torch's thread count are put back afterwards, so that calls do not see each other. An exception
-    other than SystemExit is a bug of the command (a process would print its traceback): it propagates.
+    handlers, torch's thread count and W&B's per-process settings are put back afterwards, so that calls do not see
+    each other. An exception other than SystemExit is a bug of the command (a process would print its traceback):
+    it propagates.
     """
     command = importlib.import_module(f"simmim_swin.cli.{module}")
     saved_argv, saved_cwd, saved_env = sys.argv, os.getcwd(), dict(os.environ)
@@ -57,6 +62,11 @@ def run_main(module: str, *argv: str, cwd: Path | str | None = None) -> CommandR
     try:
         if cwd is not None:
             os.chdir(cwd)
+        for name, value in (env or {}).items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         sys.argv = [f"simmim_swin.cli.{module}", *argv]  # a list of its own: the entry points append to it
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
@@ -77,4 +87,6 @@ def run_main(module: str, *argv: str, cwd: Path | str | None = None) -> CommandR
         for signum, handler in saved_signals.items():
             signal.signal(signum, handler)
         torch.set_num_threads(saved_threads)
+        if "wandb" in sys.modules:
+            sys.modules["wandb"].teardown()  # W&B reads its settings from the environment once per process
     return CommandResult(code, out.getvalue(), err.getvalue())

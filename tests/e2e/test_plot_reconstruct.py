@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import CommandResult, run_main
 from PIL import Image
 
 from simmim_swin.cli.tools import main as tools_main
@@ -42,23 +41,21 @@ TINY_RUN = [
 ]
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}  # the mode comes from the config
-    return {**env, "WANDB_SILENT": "true"}
+def _env() -> dict[str, str | None]:
+    """No WANDB_ variable (the mode comes from the config), W&B quiet."""
+    return {**{k: None for k in os.environ if k.startswith("WANDB_")}, "WANDB_SILENT": "true"}
 
 
-def tool(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """Run `simmim-swin ARGS` (as `python -m simmim_swin.cli.tools`)."""
-    cmd = [sys.executable, "-m", "simmim_swin.cli.tools", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=cwd, env=_env())
+def tool(*args: str, cwd: Path) -> CommandResult:
+    """Run `simmim-swin ARGS` (its entry point, in this process)."""
+    return run_main("tools", *args, cwd=cwd, env=_env())
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The run directory of a finished 10-step pretraining."""
     out = tmp_path_factory.mktemp("runs")
-    cmd = [sys.executable, "-m", "simmim_swin.cli.pretrain", f"run.output_dir={out}", *TINY_RUN]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=out, env=_env())
+    result = run_main("pretrain", f"run.output_dir={out}", *TINY_RUN, cwd=out, env=_env())
     assert result.returncode == 0, result.stderr[-3000:]
     return out / "tiny"
 
@@ -87,8 +84,6 @@ def test_plot_overlays_runs_and_skips_malformed_lines(run_dir: Path, tmp_path: P
     shutil.copytree(run_dir, other, ignore=shutil.ignore_patterns("wandb", "checkpoints"))
     with open(other / "metrics.jsonl", "a") as f:
         f.write('{"step": 12, "loss": 0.')  # a line cut short by a crash
-    # in this process (the tool's own entry point, without a second interpreter start-up): `reconstruct` below
-    # runs as a subprocess
     tools_main(["plot", str(run_dir), str(other), "--out", str(tmp_path / "curves.png")])
     out, err = capsys.readouterr()
     assert "skipped a malformed line" in err and "metrics.jsonl:6" in err
