@@ -12,8 +12,6 @@ from cli_helpers import run_main
 
 from simmim_swin.cli.common import CONF_DIR
 
-pytestmark = pytest.mark.slow
-
 
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
@@ -45,6 +43,7 @@ def help_texts(tmp_path: Path, module: str, *calls: list[str]) -> list[str]:
     return texts
 
 
+@pytest.mark.slow
 def test_pretrain_help_lists_its_groups_and_presets_only_without_torch(tmp_path):
     (out,) = help_texts(tmp_path, "pretrain", ["--help"])
     for group in ("experiment", "data", "schedule", "logger", "probe"):
@@ -58,6 +57,7 @@ def test_pretrain_help_lists_its_groups_and_presets_only_without_torch(tmp_path)
     assert "model:\n  arch: base" in out  # the composed config
 
 
+@pytest.mark.slow
 def test_finetune_help_lists_its_groups_and_presets_only_without_torch(tmp_path):
     (out,) = help_texts(tmp_path, "finetune", ["--help"])
     for group in ("finetune", "logger"):
@@ -69,6 +69,7 @@ def test_finetune_help_lists_its_groups_and_presets_only_without_torch(tmp_path)
     assert "augment:\n  rand_augment:" in out
 
 
+@pytest.mark.slow
 def test_tools_help_without_torch(tmp_path):
     for text in help_texts(tmp_path, "tools", ["--help"], ["export", "--help"], ["check-data", "--help"]):
         assert "usage: simmim-swin" in text.lower()

@@ -19,8 +19,6 @@ from e2e_helpers import cli_command, run_cli, wait_for
 
 from simmim_swin.checkpoint import find_latest_checkpoint, load_checkpoint
 
-pytestmark = pytest.mark.slow
-
 # a 3-stage 16-wide SwinV2 at 32 px on the bundled photos; long epochs so a run is still going when signalled
 BASE = [
     "model.arch=pico",
@@ -56,6 +54,7 @@ def wait_for_steps(proc: subprocess.Popen, run_dir: Path, count: int) -> None:
     wait_for(lambda: len(logged_steps(run_dir)) >= count, 300, proc)
 
 
+@pytest.mark.slow
 def test_a_second_process_on_the_same_run_is_refused_and_the_first_is_unharmed(tmp_path):
     first = start(tmp_path, "shared")
     try:
@@ -78,6 +77,7 @@ def test_a_second_process_on_the_same_run_is_refused_and_the_first_is_unharmed(t
     assert not (tmp_path / "shared" / "run.lock").exists()  # released on the way out
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_whole_process_group_saves_at_the_step(tmp_path):
     """What `timeout`, `scancel` and Slurm's time limit do: every process of the job, data workers included."""
     proc = start(tmp_path, "group", "data.num_workers=2", start_new_session=True)
@@ -90,6 +90,7 @@ def test_sigterm_to_the_whole_process_group_saves_at_the_step(tmp_path):
     assert state["step"] >= logged_steps(tmp_path / "group")[-1] >= 2
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_at_the_step_and_exits_130(tmp_path):
     proc = start(tmp_path, "interrupted", start_new_session=True)
     wait_for_steps(proc, tmp_path / "interrupted", 2)
@@ -120,6 +121,7 @@ def fake_scontrol(tmp_path: Path) -> tuple[Path, Path]:
     return bin_dir, calls
 
 
+@pytest.mark.slow
 def test_sigusr1_under_sbatch_saves_releases_the_lock_and_requeues_the_job(tmp_path):
     """The pre-emption / time-limit warning of many clusters: saved like SIGTERM, then the job goes back in the
     queue with its id (a requeued job runs the same command and so resumes the same run directory)."""
@@ -150,6 +152,7 @@ def _session_gone(session: int, timeout_s: float) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_an_error_under_simmim_debug_with_loader_workers_exits_as_without_it(tmp_path):
     """The traceback first, then the same line and status; the loader workers (which ignore SIGTERM) are gone."""
     from PIL import Image
@@ -182,6 +185,7 @@ def test_an_error_under_simmim_debug_with_loader_workers_exits_as_without_it(tmp
     assert last_lines[0] == last_lines[1] and "notes" in last_lines[0]
 
 
+@pytest.mark.slow
 def test_written_files_respect_the_umask(tmp_path):
     def umask_022() -> None:
         os.umask(0o022)
@@ -197,6 +201,7 @@ def test_written_files_respect_the_umask(tmp_path):
     assert wrong == {}
 
 
+@pytest.mark.slow
 def test_wandb_online_without_a_reachable_server_falls_back_to_offline(tmp_path):
     env = {**os.environ, "WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9", "HOME": str(tmp_path)}
     command = cli_command(tmp_path, "pretrain", "run.name=nonet", *BASE, *SHORT, "logger.wandb=online")

@@ -12,8 +12,6 @@ import torch
 from cli_helpers import CommandResult, run_main
 from PIL import Image
 
-pytestmark = pytest.mark.slow
-
 # a 3-stage 16-wide SwinV2 at 32 px / window 4 (stage windows 4, 4, 2), 4 SimMIM steps on the bundled photos
 PRETRAIN = [
     "model.arch=pico",
@@ -73,6 +71,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_pretrain_finetune_evaluate_export_to_timm(tmp_path):
     timm = pytest.importorskip("timm")
     make_class_folders(tmp_path / "images")

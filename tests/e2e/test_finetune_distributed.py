@@ -17,8 +17,6 @@ from PIL import Image
 from simmim_swin.checkpoint import find_latest_checkpoint, load_checkpoint
 from simmim_swin.engine import TrainingDiverged
 
-pytestmark = pytest.mark.slow
-
 # a 3-stage 16-wide SwinV2 at 32 px / window 4; 16 training images = 2 optimizer steps of a global batch of 8.
 # Mixup off: its lambda is drawn per rank, so only without it do one and two processes see the same batch.
 FINETUNE = [
@@ -63,6 +61,7 @@ def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_two_processes_fine_tune_like_one(tmp_path, images):
     """DDP with half the batch per rank ends with the weights of one process; the sharded evaluation (5 images
     over 2 ranks, one padded) reports exactly the single-process numbers; rank 0 alone writes."""
@@ -86,6 +85,7 @@ def test_two_processes_fine_tune_like_one(tmp_path, images):
     assert two.stdout.count("done at step 4/4") == 1
 
 
+@pytest.mark.slow
 def test_two_processes_select_on_held_out_labels_then_score_best_once(tmp_path, images):
     """DDP with data.val_fraction and the linear-probe head: every rank holds out the same labelled images, best.pt
     is chosen on them, and the whole val/ set is scored once, with the same numbers on every rank."""
@@ -100,6 +100,7 @@ def test_two_processes_select_on_held_out_labels_then_score_best_once(tmp_path, 
     assert summary["final_test_top1"] == test["test_top1"]
 
 
+@pytest.mark.slow
 def test_fsdp_fine_tune_from_fsdp_pretraining_resumes_and_evaluates_in_one_process(tmp_path, images):
     """FSDP end to end: a sharded pretraining checkpoint is read as pretrained weights, the FSDP fine-tune writes
     sharded resume checkpoints and a whole best.pt, one process resumes it, and evaluate= reads a shard folder."""
@@ -150,6 +151,7 @@ def test_fsdp_fine_tune_from_fsdp_pretraining_resumes_and_evaluates_in_one_proce
     assert load_checkpoint(find_latest_checkpoint(tmp_path / "ft"))["step"] == 4
 
 
+@pytest.mark.slow
 def test_sigterm_to_torchrun_stops_every_rank_at_one_step_with_a_checkpoint(tmp_path, images):
     """Slurm preemption under torchrun: the agent forwards SIGTERM, the ranks agree on a step, rank 0 saves it."""
     args = finetune_args(images, "preempted", "data.batch_size=4", "schedule.epochs=5000", "run.save_every=100000")

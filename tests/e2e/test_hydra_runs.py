@@ -14,8 +14,6 @@ import yaml
 from cli_helpers import CommandResult, run_main
 from PIL import Image
 
-pytestmark = pytest.mark.slow
-
 TINY = [
     "model.arch=pico",
     "model.img_size=32",
@@ -44,6 +42,7 @@ def steps(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_each_job_of_a_sweep_gets_its_own_run_directory(tmp_path):
     sweep = ["-m", "mask.mask_ratio=0.4,0.6", f"run.output_dir={tmp_path}", *TINY]
     main("pretrain", *sweep)
@@ -62,6 +61,7 @@ def test_each_job_of_a_sweep_gets_its_own_run_directory(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pretrain_sweep"]
 
 
+@pytest.mark.slow
 def test_a_finetune_sweep_runs_every_job(tmp_path):
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
@@ -84,6 +84,7 @@ def test_a_finetune_sweep_runs_every_job(tmp_path):
         assert any("val_top1" in json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
 
 
+@pytest.mark.slow
 def test_hydra_folder_options_keep_one_run_directory(tmp_path):
     main("pretrain", f"run.output_dir={tmp_path / 'outputs'}", f"hydra.run.dir={tmp_path / 'D'}", *TINY)
     assert steps(tmp_path / "D") == [1, 2] and (tmp_path / "D" / "checkpoints").is_dir()
@@ -123,6 +124,7 @@ def test_users_own_configs(tmp_path):
     assert (config["model"]["arch"], config["run"]["name"]) == ("nano", "pretrain")
 
 
+@pytest.mark.slow
 def test_wandb_mode_from_the_environment(tmp_path):
     """A cluster job without an API key: WANDB_MODE=offline makes logger=wandb log offline instead of refusing."""
     pytest.importorskip("wandb")
@@ -135,6 +137,7 @@ def test_wandb_mode_from_the_environment(tmp_path):
     assert list((run_dir / "wandb").glob("offline-run-*")) and steps(run_dir) == [1, 2]
 
 
+@pytest.mark.slow
 def test_a_sweep_through_the_submitit_launcher(tmp_path):
     """hydra/launcher=local2 starts the jobs side by side (two processes each): each holds its own run directory
     instead of waiting on the other's run lock."""

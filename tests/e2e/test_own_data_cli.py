@@ -15,8 +15,6 @@ from PIL import Image
 from simmim_swin.data.loader import SeededSampler
 from simmim_swin.data.shards import ShardSample, folder_samples, write_shards
 
-pytestmark = pytest.mark.slow
-
 TINY = [
     "model.arch=pico",
     "model.img_size=32",
@@ -93,6 +91,7 @@ def test_folder_pretraining_skips_a_corrupt_jpeg_or_stops_at_max_bad_fraction_ze
     assert "Traceback" not in stop.stderr
 
 
+@pytest.mark.slow
 def test_shard_pretraining_skips_a_corrupt_jpeg(tmp_path):
     corrupt = write_jpegs(tmp_path / "images", 41, corrupt_position(41, 8))
     skipped: list[str] = []
@@ -111,6 +110,7 @@ def test_shard_pretraining_skips_a_corrupt_jpeg(tmp_path):
     assert stop.returncode == 2 and "train-000000.tar (1)" in stop.stderr.splitlines()[-1], stop.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_finetuning_skips_a_corrupt_jpeg_in_a_class_folder(tmp_path):
     position = corrupt_position(41, 8)  # ImageFolder order: class a, then class b; 40 good images and 1 corrupt
     in_a = position < 21
@@ -158,6 +158,7 @@ def statistics(mean: list[float], std: list[float]) -> list[str]:
     return [f"data.mean=[{','.join(f'{v:.4g}' for v in mean)}]", f"data.std=[{','.join(f'{v:.4g}' for v in std)}]"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("in_chans", [1, 4, 13])
 def test_multiband_pretraining_panels_finetuning_reconstruct(tmp_path, in_chans):
     stats = statistics(*write_bands(tmp_path / "unlabelled", in_chans, 16))
@@ -186,6 +187,7 @@ def test_multiband_pretraining_panels_finetuning_reconstruct(tmp_path, in_chans)
         assert export.returncode == 0 and (tmp_path / "ft.safetensors").is_file(), export.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_rgb_checkpoint_finetunes_into_four_bands_with_the_adaptation_reported(tmp_path):
     pre = tool(tmp_path, "pretrain", *TINY, "data.samples_per_epoch=16", f"run.output_dir={tmp_path}", "run.name=rgb")
     assert pre.returncode == 0, pre.stderr[-3000:]

@@ -16,8 +16,6 @@ from simmim_swin.cli.tools import main as tools_main
 from simmim_swin.panel import MASK_GREY, panel_size, tile_box
 from simmim_swin.tracking import load_metrics
 
-pytestmark = pytest.mark.slow
-
 IMG_SIZE = 32
 # a 3-stage 16-wide SwinV2 at 32 px on the bundled photos: 10 optimizer steps of batch 8
 TINY_RUN = [
@@ -66,6 +64,7 @@ def _png(path: Path) -> np.ndarray:
         return np.asarray(png.convert("RGB"))
 
 
+@pytest.mark.slow
 def test_run_has_metrics_and_an_offline_wandb_run_with_images(run_dir: Path) -> None:
     records = load_metrics(run_dir)
     assert [r["step"] for r in records if "loss" in r] == [2, 4, 6, 8, 10]
@@ -79,6 +78,7 @@ def test_run_has_metrics_and_an_offline_wandb_run_with_images(run_dir: Path) -> 
     assert tuple(_png(logged[-1]).reshape(-1)[:64]) in local  # the same pixels as a panel in the run directory
 
 
+@pytest.mark.slow
 def test_plot_overlays_runs_and_skips_malformed_lines(run_dir: Path, tmp_path: Path, capsys) -> None:
     other = tmp_path / "other" / "tiny"
     shutil.copytree(run_dir, other, ignore=shutil.ignore_patterns("wandb", "checkpoints"))
@@ -101,6 +101,7 @@ def test_plot_names_a_run_without_metrics(tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "c.png").exists()
 
 
+@pytest.mark.slow
 def test_reconstruct_shows_the_checkpoint_on_real_photos(run_dir: Path, tmp_path: Path) -> None:
     skimage_data = pytest.importorskip("skimage.data")
     photos = [str(Path(skimage_data.__file__).parent / name) for name in ("astronaut.png", "coffee.png")]
@@ -122,6 +123,7 @@ def test_reconstruct_shows_the_checkpoint_on_real_photos(run_dir: Path, tmp_path
     assert np.abs(masked - original).mean() > 10 and np.abs(reconstruction - original).mean() > 1
 
 
+@pytest.mark.slow
 def test_reconstruct_names_a_file_that_is_not_an_image(run_dir: Path, tmp_path: Path, capsys) -> None:
     not_image = str(run_dir / "config.yaml")
     with pytest.raises(SystemExit) as exit_info:

@@ -10,8 +10,6 @@ import pytest
 import torch
 from cli_helpers import CommandResult, run_main
 
-pytestmark = pytest.mark.slow
-
 # a 3-stage 16-wide SwinV2 at 32 px on the bundled photos: 30 optimizer steps of batch 8 in one epoch
 TINY_RUN = [
     "model.arch=pico",
@@ -45,6 +43,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_pretrain_trains_writes_run_dir_and_resumes(tmp_path):
     run_dir = tmp_path / "tiny"
     first = pretrain(tmp_path, *TINY_RUN, "run.max_steps=20")

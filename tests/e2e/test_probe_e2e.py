@@ -12,8 +12,6 @@ import pytest
 from cli_helpers import run_main
 from e2e_helpers import final_weights, max_weight_diff, run_cli
 
-pytestmark = pytest.mark.slow
-
 BASE = [
     "model.arch=pico",
     "model.img_size=32",
@@ -77,6 +75,7 @@ cleanup(info)
 """
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_give_the_single_process_numbers(tmp_path: Path, class_folder: Path, monkeypatch) -> None:
     """Each rank embeds its share (23 validation images: uneven shares, padded); the gathered kNN is the same."""
     root = class_folder

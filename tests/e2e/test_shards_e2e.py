@@ -18,8 +18,6 @@ from PIL import Image
 from simmim_swin.data import folder_samples, write_shards
 from simmim_swin.data.fashion_mnist import FASHION_MNIST_DIR
 
-pytestmark = pytest.mark.slow
-
 TINY_MODEL = ["model.arch=pico", "model.img_size=32", "model.window_size=4", "model.drop_path_rate=0.0",
               "mask.mask_patch_size=8"]  # fmt: skip
 
@@ -45,6 +43,7 @@ def photo_folder(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_make_shards_then_pretrain_with_validation_and_resume(photo_folder, tmp_path):
     made = run_main("tools", "make-shards", str(photo_folder), "--out", "shards", "--labels", "--max-count", "8",
                     cwd=tmp_path)  # fmt: skip

@@ -272,6 +272,7 @@ def test_multiband_members_round_trip_and_a_malformed_index_names_its_file(tmp_p
 # ---------------------------------------------------------------------------------------- check-data and stats
 
 
+@pytest.mark.slow
 def test_check_data_and_stats_tools(tmp_path, capsys, monkeypatch):
     root = tmp_path / "tiles"
     root.mkdir()

@@ -29,6 +29,7 @@ def report(tmp_path_factory) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_report_has_every_row(report: dict) -> None:
     """Every variant x phase at the main size, the step at the second size; hf present or skipped with a note."""
     have_hf = any(row["variant"] == "hf" for row in report["rows"])
@@ -49,6 +50,7 @@ def test_report_has_every_row(report: dict) -> None:
     assert report["goals"][0]["value"] > 0
 
 
+@pytest.mark.slow
 def test_baseline_shares_weights_and_loss(report: dict) -> None:
     """timm's encoder inside our SimMIM wrapper, loaded with our weights, gives our loss before any update."""
     for size in (64, 128):
@@ -57,6 +59,7 @@ def test_baseline_shares_weights_and_loss(report: dict) -> None:
         assert losses["timm"] == pytest.approx(losses["ours"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_flops_and_comparisons(report: dict) -> None:
     """FLOPs per image: step > encoder fwd+bwd > encoder fwd, the same for every variant; ratios against timm."""
     main = {(r["variant"], r["phase"]): r for r in report["rows"] if r["img_size"] == 64}
