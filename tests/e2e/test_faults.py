@@ -9,11 +9,11 @@ import os
 import signal
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from builders import fake_scontrol
 from cli_helpers import run_main
 from e2e_helpers import cli_command, run_cli, wait_for
 
@@ -102,23 +102,6 @@ def test_ctrl_c_saves_at_the_step_and_exits_130(tmp_path):
     state = load_checkpoint(find_latest_checkpoint(tmp_path / "interrupted"))
     assert state["step"] >= logged_steps(tmp_path / "interrupted")[-1]
     assert (tmp_path / "interrupted" / "pretrain.log").read_text().count("received SIGINT") == 1  # the run's log
-
-
-def fake_scontrol(tmp_path: Path) -> tuple[Path, Path]:
-    """(bin folder, call log): an `scontrol` that records its arguments and reports every job as RUNNING."""
-    bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol_calls"
-    bin_dir.mkdir()
-    script = bin_dir / "scontrol"
-    script.write_text(
-        f"#!{sys.executable}\n"
-        "import sys\n"
-        f"with open({str(calls)!r}, 'a') as f:\n"
-        "    f.write(' '.join(sys.argv[1:]) + '\\n')\n"
-        "if sys.argv[1:3] == ['show', 'job']:\n"
-        "    print(f'JobId={sys.argv[-1]} JobState=RUNNING')\n"
-    )
-    script.chmod(0o755)
-    return bin_dir, calls
 
 
 @pytest.mark.slow
