@@ -16,7 +16,7 @@ import signal
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from hydra.core.global_hydra import GlobalHydra
@@ -31,6 +31,24 @@ class CommandResult(NamedTuple):
     returncode: int
     stdout: str
     stderr: str
+
+
+def compose_config(command: str, *overrides: str) -> Any:
+    """The typed config `simmim-<command>` (pretrain / finetune) builds from these command-line arguments, without
+    running anything (W&B group / tag from the preset)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf, open_dict
+
+    from simmim_swin.cli.common import CONF_DIR, build_config
+    from simmim_swin.config import FinetuneConfig, PretrainConfig
+
+    cls, preset_group = {"pretrain": (PretrainConfig, "experiment"), "finetune": (FinetuneConfig, "finetune")}[command]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name=command, overrides=list(overrides), return_hydra_config=True)
+    choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return build_config(cls, cfg, choices, preset_group=preset_group)
 
 
 def _exit_code(e: SystemExit) -> int:

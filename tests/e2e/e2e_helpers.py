@@ -16,6 +16,12 @@ from cli_helpers import CommandResult, run_main
 
 from simmim_swin.checkpoint import find_latest_checkpoint, load_checkpoint
 
+# a 3-stage 16-wide SwinV2 at 32 px / window 4 (stage windows 4, 4, 2), masked in 8 px patches
+PICO = ["model.arch=pico", "model.img_size=32", "model.window_size=4", "model.drop_path_rate=0.0",
+        "mask.mask_patch_size=8"]  # fmt: skip
+# one cosine epoch without warm-up
+ONE_EPOCH = ["schedule=cosine", "schedule.epochs=1", "schedule.warmup_epochs=0"]
+
 
 def cli_command(tmp_path: Path, module: str, *args: str, nproc: int = 1) -> list[str]:
     """`python -m simmim_swin.cli.<module> run.output_dir=<tmp_path> ...`, under torchrun when nproc > 1."""

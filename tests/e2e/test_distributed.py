@@ -9,26 +9,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from e2e_helpers import cli_command, final_weights, max_weight_diff, run_cli, wait_for
+from e2e_helpers import ONE_EPOCH, PICO, cli_command, final_weights, max_weight_diff, run_cli, wait_for
 
 from simmim_swin.checkpoint import find_latest_checkpoint, load_checkpoint
 from simmim_swin.engine import TrainingDiverged
 
 # 16-wide 3-stage SwinV2 at 32 px; 96 samples per epoch = 12 optimizer steps of a global batch of 8
 BASE = [
-    "model.arch=pico",
-    "model.img_size=32",
-    "model.window_size=4",
-    "model.drop_path_rate=0.0",
-    "mask.mask_patch_size=8",
+    *PICO,
     "data.num_workers=0",
     "data.samples_per_epoch=96",
     "optim.base_lr=0.05",
     "optim.warmup_lr=0.0005",
     "optim.min_lr=0.0005",
-    "schedule=cosine",
-    "schedule.epochs=1",
-    "schedule.warmup_epochs=0",
+    *ONE_EPOCH,
     "logger.log_every=1",
     "logger.image_every=1000",
     "run.device=cpu",

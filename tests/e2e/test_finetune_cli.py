@@ -10,21 +10,16 @@ import numpy as np
 import pytest
 import torch
 from cli_helpers import CommandResult, run_main
+from e2e_helpers import ONE_EPOCH, PICO
 from PIL import Image
 
 # a 3-stage 16-wide SwinV2 at 32 px / window 4 (stage windows 4, 4, 2), 4 SimMIM steps on the bundled photos
 PRETRAIN = [
-    "model.arch=pico",
-    "model.img_size=32",
-    "model.window_size=4",
-    "model.drop_path_rate=0.0",
-    "mask.mask_patch_size=8",
+    *PICO,
     "data.batch_size=8",
     "data.num_workers=0",
     "data.samples_per_epoch=32",
-    "schedule=cosine",
-    "schedule.epochs=1",
-    "schedule.warmup_epochs=0",
+    *ONE_EPOCH,
     "logger.log_every=2",
     "logger.image_every=100",
     "run.name=pre",

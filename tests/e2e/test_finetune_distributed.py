@@ -8,11 +8,10 @@ import signal
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from builders import write_two_class_images
 from e2e_helpers import cli_command, max_weight_diff, run_cli, wait_for
-from PIL import Image
 
 from simmim_swin.checkpoint import find_latest_checkpoint, load_checkpoint
 from simmim_swin.engine import TrainingDiverged
@@ -41,16 +40,7 @@ FINETUNE = [
 @pytest.fixture
 def images(tmp_path: Path) -> Path:
     """train/ 8 + 8 images, val/ 3 + 2: five validation images do not split evenly over two ranks."""
-    rng = np.random.default_rng(0)
-    root = tmp_path / "images"
-    for split, counts in (("train", (8, 8)), ("val", (3, 2))):
-        for c, count in enumerate(counts):
-            folder = root / split / f"class_{c}"
-            folder.mkdir(parents=True)
-            for k in range(count):
-                pixels = rng.integers(0, 100, size=(36, 36, 3)) + 120 * c
-                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{k}.png")
-    return root
+    return write_two_class_images(tmp_path / "images", {"train": (8, 8), "val": (3, 2)})
 
 
 def finetune_args(images: Path, name: str, *overrides: str) -> list[str]:

@@ -8,18 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
+from builders import write_two_class_images
 from cli_helpers import CommandResult, run_main
-from PIL import Image
+from e2e_helpers import PICO
 
 TINY = [
-    "model.arch=pico",
-    "model.img_size=32",
-    "model.window_size=4",
-    "model.drop_path_rate=0.0",
-    "mask.mask_patch_size=8",
+    *PICO,
     "data.batch_size=4",
     "data.num_workers=0",
     "data.samples_per_epoch=16",
@@ -63,14 +59,7 @@ def test_each_job_of_a_sweep_gets_its_own_run_directory(tmp_path):
 
 @pytest.mark.slow
 def test_a_finetune_sweep_runs_every_job(tmp_path):
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in range(2):
-            folder = tmp_path / "images" / split / f"class_{c}"
-            folder.mkdir(parents=True)
-            for k in range(4):
-                pixels = rng.integers(0, 100, size=(36, 36, 3)) + 120 * c
-                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{k}.png")
+    write_two_class_images(tmp_path / "images", {"train": (4, 4), "val": (4, 4)})
     main(
         "finetune", "-m", "optim.base_lr=0.1,0.05", f"run.output_dir={tmp_path / 'out'}",
         "model.arch=pico", "model.img_size=32", "model.window_size=4", f"data.root={tmp_path / 'images'}",

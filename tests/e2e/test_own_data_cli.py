@@ -10,22 +10,17 @@ import numpy as np
 import pytest
 import tifffile
 from cli_helpers import CommandResult, run_main
+from e2e_helpers import ONE_EPOCH, PICO
 from PIL import Image
 
 from simmim_swin.data.loader import SeededSampler
 from simmim_swin.data.shards import ShardSample, folder_samples, write_shards
 
 TINY = [
-    "model.arch=pico",
-    "model.img_size=32",
-    "model.window_size=4",
-    "model.drop_path_rate=0.0",
-    "mask.mask_patch_size=8",
+    *PICO,
     "data.batch_size=8",
     "data.num_workers=0",
-    "schedule=cosine",
-    "schedule.epochs=1",
-    "schedule.warmup_epochs=0",
+    *ONE_EPOCH,
     "logger.log_every=1",
     "logger.image_every=100",
 ]

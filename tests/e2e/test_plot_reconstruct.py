@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cli_helpers import CommandResult, run_main
+from e2e_helpers import ONE_EPOCH, PICO
 from PIL import Image
 
 from simmim_swin.cli.tools import main as tools_main
@@ -19,17 +20,11 @@ from simmim_swin.tracking import load_metrics
 IMG_SIZE = 32
 # a 3-stage 16-wide SwinV2 at 32 px on the bundled photos: 10 optimizer steps of batch 8
 TINY_RUN = [
-    "model.arch=pico",
-    f"model.img_size={IMG_SIZE}",
-    "model.window_size=4",
-    "model.drop_path_rate=0.0",
-    "mask.mask_patch_size=8",
+    *PICO,
     "data.batch_size=8",
     "data.num_workers=0",
     "data.samples_per_epoch=240",
-    "schedule=cosine",
-    "schedule.epochs=1",
-    "schedule.warmup_epochs=0",
+    *ONE_EPOCH,
     "logger.wandb=offline",
     "logger.log_every=2",
     "logger.image_every=5",

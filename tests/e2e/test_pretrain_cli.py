@@ -9,23 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 from cli_helpers import CommandResult, run_main
+from e2e_helpers import ONE_EPOCH, PICO
 
 # a 3-stage 16-wide SwinV2 at 32 px on the bundled photos: 30 optimizer steps of batch 8 in one epoch
 TINY_RUN = [
-    "model.arch=pico",
-    "model.img_size=32",
-    "model.window_size=4",
-    "model.drop_path_rate=0.0",
-    "mask.mask_patch_size=8",
+    *PICO,
     "data.batch_size=8",
     "data.num_workers=0",
     "data.samples_per_epoch=240",
     "optim.base_lr=0.05",
     "optim.warmup_lr=0.0005",
     "optim.min_lr=0.0005",
-    "schedule=cosine",
-    "schedule.epochs=1",
-    "schedule.warmup_epochs=0",
+    *ONE_EPOCH,
     "logger.log_every=5",
     "logger.image_every=10",
     "run.save_every=10",

@@ -10,23 +10,17 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import run_main
-from e2e_helpers import final_weights, max_weight_diff, run_cli
+from e2e_helpers import ONE_EPOCH, PICO, final_weights, max_weight_diff, run_cli
 
 BASE = [
-    "model.arch=pico",
-    "model.img_size=32",
-    "model.window_size=4",
-    "model.drop_path_rate=0.0",
-    "mask.mask_patch_size=8",
+    *PICO,
     "data.num_workers=0",
     "data.batch_size=8",
     "data.samples_per_epoch=96",
     "optim.base_lr=0.05",
     "optim.warmup_lr=0.0005",
     "optim.min_lr=0.0005",
-    "schedule=cosine",
-    "schedule.epochs=1",
-    "schedule.warmup_epochs=0",
+    *ONE_EPOCH,
     "logger.log_every=2",
     "logger.image_every=1000",
     "run.device=cpu",

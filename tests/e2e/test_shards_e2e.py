@@ -13,18 +13,16 @@ import numpy as np
 import pytest
 import skimage.data
 from cli_helpers import CommandResult, run_main
+from e2e_helpers import PICO
 from PIL import Image
 
 from simmim_swin.data import folder_samples, write_shards
 from simmim_swin.data.fashion_mnist import FASHION_MNIST_DIR
 
-TINY_MODEL = ["model.arch=pico", "model.img_size=32", "model.window_size=4", "model.drop_path_rate=0.0",
-              "mask.mask_patch_size=8"]  # fmt: skip
-
 
 def pretrain(tmp_path: Path, *overrides: str) -> CommandResult:
     """`simmim-pretrain` (its entry point, in this process) with the tiny model, output under tmp_path."""
-    return run_main("pretrain", f"run.output_dir={tmp_path}", *TINY_MODEL, *overrides, cwd=tmp_path)
+    return run_main("pretrain", f"run.output_dir={tmp_path}", *PICO, *overrides, cwd=tmp_path)
 
 
 @pytest.fixture(scope="module")
