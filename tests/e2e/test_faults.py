@@ -59,10 +59,8 @@ def test_a_second_process_on_the_same_run_is_refused_and_the_first_is_unharmed(t
     first = start(tmp_path, "shared")
     try:
         wait_for_steps(first, tmp_path / "shared", 2)
-        began = time.monotonic()
-        second = subprocess.run(
-            cli_command(tmp_path, "pretrain", "run.name=shared", *BASE), capture_output=True, text=True, timeout=120
-        )
+        began = time.monotonic()  # the second launch: the entry point in this process, while the first trains
+        second = run_main("pretrain", f"run.output_dir={tmp_path}", "run.name=shared", *BASE)
         assert second.returncode == 2, second.stderr[-2000:]
         assert time.monotonic() - began < 60
         lines = second.stderr.strip().splitlines()
@@ -186,10 +184,10 @@ def test_written_files_respect_the_umask(tmp_path):
 
 @pytest.mark.slow
 def test_wandb_online_without_a_reachable_server_falls_back_to_offline(tmp_path):
-    env = {**os.environ, "WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9", "HOME": str(tmp_path)}
-    command = cli_command(tmp_path, "pretrain", "run.name=nonet", *BASE, *SHORT, "logger.wandb=online")
+    env = {"WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9", "HOME": str(tmp_path)}
+    args = [f"run.output_dir={tmp_path}", "run.name=nonet", *BASE, *SHORT, "logger.wandb=online"]
     began = time.monotonic()
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    result = run_main("pretrain", *args, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "unreachable" in result.stderr and "wandb sync" in result.stderr
     assert time.monotonic() - began < 240  # wandb alone would wait ~110 s and then kill the run
