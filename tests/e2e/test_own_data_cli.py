@@ -66,6 +66,15 @@ def write_jpegs(folder: Path, num_files: int, corrupt_at: int | None = None, see
     return corrupt
 
 
+@pytest.fixture(scope="module")
+def rgb_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-step RGB pretraining on the bundled photos, which the fine-tuning tests only read."""
+    out = tmp_path_factory.mktemp("rgb")
+    pre = tool(out, "pretrain", *TINY, "data.samples_per_epoch=16", f"run.output_dir={out}", "run.name=rgb")
+    assert pre.returncode == 0, pre.stderr[-3000:]
+    return out / "rgb"
+
+
 # --------------------------------------------------------------------------------------------- corrupt files
 
 
@@ -106,7 +115,7 @@ def test_shard_pretraining_skips_a_corrupt_jpeg(tmp_path):
 
 
 @pytest.mark.slow
-def test_finetuning_skips_a_corrupt_jpeg_in_a_class_folder(tmp_path):
+def test_finetuning_skips_a_corrupt_jpeg_in_a_class_folder(tmp_path, rgb_run):
     position = corrupt_position(41, 8)  # ImageFolder order: class a, then class b; 40 good images and 1 corrupt
     in_a = position < 21
     train = tmp_path / "data" / "train"
@@ -115,9 +124,7 @@ def test_finetuning_skips_a_corrupt_jpeg_in_a_class_folder(tmp_path):
     corrupt = corrupt_a or corrupt_b
     for name in ("a", "b"):
         write_jpegs(tmp_path / "data" / "val" / name, 4, seed=2)
-    pre = tool(tmp_path, "pretrain", *TINY, "data.samples_per_epoch=16", f"run.output_dir={tmp_path}", "run.name=pre")
-    assert pre.returncode == 0, pre.stderr[-3000:]
-    args = [f"pretrained={tmp_path / 'pre'}", f"data.root={tmp_path / 'data'}", f"run.output_dir={tmp_path}"]
+    args = [f"pretrained={rgb_run}", f"data.root={tmp_path / 'data'}", f"run.output_dir={tmp_path}"]
     ok = tool(tmp_path, "finetune", *args, *FINETUNE, "run.name=ft")
     assert ok.returncode == 0, ok.stderr[-3000:]
     losses = [m for m in read_metrics(tmp_path / "ft") if "loss" in m]
@@ -183,13 +190,11 @@ def test_multiband_pretraining_panels_finetuning_reconstruct(tmp_path, in_chans)
 
 
 @pytest.mark.slow
-def test_rgb_checkpoint_finetunes_into_four_bands_with_the_adaptation_reported(tmp_path):
-    pre = tool(tmp_path, "pretrain", *TINY, "data.samples_per_epoch=16", f"run.output_dir={tmp_path}", "run.name=rgb")
-    assert pre.returncode == 0, pre.stderr[-3000:]
+def test_rgb_checkpoint_finetunes_into_four_bands_with_the_adaptation_reported(tmp_path, rgb_run):
     for seed, (split, c, count) in enumerate([("train", "x", 8), ("train", "y", 8), ("val", "x", 4), ("val", "y", 4)]):
         stats = write_bands(tmp_path / "labelled" / split / c, 4, count, seed=seed)
     ft = tool(
-        tmp_path, "finetune", f"pretrained={tmp_path / 'rgb'}", f"data.root={tmp_path / 'labelled'}", *FINETUNE,
+        tmp_path, "finetune", f"pretrained={rgb_run}", f"data.root={tmp_path / 'labelled'}", *FINETUNE,
         "model.in_chans=4", *statistics(*stats), "data.batch_size=4", f"run.output_dir={tmp_path}", "run.name=ft",
     )  # fmt: skip
     assert ft.returncode == 0, ft.stderr[-3000:]
