@@ -82,6 +82,7 @@ def records(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_held_out_validation_selects_best_and_the_test_images_are_scored_once(tmp_path, image_root):
     run_dir = run_finetune(config(tmp_path, image_root))
     lines = records(run_dir)
@@ -96,6 +97,7 @@ def test_held_out_validation_selects_best_and_the_test_images_are_scored_once(tm
     assert (run_dir / "images" / "confusion_matrix.png").is_file()
 
 
+@pytest.mark.slow
 def test_patience_stops_early_and_a_restart_stays_stopped(tmp_path, image_root):
     cfg = config(tmp_path, image_root, train=dict(patience=1), optim=dict(base_lr=1e-9, warmup_lr=0.0, min_lr=0.0))
     run_dir = run_finetune(cfg)  # an lr of ~0 never improves on the first evaluation: stop at the second

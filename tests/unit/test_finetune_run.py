@@ -75,7 +75,8 @@ def test_eval_num_images_must_be_positive(tmp_path, image_root):
         run_finetune(tiny_finetune_config(tmp_path, image_root, train=dict(eval_num_images=0)))
 
 
-@pytest.mark.parametrize("at_step", [2, 4])  # an evaluation during training, the final one
+# an evaluation during training, the final one
+@pytest.mark.parametrize("at_step", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_a_stop_signal_during_an_evaluation_stops_at_the_next_batch_and_saves(tmp_path, image_root, at_step):
     """SIGTERM mid-evaluation: the evaluation ends at the next batch, not after the whole set; the step is saved."""
     import signal
