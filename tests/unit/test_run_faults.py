@@ -10,7 +10,6 @@ import signal
 from pathlib import Path
 
 import pytest
-import torch
 from builders import PatchedWrites
 from builders import fake_scontrol as write_fake_scontrol
 
@@ -23,15 +22,6 @@ from simmim_swin.config import PretrainConfig, from_dict
 from simmim_swin.distributed import requeue_slurm_job
 from simmim_swin.pretrain import run_pretrain
 from simmim_swin.run import RunDirectoryGone
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread, as the command line gives a CPU run on a small machine (no busy-waiting threads)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def settings(tmp_path: Path, **run) -> PretrainConfig:
