@@ -86,11 +86,15 @@ def run_main(
             else:
                 os.environ[name] = value
         sys.argv = [f"simmim_swin.cli.{module}", *argv]  # a list of its own: the entry points append to it
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                command.main()
-            except SystemExit as e:
-                code = _exit_code(e)
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    command.main()
+                except SystemExit as e:
+                    code = _exit_code(e)
+        except BaseException:
+            sys.stderr.write(out.getvalue() + err.getvalue())  # what a process would have printed before dying
+            raise
     finally:
         GlobalHydra.instance().clear()
         sys.argv = saved_argv
