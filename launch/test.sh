@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Install simmim-swin with its test extra into the current Python environment, lint, and run the test suite.
-# Extra arguments go to pytest (e.g. `bash launch/test.sh -k timm -x`).
+# Extra arguments go to pytest (e.g. `bash launch/test.sh -k timm -x`). CI runs it without arguments: everything.
+# The quick lane for the edit-test loop leaves out the tests marked slow (whole runs, real processes) and keeps a
+# quick test of every test module: `bash launch/test.sh -m "not slow"`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

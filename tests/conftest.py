@@ -1,10 +1,11 @@
-"""Shared fixtures: a fixed seed per test, a tiny SwinV2 factory, parameter randomisation, reference attention."""
+"""Shared fixtures: the commands' torch thread count, a fixed seed per test, a tiny SwinV2 factory, parameter
+randomisation, reference attention."""
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,19 @@ TINY_ENCODER_KWARGS = dict(
     num_classes=10,
     drop_path_rate=0.0,
 )
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _torch_threads_as_the_commands_set_them() -> Iterator[None]:
+    """One torch thread on a machine of at most 2 cores unless OMP_NUM_THREADS chooses, as the commands give a CPU
+    run there: two threads on two busy cores spin-wait (heavy unit tests took 85 s against 37 s with one thread at
+    load 4, and used a third less CPU time on a quiet machine)."""
+    from simmim_swin.cli.common import default_cpu_threads
+
+    threads = torch.get_num_threads()
+    default_cpu_threads("cpu")
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -12,8 +12,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from cli_helpers import CommandResult, run_main
 
 from simmim_swin.checkpoint import find_latest_checkpoint, load_checkpoint
+
+# a 3-stage 16-wide SwinV2 at 32 px / window 4 (stage windows 4, 4, 2), masked in 8 px patches
+PICO = ["model.arch=pico", "model.img_size=32", "model.window_size=4", "model.drop_path_rate=0.0",
+        "mask.mask_patch_size=8"]  # fmt: skip
+# one cosine epoch without warm-up
+ONE_EPOCH = ["schedule=cosine", "schedule.epochs=1", "schedule.warmup_epochs=0"]
 
 
 def cli_command(tmp_path: Path, module: str, *args: str, nproc: int = 1) -> list[str]:
@@ -24,8 +31,13 @@ def cli_command(tmp_path: Path, module: str, *args: str, nproc: int = 1) -> list
     return [sys.executable, *args]
 
 
-def run_cli(tmp_path: Path, module: str, *args: str, nproc: int = 1) -> subprocess.CompletedProcess:
-    """Run the tool to the end in tmp_path; it must succeed (the output tails are the assertion message)."""
+def run_cli(tmp_path: Path, module: str, *args: str, nproc: int = 1) -> subprocess.CompletedProcess | CommandResult:
+    """Run the tool to the end in tmp_path (in this process when nproc is 1, under torchrun otherwise); it must
+    succeed (the output tails are the assertion message)."""
+    if nproc == 1:
+        result = run_main(module, f"run.output_dir={tmp_path}", *args, cwd=tmp_path)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        return result
     result = subprocess.run(
         cli_command(tmp_path, module, *args, nproc=nproc), capture_output=True, text=True, timeout=600, cwd=tmp_path
     )

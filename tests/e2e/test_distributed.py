@@ -9,28 +9,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from e2e_helpers import cli_command, final_weights, max_weight_diff, run_cli, wait_for
+from e2e_helpers import ONE_EPOCH, PICO, cli_command, final_weights, max_weight_diff, run_cli, wait_for
 
 from simmim_swin.checkpoint import find_latest_checkpoint, load_checkpoint
 from simmim_swin.engine import TrainingDiverged
 
-pytestmark = pytest.mark.slow
-
 # 16-wide 3-stage SwinV2 at 32 px; 96 samples per epoch = 12 optimizer steps of a global batch of 8
 BASE = [
-    "model.arch=pico",
-    "model.img_size=32",
-    "model.window_size=4",
-    "model.drop_path_rate=0.0",
-    "mask.mask_patch_size=8",
+    *PICO,
     "data.num_workers=0",
     "data.samples_per_epoch=96",
     "optim.base_lr=0.05",
     "optim.warmup_lr=0.0005",
     "optim.min_lr=0.0005",
-    "schedule=cosine",
-    "schedule.epochs=1",
-    "schedule.warmup_epochs=0",
+    *ONE_EPOCH,
     "logger.log_every=1",
     "logger.image_every=1000",
     "run.device=cpu",
@@ -46,6 +38,7 @@ def run(tmp_path: Path, name: str, *overrides: str, nproc: int = 1) -> subproces
     return run_cli(tmp_path, "pretrain", f"run.name={name}", *BASE, *overrides, nproc=nproc)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
     """Two gloo ranks with half the batch each end with the same parameters as one process with the whole batch.
 
@@ -64,6 +57,7 @@ def test_two_processes_match_one_process(tmp_path):
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5, 6], two.stdout
 
 
+@pytest.mark.slow
 def test_sigkill_and_restart_ends_with_the_same_weights(tmp_path):
     overrides = ["data.batch_size=8", "run.save_every=4", "run.keep_last=5"]
     run(tmp_path, "straight", *overrides)
@@ -81,6 +75,7 @@ def test_sigkill_and_restart_ends_with_the_same_weights(tmp_path):
     assert diff <= 1e-6, diff
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_at_the_current_step(tmp_path):
     overrides = ["data.batch_size=8", "data.samples_per_epoch=8000", "run.save_every=100000"]
     proc = subprocess.Popen(
@@ -140,6 +135,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in latest["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_fsdp_checkpoint_from_two_processes_loads_in_one(tmp_path):
     """FSDP (fully_shard, gloo) trains like one process; its sharded checkpoint resumes at world size 1."""
     overrides = ["optim.base_lr=0.005", "optim.warmup_lr=0.00005", "optim.min_lr=0.00005", "run.save_every=4"]
@@ -165,6 +161,7 @@ def test_fsdp_checkpoint_from_two_processes_loads_in_one(tmp_path):
     assert load_checkpoint(find_latest_checkpoint(tmp_path / "fsdp"))["step"] == 6
 
 
+@pytest.mark.slow
 def test_submitit_launcher_runs_two_ranks(tmp_path):
     """hydra/launcher=local2: the Slurm code path (submitit's environment -> process group) with two CPU tasks."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")

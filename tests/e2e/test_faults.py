@@ -9,16 +9,15 @@ import os
 import signal
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from builders import fake_scontrol
+from cli_helpers import run_main
 from e2e_helpers import cli_command, run_cli, wait_for
 
 from simmim_swin.checkpoint import find_latest_checkpoint, load_checkpoint
-
-pytestmark = pytest.mark.slow
 
 # a 3-stage 16-wide SwinV2 at 32 px on the bundled photos; long epochs so a run is still going when signalled
 BASE = [
@@ -55,14 +54,13 @@ def wait_for_steps(proc: subprocess.Popen, run_dir: Path, count: int) -> None:
     wait_for(lambda: len(logged_steps(run_dir)) >= count, 300, proc)
 
 
+@pytest.mark.slow
 def test_a_second_process_on_the_same_run_is_refused_and_the_first_is_unharmed(tmp_path):
     first = start(tmp_path, "shared")
     try:
         wait_for_steps(first, tmp_path / "shared", 2)
-        began = time.monotonic()
-        second = subprocess.run(
-            cli_command(tmp_path, "pretrain", "run.name=shared", *BASE), capture_output=True, text=True, timeout=120
-        )
+        began = time.monotonic()  # the second launch: the entry point in this process, while the first trains
+        second = run_main("pretrain", f"run.output_dir={tmp_path}", "run.name=shared", *BASE)
         assert second.returncode == 2, second.stderr[-2000:]
         assert time.monotonic() - began < 60
         lines = second.stderr.strip().splitlines()
@@ -77,6 +75,7 @@ def test_a_second_process_on_the_same_run_is_refused_and_the_first_is_unharmed(t
     assert not (tmp_path / "shared" / "run.lock").exists()  # released on the way out
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_whole_process_group_saves_at_the_step(tmp_path):
     """What `timeout`, `scancel` and Slurm's time limit do: every process of the job, data workers included."""
     proc = start(tmp_path, "group", "data.num_workers=2", start_new_session=True)
@@ -89,6 +88,7 @@ def test_sigterm_to_the_whole_process_group_saves_at_the_step(tmp_path):
     assert state["step"] >= logged_steps(tmp_path / "group")[-1] >= 2
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_at_the_step_and_exits_130(tmp_path):
     proc = start(tmp_path, "interrupted", start_new_session=True)
     wait_for_steps(proc, tmp_path / "interrupted", 2)
@@ -102,23 +102,7 @@ def test_ctrl_c_saves_at_the_step_and_exits_130(tmp_path):
     assert (tmp_path / "interrupted" / "pretrain.log").read_text().count("received SIGINT") == 1  # the run's log
 
 
-def fake_scontrol(tmp_path: Path) -> tuple[Path, Path]:
-    """(bin folder, call log): an `scontrol` that records its arguments and reports every job as RUNNING."""
-    bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol_calls"
-    bin_dir.mkdir()
-    script = bin_dir / "scontrol"
-    script.write_text(
-        f"#!{sys.executable}\n"
-        "import sys\n"
-        f"with open({str(calls)!r}, 'a') as f:\n"
-        "    f.write(' '.join(sys.argv[1:]) + '\\n')\n"
-        "if sys.argv[1:3] == ['show', 'job']:\n"
-        "    print(f'JobId={sys.argv[-1]} JobState=RUNNING')\n"
-    )
-    script.chmod(0o755)
-    return bin_dir, calls
-
-
+@pytest.mark.slow
 def test_sigusr1_under_sbatch_saves_releases_the_lock_and_requeues_the_job(tmp_path):
     """The pre-emption / time-limit warning of many clusters: saved like SIGTERM, then the job goes back in the
     queue with its id (a requeued job runs the same command and so resumes the same run directory)."""
@@ -149,6 +133,7 @@ def _session_gone(session: int, timeout_s: float) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_an_error_under_simmim_debug_with_loader_workers_exits_as_without_it(tmp_path):
     """The traceback first, then the same line and status; the loader workers (which ignore SIGTERM) are gone."""
     from PIL import Image
@@ -181,6 +166,7 @@ def test_an_error_under_simmim_debug_with_loader_workers_exits_as_without_it(tmp
     assert last_lines[0] == last_lines[1] and "notes" in last_lines[0]
 
 
+@pytest.mark.slow
 def test_written_files_respect_the_umask(tmp_path):
     def umask_022() -> None:
         os.umask(0o022)
@@ -196,22 +182,23 @@ def test_written_files_respect_the_umask(tmp_path):
     assert wrong == {}
 
 
+@pytest.mark.slow
 def test_wandb_online_without_a_reachable_server_falls_back_to_offline(tmp_path):
-    env = {**os.environ, "WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9", "HOME": str(tmp_path)}
-    command = cli_command(tmp_path, "pretrain", "run.name=nonet", *BASE, *SHORT, "logger.wandb=online")
+    env = {"WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9", "HOME": str(tmp_path)}
+    args = [f"run.output_dir={tmp_path}", "run.name=nonet", *BASE, *SHORT, "logger.wandb=online"]
     began = time.monotonic()
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    result = run_main("pretrain", *args, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "unreachable" in result.stderr and "wandb sync" in result.stderr
     assert time.monotonic() - began < 240  # wandb alone would wait ~110 s and then kill the run
     assert list((tmp_path / "nonet" / "wandb").glob("offline-run-*"))
 
 
-def test_wandb_online_without_an_api_key_stops_before_any_compute(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
-    env["HOME"] = str(tmp_path)  # no ~/.netrc
-    command = cli_command(tmp_path, "pretrain", "run.name=nokey", *BASE, *SHORT, "logger.wandb=online")
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+def test_wandb_online_without_an_api_key_stops_before_any_compute(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    args = [f"run.output_dir={tmp_path}", "run.name=nokey", *BASE, *SHORT, "logger.wandb=online"]
+    result = run_main("pretrain", *args, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: logger.wandb=online needs a W&B API key for api.wandb.ai: run `wandb login` or set WANDB_API_KEY, "
@@ -299,14 +286,12 @@ def test_bad_input_ends_in_one_line_and_changes_nothing(existing_run, module, ar
     garbage_files(existing_run)
     before = snapshot(existing_run / "kept")
     args = [a.replace("{tmp}", str(existing_run)) for a in args]
-    if module == "tools":
-        command = [sys.executable, "-m", "simmim_swin.cli.tools", *args]
-    else:
+    if module != "tools":
         # fine-tuning's default data.source=folder needs data.root at the door (the folder is not read here)
         base = [f"data.root={existing_run}"] if module == "finetune" else BASE
-        command = cli_command(existing_run, module, *base, *args)
-        command += [] if any(a.startswith("run.name=") for a in args) else [f"run.name=bad_{module}"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=existing_run)
+        args = [f"run.output_dir={existing_run}", *base, *args]
+        args += [] if any(a.startswith("run.name=") for a in args) else [f"run.name=bad_{module}"]
+    result = run_main(module, *args, cwd=existing_run)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr[-3000:]
     assert len(lines) == 1 and message.replace("{tmp}", str(existing_run)) in lines[0], result.stderr[-3000:]

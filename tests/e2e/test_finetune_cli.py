@@ -4,30 +4,22 @@ labelled images (and resume), evaluate it at another size, export it for timm an
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cli_helpers import CommandResult, run_main
+from e2e_helpers import ONE_EPOCH, PICO
 from PIL import Image
-
-pytestmark = pytest.mark.slow
 
 # a 3-stage 16-wide SwinV2 at 32 px / window 4 (stage windows 4, 4, 2), 4 SimMIM steps on the bundled photos
 PRETRAIN = [
-    "model.arch=pico",
-    "model.img_size=32",
-    "model.window_size=4",
-    "model.drop_path_rate=0.0",
-    "mask.mask_patch_size=8",
+    *PICO,
     "data.batch_size=8",
     "data.num_workers=0",
     "data.samples_per_epoch=32",
-    "schedule=cosine",
-    "schedule.epochs=1",
-    "schedule.warmup_epochs=0",
+    *ONE_EPOCH,
     "logger.log_every=2",
     "logger.image_every=100",
     "run.name=pre",
@@ -65,21 +57,16 @@ def make_class_folders(root: Path) -> None:
                 Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{k}.png")
 
 
-def tool(tmp_path: Path, module: str, *args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, "-m", f"simmim_swin.cli.{module}", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-    )
-    return result
+def tool(tmp_path: Path, module: str, *args: str) -> CommandResult:
+    """Run the command `python -m simmim_swin.cli.<module> ARGS` would run, in this process, from tmp_path."""
+    return run_main(module, *args, cwd=tmp_path)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_pretrain_finetune_evaluate_export_to_timm(tmp_path):
     timm = pytest.importorskip("timm")
     make_class_folders(tmp_path / "images")

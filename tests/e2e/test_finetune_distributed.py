@@ -8,16 +8,13 @@ import signal
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from builders import write_two_class_images
 from e2e_helpers import cli_command, max_weight_diff, run_cli, wait_for
-from PIL import Image
 
 from simmim_swin.checkpoint import find_latest_checkpoint, load_checkpoint
 from simmim_swin.engine import TrainingDiverged
-
-pytestmark = pytest.mark.slow
 
 # a 3-stage 16-wide SwinV2 at 32 px / window 4; 16 training images = 2 optimizer steps of a global batch of 8.
 # Mixup off: its lambda is drawn per rank, so only without it do one and two processes see the same batch.
@@ -43,16 +40,7 @@ FINETUNE = [
 @pytest.fixture
 def images(tmp_path: Path) -> Path:
     """train/ 8 + 8 images, val/ 3 + 2: five validation images do not split evenly over two ranks."""
-    rng = np.random.default_rng(0)
-    root = tmp_path / "images"
-    for split, counts in (("train", (8, 8)), ("val", (3, 2))):
-        for c, count in enumerate(counts):
-            folder = root / split / f"class_{c}"
-            folder.mkdir(parents=True)
-            for k in range(count):
-                pixels = rng.integers(0, 100, size=(36, 36, 3)) + 120 * c
-                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{k}.png")
-    return root
+    return write_two_class_images(tmp_path / "images", {"train": (8, 8), "val": (3, 2)})
 
 
 def finetune_args(images: Path, name: str, *overrides: str) -> list[str]:
@@ -63,6 +51,7 @@ def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_two_processes_fine_tune_like_one(tmp_path, images):
     """DDP with half the batch per rank ends with the weights of one process; the sharded evaluation (5 images
     over 2 ranks, one padded) reports exactly the single-process numbers; rank 0 alone writes."""
@@ -86,6 +75,7 @@ def test_two_processes_fine_tune_like_one(tmp_path, images):
     assert two.stdout.count("done at step 4/4") == 1
 
 
+@pytest.mark.slow
 def test_two_processes_select_on_held_out_labels_then_score_best_once(tmp_path, images):
     """DDP with data.val_fraction and the linear-probe head: every rank holds out the same labelled images, best.pt
     is chosen on them, and the whole val/ set is scored once, with the same numbers on every rank."""
@@ -100,6 +90,7 @@ def test_two_processes_select_on_held_out_labels_then_score_best_once(tmp_path, 
     assert summary["final_test_top1"] == test["test_top1"]
 
 
+@pytest.mark.slow
 def test_fsdp_fine_tune_from_fsdp_pretraining_resumes_and_evaluates_in_one_process(tmp_path, images):
     """FSDP end to end: a sharded pretraining checkpoint is read as pretrained weights, the FSDP fine-tune writes
     sharded resume checkpoints and a whole best.pt, one process resumes it, and evaluate= reads a shard folder."""
@@ -150,6 +141,7 @@ def test_fsdp_fine_tune_from_fsdp_pretraining_resumes_and_evaluates_in_one_proce
     assert load_checkpoint(find_latest_checkpoint(tmp_path / "ft"))["step"] == 4
 
 
+@pytest.mark.slow
 def test_sigterm_to_torchrun_stops_every_rank_at_one_step_with_a_checkpoint(tmp_path, images):
     """Slurm preemption under torchrun: the agent forwards SIGTERM, the ranks agree on a step, rank 0 saves it."""
     args = finetune_args(images, "preempted", "data.batch_size=4", "schedule.epochs=5000", "run.save_every=100000")

@@ -8,22 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
-from hydra.core.global_hydra import GlobalHydra
-from PIL import Image
-
-from simmim_swin.cli import finetune, pretrain
-
-pytestmark = pytest.mark.slow
+from builders import write_two_class_images
+from cli_helpers import CommandResult, run_main
+from e2e_helpers import PICO
 
 TINY = [
-    "model.arch=pico",
-    "model.img_size=32",
-    "model.window_size=4",
-    "model.drop_path_rate=0.0",
-    "mask.mask_patch_size=8",
+    *PICO,
     "data.batch_size=4",
     "data.num_workers=0",
     "data.samples_per_epoch=16",
@@ -35,20 +27,21 @@ TINY = [
 ]
 
 
-def main(monkeypatch: pytest.MonkeyPatch, command, *argv: str) -> None:
-    """Run `command.main()` with these arguments, as the console script does."""
-    monkeypatch.setattr(sys, "argv", [command.__name__.rsplit(".", 1)[-1], *argv])
-    GlobalHydra.instance().clear()
-    command.main()
+def main(module: str, *argv: str, **kwargs) -> CommandResult:
+    """Run the command's entry point with these arguments, as the console script does; it must succeed."""
+    result = run_main(module, *argv, **kwargs)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
 
 
 def steps(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_each_job_of_a_sweep_gets_its_own_run_directory(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_each_job_of_a_sweep_gets_its_own_run_directory(tmp_path):
     sweep = ["-m", "mask.mask_ratio=0.4,0.6", f"run.output_dir={tmp_path}", *TINY]
-    main(monkeypatch, pretrain, *sweep)
+    main("pretrain", *sweep)
     jobs = {ratio: tmp_path / "pretrain_sweep" / f"mask.mask_ratio={ratio}" for ratio in (0.4, 0.6)}
     for ratio, run_dir in jobs.items():
         config = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -58,23 +51,17 @@ def test_each_job_of_a_sweep_gets_its_own_run_directory(tmp_path, monkeypatch):
         assert "step 1/2" in log and "step 2/2" in log and "done at step 2" in log  # every line the run printed
         assert not (run_dir / ".hydra").exists()
     # the same sweep again, further: every job resumes its own run
-    main(monkeypatch, pretrain, *sweep, "run.max_steps=3")
+    main("pretrain", *sweep, "run.max_steps=3")
     for run_dir in jobs.values():
         assert steps(run_dir) == [1, 2, 3] and "resuming" in (run_dir / "pretrain.log").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pretrain_sweep"]
 
 
-def test_a_finetune_sweep_runs_every_job(tmp_path, monkeypatch):
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in range(2):
-            folder = tmp_path / "images" / split / f"class_{c}"
-            folder.mkdir(parents=True)
-            for k in range(4):
-                pixels = rng.integers(0, 100, size=(36, 36, 3)) + 120 * c
-                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{k}.png")
+@pytest.mark.slow
+def test_a_finetune_sweep_runs_every_job(tmp_path):
+    write_two_class_images(tmp_path / "images", {"train": (4, 4), "val": (4, 4)})
     main(
-        monkeypatch, finetune, "-m", "optim.base_lr=0.1,0.05", f"run.output_dir={tmp_path / 'out'}",
+        "finetune", "-m", "optim.base_lr=0.1,0.05", f"run.output_dir={tmp_path / 'out'}",
         "model.arch=pico", "model.img_size=32", "model.window_size=4", f"data.root={tmp_path / 'images'}",
         "data.batch_size=4", "data.eval_batch_size=4", "data.num_workers=0", "augment.mixup=0", "augment.cutmix=0",
         "augment.rand_augment=null", "augment.reprob=0", "schedule.epochs=1", "schedule.warmup_epochs=0",
@@ -86,65 +73,60 @@ def test_a_finetune_sweep_runs_every_job(tmp_path, monkeypatch):
         assert any("val_top1" in json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
 
 
-def test_hydra_folder_options_keep_one_run_directory(tmp_path, monkeypatch):
-    main(monkeypatch, pretrain, f"run.output_dir={tmp_path / 'outputs'}", f"hydra.run.dir={tmp_path / 'D'}", *TINY)
+@pytest.mark.slow
+def test_hydra_folder_options_keep_one_run_directory(tmp_path):
+    main("pretrain", f"run.output_dir={tmp_path / 'outputs'}", f"hydra.run.dir={tmp_path / 'D'}", *TINY)
     assert steps(tmp_path / "D") == [1, 2] and (tmp_path / "D" / "checkpoints").is_dir()
     assert "step 2/2" in (tmp_path / "D" / "pretrain.log").read_text()
     assert not (tmp_path / "outputs").exists()
 
-    monkeypatch.chdir(tmp_path)  # a relative run.output_dir with hydra.job.chdir=true does not nest the run in itself
-    main(monkeypatch, pretrain, "run.output_dir=rel", "run.name=cd", "hydra.job.chdir=true", *TINY)
+    # a relative run.output_dir with hydra.job.chdir=true does not nest the run in itself
+    main("pretrain", "run.output_dir=rel", "run.name=cd", "hydra.job.chdir=true", *TINY, cwd=tmp_path)
     assert steps(tmp_path / "rel" / "cd") == [1, 2] and not (tmp_path / "rel" / "cd" / "rel").exists()
 
 
-def test_a_refused_launch_leaves_the_records_of_the_run(tmp_path, monkeypatch):
-    main(monkeypatch, pretrain, f"run.output_dir={tmp_path}", "run.name=kept", *TINY)
+def test_a_refused_launch_leaves_the_records_of_the_run(tmp_path):
+    main("pretrain", f"run.output_dir={tmp_path}", "run.name=kept", *TINY)
     config = (tmp_path / "kept" / "config.yaml").read_bytes()
-    with pytest.raises(SystemExit) as exit_info:  # composes (`--cfg job` shows it), then the schema refuses it
-        main(monkeypatch, pretrain, f"run.output_dir={tmp_path}", "run.name=kept", *TINY, "+foo=1")
-    assert exit_info.value.code == 2
+    # composes (`--cfg job` shows it), then the schema refuses it
+    refused = run_main("pretrain", f"run.output_dir={tmp_path}", "run.name=kept", *TINY, "+foo=1")
+    assert refused.returncode == 2
     assert (tmp_path / "kept" / "config.yaml").read_bytes() == config
     assert not list(tmp_path.rglob(".hydra"))
 
 
-def test_multirun_with_cfg_is_one_line(tmp_path, monkeypatch, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(monkeypatch, pretrain, "-m", "mask.mask_ratio=0.4,0.6", "--cfg", "hydra")
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+def test_multirun_with_cfg_is_one_line(tmp_path):
+    code, _, err = run_main("pretrain", "-m", "mask.mask_ratio=0.4,0.6", "--cfg", "hydra", cwd=tmp_path)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
-def test_users_own_configs(tmp_path, monkeypatch, capsys):
+def test_users_own_configs(tmp_path):
     (tmp_path / "experiment").mkdir()
     (tmp_path / "experiment" / "mine.yaml").write_text(
         "# @package _global_\ndefaults:\n  - quickstart\nmodel:\n  arch: pico\nrun:\n  name: mine\n"
     )
     (tmp_path / "mine.yaml").write_text("defaults:\n  - pretrain\n  - _self_\nmodel:\n  arch: nano\n")
-    main(monkeypatch, pretrain, "--config-dir", str(tmp_path), "experiment=mine", "--cfg", "job")
-    config = yaml.safe_load(capsys.readouterr().out)
+    own = ["--config-dir", str(tmp_path)]
+    config = yaml.safe_load(main("pretrain", *own, "experiment=mine", "--cfg", "job").stdout)
     assert (config["model"]["arch"], config["run"]["name"], config["schedule"]["epochs"]) == ("pico", "mine", 5)
-    main(monkeypatch, pretrain, "--config-dir", str(tmp_path), "--config-name", "mine", "--cfg", "job")
-    config = yaml.safe_load(capsys.readouterr().out)
+    config = yaml.safe_load(main("pretrain", *own, "--config-name", "mine", "--cfg", "job").stdout)
     assert (config["model"]["arch"], config["run"]["name"]) == ("nano", "pretrain")
 
 
-def test_wandb_mode_from_the_environment(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_wandb_mode_from_the_environment(tmp_path):
     """A cluster job without an API key: WANDB_MODE=offline makes logger=wandb log offline instead of refusing."""
-    wandb = pytest.importorskip("wandb")
-    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
+    pytest.importorskip("wandb")
+    # no ~/.netrc; run_main tears W&B down afterwards (it reads its settings once per process)
+    env = {"HOME": str(tmp_path), "WANDB_API_KEY": None, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     quiet = ["logger.system_metrics=false", "logger.git=false"]
-    try:
-        main(monkeypatch, pretrain, f"run.output_dir={tmp_path}", "run.name=w", "logger=wandb", *quiet, *TINY)
-    finally:
-        wandb.teardown()  # W&B reads its settings once per process
+    main("pretrain", f"run.output_dir={tmp_path}", "run.name=w", "logger=wandb", *quiet, *TINY, env=env)
     run_dir = tmp_path / "w"
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["logger"]["wandb"] == "offline"
     assert list((run_dir / "wandb").glob("offline-run-*")) and steps(run_dir) == [1, 2]
 
 
+@pytest.mark.slow
 def test_a_sweep_through_the_submitit_launcher(tmp_path):
     """hydra/launcher=local2 starts the jobs side by side (two processes each): each holds its own run directory
     instead of waiting on the other's run lock."""

@@ -4,31 +4,23 @@ channel pretraining, fine-tuning, panels, reconstruct and export, and an RGB che
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
+from cli_helpers import CommandResult, run_main
+from e2e_helpers import ONE_EPOCH, PICO
 from PIL import Image
 
 from simmim_swin.data.loader import SeededSampler
 from simmim_swin.data.shards import ShardSample, folder_samples, write_shards
 
-pytestmark = pytest.mark.slow
-
 TINY = [
-    "model.arch=pico",
-    "model.img_size=32",
-    "model.window_size=4",
-    "model.drop_path_rate=0.0",
-    "mask.mask_patch_size=8",
+    *PICO,
     "data.batch_size=8",
     "data.num_workers=0",
-    "schedule=cosine",
-    "schedule.epochs=1",
-    "schedule.warmup_epochs=0",
+    *ONE_EPOCH,
     "logger.log_every=1",
     "logger.image_every=100",
 ]
@@ -44,9 +36,9 @@ FINETUNE = [
 ]
 
 
-def tool(tmp_path: Path, module: str, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", f"simmim_swin.cli.{module}", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+def tool(tmp_path: Path, module: str, *args: str) -> CommandResult:
+    """Run the command `python -m simmim_swin.cli.<module> ARGS` would run, in this process, from tmp_path."""
+    return run_main(module, *args, cwd=tmp_path)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -74,6 +66,15 @@ def write_jpegs(folder: Path, num_files: int, corrupt_at: int | None = None, see
     return corrupt
 
 
+@pytest.fixture(scope="module")
+def rgb_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-step RGB pretraining on the bundled photos, which the fine-tuning tests only read."""
+    out = tmp_path_factory.mktemp("rgb")
+    pre = tool(out, "pretrain", *TINY, "data.samples_per_epoch=16", f"run.output_dir={out}", "run.name=rgb")
+    assert pre.returncode == 0, pre.stderr[-3000:]
+    return out / "rgb"
+
+
 # --------------------------------------------------------------------------------------------- corrupt files
 
 
@@ -94,6 +95,7 @@ def test_folder_pretraining_skips_a_corrupt_jpeg_or_stops_at_max_bad_fraction_ze
     assert "Traceback" not in stop.stderr
 
 
+@pytest.mark.slow
 def test_shard_pretraining_skips_a_corrupt_jpeg(tmp_path):
     corrupt = write_jpegs(tmp_path / "images", 41, corrupt_position(41, 8))
     skipped: list[str] = []
@@ -112,7 +114,8 @@ def test_shard_pretraining_skips_a_corrupt_jpeg(tmp_path):
     assert stop.returncode == 2 and "train-000000.tar (1)" in stop.stderr.splitlines()[-1], stop.stderr[-2000:]
 
 
-def test_finetuning_skips_a_corrupt_jpeg_in_a_class_folder(tmp_path):
+@pytest.mark.slow
+def test_finetuning_skips_a_corrupt_jpeg_in_a_class_folder(tmp_path, rgb_run):
     position = corrupt_position(41, 8)  # ImageFolder order: class a, then class b; 40 good images and 1 corrupt
     in_a = position < 21
     train = tmp_path / "data" / "train"
@@ -121,9 +124,7 @@ def test_finetuning_skips_a_corrupt_jpeg_in_a_class_folder(tmp_path):
     corrupt = corrupt_a or corrupt_b
     for name in ("a", "b"):
         write_jpegs(tmp_path / "data" / "val" / name, 4, seed=2)
-    pre = tool(tmp_path, "pretrain", *TINY, "data.samples_per_epoch=16", f"run.output_dir={tmp_path}", "run.name=pre")
-    assert pre.returncode == 0, pre.stderr[-3000:]
-    args = [f"pretrained={tmp_path / 'pre'}", f"data.root={tmp_path / 'data'}", f"run.output_dir={tmp_path}"]
+    args = [f"pretrained={rgb_run}", f"data.root={tmp_path / 'data'}", f"run.output_dir={tmp_path}"]
     ok = tool(tmp_path, "finetune", *args, *FINETUNE, "run.name=ft")
     assert ok.returncode == 0, ok.stderr[-3000:]
     losses = [m for m in read_metrics(tmp_path / "ft") if "loss" in m]
@@ -159,6 +160,7 @@ def statistics(mean: list[float], std: list[float]) -> list[str]:
     return [f"data.mean=[{','.join(f'{v:.4g}' for v in mean)}]", f"data.std=[{','.join(f'{v:.4g}' for v in std)}]"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("in_chans", [1, 4, 13])
 def test_multiband_pretraining_panels_finetuning_reconstruct(tmp_path, in_chans):
     stats = statistics(*write_bands(tmp_path / "unlabelled", in_chans, 16))
@@ -187,13 +189,12 @@ def test_multiband_pretraining_panels_finetuning_reconstruct(tmp_path, in_chans)
         assert export.returncode == 0 and (tmp_path / "ft.safetensors").is_file(), export.stderr[-2000:]
 
 
-def test_rgb_checkpoint_finetunes_into_four_bands_with_the_adaptation_reported(tmp_path):
-    pre = tool(tmp_path, "pretrain", *TINY, "data.samples_per_epoch=16", f"run.output_dir={tmp_path}", "run.name=rgb")
-    assert pre.returncode == 0, pre.stderr[-3000:]
+@pytest.mark.slow
+def test_rgb_checkpoint_finetunes_into_four_bands_with_the_adaptation_reported(tmp_path, rgb_run):
     for seed, (split, c, count) in enumerate([("train", "x", 8), ("train", "y", 8), ("val", "x", 4), ("val", "y", 4)]):
         stats = write_bands(tmp_path / "labelled" / split / c, 4, count, seed=seed)
     ft = tool(
-        tmp_path, "finetune", f"pretrained={tmp_path / 'rgb'}", f"data.root={tmp_path / 'labelled'}", *FINETUNE,
+        tmp_path, "finetune", f"pretrained={rgb_run}", f"data.root={tmp_path / 'labelled'}", *FINETUNE,
         "model.in_chans=4", *statistics(*stats), "data.batch_size=4", f"run.output_dir={tmp_path}", "run.name=ft",
     )  # fmt: skip
     assert ft.returncode == 0, ft.stderr[-3000:]

@@ -5,34 +5,26 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import CommandResult, run_main
+from e2e_helpers import ONE_EPOCH, PICO
 from PIL import Image
 
 from simmim_swin.cli.tools import main as tools_main
 from simmim_swin.figures import MASK_GREY, panel_size, tile_box
 from simmim_swin.tracking import load_metrics
 
-pytestmark = pytest.mark.slow
-
 IMG_SIZE = 32
 # a 3-stage 16-wide SwinV2 at 32 px on the bundled photos: 10 optimizer steps of batch 8
 TINY_RUN = [
-    "model.arch=pico",
-    f"model.img_size={IMG_SIZE}",
-    "model.window_size=4",
-    "model.drop_path_rate=0.0",
-    "mask.mask_patch_size=8",
+    *PICO,
     "data.batch_size=8",
     "data.num_workers=0",
     "data.samples_per_epoch=240",
-    "schedule=cosine",
-    "schedule.epochs=1",
-    "schedule.warmup_epochs=0",
+    *ONE_EPOCH,
     "logger.wandb=offline",
     "logger.log_every=2",
     "logger.image_every=5",
@@ -42,23 +34,21 @@ TINY_RUN = [
 ]
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}  # the mode comes from the config
-    return {**env, "WANDB_SILENT": "true"}
+def _env() -> dict[str, str | None]:
+    """No WANDB_ variable (the mode comes from the config), W&B quiet."""
+    return {**{k: None for k in os.environ if k.startswith("WANDB_")}, "WANDB_SILENT": "true"}
 
 
-def tool(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """Run `simmim-swin ARGS` (as `python -m simmim_swin.cli.tools`)."""
-    cmd = [sys.executable, "-m", "simmim_swin.cli.tools", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=cwd, env=_env())
+def tool(*args: str, cwd: Path) -> CommandResult:
+    """Run `simmim-swin ARGS` (its entry point, in this process)."""
+    return run_main("tools", *args, cwd=cwd, env=_env())
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The run directory of a finished 10-step pretraining."""
     out = tmp_path_factory.mktemp("runs")
-    cmd = [sys.executable, "-m", "simmim_swin.cli.pretrain", f"run.output_dir={out}", *TINY_RUN]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=out, env=_env())
+    result = run_main("pretrain", f"run.output_dir={out}", *TINY_RUN, cwd=out, env=_env())
     assert result.returncode == 0, result.stderr[-3000:]
     return out / "tiny"
 
@@ -69,6 +59,7 @@ def _png(path: Path) -> np.ndarray:
         return np.asarray(png.convert("RGB"))
 
 
+@pytest.mark.slow
 def test_run_has_metrics_and_an_offline_wandb_run_with_images(run_dir: Path) -> None:
     records = load_metrics(run_dir)
     assert [r["step"] for r in records if "loss" in r] == [2, 4, 6, 8, 10]
@@ -82,13 +73,12 @@ def test_run_has_metrics_and_an_offline_wandb_run_with_images(run_dir: Path) -> 
     assert tuple(_png(logged[-1]).reshape(-1)[:64]) in local  # the same pixels as a panel in the run directory
 
 
+@pytest.mark.slow
 def test_plot_overlays_runs_and_skips_malformed_lines(run_dir: Path, tmp_path: Path, capsys) -> None:
     other = tmp_path / "other" / "tiny"
     shutil.copytree(run_dir, other, ignore=shutil.ignore_patterns("wandb", "checkpoints"))
     with open(other / "metrics.jsonl", "a") as f:
         f.write('{"step": 12, "loss": 0.')  # a line cut short by a crash
-    # in this process (the tool's own entry point, without a second interpreter start-up): `reconstruct` below
-    # runs as a subprocess
     tools_main(["plot", str(run_dir), str(other), "--out", str(tmp_path / "curves.png")])
     out, err = capsys.readouterr()
     assert "skipped a malformed line" in err and "metrics.jsonl:6" in err
@@ -106,6 +96,7 @@ def test_plot_names_a_run_without_metrics(tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "c.png").exists()
 
 
+@pytest.mark.slow
 def test_reconstruct_shows_the_checkpoint_on_real_photos(run_dir: Path, tmp_path: Path) -> None:
     skimage_data = pytest.importorskip("skimage.data")
     photos = [str(Path(skimage_data.__file__).parent / name) for name in ("astronaut.png", "coffee.png")]
@@ -127,6 +118,7 @@ def test_reconstruct_shows_the_checkpoint_on_real_photos(run_dir: Path, tmp_path
     assert np.abs(masked - original).mean() > 10 and np.abs(reconstruction - original).mean() > 1
 
 
+@pytest.mark.slow
 def test_reconstruct_names_a_file_that_is_not_an_image(run_dir: Path, tmp_path: Path, capsys) -> None:
     not_image = str(run_dir / "config.yaml")
     with pytest.raises(SystemExit) as exit_info:

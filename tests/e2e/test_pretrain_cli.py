@@ -1,33 +1,26 @@
-"""The real `simmim-pretrain` command in a subprocess: trains, writes its run directory, resumes, rejects bad input."""
+"""The real `simmim-pretrain` command (its entry point, in this process): trains, writes its run directory, resumes,
+rejects bad input."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-pytestmark = pytest.mark.slow
+from cli_helpers import CommandResult, run_main
+from e2e_helpers import ONE_EPOCH, PICO
 
 # a 3-stage 16-wide SwinV2 at 32 px on the bundled photos: 30 optimizer steps of batch 8 in one epoch
 TINY_RUN = [
-    "model.arch=pico",
-    "model.img_size=32",
-    "model.window_size=4",
-    "model.drop_path_rate=0.0",
-    "mask.mask_patch_size=8",
+    *PICO,
     "data.batch_size=8",
     "data.num_workers=0",
     "data.samples_per_epoch=240",
     "optim.base_lr=0.05",
     "optim.warmup_lr=0.0005",
     "optim.min_lr=0.0005",
-    "schedule=cosine",
-    "schedule.epochs=1",
-    "schedule.warmup_epochs=0",
+    *ONE_EPOCH,
     "logger.log_every=5",
     "logger.image_every=10",
     "run.save_every=10",
@@ -36,16 +29,16 @@ TINY_RUN = [
 ]
 
 
-def pretrain(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    """Run `python -m simmim_swin.cli.pretrain` with the overrides, output under tmp_path."""
-    cmd = [sys.executable, "-m", "simmim_swin.cli.pretrain", f"run.output_dir={tmp_path}", *overrides]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+def pretrain(tmp_path: Path, *overrides: str) -> CommandResult:
+    """Run `simmim-pretrain` (in this process) with the overrides, output under tmp_path."""
+    return run_main("pretrain", f"run.output_dir={tmp_path}", *overrides, cwd=tmp_path)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_pretrain_trains_writes_run_dir_and_resumes(tmp_path):
     run_dir = tmp_path / "tiny"
     first = pretrain(tmp_path, *TINY_RUN, "run.max_steps=20")

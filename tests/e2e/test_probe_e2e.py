@@ -3,30 +3,24 @@
 from __future__ import annotations
 
 import json
+import runpy
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from e2e_helpers import final_weights, max_weight_diff, run_cli
-
-pytestmark = pytest.mark.slow
+from cli_helpers import run_main
+from e2e_helpers import ONE_EPOCH, PICO, final_weights, max_weight_diff, run_cli
 
 BASE = [
-    "model.arch=pico",
-    "model.img_size=32",
-    "model.window_size=4",
-    "model.drop_path_rate=0.0",
-    "mask.mask_patch_size=8",
+    *PICO,
     "data.num_workers=0",
     "data.batch_size=8",
     "data.samples_per_epoch=96",
     "optim.base_lr=0.05",
     "optim.warmup_lr=0.0005",
     "optim.min_lr=0.0005",
-    "schedule=cosine",
-    "schedule.epochs=1",
-    "schedule.warmup_epochs=0",
+    *ONE_EPOCH,
     "logger.log_every=2",
     "logger.image_every=1000",
     "run.device=cpu",
@@ -50,10 +44,7 @@ def test_probe_rows_at_the_configured_steps_and_identical_training(tmp_path: Pat
     assert max_weight_diff(final_weights(tmp_path / "probe_on"), final_weights(tmp_path / "probe_off")) == 0.0
     # simmim-swin plot draws the probe's curves
     out = tmp_path / "curves.png"
-    plot = subprocess.run(
-        [sys.executable, "-m", "simmim_swin.cli.tools", "plot", str(tmp_path / "probe_on"), "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    plot = run_main("tools", "plot", str(tmp_path / "probe_on"), "--out", str(out))
     assert plot.returncode == 0 and out.is_file(), plot.stderr
 
 
@@ -78,21 +69,22 @@ cleanup(info)
 """
 
 
-def test_two_gloo_ranks_give_the_single_process_numbers(tmp_path: Path, class_folder: Path) -> None:
+@pytest.mark.slow
+def test_two_gloo_ranks_give_the_single_process_numbers(tmp_path: Path, class_folder: Path, monkeypatch) -> None:
     """Each rank embeds its share (23 validation images: uneven shares, padded); the gathered kNN is the same."""
     root = class_folder
     script = tmp_path / "probe_script.py"
     script.write_text(PROBE_SCRIPT)
-    results = {}
-    for nproc in (1, 2):
-        out = tmp_path / f"n{nproc}"
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            str(script), str(root), str(out),
-        ]  # fmt: skip
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        results[nproc] = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(nproc)]
+    # one process: the script in this process (no torchrun, world size 1); two ranks: under torchrun
+    monkeypatch.setattr(sys, "argv", [str(script), str(root), str(tmp_path / "n1")])
+    runpy.run_path(str(script), run_name="__main__")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(script), str(root), str(tmp_path / "n2"),
+    ]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = {n: [json.loads((tmp_path / f"n{n}.rank{r}.json").read_text()) for r in range(n)] for n in (1, 2)}
     single = results[1][0]
     assert set(single) == {"probe_knn_top1", "probe_knn_top1_last2", "probe_linear_top1", "probe_linear_top1_last2"}
     assert results[2][0] == results[2][1]  # every rank returns the same numbers

@@ -1,35 +1,28 @@
-"""make-shards then pretraining from the shards, in subprocesses: validation loss, resume, and bad data."""
+"""make-shards then pretraining from the shards (the entry points, in this process): validation loss, resume, and
+bad data."""
 
 from __future__ import annotations
 
 import io
 import json
 import re
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import skimage.data
+from cli_helpers import CommandResult, run_main
+from e2e_helpers import PICO
 from PIL import Image
 
 from simmim_swin.data import folder_samples, write_shards
 from simmim_swin.data.fashion_mnist import FASHION_MNIST_DIR
 
-pytestmark = pytest.mark.slow
 
-TINY_MODEL = ["model.arch=pico", "model.img_size=32", "model.window_size=4", "model.drop_path_rate=0.0",
-              "mask.mask_patch_size=8"]  # fmt: skip
-
-
-def run(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600, cwd=cwd)
-
-
-def pretrain(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return run(tmp_path, "-m", "simmim_swin.cli.pretrain", f"run.output_dir={tmp_path}", *TINY_MODEL, *overrides)
+def pretrain(tmp_path: Path, *overrides: str) -> CommandResult:
+    """`simmim-pretrain` (its entry point, in this process) with the tiny model, output under tmp_path."""
+    return run_main("pretrain", f"run.output_dir={tmp_path}", *PICO, *overrides, cwd=tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +41,10 @@ def photo_folder(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_make_shards_then_pretrain_with_validation_and_resume(photo_folder, tmp_path):
-    made = run(tmp_path, "-m", "simmim_swin.cli.tools", "make-shards", str(photo_folder), "--out", "shards",
-               "--labels", "--max-count", "8")  # fmt: skip
+    made = run_main("tools", "make-shards", str(photo_folder), "--out", "shards", "--labels", "--max-count", "8",
+                    cwd=tmp_path)  # fmt: skip
     assert made.returncode == 0, made.stderr[-2000:]
     assert "wrote 64 samples, 2 classes in 8 shards" in made.stdout
     _, val_samples, _ = folder_samples(photo_folder / "odd")  # in-process: the tool itself ran above

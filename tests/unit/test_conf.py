@@ -5,23 +5,12 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf, open_dict
+from cli_helpers import compose_config
 
-from simmim_swin.cli.common import CONF_DIR, build_config
+from simmim_swin.cli.common import CONF_DIR
 from simmim_swin.config import ConfigError, DataConfig, PretrainConfig, validate_pretrain
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
-
-
-def compose_pretrain(*overrides: str) -> PretrainConfig:
-    """What simmim-pretrain builds from these command-line arguments (W&B group / tag from the experiment)."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="pretrain", overrides=list(overrides), return_hydra_config=True)
-    choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return build_config(PretrainConfig, cfg, choices, preset_group="experiment")
 
 
 def test_there_are_presets():
@@ -30,14 +19,14 @@ def test_there_are_presets():
 
 def test_defaults_are_the_dataclass_defaults():
     """The YAML holds presets only: without options the composed config is PretrainConfig() on the photos."""
-    config = compose_pretrain()
+    config = compose_config("pretrain")
     # the photos preset only zeroes the shuffle buffer that map-style data does not use
     assert config == dataclasses.replace(PretrainConfig(), data=DataConfig(shuffle_buffer=0))
 
 
 @pytest.mark.parametrize("experiment", [None, *EXPERIMENTS])
 def test_preset_composes_and_validates(experiment):
-    config = compose_pretrain(*([f"experiment={experiment}"] if experiment else []))
+    config = compose_config("pretrain", *([f"experiment={experiment}"] if experiment else []))
     validate_pretrain(config)
     if experiment:
         assert config.run.name == experiment
@@ -59,18 +48,18 @@ def test_preset_composes_and_validates(experiment):
     ],
 )
 def test_group_options_compose_and_validate(overrides):
-    validate_pretrain(compose_pretrain(*overrides))
+    validate_pretrain(compose_config("pretrain", *overrides))
 
 
 def test_logger_group_and_tags_set_by_the_user_are_kept():
-    config = compose_pretrain("experiment=quickstart", "logger.group=mine", "logger.tags=[a]")
+    config = compose_config("pretrain", "experiment=quickstart", "logger.group=mine", "logger.tags=[a]")
     assert config.logger.group == "mine" and config.logger.tags == ["a", "quickstart"]
-    config = compose_pretrain("experiment=quickstart", "logger.tags=[quickstart]")
+    config = compose_config("pretrain", "experiment=quickstart", "logger.tags=[quickstart]")
     assert config.logger.group == "quickstart" and config.logger.tags == ["quickstart"]
 
 
 def test_reference_recipe_matches_the_papers():
-    config = compose_pretrain("experiment=swinv2_base_w12_192_800ep")
+    config = compose_config("pretrain", "experiment=swinv2_base_w12_192_800ep")
     assert (config.model.arch, config.model.img_size, config.model.window_size) == ("base", 192, 12)
     assert config.model.drop_path_rate == 0.1 and config.mask.norm_target and config.mask.norm_target_window == 47
     assert (config.mask.mask_patch_size, config.mask.mask_ratio) == (32, 0.6)
@@ -81,7 +70,7 @@ def test_reference_recipe_matches_the_papers():
 
 
 def test_quickstart_uses_the_cosine_schedule():
-    config = compose_pretrain("experiment=quickstart")
+    config = compose_config("pretrain", "experiment=quickstart")
     assert (config.schedule.kind, config.schedule.epochs, config.schedule.decay_epochs) == ("cosine", 5, [])
 
 
@@ -99,7 +88,7 @@ def test_quickstart_uses_the_cosine_schedule():
 )
 def test_bad_settings_are_rejected_with_the_value(overrides, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
-        validate_pretrain(compose_pretrain(*overrides))
+        validate_pretrain(compose_config("pretrain", *overrides))
 
 
 @pytest.mark.parametrize(
@@ -109,4 +98,4 @@ def test_bad_settings_are_rejected_with_the_value(overrides, message):
 def test_schema_rejects_unknown_keys_and_wrong_types(override, key):
     """Hydra composes on the dataclasses: a misspelt key or a mistyped value fails with the full key."""
     with pytest.raises(Exception, match=key.replace(".", r"\.")):
-        compose_pretrain(override)
+        compose_config("pretrain", override)

@@ -137,6 +137,7 @@ def _skip_agreement_worker(rank: int, init_file: str, results) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ranks_agree_to_skip_a_step_that_one_rank_finds_non_finite(tmp_path):
     """A non-finite loss on one rank skips the step on every rank, so the replicas never drift apart."""
     import torch.multiprocessing as mp

@@ -10,14 +10,12 @@ import logging
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from builders import tiny_finetune_config, write_two_class_images
 
 from simmim_swin.config import ConfigError, FinetuneConfig, FinetuneDataConfig, from_dict, validate_finetune
 from simmim_swin.data.classification import build_labelled_eval_dataset, labelled_split, split_labelled
 from simmim_swin.finetune import run_finetune
 from simmim_swin.probe import fit_logistic_regression
-
-TINY = dict(arch="pico", img_size=32, window_size=4, drop_path_rate=0.0)
 
 
 def test_split_is_class_balanced_disjoint_and_fixed_by_the_seed():
@@ -67,36 +65,25 @@ def test_logistic_regression_separates_and_is_deterministic():
 
 @pytest.fixture
 def image_root(tmp_path):
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 10), ("val", 3)):
-        for c in range(2):
-            folder = tmp_path / "images" / split / f"class_{c}"
-            folder.mkdir(parents=True)
-            for k in range(count):
-                pixels = rng.integers(0, 100, size=(36, 36, 3)) + 120 * c
-                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{k}.png")
-    return tmp_path / "images"
+    return write_two_class_images(tmp_path / "images", {"train": (10, 10), "val": (3, 3)})
+
+
+# a fifth of the labelled images held out, 6 epochs
+HELD_OUT = dict(data=dict(val_fraction=0.2), schedule=dict(epochs=6), run=dict(name="held_out"))
 
 
 def config(tmp_path, image_root, **sections) -> FinetuneConfig:
-    base = dict(
-        model=TINY,
-        data=dict(root=str(image_root), batch_size=4, eval_batch_size=4, num_workers=0, val_fraction=0.2),
-        augment=dict(mixup=0.0, cutmix=0.0, rand_augment=None, reprob=0.0),
-        optim=dict(base_lr=0.1, warmup_lr=0.001, min_lr=0.001),
-        schedule=dict(epochs=6, warmup_epochs=1, kind="cosine"),
-        logger=dict(log_every=1),
-        run=dict(output_dir=str(tmp_path), name="held_out", device="cpu"),
-    )
+    """The tiny fine-tuning of tiny_finetune_config with HELD_OUT; `sections` replace keys of either."""
     for key, value in sections.items():
-        base[key] = {**base.get(key, {}), **value}
-    return from_dict(FinetuneConfig, base)
+        sections[key] = {**HELD_OUT.get(key, {}), **value} if isinstance(value, dict) else value
+    return tiny_finetune_config(tmp_path, image_root, **{**HELD_OUT, **sections})
 
 
 def records(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_held_out_validation_selects_best_and_the_test_images_are_scored_once(tmp_path, image_root):
     run_dir = run_finetune(config(tmp_path, image_root))
     lines = records(run_dir)
@@ -111,6 +98,7 @@ def test_held_out_validation_selects_best_and_the_test_images_are_scored_once(tm
     assert (run_dir / "images" / "confusion_matrix.png").is_file()
 
 
+@pytest.mark.slow
 def test_patience_stops_early_and_a_restart_stays_stopped(tmp_path, image_root):
     cfg = config(tmp_path, image_root, train=dict(patience=1), optim=dict(base_lr=1e-9, warmup_lr=0.0, min_lr=0.0))
     run_dir = run_finetune(cfg)  # an lr of ~0 never improves on the first evaluation: stop at the second

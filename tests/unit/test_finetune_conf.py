@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf, open_dict
+from cli_helpers import compose_config
 
-from simmim_swin.cli.common import CONF_DIR, build_config
+from simmim_swin.cli.common import CONF_DIR
 from simmim_swin.config import FinetuneConfig, validate_finetune
 
 PRESETS = sorted(p.stem for p in (CONF_DIR / "finetune").glob("*.yaml"))
-
-
-def compose_finetune(*overrides: str) -> FinetuneConfig:
-    """What simmim-finetune builds from these command-line arguments (W&B group / tag from the preset)."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="finetune", overrides=list(overrides), return_hydra_config=True)
-    choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return build_config(FinetuneConfig, cfg, choices, preset_group="finetune")
 
 
 def test_there_are_presets():
@@ -31,7 +20,7 @@ def test_preset_composes_and_validates(preset):
     overrides = [f"finetune={preset}"] if preset else []
     # data.source=folder needs the folder (??? in swinv2_base_w14_224); source=fashion_mnist reads its files there
     overrides.append("data.root=/data/labelled")
-    config = compose_finetune(*overrides)
+    config = compose_config("finetune", *overrides)
     validate_finetune(config)
     if preset:
         assert config.run.name != "finetune"  # each preset runs in its own directory
@@ -42,7 +31,7 @@ def test_preset_composes_and_validates(preset):
 
 def test_defaults_are_the_recipe():
     """Without a preset: the dataclass defaults with the recipe's lrs and schedule from conf/finetune.yaml."""
-    config = compose_finetune()
+    config = compose_config("finetune")
     assert config.model == FinetuneConfig().model and config.augment == FinetuneConfig().augment
     assert (config.optim.base_lr, config.optim.warmup_lr, config.optim.min_lr) == (1.25e-3, 2.5e-7, 2.5e-7)
     assert (config.schedule.kind, config.schedule.epochs, config.schedule.warmup_epochs) == ("cosine", 100, 20)
@@ -50,7 +39,7 @@ def test_defaults_are_the_recipe():
 
 
 def test_reference_recipe_matches_the_papers():
-    config = compose_finetune("finetune=swinv2_base_w14_224", "data.root=/data/imagenet")
+    config = compose_config("finetune", "finetune=swinv2_base_w14_224", "data.root=/data/imagenet")
     assert (config.model.img_size, config.model.window_size, config.model.drop_path_rate) == (224, 14, 0.1)
     assert config.model.pretrained_window_sizes is None  # read from the checkpoint: [12, 12, 12, 6] for 192 / w12
     assert (config.schedule.epochs, config.schedule.warmup_epochs, config.schedule.kind) == (100, 20, "cosine")
@@ -64,7 +53,7 @@ def test_reference_recipe_matches_the_papers():
 
 
 def test_quickstart_preset_builds_on_fashion_mnist_preset():
-    config = compose_finetune("finetune=quickstart")
+    config = compose_config("finetune", "finetune=quickstart")
     assert config.pretrained == "outputs/quickstart" and config.data.source == "fashion_mnist"
     assert (config.model.img_size, config.model.window_size, config.data.num_labelled) == (128, 8, 1000)
     assert config.logger.group == "quickstart"
@@ -72,4 +61,4 @@ def test_quickstart_preset_builds_on_fashion_mnist_preset():
 
 def test_schema_rejects_unknown_keys():
     with pytest.raises(Exception, match=r"augment\.mixupp"):
-        compose_finetune("augment.mixupp=0.5")
+        compose_config("finetune", "augment.mixupp=0.5")

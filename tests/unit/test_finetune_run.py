@@ -6,49 +6,22 @@ import json
 import logging
 import os
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from builders import tiny_finetune_config, write_two_class_images
 
 from simmim_swin.checkpoint import find_latest_checkpoint
-from simmim_swin.config import FinetuneConfig, from_dict
 from simmim_swin.distributed import Preempted
 from simmim_swin.finetune import evaluate_transfer, run_finetune
-
-TINY = dict(arch="pico", img_size=32, window_size=4, drop_path_rate=0.0)
 
 
 @pytest.fixture
 def image_root(tmp_path):
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 4), ("val", 3)):
-        for c in range(2):
-            folder = tmp_path / "images" / split / f"class_{c}"
-            folder.mkdir(parents=True)
-            for k in range(count):
-                pixels = rng.integers(0, 100, size=(36, 36, 3)) + 120 * c
-                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{k}.png")
-    return tmp_path / "images"
-
-
-def config(tmp_path, image_root, **sections) -> FinetuneConfig:
-    base = dict(
-        model=TINY,
-        data=dict(root=str(image_root), batch_size=4, eval_batch_size=4, num_workers=0),
-        augment=dict(mixup=0.0, cutmix=0.0, rand_augment=None, reprob=0.0),
-        optim=dict(base_lr=0.1, warmup_lr=0.001, min_lr=0.001),
-        schedule=dict(epochs=2, warmup_epochs=1, kind="cosine"),
-        logger=dict(log_every=1),
-        run=dict(output_dir=str(tmp_path), name="scratch", device="cpu"),
-    )
-    for key, value in sections.items():
-        base[key] = {**base[key], **value} if isinstance(value, dict) and key in base else value
-    return from_dict(FinetuneConfig, base)
+    return write_two_class_images(tmp_path / "images", {"train": (4, 4), "val": (3, 3)})
 
 
 def test_scratch_run_then_evaluate_at_same_and_larger_size(tmp_path, image_root):
-    run_dir = run_finetune(config(tmp_path, image_root, train=dict(reinit_cpb_mlp=True)))
+    run_dir = run_finetune(tiny_finetune_config(tmp_path, image_root, train=dict(reinit_cpb_mlp=True)))
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in records if "val_top1" in r][-1]
     assert final["step"] == 4 and final["val_num_images"] == 6
@@ -59,19 +32,20 @@ def test_scratch_run_then_evaluate_at_same_and_larger_size(tmp_path, image_root)
     assert saved["config"]["model"]["arch"] == "pico" and saved["pretrained_window_sizes"] == [0, 0, 0]
 
     # the classifier evaluated at its own size gives the training run's final numbers exactly
-    same = evaluate_transfer(config(tmp_path, image_root, evaluate=str(run_dir), model={}, run=dict(name="e32")))
+    evaluate = dict(evaluate=str(run_dir))
+    same = evaluate_transfer(tiny_finetune_config(tmp_path, image_root, **evaluate, run=dict(name="e32")))
     assert same["top1"] == final["val_top1"] and same["loss"] == pytest.approx(final["val_loss"], rel=1e-6)
     # and at twice the size and window, CPB normalised by the windows it was trained with
-    model = dict(img_size=64, window_size=8)
-    larger = evaluate_transfer(config(tmp_path, image_root, evaluate=str(run_dir), model=model, run=dict(name="e64")))
+    larger_model = dict(model=dict(img_size=64, window_size=8), run=dict(name="e64"))
+    larger = evaluate_transfer(tiny_finetune_config(tmp_path, image_root, **evaluate, **larger_model))
     assert larger["stage_window_sizes"] == [8, 8, 4] and larger["pretrained_window_sizes"] == [4, 4, 2]
     assert json.loads((tmp_path / "e64" / "evaluation.json").read_text())["img_size"] == 64
 
 
 def test_resume_refuses_a_different_model(tmp_path, image_root):
-    run_finetune(config(tmp_path, image_root, run=dict(max_steps=1)))
+    run_finetune(tiny_finetune_config(tmp_path, image_root, run=dict(max_steps=1)))
     with pytest.raises(ValueError, match="model.window_size: 4 -> 2"):
-        run_finetune(config(tmp_path, image_root, model=dict(window_size=2)))
+        run_finetune(tiny_finetune_config(tmp_path, image_root, model=dict(window_size=2)))
 
 
 def _records(run_dir) -> list[dict]:
@@ -80,7 +54,7 @@ def _records(run_dir) -> list[dict]:
 
 def test_a_run_ended_by_max_steps_writes_the_final_evaluation(tmp_path, image_root):
     """run.max_steps ends a run normally: the whole set is scored, with the confusion matrix and final numbers."""
-    run_dir = run_finetune(config(tmp_path, image_root, schedule=dict(epochs=3), run=dict(max_steps=3)))
+    run_dir = run_finetune(tiny_finetune_config(tmp_path, image_root, schedule=dict(epochs=3), run=dict(max_steps=3)))
     final = [r for r in _records(run_dir) if "val_top1" in r][-1]
     assert final["step"] == 3 and final["val_num_images"] == 6
     assert (run_dir / "images" / "confusion_matrix.png").is_file()
@@ -89,7 +63,7 @@ def test_a_run_ended_by_max_steps_writes_the_final_evaluation(tmp_path, image_ro
 
 def test_evaluations_during_training_score_a_fixed_subset_and_the_end_scores_all(tmp_path, image_root, caplog):
     caplog.set_level(logging.INFO, logger="simmim_swin")
-    cfg = config(tmp_path, image_root, train=dict(eval_num_images=2))
+    cfg = tiny_finetune_config(tmp_path, image_root, train=dict(eval_num_images=2))
     run_dir = run_finetune(cfg)
     evaluated = {r["step"]: r["val_num_images"] for r in _records(run_dir) if "val_top1" in r}
     assert evaluated == {2: 2, 4: 6}  # the end of epoch 1 on the subset, the end of the run on all
@@ -100,10 +74,11 @@ def test_evaluations_during_training_score_a_fixed_subset_and_the_end_scores_all
 
 def test_eval_num_images_must_be_positive(tmp_path, image_root):
     with pytest.raises(ValueError, match="train.eval_num_images=0"):
-        run_finetune(config(tmp_path, image_root, train=dict(eval_num_images=0)))
+        run_finetune(tiny_finetune_config(tmp_path, image_root, train=dict(eval_num_images=0)))
 
 
-@pytest.mark.parametrize("at_step", [2, 4])  # an evaluation during training, the final one
+# an evaluation during training, the final one
+@pytest.mark.parametrize("at_step", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_a_stop_signal_during_an_evaluation_stops_at_the_next_batch_and_saves(tmp_path, image_root, at_step):
     """SIGTERM mid-evaluation: the evaluation ends at the next batch, not after the whole set; the step is saved."""
     import signal
@@ -125,7 +100,7 @@ def test_a_stop_signal_during_an_evaluation_stops_at_the_next_batch_and_saves(tm
 
         return real_classifier(*args, on_batch=count, **kwargs)
 
-    cfg = config(tmp_path, image_root, data=dict(eval_batch_size=1))
+    cfg = tiny_finetune_config(tmp_path, image_root, data=dict(eval_batch_size=1))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(finetune, "_evaluate", evaluate)
         patch.setattr(finetune, "evaluate_classifier", classifier_signalled_at_the_first_batch)

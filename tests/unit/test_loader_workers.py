@@ -77,6 +77,7 @@ def test_workers_die_with_a_main_process_killed_outright(tmp_path):
         _kill_all(workers)
 
 
+@pytest.mark.slow
 def test_an_uncaught_error_with_live_workers_still_ends_the_process(tmp_path):
     """The traceback keeps the loader alive until exit, where multiprocessing SIGTERMs its daemonic children (which
     ignore it) and waits for them: without ending them first the process would never exit."""
@@ -91,6 +92,7 @@ def test_an_uncaught_error_with_live_workers_still_ends_the_process(tmp_path):
         _kill_all(workers)
 
 
+@pytest.mark.slow
 def test_workers_ignore_a_stop_signal_sent_to_the_whole_group(tmp_path):
     """`timeout`, `scancel` and Slurm's time limit signal every process of the job: the workers stay for the save."""
     script = LOADER + "time.sleep(300)\n"
@@ -112,6 +114,7 @@ def test_workers_ignore_a_stop_signal_sent_to_the_whole_group(tmp_path):
         _kill_all(workers)
 
 
+@pytest.mark.slow
 def test_a_normal_exit_with_live_workers_is_quick_and_quiet(tmp_path):
     """Ending the workers at exit trips no error report (torch's SIGCHLD check would call a killed worker a failure)."""
     result = subprocess.run([sys.executable, "-c", LOADER], capture_output=True, text=True, cwd=tmp_path, timeout=120)

@@ -68,6 +68,7 @@ def test_global_rng_without_generator() -> None:
     assert torch.equal(a, b)
 
 
+@pytest.mark.slow  # many draws: seconds
 def test_patches_chosen_uniformly() -> None:
     """Each of the 36 mask patches is masked with frequency 22/36 over many draws (uniform, no replacement)."""
     gen = MaskGenerator(192, 32, 4, 0.6)

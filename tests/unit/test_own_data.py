@@ -228,19 +228,20 @@ def _folder(root, names):
 def test_make_shards_refuses_duplicate_keys_before_writing_and_keeps_the_old_set(tmp_path, capsys):
     good = _folder(tmp_path / "good", ["a.png", "b.png", "c.png"])
     out = tmp_path / "shards"
-    tools_main(["make-shards", str(good), "--out", str(out), "--max-count", "2"])
+    # in this process (--workers 1): the decoding pool is test_shards' make-shards test
+    tools_main(["make-shards", str(good), "--out", str(out), "--max-count", "2", "--workers", "1"])
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert sorted(before) == ["train-000000.tar", "train-000001.tar", "train.json"]
     clash = _folder(tmp_path / "clash", ["x.png", "y.png"])
     (clash / "x.jpg").write_bytes((clash / "y.png").read_bytes())
     with pytest.raises(SystemExit) as exit_info:
-        tools_main(["make-shards", str(clash), "--out", str(out), "--overwrite"])
+        tools_main(["make-shards", str(clash), "--out", str(out), "--overwrite", "--workers", "1"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "x.jpg" in err and "x.png" in err and "nothing was written" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # byte-identical, no temporary left over
     # an existing set is refused without --overwrite; --overwrite replaces every file of it, stale shards too
     with pytest.raises(SystemExit):
-        tools_main(["make-shards", str(good), "--out", str(out)])
+        tools_main(["make-shards", str(good), "--out", str(out), "--workers", "1"])
     assert "--overwrite" in capsys.readouterr().err
     one = _folder(tmp_path / "one", ["only.png"])
     tools_main(["make-shards", str(one), "--out", str(out), "--overwrite"])
@@ -273,6 +274,7 @@ def test_multiband_members_round_trip_and_a_malformed_index_names_its_file(tmp_p
 # ---------------------------------------------------------------------------------------- check-data and stats
 
 
+@pytest.mark.slow
 def test_check_data_and_stats_tools(tmp_path, capsys, monkeypatch):
     root = tmp_path / "tiles"
     root.mkdir()
@@ -287,7 +289,7 @@ def test_check_data_and_stats_tools(tmp_path, capsys, monkeypatch):
     assert exit_info.value.code == 1
     assert "5 readable images" in out and "TIFF 4 bands 16-bit int" in out and "t0.tif" in out
 
-    tools_main(["stats", str(root), "--in-chans", "4", "--workers", "2"])
+    tools_main(["stats", str(root), "--in-chans", "4", "--workers", "1"])  # check-data above used the pool
     out = capsys.readouterr().out
     line = [ln.strip() for ln in out.splitlines() if ln.strip().startswith("data.mean=")][0]
     mean = json.loads(line.split()[0].split("=", 1)[1])

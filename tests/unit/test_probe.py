@@ -6,10 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf, open_dict
+from cli_helpers import compose_config
 
-from simmim_swin.cli.common import CONF_DIR, build_config
 from simmim_swin.config import ConfigError, PretrainConfig, ProbeConfig, from_dict, validate_pretrain
 from simmim_swin.distributed import DistInfo
 from simmim_swin.models import build_simmim
@@ -84,18 +82,9 @@ def test_probe_set_errors_name_the_fix(tmp_path: Path) -> None:
         build_probe_set(ProbeConfig(source="folder", root=str(tmp_path)), 32, torch.device("cpu"), DistInfo())
 
 
-def _compose(*overrides: str) -> PretrainConfig:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="pretrain", overrides=list(overrides), return_hydra_config=True)
-    choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return build_config(PretrainConfig, cfg, choices, preset_group="experiment")
-
-
 def test_probe_preset_composes_and_validates() -> None:
-    assert _compose().probe == ProbeConfig()  # off by default
-    config = _compose("experiment=quickstart", "probe=fashion_mnist", "probe.every=60")
+    assert compose_config("pretrain").probe == ProbeConfig()  # off by default
+    config = compose_config("pretrain", "experiment=quickstart", "probe=fashion_mnist", "probe.every=60")
     validate_pretrain(config)
     assert config.probe.enabled and config.probe.source == "fashion_mnist" and config.probe.every == 60
     assert (config.probe.k, config.probe.temperature) == (20, 0.07)

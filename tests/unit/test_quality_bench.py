@@ -134,6 +134,7 @@ def test_summary_pairs_each_cell_with_the_scratch_runs_of_its_label_count(qualit
     assert times["scratch"] == {"runs": 4, "wall_s": 40.0, "cpu_s": 32.0}
 
 
+@pytest.mark.slow
 def test_one_command_on_a_class_folder_runs_resumes_and_refuses_other_settings(quality, tmp_path, capsys) -> None:
     write_class_folder(tmp_path / "data" / "train", per_class=12)
     write_class_folder(tmp_path / "data" / "val", per_class=4)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from builders import PatchedWrites
 
 from simmim_swin.config import ConfigError
 from simmim_swin.run import LOCK_FILE, RunLock, RunLockedError, check_same_settings, remove_stale_temporaries
@@ -60,30 +61,17 @@ def test_lock_of_another_host_is_taken_over_only_without_a_heartbeat(tmp_path):
         RunLock(tmp_path, stale_after_s=60).acquire()
 
 
-class _SlowWrites:
-    """A text file whose writes take a while, as on a busy network file system."""
-
-    def __init__(self, file) -> None:
-        self.file = file
-
-    def write(self, text: str) -> int:
-        time.sleep(0.05)
-        return self.file.write(text)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.file.close()
-
-    def __getattr__(self, name: str):
-        return getattr(self.file, name)
+def _slow_write(file, text: str) -> int:
+    """A write that takes a while, as on a busy network file system."""
+    time.sleep(0.05)
+    return file.write(text)
 
 
 def _contend(run_dir: Path, go, results, release) -> None:
     """One of many processes starting the same run at once: report whether it got the lock, hold it until told."""
     real_fdopen = os.fdopen
-    os.fdopen = lambda *args, **kwargs: _SlowWrites(real_fdopen(*args, **kwargs))  # this child process only
+    # this child process only
+    os.fdopen = lambda *args, **kwargs: PatchedWrites(real_fdopen(*args, **kwargs), _slow_write)
     go.wait()
     try:
         lock = RunLock(run_dir, 600)

@@ -8,12 +8,11 @@ import logging
 import os
 import shutil
 import signal
-import stat
-import sys
 from pathlib import Path
 
 import pytest
-import torch
+from builders import PatchedWrites
+from builders import fake_scontrol as write_fake_scontrol
 
 import simmim_swin.files
 import simmim_swin.pretrain
@@ -24,15 +23,6 @@ from simmim_swin.distributed import requeue_slurm_job
 from simmim_swin.pretrain import run_pretrain
 from simmim_swin.progress import command_logging
 from simmim_swin.run import RunDirectoryGone
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread, as the command line gives a CPU run on a small machine (no busy-waiting threads)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def settings(tmp_path: Path, **run) -> PretrainConfig:
@@ -49,23 +39,9 @@ def settings(tmp_path: Path, **run) -> PretrainConfig:
     )
 
 
-class _FullDisk:
-    """A temporary file on a disk that is full: every write fails with ENOSPC."""
-
-    def __init__(self, file) -> None:
-        self.file = file
-
-    def write(self, data: bytes) -> int:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.file.close()
-
-    def __getattr__(self, name: str):
-        return getattr(self.file, name)
+def _disk_full(file, data: bytes) -> int:
+    """A write to a disk that is full."""
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def test_a_full_disk_while_saving_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -77,7 +53,7 @@ def test_a_full_disk_while_saving_names_the_file_and_keeps_the_previous_checkpoi
 
     def open_on_a_full_disk(fd: int):
         name = os.readlink(f"/proc/self/fd/{fd}")  # the temporary file: only checkpoints find the disk full
-        return _FullDisk(real_open(fd)) if Path(name).name.startswith(".step_") else real_open(fd)
+        return PatchedWrites(real_open(fd), _disk_full) if Path(name).name.startswith(".step_") else real_open(fd)
 
     monkeypatch.setattr(simmim_swin.files, "open_temporary", open_on_a_full_disk)
     with pytest.raises(OSError) as failure:
@@ -159,18 +135,7 @@ def test_debug_shows_the_traceback_and_keeps_the_exit_status(capsys, monkeypatch
 @pytest.fixture
 def fake_scontrol(tmp_path, monkeypatch):
     """An `scontrol` on PATH that records its arguments and reports the job state in $FAKE_JOB_STATE."""
-    bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol_calls"
-    bin_dir.mkdir()
-    script = bin_dir / "scontrol"
-    script.write_text(
-        f"#!{sys.executable}\n"
-        "import os, sys\n"
-        f"with open({str(calls)!r}, 'a') as f:\n"
-        "    f.write(' '.join(sys.argv[1:]) + '\\n')\n"
-        "if sys.argv[1:3] == ['show', 'job']:\n"
-        "    print(f\"JobId={sys.argv[-1]} JobName=simmim-swin JobState={os.environ['FAKE_JOB_STATE']} Reason=None\")\n"
-    )
-    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    bin_dir, calls = write_fake_scontrol(tmp_path)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setenv("FAKE_JOB_STATE", "RUNNING")

@@ -147,6 +147,7 @@ def test_fashion_mnist_shards_read_back_the_same_images_and_labels(tmp_path, cap
         assert int(sample["cls"]) == labels[i]
 
 
+@pytest.mark.slow
 def test_make_shards_tool_from_a_folder_and_user_errors(class_folder, tmp_path, capsys):
     root, _ = class_folder
     argv = ["make-shards", str(root), "--out", str(tmp_path / "s"), "--labels", "--max-count", "3"]

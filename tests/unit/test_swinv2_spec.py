@@ -638,6 +638,7 @@ def test_test_sizes_build(name, embed_dim, depths) -> None:
     assert model(torch.randn(1, 3, img, img)).shape == (1, 5)
 
 
+@pytest.mark.slow  # a full-size model: seconds
 def test_tiny_preset_matches_timm_parameter_count() -> None:
     timm = pytest.importorskip("timm")
     ours = create_swinv2("tiny", img_size=256, window_size=8)
@@ -645,6 +646,7 @@ def test_tiny_preset_matches_timm_parameter_count() -> None:
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())
 
 
+@pytest.mark.slow  # a full-size model: seconds
 def test_huge_adds_extra_norms() -> None:
     """reference §1: huge and giant add a LayerNorm on the main branch every 6 blocks (narrowed here to stay fast)."""
     kwargs = dict(img_size=64, embed_dim=22, window_size=4, num_classes=0)

@@ -1,9 +1,11 @@
-"""benchmarks/throughput.py in its smallest configuration on the CPU: the report has every row (no timing checks)."""
+"""benchmarks/throughput.py in its smallest configuration on the CPU, in this process: the report has every row (no
+timing checks)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,15 +22,23 @@ SMOKE_ARGS = [
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict:
-    """The JSON report of one smoke run of the real command line."""
+    """The JSON report of one smoke run of the command line (its main(), in this process)."""
     out = tmp_path_factory.mktemp("throughput") / "throughput.json"
-    cmd = [sys.executable, str(BENCH_DIR / "throughput.py"), *SMOKE_ARGS, "--out", str(out)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert "goal: CPU encoder fwd+bwd time" in result.stdout
+    threads, printed = torch.get_num_threads(), io.StringIO()  # --threads sets the process's thread count
+    sys.path.insert(0, str(BENCH_DIR))
+    try:
+        import throughput
+
+        with contextlib.redirect_stdout(printed):
+            throughput.main([*SMOKE_ARGS, "--out", str(out)])
+    finally:
+        sys.path.remove(str(BENCH_DIR))
+        torch.set_num_threads(threads)
+    assert "goal: CPU encoder fwd+bwd time" in printed.getvalue()
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_report_has_every_row(report: dict) -> None:
     """Every variant x phase at the main size, the step at the second size; hf present or skipped with a note."""
     have_hf = any(row["variant"] == "hf" for row in report["rows"])
@@ -49,6 +59,7 @@ def test_report_has_every_row(report: dict) -> None:
     assert report["goals"][0]["value"] > 0
 
 
+@pytest.mark.slow
 def test_baseline_shares_weights_and_loss(report: dict) -> None:
     """timm's encoder inside our SimMIM wrapper, loaded with our weights, gives our loss before any update."""
     for size in (64, 128):
@@ -57,6 +68,7 @@ def test_baseline_shares_weights_and_loss(report: dict) -> None:
         assert losses["timm"] == pytest.approx(losses["ours"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_flops_and_comparisons(report: dict) -> None:
     """FLOPs per image: step > encoder fwd+bwd > encoder fwd, the same for every variant; ratios against timm."""
     main = {(r["variant"], r["phase"]): r for r in report["rows"] if r["img_size"] == 64}

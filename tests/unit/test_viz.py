@@ -125,6 +125,7 @@ def test_confusion_matrix_counts() -> None:
         confusion_matrix(preds[:5], targets, 3)
 
 
+@pytest.mark.slow
 def test_save_confusion_matrix_png(tmp_path: Path) -> None:
     confusion = torch.tensor([[5, 1, 0], [0, 6, 0], [2, 0, 4]])
     path = save_confusion_matrix(confusion, ["cat", "dog", "bird"], tmp_path / "confusion.png")
