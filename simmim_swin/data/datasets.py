@@ -9,6 +9,7 @@ drops and counts. Webdataset shards stream through data/stream.py instead.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,8 @@ from simmim_swin.config import DataConfig
 from simmim_swin.data.fashion_mnist import FashionMNIST
 from simmim_swin.data.images import DEFAULT_MAX_IMAGE_PIXELS, BadSample, ImageSource, close_source, open_source
 from simmim_swin.data.transforms import ImageTransform, PretrainCrop
+
+log = logging.getLogger(__name__)
 
 # The colour photographs shipped inside the scikit-image wheel (skimage/data); none needs a download.
 PHOTO_FILES: tuple[str, ...] = (
@@ -223,6 +226,9 @@ def build_pretrain_dataset(data_cfg: DataConfig, img_size: int, mask_generator: 
         images: ImageCollection = FashionMNIST(str(data_cfg.split))
     else:
         images = ImageFiles(data_cfg.root, max_pixels=data_cfg.max_image_pixels)
+        unread = unread_files(data_cfg.root)
+        if unread:  # a .gif or a .txt beside the images is left out: say so rather than skip it silently
+            log.info(f"note: {describe_unread(unread)}")
     dataset = MaskedImages(images, transform, mask_generator)
     return dataset if data_cfg.num_images is None else ImageSubset(dataset, data_cfg.num_images)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import logging
 import math
 from pathlib import Path
 
@@ -205,11 +206,13 @@ def test_image_folder_corrupt_file_is_a_bad_sample_naming_the_file(tmp_path, mas
     assert isinstance(bad, BadSample) and bad.path.endswith("broken.jpg") and "UnidentifiedImageError" in bad.reason
 
 
-def test_build_pretrain_dataset_sources(image_folder, mask_generator: MaskGenerator) -> None:
+def test_build_pretrain_dataset_sources(image_folder, mask_generator: MaskGenerator, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="simmim_swin")
     photos = build_pretrain_dataset(DataConfig(source="photos", samples_per_epoch=20), IMG, mask_generator)
     assert isinstance(photos, MaskedImages) and photos.num_images == len(PHOTO_FILES) and len(photos) == 20
     folder = build_pretrain_dataset(DataConfig(source="folder", root=str(image_folder)), IMG, mask_generator)
     assert isinstance(folder.images, ImageFiles) and len(folder) == 4
+    assert "1 file not read (extensions .txt: 1), e.g. " in caplog.text  # notes.txt is named, not skipped silently
     assert folder[0][0].shape == (3, IMG, IMG)
     # an unknown data.source and source=folder without data.root are refused at the door: test_validate.py
 
