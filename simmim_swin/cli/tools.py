@@ -46,9 +46,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point."""
+    from PIL import Image
+
     args = parse_args(argv)
-    with command_logging(messages=sys.stderr), command_errors():  # stdout: the tools' results
-        args.func(args)
+    pixel_limit = Image.MAX_IMAGE_PIXELS  # a tool's --max-image-pixels sets PIL's process-wide limit: only for it
+    try:
+        with command_logging(messages=sys.stderr), command_errors():  # stdout: the tools' results
+            args.func(args)
+    finally:
+        Image.MAX_IMAGE_PIXELS = pixel_limit
 
 
 if __name__ == "__main__":

@@ -104,9 +104,9 @@ def open_source(
             return array
         if isinstance(stream, io.BytesIO):
             stream.seek(0)
-    # PIL checks its process-wide limit when it opens a file: set for this open only, so that a tool's limit (say
-    # make-shards --max-image-pixels) never outlives its call
-    previous_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
+    # per process: DataLoader workers that are spawned read it here too. PIL checks it again when a transform crops
+    # the image (timm's RandomResizedCrop), so it stays set; a tool restores it when it returns (cli/tools.py)
+    Image.MAX_IMAGE_PIXELS = max_pixels
     with warnings.catch_warnings():
         # PIL only warns between its limit and twice it: here any image over the limit is refused
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -117,8 +117,6 @@ def open_source(
                 f"{name} has more pixels than data.max_image_pixels={max_pixels} (PIL: {e}) a guard against "
                 "decompression bombs; raise data.max_image_pixels if the image is genuine"
             ) from e
-        finally:
-            Image.MAX_IMAGE_PIXELS = previous_limit
     rawmode = img.tile[0][3] if img.format == "PNG" and img.tile else None
     if rawmode in _PNG16_DECODES:
         img.close()

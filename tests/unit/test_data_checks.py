@@ -181,7 +181,9 @@ def test_make_shards_decodes_before_packing_and_names_what_it_skips(tmp_path, ca
     np.save(root / "nan.npy", np.full((3, 24, 24), np.nan, dtype=np.float32))
     (root / "anim.gif").write_bytes(b"GIF89a")
     out = tmp_path / "shards"
+    pixel_limit = Image.MAX_IMAGE_PIXELS
     tools_main(["make-shards", str(root), "--out", str(out), "--max-image-pixels", "1000", "--workers", "1"])
+    assert pixel_limit == Image.MAX_IMAGE_PIXELS  # PIL's process-wide limit is the tool's only while it runs
     captured = capsys.readouterr()
     index = json.loads((out / "train.json").read_text())
     assert index["total"] == 2 and "(3 unreadable files skipped)" in captured.out
