@@ -15,6 +15,7 @@ import math
 import numbers
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -164,6 +165,13 @@ class _Terminal(logging.StreamHandler):
             self.handleError(record)
 
 
+class _Lines(logging.Formatter):
+    """The message alone, without the newline a captured warning ends with (a handler adds its own)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).rstrip("\n")
+
+
 @contextmanager
 def command_logging(log_file: Path | None = None, messages: TextIO | None = None) -> Iterator[None]:
     """Show the package's messages for one command as plain lines: on `messages` (default stdout; a tool whose
@@ -178,10 +186,14 @@ def command_logging(log_file: Path | None = None, messages: TextIO | None = None
     if log_file is not None and rank == 0:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
+    for handler in handlers:
+        handler.setFormatter(_Lines())
     # the package's messages and Python warnings (warnings.warn, through logging.captureWarnings); Hydra's job logging
     # puts a console and a file handler on the root logger: propagating there would repeat each line
     loggers = [logging.getLogger(PACKAGE_LOGGER), logging.getLogger("py.warnings")]
     saved = [(logger.level, logger.propagate) for logger in loggers]
+    # a host program's own captureWarnings(True) stays on after the command (logging offers no getter of the state)
+    capturing = warnings.showwarning is logging._showwarning
     logging.captureWarnings(True)
     for logger in loggers:
         logger.setLevel(logging.INFO)
@@ -191,7 +203,7 @@ def command_logging(log_file: Path | None = None, messages: TextIO | None = None
     try:
         yield
     finally:
-        logging.captureWarnings(False)
+        logging.captureWarnings(capturing)
         for logger, (level, propagate) in zip(loggers, saved):
             for handler in handlers:
                 logger.removeHandler(handler)

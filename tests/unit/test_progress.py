@@ -158,3 +158,20 @@ def test_python_warnings_during_a_command_reach_stderr_and_the_run_log(tmp_path,
     assert "UserWarning: taking over the lock run.lock: process 1 is gone" in capsys.readouterr().err
     assert "UserWarning: taking over the lock run.lock: process 1 is gone" in log_file.read_text()
     assert warnings.showwarning is before  # logging.captureWarnings undone
+
+
+def test_a_captured_warning_is_one_line_and_a_hosts_own_capture_stays_on(tmp_path, capsys):
+    with command_logging(log_file=tmp_path / "x.log"):
+        warnings.warn("careful", UserWarning, stacklevel=1)
+    err = capsys.readouterr().err
+    assert "careful" in err and not err.endswith("\n\n"), repr(err)  # warnings' own newline is not doubled
+    text = (tmp_path / "x.log").read_text()
+    assert "careful" in text and "\n\n" not in text, repr(text)
+    assert warnings.showwarning is not logging._showwarning  # off again after the command
+    logging.captureWarnings(True)  # a notebook or a host program that captures warnings itself
+    try:
+        with command_logging():
+            pass
+        assert warnings.showwarning is logging._showwarning
+    finally:
+        logging.captureWarnings(False)
