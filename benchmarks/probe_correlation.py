@@ -36,6 +36,7 @@ from simmim_swin.engine import evaluate_reconstruction
 from simmim_swin.masking import MaskGenerator
 from simmim_swin.models import build_simmim
 from simmim_swin.pretrain import run_pretrain
+from simmim_swin.progress import command_logging
 
 FMNIST_TRAIN_IMAGES = 60000  # one pretraining epoch
 
@@ -176,4 +177,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with command_logging():  # the runs' messages and progress lines, as the commands show them
+        main()

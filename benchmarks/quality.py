@@ -82,6 +82,7 @@ from simmim_swin.finetune import frozen_features, run_finetune
 from simmim_swin.models import build_simmim
 from simmim_swin.pretrain import run_pretrain
 from simmim_swin.probe import build_probe_set, fit_logistic_regression, knn_top1, run_probe
+from simmim_swin.progress import command_logging
 from simmim_swin.transfer import build_classifier, load_pretrained, resolve_model_config
 
 VARIANTS = ("pretrained", "scratch", "reinit_cpb")
@@ -864,4 +865,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with command_logging():  # the runs' messages and progress lines, as the commands show them
+        main()

@@ -40,6 +40,7 @@ from simmim_swin.files import atomic_write
 from simmim_swin.models.simmim import build_encoder
 from simmim_swin.models.swinv2 import SwinTransformerV2
 from simmim_swin.pretrain import run_pretrain
+from simmim_swin.progress import command_logging
 from simmim_swin.transfer import load_encoder_weights, load_pretrained
 
 NUM_CLASSES = 11  # background + the 10 Fashion-MNIST classes
@@ -341,4 +342,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with command_logging():  # the runs' messages and progress lines, as the commands show them
+        main()
