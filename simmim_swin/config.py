@@ -62,6 +62,7 @@ WeightFormat = _choices("WeightFormat", "auto simmim reference timm hf")  # init
 HeadInit = _choices("HeadInit", "random linear_probe")  # train.head_init
 MixupMode = _choices("MixupMode", "batch pair elem")  # augment.mixup_mode (timm's Mixup)
 EraseMode = _choices("EraseMode", "const rand pixel")  # augment.remode: the fill of timm's random erasing
+Interpolation = _choices("Interpolation", "bicubic bilinear nearest box hamming lanczos")  # augment.interpolation (PIL)
 
 
 @dataclass
@@ -401,7 +402,7 @@ class AugmentConfig:
 
     rand_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm auto_augment string
     color_jitter: float = 0.4  # colour jitter strength
-    interpolation: str = "bicubic"  # resize interpolation
+    interpolation: Interpolation = Interpolation.bicubic  # resize interpolation of training and evaluation
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
     crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # RandomResizedCrop aspect range
     hflip: float = 0.5  # probability of a horizontal flip
@@ -587,6 +588,9 @@ def validate_pretrain(config: PretrainConfig) -> None:
     check_optim(config.optim)
     _validate_pretrain_data(config)
     _validate_probe(config.probe)
+    window = mask_cfg.norm_target_window
+    if mask_cfg.norm_target and (window < 3 or window % 2 == 0):
+        raise ConfigError(f"mask.norm_target_window={window} must be odd and >= 3 (47 in SwinV2)")
     try:
         MaskGenerator(
             input_size=model_cfg.img_size,
@@ -685,6 +689,7 @@ def validate_finetune(config: FinetuneConfig) -> None:
         return
     if len(augment.crop_scale) != 2 or not 0.0 < augment.crop_scale[0] <= augment.crop_scale[1] <= 1.0:
         raise ConfigError(f"augment.crop_scale={augment.crop_scale} must be [min, max] with 0 < min <= max <= 1")
+    check_auto_augment(augment.rand_augment)
     mixing = (augment.mixup > 0 or augment.cutmix > 0) and augment.mixup_prob > 0
     if mixing and data.batch_size % 2:
         raise ConfigError(f"mixup / cutmix pair images within a batch: data.batch_size={data.batch_size} must be even")
@@ -705,6 +710,24 @@ def validate_finetune(config: FinetuneConfig) -> None:
         raise ConfigError(
             "train.ema=true does not work with run.parallel=fsdp; use run.parallel=ddp or train.ema=false"
         )
+
+
+def check_auto_augment(policy: str | None) -> None:
+    """augment.rand_augment: a policy string timm's transform factory parses (rand-..., augmix-..., original, v0 ...).
+
+    timm is imported here, when a run is validated: its parser is the only full definition of the strings.
+    """
+    if not policy:
+        return
+    from timm.data import create_transform
+
+    try:
+        create_transform(32, is_training=True, auto_augment=str(policy))
+    except (AssertionError, KeyError, ValueError, IndexError) as e:
+        raise ConfigError(
+            f"augment.rand_augment={policy!r} is not a timm augmentation policy ({type(e).__name__}: {e}); "
+            "e.g. rand-m9-mstd0.5-inc1, augmix-m5-w3, original, or null for none"
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ def build_train_transform(img_size: int, augment: AugmentConfig) -> ImageTransfo
         hflip=augment.hflip,
         color_jitter=augment.color_jitter,
         auto_augment=augment.rand_augment or None,
-        interpolation=augment.interpolation,
+        interpolation=str(augment.interpolation),
         re_prob=augment.reprob,
         re_mode=augment.remode,
         re_count=augment.recount,
@@ -233,7 +233,7 @@ def _eval_transform(data_cfg: FinetuneDataConfig, img_size: int, interpolation: 
     """Resize + centre crop, normalised floats: timm's for 8-bit RGB, our own view for raw values."""
     if keeps_raw_values(data_cfg, in_chans):  # normalised here, so that evaluation takes these floats as they are
         return Compose([EvalView(img_size, in_chans, data_cfg.crop_pct), Normalizer(data_cfg.mean, data_cfg.std)])
-    return build_eval_transform(img_size, crop_pct=data_cfg.crop_pct, interpolation=interpolation)
+    return build_eval_transform(img_size, crop_pct=data_cfg.crop_pct, interpolation=str(interpolation))
 
 
 def build_train_dataset(

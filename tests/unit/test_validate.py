@@ -70,6 +70,7 @@ def test_defaults_and_small_model_pass():
         ({"data": {"max_bad_fraction": 1.5}}, r"data.max_bad_fraction=1.5 must lie in \[0, 1\]"),
         ({"mask": {"mask_patch_size": 6}}, "mask: .*mask_patch_size=6"),
         ({"mask": {"mask_ratio": 1.5}}, "mask: .*mask_ratio=1.5"),
+        ({"mask": {"norm_target_window": 4}}, "mask.norm_target_window=4 must be odd and >= 3"),
         ({"mask": {"mask_patch_size": 64}}, "mask: "),
         # the lr schedule and AdamW (checked here, not when the scheduler / optimizer is built)
         ({"schedule": {"epochs": 10, "warmup_epochs": 11}}, r"schedule.warmup_epochs=11 must lie in \[0, "),
@@ -109,6 +110,7 @@ def test_validate_pretrain_names_the_key(sections, message):
         ({"data": {"crop_pct": 1.5}}, r"data.crop_pct=1.5 must lie in \(0, 1\]"),
         ({"data": {"num_labelled": 0}}, "data.num_labelled=0"),
         ({"augment": {"crop_scale": [0.5, 1.5]}}, r"augment.crop_scale=\[0.5, 1.5\] must be \[min, max\]"),
+        ({"augment": {"rand_augment": "xyz"}}, "augment.rand_augment='xyz' is not a timm augmentation policy"),
         ({"schedule": {"epochs": 5, "warmup_epochs": 6}}, "schedule.warmup_epochs=6"),
         ({"optim": {"betas": [0.9, 0.99, 0.999]}}, "optim.betas"),
     ],
@@ -146,6 +148,7 @@ CHOICES = [
     (FinetuneConfig, "pretrained_format", "reference"),
     (FinetuneConfig, "augment.remode", "const"),
     (FinetuneConfig, "augment.mixup_mode", "elem"),
+    (FinetuneConfig, "augment.interpolation", "bilinear"),
     (FinetuneConfig, "train.head_init", "linear_probe"),
 ]
 
