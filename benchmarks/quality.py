@@ -434,14 +434,16 @@ def run_once(config: PretrainConfig | FinetuneConfig, train: Any, summarise_run:
     record_file, settings = run_dir / RECORD, to_dict(config)
     if record_file.is_file():
         record = json.loads(record_file.read_text())
-        if record["config"] != settings:
-            changed = [
-                f"{section}.{key}: {old.get(key)!r} -> {new.get(key)!r}"
-                for section, new in settings.items()
-                if isinstance(new, dict) and isinstance(old := record["config"].get(section, {}), dict)
-                for key in sorted(set(old) | set(new))
-                if old.get(key) != new.get(key)
-            ]  # fmt: skip
+        # a key only the record has is a setting the package has dropped since (probe.linear_steps): not a change
+        changed = [
+            f"{section}.{key}: {old.get(key)!r} -> {new.get(key)!r}"
+            for section, new in settings.items()
+            if isinstance(new, dict) and isinstance(old := record["config"].get(section, {}), dict)
+            for key in sorted(new)
+            if old.get(key) != new.get(key)
+        ] + [f"{key}: {record['config'].get(key)!r} -> {value!r}" for key, value in settings.items()
+             if not isinstance(value, dict) and record["config"].get(key) != value]  # fmt: skip
+        if changed:
             raise SystemExit(
                 f"{run_dir} holds a finished run with other settings than this command's ({', '.join(changed[:5])}); "
                 "use another --out or --tag (or delete that run folder)"

@@ -43,7 +43,7 @@ import torch
 from baselines import VARIANTS, build_reference, build_variant, encoder_fn, skip_reason
 from flops import default_peak_tflops, environment, flops_at_batch, mfu, profile_steps, state_bytes, time_calls
 
-from simmim_swin.config import OptimConfig
+from simmim_swin.config import ConfigError, OptimConfig, check_device
 from simmim_swin.engine import train_step
 from simmim_swin.masking import MaskGenerator
 from simmim_swin.models import SWINV2_SIZES, SimMIM
@@ -329,7 +329,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     env = parser.add_argument_group("device and timing")
     env.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
-    env.add_argument("--precision", default="auto", help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16")
+    env.add_argument(
+        "--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+        help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16, fp16",
+    )  # fmt: skip
     env.add_argument("--warmup", type=int, default=3, help="untimed calls per variant and phase first (3)")
     env.add_argument("--repeats", type=int, default=10, help="timed calls per variant and phase per round (10)")
     env.add_argument("--rounds", type=int, default=2, help="rounds over all variants, interleaved A B A B (2)")
@@ -369,6 +372,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        check_device(args.device, "--device")
+    except ConfigError as e:
+        raise SystemExit(f"throughput.py: error: {e}") from None
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     if args.peak_tflops is None:

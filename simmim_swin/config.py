@@ -467,10 +467,15 @@ def check_types(config: Any) -> None:
     from_dict(type(config), to_dict(config))
 
 
+def check_device(name: str, key: str = "run.device") -> None:
+    """A device name: auto, cpu, cuda or cuda:N (whether CUDA is there is checked when the run starts)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        raise ConfigError(f"{key}={name!r} is unknown; use auto, cpu, cuda or cuda:N")
+
+
 def check_run_config(run: RunConfig) -> None:
     """Reject run settings that cannot work (shared by pretraining and fine-tuning)."""
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", run.device):
-        raise ConfigError(f"run.device={run.device!r} is unknown; use auto, cpu, cuda or cuda:N")
+    check_device(run.device)
 
 
 def check_schedule(schedule: ScheduleConfig) -> None:
