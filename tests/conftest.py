@@ -58,6 +58,17 @@ def _root_logging():
     logging.root.setLevel(level)
 
 
+@pytest.fixture(autouse=True)
+def _pil_pixel_limit() -> Iterator[None]:
+    """Reading an image sets PIL's process-wide pixel limit to the caller's max_pixels (loader workers and timm's
+    crops read it there): put it back, so a test's small limit never refuses the next test's images."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    yield
+    Image.MAX_IMAGE_PIXELS = limit
+
+
 @pytest.fixture
 def tiny_encoder() -> Callable[..., nn.Module]:
     """Factory: a tiny SwinTransformerV2 in eval mode; keyword arguments override TINY_ENCODER_KWARGS."""
