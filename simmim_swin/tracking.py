@@ -254,11 +254,16 @@ class MetricsLogger:
         import wandb
 
         payload = {}
-        for key, png_path in images.items():
-            # uint8 pixels: wandb renders a float array in [0, 1] as black.
-            with Image.open(png_path) as image:
-                pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)  # H, W, 3
-            payload[key] = wandb.Image(pixels, caption=Path(png_path).name)
+        # the run's own PNGs: the pixel limit the data set on PIL (data.max_image_pixels, process-wide) is not for them
+        pixel_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            for key, png_path in images.items():
+                # uint8 pixels: wandb renders a float array in [0, 1] as black.
+                with Image.open(png_path) as image:
+                    pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)  # H, W, 3
+                payload[key] = wandb.Image(pixels, caption=Path(png_path).name)
+        finally:
+            Image.MAX_IMAGE_PIXELS = pixel_limit
         self._wandb_run.log(payload, step=int(step))
 
     def log_image(self, step: int, key: str, png_path: str | Path) -> None:

@@ -91,7 +91,9 @@ def test_wandb_offline_run(tmp_path: Path, wandb_env: None) -> None:
     assert run_id and (run_dir / "wandb_run_id").read_text() == run_id
     for step in range(3):
         logger.log(step, {"loss": 1.0 / (step + 1), "lr": 1e-3})
-    logger.log_image(2, "reconstruction", png)
+    Image.MAX_IMAGE_PIXELS = 20  # a run's tiny data.max_image_pixels (PIL's limit is process-wide) ...
+    logger.log_image(2, "reconstruction", png)  # ... does not refuse the run's own 64-pixel panel
+    assert Image.MAX_IMAGE_PIXELS == 20
     logger.close()
     run_folders = list((run_dir / "wandb").glob(f"*run-*-{run_id}"))
     assert len(run_folders) == 1 and (run_folders[0] / f"run-{run_id}.wandb").is_file()
