@@ -294,6 +294,7 @@ def read_tensor(
 
 
 def close_source(source: ImageSource) -> None:
-    """Close a PIL image's file; arrays need nothing."""
-    if isinstance(source, Image.Image):
+    """Close the file a PIL image still holds (one whose decoding failed, or that was never decoded); a decoded or
+    in-memory image holds none, and is left usable (ImageList lends its images without copying them)."""
+    if isinstance(source, Image.Image) and getattr(source, "fp", None) is not None:
         source.close()

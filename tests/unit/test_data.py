@@ -147,6 +147,7 @@ def test_photo_crops_are_distinct_with_masks_of_the_right_shape(photos: MaskedIm
     assert photos.num_images == len(PHOTO_FILES) and len(photos) == 36
     first = photos.load_image(0)
     assert first.mode == "RGB" and min(first.size) >= 256  # a real photograph, not a thumbnail
+    assert photos.load_image(0) is first  # lent, not copied per sample
     torch.manual_seed(0)
     samples = [photos[i] for i in range(2 * photos.num_images)]
     images = torch.stack([s[0] for s in samples])
@@ -418,3 +419,16 @@ def test_map_style_run_data_gives_whole_steps_per_epoch_and_resumes_exactly(mask
     for expected in full[6:]:
         got = next(resumed)
         assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_close_source_closes_a_lazily_opened_file_and_leaves_in_memory_images_usable(tmp_path) -> None:
+    from simmim_swin.data.images import close_source
+
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "a.png")
+    lazy = Image.open(tmp_path / "a.png")  # not decoded yet: holds its file
+    fp = lazy.fp
+    close_source(lazy)
+    assert fp.closed
+    in_memory = Image.new("RGB", (8, 8), (4, 5, 6))
+    close_source(in_memory)
+    assert in_memory.getpixel((0, 0)) == (4, 5, 6)  # still usable: an ImageList's images are shared
