@@ -104,6 +104,7 @@ def _train(
         in_chans=config.model.in_chans,
     )  # fmt: skip
     normalize = Normalizer(config.data.mean, config.data.std)  # raw units -> model input, on the device
+    loss_fn = partial(masked_pixel_loss, normalize=normalize)
     run, lr, optimizer_step = start_training(
         config, model, info, stop, device, precision, data.steps_per_epoch,
         extra_meta=lambda step: {"stage_window_sizes": model.encoder.stage_window_sizes},
@@ -125,7 +126,7 @@ def _train(
         # the data position is the step: map-style sources skip to it exactly, shards draw a new order from it
         batches = data.batches(run.step)
         while run.step < run.stop_step:
-            step, grad_norm = optimizer_step(batches, partial(masked_pixel_loss, normalize=normalize))
+            step, grad_norm = optimizer_step(batches, loss_fn)
 
             metrics = {}
             if run.log_due():
