@@ -1,19 +1,6 @@
-"""Swin Transformer V2 (Liu et al., 2021, arXiv 2111.09883) as subclasses of timm's `SwinTransformerV2`.
-
-timm (>= 1.0.31) computes the paper's function: res-post-norm blocks, scaled cosine attention, the log-spaced
-continuous position bias (CPB, finite at a 1x1 window), V2 patch merging, the init. Its parameter names are ours, so
-timm weights load directly. What the subclasses add:
-
-- the SimMIM mask token, put in place of masked tokens after the patch-embedding norm;
-- a fused attention path (`scaled_dot_product_attention`, the CPB bias + shift mask as a float mask) beside the
-  eager one;
-- the reference's window clipping (a stage whose shorter side fits in the window attends over square windows of that
-  side, unshifted, on both axes; timm clips each axis on its own and keeps shifting the longer one);
-- any input size divisible by patch_size * 2**(stages-1): windows are clipped and shift masks built for the actual
-  feature maps, once per size (timm pads to the built windows instead);
-- the optional absolute position embedding (`ape`) and the extra LayerNorm every 6 blocks of huge and giant;
-- the optimizer hooks: layer ids for layer-wise lr decay, the mask token and position embedding without weight decay.
-"""
+"""Swin Transformer V2 (Liu et al., 2021, arXiv 2111.09883) as subclasses of timm's, which computes the paper's
+function under our parameter names. Added: the SimMIM mask token, a fused SDPA attention path, the reference's window
+clipping at any input size, the absolute position embedding, the huge / giant extra norms, the optimizer hooks."""
 
 from __future__ import annotations
 
@@ -49,10 +36,7 @@ SHIFT_MASK_VALUE = -100.0
 def make_relative_coords_table(
     window_size: tuple[int, int], pretrained_window_size: tuple[int, int] = (0, 0)
 ) -> torch.Tensor:
-    """Log-spaced relative offsets fed to the CPB MLP, shape (2Wh-1, 2Ww-1, 2) in 'ij' order: timm's table.
-
-    Offsets are normalised by the *pretrained* window when one is given, else by the window itself.
-    """
+    """timm's log-spaced CPB input table (2Wh-1, 2Ww-1, 2), offsets normalised by the pretrained window if given."""
     norm = pretrained_window_size if pretrained_window_size[0] > 0 else window_size
     # timm's function divides by (n - 1), 0 / 0 for a 1x1 window; its modules divide by max(n - 1, 1), which n = 2 gives
     norm = tuple(max(int(n), 2) for n in norm)
@@ -62,11 +46,8 @@ def make_relative_coords_table(
 def make_shift_attn_mask(
     feat_size: tuple[int, int], window_size: tuple[int, int], shift_size: tuple[int, int], device: Any = None
 ) -> torch.Tensor:
-    """Additive mask for shifted windows, shape (nW, Wh*Ww, Wh*Ww): 0 within an image region, -100 across regions.
-
-    Kept here rather than timm's `get_attn_mask`, which is a block method tied to the block's built window: inputs
-    of other sizes need masks for other windows, and one function serves both.
-    """
+    """Additive mask for shifted windows, shape (nW, Wh*Ww, Wh*Ww): 0 within an image region, -100 across regions."""
+    # timm's get_attn_mask is tied to the block's built window; inputs of other sizes need masks for other windows
     (H, W), (wh, ww), (sh, sw) = feat_size, window_size, shift_size
     region = torch.zeros(1, H, W, 1, device=device)
     label = 0
@@ -83,11 +64,9 @@ def make_shift_attn_mask(
 def clip_window(
     feat_size: tuple[int, int], window_size: tuple[int, int], shifted: bool
 ) -> tuple[tuple[int, int], tuple[int, int]]:
-    """The (window, shift) of a block on a feature map of `feat_size`, clipped as the reference clips.
-
-    Once the map's shorter side is no larger than the window, the stage attends over square windows of that side
-    and does not shift; the pretrained window size is left as it was.
-    """
+    """The (window, shift) of a block on a feature map of `feat_size`, clipped as the reference clips."""
+    # once the shorter side fits in the window: square windows of that side, unshifted, on both axes (timm clips each
+    # axis on its own and keeps shifting the longer one); the pretrained window size is left as it was
     side = min(feat_size)
     if side <= max(window_size):
         window, shift = (side, side), (0, 0)
@@ -102,8 +81,7 @@ def clip_window(
 
 
 def check_divisible_size(size: int | Sequence[int], patch_size: int, num_stages: int, name: str = "input_size") -> None:
-    """Raise ValueError unless both sides of `size` divide by patch_size * 2**(num_stages - 1) (the last stage's
-    stride), naming `name` and the nearest size that fits; the model, its inputs and the configs share this check."""
+    """Raise ValueError, naming `name` and the nearest fit, unless `size` divides by the last stage's stride."""
     reduction = patch_size * 2 ** (num_stages - 1)
     sides = (size, size) if isinstance(size, int) else tuple(size)
     if sides[0] % reduction or sides[1] % reduction:
@@ -120,13 +98,7 @@ def check_divisible_size(size: int | Sequence[int], patch_size: int, num_stages:
 
 
 class WindowAttention(timm_swinv2.WindowAttention):
-    """timm's cosine window attention with the CPB, plus a fused path and windows other than the built one.
-
-    Two paths compute the same function: timm's eager matmuls, or `scaled_dot_product_attention` with the logit
-    scale folded into the normalised queries and the bias (+ shift mask) as a float mask. The bias needs gradients,
-    so SDPA's flash backend is out; its memory-efficient and cuDNN backends accept it. On the CPU masked SDPA is
-    slower than eager.
-    """
+    """timm's cosine window attention with the CPB, plus a fused SDPA path and windows other than the built one."""
 
     def __init__(
         self, dim: int, window_size: tuple[int, int], num_heads: int, fused_attn: bool = False, **kwargs: Any
@@ -139,7 +111,6 @@ class WindowAttention(timm_swinv2.WindowAttention):
         self._other_tables: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _tables(self, window_size: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The coords table and position index of `window_size`: the buffers for the built window, else cached."""
         if window_size == self.window_size:
             return self.relative_coords_table, self.relative_position_index
         tables = self._other_tables.get(window_size)
@@ -161,10 +132,7 @@ class WindowAttention(timm_swinv2.WindowAttention):
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None = None, window_size: tuple[int, int] | None = None
     ) -> torch.Tensor:
-        """x: (B*nW, N, C); mask: (nW, N, N) additive shift mask or None; window_size: the windows' size when it
-        is not the built one (the model run at another input size). Returns (B*nW, N, C)."""
-        if not self.fused_attn and window_size in (None, self.window_size):
-            return super().forward(x, mask)
+        """x (B*nW, N, C), shift mask (nW, N, N) or None, the windows' size if not the built one -> (B*nW, N, C)."""
         B_, N, C = x.shape
         qkv_bias = None if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
         qkv = F.linear(x, self.qkv.weight, qkv_bias)
@@ -172,18 +140,18 @@ class WindowAttention(timm_swinv2.WindowAttention):
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         logit_scale = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()  # heads, 1, 1
         bias = self.position_bias(window_size)  # heads, N, N
-        if not self.fused_attn:  # timm's eager path, at another window
+        if not self.fused_attn:  # timm's eager path (on the CPU masked SDPA is slower)
             attn = (q @ k.transpose(-2, -1)) * logit_scale + bias.unsqueeze(0)  # B*nW, heads, N, N
             if mask is not None:
                 attn = attn.view(-1, mask.shape[0], self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
             out = self.attn_drop(attn.view(-1, self.num_heads, N, N).softmax(dim=-1)) @ v  # B*nW, heads, N, d
         else:
+            # the bias needs gradients, so SDPA's flash backend is out; the memory-efficient and cuDNN ones accept it
             q = q * logit_scale  # cosine logits scaled per head; SDPA then uses scale 1
             heads = self.num_heads
             attn_mask = bias.unsqueeze(0)  # 1, heads, N, N broadcast over windows
             if mask is not None:
-                # fold windows into the head axis so one (nW*heads, N, N) mask broadcasts over the batch
-                # instead of being repeated B times
+                # fold windows into heads: one (nW*heads, N, N) mask broadcasts over the batch, not repeated B times
                 heads = mask.shape[0] * self.num_heads
                 attn_mask = (attn_mask + mask.unsqueeze(1)).reshape(1, heads, N, N)
                 q, k, v = (t.reshape(-1, heads, N, t.shape[-1]) for t in (q, k, v))  # B, nW*heads, N, d
@@ -198,29 +166,13 @@ class SwinTransformerV2Block(timm_swinv2.SwinTransformerV2Block):
     """timm's res-post-norm block with the reference's window clipping, the fused attention and any map size."""
 
     def __init__(
-        self,
-        dim: int,
-        input_resolution: tuple[int, int],
-        num_heads: int,
-        window_size: tuple[int, int],
-        shift_size: int | tuple[int, int] = 0,
-        pretrained_window_size: tuple[int, int] = (0, 0),
-        qkv_bias: bool = True,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-        fused_attn: bool = False,
-        **kwargs: Any,
+        self, dim: int, input_resolution: tuple[int, int], num_heads: int, fused_attn: bool = False, **kwargs: Any
     ) -> None:
-        attn_kwargs = dict(qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
-        pretrained_window_size = to_2tuple(pretrained_window_size)
-        super().__init__(
-            dim, input_resolution, num_heads, window_size, shift_size,
-            pretrained_window_size=pretrained_window_size, **attn_kwargs, **kwargs,
-        )  # fmt: skip
+        super().__init__(dim, input_resolution, num_heads, **kwargs)
         # timm's block takes no attention class: its attention is replaced by the subclass (a build-time cost only)
-        self.attn = WindowAttention(
-            dim, self.window_size, num_heads, fused_attn, pretrained_window_size=pretrained_window_size, **attn_kwargs
-        )
+        names = ("qkv_bias", "attn_drop", "proj_drop", "pretrained_window_size")
+        attn_kwargs = {name: kwargs[name] for name in names if name in kwargs}
+        self.attn = WindowAttention(dim, self.window_size, num_heads, fused_attn, **attn_kwargs)
         # (window, shift, shift mask) of other feature-map sizes (the model run at another input size)
         self._other_sizes: dict[tuple[int, int], tuple[tuple[int, int], tuple[int, int], torch.Tensor | None]] = {}
 
@@ -232,16 +184,8 @@ class SwinTransformerV2Block(timm_swinv2.SwinTransformerV2Block):
         shift = self.target_shift_size if target_shift_size is None else to_2tuple(target_shift_size)
         return clip_window(self.input_resolution, self.target_window_size, shifted=any(shift))
 
-    def get_attn_mask(
-        self, x: torch.Tensor | None = None, device: Any = None, dtype: Any = None
-    ) -> torch.Tensor | None:
-        """The shift mask of the block's built map, or None for an unshifted block."""
-        if not any(self.shift_size):
-            return None
-        return make_shift_attn_mask(self.input_resolution, self.window_size, self.shift_size, device)
-
     def _geometry(self, feat_size: tuple[int, int], device: torch.device) -> tuple:
-        """(window, shift, shift mask) for a feature map of `feat_size`: the built ones, or cached per size."""
+        # (window, shift, shift mask) of a map of feat_size: the built ones, or cached per size (timm pads instead)
         if feat_size == self.input_resolution:
             return self.window_size, self.shift_size, self.attn_mask
         geometry = self._other_sizes.get(feat_size)
@@ -253,8 +197,7 @@ class SwinTransformerV2Block(timm_swinv2.SwinTransformerV2Block):
         return geometry
 
     def _attn(self, x: torch.Tensor) -> torch.Tensor:
-        """(Shifted) window attention on x (B, H, W, C), windows clipped for its actual H, W (no padding)."""
-        B, H, W, C = x.shape
+        B, H, W, C = x.shape  # windows clipped for the actual H, W (no padding)
         window, shift, mask = self._geometry((H, W), x.device)
         if any(shift):
             x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
@@ -288,24 +231,18 @@ class SwinTransformerV2Stage(timm_swinv2.SwinTransformerV2Stage):
         self.depth = depth
         self.blocks = nn.ModuleList(
             SwinTransformerV2Block(
-                out_dim, self.output_resolution, num_heads, (window_size, window_size),
+                out_dim, self.output_resolution, num_heads, window_size=window_size,
                 shift_size=0 if j % 2 == 0 else window_size // 2, drop_path=drop_path[j] if drop_path else 0.0,
                 **block_kwargs,
             )
             for j in range(depth)
         )  # fmt: skip
-        # stored by block index (counted within the stage) so only those blocks get one
-        self.extra_norms = nn.ModuleDict(
-            {
-                str(j): nn.LayerNorm(out_dim)
-                for j in range(depth)
-                if extra_norm_every and (j + 1) % extra_norm_every == 0
-            }
-        )
+        # after blocks every-1, 2*every-1, ...: keyed by block index within the stage
+        every = extra_norm_every or depth + 1
+        self.extra_norms = nn.ModuleDict({str(j): nn.LayerNorm(out_dim) for j in range(every - 1, depth, every)})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, H, W, C) -> (B, H', W', C')."""
-        x = self.downsample(x)
+        x = self.downsample(x)  # B, H', W', C'
         for j, block in enumerate(self.blocks):
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
@@ -317,12 +254,13 @@ class SwinTransformerV2Stage(timm_swinv2.SwinTransformerV2Stage):
 
 
 class SwinTransformerV2(timm_swinv2.SwinTransformerV2):
-    """Swin Transformer V2 encoder and classifier: timm's model with the additions listed in the module docstring.
+    """Swin Transformer V2 encoder and classifier: timm's model, keyword names and all, with the module's additions.
 
-    Keyword names follow timm's. `window_size` is one int for all stages or one per stage; `pretrained_window_sizes`
-    (one per stage) normalises the CPB inputs by the window each stage used in pretraining, which is how a model
-    fine-tuned at a larger window inherits the pretrained position bias. `fused_attn=None` uses SDPA on CUDA and the
-    eager path elsewhere.
+    Args:
+        window_size: one int for all stages or one per stage.
+        pretrained_window_sizes: per stage, the window the CPB inputs are normalised by (the one pretraining used):
+            how a model fine-tuned at a larger window inherits the pretrained position bias.
+        fused_attn: SDPA or the eager path; None: SDPA on CUDA.
     """
 
     def __init__(
@@ -349,20 +287,15 @@ class SwinTransformerV2(timm_swinv2.SwinTransformerV2):
     ) -> None:
         img_size = (img_size, img_size) if isinstance(img_size, int) else (int(img_size[0]), int(img_size[1]))
         num_stages = len(depths)
-        if len(num_heads) != num_stages:
-            raise ValueError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} must have one entry per stage")
         check_divisible_size(img_size, patch_size, num_stages, name="img_size")
         pretrained_window_sizes = tuple(pretrained_window_sizes or (0,) * num_stages)
-        if len(pretrained_window_sizes) != num_stages:
-            raise ValueError(
-                f"pretrained_window_sizes {pretrained_window_sizes} needs one entry per stage ({num_stages})"
-            )
-        if isinstance(window_size, int):
-            windows = [window_size] * num_stages
-        elif len(window_size) == num_stages:
-            windows = [int(w) for w in window_size]
-        else:
-            raise ValueError(f"window_size {tuple(window_size)} must be an int or one int per stage ({num_stages})")
+        windows = [window_size] * num_stages if isinstance(window_size, int) else [int(w) for w in window_size]
+        per_stage = {"num_heads": num_heads, "window_size": windows, "pretrained_window_sizes": pretrained_window_sizes}
+        for name, values in per_stage.items():
+            if len(values) != num_stages:
+                raise ValueError(
+                    f"{name}={list(values)} needs one entry per stage, {num_stages} as depths={list(depths)}"
+                )
         # timm builds the patch embedding (any input size), final norm, head and feature_info; its constructor
         # takes no stage class, so it is given no blocks and its stages are replaced by ours below
         super().__init__(
@@ -419,18 +352,13 @@ class SwinTransformerV2(timm_swinv2.SwinTransformerV2):
                 module.fused_attn = enable
 
     def no_weight_decay(self) -> set[str]:
-        """Names of the >= 2-D parameters trained without weight decay (timm's optimizer factory matches them with
-        fnmatch): timm's cpb_mlp and logit_scale parameters, the absolute position embedding and the mask token."""
+        """fnmatch patterns of the >= 2-D parameters without weight decay: timm's, ape and the mask token."""
         return {*super().no_weight_decay(), "*absolute_pos_embed", "*mask_token"}
 
     def layer_id(self, name: str) -> int:
-        """Layer id of a parameter for layer-wise lr decay (lr scale decay^(sum(depths) + 1 - id)).
-
-        Patch embedding 0; block j of stage i -> sum(depths[:i]) + j + 1; a stage's patch merging shares the id
-        of that stage's last block (stored as the start of the next stage, layers.{i+1}.downsample, so it gets
-        sum(depths[:i+1])); everything else (final norm, head, absolute position embedding, mask token) the top
-        id sum(depths) + 1. (timm's group_matcher puts the merging with the next stage's blocks.)
-        """
+        """Layer id for layer-wise lr decay: patch embedding 0, one per block, everything after the blocks top."""
+        # block j of stage i: sum(depths[:i]) + j + 1; the merging stored as layers.{i+1}.downsample shares stage i's
+        # last block's id (timm's group_matcher puts it with the next stage's blocks)
         if name.startswith("patch_embed."):
             return 0
         parts = name.split(".")
@@ -443,11 +371,7 @@ class SwinTransformerV2(timm_swinv2.SwinTransformerV2):
         return sum(self.depths) + 1
 
     def group_matcher(self, coarse: bool = False) -> Callable[[str], int]:
-        """Parameter name -> layer ordinal, for timm's group_parameters / param_groups_layer_decay.
-
-        Fine: one id per block (see layer_id); every id from 0 to sum(depths) + 1 is used, so timm's renumbering
-        keeps them. Coarse: the stem 0, stage i (with the merging that starts it) i + 1, the rest after.
-        """
+        """Parameter name -> layer ordinal for timm's optimizer factory: layer_id, or coarse: one per stage."""
         if not coarse:
             return self.layer_id
 
@@ -459,19 +383,15 @@ class SwinTransformerV2(timm_swinv2.SwinTransformerV2):
 
         return stage_id
 
-    def check_input_size(self, size: Sequence[int]) -> None:
-        """Raise ValueError unless an input of `size` (H, W) fits: divisible by patch_size * 2**(stages-1)."""
-        size = tuple(size)
+    def _embed(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Patch embedding, mask tokens where `mask` (B, H/p, W/p) is 1, position embedding: (B, H/p, W/p, C)."""
+        size = tuple(x.shape[-2:])
         check_divisible_size(size, self.patch_size, self.num_layers)
         if size != self.img_size and self.absolute_pos_embed is not None:
             raise ValueError(
                 f"input size {size} differs from img_size {self.img_size}, and the absolute position embedding "
                 "(ape=True) is only defined at img_size; build the model for this size"
             )
-
-    def _embed(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Patch embedding, mask tokens where `mask` (B, H/p, W/p) is 1, position embedding: (B, H/p, W/p, C)."""
-        self.check_input_size(x.shape[-2:])
         x = self.patch_embed(x)  # B, H/p, W/p, C
         if mask is not None:
             if self.mask_token is None:
@@ -483,11 +403,7 @@ class SwinTransformerV2(timm_swinv2.SwinTransformerV2):
         return self.pos_drop(x)
 
     def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, C_in, H, W) -> (B, H/r, W/r, C_last) after the final norm; `mask` (B, H/p, W/p) selects mask tokens.
-
-        Any input size divisible by patch_size * 2**(stages-1) works (windows clipped and shift masks built for it,
-        cached per size); the model's own img_size uses the tables built with it.
-        """
+        """(B, C_in, H, W) of any fitting size -> (B, H/r, W/r, C_last) normed; `mask` (B, H/p, W/p) as in _embed."""
         return self.norm(self.layers(self._embed(x, mask)))
 
     def forward_intermediates(
@@ -500,31 +416,17 @@ class SwinTransformerV2(timm_swinv2.SwinTransformerV2):
         intermediates_only: bool = False,
         mask: torch.Tensor | None = None,
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Feature maps of every stage (or of `indices`), timm's `forward_intermediates` contract.
-
-        Args:
-            x: images (B, C_in, H, W), any size divisible by patch_size * 2**(stages-1), square or not.
-            indices: stages to return: None all, an int n the last n, a sequence those stage indices.
-            norm: apply the final norm to the last stage's map (the only norm the encoder has, as in timm).
-            stop_early: skip the stages after the last one asked for.
-            output_fmt: NCHW (B, C_i, H_i, W_i) or NHWC (timm's swinv2 allows NCHW only).
-            intermediates_only: return only the list.
-            mask: optional SimMIM token mask (B, H/p, W/p).
-        Returns:
-            the list of maps (stage i: C_i = embed_dim * 2**i, H_i = H / (patch_size * 2**i)), or
-            (final-normed last map NHWC, list) when not intermediates_only.
-        """
+        """timm's stage feature maps at any fitting size, plus NHWC output (timm's: NCHW only) and a SimMIM mask."""
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt={output_fmt!r} must be NCHW or NHWC")
         take, max_index = feature_take_indices(self.num_layers, indices)
         x = self._embed(x, mask)
         stages = self.layers[: max_index + 1] if stop_early else self.layers
         intermediates = []
-        last = self.num_layers - 1
         for i, stage in enumerate(stages):
             x = stage(x)  # B, H_i, W_i, C_i
             if i in take:
-                feat = self.norm(x) if norm and i == last else x
+                feat = self.norm(x) if norm and i == self.num_layers - 1 else x
                 intermediates.append(feat.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else feat)
         if intermediates_only:
             return intermediates
@@ -558,10 +460,8 @@ def size_fields(
 
 
 def create_swinv2(arch: str, **kwargs: Any) -> SwinTransformerV2:
-    """The SwinV2 of a named size (a key of SWINV2_SIZES) with keyword overrides.
+    """The SwinV2 of a named size (a key of SWINV2_SIZES) with SwinTransformerV2 keyword overrides.
 
-    kwargs: SwinTransformerV2 arguments (img_size, patch_size, in_chans, window_size, pretrained_window_sizes,
-    embed_dim, depths, num_heads, num_classes, mlp_ratio, drop_path_rate, ape, fused_attn, grad_checkpointing ...).
     embed_dim, depths and num_heads set to None mean "from arch", so `**to_dict(config.model)` works.
     """
     if arch not in SWINV2_SIZES:
@@ -588,11 +488,7 @@ def from_timm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def to_timm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our encoder or classifier state dict (or a whole SimMIM one) in timm's `swinv2_*` layout.
-
-    SimMIM-only weights (mask token, decoder) and derived tables are dropped. timm's swinv2 has no absolute
-    position embedding, so a model built with ape=True cannot be expressed there.
-    """
+    """Our encoder or classifier state dict (or a SimMIM one, less mask token and decoder) in timm's layout."""
     if any(key.startswith("encoder.") for key in state_dict):
         state_dict = {key[len("encoder.") :]: v for key, v in state_dict.items() if key.startswith("encoder.")}
     if "absolute_pos_embed" in state_dict:
