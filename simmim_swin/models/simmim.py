@@ -15,63 +15,42 @@ NORM_TARGET_EPS = 1e-6
 LOSS_EPS = 1e-5
 
 
-def _box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
-    """Mean over the window x window neighbourhood of each pixel, cells outside the image not counted.
+def _box_sum(x: torch.Tensor, window: int) -> torch.Tensor:
+    """Sum over the window x window neighbourhood of each pixel, cells outside the image counting 0."""
+    # pooled as rows then columns: 2*window instead of window**2 taps per pixel (the 2-D pool at window 47 was most
+    # of a CPU training step)
+    pad = window // 2
+    x = F.avg_pool2d(x, (window, 1), stride=1, padding=(pad, 0), divisor_override=1)
+    return F.avg_pool2d(x, (1, window), stride=1, padding=(0, pad), divisor_override=1)
 
-    The box is pooled as rows then columns: with count_include_pad=False both the sum and the count of valid
-    cells factor over the two axes, so this equals one 2-D avg_pool2d exactly, at 2*window instead of window**2
-    taps per pixel (the 2-D pool at window 47 was most of a CPU training step).
+
+def _local_mean_var(
+    images: torch.Tensor, window: int, visible: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pixel mean and unbiased variance over each window x window neighbourhood's pixels inside the image.
+
+    With `visible` (B, 1, H, W), 1 = visible, only the visible pixels count; a neighbourhood without one takes its
+    image's visible statistics, an image without one 0 / 1.
     """
-    pad = window // 2
-    x = F.avg_pool2d(x, (window, 1), stride=1, padding=(pad, 0), count_include_pad=False)
-    return F.avg_pool2d(x, (1, window), stride=1, padding=(0, pad), count_include_pad=False)
-
-
-def _valid_count(size: int, window: int, device: torch.device) -> torch.Tensor:
-    """How many cells of a centred window of `window` fit inside an axis of `size`, per position."""
-    pos = torch.arange(size, device=device)
-    pad = window // 2
-    return (torch.clamp(pos + pad, max=size - 1) - torch.clamp(pos - pad, min=0) + 1).float()
-
-
-def _local_mean_var(images: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-pixel mean and unbiased variance over a window x window neighbourhood, padded cells not counted."""
-    mean = _box_mean(images, window)
-    mean_sq = _box_mean(images**2, window)
-    H, W = images.shape[-2:]
-    count = _valid_count(H, window, images.device)[:, None] * _valid_count(W, window, images.device)[None, :]  # H, W
+    weight = torch.ones_like(images[:1, :1]) if visible is None else visible
+    count = _box_sum(weight, window)  # pixels per neighbourhood
+    x = images if visible is None else images * visible
+    mean = _box_sum(x, window) / count.clamp(min=1.0)
+    mean_sq = _box_sum(x * images, window) / count.clamp(min=1.0)
     # the count/(count-1) factor makes the variance unbiased
-    var = ((mean_sq - mean**2) * (count / (count - 1))).clamp(min=0.0)
-    return mean, var
-
-
-def visible_mean_var(images: torch.Tensor, visible: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-pixel mean and unbiased variance over the visible pixels of each window x window neighbourhood.
-
-    Masked averages: box sums of x * visible and of visible, divided. A pixel whose whole neighbourhood is masked
-    takes the mean / variance of its image's visible pixels; an image with no visible pixel gets 0 / 1.
-    Args: images (B, C, H, W); visible (B, 1, H, W), 1 where the pixel is visible.
-    """
-    share = _box_mean(visible, window)  # B, 1, H, W: visible fraction of each neighbourhood
-    H, W = images.shape[-2:]
-    count = _valid_count(H, window, images.device)[:, None] * _valid_count(W, window, images.device)[None, :]
-    num_visible = share * count  # visible pixels per neighbourhood
-    safe = share.clamp(min=1e-12)
-    mean = _box_mean(images * visible, window) / safe
-    mean_sq = _box_mean(images**2 * visible, window) / safe
-    var = ((mean_sq - mean**2) * num_visible / (num_visible - 1).clamp(min=1.0)).clamp(min=0.0)
-    # fallback for neighbourhoods without a visible pixel: the whole image's visible statistics
+    var = ((mean_sq - mean**2) * count / (count - 1).clamp(min=1.0)).clamp(min=0.0)
+    if visible is None:
+        return mean, var
     n = visible.sum(dim=(-2, -1), keepdim=True)  # B, 1, 1, 1
-    g_mean = (images * visible).sum(dim=(-2, -1), keepdim=True) / n.clamp(min=1.0)
+    g_mean = x.sum(dim=(-2, -1), keepdim=True) / n.clamp(min=1.0)
     g_var = ((images - g_mean) ** 2 * visible).sum(dim=(-2, -1), keepdim=True) / (n - 1).clamp(min=1.0)
     g_var = torch.where(n > 1, g_var, torch.ones_like(g_var))
-    empty = num_visible < 0.5
+    empty = count < 0.5
     return torch.where(empty, g_mean, mean), torch.where(empty, g_var, var)
 
 
 def make_norm_target(images: torch.Tensor, window: int = 47) -> torch.Tensor:
-    """SwinV2's reconstruction target: each pixel normalised by the mean / std of its window x window neighbourhood
-    (`window` odd, >= 3: SimMIM checks it when built)."""
+    """SwinV2's reconstruction target: each pixel normalised by the mean / std of its window x window neighbourhood."""
     mean, var = _local_mean_var(images.float(), window)
     return (images.float() - mean) / (var + NORM_TARGET_EPS).sqrt()
 
@@ -82,12 +61,10 @@ def upsample_mask(mask: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 
 class SimMIM(nn.Module):
-    """SwinV2 encoder with a mask token and a linear decoder, trained to reconstruct the masked pixels.
+    """SwinV2 encoder (headless; its mask token created if missing) with a linear decoder of the masked pixels.
 
     Args:
-        encoder: a SwinTransformerV2 built with num_classes=0; its mask token is created if missing.
-        norm_target: window of the per-pixel target normalisation (47 for SwinV2), or None to reconstruct the
-            (ImageNet-normalised) input itself.
+        norm_target: odd window of the per-pixel target normalisation (47 for SwinV2), or None for the input itself.
     """
 
     def __init__(self, encoder: SwinTransformerV2, norm_target: int | None = 47) -> None:
@@ -96,8 +73,6 @@ class SimMIM(nn.Module):
             raise ValueError(
                 f"SimMIM needs a headless encoder, got num_classes={encoder.num_classes}; build it with num_classes=0"
             )
-        if norm_target is not None and (norm_target < 3 or norm_target % 2 == 0):
-            raise ValueError(f"norm_target window must be an odd size >= 3 (47 in SwinV2), got {norm_target}")
         self.encoder = encoder
         encoder.enable_mask_token()
         self.norm_target = norm_target
@@ -145,31 +120,21 @@ class SimMIM(nn.Module):
 
     @torch.no_grad()
     def target_to_image(self, images: torch.Tensor, reconstruction: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Map a reconstruction back to the normalised-image space of `images`, for display.
-
-        With norm_target the mean / std that undo the normalisation come from the VISIBLE pixels of each
-        neighbourhood only: the statistics of the whole neighbourhood include the masked pixels, so a model that
-        predicts nothing (all zeros) would still be shown with the hidden content's mean and contrast.
-        Args: mask: the token mask (B, H/p, W/p) the reconstruction was made with, 1 = masked.
-        """
+        """Map a reconstruction made with token `mask` back to the normalised-image space of `images`, for display."""
+        # the statistics undoing norm_target come from the VISIBLE pixels only: with the masked ones, a model that
+        # predicts nothing (all zeros) would still be shown with the hidden content's mean and contrast
         if self.norm_target is None:
             return reconstruction.float()
         visible = 1.0 - upsample_mask(mask, self.patch_size).to(torch.float32)  # B, 1, H, W
-        mean, var = visible_mean_var(images.float(), visible, self.norm_target)
+        mean, var = _local_mean_var(images.float(), self.norm_target, visible)
         return reconstruction.float() * (var + NORM_TARGET_EPS).sqrt() + mean
 
 
 def build_encoder(arch: str, num_classes: int = 0, **kwargs: Any) -> SwinTransformerV2:
-    """create_swinv2 with no classifier unless `num_classes` is given: a thin wrapper, the encoder SimMIM wraps."""
+    """create_swinv2 with no classifier unless `num_classes` is given."""
     return create_swinv2(arch, num_classes=num_classes, **kwargs)
 
 
 def build_simmim(arch: str, norm_target: int | None = 47, **encoder_kwargs: Any) -> SimMIM:
-    """SimMIM around a headless encoder of a named size.
-
-    Args:
-        arch: a key of SWINV2_SIZES.
-        norm_target: window of the per-pixel target normalisation (47 for SwinV2), or None for the plain input.
-        encoder_kwargs: create_swinv2's keyword arguments.
-    """
+    """SimMIM around a headless encoder of a named size (a key of SWINV2_SIZES), create_swinv2's keyword arguments."""
     return SimMIM(build_encoder(arch, num_classes=0, **encoder_kwargs), norm_target=norm_target)
