@@ -1,13 +1,6 @@
 """Hugging Face transformers' Swinv2 layout: our (timm-layout) weights to and from `Swinv2Model` /
 `Swinv2ForImageClassification` / `Swinv2ForMaskedImageModeling` state dicts, and the model folder they load from.
-
-The function is the same; the bookkeeping differs: transformers stores a stage's patch merging at the END of the
-stage (`encoder.layers.i.downsample`, ours is the start of stage i + 1), splits the fused qkv projection into
-query / key / value (our q_bias and v_bias are query.bias and value.bias; the key has no bias, as ours is fixed
-at zero), names the CPB MLP `continuous_position_bias_mlp` and the post-norms `layernorm_before/after`, and keeps
-the final norm as `layernorm` (eps config.layer_norm_eps, 1e-5 as ours). Writing the folder needs no transformers;
-loading it does.
-"""
+The function is the same; writing the folder needs no transformers, loading it does."""
 
 from __future__ import annotations
 
@@ -18,52 +11,52 @@ from typing import Any
 
 import torch
 
-from .models.swinv2 import SWINV2_SIZES
-
 HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
 HF_CARD = "README.md"
 
-# per-block names: ours -> transformers' (under encoder.layers.i.blocks.j.)
+# ours -> transformers' name prefixes, within a block (encoder.layers.i.blocks.j.) and outside the stages. The
+# bookkeeping differs: transformers stores a stage's patch merging at the END of the stage (ours: the start of the
+# next), splits qkv into query / key / value (the key has no bias, as ours is fixed at zero) and keeps the final
+# norm as `layernorm` (eps 1e-5, as ours)
 _BLOCK_NAMES = {
     "attn.logit_scale": "attention.self.logit_scale",
-    "attn.cpb_mlp.0.weight": "attention.self.continuous_position_bias_mlp.0.weight",
-    "attn.cpb_mlp.0.bias": "attention.self.continuous_position_bias_mlp.0.bias",
-    "attn.cpb_mlp.2.weight": "attention.self.continuous_position_bias_mlp.2.weight",
+    "attn.cpb_mlp.": "attention.self.continuous_position_bias_mlp.",
     "attn.q_bias": "attention.self.query.bias",
     "attn.v_bias": "attention.self.value.bias",
-    "attn.proj.weight": "attention.output.dense.weight",
-    "attn.proj.bias": "attention.output.dense.bias",
-    "norm1.weight": "layernorm_before.weight",
-    "norm1.bias": "layernorm_before.bias",
-    "mlp.fc1.weight": "intermediate.dense.weight",
-    "mlp.fc1.bias": "intermediate.dense.bias",
-    "mlp.fc2.weight": "output.dense.weight",
-    "mlp.fc2.bias": "output.dense.bias",
-    "norm2.weight": "layernorm_after.weight",
-    "norm2.bias": "layernorm_after.bias",
+    "attn.proj.": "attention.output.dense.",
+    "norm1.": "layernorm_before.",
+    "mlp.fc1.": "intermediate.dense.",
+    "mlp.fc2.": "output.dense.",
+    "norm2.": "layernorm_after.",
 }
 _TOP_NAMES = {
-    "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
-    "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
-    "patch_embed.norm.weight": "embeddings.norm.weight",
-    "patch_embed.norm.bias": "embeddings.norm.bias",
+    "patch_embed.proj.": "embeddings.patch_embeddings.projection.",
+    "patch_embed.norm.": "embeddings.norm.",
     "mask_token": "embeddings.mask_token",
-    "norm.weight": "layernorm.weight",
-    "norm.bias": "layernorm.bias",
+    "norm.": "layernorm.",
 }
 _QKV = ("query", "key", "value")
 
 
-def to_hf(state_dict: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
-    """Our encoder / classifier state dict (no `encoder.` prefix, derived tables removed) -> transformers' names.
+def _rename(name: str, names: dict[str, str]) -> str | None:
+    """`name` with its prefix from `names` replaced by the prefix it maps to, or None when none matches."""
+    for old, new in names.items():
+        if name.startswith(old):
+            return new + name.removeprefix(old)
+    return None
 
-    Encoder keys get `prefix` (`swinv2.` for the task models); `head.fc.*` becomes `classifier.*`.
+
+def to_hf(state_dict: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """Our encoder / classifier state dict (no `encoder.` prefix or derived tables) -> transformers' names.
+
+    Encoder keys get `prefix` (`swinv2.` for the task models); `head.fc.*` becomes `classifier.*`. The ape and the
+    huge / giant extra norms have no place there and raise.
     """
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
-        if key in _TOP_NAMES:
-            out[prefix + _TOP_NAMES[key]] = value
+        if top := _rename(key, _TOP_NAMES):
+            out[prefix + top] = value
         elif key.startswith("head.fc."):
             out["classifier." + key.removeprefix("head.fc.")] = value
         elif m := re.fullmatch(r"layers\.(\d+)\.downsample\.(.+)", key):
@@ -73,8 +66,8 @@ def to_hf(state_dict: dict[str, torch.Tensor], prefix: str = "") -> dict[str, to
             if m.group(3) == "attn.qkv.weight":
                 for name, part in zip(_QKV, value.chunk(3, dim=0), strict=True):
                     out[f"{block}attention.self.{name}.weight"] = part.contiguous()
-            elif m.group(3) in _BLOCK_NAMES:
-                out[block + _BLOCK_NAMES[m.group(3)]] = value
+            elif name := _rename(m.group(3), _BLOCK_NAMES):
+                out[block + name] = value
             else:
                 raise ValueError(f"{key} has no place in transformers' Swinv2 (it lacks the huge / giant extra norms)")
         else:
@@ -85,7 +78,7 @@ def to_hf(state_dict: dict[str, torch.Tensor], prefix: str = "") -> dict[str, to
 def from_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A transformers Swinv2 state dict (Swinv2Model, or a task model with `swinv2.`) -> ours, SimMIM-style:
     encoder keys under `encoder.` (with `head.fc.*` from `classifier.*`), the MIM decoder as `decoder.*`."""
-    top = {hf: ours for ours, hf in _TOP_NAMES.items()}
+    top_names = {hf: ours for ours, hf in _TOP_NAMES.items()}
     block_names = {hf: ours for ours, hf in _BLOCK_NAMES.items()}
     out: dict[str, torch.Tensor] = {}
     qkv: dict[str, dict[str, torch.Tensor]] = {}
@@ -95,15 +88,15 @@ def from_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             out[name] = value
         elif name.startswith("classifier."):
             out["encoder.head.fc." + name.removeprefix("classifier.")] = value
-        elif name in top:
-            out["encoder." + top[name]] = value
+        elif top := _rename(name, top_names):
+            out["encoder." + top] = value
         elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.downsample\.(.+)", name):
             out[f"encoder.layers.{int(m.group(1)) + 1}.downsample.{m.group(2)}"] = value
         elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.(.+)", name):
             block = f"encoder.layers.{m.group(1)}.blocks.{m.group(2)}."
             part = m.group(3)
-            if part in block_names:
-                out[block + block_names[part]] = value
+            if ours := _rename(part, block_names):
+                out[block + ours] = value
             elif part.removeprefix("attention.self.").removesuffix(".weight") in _QKV:
                 qkv.setdefault(block, {})[part.split(".")[-2]] = value
             elif part in ("attention.self.relative_coords_table", "attention.self.relative_position_index"):
@@ -134,11 +127,6 @@ def hf_config(model_cfg: dict[str, Any], num_classes: int, class_names: list[str
         if len(set(window)) != 1:
             raise ValueError(f"window_size {window} differs per stage; transformers' Swinv2 takes one window")
         window = window[0]
-    if model_cfg.get("ape"):
-        raise ValueError("ape=True (absolute position embedding) does not convert to transformers' Swinv2")
-    size = SWINV2_SIZES[model_cfg["arch"]]
-    if size.get("extra_norm_every"):
-        raise ValueError(f"model.arch={model_cfg['arch']} has extra norms, which transformers' Swinv2 lacks")
     depths = model_cfg["depths"]
     config = {
         "architectures": ["Swinv2ForImageClassification" if num_classes else "Swinv2Model"],
