@@ -1,11 +1,6 @@
-"""`simmim-swin export`: a checkpoint's encoder or fine-tuned classifier as safetensors (ours or timm's layout), or
-as a Hugging Face transformers Swinv2 folder (`--format hf`: config.json, model.safetensors, README.md).
-
-The file's metadata holds the model config (JSON under the `simmim_swin` key), the windows each stage used, the
-class names and the keyword arguments that rebuild it in timm. `--timm` files load with
-`timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH, num_classes=N), **kwargs)`;
-both kinds load as `simmim-finetune pretrained=PATH`.
-"""
+"""`simmim-swin export`: a checkpoint's encoder or fine-tuned classifier as safetensors (ours or timm's layout, the
+model config, stage windows, class names and timm's create_model arguments in its metadata), or as a Hugging Face
+transformers Swinv2 folder (`--format hf`: config.json, model.safetensors, README.md)."""
 
 from __future__ import annotations
 
@@ -110,11 +105,7 @@ def export_checkpoint(
 
 
 def export_hf(checkpoint: str | Path, out_dir: str | Path, use_ema: bool = False, encoder_only: bool = False) -> dict:
-    """Write a transformers model folder (config.json, model.safetensors, README.md model card) to `out_dir`.
-
-    A pretraining checkpoint (or --encoder-only) gives a `Swinv2Model`, a fine-tuning one a
-    `Swinv2ForImageClassification`; returns the config written.
-    """
+    """Write a transformers folder to `out_dir`: Swinv2Model (encoder) or Swinv2ForImageClassification; its config."""
     from safetensors.torch import save as safetensors_bytes
 
     from ..files import atomic_write
@@ -137,14 +128,12 @@ def model_card(
     state: dict[str, Any], path: Path, config: dict[str, Any], stage_windows: list[int], use_ema: bool
 ) -> str:
     """README.md of an exported folder: architecture, data and steps, CPB windows, how to load and fine-tune."""
-    run_config = state["config"]
-    kind = "Swinv2ForImageClassification" if config["architectures"][0].endswith("Classification") else "Swinv2Model"
+    run_config, kind = state["config"], config["architectures"][0]
     data = run_config.get("data", {})
     source = data.get("source", "?")
     where = data.get("root") or data.get("urls") or ""
-    pretrained = run_config.get("pretrained")
     history = (
-        f"fine-tuned for {state.get('step')} steps on `{source}` {where} from `{pretrained}`"
+        f"fine-tuned for {state.get('step')} steps on `{source}` {where} from `{run_config['pretrained']}`"
         if "pretrained" in run_config
         else f"SimMIM pretraining, {state.get('step')} steps on `{source}` {where}"
     )
