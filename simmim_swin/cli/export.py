@@ -50,10 +50,9 @@ def _read_weights(
     key = "ema" if use_ema else "model"
     if not state.get(key):
         raise ValueError(f"{path} holds no EMA weights (the run had train.ema=false); export without --ema")
+    drop = ("decoder.", "head.") if encoder_only else ("decoder.",)
     weights = {name.removeprefix("encoder."): value for name, value in state[key].items()}
-    weights = {k: v for k, v in weights.items() if not k.startswith("decoder.") and not is_derived_buffer(k)}
-    if encoder_only:
-        weights = {k: v for k, v in weights.items() if not k.startswith("head.")}
+    weights = {k: v for k, v in weights.items() if not k.startswith(drop) and not is_derived_buffer(k)}
     model_cfg = dict(state["config"]["model"])
     sizes = (model_cfg.get("embed_dim"), model_cfg.get("depths"), model_cfg.get("num_heads"))
     model_cfg.update(size_fields(model_cfg["arch"], *sizes))  # a pretraining config leaves them to the arch
@@ -85,13 +84,12 @@ def export_checkpoint(
     if timm_layout:
         if any(".extra_norms." in k for k in weights):
             raise ValueError(
-                "this model has the huge/giant extra norms, which timm's swinv2 lacks; export without --timm"
+                "this model has the huge / giant extra norms, which timm's swinv2 lacks; export without --timm"
             )
         weights = to_timm(weights)
-    stage_windows = list(state["stage_window_sizes"])
     info = {
         "model": model_cfg,
-        "stage_window_sizes": stage_windows,
+        "stage_window_sizes": list(state["stage_window_sizes"]),
         "num_classes": num_classes,
         "class_names": state.get("class_names"),
         "step": state.get("step"),
@@ -120,15 +118,13 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, use_ema: bool = False
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / HF_WEIGHTS, safetensors_bytes(tensors, metadata={"format": "pt"}))
     atomic_write(out_dir / HF_CONFIG, json.dumps(config, indent=2) + "\n")
-    atomic_write(out_dir / HF_CARD, model_card(state, path, config, list(state["stage_window_sizes"]), use_ema))
+    atomic_write(out_dir / HF_CARD, model_card(state, path, config, use_ema))
     return config
 
 
-def model_card(
-    state: dict[str, Any], path: Path, config: dict[str, Any], stage_windows: list[int], use_ema: bool
-) -> str:
+def model_card(state: dict[str, Any], path: Path, config: dict[str, Any], use_ema: bool) -> str:
     """README.md of an exported folder: architecture, data and steps, CPB windows, how to load and fine-tune."""
-    run_config, kind = state["config"], config["architectures"][0]
+    run_config, kind, stage_windows = state["config"], config["architectures"][0], list(state["stage_window_sizes"])
     data = run_config.get("data", {})
     source = data.get("source", "?")
     where = data.get("root") or data.get("urls") or ""
