@@ -28,9 +28,7 @@ LOGIT_SCALE_MAX = math.log(1.0 / 0.01)
 # a shifted window adds this to logits between tokens from different image regions (the reference value, not -inf)
 SHIFT_MASK_VALUE = -100.0
 
-# ----------------------------------------------------------------------------------------------------------------
-# derived tables for any window (timm builds them inside its modules for the one window each was built with;
-# an input of another size needs them for other windows)
+# derived tables for any window (timm builds them in its modules for the built window only)
 
 
 def make_relative_coords_table(
@@ -93,7 +91,6 @@ def check_divisible_size(size: int | Sequence[int], patch_size: int, num_stages:
         )
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # modules
 
 
@@ -433,7 +430,6 @@ class SwinTransformerV2(timm_swinv2.SwinTransformerV2):
         return (self.norm(x) if len(stages) == self.num_layers else x), intermediates
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # named sizes
 
 SWINV2_SIZES: dict[str, dict[str, Any]] = {
@@ -470,7 +466,6 @@ def create_swinv2(arch: str, **kwargs: Any) -> SwinTransformerV2:
     return SwinTransformerV2(**{**SWINV2_SIZES[arch], **given})
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # timm interoperability: the layouts are the same, only derived tables and SimMIM-only weights differ
 
 # derived tables: rebuilt from the window size, never carried between models
