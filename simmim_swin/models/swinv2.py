@@ -113,8 +113,7 @@ class WindowAttention(timm_swinv2.WindowAttention):
         tables = self._other_tables.get(window_size)
         if tables is None or tables[0].device != device:
             table = make_relative_coords_table(window_size, self.pretrained_window_size).to(device)
-            tables = (table, gen_relative_position_index(window_size, device=device))
-            self._other_tables[window_size] = tables
+            tables = self._other_tables[window_size] = (table, gen_relative_position_index(window_size, device=device))
         return tables
 
     def position_bias(self, window_size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -189,8 +188,7 @@ class SwinTransformerV2Block(timm_swinv2.SwinTransformerV2Block):
         if geometry is None or (geometry[2] is not None and geometry[2].device != device):
             window, shift = clip_window(feat_size, self.target_window_size, shifted=any(self.target_shift_size))
             mask = make_shift_attn_mask(feat_size, window, shift, device) if any(shift) else None
-            geometry = (window, shift, mask)
-            self._other_sizes[feat_size] = geometry
+            geometry = self._other_sizes[feat_size] = (window, shift, mask)
         return geometry
 
     def _attn(self, x: torch.Tensor) -> torch.Tensor:
@@ -290,9 +288,7 @@ class SwinTransformerV2(timm_swinv2.SwinTransformerV2):
         per_stage = {"num_heads": num_heads, "window_size": windows, "pretrained_window_sizes": pretrained_window_sizes}
         for name, values in per_stage.items():
             if len(values) != num_stages:
-                raise ValueError(
-                    f"{name}={list(values)} needs one entry per stage, {num_stages} as depths={list(depths)}"
-                )
+                raise ValueError(f"{name}={list(values)} needs one entry per stage, as depths={list(depths)}")
         # timm builds the patch embedding (any input size), final norm, head and feature_info; its constructor
         # takes no stage class, so it is given no blocks and its stages are replaced by ours below
         super().__init__(
