@@ -73,6 +73,8 @@ class SimMIM(nn.Module):
             raise ValueError(
                 f"SimMIM needs a headless encoder, got num_classes={encoder.num_classes}; build it with num_classes=0"
             )
+        if norm_target is not None and (norm_target < 3 or norm_target % 2 == 0):
+            raise ValueError(f"norm_target window must be an odd size >= 3 (47 in SwinV2), got {norm_target}")
         self.encoder = encoder
         encoder.enable_mask_token()
         self.norm_target = norm_target
