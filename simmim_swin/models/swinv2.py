@@ -91,9 +91,6 @@ def check_divisible_size(size: int | Sequence[int], patch_size: int, num_stages:
         )
 
 
-# modules
-
-
 class WindowAttention(timm_swinv2.WindowAttention):
     """timm's cosine window attention with the CPB, plus a fused SDPA path and windows other than the built one."""
 
@@ -205,8 +202,7 @@ class SwinTransformerV2Block(timm_swinv2.SwinTransformerV2Block):
 
 
 class SwinTransformerV2Stage(timm_swinv2.SwinTransformerV2Stage):
-    """timm's stage (optional patch merging, then blocks alternating plain and shifted windows) built from our
-    blocks, with the extra main-branch LayerNorm of SwinV2-H/G after every `extra_norm_every` blocks."""
+    """timm's stage built from our blocks, plus SwinV2-H/G's main-branch LayerNorm after every `extra_norm_every`."""
 
     def __init__(
         self,
@@ -425,8 +421,6 @@ class SwinTransformerV2(timm_swinv2.SwinTransformerV2):
             return intermediates
         return (self.norm(x) if len(stages) == self.num_layers else x), intermediates
 
-
-# named sizes
 
 SWINV2_SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
