@@ -55,23 +55,24 @@ def to_hf(state_dict: dict[str, torch.Tensor], prefix: str = "") -> dict[str, to
     """
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
+        block = re.fullmatch(r"layers\.(\d+)\.blocks\.(\d+)\.(.+)", key)
+        where = f"{prefix}encoder.layers.{block.group(1)}.blocks.{block.group(2)}." if block else ""
         if top := _rename(key, _TOP_NAMES):
             out[prefix + top] = value
         elif key.startswith("head.fc."):
             out["classifier." + key.removeprefix("head.fc.")] = value
         elif m := re.fullmatch(r"layers\.(\d+)\.downsample\.(.+)", key):
             out[f"{prefix}encoder.layers.{int(m.group(1)) - 1}.downsample.{m.group(2)}"] = value
-        elif m := re.fullmatch(r"layers\.(\d+)\.blocks\.(\d+)\.(.+)", key):
-            block = f"{prefix}encoder.layers.{m.group(1)}.blocks.{m.group(2)}."
-            if m.group(3) == "attn.qkv.weight":
-                for name, part in zip(_QKV, value.chunk(3, dim=0), strict=True):
-                    out[f"{block}attention.self.{name}.weight"] = part.contiguous()
-            elif name := _rename(m.group(3), _BLOCK_NAMES):
-                out[block + name] = value
-            else:
-                raise ValueError(f"{key} has no place in transformers' Swinv2 (it lacks the huge / giant extra norms)")
+        elif block and block.group(3) == "attn.qkv.weight":
+            for name, part in zip(_QKV, value.chunk(3, dim=0), strict=True):
+                out[f"{where}attention.self.{name}.weight"] = part.contiguous()
+        elif block and (name := _rename(block.group(3), _BLOCK_NAMES)):
+            out[where + name] = value
         else:
-            raise ValueError(f"{key} has no place in transformers' Swinv2; only ape=False encoders convert")
+            raise ValueError(
+                f"{key} has no place in transformers' Swinv2, which lacks the absolute position embedding (ape) and "
+                "the huge / giant extra norms; export such a model in our layout (--format simmim)"
+            )
     return out
 
 

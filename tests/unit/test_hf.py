@@ -81,3 +81,12 @@ def test_hf_weights_load_into_ours_with_equal_outputs(tmp_path) -> None:
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert (theirs(images).logits - ours(images)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("extra", [dict(ape=True), dict(extra_norm_every=1)])
+def test_models_transformers_cannot_hold_are_refused_naming_the_key(tmp_path, extra) -> None:
+    encoder = build_encoder(**{**to_dict(from_dict(ModelConfig, MODEL)), **extra})
+    torch.save(checkpoint(encoder), tmp_path / "step.pt")
+    with pytest.raises(ValueError, match=r"(absolute_pos_embed|extra_norms\.0\.weight) has no place.*--format simmim"):
+        export_hf(tmp_path / "step.pt", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
