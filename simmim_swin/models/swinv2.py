@@ -347,7 +347,8 @@ class SwinTransformerV2(timm_swinv2.SwinTransformerV2):
     def layer_id(self, name: str) -> int:
         """Layer id for layer-wise lr decay: patch embedding 0, one per block, everything after the blocks top."""
         # block j of stage i: sum(depths[:i]) + j + 1; the merging stored as layers.{i+1}.downsample shares stage i's
-        # last block's id (timm's group_matcher puts it with the next stage's blocks)
+        # last block's id (timm's group_matcher puts it with the next stage's blocks); every id from 0 to
+        # sum(depths) + 1 is used, so timm's renumbering of the ordinals keeps them
         if name.startswith("patch_embed."):
             return 0
         parts = name.split(".")
