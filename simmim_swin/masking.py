@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 
-@dataclass(eq=False)  # compared and hashed by identity, as before
+@dataclass(eq=False)  # compared and hashed by identity
 class MaskGenerator:
     """Draw a 0/1 token mask with `ceil(num_mask_patches * mask_ratio)` masked patches of `mask_patch_size` px.
 
