@@ -68,36 +68,6 @@ def _point_latest_and_prune(path: Path, keep_last: int) -> None:
             old.unlink(missing_ok=True)
 
 
-def save_sharded_and_prune(
-    run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict,
-    keep_last: int, is_main: bool,
-) -> Path:  # fmt: skip
-    """Every rank writes its shards of model and optimizer to run_dir/checkpoints/step_{step:08d}.dcp."""
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    folder = Path(run_dir) / CHECKPOINT_DIR
-    path = folder / f"step_{step:08d}.dcp"
-    tmp = folder / f".step_{step:08d}.dcp.tmp"
-    if is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        folder.mkdir(parents=True, exist_ok=True)
-    dist.barrier()  # FSDP runs in a process group: the other ranks wait for the clean folder
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp))
-    dist.barrier()
-    # renamed once every rank is done and meta.pt is in: a crash never leaves a partial folder that a resume picks
-    if is_main:
-        save_checkpoint(tmp / SHARDED_META, meta)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-        fsync_dir(folder)
-        _point_latest_and_prune(path, keep_last)
-    dist.barrier()
-    return path
-
-
 def load_sharded_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
     """Load a step_N.dcp folder into `model` (FSDP-sharded or not, any world size) and `optimizer`; returns meta."""
     import torch.distributed.checkpoint as dcp
@@ -180,13 +150,35 @@ def save_training_state(
     run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict,
     keep_last: int, info: DistInfo, sharded: bool,
 ) -> None:  # fmt: skip
-    """The resume checkpoint of step `step` (`model` unwrapped and uncompiled); every rank calls it."""
+    """Every rank calls it: rank 0 writes step_N.pt (`model` unwrapped, uncompiled), or under FSDP all step_N.dcp/."""
     meta = {**meta, "rng": all_gather_objects(capture_rng_state(), info)}
-    if sharded:
-        save_sharded_and_prune(run_dir, step, model, optimizer, meta, keep_last, info.is_main)
-    elif info.is_main:
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **meta}
-        save_and_prune(run_dir, step, state, keep_last=keep_last)
+    if not sharded:
+        if info.is_main:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **meta}
+            save_and_prune(run_dir, step, state, keep_last=keep_last)
+        return
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    path = folder / f"step_{step:08d}.dcp"
+    tmp = folder / f".step_{step:08d}.dcp.tmp"
+    if info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
+    dist.barrier()  # FSDP runs in a process group: the other ranks wait for the clean folder
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp))
+    dist.barrier()
+    # renamed once every rank is done and meta.pt is in: a crash never leaves a partial folder that a resume picks
+    if info.is_main:
+        save_checkpoint(tmp / SHARDED_META, meta)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+        fsync_dir(folder)
+        _point_latest_and_prune(path, keep_last)
+    dist.barrier()
 
 
 def find_latest_checkpoint(run_dir: str | Path) -> Path | None:

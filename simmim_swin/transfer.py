@@ -164,12 +164,10 @@ def infer_architecture(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
             f"{sample}); pass a SimMIM, reference or timm swinv2 checkpoint"
         )
     embed_dim, in_chans, patch_size = proj.shape[0], proj.shape[1], proj.shape[2]
-    depths = []
+    depths, num_heads = [], []
     for i in stages:
         blocks = {int(m.group(1)) for key in state_dict if (m := re.match(rf"layers\.{i}\.blocks\.(\d+)\.", key))}
         depths.append(max(blocks) + 1)
-    num_heads = []
-    for i in stages:
         scale = state_dict.get(f"layers.{i}.blocks.0.attn.logit_scale")
         if scale is None:
             raise ValueError(
@@ -209,15 +207,10 @@ class TransferReport:
         for title, groups in (("dropped", self.dropped), ("re-created", self.recreated)):
             for reason, keys in groups.items():
                 if keys:
-                    shown = ", ".join(_short(keys))
+                    # per-block keys collapse to patterns (layers.*.blocks.*.attn.attn_mask)
+                    shown = ", ".join(dict.fromkeys(re.sub(r"\.\d+(?=\.)", ".*", key) for key in keys))
                     lines.append(f"{title} ({reason}): {len(keys)}: {shown}")
         return "\n".join(lines)
-
-
-def _short(keys: list[str]) -> list[str]:
-    """Collapse per-block keys to patterns (layers.*.blocks.*.attn.attn_mask) for a readable summary."""
-    patterns = dict.fromkeys(re.sub(r"\.\d+\.", ".*.", re.sub(r"\.\d+\.", ".*.", key)) for key in keys)
-    return list(patterns)
 
 
 def _match(
