@@ -419,10 +419,8 @@ def resolve_init_from(
 
 def load_simmim_weights(model: SimMIM, pretrained: PretrainedWeights) -> TransferReport:
     """Load an encoder strictly, and the mask token and decoder when present and of the right shape, into SimMIM."""
-    state_dict = dict(pretrained.state_dict)
-    report = load_encoder_weights(model.encoder, state_dict, source=str(pretrained.path))  # adapts the channels
+    report = load_encoder_weights(model.encoder, pretrained.state_dict, source=str(pretrained.path))
     report.dropped = {**pretrained.dropped, **report.dropped}
-    report.recreated.pop("fresh classifier head", None)  # a SimMIM encoder has no head to speak of
     target = model.decoder.state_dict()
     decoder = {key.removeprefix("decoder."): value for key, value in pretrained.decoder.items()}
     if decoder and set(decoder) == set(target) and all(decoder[k].shape == target[k].shape for k in target):
