@@ -262,17 +262,11 @@ def load_checkpoint(path: str | Path) -> dict:
 def capture_rng_state() -> dict[str, Any]:
     """Python, numpy (global), torch CPU and all CUDA generators, as plain types that weights_only=True loads."""
     py_version, py_state, py_gauss = random.getstate()
-    # np.random.get_state() holds an ndarray that weights_only=True refuses: keep the dict form, key as a list.
-    np_state = np.random.get_state(legacy=False)
+    np_name, np_key, np_pos, np_has_gauss, np_gauss = np.random.get_state()  # the key, an ndarray: stored as a list
+    numpy_state = dict(bit_generator=np_name, key=np_key.tolist(), pos=np_pos, has_gauss=np_has_gauss, gauss=np_gauss)
     state: dict[str, Any] = {
         "python": {"version": py_version, "state": list(py_state), "gauss_next": py_gauss},
-        "numpy": {
-            "bit_generator": np_state["bit_generator"],
-            "key": np_state["state"]["key"].tolist(),
-            "pos": int(np_state["state"]["pos"]),
-            "has_gauss": int(np_state["has_gauss"]),
-            "gauss": float(np_state["gauss"]),
-        },
+        "numpy": numpy_state,
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -282,20 +276,11 @@ def capture_rng_state() -> dict[str, Any]:
 
 def restore_rng_state(state: dict[str, Any]) -> None:
     """Restore what capture_rng_state saved; CUDA states are skipped on a machine without CUDA."""
-    py = state["python"]
+    py, np_state = state["python"], state["numpy"]
     random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
-    np_state = state["numpy"]
-    np.random.set_state(
-        {
-            "bit_generator": np_state["bit_generator"],
-            "state": {"key": np.asarray(np_state["key"], dtype=np.uint32), "pos": np_state["pos"]},
-            "has_gauss": np_state["has_gauss"],
-            "gauss": np_state["gauss"],
-        }
-    )
+    key = np.asarray(np_state["key"], dtype=np.uint32)
+    np.random.set_state((np_state["bit_generator"], key, np_state["pos"], np_state["has_gauss"], np_state["gauss"]))
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        # Resuming on fewer visible devices restores the ones present.
-        cuda_states = state["cuda"][: torch.cuda.device_count()]
-        for index, cuda_state in enumerate(cuda_states):
-            torch.cuda.set_rng_state(cuda_state.cpu(), index)
+        # resuming on fewer visible devices restores the ones present (loaded to the CPU, as set_rng_state wants)
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
