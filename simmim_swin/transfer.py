@@ -370,16 +370,12 @@ def build_classifier(
 def _check_same_architecture(model_cfg: ModelConfig, pretrained: PretrainedWeights) -> None:
     """The configured encoder must have the weights' shape (only size, window and channels may change)."""
     found = infer_architecture(pretrained.state_dict)
-    ours = {
-        **size_fields(model_cfg.arch, model_cfg.embed_dim, model_cfg.depths, model_cfg.num_heads),
-        "patch_size": model_cfg.patch_size,
-        "mlp_ratio": model_cfg.mlp_ratio,
-        "ape": model_cfg.ape,
-    }
-    differ = [key for key in ours if ours[key] != found[key]]
+    keys = ("embed_dim", "depths", "num_heads", "patch_size", "mlp_ratio", "ape")
+    ours = to_dict(model_cfg) | size_fields(model_cfg.arch, model_cfg.embed_dim, model_cfg.depths, model_cfg.num_heads)
+    differ = [key for key in keys if ours[key] != found[key]]
     if not differ:
         return  # load_encoder_weights names any key that still does not fit
-    inferred = dataclasses.replace(model_cfg, arch=found["arch"], **{key: found[key] for key in ours})
+    inferred = dataclasses.replace(model_cfg, arch=found["arch"], **{key: found[key] for key in keys})
     if not _misfit(inferred, pretrained):  # the advice below is checked before it is given
         fix = " ".join(f"model.{key}={found[key]}".replace(" ", "") for key in ["arch", *differ])
         raise ConfigError(
