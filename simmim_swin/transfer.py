@@ -14,9 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timm.layers import trunc_normal_
 from timm.models import adapt_input_conv
-from torch import nn
 
 from .checkpoint import load_weights_file, resolve_checkpoint
 from .config import ConfigError, FinetuneModelConfig, ModelConfig, from_dict, to_dict
@@ -290,7 +288,7 @@ def load_encoder_weights(
     return TransferReport(loaded=sorted(weights), dropped=dropped, recreated=recreated)
 
 
-def reinit_cpb_mlp(model: nn.Module, seed: int = 0) -> list[str]:
+def reinit_cpb_mlp(model: SwinTransformerV2, seed: int = 0) -> list[str]:
     """Re-draw every CPB MLP as at init from `seed`, the global generators left as they were: the no-CPB ablation."""
     names = []
     # the CPU generator alone (torch.manual_seed would reseed CUDA too, which fork_rng(devices=[]) does not restore)
@@ -298,11 +296,7 @@ def reinit_cpb_mlp(model: nn.Module, seed: int = 0) -> list[str]:
         torch.default_generator.manual_seed(seed)
         for name, module in model.named_modules():
             if isinstance(module, WindowAttention):
-                for layer in module.cpb_mlp:
-                    if isinstance(layer, nn.Linear):
-                        trunc_normal_(layer.weight, std=0.02)
-                        if layer.bias is not None:
-                            nn.init.zeros_(layer.bias)
+                module.cpb_mlp.apply(model._init_weights)  # timm's: trunc-normal 0.02 Linear weights, zero biases
                 names.append(f"{name}.cpb_mlp")
     return names
 
