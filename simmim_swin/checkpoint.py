@@ -1,10 +1,7 @@
 """Training checkpoints: atomic save, keep-last-k with a `latest` pointer, auto-resume lookup, RNG state.
 
 Layout: <run_dir>/checkpoints/step_00001000.pt (or step_00001000.dcp/ for FSDP) ... plus `latest`, a text file
-holding the newest name.
-Every file is written to a temporary name in the same folder and renamed over the target, so a crash leaves
-either the old file or the new one, never a torn one. Checkpoints hold only tensors and plain Python types:
-they load with torch.load(weights_only=True).
+holding the newest name. Checkpoints hold only tensors and plain types: they load with weights_only=True.
 """
 
 from __future__ import annotations
@@ -42,7 +39,6 @@ def save_checkpoint(path: str | Path, state: dict) -> Path:
 
 
 def _step_files(folder: Path) -> list[tuple[int, Path]]:
-    """(step, path) of every complete step_*.pt in `folder`, oldest first."""
     if not folder.is_dir():
         return []
     found = []
@@ -54,20 +50,17 @@ def _step_files(folder: Path) -> list[tuple[int, Path]]:
 
 
 def save_and_prune(run_dir: str | Path, step: int, state: dict, keep_last: int) -> Path:
-    """Save run_dir/checkpoints/step_{step:08d}.pt, point `latest` at it, delete all but the newest keep_last (>= 1,
-    as the run config is checked)."""
-    folder = Path(run_dir) / CHECKPOINT_DIR
-    path = save_checkpoint(folder / f"step_{step:08d}.pt", state)
-    atomic_write(folder / LATEST_POINTER, path.name)
-    _prune(folder, keep=path, keep_last=keep_last)
+    """Save run_dir/checkpoints/step_{step:08d}.pt, point `latest` at it, delete all but the newest keep_last."""
+    path = save_checkpoint(Path(run_dir) / CHECKPOINT_DIR / f"step_{step:08d}.pt", state)
+    _point_latest_and_prune(path, keep_last)
     return path
 
 
-def _prune(folder: Path, keep: Path, keep_last: int) -> None:
-    """Delete all but the newest keep_last checkpoints, never `keep` (the one `latest` names)."""
-    files = _step_files(folder)
+def _point_latest_and_prune(path: Path, keep_last: int) -> None:
+    atomic_write(path.parent / LATEST_POINTER, path.name)
+    files = _step_files(path.parent)
     for _, old in files[: max(len(files) - keep_last, 0)]:
-        if old == keep:  # even if an older run left higher steps behind
+        if old == path:  # even if an older run left higher steps behind
             continue
         if old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
@@ -75,72 +68,26 @@ def _prune(folder: Path, keep: Path, keep_last: int) -> None:
             old.unlink(missing_ok=True)
 
 
-def save_sharded_and_prune(
-    run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict,
-    keep_last: int, is_main: bool,
-) -> Path:  # fmt: skip
-    """Every rank writes its shards of model and optimizer to run_dir/checkpoints/step_{step:08d}.dcp.
-
-    The folder is written under a temporary name and renamed by rank 0 once every rank is done and meta.pt
-    (`meta`: step, config, RNG states ...) is in it, so a crash never leaves a partial checkpoint that a resume
-    would pick. It loads at any world size, also into one process without FSDP (load_sharded_checkpoint).
-    """
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    folder = Path(run_dir) / CHECKPOINT_DIR
-    path = folder / f"step_{step:08d}.dcp"
-    tmp = folder / f".step_{step:08d}.dcp.tmp"
-    if is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        folder.mkdir(parents=True, exist_ok=True)
-    dist.barrier()  # FSDP runs in a process group: the other ranks wait for the clean folder
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp))
-    dist.barrier()
-    if is_main:
-        save_checkpoint(tmp / SHARDED_META, meta)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-        fsync_dir(folder)
-        atomic_write(folder / LATEST_POINTER, path.name)
-        _prune(folder, keep=path, keep_last=keep_last)
-    dist.barrier()
-    return path
-
-
 def load_sharded_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
     """Load a step_N.dcp folder into `model` (FSDP-sharded or not, any world size) and `optimizer`; returns meta."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    path = Path(path)
-    meta = load_checkpoint(path / SHARDED_META)
-    state = {"model": get_model_state_dict(model)}
-    if optimizer is not None:
-        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    optimizers = [] if optimizer is None else [optimizer]
+    model_state, optimizer_state = get_state_dict(model, optimizers)
+    state = {"model": model_state, "optimizer": optimizer_state}
     with warnings.catch_warnings():
         # loading without a process group (resuming an FSDP run in one process) is intended here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
         dcp.load(state, checkpoint_id=str(path))
-    set_model_state_dict(model, state["model"])
-    if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, state["optimizer"])
-    return meta
+    set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    return load_checkpoint(Path(path) / SHARDED_META)
 
 
 def _consolidate_sharded_model(path: Path) -> dict[str, torch.Tensor]:
-    """The full model state dict of a step_N.dcp folder, read in one process."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    # dcp_to_torch_save is the public way to read a DCP folder without the model that wrote it; it converts the
-    # optimizer state too, which is dropped here (whole-model readers: fine-tuning, export, inspect, reconstruct)
+    # the public way to read a DCP folder without the model that wrote it (the optimizer state it converts is dropped)
     with tempfile.TemporaryDirectory(prefix="simmim-dcp-") as tmp:
         whole = Path(tmp) / "checkpoint.pt"
         try:
@@ -156,11 +103,11 @@ def _consolidate_sharded_model(path: Path) -> dict[str, torch.Tensor]:
 def check_total_batch(state: dict, total_batch: int, path: str | Path, images_per_batch_size: int) -> None:
     """Refuse to resume with another total batch: the run's step count, schedule and lr are functions of it.
 
-    images_per_batch_size = processes x optim.accum_steps, what one unit of data.batch_size adds to the total.
-    Checkpoints written before the total batch was recorded pass.
+    Args:
+        images_per_batch_size: processes x optim.accum_steps, what one unit of data.batch_size adds to the total.
     """
     saved = state.get("total_batch")
-    if saved is None or saved == total_batch:
+    if saved is None or saved == total_batch:  # checkpoints from before the total batch was recorded pass
         return
     keep = (
         f"data.batch_size={saved // images_per_batch_size}"
@@ -184,10 +131,7 @@ def restore_training_state(
     path: str | Path, state: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None, rank: int, sharded: bool,
 ) -> None:  # fmt: skip
-    """Load the model, optimizer, scaler and this rank's RNG state of checkpoint `path` (meta `state`).
-
-    A step_N.dcp folder loads at any world size, FSDP or not; a whole step_N.pt cannot be loaded into FSDP shards.
-    """
+    """Load the model, optimizer, scaler and this rank's RNG state of checkpoint `path` (meta `state`)."""
     if Path(path).is_dir():  # step_N.dcp
         load_sharded_checkpoint(path, model, optimizer)
     elif sharded:
@@ -206,17 +150,35 @@ def save_training_state(
     run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict,
     keep_last: int, info: DistInfo, sharded: bool,
 ) -> None:  # fmt: skip
-    """The resume checkpoint of step `step`; every rank calls it (the RNG states are gathered from all ranks).
-
-    Under FSDP every rank writes its shards into step_N.dcp/; otherwise rank 0 writes step_N.pt with the unwrapped,
-    uncompiled module's weights (no `module.` or `_orig_mod.` prefixes). `meta` is everything else to keep.
-    """
+    """Every rank calls it: rank 0 writes step_N.pt (`model` unwrapped, uncompiled), or under FSDP all step_N.dcp/."""
     meta = {**meta, "rng": all_gather_objects(capture_rng_state(), info)}
-    if sharded:
-        save_sharded_and_prune(run_dir, step, model, optimizer, meta, keep_last, info.is_main)
-    elif info.is_main:
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **meta}
-        save_and_prune(run_dir, step, state, keep_last=keep_last)
+    if not sharded:
+        if info.is_main:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **meta}
+            save_and_prune(run_dir, step, state, keep_last=keep_last)
+        return
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    path = folder / f"step_{step:08d}.dcp"
+    tmp = folder / f".step_{step:08d}.dcp.tmp"
+    if info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
+    dist.barrier()  # FSDP runs in a process group: the other ranks wait for the clean folder
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp))
+    dist.barrier()
+    # renamed once every rank is done and meta.pt is in: a crash never leaves a partial folder that a resume picks
+    if info.is_main:
+        save_checkpoint(tmp / SHARDED_META, meta)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+        fsync_dir(folder)
+        _point_latest_and_prune(path, keep_last)
+    dist.barrier()
 
 
 def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -246,8 +208,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def _what_to_do(path: Path) -> str:
-    """The fix for an unreadable file: a run's own step checkpoint can be deleted (the run resumes from an older
-    one); any other file (a pretrained= or evaluate= path, an export) has to be found or written again."""
     step_file = path if _STEP_FILE.fullmatch(path.name) else path.parent
     if step_file.parent.name == CHECKPOINT_DIR and _STEP_FILE.fullmatch(step_file.name):
         return f"Delete {step_file} to resume from an older checkpoint."
@@ -255,17 +215,13 @@ def _what_to_do(path: Path) -> str:
 
 
 def load_weights_file(path: str | Path) -> dict:
-    """A checkpoint's contents (load_checkpoint), or a .safetensors file read as one: {"model": tensors,
-    "export_format": ...} plus, for a `simmim-swin export`, what its metadata records (config.model, step,
-    stage_window_sizes, pretrained_window_sizes, num_classes, class_names). Not timm's load_state_dict: it returns
-    the weights alone, without the config and windows stored beside them."""
+    """A checkpoint's contents, or a .safetensors file read as one (with what a `simmim-swin export` records)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         return load_checkpoint(path)
+    # not timm's load_state_dict: it returns the weights alone, without the config and windows stored beside them
     from safetensors import SafetensorError, safe_open
 
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; check the path")
     try:
         with safe_open(str(path), framework="pt") as f:
             tensors, metadata = {key: f.get_tensor(key) for key in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
@@ -285,11 +241,7 @@ def load_weights_file(path: str | Path) -> dict:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """torch.load(weights_only=True) to the CPU, errors naming the file; a step_N.dcp folder gives its whole model.
-
-    For a sharded (FSDP) checkpoint the result is meta.pt's contents plus "model", the full state dict gathered
-    from the shards in this one process (no process group needed), as a whole-model checkpoint holds it.
-    """
+    """torch.load(weights_only=True) to the CPU, errors naming the file; a step_N.dcp folder gives its whole model."""
     path = Path(path)
     if (path / SHARDED_META).is_file():
         return {**load_checkpoint(path / SHARDED_META), "model": _consolidate_sharded_model(path)}
@@ -310,17 +262,11 @@ def load_checkpoint(path: str | Path) -> dict:
 def capture_rng_state() -> dict[str, Any]:
     """Python, numpy (global), torch CPU and all CUDA generators, as plain types that weights_only=True loads."""
     py_version, py_state, py_gauss = random.getstate()
-    # np.random.get_state() holds an ndarray that weights_only=True refuses: keep the dict form, key as a list.
-    np_state = np.random.get_state(legacy=False)
+    np_name, np_key, np_pos, np_has_gauss, np_gauss = np.random.get_state()  # the key, an ndarray: stored as a list
+    numpy_state = dict(bit_generator=np_name, key=np_key.tolist(), pos=np_pos, has_gauss=np_has_gauss, gauss=np_gauss)
     state: dict[str, Any] = {
         "python": {"version": py_version, "state": list(py_state), "gauss_next": py_gauss},
-        "numpy": {
-            "bit_generator": np_state["bit_generator"],
-            "key": np_state["state"]["key"].tolist(),
-            "pos": int(np_state["state"]["pos"]),
-            "has_gauss": int(np_state["has_gauss"]),
-            "gauss": float(np_state["gauss"]),
-        },
+        "numpy": numpy_state,
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -330,20 +276,11 @@ def capture_rng_state() -> dict[str, Any]:
 
 def restore_rng_state(state: dict[str, Any]) -> None:
     """Restore what capture_rng_state saved; CUDA states are skipped on a machine without CUDA."""
-    py = state["python"]
+    py, np_state = state["python"], state["numpy"]
     random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
-    np_state = state["numpy"]
-    np.random.set_state(
-        {
-            "bit_generator": np_state["bit_generator"],
-            "state": {"key": np.asarray(np_state["key"], dtype=np.uint32), "pos": np_state["pos"]},
-            "has_gauss": np_state["has_gauss"],
-            "gauss": np_state["gauss"],
-        }
-    )
+    key = np.asarray(np_state["key"], dtype=np.uint32)
+    np.random.set_state((np_state["bit_generator"], key, np_state["pos"], np_state["has_gauss"], np_state["gauss"]))
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        # Resuming on fewer visible devices restores the ones present.
-        cuda_states = state["cuda"][: torch.cuda.device_count()]
-        for index, cuda_state in enumerate(cuda_states):
-            torch.cuda.set_rng_state(cuda_state.cpu(), index)
+        # resuming on fewer visible devices restores the ones present (loaded to the CPU, as set_rng_state wants)
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])

@@ -1,9 +1,4 @@
-"""Atomic file writes: a reader (a resume, wandb, a browser, a sync job) or a crash never sees half a file.
-
-Every write goes to a dot-prefixed temporary file in the target's folder (so it never matches a pattern such as
-step_*.pt), is flushed and fsynced, gets the mode a plain `open()` would give, and is renamed over the target;
-the folder is then fsynced so the rename itself is on disk.
-"""
+"""Atomic file writes: a reader (a resume, wandb, a browser, a sync job) or a crash never sees half a file."""
 
 from __future__ import annotations
 
@@ -14,8 +9,8 @@ from pathlib import Path
 from typing import IO
 
 # tempfile.mkstemp creates files with mode 0600 and os.replace keeps it, which would leave every atomically
-# written file unreadable by the group whatever the umask. Read the umask once (os.umask can only be read by
-# setting it) and give temporary files the mode open() would: 0o666 & ~umask.
+# written file unreadable by the group whatever the umask: give temporary files the mode open() would (os.umask
+# can only be read by setting it, so once, at import)
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK
@@ -31,24 +26,21 @@ def fsync_dir(folder: str | os.PathLike) -> None:
 
 
 def atomic_write(path: str | os.PathLike, content: bytes | str | Callable[[IO[bytes]], None]) -> Path:
-    """Write `content` to `path` atomically and return the path; parent folders are created.
+    """Write `content` to `path` atomically (temporary file, fsync, rename, fsync of the folder); returns the path.
 
     Args:
-        path: the target file; replaced if it exists.
-        content: bytes, text (written as UTF-8), or a function called with the open binary file
-            (e.g. `lambda f: torch.save(state, f)`). If it raises, the target is untouched and no temporary
-            file is left behind.
+        content: bytes, text (written as UTF-8), or a function called with the open binary file (e.g.
+            `lambda f: torch.save(state, f)`). If it raises, the target is untouched and no temporary file is left.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(content, str):
-        content = content.encode("utf-8")
-    if isinstance(content, bytes):
-        data = content
+    if isinstance(content, (bytes, str)):
+        data = content.encode("utf-8") if isinstance(content, str) else content
 
         def content(f: IO[bytes]) -> None:
             f.write(data)
 
+    # dot-prefixed, so that it never matches a pattern such as step_*.pt
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with open_temporary(fd) as raw:
@@ -65,13 +57,10 @@ def atomic_write(path: str | os.PathLike, content: bytes | str | Callable[[IO[by
             os.fsync(raw.fileno())
         os.chmod(tmp_name, FILE_MODE)
         os.replace(tmp_name, path)
-    except OSError as e:
+    except BaseException as e:
         Path(tmp_name).unlink(missing_ok=True)
-        if e.filename is None or e.filename == tmp_name:  # name the target, not the hidden temporary file
+        if isinstance(e, OSError) and e.filename in (None, tmp_name):  # name the target, not the temporary file
             raise OSError(e.errno, e.strerror, str(path)) from e
-        raise
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
     return path

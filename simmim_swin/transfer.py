@@ -1,13 +1,6 @@
-"""Load pretrained SwinV2 weights into a model built at a new image size and window (docs/reference.md §3).
-
-Three sources: our checkpoints (SimMIM pretraining, fine-tuning, safetensors exports), the reference
-implementation's (Microsoft's SimMIM / Swin-Transformer: `encoder.` prefix, `rpe_mlp`, patch merging at the end of
-a stage, `head.weight`, a flat absolute position embedding) and timm's `swinv2_*` state dicts. All are read into
-our (timm) layout, then loaded strictly: only the derived tables (rebuilt for the new window), the SimMIM-only
-weights (mask token, decoder) and the classifier head may be absent or dropped; anything else missing or
-mis-shaped raises a ValueError that names the keys. The continuous-position-bias MLP loads unchanged: with
-`pretrained_window_sizes` set to the windows it was trained at, offsets inside the old window map to exactly the
-inputs it saw, and larger offsets are extrapolated.
+"""Load pretrained SwinV2 weights (ours, the reference implementation's, timm's, Hugging Face's) into a model built
+at a new image size and window (docs/reference.md §3): strict about every key, the continuous position bias carried
+over by building the model with `pretrained_window_sizes` set to the windows it was trained at.
 """
 
 from __future__ import annotations
@@ -21,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from timm.models import adapt_input_conv
 
 from .checkpoint import load_weights_file, resolve_checkpoint
-from .config import ConfigError, FinetuneModelConfig, ModelConfig, WeightFormat, from_dict, to_dict
+from .config import ConfigError, FinetuneModelConfig, ModelConfig, from_dict, to_dict
 from .hf import from_hf, hf_windows, is_hf_folder, read_hf_folder
 from .models import SimMIM, build_encoder
 from .models.swinv2 import SWINV2_SIZES, SwinTransformerV2, WindowAttention, is_derived_buffer, size_fields
@@ -68,18 +61,14 @@ def detect_format(weights: dict[str, Any]) -> str:
 
 
 def convert_reference(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The reference implementation's SwinV2 / SimMIM layout -> ours (`encoder.` prefixes are kept as they are).
-
-    The reference stores a stage's patch merging at the END of stage i (`layers.i.downsample`), timm and we at the
-    start of stage i + 1; its CPB MLP is `rpe_mlp` in the SimMIM code base; its classifier is `head`, ours
-    `head.fc`; its absolute position embedding is flat (1, L, C), ours (1, H, W, C) (square grids only). timm's
-    swinv2 `checkpoint_filter_fn` moves the merging and head too, but needs the target model, drops the tables
-    unreported and knows neither the SimMIM `encoder.` prefix, `rpe_mlp` nor the flat position embedding.
-    """
+    """The reference implementation's SwinV2 / SimMIM layout -> ours (`encoder.` prefixes are kept as they are)."""
+    # not timm's checkpoint_filter_fn: it needs the target model, drops the tables unreported and knows neither the
+    # SimMIM `encoder.` prefix, `rpe_mlp` nor the flat position embedding
     out = {}
     for key, value in state_dict.items():
         prefix = "encoder." if key.startswith("encoder.") else ""
         name = key[len(prefix) :]
+        # the reference merges patches at the end of stage i, timm and we at the start of stage i + 1
         name = re.sub(r"^layers\.(\d+)\.downsample\.", lambda m: f"layers.{int(m.group(1)) + 1}.downsample.", name)
         name = name.replace(".rpe_mlp.", ".cpb_mlp.")
         if name in ("head.weight", "head.bias"):
@@ -101,16 +90,13 @@ def _stage_ids(state_dict: dict[str, Any]) -> list[int]:
 
 
 def windows_from_tables(state_dict: dict[str, torch.Tensor]) -> tuple[list[int], list[int]] | None:
-    """(stage windows, CPB normalisers) recovered from stored coords tables (the reference keeps them), or None.
-
-    A table of window W has shape (1, 2W-1, 2W-1, 2); its largest entry log2(8(W-1)/(n-1) + 1)/3 gives the
-    normaliser n back (n = W when the table was built without a pretrained window).
-    """
+    """(stage windows, CPB normalisers) recovered from stored coords tables (the reference keeps them), or None."""
     windows, normalisers = [], []
     for i in _stage_ids(state_dict):
         table = state_dict.get(f"layers.{i}.blocks.0.attn.relative_coords_table")
         if table is None:
             return None
+        # 1, 2W-1, 2W-1, 2; its largest entry log2(8(W-1)/(n-1) + 1)/3 gives the normaliser n back (W: none given)
         window = (table.shape[-2] + 1) // 2
         top = table.abs().max().item()
         normaliser = window if window == 1 or top == 0 else 1 + round(8 * (window - 1) / (2 ** (3 * top) - 1))
@@ -125,30 +111,8 @@ def _model_weights(state: dict[str, Any]) -> dict[str, Any]:
     return weights.get("state_dict", weights) if isinstance(weights.get("state_dict"), dict) else weights
 
 
-def _split_simmim(
-    state: dict[str, Any],
-) -> tuple[dict[str, torch.Tensor], dict[str, list[str]], dict[str, torch.Tensor]]:
-    """Strip the `encoder.` prefix and set the SimMIM decoder aside: (encoder, dropped keys, decoder)."""
-    weights = _model_weights(state)
-    dropped: dict[str, list[str]] = {}
-    decoder: dict[str, torch.Tensor] = {}
-    if any(key.startswith("encoder.") for key in weights):
-        out = {}
-        for key, value in weights.items():
-            if key.startswith("encoder."):
-                out[key[len("encoder.") :]] = value
-            else:
-                dropped.setdefault("SimMIM decoder", []).append(key)
-                if key.startswith("decoder."):
-                    decoder[key] = value
-        return out, dropped, decoder
-    return dict(weights), dropped, decoder
-
-
 def load_pretrained(path: str | Path, fmt: str = "auto") -> PretrainedWeights:
     """Read pretrained weights (run dir, .pt/.pth checkpoint or .safetensors) into our layout."""
-    if fmt not in list(WeightFormat):  # a library caller's string; configs hold a WeightFormat already
-        raise ValueError(f"pretrained_format={fmt!r} is unknown; use one of {[f.value for f in WeightFormat]}")
     hf_config = None
     if is_hf_folder(path):  # a Hugging Face model folder: config.json + model.safetensors
         hf_config, path = read_hf_folder(path)
@@ -161,8 +125,12 @@ def load_pretrained(path: str | Path, fmt: str = "auto") -> PretrainedWeights:
         contents = {**contents, "model": convert_reference(_model_weights(contents))}
     elif fmt == "hf":
         contents = {"model": from_hf(_model_weights(contents))}
-    state_dict, dropped, decoder = _split_simmim(contents)
-    weights = PretrainedWeights(state_dict=state_dict, source_format=fmt, path=path, dropped=dropped, decoder=decoder)
+    state_dict = _model_weights(contents)
+    weights = PretrainedWeights(state_dict=dict(state_dict), source_format=fmt, path=path)
+    if any(key.startswith("encoder.") for key in state_dict):  # a SimMIM model: the decoder is set aside
+        weights.state_dict = {k.removeprefix("encoder."): v for k, v in state_dict.items() if k.startswith("encoder.")}
+        weights.decoder = {key: value for key, value in state_dict.items() if key.startswith("decoder.")}
+        weights.dropped = {"SimMIM decoder": [key for key in state_dict if not key.startswith("encoder.")]}
     if ours:
         weights.model_config = dict(contents["config"]["model"])
         weights.stage_window_sizes = list(contents["stage_window_sizes"])
@@ -177,7 +145,7 @@ def load_pretrained(path: str | Path, fmt: str = "auto") -> PretrainedWeights:
             names = [hf_config["id2label"][str(i)] for i in range(len(hf_config["id2label"]))]
             weights.extra = {"num_classes": len(names), "class_names": names}
     else:
-        found = windows_from_tables(state_dict)
+        found = windows_from_tables(weights.state_dict)
         if found is not None:
             weights.stage_window_sizes, weights.pretrained_window_sizes = found
     return weights
@@ -194,12 +162,10 @@ def infer_architecture(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
             f"{sample}); pass a SimMIM, reference or timm swinv2 checkpoint"
         )
     embed_dim, in_chans, patch_size = proj.shape[0], proj.shape[1], proj.shape[2]
-    depths = []
+    depths, num_heads = [], []
     for i in stages:
         blocks = {int(m.group(1)) for key in state_dict if (m := re.match(rf"layers\.{i}\.blocks\.(\d+)\.", key))}
         depths.append(max(blocks) + 1)
-    num_heads = []
-    for i in stages:
         scale = state_dict.get(f"layers.{i}.blocks.0.attn.logit_scale")
         if scale is None:
             raise ValueError(
@@ -239,40 +205,21 @@ class TransferReport:
         for title, groups in (("dropped", self.dropped), ("re-created", self.recreated)):
             for reason, keys in groups.items():
                 if keys:
-                    shown = ", ".join(_short(keys))
+                    # per-block keys collapse to patterns (layers.*.blocks.*.attn.attn_mask)
+                    shown = ", ".join(dict.fromkeys(re.sub(r"\.\d+(?=\.)", ".*", key) for key in keys))
                     lines.append(f"{title} ({reason}): {len(keys)}: {shown}")
         return "\n".join(lines)
 
 
-def _short(keys: list[str]) -> list[str]:
-    """Collapse per-block keys to patterns (layers.*.blocks.*.attn.attn_mask) for a readable summary."""
-    patterns = dict.fromkeys(re.sub(r"\.\d+\.", ".*.", re.sub(r"\.\d+\.", ".*.", key)) for key in keys)
-    return list(patterns)
-
-
-def _describe_mismatch(missing: list[str], unexpected: list[str], mis_shaped: list[str], source: str, hint: str) -> str:
-    parts = []
-    for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped)):
-        if keys:
-            more = f" and {len(keys) - _MAX_NAMES} more" if len(keys) > _MAX_NAMES else ""
-            parts.append(f"{title} keys ({len(keys)}): {', '.join(keys[:_MAX_NAMES])}{more}")
-    return f"{source} does not fit the model: " + "; ".join(parts) + hint
-
-
-def load_encoder_weights(
-    model: SwinTransformerV2, state_dict: dict[str, torch.Tensor], keep_head: bool = False, source: str = "checkpoint"
-) -> TransferReport:
-    """Load encoder weights strictly into `model` (built at any size / window); the head stays fresh by default.
-
-    Derived tables (coords table, position index, shift mask, zero k bias) are dropped and keep the values the
-    model built for its own window; the mask token and the SimMIM decoder are dropped (a SimMIM state dict's
-    `encoder.` prefix is stripped); `head.*` is dropped unless keep_head. Every other model weight must be present
-    with its shape, and no other key may be left over: otherwise a ValueError names the keys.
-    """
+def _match(
+    model: SwinTransformerV2, state_dict: dict[str, torch.Tensor], keep_head: bool, source: str, advise: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, list[str]], dict[str, list[str]], set[str]]:
+    """(weights to load, dropped by reason, adapted by reason, expected keys); a ValueError names what does not fit."""
     weights: dict[str, torch.Tensor] = {}
     dropped: dict[str, list[str]] = {}
     # an encoder with a mask token (SimMIM) takes the source's when it has one of the right shape, else keeps its own
-    fresh_mask_token = model.mask_token is not None and not _fits(state_dict, "mask_token", model.mask_token)
+    token = state_dict.get("mask_token", state_dict.get("encoder.mask_token"))
+    fresh_mask_token = model.mask_token is not None and getattr(token, "shape", None) != model.mask_token.shape
     for key, value in state_dict.items():
         key = key.removeprefix("encoder.")  # a whole SimMIM state dict works too
         if is_derived_buffer(key):
@@ -287,100 +234,75 @@ def load_encoder_weights(
         dropped.setdefault(reason, []).append(key)
 
     target = model.state_dict()  # derived tables are non-persistent buffers: not in here
-    adapted = _adapt_patch_embedding(weights, target)
-    expected = {key for key in target if (keep_head or not key.startswith("head.")) and key != "mask_token"}
-    if model.mask_token is not None and not fresh_mask_token:
-        expected.add("mask_token")
-    missing = sorted(expected - set(weights))
-    unexpected = sorted(set(weights) - expected)
-    mis_shaped = sorted(
-        f"{key} {tuple(weights[key].shape)} vs {tuple(target[key].shape)}"
-        for key in expected & set(weights)
-        if weights[key].shape != target[key].shape
-    )
-    if missing or unexpected or mis_shaped:
+    adapted = {}
+    old, new = weights.get("patch_embed.proj.weight"), target["patch_embed.proj.weight"]
+    if old is not None and old.shape != new.shape and old.shape[:1] + old.shape[2:] == new.shape[:1] + new.shape[2:]:
+        # weights trained on another channel count (an RGB checkpoint fine-tuned on 1, 4 or 13 bands)
+        weights["patch_embed.proj.weight"] = adapt_input_conv(new.shape[1], old)
+        reason = f"patch embedding adapted from {old.shape[1]} to {new.shape[1]} input channels (timm adapt_input_conv)"
+        adapted[reason] = ["patch_embed.proj.weight"]
+    expected = {key for key in target if keep_head or not key.startswith("head.")}
+    expected -= {"mask_token"} if fresh_mask_token else set()
+    problems = {
+        "missing": sorted(expected - set(weights)),
+        "unexpected": sorted(set(weights) - expected),
+        "mis-shaped": sorted(
+            f"{key} {tuple(weights[key].shape)} vs {tuple(target[key].shape)}"
+            for key in expected & set(weights)
+            if weights[key].shape != target[key].shape
+        ),
+    }
+    if any(problems.values()):
         hint = ""
         if any("relative_position_bias_table" in key for key in state_dict):
             hint = ". It looks like a Swin V1 checkpoint (relative_position_bias_table); only SwinV2 weights transfer"
-        elif mis_shaped or unexpected:
+        elif advise and (problems["mis-shaped"] or problems["unexpected"]):
             hint = ". Check the architecture (model.arch / embed_dim / depths / num_heads) against the checkpoint's"
-        raise ValueError(_describe_mismatch(missing, unexpected, mis_shaped, source, hint))
+        parts = []
+        for title, keys in problems.items():
+            if keys:
+                more = f" and {len(keys) - _MAX_NAMES} more" if len(keys) > _MAX_NAMES else ""
+                parts.append(f"{title} keys ({len(keys)}): {', '.join(keys[:_MAX_NAMES])}{more}")
+        raise ValueError(f"{source} does not fit the model: {'; '.join(parts)}{hint}")
+    return weights, dropped, adapted, expected
 
+
+def load_encoder_weights(
+    model: SwinTransformerV2, state_dict: dict[str, torch.Tensor], keep_head: bool = False, source: str = "checkpoint"
+) -> TransferReport:
+    """Load encoder weights strictly into `model` (any size / window); a ValueError names the keys that do not fit.
+
+    Dropped: the derived tables (rebuilt for the model's window), the SimMIM decoder, the mask token unless the
+    model has one of its shape (an `encoder.` prefix is stripped) and `head.*` unless keep_head.
+    """
+    weights, dropped, adapted, expected = _match(model, state_dict, keep_head, source)
+    target = model.state_dict()
     result = model.load_state_dict(weights, strict=False)
     assert not result.unexpected_keys and set(result.missing_keys) == set(target) - expected, result
     tables = sorted(name for name, _ in model.named_buffers() if is_derived_buffer(name))
     recreated = {"derived table for the new window": tables, **adapted}
     if not keep_head:
         recreated["fresh classifier head"] = sorted(key for key in target if key.startswith("head."))
-    if fresh_mask_token:
+    if "mask_token" in target and "mask_token" not in expected:
         recreated["fresh SimMIM mask token"] = ["mask_token"]
     return TransferReport(loaded=sorted(weights), dropped=dropped, recreated=recreated)
 
 
-def _fits(state_dict: dict[str, torch.Tensor], key: str, like: torch.Tensor) -> bool:
-    """The state dict holds `key` (with or without `encoder.`) with the shape of `like`."""
-    value = state_dict.get(key, state_dict.get(f"encoder.{key}"))
-    return value is not None and value.shape == like.shape
-
-
-def _adapt_patch_embedding(weights: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, list[str]]:
-    """Fit the patch embedding of weights trained on another channel count (an RGB checkpoint fine-tuned on 1, 4 or
-    13 bands) with timm's adapt_input_conv, in place; returns {reason: [key]} for the load report, or {}."""
-    key = "patch_embed.proj.weight"
-    old, new = weights.get(key), target.get(key)
-    if (
-        old is None
-        or new is None
-        or old.shape == new.shape
-        or old.shape[:1] + old.shape[2:] != new.shape[:1] + new.shape[2:]
-    ):
-        return {}
-    from timm.models import adapt_input_conv
-
-    weights[key] = adapt_input_conv(new.shape[1], old)
-    reason = f"patch embedding adapted from {old.shape[1]} to {new.shape[1]} input channels (timm adapt_input_conv)"
-    return {reason: [key]}
-
-
-def reinit_cpb_mlp(model: nn.Module, seed: int = 0) -> list[str]:
-    """Re-draw every CPB MLP as at init (trunc-normal 0.02 weights, zero bias) from `seed`, the global generators
-    left as they were: the no-transfer ablation."""
-    from timm.layers import trunc_normal_
-
+def reinit_cpb_mlp(model: SwinTransformerV2, seed: int = 0) -> list[str]:
+    """Re-draw every CPB MLP as at init from `seed`, the global generators left as they were: the no-CPB ablation."""
     names = []
     # the CPU generator alone (torch.manual_seed would reseed CUDA too, which fork_rng(devices=[]) does not restore)
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)
         for name, module in model.named_modules():
             if isinstance(module, WindowAttention):
-                for layer in module.cpb_mlp:
-                    if isinstance(layer, nn.Linear):
-                        trunc_normal_(layer.weight, std=0.02)
-                        if layer.bias is not None:
-                            nn.init.zeros_(layer.bias)
+                module.cpb_mlp.apply(model._init_weights)  # timm's: trunc-normal 0.02 Linear weights, zero biases
                 names.append(f"{name}.cpb_mlp")
     return names
 
 
-def _check_arch_matches_weights(arch: str, values: dict[str, Any], pretrained: PretrainedWeights) -> None:
-    """A model.arch given with pretrained weights must describe them: the model is built from the weights, and the
-    logs and the saved config would otherwise name another size."""
-
-    size, found = size_fields(arch), size_fields(arch, values["embed_dim"], values["depths"], values["num_heads"])
-    mismatched = [f"{key} {found[key]} (not {size[key]})" for key in size if found[key] != size[key]]
-    if mismatched:
-        raise ConfigError(
-            f"model.arch={arch} does not match the weights in {pretrained.path}: {'; '.join(mismatched)}. Leave "
-            "model.arch unset to take the checkpoint's size, or give a checkpoint of that size"
-        )
-
-
 def resolve_model_config(model_cfg: FinetuneModelConfig, pretrained: PretrainedWeights | None) -> ModelConfig:
-    """The classifier's full ModelConfig: the user's non-null fields over what the pretrained weights say.
-
-    pretrained_window_sizes defaults to the CPB normaliser each stage used when the weights were trained: the
-    windows of a SimMIM pretraining (192 px / window 12 -> [12, 12, 12, 6]), or a fine-tuned model's own ones.
-    """
+    """The classifier's full ModelConfig: the user's non-null fields over what the pretrained weights say."""
     values: dict[str, Any] = to_dict(ModelConfig())
     values.update(arch=None, img_size=None, window_size=None, pretrained_window_sizes=None)
     if pretrained is not None:
@@ -389,7 +311,7 @@ def resolve_model_config(model_cfg: FinetuneModelConfig, pretrained: PretrainedW
         values.update(infer_architecture(pretrained.state_dict))
         if known.get("arch") in SWINV2_SIZES:  # keeps size-only settings (extra norms of huge / giant)
             values["arch"] = known["arch"]
-        values["pretrained_window_sizes"] = pretrained.cpb_windows()
+        values["pretrained_window_sizes"] = pretrained.cpb_windows()  # 192 px / window 12 -> [12, 12, 12, 6]
     for key, value in to_dict(model_cfg).items():
         if value is not None or key == "fused_attn":
             values[key] = value
@@ -406,10 +328,17 @@ def resolve_model_config(model_cfg: FinetuneModelConfig, pretrained: PretrainedW
         )
     if values["arch"] not in SWINV2_SIZES:
         raise ConfigError(f"model.arch={values['arch']!r} is not a known size; choose one of {sorted(SWINV2_SIZES)}")
+    sizes = size_fields(values["arch"], values["embed_dim"], values["depths"], values["num_heads"])
     if pretrained is not None and model_cfg.arch is not None:
-        _check_arch_matches_weights(model_cfg.arch, values, pretrained)
-    # spelled out, so the saved config is complete
-    values.update(size_fields(values["arch"], values["embed_dim"], values["depths"], values["num_heads"]))
+        # the model is built from the weights: logs and the saved config would otherwise name another size
+        named = size_fields(model_cfg.arch)
+        mismatched = [f"{key} {sizes[key]} (not {named[key]})" for key in named if sizes[key] != named[key]]
+        if mismatched:
+            raise ConfigError(
+                f"model.arch={model_cfg.arch} does not match the weights in {pretrained.path}: {'; '.join(mismatched)}."
+                " Leave model.arch unset to take the checkpoint's size, or give a checkpoint of that size"
+            )
+    values.update(sizes)  # spelled out, so the saved config is complete
     return from_dict(ModelConfig, values, "model")
 
 
@@ -420,35 +349,28 @@ def build_classifier(
     keep_head: bool = False,
     verbose: bool = True,
 ) -> SwinTransformerV2:
-    """The classifier at model_cfg's size and window, with the pretrained encoder (and head if keep_head) loaded.
-
-    verbose logs what was loaded, dropped and re-created (rank 0 of a multi-process job alone does).
-    """
+    """The classifier at model_cfg's size and window, with the pretrained encoder (and head if keep_head) loaded."""
     model = build_encoder(**to_dict(model_cfg), num_classes=num_classes)
     if pretrained is not None:
         report = load_encoder_weights(model, pretrained.state_dict, keep_head=keep_head, source=str(pretrained.path))
-        dropped = {**pretrained.dropped, **report.dropped}
+        report.dropped = {**pretrained.dropped, **report.dropped}
         windows = f"windows {model.stage_window_sizes}, CPB normalised by {model.cpb_window_sizes}"
-        if verbose:
+        if verbose:  # rank 0 of a multi-process job alone
             log.info(f"loaded {pretrained.source_format} weights from {pretrained.path} ({windows})")
-            log.info(dataclasses.replace(report, dropped=dropped).summary())
+            log.info(report.summary())
     return model
 
 
 def _check_same_architecture(model_cfg: ModelConfig, pretrained: PretrainedWeights) -> None:
     """The configured encoder must have the weights' shape (only size, window and channels may change)."""
     found = infer_architecture(pretrained.state_dict)
-    ours = {
-        **size_fields(model_cfg.arch, model_cfg.embed_dim, model_cfg.depths, model_cfg.num_heads),
-        "patch_size": model_cfg.patch_size,
-        "mlp_ratio": model_cfg.mlp_ratio,
-        "ape": model_cfg.ape,
-    }
-    differ = [key for key in ours if ours[key] != found[key]]
+    keys = ("embed_dim", "depths", "num_heads", "patch_size", "mlp_ratio", "ape")
+    ours = to_dict(model_cfg) | size_fields(model_cfg.arch, model_cfg.embed_dim, model_cfg.depths, model_cfg.num_heads)
+    differ = [key for key in keys if ours[key] != found[key]]
     if not differ:
         return  # load_encoder_weights names any key that still does not fit
-    inferred = dataclasses.replace(model_cfg, arch=found["arch"], **{key: found[key] for key in ours})
-    if not shape_mismatches(inferred, pretrained.state_dict):  # the advice below is checked before it is given
+    inferred = dataclasses.replace(model_cfg, arch=found["arch"], **{key: found[key] for key in keys})
+    if not _misfit(inferred, pretrained):  # the advice below is checked before it is given
         fix = " ".join(f"model.{key}={found[key]}".replace(" ", "") for key in ["arch", *differ])
         raise ConfigError(
             f"init_from={pretrained.path} holds a different encoder: "
@@ -456,50 +378,28 @@ def _check_same_architecture(model_cfg: ModelConfig, pretrained: PretrainedWeigh
             + f". Configure its architecture: {fix}"
         )
     # the shapes contradict each other (e.g. widths that fit no single embed_dim / mlp_ratio): no setting fits
-    mismatches = shape_mismatches(model_cfg, pretrained.state_dict)
-    more = f" and {len(mismatches) - _MAX_NAMES} more" if len(mismatches) > _MAX_NAMES else ""
     raise ConfigError(
         f"init_from={pretrained.path} does not fit the configured encoder (model.arch={model_cfg.arch}), and no "
-        f"SwinV2 architecture fits all of its tensors (a damaged or edited file?); by key, the weights' shape vs "
-        f"the model's: {'; '.join(mismatches[:_MAX_NAMES])}{more}"
+        f"SwinV2 architecture fits all of its tensors (a damaged or edited file?): {_misfit(model_cfg, pretrained)}"
     )
 
 
-def shape_mismatches(model_cfg: ModelConfig, state_dict: dict[str, torch.Tensor]) -> list[str]:
-    """'key (weights' shape) vs (model's shape)' for every encoder weight that the encoder `model_cfg` builds lacks,
-    has extra or shapes otherwise (derived tables, head, mask token and decoder aside; the input channels may
-    differ); built on the meta device, so a giant model costs no memory."""
+def _misfit(model_cfg: ModelConfig, pretrained: PretrainedWeights) -> str:
+    """Why the weights do not fit the encoder model_cfg builds, or ''; on the meta device: a giant costs no memory."""
     with torch.device("meta"):
         encoder = build_encoder(**to_dict(model_cfg), num_classes=0)
-    model = {key: tuple(value.shape) for key, value in encoder.state_dict().items() if not key.startswith("head.")}
-    weights = {
-        key.removeprefix("encoder."): tuple(value.shape)
-        for key, value in state_dict.items()
-        if not (is_derived_buffer(key) or key.startswith(("head.", "decoder.")) or key.endswith("mask_token"))
-    }
-
-    def fits(key: str) -> bool:
-        ours, theirs = model.get(key), weights.get(key)
-        if key == "patch_embed.proj.weight" and ours and theirs:  # adapted to model.in_chans (adapt_input_conv)
-            return ours[:1] + ours[2:] == theirs[:1] + theirs[2:]
-        return ours == theirs
-
-    return [
-        f"{key} {weights.get(key, 'missing')} vs {model.get(key, 'absent')}"
-        for key in sorted(model.keys() | weights.keys())
-        if not fits(key)
-    ]
+    try:
+        _match(encoder, pretrained.state_dict, keep_head=False, source=str(pretrained.path), advise=False)
+    except ValueError as e:
+        return str(e)
+    return ""
 
 
 def resolve_init_from(
     model_cfg: ModelConfig, path: str | Path, fmt: str = "auto"
 ) -> tuple[ModelConfig, PretrainedWeights]:
-    """Read the weights a new pretraining run starts from and the model config to build for them.
-
-    The architecture must be the weights' (a ConfigError names the overrides otherwise); image size, window and
-    channel count may change. pretrained_window_sizes, unless set, becomes the windows the source's CPB was trained
-    at, as in fine-tuning (no change at all when size and window are the source's).
-    """
+    """The weights a new pretraining run starts from, and the model config (the CPB windows of the source's training,
+    unless set) to build for them: only image size, window and channel count may differ from the source's."""
     pretrained = load_pretrained(path, fmt)
     _check_same_architecture(model_cfg, pretrained)
     if model_cfg.pretrained_window_sizes is None and pretrained.cpb_windows() is not None:
@@ -508,15 +408,9 @@ def resolve_init_from(
 
 
 def load_simmim_weights(model: SimMIM, pretrained: PretrainedWeights) -> TransferReport:
-    """Load an encoder (and the mask token and decoder when present and of the right shape) into a SimMIM model.
-
-    Strict as load_encoder_weights about the encoder; the patch embedding is adapted (timm's adapt_input_conv)
-    when the channel count differs; a missing or mis-shaped decoder / mask token stays freshly initialised.
-    """
-    state_dict = dict(pretrained.state_dict)
-    report = load_encoder_weights(model.encoder, state_dict, source=str(pretrained.path))  # adapts the channels
+    """Load an encoder strictly, and the mask token and decoder when present and of the right shape, into SimMIM."""
+    report = load_encoder_weights(model.encoder, pretrained.state_dict, source=str(pretrained.path))
     report.dropped = {**pretrained.dropped, **report.dropped}
-    report.recreated.pop("fresh classifier head", None)  # a SimMIM encoder has no head to speak of
     target = model.decoder.state_dict()
     decoder = {key.removeprefix("decoder."): value for key, value in pretrained.decoder.items()}
     if decoder and set(decoder) == set(target) and all(decoder[k].shape == target[k].shape for k in target):
