@@ -76,7 +76,8 @@ def export_launcher_env() -> None:
         os.environ["RANK"] = os.environ["SLURM_PROCID"]
         os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
         os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-        os.environ.setdefault("MASTER_ADDR", _slurm_master_addr())
+        if "MASTER_ADDR" not in os.environ:  # setdefault would read the node list even when it is given
+            os.environ["MASTER_ADDR"] = _slurm_master_addr()
         # every task of the job derives the same port from the job id
         job_id = os.environ.get("SLURM_JOB_ID", "0")
         os.environ.setdefault("MASTER_PORT", str(20000 + zlib.crc32(job_id.encode()) % 20000))
@@ -166,9 +167,6 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
 def _end_daemonic_children() -> None:
     # multiprocessing ends daemonic children at exit with SIGTERM and then waits for them; loader workers ignore
     # SIGTERM (ignore_stop_signals), so a process leaving with live workers (e.g. an error that keeps the loader
@@ -203,7 +201,7 @@ class LoaderWorkerInit:
         # killed with SIGKILL or dying on an error
         try:
             libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+            libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1: PR_SET_PDEATHSIG (linux/prctl.h)
         except (OSError, AttributeError):  # no libc prctl (e.g. a static build): torch's own watchdog remains
             return
         if os.getppid() != self.parent_pid:  # the parent died before the request: no signal will come
@@ -263,38 +261,23 @@ class StopSignal:
             signal.signal(signum, previous)
 
 
-# the signals that ask a Slurm batch job to come back: the time-limit warning (--signal=TERM@120 or USR1@120) and
-# pre-emption. Ctrl-C and submitit's own signal are not among them (submitit requeues by itself).
-REQUEUE_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
 def under_submitit() -> bool:
     """This process was started by submitit (Hydra's submitit launcher), which requeues its jobs itself."""
     return "SUBMITIT_EXECUTOR" in os.environ or "SUBMITIT_FOLDER" in os.environ
-
-
-def _slurm_job_state(job_id: str) -> str | None:
-    """JobState of a Slurm job as scontrol reports it (e.g. RUNNING, CANCELLED), None if it cannot be read."""
-    try:
-        out = subprocess.run(
-            ["scontrol", "show", "job", "--oneliner", job_id], capture_output=True, text=True, check=True, timeout=60
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    fields = dict(item.split("=", 1) for item in out.split() if "=" in item)
-    return fields.get("JobState")
 
 
 def requeue_slurm_job(signum: int | None) -> bool:
     """Put this sbatch job (not submitit's) back in the queue after the checkpoint of a stop by SIGTERM / SIGUSR1,
     unless it was cancelled (`scancel` sends the same SIGTERM); returns whether it was requeued."""
     job_id = os.environ.get("SLURM_JOB_ID")
-    if not job_id or signum not in REQUEUE_SIGNALS or under_submitit():
+    # the time-limit warning (--signal=TERM@120 or USR1@120) and pre-emption; not Ctrl-C, nor submitit's own signal
+    if not job_id or signum not in (signal.SIGTERM, signal.SIGUSR1) or under_submitit():
         return False
-    state = _slurm_job_state(job_id)
-    if state is not None and state.startswith("CANCELLED"):
-        log.info(f"Slurm job {job_id} was cancelled: not requeued")
-        return False
+    with contextlib.suppress(OSError, subprocess.SubprocessError):  # a state that cannot be read: requeue
+        job = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=60)
+        if "JobState=CANCELLED" in job.stdout:
+            log.info(f"Slurm job {job_id} was cancelled: not requeued")
+            return False
     try:
         subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, check=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as e:

@@ -39,6 +39,8 @@ class Progress:
         redraw_s: the bar is redrawn at most this often (tqdm's mininterval).
     """
 
+    final_line = True  # the log file gets the count when a bar ends
+
     def __init__(
         self, total: int, desc: str, every: int = 1, stream: TextIO | None = None, tty: bool | None = None,
         initial: int = 0, clock: Callable[[], float] = time.monotonic, redraw_s: float = 0.1,
@@ -78,13 +80,15 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-            log.info(self.line(), extra=FILE_ONLY)
+            if self.final_line:
+                log.info(self.line(), extra=FILE_ONLY)
 
 
 class StepProgress(Progress):
     """Progress of a training run, shown at the log steps: `step N/M ep E`, the KNOWN metrics, the other numeric
     ones, then the ETA. A bar (on stdout by default, next to the messages) shows the KNOWN ones as its postfix."""
 
+    final_line = False  # the log file has the line of every `show`
     KNOWN = {"loss": "loss {:.4f}", "lr": "lr {:.2e}", "grad_norm": "grad {:.2f}", "images_per_sec": "img/s {:.1f}"}
 
     def __init__(
@@ -121,12 +125,6 @@ class StepProgress(Progress):
         self.bar.set_postfix_str(self.known(metrics), refresh=False)
         self.bar.update(step - self.bar.n)
         log.info(line, extra=FILE_ONLY)
-
-    def close(self) -> None:
-        """End the bar; the log file holds the lines of every `show` already."""
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 class _Terminal(logging.StreamHandler):

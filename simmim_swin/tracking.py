@@ -207,10 +207,6 @@ class MetricsLogger:
             Image.MAX_IMAGE_PIXELS = pixel_limit
         self.wandb_run.log(payload, step=int(step))
 
-    def log_image(self, step: int, key: str, png_path: str | Path) -> None:
-        """Send the PNG at `png_path` to wandb under `key`."""
-        self.log_images(step, {key: png_path})
-
     def log_summary(self, values: Mapping[str, Any]) -> None:
         """Merge `values` into run_dir/summary.json and the wandb run summary (final or best numbers of the run)."""
         values = {key: plain(value) for key, value in values.items()}
