@@ -181,12 +181,9 @@ def _end_daemonic_children() -> None:
 
 
 class LoaderWorkerInit:
-    """DataLoader worker_init_fn: the worker ignores the stop signals (the main process owns stopping) and never
-    outlives the main process, however that ends (SIGKILL, an error, a debugger exit).
-
-    Build it in the process that iterates the loader (its pid is the workers' parent). It also makes that process
-    end live daemonic workers when it exits, before multiprocessing's own exit handler waits for them.
-    """
+    """DataLoader worker_init_fn: the worker ignores the stop signals and never outlives the main process, however
+    that ends. Build it in the process that iterates the loader (the workers' parent): that process then ends live
+    daemonic workers when it exits, before multiprocessing's own exit handler waits for them."""
 
     def __init__(self) -> None:
         self.parent_pid = os.getpid()
@@ -213,8 +210,7 @@ class StopSignal:
 
     The ranks stop at the same step: `should_stop()` all-reduces the signal number on a gloo group, a CPU
     collective that never waits on the GPU stream. A handler installed before (submitit's: on SIGUSR2 rank 0
-    requeues the job and exits) is deferred: `hand_over()` calls it once the checkpoint is written.
-    """
+    requeues the job and exits) is deferred: `hand_over()` calls it once the checkpoint is written."""
 
     def __init__(self, info: DistInfo) -> None:
         self.info = info

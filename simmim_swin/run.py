@@ -352,12 +352,10 @@ class TrainingRun:
         if in_a_row >= self.run_cfg.max_consecutive_skips:
             raise TrainingDiverged(in_a_row, self.step, find_latest_checkpoint(self.run_dir))
         due = save_now or self.step % self.run_cfg.save_every == 0 or self.step == self.stop_step
-        saved = due and self.stats.in_a_row() == 0
-        if saved:
+        stopping = self.stop.should_stop()  # a stop saves whatever the step
+        if stopping or (due and self.stats.in_a_row() == 0):
             self.save()
-        if self.stop.should_stop():
-            if not saved:
-                self.save()
+        if stopping:
             raise Preempted(self.step, self.stop.name)
 
     def save(self) -> None:

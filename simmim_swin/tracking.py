@@ -124,11 +124,8 @@ class MetricsLogger:
             self._init_wandb(logger_cfg, config, run_name)
 
     def _init_wandb(self, logger_cfg: LoggerConfig, config: dict, run_name: str | None) -> None:
-        """Start (or resume) the wandb run; its id is kept in self.run_id and run_dir/wandb_run_id.
-
-        An online run whose server cannot be reached logs offline instead, with one warning naming the command
-        that uploads it later: a lost network never costs the training run.
-        """
+        """Start (or resume) the wandb run, its id kept in run_dir/wandb_run_id. An online run whose server cannot be
+        reached logs offline instead, with a warning naming the upload command: a lost network never costs the run."""
         import wandb  # imported here: a run with wandb disabled never pays its import time
 
         mode = str(logger_cfg.wandb)
@@ -174,8 +171,7 @@ class MetricsLogger:
         """Write {"step": step, **metrics} to metrics.jsonl and to wandb (names namespaced, see `wandb_name`).
 
         What an earlier process of this run logged already (steps up to its last line, and that line's keys) is
-        skipped: a run resumed from an older checkpoint repeats those steps, and neither sink goes back in step.
-        """
+        skipped: a run resumed from an older checkpoint repeats those steps, and neither sink goes back in step."""
         if not self.enabled or step < self._logged_until:
             return
         values = {key: plain(value) for key, value in metrics.items() if key != "step"}
@@ -218,10 +214,8 @@ class MetricsLogger:
             self.wandb_run.summary.update(values)
 
     def update_best(self, step: int, key: str, value: Any, mode: str = "min") -> bool:
-        """Record `value` as summary[key] (and the step as summary[key + "_step"]) if it beats the stored one.
-
-        Returns True when it did (e.g. to save a best checkpoint); mode is "min" (losses) or "max" (accuracies).
-        """
+        """Record `value` as summary[key] (the step as summary[key + "_step"]) and return True if it beats the stored
+        one: lower with mode "min" (losses), higher with "max" (accuracies)."""
         if mode not in ("min", "max"):
             raise ValueError(f"mode={mode!r} must be 'min' or 'max'")
         value = plain(value)
@@ -244,11 +238,8 @@ class MetricsLogger:
 
 
 def load_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl (or of the one in run directory `path`), in file order.
-
-    Lines that are not a JSON object with an integer "step" (a line cut short by a crash, say) are skipped with
-    a warning. Raises FileNotFoundError when there is no metrics file.
-    """
+    """The records of a metrics.jsonl (or of the one in run directory `path`), in file order; lines that are not a
+    JSON object with an integer "step" (a line cut short by a crash, say) are skipped with a warning."""
     path = Path(path)
     file = path / METRICS_FILE if path.is_dir() else path
     if not file.is_file():
