@@ -17,6 +17,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +203,7 @@ def run_directory(run_cfg: RunConfig) -> Path:
     return Path(run_cfg.output_dir) / run_cfg.name
 
 
+@dataclass(eq=False)
 class TrainingRun:
     """One run's lifecycle around a training loop; `run_dir` = run.output_dir / run.name.
 
@@ -214,39 +216,34 @@ class TrainingRun:
         extra_meta: what the loop adds to each checkpoint (windows, classes, EMA weights ...), given the step.
     """
 
-    def __init__(
-        self,
-        config: dict[str, Any],
-        run_cfg: RunConfig,
-        logger_cfg: LoggerConfig,
-        info: DistInfo,
-        stop: StopSignal,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scaler: torch.amp.GradScaler | None,
-        sharded: bool,
-        total_batch: int,
-        steps_per_epoch: int,
-        total_steps: int,
-        extra_meta: Callable[[int], dict[str, Any]],
-    ) -> None:
-        self.config, self.run_cfg, self.logger_cfg = config, run_cfg, logger_cfg
-        self.info, self.stop = info, stop
-        self.model, self.optimizer, self.scaler, self.sharded = model, optimizer, scaler, sharded
-        self.total_batch, self.steps_per_epoch, self.total_steps = total_batch, steps_per_epoch, total_steps
-        self.extra_meta = extra_meta
-        self.run_dir = run_directory(run_cfg)
-        self.stop_step = total_steps if run_cfg.max_steps is None else min(total_steps, run_cfg.max_steps)
+    config: dict[str, Any]
+    run_cfg: RunConfig
+    logger_cfg: LoggerConfig
+    info: DistInfo
+    stop: StopSignal
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    sharded: bool
+    total_batch: int
+    steps_per_epoch: int
+    total_steps: int
+    extra_meta: Callable[[int], dict[str, Any]]
+
+    def __post_init__(self) -> None:
+        self.run_dir = run_directory(self.run_cfg)
+        max_steps = self.run_cfg.max_steps
+        self.stop_step = self.total_steps if max_steps is None else min(self.total_steps, max_steps)
         self.step = 0
         self.state: dict[str, Any] = {}  # the resumed checkpoint's meta
         self.timer = StepTimer()
-        device = next(model.parameters()).device
+        device = next(self.model.parameters()).device
         # the divergence check reads a device counter: every step on the CPU, where a read is free
-        self.check_every = 1 if device.type == "cpu" else logger_cfg.log_every
+        self.check_every = 1 if device.type == "cpu" else self.logger_cfg.log_every
         self.stats = StepStats(device)
         self.logger: MetricsLogger | None = None
         self.progress: StepProgress | None = None  # rank 0's
-        self.lock = RunLock(self.run_dir, run_cfg.lock_stale_after_s)
+        self.lock = RunLock(self.run_dir, self.run_cfg.lock_stale_after_s)
         self._run_dir_identity: tuple[int, int] | None = None  # (device, inode) of the run directory at the start
 
     @contextmanager
