@@ -173,7 +173,7 @@ def command_logging(log_file: Path | None = None, messages: TextIO | None = None
         logger.setLevel(logging.INFO)
         logger.propagate = False
         for handler in handlers:
-            logger.addHandler(handler)  # the default format: the message alone
+            logger.addHandler(handler)
     try:
         yield
     finally:

@@ -186,7 +186,7 @@ class MetricsLogger:
 
     def log_images(self, step: int, images: Mapping[str, str | Path]) -> None:
         """Send PNGs ({wandb key: png path}) to wandb at `step` in one call (the PNGs are the local record)."""
-        if not self.enabled or self.wandb_run is None or not images or step <= self._logged_until:
+        if self.wandb_run is None or not images or step <= self._logged_until:  # None on other ranks too
             return
         import wandb
 
