@@ -29,15 +29,9 @@ def plain(value: Any) -> Any:
 
 
 class Progress:
-    """Progress of a loop over `total` items: a tqdm bar on a terminal; else the line `desc: n/total (rate/s)`
-    every `every` items and at the last. A bar ends with that line in the log file.
-
-    Args:
-        stream: where the bar is drawn (default stderr, as tqdm); whether it is a terminal picks the display.
-        tty: force the bar (True) or the lines (False); None asks the stream.
-        initial: the count the loop starts from (a resumed run's step).
-        redraw_s: the bar is redrawn at most this often (tqdm's mininterval).
-    """
+    """Progress of a loop over `total` items: a tqdm bar if `stream` (default stderr) is a terminal or `tty` says so;
+    else the line `desc: n/total (rate/s)` every `every` items and at the last. A bar ends with that line in the log
+    file. `initial` is the count the loop starts from; the bar is redrawn at most every `redraw_s`."""
 
     final_line = True  # the log file gets the count when a bar ends
 

@@ -79,14 +79,10 @@ def wandb_name(key: str) -> str:
 
 
 class MetricsLogger:
-    """Appends one JSON object per `log` call to run_dir/metrics.jsonl and mirrors it to wandb when enabled.
+    """Appends one JSON object per `log` call to run_dir/metrics.jsonl and mirrors it to wandb (logger_cfg.wandb).
 
-    Args:
-        logger_cfg: wandb mode (online | offline | disabled), project / entity / group / tags, W&B settings.
-        config: the resolved run config as a plain dict, stored with the wandb run.
-        run_id: wandb run id to resume; None reads run_dir/wandb_run_id, else wandb makes a new one.
-        enabled: False on non-zero ranks: nothing is written anywhere.
-        run_name: the wandb display name (the run directory's name).
+    `config` is stored with the wandb run; `run_id` (None: the one in run_dir/wandb_run_id, else a new one) resumes
+    it; `run_name` is its display name. Not `enabled` (ranks > 0), nothing is written anywhere.
     """
 
     def __init__(
