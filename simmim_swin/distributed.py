@@ -13,7 +13,6 @@ import multiprocessing.util  # registers its exit handler now, so the one regist
 import os
 import signal
 import subprocess
-import sys
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -192,14 +191,12 @@ class LoaderWorkerInit:
 
     def __call__(self, worker_id: int) -> None:
         ignore_stop_signals(worker_id)
-        if not sys.platform.startswith("linux"):
-            return
         # the kernel SIGKILLs this worker as soon as its parent dies: ignoring SIGTERM, it would outlive a parent
         # killed with SIGKILL or dying on an error
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1: PR_SET_PDEATHSIG (linux/prctl.h)
-        except (OSError, AttributeError):  # no libc prctl (e.g. a static build): torch's own watchdog remains
+        except (OSError, AttributeError):  # no libc prctl (not Linux, a static build): torch's own watchdog remains
             return
         if os.getppid() != self.parent_pid:  # the parent died before the request: no signal will come
             os._exit(1)
