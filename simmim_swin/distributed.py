@@ -13,7 +13,6 @@ import multiprocessing.util  # registers its exit handler now, so the one regist
 import os
 import signal
 import subprocess
-import sys
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -62,12 +61,8 @@ def _slurm_master_addr() -> str:
 
 
 def export_launcher_env() -> None:
-    """Fill RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT from submitit or Slurm when torchrun did not.
-
-    torchrun sets them itself. Under submitit (hydra's submitit launcher) submitit's helper exports them; under
-    a bare `srun` (one task per GPU, no torchrun; launch/pretrain.sbatch uses torchrun instead) they come from
-    SLURM_* variables.
-    """
+    """Fill RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT from submitit, or from the SLURM_* variables
+    of a bare `srun` (one task per GPU), when torchrun did not."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return
     if under_submitit():
@@ -80,7 +75,8 @@ def export_launcher_env() -> None:
         os.environ["RANK"] = os.environ["SLURM_PROCID"]
         os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
         os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-        os.environ.setdefault("MASTER_ADDR", _slurm_master_addr())
+        if "MASTER_ADDR" not in os.environ:  # setdefault would read the node list even when it is given
+            os.environ["MASTER_ADDR"] = _slurm_master_addr()
         # every task of the job derives the same port from the job id
         job_id = os.environ.get("SLURM_JOB_ID", "0")
         os.environ.setdefault("MASTER_PORT", str(20000 + zlib.crc32(job_id.encode()) % 20000))
@@ -101,18 +97,9 @@ def init_distributed(device: torch.device) -> DistInfo:
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank)
 
 
-def process_device(device: torch.device, info: DistInfo) -> torch.device:
-    """One process per GPU: rank r of a node uses cuda:LOCAL_RANK."""
-    if device.type == "cuda" and info.distributed:
-        return torch.device("cuda", info.local_rank)
-    return device
-
-
 def wrap_model(model: nn.Module, info: DistInfo, device: torch.device, strategy: str = "ddp") -> nn.Module:
-    """DDP (default) or FSDP (fully_shard, parameters sharded across ranks) around `model`; as is on one process.
-
-    `strategy` is run.parallel (ddp | fsdp), checked when the config was validated.
-    """
+    """DDP or FSDP (`strategy`: run.parallel; fully_shard, parameters sharded across ranks) around `model`; as is on
+    one process."""
     if not info.distributed:
         return model
     if strategy == "ddp":
@@ -145,13 +132,6 @@ def full_model_state_dict(model: nn.Module, sharded: bool) -> dict[str, torch.Te
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def all_reduce_mean(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Mean of `tensor` over ranks (a copy); the tensor itself on one process."""
-    if not info.distributed:
-        return tensor
-    return all_reduce_sum_(tensor.detach().clone(), info) / info.world_size
-
-
 def all_gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     """Every rank's `obj`, in rank order (pickled; for small things such as RNG states)."""
     if not info.distributed:
@@ -162,11 +142,8 @@ def all_gather_objects(obj: Any, info: DistInfo) -> list[Any]:
 
 
 class Preempted(Exception):
-    """A stop signal arrived; a checkpoint at the current step was saved. `step` is where the run stopped.
-
-    `exit_code` is what a process killed by that signal reports (143 for SIGTERM, 130 for Ctrl-C): the job did
-    not finish, and schedulers and shells read it so.
-    """
+    """A stop signal arrived; a checkpoint at `step` was saved. `exit_code` is what a process killed by that signal
+    reports (143 for SIGTERM, 130 for Ctrl-C): the job did not finish, and schedulers and shells read it so."""
 
     def __init__(self, step: int, signal_name: str = "SIGTERM") -> None:
         super().__init__(f"received {signal_name}: saved a checkpoint at step {step}; start the same run to resume")
@@ -175,43 +152,18 @@ class Preempted(Exception):
 
 
 def stop_signals() -> tuple[int, ...]:
-    """SIGTERM, SIGINT (Ctrl-C), SIGUSR1 (the pre-emption / time-limit warning of many clusters and of Lightning),
-    SIGUSR2 and the signal submitit uses for preemption (SUBMITIT_PREEMPT_SIGNAL)."""
+    """SIGTERM, SIGINT (Ctrl-C), SIGUSR1 (many clusters' pre-emption / time-limit warning), SIGUSR2 and submitit's
+    (SUBMITIT_PREEMPT_SIGNAL)."""
     names = ["SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")]
     return tuple(dict.fromkeys(getattr(signal, name) for name in names if hasattr(signal, name)))
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
-    """DataLoader worker_init_fn: data workers ignore the stop signals; the main process owns stopping.
-
-    `timeout`, `scancel` and Slurm's time limit signal every process of the job. A worker that died of it
-    would take the run down mid-step without a checkpoint; ignoring it, the workers keep serving batches until
-    the main process has saved, and are then shut down with the loader.
-    """
+    """Data workers ignore the stop signals: `scancel` and Slurm's time limit signal every process of the job, and a
+    worker dying of it would take the run down mid-step; ignoring it, workers serve batches until the main process
+    has saved."""
     for signum in stop_signals():
         signal.signal(signum, signal.SIG_IGN)
-
-
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """Ask the kernel to SIGKILL this process as soon as its parent `parent_pid` dies (Linux; elsewhere a no-op).
-
-    A process that ignores SIGTERM would otherwise outlive a parent killed with SIGKILL or dying on an error.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-    except (OSError, AttributeError):  # no libc prctl (e.g. a static build): torch's own watchdog remains
-        return
-    if os.getppid() != parent_pid:  # the parent died before the request: no signal will come
-        os._exit(1)
-
-
-_exit_handler_registered = False
 
 
 def _end_daemonic_children() -> None:
@@ -228,34 +180,34 @@ def _end_daemonic_children() -> None:
 
 
 class LoaderWorkerInit:
-    """DataLoader worker_init_fn: the worker ignores the stop signals (the main process owns stopping) and never
-    outlives the main process, however that ends (SIGKILL, an error, a debugger exit).
-
-    Build it in the process that iterates the loader (its pid is the workers' parent). It also makes that process
-    end live daemonic workers when it exits, before multiprocessing's own exit handler waits for them.
-    """
+    """DataLoader worker_init_fn: the worker ignores the stop signals and never outlives the main process, however
+    that ends. Build it in the process that iterates the loader (the workers' parent): that process then ends live
+    daemonic workers when it exits, before multiprocessing's own exit handler waits for them."""
 
     def __init__(self) -> None:
-        global _exit_handler_registered
         self.parent_pid = os.getpid()
-        if not _exit_handler_registered:
-            atexit.register(_end_daemonic_children)  # atexit runs last-in first-out: before multiprocessing's
-            _exit_handler_registered = True
+        atexit.unregister(_end_daemonic_children)  # once, however many loaders; atexit runs last-in first-out:
+        atexit.register(_end_daemonic_children)  # before multiprocessing's
 
     def __call__(self, worker_id: int) -> None:
         ignore_stop_signals(worker_id)
-        die_with_parent(self.parent_pid)
+        # the kernel SIGKILLs this worker as soon as its parent dies: ignoring SIGTERM, it would outlive a parent
+        # killed with SIGKILL or dying on an error
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1: PR_SET_PDEATHSIG (linux/prctl.h)
+        except (OSError, AttributeError):  # no libc prctl (not Linux, a static build): torch's own watchdog remains
+            return
+        if os.getppid() != self.parent_pid:  # the parent died before the request: no signal will come
+            os._exit(1)
 
 
 class StopSignal:
-    """Turns SIGTERM (Slurm preemption, `scancel`, a requeue), SIGINT (Ctrl-C) and SIGUSR2 (submitit's time-limit
-    warning) into a flag the loop checks between steps. A second Ctrl-C stops at once (KeyboardInterrupt).
+    """Turns the stop signals into a flag the loop checks between steps; a second Ctrl-C stops at once.
 
-    With several processes the ranks must stop at the same step: `should_stop()` all-reduces the signal number
-    on a gloo group, a CPU collective that never waits on the GPU stream. A handler that was installed before
-    (submitit's: on SIGUSR2 rank 0 requeues the job and exits) is not lost but deferred: `hand_over()` calls it
-    once the checkpoint is written, so a requeued job never starts from an older checkpoint.
-    """
+    The ranks stop at the same step: `should_stop()` all-reduces the signal number on a gloo group, a CPU
+    collective that never waits on the GPU stream. A handler installed before (submitit's: on SIGUSR2 rank 0
+    requeues the job and exits) is deferred: `hand_over()` calls it once the checkpoint is written."""
 
     def __init__(self, info: DistInfo) -> None:
         self.info = info
@@ -302,42 +254,23 @@ class StopSignal:
             signal.signal(signum, previous)
 
 
-# the signals that ask a Slurm batch job to come back: the time-limit warning (--signal=TERM@120 or USR1@120) and
-# pre-emption. Ctrl-C and submitit's own signal are not among them (submitit requeues by itself).
-REQUEUE_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
 def under_submitit() -> bool:
     """This process was started by submitit (Hydra's submitit launcher), which requeues its jobs itself."""
     return "SUBMITIT_EXECUTOR" in os.environ or "SUBMITIT_FOLDER" in os.environ
 
 
-def _slurm_job_state(job_id: str) -> str | None:
-    """JobState of a Slurm job as scontrol reports it (e.g. RUNNING, CANCELLED), None if it cannot be read."""
-    try:
-        out = subprocess.run(
-            ["scontrol", "show", "job", "--oneliner", job_id], capture_output=True, text=True, check=True, timeout=60
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    fields = dict(item.split("=", 1) for item in out.split() if "=" in item)
-    return fields.get("JobState")
-
-
 def requeue_slurm_job(signum: int | None) -> bool:
-    """Put this Slurm batch job back in the queue after the checkpoint of a stop by SIGTERM / SIGUSR1.
-
-    Done by rank 0 of an sbatch job (SLURM_JOB_ID set, not submitit), unless the job was cancelled (`scancel`
-    sends the same SIGTERM, and a cancelled job must stay cancelled). The requeued job keeps its job id and,
-    started with the same command, resumes the same run directory. Returns whether the job was requeued.
-    """
+    """Put this sbatch job (not submitit's) back in the queue after the checkpoint of a stop by SIGTERM / SIGUSR1,
+    unless it was cancelled (`scancel` sends the same SIGTERM); returns whether it was requeued."""
     job_id = os.environ.get("SLURM_JOB_ID")
-    if not job_id or signum not in REQUEUE_SIGNALS or under_submitit():
+    # the time-limit warning (--signal=TERM@120 or USR1@120) and pre-emption; not Ctrl-C, nor submitit's own signal
+    if not job_id or signum not in (signal.SIGTERM, signal.SIGUSR1) or under_submitit():
         return False
-    state = _slurm_job_state(job_id)
-    if state is not None and state.startswith("CANCELLED"):
-        log.info(f"Slurm job {job_id} was cancelled: not requeued")
-        return False
+    with contextlib.suppress(OSError, subprocess.SubprocessError):  # a state that cannot be read: requeue
+        job = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=60)
+        if "JobState=CANCELLED" in job.stdout:
+            log.info(f"Slurm job {job_id} was cancelled: not requeued")
+            return False
     try:
         subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, check=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as e:
@@ -359,17 +292,14 @@ def cleanup(info: DistInfo) -> None:
 
 @contextlib.contextmanager
 def process_group(device: torch.device) -> Iterator[tuple[torch.device, DistInfo, StopSignal]]:
-    """For one run: join the job's process group and watch for SIGTERM; yields (device, DistInfo, StopSignal).
-
-    The device is this process's own (cuda:LOCAL_RANK under a multi-GPU launch). A run that raises Preempted has
-    saved its checkpoint: the signal's earlier handler runs then (StopSignal.hand_over), and an sbatch job stopped
-    by SIGTERM / SIGUSR1 requeues itself (requeue_slurm_job). On exit the handlers are put back and the process
-    group left, also when the run raises.
-    """
+    """For one run: join the job's process group and watch the stop signals; yields (this process's device,
+    DistInfo, StopSignal). After Preempted (the checkpoint is saved) hand over the signal and requeue the job."""
     info = init_distributed(device)
     stop = StopSignal(info)
+    if device.type == "cuda" and info.distributed:
+        device = torch.device("cuda", info.local_rank)  # one process per GPU
     try:
-        yield process_device(device, info), info, stop
+        yield device, info, stop
     except Preempted:
         stop.hand_over()  # the checkpoint is on disk: now submitit may requeue (and exit)
         if info.is_main:

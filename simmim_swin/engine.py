@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data.transforms import normalize_images
-from .distributed import DistInfo, all_reduce_mean, all_reduce_sum_
+from .distributed import DistInfo, all_reduce_sum_
 from .precision import autocast_context
 
 LossFn = Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]  # loss_fn(model, micro-batch on the device)
@@ -120,7 +120,7 @@ class StepStats:
 
     def mean_loss(self, info: DistInfo) -> float:
         """Mean loss over ranks of the good steps since the last call (NaN if all were skipped); starts a new window."""
-        total = all_reduce_mean(self.loss_sum, info).item()  # every rank joins, whatever its count
+        total = all_reduce_sum_(self.loss_sum, info).item() / info.world_size  # every rank joins, whatever its count
         good_steps = self.steps_since_log - int(self.skipped_since_log)
         self.loss_sum.zero_()
         self.skipped_since_log.zero_()

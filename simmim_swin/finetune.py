@@ -284,7 +284,7 @@ def _save_confusion(run: TrainingRun, confusion: torch.Tensor, classes: list[str
         from .figures import save_confusion_matrix  # matplotlib: only for the final picture
 
         path = save_confusion_matrix(confusion, classes, run.run_dir / "images" / "confusion_matrix.png")
-        run.logger.log_image(run.step, "confusion_matrix", path)
+        run.logger.log_images(run.step, {"confusion_matrix": path})
 
 
 def _test_best(

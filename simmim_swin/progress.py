@@ -1,17 +1,10 @@
-"""What a command shows while it works: the package's messages (Python logging: the terminal and the run's log
-file) and the progress of long loops (training steps, make-shards and scan items, evaluation batches).
-
-Library modules log through `logging.getLogger(__name__)`; `command_logging` shows those messages for one command.
-Progress is a tqdm bar on a terminal; elsewhere (Slurm logs, pipes) plain lines logged every so often, and the run's
-log file gets plain lines always. The plain lines are not tqdm's: tqdm writing to a stream that is not a terminal
-still redraws with carriage returns, which a log must never hold. Records logged with `extra=FILE_ONLY` go to the
-log file only (the terminal shows a bar instead).
-"""
+"""What a command shows while it works: the package's messages (the terminal and the run's log file) and the progress
+of long loops (training steps, make-shards and scan items, evaluation batches): a tqdm bar on a terminal, else plain
+lines logged every so often; the log file gets plain lines always."""
 
 from __future__ import annotations
 
 import logging
-import math
 import numbers
 import sys
 import time
@@ -27,30 +20,20 @@ from .launcher import launcher_rank
 
 log = logging.getLogger(__name__)
 PACKAGE_LOGGER = "simmim_swin"  # the parent of every module's logger: the one a command shows and writes
-FILE_ONLY = {"terminal": False}  # `extra` of a record the terminal shows as a progress bar instead
+FILE_ONLY = {"terminal": False}  # `extra` of a record for the log file only: the terminal shows a bar instead
 
 
-def format_duration(seconds: float) -> str:
-    """H:MM:SS, hours unbounded (tqdm's own format drops the hours below one)."""
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     """A Python number from a tensor or numpy scalar (`.item()`); other values pass through."""
     return value.item() if hasattr(value, "item") else value
 
 
 class Progress:
-    """Progress of a loop over `total` items: a tqdm bar on a terminal; else the line `desc: n/total (rate/s)`
-    every `every` items and at the last. A bar ends with that line in the log file.
+    """Progress of a loop over `total` items: a tqdm bar if `stream` (default stderr) is a terminal or `tty` says so;
+    else the line `desc: n/total (rate/s)` every `every` items and at the last. A bar ends with that line in the log
+    file. `initial` is the count the loop starts from; the bar is redrawn at most every `redraw_s`."""
 
-    Args:
-        stream: where the bar is drawn (default stderr, as tqdm); whether it is a terminal picks the display.
-        tty: force the bar (True) or the lines (False); None asks the stream.
-        initial: the count the loop starts from (a resumed run's step).
-        redraw_s: the bar is redrawn at most this often (tqdm's mininterval).
-    """
+    final_line = True  # the log file gets the count when a bar ends
 
     def __init__(
         self, total: int, desc: str, every: int = 1, stream: TextIO | None = None, tty: bool | None = None,
@@ -62,23 +45,21 @@ class Progress:
         self.count = self.start_count = initial
         self.clock, self.start_time = clock, clock()
         options = dict(total=total, initial=initial, desc=desc, file=stream, mininterval=redraw_s, dynamic_ncols=True)
+        # no tqdm off a terminal: it still redraws with carriage returns there, which a log must never hold
         self.bar = tqdm(**options) if self.tty else None
 
-    def rate(self) -> float:
-        """Items per second since the start."""
-        return (self.count - self.start_count) / max(self.clock() - self.start_time, 1e-9)
-
     def eta(self) -> str:
-        """The time left at the rate since the start, H:MM:SS ('?' before the first item)."""
+        """The time left at the rate since the start, H:MM:SS with hours unbounded (unlike tqdm's); '?' at first."""
         done, elapsed = self.count - self.start_count, self.clock() - self.start_time
         if done <= 0 or elapsed <= 0:
             return "?"
-        eta = (self.total - self.count) * elapsed / done
-        return format_duration(eta) if math.isfinite(eta) else "?"
+        seconds = round((self.total - self.count) * elapsed / done)
+        return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
     def line(self) -> str:
         """The plain line of the current count."""
-        return f"{self.desc}: {self.count}/{self.total} ({self.rate():.0f}/s)"
+        rate = (self.count - self.start_count) / max(self.clock() - self.start_time, 1e-9)
+        return f"{self.desc}: {self.count}/{self.total} ({rate:.0f}/s)"
 
     def update(self, n: int = 1) -> None:
         """Count n more items."""
@@ -93,26 +74,21 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-            log.info(self.line(), extra=FILE_ONLY)
+            if self.final_line:
+                log.info(self.line(), extra=FILE_ONLY)
 
 
 class StepProgress(Progress):
-    """Progress of a training run: `step N/M ep E`, the known metrics, the other numeric ones, then the ETA.
+    """Progress of a training run, shown at the log steps: `step N/M ep E`, the KNOWN metrics, the other numeric
+    ones, then the ETA. A bar (on stdout by default, next to the messages) shows the KNOWN ones as its postfix."""
 
-    `show` is called at the log steps. On a terminal the tqdm bar shows the known metrics as its postfix and the log
-    file gets the full line; elsewhere the full line is logged. Known keys and their labels: loss, lr, grad_norm
-    (grad), images_per_sec (img/s); other numeric metrics follow as `name value` (but `epoch`, shown as `ep`).
-    The ETA extrapolates the rate since construction. The bar is drawn on stdout (default), next to the messages.
-    """
-
+    final_line = False  # the log file has the line of every `show`
     KNOWN = {"loss": "loss {:.4f}", "lr": "lr {:.2e}", "grad_norm": "grad {:.2f}", "images_per_sec": "img/s {:.1f}"}
 
     def __init__(
         self, total_steps: int, start_step: int, steps_per_epoch: int, stream: TextIO | None = None,
         tty: bool | None = None, clock: Callable[[], float] = time.monotonic,
     ) -> None:  # fmt: skip
-        if steps_per_epoch <= 0:
-            raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
         stream = sys.stdout if stream is None else stream
         # redrawn at every show: the log steps are few
         super().__init__(total_steps, "train", stream=stream, tty=tty, initial=start_step, clock=clock, redraw_s=0)
@@ -120,14 +96,14 @@ class StepProgress(Progress):
 
     def known(self, metrics: dict[str, Any]) -> str:
         """The known metrics, labelled: the bar's postfix."""
-        return " ".join(text.format(_plain(metrics[key])) for key, text in self.KNOWN.items() if key in metrics)
+        return " ".join(text.format(plain(metrics[key])) for key, text in self.KNOWN.items() if key in metrics)
 
     def format(self, step: int, metrics: dict[str, Any]) -> str:
         """The plain progress line of `step` (its ETA from the count as it stands)."""
         parts = [f"step {step}/{self.total}", f"ep {step // self.steps_per_epoch}", self.known(metrics)]
         skip = {*self.KNOWN, "step", "epoch"}
         for key, value in metrics.items():
-            value = _plain(value)
+            value = plain(value)
             if key not in skip and isinstance(value, numbers.Number):
                 parts.append(f"{key} {value:.4g}")
         return " ".join(part for part in [*parts, f"eta {self.eta()}"] if part)
@@ -143,12 +119,6 @@ class StepProgress(Progress):
         self.bar.set_postfix_str(self.known(metrics), refresh=False)
         self.bar.update(step - self.bar.n)
         log.info(line, extra=FILE_ONLY)
-
-    def close(self) -> None:
-        """End the bar; the log file holds the lines of every `show` already."""
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 class _Terminal(logging.StreamHandler):
@@ -174,10 +144,8 @@ class _Lines(logging.Formatter):
 
 @contextmanager
 def command_logging(log_file: Path | None = None, messages: TextIO | None = None) -> Iterator[None]:
-    """Show the package's messages for one command as plain lines: on `messages` (default stdout; a tool whose
-    stdout is its result passes stderr), warnings and errors on stderr (ranks > 0 show only those), and on rank 0
-    in `log_file` too (the run's log, `<run dir>/<command>.log`, which Hydra creates). The handlers go when the
-    command returns."""
+    """Show the package's messages during one command: on `messages` (default stdout; a tool whose stdout is its
+    result passes stderr), warnings and errors on stderr (all that ranks > 0 show), on rank 0 in `log_file` too."""
     rank = launcher_rank()
     out, err = _Terminal(sys.stdout if messages is None else messages), _Terminal(sys.stderr)
     out.addFilter(lambda record: rank == 0 and record.levelno < logging.WARNING)
@@ -199,7 +167,7 @@ def command_logging(log_file: Path | None = None, messages: TextIO | None = None
         logger.setLevel(logging.INFO)
         logger.propagate = False
         for handler in handlers:
-            logger.addHandler(handler)  # the default format: the message alone
+            logger.addHandler(handler)
     try:
         yield
     finally:

@@ -1,10 +1,6 @@
-"""What every training run does, whatever it trains: the run directory, resume, the save policy, the endings
-(stop signal, divergence), and the metrics sinks and progress display, set up and torn down.
-
-The pretraining and fine-tuning loops keep only what is their own (model, data, loss, what they log and
-evaluate). They hand each finished optimizer step to `TrainingRun.step_done` and call `TrainingRun.end_of_step`,
-which decides whether to save and whether to stop, as torchtitan's `checkpointer.save(step)` does.
-"""
+"""What every training run does, whatever it trains: the run directory and its lock, resume, the save policy, the
+endings (stop signal, divergence), and the metrics sinks and progress display. The loops hand each optimizer step to
+`TrainingRun.step_done` and call `TrainingRun.end_of_step`, which decides whether to save and whether to stop."""
 
 from __future__ import annotations
 
@@ -21,6 +17,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,20 +70,16 @@ class RunDirectoryGone(RuntimeError):
 class RunLock:
     """An advisory lock file in the run directory: one live process (rank 0 of one job) trains a run at a time.
 
-    The file holds the holder's host, pid and start time; its modification time is the holder's heartbeat,
-    touched every time metrics are logged. It appears at once with its content (written to a temporary file and
-    hard-linked into place, which fails if the lock exists), so no process ever reads a lock half written. A lock
-    left behind is taken over with a warning when its process is gone (same host) or its heartbeat is older than
-    `stale_after_s` (another host, e.g. a requeued Slurm job starting on a new node, or a lock that cannot be
-    read), so requeues keep working. The take-over itself runs under a kernel lock (flock) on the old file, so of
-    several processes finding the same stale lock exactly one takes it.
+    The file names the holder (host, pid, start time) and appears already written (linked into place), so no
+    process reads it half written; its modification time is the holder's heartbeat. A lock whose process is gone
+    (same host) or whose heartbeat is older than `stale_after_s` (another host, e.g. a requeued Slurm job on a new
+    node, or a lock that cannot be read) is taken over with a warning, under flock, so exactly one process takes it.
     """
 
     def __init__(self, run_dir: Path, stale_after_s: float) -> None:
         self.path = run_dir / LOCK_FILE
         self.stale_after_s = stale_after_s
-        self.held = False
-        self._inode: int | None = None
+        self._inode: int | None = None  # of the file this process created, while it holds it
 
     def acquire(self) -> None:
         """Take the lock or raise RunLockedError naming the holder and what to do."""
@@ -94,13 +87,11 @@ class RunLock:
         holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         for _ in range(3):  # a stale lock is removed, then taken like a free one (another start may be faster)
             if self._create(json.dumps(holder)):
-                self.held = True
                 return
             self._take_over_if_stale()
         raise RunLockedError(f"could not take {self.path}: other processes took it at the same time")
 
     def _create(self, content: str) -> bool:
-        """Put a lock holding `content` in place atomically; False if a lock is there already."""
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{LOCK_FILE}.", suffix=".new")
         try:
             with os.fdopen(fd, "w") as f:
@@ -108,26 +99,17 @@ class RunLock:
             os.chmod(tmp, FILE_MODE)
             try:
                 os.link(tmp, self.path)
-            except FileExistsError:
-                return False
             except OSError as e:  # a file system without hard links: exclusive creation, then the content
                 if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
                     raise
-                return self._create_exclusive(content)
-            self._inode = os.stat(tmp).st_ino
+                with os.fdopen(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, FILE_MODE), "w") as f:
+                    f.write(content)
+            self._inode = os.stat(self.path).st_ino
             return True
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-
-    def _create_exclusive(self, content: str) -> bool:
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, FILE_MODE)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            f.write(content)
-        self._inode = os.stat(self.path).st_ino
-        return True
+        finally:
+            Path(tmp).unlink(missing_ok=True)
 
     def _take_over_if_stale(self) -> None:
         """Remove the lock if its holder is gone; raise RunLockedError if it is alive (or may be)."""
@@ -138,24 +120,18 @@ class RunLock:
         try:
             with contextlib.suppress(OSError):  # no flock on this file system: the check below runs unguarded
                 fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                if os.stat(self.path).st_ino != os.fstat(fd).st_ino:
-                    return  # taken over and replaced while this process waited: judge the new one
-            except FileNotFoundError:
-                return
-            with os.fdopen(os.dup(fd), "r") as f:
-                text = f.read()
-            age = time.time() - os.fstat(fd).st_mtime
-            reason = self._stale_reason(text, age)
-            warnings.warn(f"taking over the lock {self.path}: {reason}", stacklevel=3)
-            self.path.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:  # else taken over while this process waited
+                    reason = self._stale_reason(os.pread(fd, 1 << 16, 0), time.time() - os.fstat(fd).st_mtime)
+                    warnings.warn(f"taking over the lock {self.path}: {reason}", stacklevel=3)
+                    self.path.unlink(missing_ok=True)
         finally:
             os.close(fd)  # releases the flock
 
-    def _stale_reason(self, text: str, age: float) -> str:
-        """Why the lock with content `text` and heartbeat `age` s ago is stale; RunLockedError if it is not."""
+    def _stale_reason(self, content: bytes, age: float) -> str:
+        """Why the lock holding `content`, touched `age` s ago, is stale; RunLockedError if it is not."""
         try:
-            holder = json.loads(text)
+            holder = json.loads(content)
         except ValueError:
             holder = None
         if not isinstance(holder, dict):  # not written by this class: whoever left it may be writing it still
@@ -182,16 +158,15 @@ class RunLock:
 
     def heartbeat(self) -> None:
         """Tell other hosts this process is alive (the file's modification time)."""
-        if self.held:
+        if self._inode is not None:
             os.utime(self.path)
 
     def release(self) -> None:
         """Remove the lock file if this process holds it (and it is still the file this process created)."""
-        if self.held:
-            with contextlib.suppress(FileNotFoundError):
-                if os.stat(self.path).st_ino == self._inode:
-                    self.path.unlink()
-            self.held = False
+        with contextlib.suppress(FileNotFoundError):
+            if self._inode is not None and os.stat(self.path).st_ino == self._inode:
+                self.path.unlink()
+        self._inode = None
 
 
 def _process_alive(pid: int) -> bool:
@@ -200,7 +175,7 @@ def _process_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # alive, another user's
+        pass  # alive, another user's
     return True
 
 
@@ -228,6 +203,7 @@ def run_directory(run_cfg: RunConfig) -> Path:
     return Path(run_cfg.output_dir) / run_cfg.name
 
 
+@dataclass(eq=False)
 class TrainingRun:
     """One run's lifecycle around a training loop; `run_dir` = run.output_dir / run.name.
 
@@ -240,49 +216,40 @@ class TrainingRun:
         extra_meta: what the loop adds to each checkpoint (windows, classes, EMA weights ...), given the step.
     """
 
-    def __init__(
-        self,
-        config: dict[str, Any],
-        run_cfg: RunConfig,
-        logger_cfg: LoggerConfig,
-        info: DistInfo,
-        stop: StopSignal,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scaler: torch.amp.GradScaler | None,
-        sharded: bool,
-        total_batch: int,
-        steps_per_epoch: int,
-        total_steps: int,
-        extra_meta: Callable[[int], dict[str, Any]],
-    ) -> None:
-        self.config, self.run_cfg, self.logger_cfg = config, run_cfg, logger_cfg
-        self.info, self.stop = info, stop
-        self.model, self.optimizer, self.scaler, self.sharded = model, optimizer, scaler, sharded
-        self.total_batch, self.steps_per_epoch, self.total_steps = total_batch, steps_per_epoch, total_steps
-        self.extra_meta = extra_meta
-        self.run_dir = run_directory(run_cfg)
-        self.stop_step = total_steps if run_cfg.max_steps is None else min(total_steps, run_cfg.max_steps)
+    config: dict[str, Any]
+    run_cfg: RunConfig
+    logger_cfg: LoggerConfig
+    info: DistInfo
+    stop: StopSignal
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    sharded: bool
+    total_batch: int
+    steps_per_epoch: int
+    total_steps: int
+    extra_meta: Callable[[int], dict[str, Any]]
+
+    def __post_init__(self) -> None:
+        self.run_dir = run_directory(self.run_cfg)
+        max_steps = self.run_cfg.max_steps
+        self.stop_step = self.total_steps if max_steps is None else min(self.total_steps, max_steps)
         self.step = 0
-        self.resumed_from: Path | None = None
         self.state: dict[str, Any] = {}  # the resumed checkpoint's meta
         self.timer = StepTimer()
-        device = next(model.parameters()).device
+        device = next(self.model.parameters()).device
         # the divergence check reads a device counter: every step on the CPU, where a read is free
-        self.check_every = 1 if device.type == "cpu" else logger_cfg.log_every
+        self.check_every = 1 if device.type == "cpu" else self.logger_cfg.log_every
         self.stats = StepStats(device)
         self.logger: MetricsLogger | None = None
         self.progress: StepProgress | None = None  # rank 0's
-        self.lock = RunLock(self.run_dir, run_cfg.lock_stale_after_s)
+        self.lock = RunLock(self.run_dir, self.run_cfg.lock_stale_after_s)
         self._run_dir_identity: tuple[int, int] | None = None  # (device, inode) of the run directory at the start
 
     @contextmanager
     def running(self, check: Callable[[dict[str, Any], Path], None]) -> Iterator[TrainingRun]:
-        """Lock the run directory, resume from its latest checkpoint, write config.yaml, open the metrics sinks and
-        the progress display; on the way out (also on an error) close them and release the lock.
-
-        `check(meta, path)` refuses a checkpoint of other settings before any weight is loaded.
-        """
+        """Lock the run directory, resume from its latest checkpoint (`check(meta, path)` refuses other settings
+        first), write config.yaml, open the metrics sinks and the progress display; close them all on the way out."""
         if self.info.is_main:
             self.lock.acquire()
         try:
@@ -316,8 +283,7 @@ class TrainingRun:
             self.lock.release()
 
     def check_run_dir(self) -> None:
-        """Raise RunDirectoryGone if the run directory is not the folder the run started in (deleted, or deleted
-        and created again by a later write)."""
+        """Raise RunDirectoryGone if the run directory is not the folder the run started in (deleted, or recreated)."""
         if self._run_dir_identity is None or _identity(self.run_dir) == self._run_dir_identity:
             return
         raise RunDirectoryGone(
@@ -334,12 +300,10 @@ class TrainingRun:
         check(state, latest)
         check_total_batch(state, self.total_batch, latest, self.total_batch // self.config["data"]["batch_size"])
         restore_training_state(latest, state, self.model, self.optimizer, self.scaler, self.info.rank, self.sharded)
-        self.step, self.state, self.resumed_from = state["step"], state, latest
+        self.step, self.state = state["step"], state
         device = self.stats.loss_sum.device
         self.stats = StepStats(device, state.get("skipped_steps", 0), state.get("consecutive_skips", 0))
         log.info(f"resuming {self.run_dir} from {latest.name} at step {self.step}")
-
-    # ------------------------------------------------------------------------------------------------ each step
 
     def step_done(self, loss: torch.Tensor, skipped: torch.Tensor) -> int:
         """Count one optimizer step (what train_step returned, still on the device); returns the new step."""
@@ -378,23 +342,17 @@ class TrainingRun:
             self.progress.show(self.step, {k: v for k, v in metrics.items() if not k.startswith("lr/")})
 
     def end_of_step(self, save_now: bool = False) -> None:
-        """Save and stop as the policy says, after the loop's logging and evaluation of this step.
-
-        Saves every run.save_every steps, at the last step and when `save_now` (the loop's own reason, e.g. the
-        end of an epoch), but never right after a skipped step: the last good checkpoint stays the newest. Raises
-        TrainingDiverged after run.max_consecutive_skips non-finite steps in a row, and Preempted (after saving)
-        when a stop signal arrived.
-        """
+        """After the loop's logging and evaluation of this step: save every run.save_every steps, at the last and
+        when `save_now` (e.g. an epoch's end), never right after a skipped step (the last good checkpoint stays the
+        newest); raise TrainingDiverged after run.max_consecutive_skips, Preempted (after saving) on a stop signal."""
         in_a_row = self.stats.in_a_row() if self.step % self.check_every == 0 else 0
         if in_a_row >= self.run_cfg.max_consecutive_skips:
             raise TrainingDiverged(in_a_row, self.step, find_latest_checkpoint(self.run_dir))
         due = save_now or self.step % self.run_cfg.save_every == 0 or self.step == self.stop_step
-        saved = due and self.stats.in_a_row() == 0
-        if saved:
+        stopping = self.stop.should_stop()  # a stop saves whatever the step
+        if stopping or (due and self.stats.in_a_row() == 0):
             self.save()
-        if self.stop.should_stop():
-            if not saved:
-                self.save()
+        if stopping:
             raise Preempted(self.step, self.stop.name)
 
     def save(self) -> None:

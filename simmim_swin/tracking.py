@@ -24,32 +24,16 @@ from PIL import Image
 
 from simmim_swin.config import ConfigError, LoggerConfig
 from simmim_swin.files import atomic_write
+from simmim_swin.progress import plain
 
-WANDB_DEFAULT_PROJECT = "simmim-swin"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
-RUN_ID_FILE = "wandb_run_id"
 GIB = 2**30
 log = logging.getLogger(__name__)
 
 
-def _plain(value: Any) -> Any:
-    """A JSON-ready Python scalar from a tensor / numpy scalar / number; other values pass through."""
-    if isinstance(value, torch.Tensor):
-        value = value.item()  # a host sync: the loop only logs every log_every steps
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Number):
-        return value
-    return int(value) if isinstance(value, numbers.Integral) else float(value)
-
-
-WANDB_DEFAULT_URL = "https://api.wandb.ai"
-WANDB_CONNECT_TIMEOUT_S = 5.0
-
-
 def _wandb_url() -> urllib.parse.SplitResult:
-    return urllib.parse.urlsplit(os.environ.get("WANDB_BASE_URL") or WANDB_DEFAULT_URL)
+    return urllib.parse.urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
 
 
 def check_wandb_credentials(logger_cfg: LoggerConfig) -> None:
@@ -69,7 +53,7 @@ def check_wandb_credentials(logger_cfg: LoggerConfig) -> None:
         )
 
 
-def wandb_reachable(timeout_s: float = WANDB_CONNECT_TIMEOUT_S) -> tuple[bool, str]:
+def wandb_reachable(timeout_s: float = 5.0) -> tuple[bool, str]:
     """Whether the W&B server accepts a TCP connection within `timeout_s` (wandb itself waits about 110 s and then
     kills the run); returns (reachable, the host:port or the reason it is not)."""
     url = _wandb_url()
@@ -79,28 +63,6 @@ def wandb_reachable(timeout_s: float = WANDB_CONNECT_TIMEOUT_S) -> tuple[bool, s
             return True, f"{host}:{port}"
     except OSError as e:
         return False, f"{host}:{port} ({e.strerror or type(e).__name__})"
-
-
-def wandb_run_fields(logger_cfg: LoggerConfig, environ: Mapping[str, str]) -> dict[str, Any]:
-    """The `wandb.init` run fields from the config; a null (or empty) one is left to W&B, which reads its environment
-    variable (WANDB_RUN_GROUP, WANDB_TAGS ...), as in any W&B script. The project alone has a default of its own."""
-    return {
-        "project": logger_cfg.project or environ.get("WANDB_PROJECT") or WANDB_DEFAULT_PROJECT,
-        "entity": logger_cfg.entity,
-        "group": logger_cfg.group,
-        "tags": list(logger_cfg.tags) or None,
-        "job_type": logger_cfg.job_type,
-        "notes": logger_cfg.notes,
-    }
-
-
-def wandb_settings(logger_cfg: LoggerConfig) -> dict[str, Any]:
-    """`wandb.Settings` keywords: W&B's system metrics, git state and console capture, each switched off by a key."""
-    return {
-        "console": str(logger_cfg.console),  # the plain string: W&B's settings validate its type
-        "disable_git": not logger_cfg.git,
-        "x_disable_stats": not logger_cfg.system_metrics,
-    }
 
 
 # metric name prefixes and their W&B section; everything else is a training metric (train/loss, train/lr ...)
@@ -116,46 +78,11 @@ def wandb_name(key: str) -> str:
     return f"train/{key}"
 
 
-def _ends_with_newline(path: Path) -> bool:
-    with open(path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) == b"\n"
-
-
-def logged_until(path: Path) -> tuple[int, set[str]]:
-    """The last step of a metrics.jsonl and the keys logged at that step (-1 and no keys when there is none).
-
-    A run resumed from a checkpoint older than its last metrics line (a hard kill) trains those steps again; the
-    logger skips what was logged already so the file and W&B never go back in step.
-    """
-    last, keys = -1, set()
-    if not path.is_file():
-        return last, keys
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # cut short by a crash
-        step = record.get("step") if isinstance(record, dict) else None
-        if type(step) is not int:
-            continue
-        if step > last:
-            last, keys = step, set()
-        if step == last:
-            keys |= set(record) - {"step"}
-    return last, keys
-
-
 class MetricsLogger:
-    """Appends one JSON object per `log` call to run_dir/metrics.jsonl and mirrors it to wandb when enabled.
+    """Appends one JSON object per `log` call to run_dir/metrics.jsonl and mirrors it to wandb (logger_cfg.wandb).
 
-    Args:
-        run_dir: the run directory (created if missing).
-        logger_cfg: wandb mode (online | offline | disabled) and project / entity / group / tags.
-        config: the resolved run config as a plain dict, stored with the wandb run.
-        run_id: wandb run id to resume; None reads run_dir/wandb_run_id, else wandb makes a new one.
-        enabled: False on non-zero ranks: nothing is written anywhere.
-        run_name: the wandb display name (the run directory's name).
+    `config` is stored with the wandb run; `run_id` (None: the one in run_dir/wandb_run_id, else a new one) resumes
+    it; `run_name` is its display name. Not `enabled` (ranks > 0), nothing is written anywhere.
     """
 
     def __init__(
@@ -171,7 +98,7 @@ class MetricsLogger:
         self.enabled = enabled
         self.run_id = run_id
         self._file: TextIO | None = None
-        self._wandb_run = None
+        self.wandb_run: Any = None  # the wandb Run (None when wandb is disabled or on other ranks)
         self._logged_until, self._logged_keys = -1, set()  # see log()
         summary_path = self.run_dir / SUMMARY_FILE
         # a restarted run keeps its best values: update_best compares against them
@@ -179,20 +106,22 @@ class MetricsLogger:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        metrics_path = self.run_dir / METRICS_FILE
-        self._logged_until, self._logged_keys = logged_until(metrics_path)
-        self._file = open(metrics_path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
-        if self._file.tell() and not _ends_with_newline(metrics_path):  # a line cut by a crash stays on its own
+        self._file = open(self.run_dir / METRICS_FILE, "a+", encoding="utf-8", errors="replace")  # noqa: SIM115
+        self._file.seek(0)
+        text = self._file.read()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # lines cut short by a crash: load_metrics warns about them
+            records = _parse_metrics(text, self.run_dir / METRICS_FILE)
+        self._logged_until = max((record["step"] for record in records), default=-1)
+        self._logged_keys = {key for r in records if r["step"] == self._logged_until for key in r} - {"step"}
+        if text and not text.endswith("\n"):  # a line cut by a crash stays on its own
             self._file.write("\n")
         if logger_cfg.wandb != "disabled":
             self._init_wandb(logger_cfg, config, run_name)
 
     def _init_wandb(self, logger_cfg: LoggerConfig, config: dict, run_name: str | None) -> None:
-        """Start (or resume) the wandb run; its id is kept in self.run_id and run_dir/wandb_run_id.
-
-        An online run whose server cannot be reached logs offline instead, with one warning naming the command
-        that uploads it later: a lost network never costs the training run.
-        """
+        """Start (or resume) the wandb run, its id kept in run_dir/wandb_run_id. An online run whose server cannot be
+        reached logs offline instead, with a warning naming the upload command: a lost network never costs the run."""
         import wandb  # imported here: a run with wandb disabled never pays its import time
 
         mode = str(logger_cfg.wandb)
@@ -205,51 +134,55 @@ class MetricsLogger:
                     f"upload later with `wandb sync {self.run_dir / 'wandb'}/offline-run-*`"
                 )
 
-        id_file = self.run_dir / RUN_ID_FILE
+        id_file = self.run_dir / "wandb_run_id"
         if self.run_id is None and id_file.is_file():
             self.run_id = id_file.read_text().strip() or None
-        self._wandb_run = wandb.init(
+        # a null field is left to W&B, which reads its environment variable (WANDB_RUN_GROUP, WANDB_TAGS ...); the
+        # project alone has a default of its own
+        self.wandb_run = wandb.init(
             mode=mode,  # from the config (the logger=wandb preset reads WANDB_MODE): never left to the environment
             dir=str(self.run_dir),
-            **wandb_run_fields(logger_cfg, os.environ),
+            project=logger_cfg.project or os.environ.get("WANDB_PROJECT") or "simmim-swin",
+            entity=logger_cfg.entity,
+            group=logger_cfg.group,
+            tags=list(logger_cfg.tags) or None,
+            job_type=logger_cfg.job_type,
+            notes=logger_cfg.notes,
             name=run_name,
             config=config,
             id=self.run_id,  # None: wandb generates one
             resume="allow",
-            settings=wandb.Settings(**wandb_settings(logger_cfg)),
+            settings=wandb.Settings(
+                console=str(logger_cfg.console),  # the plain string: W&B's settings validate its type
+                disable_git=not logger_cfg.git,
+                x_disable_stats=not logger_cfg.system_metrics,
+            ),
         )
-        self.run_id = self._wandb_run.id
+        self.run_id = self.wandb_run.id
         id_file.write_text(self.run_id)
         if self.summary:  # an offline restart starts a fresh local run file: carry the best values over
-            self._wandb_run.summary.update(self.summary)
-
-    @property
-    def wandb_run(self) -> Any:
-        """The wandb Run (None when wandb is disabled or on other ranks)."""
-        return self._wandb_run
+            self.wandb_run.summary.update(self.summary)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        """Write {"step": step, **metrics} to metrics.jsonl and to wandb (names namespaced, see `wandb_name`) at
-        `step`, which must not decrease.
+        """Write {"step": step, **metrics} to metrics.jsonl and to wandb (names namespaced, see `wandb_name`).
 
         What an earlier process of this run logged already (steps up to its last line, and that line's keys) is
-        skipped: a run resumed from an older checkpoint repeats those steps, and neither sink goes back in step.
-        """
+        skipped: a run resumed from an older checkpoint repeats those steps, and neither sink goes back in step."""
         if not self.enabled or step < self._logged_until:
             return
-        values = {key: _plain(value) for key, value in metrics.items() if key != "step"}
+        values = {key: plain(value) for key, value in metrics.items() if key != "step"}
         if step == self._logged_until:  # only what the earlier process did not log at its last step
             values = {key: value for key, value in values.items() if key not in self._logged_keys}
             if not values:
                 return
         self._file.write(json.dumps({"step": int(step), **values}) + "\n")
         self._file.flush()
-        if self._wandb_run is not None and step > self._logged_until:  # W&B drops a step it has passed
-            self._wandb_run.log({wandb_name(key): value for key, value in values.items()}, step=int(step))
+        if self.wandb_run is not None and step > self._logged_until:  # W&B drops a step it has passed
+            self.wandb_run.log({wandb_name(key): value for key, value in values.items()}, step=int(step))
 
     def log_images(self, step: int, images: Mapping[str, str | Path]) -> None:
         """Send PNGs ({wandb key: png path}) to wandb at `step` in one call (the PNGs are the local record)."""
-        if not self.enabled or self._wandb_run is None or not images or step <= self._logged_until:
+        if self.wandb_run is None or not images or step <= self._logged_until:  # None on other ranks too
             return
         import wandb
 
@@ -264,30 +197,24 @@ class MetricsLogger:
                 payload[key] = wandb.Image(pixels, caption=Path(png_path).name)
         finally:
             Image.MAX_IMAGE_PIXELS = pixel_limit
-        self._wandb_run.log(payload, step=int(step))
-
-    def log_image(self, step: int, key: str, png_path: str | Path) -> None:
-        """Send the PNG at `png_path` to wandb under `key`."""
-        self.log_images(step, {key: png_path})
+        self.wandb_run.log(payload, step=int(step))
 
     def log_summary(self, values: Mapping[str, Any]) -> None:
         """Merge `values` into run_dir/summary.json and the wandb run summary (final or best numbers of the run)."""
-        values = {key: _plain(value) for key, value in values.items()}
+        values = {key: plain(value) for key, value in values.items()}
         self.summary.update(values)
         if not self.enabled:
             return
         atomic_write(self.run_dir / SUMMARY_FILE, json.dumps(self.summary, indent=2, sort_keys=True) + "\n")
-        if self._wandb_run is not None:
-            self._wandb_run.summary.update(values)
+        if self.wandb_run is not None:
+            self.wandb_run.summary.update(values)
 
     def update_best(self, step: int, key: str, value: Any, mode: str = "min") -> bool:
-        """Record `value` as summary[key] (and the step as summary[key + "_step"]) if it beats the stored one.
-
-        Returns True when it did (e.g. to save a best checkpoint); mode is "min" (losses) or "max" (accuracies).
-        """
+        """Record `value` as summary[key] (the step as summary[key + "_step"]) and return True if it beats the stored
+        one: lower with mode "min" (losses), higher with "max" (accuracies)."""
         if mode not in ("min", "max"):
             raise ValueError(f"mode={mode!r} must be 'min' or 'max'")
-        value = _plain(value)
+        value = plain(value)
         if not isinstance(value, numbers.Number) or not math.isfinite(value):
             return False
         best = self.summary.get(key)
@@ -301,34 +228,35 @@ class MetricsLogger:
         if self._file is not None:
             self._file.close()
             self._file = None
-        if self._wandb_run is not None:
-            self._wandb_run.finish()
-            self._wandb_run = None
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
 
 
 def load_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl (or of the one in run directory `path`), in file order.
-
-    Lines that are not a JSON object with an integer "step" (a line cut short by a crash, say) are skipped with
-    a warning. Raises FileNotFoundError when there is no metrics file.
-    """
+    """The records of a metrics.jsonl (or of the one in run directory `path`), in file order; lines that are not a
+    JSON object with an integer "step" (a line cut short by a crash, say) are skipped with a warning."""
     path = Path(path)
     file = path / METRICS_FILE if path.is_dir() else path
     if not file.is_file():
         where = f"{path} has no {METRICS_FILE}" if path.is_dir() else f"{path} does not exist"
         raise FileNotFoundError(f"{where}; pass a run directory written by simmim-pretrain or simmim-finetune")
+    return _parse_metrics(file.read_text(encoding="utf-8", errors="replace"), file)
+
+
+def _parse_metrics(text: str, file: Path) -> list[dict[str, Any]]:
     records = []
-    for lineno, line in enumerate(file.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+    for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            warnings.warn(f"{file}:{lineno}: skipped a malformed line ({e.msg})", stacklevel=2)
+            warnings.warn(f"{file}:{lineno}: skipped a malformed line ({e.msg})", stacklevel=3)
             continue
         step = record.get("step") if isinstance(record, dict) else None
         if type(step) is not int:  # not isinstance: True is an int
-            warnings.warn(f"{file}:{lineno}: skipped a line without an integer 'step'", stacklevel=2)
+            warnings.warn(f"{file}:{lineno}: skipped a line without an integer 'step'", stacklevel=3)
             continue
         records.append(record)
     return records
@@ -382,11 +310,7 @@ class StepTimer:
             self._steps += part == "data"
 
     def pop(self, images_per_step: int | None = None, world_size: int = 1) -> dict[str, float]:
-        """Metrics of the interval since the last pop, then start a new one.
-
-        Returns data_wait_frac and step_time_s, and with images_per_step (the global batch) images_per_sec
-        and images_per_sec_per_gpu.
-        """
+        """data_wait_frac, step_time_s (and images_per_sec[_per_gpu] given the global batch) since the last pop."""
         now = self.clock()
         elapsed = max(now - self._start - self._seconds["excluded"], 1e-9)
         steps = max(self._steps, 1)

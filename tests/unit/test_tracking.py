@@ -62,7 +62,7 @@ def test_jsonl_content(tmp_path: Path) -> None:
 def test_disabled_rank_writes_nothing(tmp_path: Path) -> None:
     logger = MetricsLogger(tmp_path / "run", LoggerConfig(wandb="offline"), config={}, enabled=False)
     logger.log(0, {"loss": 1.0})
-    logger.log_image(0, "panel", tmp_path / "missing.png")
+    logger.log_images(0, {"panel": tmp_path / "missing.png"})
     logger.close()
     assert not (tmp_path / "run").exists()
 
@@ -92,7 +92,7 @@ def test_wandb_offline_run(tmp_path: Path, wandb_env: None) -> None:
     for step in range(3):
         logger.log(step, {"loss": 1.0 / (step + 1), "lr": 1e-3})
     Image.MAX_IMAGE_PIXELS = 20  # a run's tiny data.max_image_pixels (PIL's limit is process-wide) ...
-    logger.log_image(2, "reconstruction", png)  # ... does not refuse the run's own 64-pixel panel
+    logger.log_images(2, {"reconstruction": png})  # ... does not refuse the run's own 64-pixel panel
     assert Image.MAX_IMAGE_PIXELS == 20
     logger.close()
     run_folders = list((run_dir / "wandb").glob(f"*run-*-{run_id}"))
