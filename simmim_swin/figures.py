@@ -17,7 +17,7 @@ from torch import nn
 
 from .data.transforms import denormalize
 from .files import atomic_write
-from .models.simmim import upsample_mask
+from .models.simmim import LOSS_EPS, upsample_mask
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -39,7 +39,8 @@ class _Canvas:
     def __init__(self, width: int, height: int) -> None:
         self.fig, self.width, self.height = _figure(width / DPI, height / DPI), width, height
 
-    def paste(self, pixels: np.ndarray, left: int, top: int) -> None:
+    def paste(self, pixels: np.ndarray, left: int, top: int, scale: int = 1) -> None:
+        pixels = pixels.repeat(scale, axis=0).repeat(scale, axis=1)  # enlarged, nearest neighbour
         self.fig.figimage(pixels, xo=left, yo=self.height - top - pixels.shape[0], origin="upper")
 
     def text(self, x: float, y: float, text: str, **kwargs: Any) -> None:
@@ -116,12 +117,6 @@ def panel_size(num_rows: int, height: int, width: int) -> tuple[int, int]:
     return right + GUTTER_PX, bottom + GUTTER_PX
 
 
-def masked_l1_per_image(predictions: torch.Tensor, targets: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor:
-    """SimMIM's loss of each image (B,): L1 summed over masked pixels and channels / masked pixels / channels."""
-    l1 = (predictions.float() - targets.float()).abs() * pixel_mask  # B, C, H, W
-    return l1.sum(dim=(1, 2, 3)) / (pixel_mask.sum(dim=(1, 2, 3)) + 1e-5) / predictions.shape[1]
-
-
 def _check_shapes(images: torch.Tensor, masks: torch.Tensor, patch_size: int, rgb: bool, **same: torch.Tensor) -> None:
     if images.dim() != 4 or (rgb and images.shape[1] != 3):
         raise ValueError(f"images must be (B, 3, H, W) (or pass a BandDisplay), got {tuple(images.shape)}")
@@ -178,13 +173,15 @@ def make_panel_tiles(
         original, pasted = display(images, lo, hi), display(merged, lo, hi)
     masked = original.copy()
     masked[pixel_mask[:, 0].numpy()] = MASK_GREY
-    error = ((predictions - targets).abs().mean(dim=1) * pixel_mask[:, 0]).numpy()  # B, H, W
-    error_rgb = (colormaps[ERROR_COLORMAP](np.clip(error / ERROR_MAX, 0.0, 1.0))[..., :3] * 255).round()
+    l1 = (predictions - targets).abs() * pixel_mask  # B, C, H, W
+    error_rgb = colormaps[ERROR_COLORMAP](l1.mean(dim=1).numpy() / ERROR_MAX, bytes=True)[..., :3]  # B, H, W, 3
     error_rgb[~pixel_mask[:, 0].numpy()] = 0
-    model_loss = masked_l1_per_image(predictions, targets, pixel_mask.float())
-    zeros_loss = masked_l1_per_image(torch.zeros_like(targets), targets, pixel_mask.float())
+    # SimMIM's loss per image: L1 summed over masked pixels and channels / (masked pixels + eps) / channels
+    per_image = (pixel_mask.sum(dim=(1, 2, 3)) + LOSS_EPS) * targets.shape[1]
+    model_loss = l1.sum(dim=(1, 2, 3)) / per_image
+    zeros_loss = (targets.abs() * pixel_mask).sum(dim=(1, 2, 3)) / per_image
     labels = [f"masked L1: model {m:.3f} | zeros {z:.3f}" for m, z in zip(model_loss.tolist(), zeros_loss.tolist())]
-    return np.stack([original, masked, pasted, error_rgb.astype(np.uint8)], axis=1), labels  # B, 4, H, W, 3
+    return np.stack([original, masked, pasted, error_rgb], axis=1), labels  # B, 4, H, W, 3
 
 
 def save_reconstruction_panel(path: str | os.PathLike, *args: Any, **kwargs: Any) -> Path:
@@ -192,14 +189,11 @@ def save_reconstruction_panel(path: str | os.PathLike, *args: Any, **kwargs: Any
     above the tiles, each row's losses above it."""
     tiles, labels = make_panel_tiles(*args, **kwargs)
     num_rows, _, h, w, _ = tiles.shape
-    scale = tile_scale(h, w)
-    if scale > 1:
-        tiles = tiles.repeat(scale, axis=2).repeat(scale, axis=3)
     canvas = _Canvas(*panel_size(num_rows, h, w))
     for row in range(num_rows):
         for col in range(NUM_COLUMNS):
             top, left, _, _ = tile_box(row, col, h, w)
-            canvas.paste(tiles[row, col], left, top)
+            canvas.paste(tiles[row, col], left, top, tile_scale(h, w))
         top, left, _, _ = tile_box(row, 0, h, w)
         canvas.text(left, top - ROW_LABEL_PX / 2, f"{row}: {labels[row]}", ha="left", va="center")
     for col, title in enumerate(COLUMN_TITLES):
@@ -293,7 +287,7 @@ def save_position_bias_figure(
 
     if not maps:
         raise ValueError("no bias maps to draw; make them with make_position_bias_maps(encoder)")
-    cmap = colormaps[BIAS_COLORMAP]
+    cmap = colormaps[BIAS_COLORMAP]  # values outside 0..1 take its end colours
     if value_range is None:
         value_range = (min(float(b.min()) for _, b in maps), max(float(b.max()) for _, b in maps))
     low, high = value_range
@@ -303,19 +297,17 @@ def save_position_bias_figure(
     canvas.text(BIAS_MARGIN_PX, BIAS_MARGIN_PX, f"position bias 16*sigmoid(CPB){at_step}", va="top")
     for (stage_index, bias), row in zip(maps, boxes):
         values = bias.detach().float().numpy()  # heads, h, w
-        scaled = (values - low) / max(high - low, 1e-6)
-        tiles = (cmap(np.clip(scaled, 0.0, 1.0))[..., :3] * 255).round().astype(np.uint8)  # heads, h, w, 3
+        tiles = cmap((values - low) / max(high - low, 1e-6), bytes=True)[..., :3]  # heads, h, w, 3
         heads, h, w = values.shape
         label = (
             f"stage {stage_index} | window {(h + 1) // 2}x{(w + 1) // 2} | {heads} head{'s' if heads != 1 else ''} | "
             f"{values.min():.2f} .. {values.max():.2f}"
         )
         canvas.text(BIAS_MARGIN_PX, row[0][1] - BIAS_LABEL_PX / 2, label, va="center")
-        for tile, (left, top, tile_w, tile_h) in zip(tiles, row):
-            canvas.paste(tile.repeat(tile_h // h, axis=0).repeat(tile_w // w, axis=1), left, top)  # enlarged
+        for tile, (left, top, _, tile_h) in zip(tiles, row):
+            canvas.paste(tile, left, top, tile_h // h)
     left, top, bar_w, bar_h = colour_bar_box(width, height)
-    bar = (cmap(np.linspace(0.0, 1.0, bar_w))[:, :3] * 255).round().astype(np.uint8)  # bar_w, 3
-    canvas.paste(np.repeat(bar[None], bar_h, axis=0), left, top)
+    canvas.paste(cmap(np.linspace(0.0, 1.0, bar_w)[None], bytes=True)[..., :3].repeat(bar_h, axis=0), left, top)
     canvas.text(left, top + bar_h + 2, f"{low:.3f}", va="top")
     canvas.text(left + bar_w, top + bar_h + 2, f"{high:.3f}", ha="right", va="top")
     return _save(canvas.fig, path)
