@@ -56,7 +56,7 @@ def _save(fig: Figure, path: str | os.PathLike) -> Path:
 # reconstruction panels ------------------------------------------------------------------------------------------------
 
 GUTTER_PX = 4  # white space around and between tiles
-TITLE_PX = 16  # white strip above the grid holding the column titles
+TITLE_PX = 16  # white strip above the grid holding the column titles (the bias figure's title)
 ROW_LABEL_PX = 14  # white strip above each row holding its losses
 ERROR_MAX = 2.0  # the error column's colour scale is 0 .. this (target units)
 ERROR_COLORMAP = "magma"
@@ -117,23 +117,6 @@ def panel_size(num_rows: int, height: int, width: int) -> tuple[int, int]:
     return right + GUTTER_PX, bottom + GUTTER_PX
 
 
-def _check_shapes(images: torch.Tensor, masks: torch.Tensor, patch_size: int, rgb: bool, **same: torch.Tensor) -> None:
-    if images.dim() != 4 or (rgb and images.shape[1] != 3):
-        raise ValueError(f"images must be (B, 3, H, W) (or pass a BandDisplay), got {tuple(images.shape)}")
-    for name, tensor in same.items():
-        if tensor.shape != images.shape:
-            raise ValueError(
-                f"{name} {tuple(tensor.shape)} must match images {tuple(images.shape)}; "
-                "map the model output to image space first (SimMIM.target_to_image)"
-            )
-    b, _, h, w = images.shape
-    if masks.shape != (b, h // patch_size, w // patch_size) or h % patch_size or w % patch_size:
-        raise ValueError(
-            f"masks {tuple(masks.shape)} must be token masks (B, H/p, W/p) = {(b, h // patch_size, w // patch_size)} "
-            f"for images {tuple(images.shape)} and patch_size={patch_size}"
-        )
-
-
 def make_panel_tiles(
     images: torch.Tensor,
     masks: torch.Tensor,
@@ -158,8 +141,20 @@ def make_panel_tiles(
     """
     predictions = reconstructions if predictions is None else predictions
     targets = images if targets is None else targets
-    same = dict(reconstructions=reconstructions, predictions=predictions, targets=targets)
-    _check_shapes(images, masks, patch_size, rgb=display is None, **same)
+    if images.dim() != 4 or (display is None and images.shape[1] != 3):
+        raise ValueError(f"images must be (B, 3, H, W) (or pass a BandDisplay), got {tuple(images.shape)}")
+    for name, tensor in dict(reconstructions=reconstructions, predictions=predictions, targets=targets).items():
+        if tensor.shape != images.shape:
+            raise ValueError(
+                f"{name} {tuple(tensor.shape)} must match images {tuple(images.shape)}; "
+                "map the model output to image space first (SimMIM.target_to_image)"
+            )
+    b, _, h, w = images.shape
+    if masks.shape != (b, h // patch_size, w // patch_size) or h % patch_size or w % patch_size:
+        raise ValueError(
+            f"masks {tuple(masks.shape)} must be token masks (B, H/p, W/p) = {(b, h // patch_size, w // patch_size)} "
+            f"for images {tuple(images.shape)} and patch_size={patch_size}"
+        )
     from matplotlib import colormaps
 
     images, reconstructions = images.detach().float().cpu(), reconstructions.detach().float().cpu()
@@ -212,10 +207,8 @@ def build_display(in_chans: int, default_statistics: bool, bands: list[int] | No
 # position bias --------------------------------------------------------------------------------------------------------
 
 BIAS_MIN_TILE_PX = 64  # a (2W-1)^2 map is enlarged (nearest neighbour) by an integer factor to at least this
-BIAS_GUTTER_PX = 4  # white space between tiles
 BIAS_MARGIN_PX = 6  # white border around the figure
 BIAS_LABEL_PX = 18  # text band above each stage's row of tiles
-BIAS_TITLE_PX = 16  # the figure's title line
 BIAS_COLORBAR_PX = 12  # height of the colour bar under the rows
 BIAS_MIN_WIDTH_PX = 420  # room for the row labels when a stage has few heads
 BIAS_COLORMAP = "viridis"
@@ -249,16 +242,16 @@ def make_position_bias_maps(model: nn.Module, block: int = 0) -> list[tuple[int,
 
 def position_bias_layout(maps: Sequence[tuple[int, torch.Tensor]]) -> tuple[int, int, list[list[tuple]]]:
     """(width, height, boxes) of the bias figure; boxes[row][head] = (left, top, width, height) of a tile."""
-    rows, top = [], BIAS_MARGIN_PX + BIAS_TITLE_PX
+    rows, top = [], BIAS_MARGIN_PX + TITLE_PX
     width = BIAS_MIN_WIDTH_PX
     for _, bias in maps:
         heads, h, w = bias.shape
         scale = max(1, math.ceil(BIAS_MIN_TILE_PX / max(h, w)))
         tile_h, tile_w = h * scale, w * scale
         top += BIAS_LABEL_PX
-        rows.append([(BIAS_MARGIN_PX + k * (tile_w + BIAS_GUTTER_PX), top, tile_w, tile_h) for k in range(heads)])
-        width = max(width, 2 * BIAS_MARGIN_PX + heads * tile_w + (heads - 1) * BIAS_GUTTER_PX)
-        top += tile_h + BIAS_GUTTER_PX
+        rows.append([(BIAS_MARGIN_PX + k * (tile_w + GUTTER_PX), top, tile_w, tile_h) for k in range(heads)])
+        width = max(width, 2 * BIAS_MARGIN_PX + heads * tile_w + (heads - 1) * GUTTER_PX)
+        top += tile_h + GUTTER_PX
     height = top + BIAS_COLORBAR_PX + BIAS_LABEL_PX + BIAS_MARGIN_PX
     return width, height, rows
 
