@@ -357,8 +357,7 @@ def save_confusion_matrix(
     if num_classes <= 60:
         ax.set_xticks(range(num_classes), labels=list(class_names), rotation=45, ha="right", fontsize=8)
         ax.set_yticks(range(num_classes), labels=list(class_names), fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    ax.set(xlabel="predicted", ylabel="true")
     accuracy = np.trace(counts) / max(total, 1)
     ax.set_title(title or f"confusion matrix: {total} samples, top-1 {100 * accuracy:.2f}%")
     fig.tight_layout()
@@ -420,15 +419,12 @@ def plot_metric_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: st
         for label, (steps, values) in series.items():
             marker = "o" if len(steps) < 30 else None  # a handful of evaluations stays visible as points
             ax.plot(steps, values, color=colors[label], marker=marker, markersize=3, linewidth=1.2, label=label)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
+        ax.set(title=title, xlabel="step", ylabel=ylabel)
         ax.grid(True, alpha=0.3)
         if ylabel == "lr":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
-    handles = [
-        fig.axes[0].plot([], [], color=colors[label], label=label)[0] for label in runs
-    ]  # an empty line per run: the legend lists every run even if the first panel lacks one
+    # an empty line per run: the legend lists every run even if the first panel lacks one
+    handles = [fig.axes[0].plot([], [], color=colors[label], label=label)[0] for label in runs]
     fig.legend(handles=handles, loc="upper center", ncol=min(len(runs), 4), frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / (3.4 * nrows + 0.6)))
     return _save(fig, path)
