@@ -172,9 +172,9 @@ def make_panel_tiles(
     error_rgb = colormaps[ERROR_COLORMAP](l1.mean(dim=1).numpy() / ERROR_MAX, bytes=True)[..., :3]  # B, H, W, 3
     error_rgb[~pixel_mask[:, 0].numpy()] = 0
     # SimMIM's loss per image: L1 summed over masked pixels and channels / (masked pixels + eps) / channels
-    per_image = (pixel_mask.sum(dim=(1, 2, 3)) + LOSS_EPS) * targets.shape[1]
-    model_loss = l1.sum(dim=(1, 2, 3)) / per_image
-    zeros_loss = (targets.abs() * pixel_mask).sum(dim=(1, 2, 3)) / per_image
+    masked_values = (pixel_mask.sum(dim=(1, 2, 3)) + LOSS_EPS) * targets.shape[1]
+    model_loss = l1.sum(dim=(1, 2, 3)) / masked_values
+    zeros_loss = (targets.abs() * pixel_mask).sum(dim=(1, 2, 3)) / masked_values
     labels = [f"masked L1: model {m:.3f} | zeros {z:.3f}" for m, z in zip(model_loss.tolist(), zeros_loss.tolist())]
     return np.stack([original, masked, pasted, error_rgb], axis=1), labels  # B, 4, H, W, 3
 
