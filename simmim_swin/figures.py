@@ -1,6 +1,5 @@
 """Every picture of a run as a PNG written atomically: reconstruction panels, position-bias maps, the confusion matrix
-and metric curves. matplotlib is imported where it draws (headless Agg, no pyplot), so importing this stays cheap.
-"""
+and metric curves. matplotlib is imported where it draws (headless Agg, no pyplot): importing this stays cheap."""
 
 from __future__ import annotations
 
