@@ -1,20 +1,5 @@
-"""Every picture of a run, drawn with matplotlib and written as a PNG atomically: reconstruction panels, learned
-position-bias maps, the confusion matrix and metric curves.
-
-matplotlib is imported inside the functions that draw (a headless Agg canvas, no pyplot state), so importing this
-module stays cheap for a training loop and the command-line tools. The panels and bias maps lay their tiles out
-pixel by pixel (each image enlarged by an integer factor, nearest neighbour, and placed unscaled with `figimage`),
-with text strips between them; the confusion matrix and the curves are ordinary axes.
-
-Reconstruction panels: one row per image, original | masked input | reconstruction | error on the masked patches,
-each row labelled with the model's masked-patch loss next to that of predicting zeros. The tiles sit on a white
-canvas (a gutter around and between them) under a strip with the column titles; a label strip above each row holds
-its losses (torchvision's make_grid cannot interleave such row strips, hence the layout by hand). The error column is
-|prediction - target| in the target space (the per-pixel-normalised target with norm_target on), mean over
-channels, on one fixed colour scale 0 .. ERROR_MAX for every panel; visible pixels are black. 8-bit RGB with
-ImageNet statistics is shown as it is (denormalize); any other data through a BandDisplay: three chosen bands (or
-one in grey), each stretched per image between percentiles of the original.
-"""
+"""Every picture of a run as a PNG written atomically: reconstruction panels, position-bias maps, the confusion matrix
+and metric curves. matplotlib is imported where it draws (headless Agg, no pyplot): importing this stays cheap."""
 
 from __future__ import annotations
 
@@ -31,6 +16,7 @@ from torch import nn
 
 from .data.transforms import denormalize
 from .files import atomic_write
+from .models.simmim import LOSS_EPS, upsample_mask
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -40,42 +26,36 @@ FONT_PT = 7  # text in the panels' and bias maps' strips (about 10 px high at DP
 
 
 def _figure(width_in: float, height_in: float) -> Figure:
-    """A white matplotlib figure on a headless Agg canvas."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width_in, height_in), dpi=DPI, facecolor="white")
-    FigureCanvasAgg(fig)
-    return fig
+    return FigureCanvasAgg(Figure(figsize=(width_in, height_in), dpi=DPI, facecolor="white")).figure
 
 
 class _Canvas:
-    """A figure of width x height pixels addressed in pixels from its top-left corner: tiles placed unscaled, text."""
+    """A width x height pixel figure addressed from its top-left corner (make_grid cannot interleave text strips)."""
 
     def __init__(self, width: int, height: int) -> None:
         self.fig, self.width, self.height = _figure(width / DPI, height / DPI), width, height
 
-    def paste(self, pixels: np.ndarray, left: int, top: int) -> None:
-        """Put uint8 pixels (h, w, 3) with their top-left corner at (left, top)."""
+    def paste(self, pixels: np.ndarray, left: int, top: int, scale: int = 1) -> None:
+        pixels = pixels.repeat(scale, axis=0).repeat(scale, axis=1)  # enlarged, nearest neighbour
         self.fig.figimage(pixels, xo=left, yo=self.height - top - pixels.shape[0], origin="upper")
 
     def text(self, x: float, y: float, text: str, **kwargs: Any) -> None:
-        """Black text anchored at (x, y); kwargs: matplotlib's alignment (ha, va)."""
         self.fig.text(x / self.width, 1 - y / self.height, text, fontsize=FONT_PT, color="black", **kwargs)
 
 
 def _save(fig: Figure, path: str | os.PathLike) -> Path:
-    """Write the figure as an RGB PNG atomically (temp file, then os.replace); returns the path."""
     fig.canvas.draw()
     pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3]  # the canvas is white: no transparency to keep
     return atomic_write(path, lambda f: Image.fromarray(pixels).save(f, format="PNG"))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# reconstruction panels
+# reconstruction panels ------------------------------------------------------------------------------------------------
 
 GUTTER_PX = 4  # white space around and between tiles
-TITLE_PX = 16  # white strip above the grid holding the column titles
+TITLE_PX = 16  # white strip above the grid holding the column titles (the bias figure's title)
 ROW_LABEL_PX = 14  # white strip above each row holding its losses
 ERROR_MAX = 2.0  # the error column's colour scale is 0 .. this (target units)
 ERROR_COLORMAP = "magma"
@@ -86,9 +66,8 @@ MASK_GREY = 128  # masked patches in the input column
 
 
 class BandDisplay:
-    """Normalised images (B, C, H, W) -> uint8 (B, H, W, 3) for display: `bands` (three as RGB, one as grey; default
-    the first three, or band 0 when there are fewer than three), each stretched linearly per image between the
-    `low` and `high` percentiles of the reference image, so the original and its reconstruction share one scale."""
+    """Normalised images (B, C, H, W) -> uint8 (B, H, W, 3): `bands` (three as RGB, one as grey; default the first
+    three, else band 0), each stretched per image between the `low` and `high` percentiles of a reference image."""
 
     def __init__(self, bands: list[int] | None = None, low: float = 1.0, high: float = 99.0) -> None:
         if bands is not None and len(bands) not in (1, 3):
@@ -122,16 +101,6 @@ def tile_scale(height: int, width: int) -> int:
     return max(1, math.ceil(MIN_TILE_PX / min(height, width)))
 
 
-def panel_size(num_rows: int, height: int, width: int) -> tuple[int, int]:
-    """(width, height) in pixels of the panel for `num_rows` images of height x width."""
-    scale = tile_scale(height, width)
-    tile_h, tile_w = height * scale, width * scale
-    return (
-        NUM_COLUMNS * tile_w + (NUM_COLUMNS + 1) * GUTTER_PX,
-        TITLE_PX + GUTTER_PX + num_rows * (ROW_LABEL_PX + tile_h + GUTTER_PX),
-    )
-
-
 def tile_box(row: int, col: int, height: int, width: int) -> tuple[int, int, int, int]:
     """(top, left, bottom, right) pixel box of one tile in the panel of images of height x width."""
     scale = tile_scale(height, width)
@@ -141,29 +110,10 @@ def tile_box(row: int, col: int, height: int, width: int) -> tuple[int, int, int
     return top, left, top + tile_h, left + tile_w
 
 
-def masked_l1_per_image(predictions: torch.Tensor, targets: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor:
-    """SimMIM's loss of each image (B,): L1 summed over masked pixels and channels / masked pixels / channels."""
-    l1 = (predictions.float() - targets.float()).abs() * pixel_mask  # B, C, H, W
-    return l1.sum(dim=(1, 2, 3)) / (pixel_mask.sum(dim=(1, 2, 3)) + 1e-5) / predictions.shape[1]
-
-
-def _check_shapes(
-    images: torch.Tensor, masks: torch.Tensor, patch_size: int, rgb: bool, **same: torch.Tensor
-) -> None:
-    if images.dim() != 4 or (rgb and images.shape[1] != 3):
-        raise ValueError(f"images must be (B, 3, H, W) (or pass a BandDisplay), got {tuple(images.shape)}")
-    for name, tensor in same.items():
-        if tensor.shape != images.shape:
-            raise ValueError(
-                f"{name} {tuple(tensor.shape)} must match images {tuple(images.shape)}; "
-                "map the model output to image space first (SimMIM.target_to_image)"
-            )
-    b, _, h, w = images.shape
-    if masks.shape != (b, h // patch_size, w // patch_size) or h % patch_size or w % patch_size:
-        raise ValueError(
-            f"masks {tuple(masks.shape)} must be token masks (B, H/p, W/p) = {(b, h // patch_size, w // patch_size)} "
-            f"for images {tuple(images.shape)} and patch_size={patch_size}"
-        )
+def panel_size(num_rows: int, height: int, width: int) -> tuple[int, int]:
+    """(width, height) in pixels of the panel for `num_rows` images of height x width."""
+    _, _, bottom, right = tile_box(num_rows - 1, NUM_COLUMNS - 1, height, width)
+    return right + GUTTER_PX, bottom + GUTTER_PX
 
 
 def make_panel_tiles(
@@ -175,25 +125,40 @@ def make_panel_tiles(
     targets: torch.Tensor | None = None,
     display: BandDisplay | None = None,
 ) -> tuple[np.ndarray, list[str]]:
-    """uint8 tiles (B, 4 columns, H, W, 3) and one label per row.
+    """uint8 tiles (B, 4 columns, H, W, 3) and one label per row (the masked L1 of the model and of zeros).
 
     Columns: original, masked input (grey where masked), original with its masked pixels replaced by the
-    reconstruction, |predictions - targets| on the masked pixels. Inputs are normalised images, token masks
-    (B, H/p, W/p) and the reconstructions in image space; predictions / targets are the model's output and its
-    target in the target space (default: the reconstructions and the images, which is the target space when
-    norm_target is off). display=None shows ImageNet-normalised RGB as it is; a BandDisplay any channel count.
+    reconstruction, |predictions - targets| on the masked pixels, mean over channels, on one scale 0 .. ERROR_MAX.
+
+    Args:
+        images: normalised images (B, C, H, W).
+        masks: token masks (B, H/patch_size, W/patch_size), 1 = masked.
+        reconstructions: the model's reconstruction in normalised image space (B, C, H, W).
+        predictions, targets: the model's output and its target in the target space (SimMIM.target), for the error
+            column and the losses; default the reconstructions and the images (the target space without norm_target).
+        display: how channels become RGB (BandDisplay); None: ImageNet-normalised RGB shown as it is.
     """
     predictions = reconstructions if predictions is None else predictions
     targets = images if targets is None else targets
-    same = dict(reconstructions=reconstructions, predictions=predictions, targets=targets)
-    _check_shapes(images, masks, patch_size, rgb=display is None, **same)
+    if images.dim() != 4 or (display is None and images.shape[1] != 3):
+        raise ValueError(f"images must be (B, 3, H, W) (or pass a BandDisplay), got {tuple(images.shape)}")
+    for name, tensor in dict(reconstructions=reconstructions, predictions=predictions, targets=targets).items():
+        if tensor.shape != images.shape:
+            raise ValueError(
+                f"{name} {tuple(tensor.shape)} must match images {tuple(images.shape)}; "
+                "map the model output to image space first (SimMIM.target_to_image)"
+            )
+    b, _, h, w = images.shape
+    if masks.shape != (b, h // patch_size, w // patch_size) or h % patch_size or w % patch_size:
+        raise ValueError(
+            f"masks {tuple(masks.shape)} must be token masks (B, H/p, W/p) = {(b, h // patch_size, w // patch_size)} "
+            f"for images {tuple(images.shape)} and patch_size={patch_size}"
+        )
     from matplotlib import colormaps
 
     images, reconstructions = images.detach().float().cpu(), reconstructions.detach().float().cpu()
     predictions, targets = predictions.detach().float().cpu(), targets.detach().float().cpu()
-    # B, H/p, W/p -> B, 1, H, W: each token covers patch_size x patch_size pixels
-    pixel_mask = masks.detach().cpu().bool().repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2)
-    pixel_mask = pixel_mask.unsqueeze(1)
+    pixel_mask = upsample_mask(masks.detach().cpu().bool(), patch_size)  # B, 1, H, W
     merged = torch.where(pixel_mask, reconstructions, images)
     if display is None:
         original, pasted = denormalize(images), denormalize(merged)  # B, H, W, 3
@@ -202,46 +167,27 @@ def make_panel_tiles(
         original, pasted = display(images, lo, hi), display(merged, lo, hi)
     masked = original.copy()
     masked[pixel_mask[:, 0].numpy()] = MASK_GREY
-    error = ((predictions - targets).abs().mean(dim=1) * pixel_mask[:, 0]).numpy()  # B, H, W
-    error_rgb = (colormaps[ERROR_COLORMAP](np.clip(error / ERROR_MAX, 0.0, 1.0))[..., :3] * 255).round()
+    l1 = (predictions - targets).abs() * pixel_mask  # B, C, H, W
+    error_rgb = colormaps[ERROR_COLORMAP](l1.mean(dim=1).numpy() / ERROR_MAX, bytes=True)[..., :3]  # B, H, W, 3
     error_rgb[~pixel_mask[:, 0].numpy()] = 0
-    model_loss = masked_l1_per_image(predictions, targets, pixel_mask.float())
-    zeros_loss = masked_l1_per_image(torch.zeros_like(targets), targets, pixel_mask.float())
+    # SimMIM's loss per image: L1 summed over masked pixels and channels / (masked pixels + eps) / channels
+    masked_values = (pixel_mask.sum(dim=(1, 2, 3)) + LOSS_EPS) * targets.shape[1]
+    model_loss = l1.sum(dim=(1, 2, 3)) / masked_values
+    zeros_loss = (targets.abs() * pixel_mask).sum(dim=(1, 2, 3)) / masked_values
     labels = [f"masked L1: model {m:.3f} | zeros {z:.3f}" for m, z in zip(model_loss.tolist(), zeros_loss.tolist())]
-    return np.stack([original, masked, pasted, error_rgb.astype(np.uint8)], axis=1), labels  # B, 4, H, W, 3
+    return np.stack([original, masked, pasted, error_rgb], axis=1), labels  # B, 4, H, W, 3
 
 
-def save_reconstruction_panel(
-    path: str | os.PathLike,
-    images: torch.Tensor,
-    masks: torch.Tensor,
-    reconstructions: torch.Tensor,
-    patch_size: int,
-    predictions: torch.Tensor | None = None,
-    targets: torch.Tensor | None = None,
-    display: BandDisplay | None = None,
-) -> Path:
-    """Write the panel PNG atomically (temp file, then os.replace) and return its path.
-
-    Args:
-        images: normalised images (B, C, H, W).
-        masks: token masks (B, H/patch_size, W/patch_size), 1 = masked.
-        reconstructions: the model's reconstruction in normalised image space (B, C, H, W).
-        patch_size: the encoder's patch size in pixels.
-        predictions, targets: the model's output and its target in the target space (SimMIM.target), for the error
-            column and the losses; default the reconstructions and the images.
-        display: how channels become RGB (BandDisplay); None: ImageNet-normalised RGB shown as it is.
-    """
-    tiles, labels = make_panel_tiles(images, masks, reconstructions, patch_size, predictions, targets, display)
+def save_reconstruction_panel(path: str | os.PathLike, *args: Any, **kwargs: Any) -> Path:
+    """Write the panel of make_panel_tiles(*args, **kwargs) as a PNG atomically and return its path: column titles
+    above the tiles, each row's losses above it."""
+    tiles, labels = make_panel_tiles(*args, **kwargs)
     num_rows, _, h, w, _ = tiles.shape
-    scale = tile_scale(h, w)
-    if scale > 1:
-        tiles = tiles.repeat(scale, axis=2).repeat(scale, axis=3)
     canvas = _Canvas(*panel_size(num_rows, h, w))
     for row in range(num_rows):
         for col in range(NUM_COLUMNS):
             top, left, _, _ = tile_box(row, col, h, w)
-            canvas.paste(tiles[row, col], left, top)
+            canvas.paste(tiles[row, col], left, top, tile_scale(h, w))
         top, left, _, _ = tile_box(row, 0, h, w)
         canvas.text(left, top - ROW_LABEL_PX / 2, f"{row}: {labels[row]}", ha="left", va="center")
     for col, title in enumerate(COLUMN_TITLES):
@@ -257,26 +203,24 @@ def build_display(in_chans: int, default_statistics: bool, bands: list[int] | No
     return BandDisplay(None if bands is None else list(bands))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# position bias
+# position bias --------------------------------------------------------------------------------------------------------
 
 BIAS_MIN_TILE_PX = 64  # a (2W-1)^2 map is enlarged (nearest neighbour) by an integer factor to at least this
-BIAS_GUTTER_PX = 4  # white space between tiles
 BIAS_MARGIN_PX = 6  # white border around the figure
 BIAS_LABEL_PX = 18  # text band above each stage's row of tiles
-BIAS_TITLE_PX = 16  # the figure's title line
 BIAS_COLORBAR_PX = 12  # height of the colour bar under the rows
 BIAS_MIN_WIDTH_PX = 420  # room for the row labels when a stage has few heads
 BIAS_COLORMAP = "viridis"
 
+
 @torch.no_grad()
 def make_position_bias_maps(model: nn.Module, block: int = 0) -> list[tuple[int, torch.Tensor]]:
-    """16 * sigmoid(cpb_mlp(relative_coords_table)) of one block per stage: [(stage, (heads, 2Wh-1, 2Ww-1))].
+    """16 * sigmoid(cpb_mlp(relative_coords_table)) of one block per stage: [(stage, (heads, 2Wh-1, 2Ww-1))]; entry
+    [a, b] is the bias added for the offset (dy, dx) = (a - (Wh-1), b - (Ww-1)), the centre is offset 0.
 
     Args:
         model: a SwinTransformerV2, or a SimMIM (its encoder is used); not wrapped in DDP/FSDP.
         block: which block of every stage (0 = the first, -1 = the last).
-    Map entry [a, b] is the bias added for the offset (dy, dx) = (a - (Wh-1), b - (Ww-1)): the centre is offset 0.
     """
     encoder = getattr(model, "encoder", model)
     layers = getattr(encoder, "layers", None)
@@ -296,20 +240,17 @@ def make_position_bias_maps(model: nn.Module, block: int = 0) -> list[tuple[int,
 
 
 def position_bias_layout(maps: Sequence[tuple[int, torch.Tensor]]) -> tuple[int, int, list[list[tuple]]]:
-    """(width, height, boxes) of the bias figure; boxes[row][head] = (left, top, width, height) of a tile.
-
-    Below the title line come the stages' rows; the colour bar sits under the last row (colour_bar_box).
-    """
-    rows, top = [], BIAS_MARGIN_PX + BIAS_TITLE_PX
+    """(width, height, boxes) of the bias figure; boxes[row][head] = (left, top, width, height) of a tile."""
+    rows, top = [], BIAS_MARGIN_PX + TITLE_PX
     width = BIAS_MIN_WIDTH_PX
     for _, bias in maps:
         heads, h, w = bias.shape
         scale = max(1, math.ceil(BIAS_MIN_TILE_PX / max(h, w)))
         tile_h, tile_w = h * scale, w * scale
         top += BIAS_LABEL_PX
-        rows.append([(BIAS_MARGIN_PX + k * (tile_w + BIAS_GUTTER_PX), top, tile_w, tile_h) for k in range(heads)])
-        width = max(width, 2 * BIAS_MARGIN_PX + heads * tile_w + (heads - 1) * BIAS_GUTTER_PX)
-        top += tile_h + BIAS_GUTTER_PX
+        rows.append([(BIAS_MARGIN_PX + k * (tile_w + GUTTER_PX), top, tile_w, tile_h) for k in range(heads)])
+        width = max(width, 2 * BIAS_MARGIN_PX + heads * tile_w + (heads - 1) * GUTTER_PX)
+        top += tile_h + GUTTER_PX
     height = top + BIAS_COLORBAR_PX + BIAS_LABEL_PX + BIAS_MARGIN_PX
     return width, height, rows
 
@@ -338,7 +279,7 @@ def save_position_bias_figure(
 
     if not maps:
         raise ValueError("no bias maps to draw; make them with make_position_bias_maps(encoder)")
-    cmap = colormaps[BIAS_COLORMAP]
+    cmap = colormaps[BIAS_COLORMAP]  # values outside 0..1 take its end colours
     if value_range is None:
         value_range = (min(float(b.min()) for _, b in maps), max(float(b.max()) for _, b in maps))
     low, high = value_range
@@ -348,33 +289,29 @@ def save_position_bias_figure(
     canvas.text(BIAS_MARGIN_PX, BIAS_MARGIN_PX, f"position bias 16*sigmoid(CPB){at_step}", va="top")
     for (stage_index, bias), row in zip(maps, boxes):
         values = bias.detach().float().numpy()  # heads, h, w
-        scaled = (values - low) / max(high - low, 1e-6)
-        tiles = (cmap(np.clip(scaled, 0.0, 1.0))[..., :3] * 255).round().astype(np.uint8)  # heads, h, w, 3
+        tiles = cmap((values - low) / max(high - low, 1e-6), bytes=True)[..., :3]  # heads, h, w, 3
         heads, h, w = values.shape
         label = (
             f"stage {stage_index} | window {(h + 1) // 2}x{(w + 1) // 2} | {heads} head{'s' if heads != 1 else ''} | "
             f"{values.min():.2f} .. {values.max():.2f}"
         )
         canvas.text(BIAS_MARGIN_PX, row[0][1] - BIAS_LABEL_PX / 2, label, va="center")
-        for tile, (left, top, tile_w, tile_h) in zip(tiles, row):
-            canvas.paste(tile.repeat(tile_h // h, axis=0).repeat(tile_w // w, axis=1), left, top)  # enlarged
+        for tile, (left, top, _, tile_h) in zip(tiles, row):
+            canvas.paste(tile, left, top, tile_h // h)
     left, top, bar_w, bar_h = colour_bar_box(width, height)
-    bar = (cmap(np.linspace(0.0, 1.0, bar_w))[:, :3] * 255).round().astype(np.uint8)  # bar_w, 3
-    canvas.paste(np.repeat(bar[None], bar_h, axis=0), left, top)
+    canvas.paste(cmap(np.linspace(0.0, 1.0, bar_w)[None], bytes=True)[..., :3].repeat(bar_h, axis=0), left, top)
     canvas.text(left, top + bar_h + 2, f"{low:.3f}", va="top")
     canvas.text(left + bar_w, top + bar_h + 2, f"{high:.3f}", ha="right", va="top")
     return _save(canvas.fig, path)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# confusion matrix
+# confusion matrix -----------------------------------------------------------------------------------------------------
 
 
 def confusion_matrix(preds: torch.Tensor, targets: torch.Tensor, num_classes: int, check: bool = True) -> torch.Tensor:
     """int64 counts (num_classes, num_classes) on the inputs' device: rows are true classes, columns predicted.
 
-    preds: class indices (N,) or logits (N, num_classes); targets: class indices (N,). Sum the matrices of
-    several batches (or all-reduce those of several ranks) to get the whole set's. check=False skips the range
+    preds: class indices (N,) or logits (N, num_classes); targets: class indices (N,). check=False skips the range
     check, which syncs the device, for use inside an evaluation loop.
     """
     if preds.dim() == 2:
@@ -419,16 +356,14 @@ def save_confusion_matrix(
     if num_classes <= 60:
         ax.set_xticks(range(num_classes), labels=list(class_names), rotation=45, ha="right", fontsize=8)
         ax.set_yticks(range(num_classes), labels=list(class_names), fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    ax.set(xlabel="predicted", ylabel="true")
     accuracy = np.trace(counts) / max(total, 1)
     ax.set_title(title or f"confusion matrix: {total} samples, top-1 {100 * accuracy:.2f}%")
     fig.tight_layout()
     return _save(fig, path)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# metric curves
+# metric curves --------------------------------------------------------------------------------------------------------
 
 # (title, metric keys tried in order, y-axis label); a panel is drawn when any run has one of its keys
 CURVE_PANELS = (
@@ -458,11 +393,7 @@ def metric_series(records: Sequence[Mapping[str, Any]], key: str) -> tuple[np.nd
 
 
 def plot_metric_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | os.PathLike) -> Path:
-    """PNG with one panel per metric in CURVE_PANELS that some run has, every run overlaid (legend: run name).
-
-    Args:
-        runs: {run label: metrics.jsonl records (tracking.load_metrics)}.
-    """
+    """PNG with one panel per metric in CURVE_PANELS that some run has; runs: {label: tracking.load_metrics records}."""
     panels = []
     for title, keys, ylabel in CURVE_PANELS:
         series = {}
@@ -487,15 +418,12 @@ def plot_metric_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: st
         for label, (steps, values) in series.items():
             marker = "o" if len(steps) < 30 else None  # a handful of evaluations stays visible as points
             ax.plot(steps, values, color=colors[label], marker=marker, markersize=3, linewidth=1.2, label=label)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
+        ax.set(title=title, xlabel="step", ylabel=ylabel)
         ax.grid(True, alpha=0.3)
         if ylabel == "lr":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
-    handles = [
-        fig.axes[0].plot([], [], color=colors[label], label=label)[0] for label in runs
-    ]  # an empty line per run: the legend lists every run even if the first panel lacks one
+    # an empty line per run: the legend lists every run even if the first panel lacks one
+    handles = [fig.axes[0].plot([], [], color=colors[label], label=label)[0] for label in runs]
     fig.legend(handles=handles, loc="upper center", ncol=min(len(runs), 4), frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / (3.4 * nrows + 0.6)))
     return _save(fig, path)

@@ -26,21 +26,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def load_image(path: str | Path) -> ImageSource:
-    """An image file as it is (PIL image or (C, H, W) array), with an error naming the file when it is missing or
-    unreadable."""
+    """An image file as it is (PIL image or (C, H, W) array), read now, with an error naming the file."""
     from ..data.images import open_source
 
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{path} is a directory; pass image files (e.g. {path}/*.png)")
-    if not path.is_file():
-        raise FileNotFoundError(f"image {path} does not exist")
     try:
         source = open_source(path, max_pixels=None)
         if hasattr(source, "load"):
             source.load()
         return source
-    except Exception as e:  # PIL and tifffile raise several types
+    except Exception as e:  # PIL, tifffile and numpy raise several types
+        if isinstance(e, OSError) and e.errno is not None:
+            raise  # a missing file or a directory: the tools' error line names the path (cli.errors)
         raise ValueError(f"{path} is not an image that can be read ({e}); pass PNG, JPEG, TIFF or .npy files") from e
 
 
