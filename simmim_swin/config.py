@@ -1,13 +1,6 @@
-"""Typed run configuration: one dataclass per concern, the single source of every key and default.
-
-The dataclasses are registered with Hydra's ConfigStore as structured configs (`pretrain_schema`,
-`finetune_schema`): conf/*.yaml hold only presets and overrides on top of them. `from_dict` builds a dataclass
-from plain dicts (checkpoints, tests, benchmarks) with the same type rules. A setting that names one of a few
-values is an Enum (`Choice`), so both refuse any other value with the key and the choices. `validate_pretrain` /
-`validate_finetune` hold every other check of a value, run once before any directory, model or data exists; the
-code below takes the values as checked. Everything below the command line takes these dataclasses, or better the
-one narrow sub-config it needs.
-"""
+"""Typed run configuration: one dataclass per concern, registered as Hydra structured configs (conf/*.yaml holds
+presets only). `validate_pretrain` / `validate_finetune` check every value once, before any directory, model or data
+exists; the code below takes the values as checked and the one narrow sub-config it needs."""
 
 from __future__ import annotations
 
@@ -31,10 +24,9 @@ class ConfigError(ValueError):
 
 
 class Choice(str, enum.Enum):
-    """A setting that names one of a few values: the Enum types the field, so that Hydra's composition and
-    `from_dict` refuse any other value with the key and the choices. A member equals its string and prints as it
-    (str() and f-strings differ between Python versions for a plain (str, Enum))."""
+    """A setting that names one of a few values: Hydra and `from_dict` refuse any other with the key and the choices."""
 
+    # a member prints as its string (str() and f-strings of a plain (str, Enum) differ between Python versions)
     def __str__(self) -> str:
         return self.value
 
@@ -43,8 +35,7 @@ class Choice(str, enum.Enum):
 
 
 def _choices(name: str, values: str) -> Any:
-    """A Choice type of the space-separated `values` (each member is named as its value: OmegaConf, which looks
-    members up by name, then accepts exactly the values)."""
+    # each member is named as its value: OmegaConf, which looks members up by name, then accepts exactly the values
     return Choice(name, [(value, value) for value in values.split()], module=__name__, qualname=name)
 
 
@@ -70,9 +61,7 @@ class ModelConfig:
     """SwinV2 encoder architecture; `arch` names a size, the optional fields override it."""
 
     arch: str = "base"  # a key of simmim_swin.models.swinv2.SWINV2_SIZES (tiny ... giant; pico / nano / micro)
-    # input size in pixels: an int (square) or [height, width] (typed Any: OmegaConf has no int-or-list type;
-    # checked in __post_init__)
-    img_size: Any = 192
+    img_size: Any = 192  # pixels: an int (square) or [height, width] (Any: OmegaConf has no int-or-list type)
     patch_size: int = 4  # pixels per side of a patch-embedding token
     in_chans: int = 3  # image channels
     window_size: int = 12  # attention window in tokens (clipped per stage to the stage's resolution)
@@ -87,23 +76,15 @@ class ModelConfig:
     fused_attn: bool | None = None  # None: SDPA on CUDA, eager elsewhere
 
     def __post_init__(self) -> None:
-        self.img_size = check_img_size(self.img_size, "model.img_size")
-
-
-def check_img_size(value: Any, key: str) -> int | list[int]:
-    """An image size as configs hold it: a positive int, or [height, width] (a square pair becomes the int).
-
-    Digit strings convert, as OmegaConf converts them for typed fields.
-    """
-    value = int(value) if isinstance(value, str) and value.isdigit() else value
-    if isinstance(value, (list, tuple)):
-        value = [int(v) if isinstance(v, str) and v.isdigit() else v for v in value]
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    pair = isinstance(value, (list, tuple)) and len(value) == 2
-    if pair and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
-        return int(value[0]) if value[0] == value[1] else [int(value[0]), int(value[1])]
-    raise ConfigError(f"{key}={value!r} must be a positive int (square) or [height, width], e.g. 192 or [192, 256]")
+        size = self.img_size
+        pair = isinstance(size, (list, tuple))
+        # digit strings convert, as OmegaConf converts them for typed fields
+        sizes = [int(v) if isinstance(v, str) and v.isdigit() else v for v in (size if pair else [size])]
+        if len(sizes) != (2 if pair else 1) or not all(type(v) is int and v > 0 for v in sizes):
+            raise ConfigError(
+                f"model.img_size={size!r} must be a positive int (square) or [height, width], e.g. 192 or [192, 256]"
+            )
+        self.img_size = sizes[0] if sizes[0] == sizes[-1] else sizes  # a square pair becomes the int
 
 
 @dataclass
@@ -122,8 +103,7 @@ class DataConfig:
 
     source: DataSource = DataSource.photos  # photos (scikit-image's photographs) | folder | shards | fashion_mnist
     root: str | None = None  # image folder for source=folder
-    # source=shards: index .json, brace pattern, `a::b`, or `pipe:CMD` URLs; a str, a list of str or None
-    # (typed Any: OmegaConf has no str-or-list type; from_dict checks it)
+    # source=shards: index .json, brace pattern, `a::b`, or `pipe:CMD` URLs (Any: a str, a list of str or None)
     urls: Any = None
     split: Split = Split.train  # source=fashion_mnist: train (60k) | test (10k)
     batch_size: int = 128  # images per process and micro-batch
@@ -149,14 +129,16 @@ class DataConfig:
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
 
     def __post_init__(self) -> None:
-        for name in ("urls", "val_urls"):
-            value = getattr(self, name)
-            if not (value is None or isinstance(value, str) or _is_str_list(value)):
-                raise ConfigError(f"data.{name}: expected a string, a list of strings or null, got {value!r}")
+        _check_str_or_list(self, "data", "urls", "val_urls")
 
 
-def _is_str_list(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+def _check_str_or_list(config: Any, section: str, *names: str) -> None:
+    """The fields typed Any because OmegaConf has no str-or-list type: a str, a list of str or None."""
+    for name in names:
+        value = getattr(config, name)
+        strings = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+        if not (value is None or isinstance(value, str) or strings):
+            raise ConfigError(f"{section}.{name}: expected a string, a list of strings or null, got {value!r}")
 
 
 @dataclass
@@ -206,9 +188,8 @@ class LoggerConfig:
     image_every: int = 1000  # optimizer steps between reconstruction panels
     num_images: int = 4  # fixed images in the panel
     val_every: int = 1000  # optimizer steps between validation losses (needs data.val_urls), and at the end
-    # bands shown in the panels (0-based; three as red, green, blue or one in grey), each stretched per image
-    # between its 1st and 99th percentile; null: the first three (one band: grey). 8-bit RGB with ImageNet
-    # statistics is shown as it is
+    # bands shown in the panels (0-based; three as red, green, blue or one in grey), each stretched per image to its
+    # 1st-99th percentile; null: the first three (one band: grey). 8-bit RGB with ImageNet statistics is shown as is
     panel_bands: list[int] | None = None
 
 
@@ -233,15 +214,14 @@ class RunConfig:
 
 @dataclass
 class ProbeConfig:
-    """Online representation probes: kNN (and optionally linear) top-1 of the frozen encoder's features on a small
-    labelled holdout, every `every` steps (simmim_swin/probe.py). Off unless enabled (conf/probe presets)."""
+    """Online kNN (and optionally linear) top-1 of the frozen encoder's features on a small labelled holdout."""
 
-    enabled: bool = False  # run the probes during pretraining
+    enabled: bool = False  # run the probes during pretraining (the conf/probe presets set it)
     every: int = 500  # optimizer steps between probes (and the last step)
     source: ProbeSource = ProbeSource.fashion_mnist  # fashion_mnist | folder (class folders) | shards (.cls labels)
     root: str | None = None  # folder: a folder with train/ and val/ class folders; fashion_mnist: the IDX folder
-    # explicit probe sets: folder: class-folder paths; shards: index .json / URLs of labelled shards (str or list;
-    # typed Any as data.urls). null with source=folder: <root>/train and <root>/val
+    # explicit probe sets (Any: str or list): folder: class-folder paths, null: <root>/train and <root>/val;
+    # shards: index .json / URLs of labelled shards
     train: Any = None
     val: Any = None
     num_train: int = 2000  # labelled images the kNN votes with (class-balanced where the labels are known upfront)
@@ -253,10 +233,7 @@ class ProbeConfig:
     seed: int = 0  # which images the class-balanced subsets pick
 
     def __post_init__(self) -> None:
-        for name in ("train", "val"):
-            value = getattr(self, name)
-            if not (value is None or isinstance(value, str) or _is_str_list(value)):
-                raise ConfigError(f"probe.{name}: expected a string, a list of strings or null, got {value!r}")
+        _check_str_or_list(self, "probe", "train", "val")
 
 
 @dataclass
@@ -281,8 +258,8 @@ class PretrainConfig:
 def from_dict(cls: type, data: dict[str, Any] | None, path: str = "") -> Any:
     """Build dataclass `cls` from nested dicts; unknown keys and mistyped values raise ConfigError naming the key.
 
-    Missing keys keep their defaults. OmegaConf's conversions apply, as on the command line: ints become floats,
-    numeric strings numbers, tuples lists. Args: path: where `data` sits in a larger config, for the messages.
+    Missing keys keep their defaults; OmegaConf converts as on the command line (ints to floats, numeric strings).
+    Args: path: where `data` sits in a larger config, for the messages.
     """
     _check_sections(cls, data or {}, path)
     try:
@@ -291,7 +268,9 @@ def from_dict(cls: type, data: dict[str, Any] | None, path: str = "") -> Any:
     except ConfigKeyError as e:
         key = _join(path, e.full_key)
         parent_key, _, name = key.rpartition(".")
-        valid = sorted(f.name for f in dataclasses.fields(e.object_type)) if _is_dataclass(e.object_type) else []
+        valid = (
+            sorted(f.name for f in dataclasses.fields(e.object_type)) if dataclasses.is_dataclass(e.object_type) else []
+        )
         raise ConfigError(
             f"unknown key(s) [{name!r}] in {parent_key or cls.__name__}; valid keys are {valid}. "
             "Check the spelling of the override."
@@ -301,23 +280,20 @@ def from_dict(cls: type, data: dict[str, Any] | None, path: str = "") -> Any:
 
 
 def describe_error(e: OmegaConfBaseException, path: str = "", where: str = "") -> str:
-    """One line for an OmegaConf error, naming the full key (under `path`; `where` when there is none); a value
-    outside an Enum-typed field's choices gets the choices."""
+    """One line for an OmegaConf error naming the full key (under `path`, else `where`), and an Enum's choices."""
     key = _join(path, e.full_key) or where
     node = getattr(e, "child_node", None)
     if isinstance(node, EnumNode) and getattr(e, "value", None) is not None:
         return f"{key}={e.value!r} is unknown; use one of {[choice.value for choice in node.enum_type]}"
-    return f"{key}: {_first_line(e)}" if key else _first_line(e)
+    reason = (getattr(e, "msg", None) or str(e)).strip().splitlines()[0]  # without the full_key: / object_type= lines
+    return f"{key}: {reason}" if key else reason
 
 
 def to_dict(config: Any) -> dict[str, Any]:
-    """Plain nested dict of a config dataclass, choices as their strings (what checkpoints, config.yaml and W&B
-    store: no pickled objects, and older run directories hold strings)."""
-    return dataclasses.asdict(config, dict_factory=lambda items: {k: _plain(v) for k, v in items})
-
-
-def _plain(value: Any) -> Any:
-    return value.value if isinstance(value, enum.Enum) else value
+    """Plain nested dict of a config dataclass, choices as their strings (as checkpoints, config.yaml and W&B hold)."""
+    return dataclasses.asdict(
+        config, dict_factory=lambda items: {k: v.value if isinstance(v, enum.Enum) else v for k, v in items}
+    )
 
 
 def _check_sections(cls: type, data: Any, path: str) -> None:
@@ -325,22 +301,12 @@ def _check_sections(cls: type, data: Any, path: str) -> None:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path or cls.__name__}: expected a mapping, got {data!r}")
     for f in dataclasses.fields(cls):
-        if f.name in data and _is_dataclass(f.default_factory):
+        if f.name in data and dataclasses.is_dataclass(f.default_factory):
             _check_sections(f.default_factory, data[f.name], _join(path, f.name))
-
-
-def _is_dataclass(obj: Any) -> bool:
-    return isinstance(obj, type) and dataclasses.is_dataclass(obj)
 
 
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path and key else path or key
-
-
-def _first_line(e: OmegaConfBaseException) -> str:
-    """OmegaConf's message without its `full_key:` / `object_type=` lines."""
-    msg = getattr(e, "msg", None) or str(e)
-    return msg.strip().splitlines()[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
