@@ -12,6 +12,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import EnumNode, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -428,8 +429,7 @@ class FinetuneConfig:
 
 
 def check_types(config: Any) -> None:
-    """A config built in Python, not by `from_dict` or Hydra, gets the same refusal of a mistyped value or of a
-    choice outside its set: a round trip through OmegaConf's typed merge."""
+    """A config built in Python gets the refusal `from_dict` gives a mistyped value or a choice outside its set."""
     from_dict(type(config), to_dict(config))
 
 
@@ -439,13 +439,9 @@ def check_device(name: str, key: str = "run.device") -> None:
         raise ConfigError(f"{key}={name!r} is unknown; use auto, cpu, cuda or cuda:N")
 
 
-def check_run_config(run: RunConfig) -> None:
-    """Reject run settings that cannot work (shared by pretraining and fine-tuning)."""
-    check_device(run.device)
-
-
-def check_schedule(schedule: ScheduleConfig) -> None:
-    """The lr schedule: the warm-up within the epochs, multistep milestones after the warm-up and before the end."""
+def _check_training(config: PretrainConfig | FinetuneConfig) -> None:
+    """The lr schedule (warm-up within the epochs, milestones after it), AdamW's betas and data.max_bad_fraction."""
+    schedule, betas, max_bad_fraction = config.schedule, config.optim.betas, config.data.max_bad_fraction
     if schedule.warmup_epochs > schedule.epochs:
         raise ConfigError(
             f"schedule.warmup_epochs={schedule.warmup_epochs} must lie in [0, schedule.epochs={schedule.epochs}]; "
@@ -456,9 +452,7 @@ def check_schedule(schedule: ScheduleConfig) -> None:
             f"schedule.kind=cosine needs at least one epoch after warm-up; warmup_epochs={schedule.warmup_epochs} "
             f"equals epochs={schedule.epochs}"
         )
-    if schedule.kind != ScheduleKind.multistep:
-        return
-    for epoch in schedule.decay_epochs:
+    for epoch in schedule.decay_epochs if schedule.kind == ScheduleKind.multistep else []:
         if not 0 < epoch < schedule.epochs:
             raise ConfigError(
                 f"schedule.decay_epochs={schedule.decay_epochs}: milestone {epoch} must lie strictly between 0 and "
@@ -470,14 +464,10 @@ def check_schedule(schedule: ScheduleConfig) -> None:
                 f"schedule.decay_epochs={schedule.decay_epochs}: milestone {epoch} falls inside the warm-up "
                 f"(warmup_epochs={schedule.warmup_epochs}); move it after the warm-up"
             )
-
-
-def check_optim(optim: OptimConfig) -> None:
-    """AdamW's moment decay rates: two values in [0, 1)."""
-    if len(optim.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in optim.betas):
-        raise ConfigError(
-            f"optim.betas={list(optim.betas)} must be two values (beta1, beta2) in [0, 1), e.g. [0.9, 0.999]"
-        )
+    if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
+        raise ConfigError(f"optim.betas={list(betas)} must be two values (beta1, beta2) in [0, 1), e.g. [0.9, 0.999]")
+    if not 0.0 <= max_bad_fraction <= 1.0:
+        raise ConfigError(f"data.max_bad_fraction={max_bad_fraction} must lie in [0, 1], e.g. 0.01")
 
 
 # (key, lower bound, whether the bound itself is allowed): every number is also checked to be finite. Keys that a
@@ -539,7 +529,7 @@ def validate_pretrain(config: PretrainConfig) -> None:
     from .masking import MaskGenerator
     from .models.swinv2 import SWINV2_SIZES, check_divisible_size
 
-    model_cfg, mask_cfg = config.model, config.mask
+    model_cfg, mask_cfg, data_cfg, probe = config.model, config.mask, config.data, config.probe
     if model_cfg.arch not in SWINV2_SIZES:
         raise ConfigError(f"model.arch={model_cfg.arch!r} is not a known size; choose one of {sorted(SWINV2_SIZES)}")
     num_stages = len(model_cfg.depths or SWINV2_SIZES[model_cfg.arch]["depths"])
@@ -554,11 +544,31 @@ def validate_pretrain(config: PretrainConfig) -> None:
             f"{min(model_cfg.img_size)}). A non-square size works for building an encoder and for its feature maps "
             "(forward_intermediates), which accept any size the patch size and stages divide"
         )
-    check_run_config(config.run)
-    check_schedule(config.schedule)
-    check_optim(config.optim)
-    _validate_pretrain_data(config)
-    _validate_probe(config.probe)
+    check_device(config.run.device)
+    _check_training(config)
+    if data_cfg.source == DataSource.shards and not data_cfg.urls:
+        raise ConfigError("data=shards needs data.urls: the index .json written by `simmim-swin make-shards`")
+    if data_cfg.source == DataSource.folder and not data_cfg.root:
+        raise ConfigError("data.source=folder needs data.root: the folder of images to pretrain on")
+    if data_cfg.source == DataSource.photos and data_cfg.samples_per_epoch < 1:
+        raise ConfigError(
+            f"data.samples_per_epoch={data_cfg.samples_per_epoch}: source=photos needs the crops per epoch, e.g. 8192"
+        )
+    if data_cfg.num_images is not None and data_cfg.source not in (DataSource.folder, DataSource.fashion_mnist):
+        raise ConfigError(
+            f"data.num_images={data_cfg.num_images} picks a subset of a folder or of Fashion-MNIST, not of "
+            f"data.source={data_cfg.source}; set data.samples_per_epoch instead, or data.num_images=null"
+        )
+    check_image_statistics(data_cfg.mean, data_cfg.std, data_cfg.max_image_pixels, model_cfg.in_chans)
+    bands = config.logger.panel_bands
+    if bands is not None and len(bands) not in (1, 3):
+        raise ConfigError(f"logger.panel_bands={list(bands)}: give three bands (red, green, blue) or one")
+    if bands is not None and any(b < 0 or b >= model_cfg.in_chans for b in bands):
+        raise ConfigError(f"logger.panel_bands={list(bands)} must lie in [0, model.in_chans={model_cfg.in_chans})")
+    if probe.enabled and probe.source == ProbeSource.shards and not (probe.train and probe.val):
+        raise ConfigError("probe.source=shards needs probe.train and probe.val: labelled shards (make-shards --labels)")
+    if probe.enabled and probe.source == ProbeSource.folder and not (probe.root or (probe.train and probe.val)):
+        raise ConfigError("probe.source=folder needs probe.root (with train/ and val/) or probe.train and probe.val")
     window = mask_cfg.norm_target_window
     if mask_cfg.norm_target and (window < 3 or window % 2 == 0):
         raise ConfigError(f"mask.norm_target_window={window} must be odd and >= 3 (47 in SwinV2)")
@@ -573,73 +583,26 @@ def validate_pretrain(config: PretrainConfig) -> None:
         raise ConfigError(f"mask: {e}") from e
 
 
-def _validate_pretrain_data(config: PretrainConfig) -> None:
-    """The data settings that can be checked without reading any data."""
-    data_cfg = config.data
-    if data_cfg.source == DataSource.shards and not data_cfg.urls:
-        raise ConfigError("data=shards needs data.urls: the index .json written by `simmim-swin make-shards`")
-    if data_cfg.source == DataSource.folder and not data_cfg.root:
-        raise ConfigError("data.source=folder needs data.root: the folder of images to pretrain on")
-    if data_cfg.source == DataSource.photos and data_cfg.samples_per_epoch < 1:
-        raise ConfigError(
-            f"data.samples_per_epoch={data_cfg.samples_per_epoch}: source=photos needs the crops per epoch, e.g. 8192"
-        )
-    if data_cfg.num_images is not None and data_cfg.source not in (DataSource.folder, DataSource.fashion_mnist):
-        raise ConfigError(
-            f"data.num_images={data_cfg.num_images} picks a subset of a folder or of Fashion-MNIST, not of "
-            f"data.source={data_cfg.source}; set data.samples_per_epoch instead, or data.num_images=null"
-        )
-    check_fraction(data_cfg.max_bad_fraction)
-    check_image_statistics(data_cfg.mean, data_cfg.std, data_cfg.max_image_pixels, config.model.in_chans)
-    check_panel_bands(config.logger.panel_bands, config.model.in_chans)
-
-
-def check_fraction(max_bad_fraction: float) -> None:
-    """data.max_bad_fraction in [0, 1]."""
-    if not 0.0 <= max_bad_fraction <= 1.0:
-        raise ConfigError(f"data.max_bad_fraction={max_bad_fraction} must lie in [0, 1], e.g. 0.01")
-
-
 def check_image_statistics(
     mean: list[float] | None, std: list[float] | None, max_image_pixels: int | None, in_chans: int | None
 ) -> None:
     """data.mean / data.std: both or neither, one value per channel, std > 0; required unless 8-bit RGB."""
     if (mean is None) != (std is None):
         raise ConfigError("data.mean and data.std go together: set both (`simmim-swin stats PATH` prints them)")
-    if mean is None:
-        if in_chans is not None and in_chans != 3:
-            raise ConfigError(
-                f"model.in_chans={in_chans} needs data.mean and data.std (one value per channel, in the files' "
-                "units): run `simmim-swin stats PATH` and pass the override line it prints"
-            )
-    else:
-        if len(mean) != len(std) or (in_chans is not None and len(mean) != in_chans):
-            raise ConfigError(
-                f"data.mean has {len(mean)} values and data.std {len(std)}; give one per channel "
-                f"(model.in_chans={in_chans})"
-            )
-        if not all(math.isfinite(s) and s > 0 for s in std):
-            raise ConfigError(f"data.std={list(std)} must be positive, one value per channel")
+    if mean is None and in_chans is not None and in_chans != 3:
+        raise ConfigError(
+            f"model.in_chans={in_chans} needs data.mean and data.std (one value per channel, in the files' "
+            "units): run `simmim-swin stats PATH` and pass the override line it prints"
+        )
+    if mean is not None and (len(mean) != len(std) or (in_chans is not None and len(mean) != in_chans)):
+        raise ConfigError(
+            f"data.mean has {len(mean)} values and data.std {len(std)}; give one per channel "
+            f"(model.in_chans={in_chans})"
+        )
+    if mean is not None and not all(math.isfinite(s) and s > 0 for s in std):
+        raise ConfigError(f"data.std={list(std)} must be positive, one value per channel")
     if max_image_pixels is not None and max_image_pixels < 1:
         raise ConfigError(f"data.max_image_pixels={max_image_pixels} must be >= 1 (or null for no limit)")
-
-
-def check_panel_bands(panel_bands: list[int] | None, in_chans: int | None) -> None:
-    """logger.panel_bands: one or three band indices below model.in_chans."""
-    if panel_bands is None:
-        return
-    if len(panel_bands) not in (1, 3):
-        raise ConfigError(f"logger.panel_bands={list(panel_bands)}: give three bands (red, green, blue) or one")
-    if any(b < 0 or (in_chans is not None and b >= in_chans) for b in panel_bands):
-        raise ConfigError(f"logger.panel_bands={list(panel_bands)} must lie in [0, model.in_chans={in_chans})")
-
-
-def _validate_probe(probe: ProbeConfig) -> None:
-    """The probe settings that can be checked without reading any data."""
-    if probe.enabled and probe.source == ProbeSource.shards and not (probe.train and probe.val):
-        raise ConfigError("probe.source=shards needs probe.train and probe.val: labelled shards (make-shards --labels)")
-    if probe.enabled and probe.source == ProbeSource.folder and not (probe.root or (probe.train and probe.val)):
-        raise ConfigError("probe.source=folder needs probe.root (with train/ and val/) or probe.train and probe.val")
 
 
 def validate_finetune(config: FinetuneConfig) -> None:
@@ -649,7 +612,7 @@ def validate_finetune(config: FinetuneConfig) -> None:
     """
     check_types(config)
     check_numbers(config)
-    check_run_config(config.run)
+    check_device(config.run.device)
     train, data, augment = config.train, config.data, config.augment
     if data.source == LabelledSource.folder and not data.root:
         raise ConfigError("data.source=folder needs data.root: a folder of class sub-folders (or with train/ and val/)")
@@ -660,7 +623,16 @@ def validate_finetune(config: FinetuneConfig) -> None:
         return
     if len(augment.crop_scale) != 2 or not 0.0 < augment.crop_scale[0] <= augment.crop_scale[1] <= 1.0:
         raise ConfigError(f"augment.crop_scale={augment.crop_scale} must be [min, max] with 0 < min <= max <= 1")
-    check_auto_augment(augment.rand_augment)
+    if augment.rand_augment:
+        from timm.data import create_transform  # timm's parser is the only full definition of the policy strings
+
+        try:
+            create_transform(32, is_training=True, auto_augment=str(augment.rand_augment))
+        except (AssertionError, KeyError, ValueError, IndexError) as e:
+            raise ConfigError(
+                f"augment.rand_augment={augment.rand_augment!r} is not a timm augmentation policy "
+                f"({type(e).__name__}: {e}); e.g. rand-m9-mstd0.5-inc1, augmix-m5-w3, original, or null for none"
+            ) from None
     mixing = (augment.mixup > 0 or augment.cutmix > 0) and augment.mixup_prob > 0
     if mixing and data.batch_size % 2:
         raise ConfigError(f"mixup / cutmix pair images within a batch: data.batch_size={data.batch_size} must be even")
@@ -670,9 +642,7 @@ def validate_finetune(config: FinetuneConfig) -> None:
         raise ConfigError(f"train.layer_decay={train.layer_decay} must lie in (0, 1]; 1.0 turns layer decay off")
     if not 0.0 <= data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={data.val_fraction} must lie in [0, 1), e.g. 0.2 (0: no held-out part)")
-    check_schedule(config.schedule)
-    check_optim(config.optim)
-    check_fraction(data.max_bad_fraction)
+    _check_training(config)
     if data.val_fraction > 0 and config.run.parallel == Parallel.fsdp:
         # best.pt is scored at the end by loading it into the model, which FSDP holds sharded
         raise ConfigError("data.val_fraction > 0 does not work with run.parallel=fsdp; use run.parallel=ddp")
@@ -683,39 +653,7 @@ def validate_finetune(config: FinetuneConfig) -> None:
         )
 
 
-def check_auto_augment(policy: str | None) -> None:
-    """augment.rand_augment: a policy string timm's transform factory parses (rand-..., augmix-..., original, v0 ...).
-
-    timm is imported here, when a run is validated: its parser is the only full definition of the strings.
-    """
-    if not policy:
-        return
-    from timm.data import create_transform
-
-    try:
-        create_transform(32, is_training=True, auto_augment=str(policy))
-    except (AssertionError, KeyError, ValueError, IndexError) as e:
-        raise ConfigError(
-            f"augment.rand_augment={policy!r} is not a timm augmentation policy ({type(e).__name__}: {e}); "
-            "e.g. rand-m9-mstd0.5-inc1, augmix-m5-w3, original, or null for none"
-        ) from None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Hydra structured configs: conf/pretrain.yaml and conf/finetune.yaml start their defaults lists with these
-
-PRETRAIN_SCHEMA = "pretrain_schema"
-FINETUNE_SCHEMA = "finetune_schema"
-
-
-def register_configs() -> None:
-    """Store the two top-level dataclasses in Hydra's ConfigStore (idempotent; done when this module loads)."""
-    from hydra.core.config_store import ConfigStore
-
-    store = ConfigStore.instance()
-    store.store(name=PRETRAIN_SCHEMA, node=PretrainConfig)
-    store.store(name=FINETUNE_SCHEMA, node=FinetuneConfig)
-
-
-# at import, so that any Hydra compose of conf/ (the command line, tests, notebooks) finds the schemas
-register_configs()
+# Hydra structured configs, stored at import so that any compose of conf/ (the command line, tests, notebooks) finds
+# them: conf/pretrain.yaml and conf/finetune.yaml start their defaults lists with these
+ConfigStore.instance().store(name="pretrain_schema", node=PretrainConfig)
+ConfigStore.instance().store(name="finetune_schema", node=FinetuneConfig)
