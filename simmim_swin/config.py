@@ -344,21 +344,19 @@ class FinetuneDataConfig:
     val_root: str | None = None  # source=folder: validation images (same class folders); null: <root>/val
     num_labelled: int | None = None  # train on this many labelled images, class-balanced; null: all of them
     subset_seed: int = 0  # which images num_labelled picks
-    # hold out this class-balanced share of the labelled training images (after num_labelled) for validation:
-    # evaluation during training, best.pt and train.patience then use it, and the evaluation images (val folder,
-    # Fashion-MNIST's test split) are scored once, at the end, with best.pt. 0: evaluate on the evaluation images
-    val_fraction: float = 0.0
+    # held-out class-balanced share of the labelled training images (after num_labelled) for the evaluations during
+    # training, best.pt and train.patience; the evaluation images are then scored once, at the end, with best.pt
+    val_fraction: float = 0.0  # 0: the evaluations during training score the evaluation images
     batch_size: int = 128  # training images per process and micro-batch
     eval_batch_size: int = 256  # evaluation images per process
     num_workers: int = 4  # data-loader worker processes per process
     crop_pct: float = 0.875  # evaluation: resize to img_size / crop_pct, then centre crop img_size (224 of 256)
     pin_memory: bool = True  # page-locked host batches (CUDA only)
-    # per-channel statistics in the files' raw units, one per model.in_chans (`simmim-swin stats`); null: ImageNet's
-    # for 8-bit RGB through timm's transforms. Set, or with in_chans != 3, images keep their bit depth and get
-    # crop / flip only (RandAugment, colour jitter and random erasing are 8-bit RGB operations)
+    # per-channel statistics in the files' raw units, one per model.in_chans (`simmim-swin stats`); null: ImageNet's.
+    # Set (or in_chans != 3): images keep their bit depth, crop / flip only (RandAugment etc. are 8-bit RGB operations)
     mean: list[float] | None = None
     std: list[float] | None = None
-    max_image_pixels: int | None = 178_956_970  # larger images count as bad samples; null: no limit
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS  # larger images count as bad samples; null: no limit
     max_bad_fraction: float = 0.01  # stop when unreadable training images exceed this fraction of those read
     bad_check_after: int = 1000  # the fraction is bad / max(images read, this)
 
@@ -478,10 +476,12 @@ NUMBER_BOUNDS: tuple[tuple[str, float, bool], ...] = (
         "data.batch_size", "data.eval_batch_size", "optim.accum_steps", "optim.lr_reference_batch",
         "schedule.epochs", "run.save_every", "run.keep_last", "run.max_consecutive_skips", "logger.log_every",
         "logger.image_every", "logger.num_images", "logger.val_every", "train.eval_every", "data.num_images",
-        "train.eval_num_images", "data.num_labelled",
+        "train.eval_num_images", "data.num_labelled", "probe.every", "probe.num_train", "probe.num_val", "probe.k",
+        "probe.batch_size",
     )),
     *((key, 0, False) for key in (
         "optim.base_lr", "optim.eps", "model.mlp_ratio", "optim.clip_grad", "run.lock_stale_after_s",
+        "probe.temperature",
     )),
     *((key, 0, True) for key in (
         "optim.warmup_lr", "optim.min_lr", "optim.weight_decay", "model.drop_path_rate", "data.num_workers",
@@ -489,10 +489,6 @@ NUMBER_BOUNDS: tuple[tuple[str, float, bool], ...] = (
         "augment.mixup", "augment.cutmix", "augment.label_smoothing", "augment.reprob", "data.shuffle_buffer",
         "data.val_samples", "train.patience",
     )),
-    *((key, 1, True) for key in (
-        "probe.every", "probe.num_train", "probe.num_val", "probe.k", "probe.batch_size",
-    )),
-    *((key, 0, False) for key in ("probe.temperature",)),
 )  # fmt: skip
 
 
@@ -505,8 +501,7 @@ def check_numbers(config: Any) -> None:
     for key, bound, inclusive in NUMBER_BOUNDS:
         value = values.get(key)
         if value is not None and (value < bound if inclusive else value <= bound):
-            relation = ">=" if inclusive else ">"
-            raise ConfigError(f"{key}={value} must be {relation} {bound}")
+            raise ConfigError(f"{key}={value} must be {'>=' if inclusive else '>'} {bound}")
 
 
 def _numbers(tree: Any, path: str = "") -> Iterator[tuple[str, float]]:
