@@ -12,7 +12,7 @@ from typing import Any
 from hydra.errors import HydraException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
 from ..config import ConfigError, describe_error, from_dict
 from ..launcher import launcher_rank
@@ -161,11 +161,9 @@ def composition_error(e: Exception) -> str:
     cause = e if isinstance(e, OmegaConfBaseException) else e.__cause__
     if isinstance(cause, MissingMandatoryValue) and cause.full_key:
         return f"{cause.full_key} must be set on the command line, e.g. {cause.full_key}=VALUE"
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and isinstance(cause.object_type, type):
+        return f"unknown key {cause.full_key} ({cause.object_type.__name__} has no such key); check the spelling"
     if isinstance(cause, OmegaConfBaseException) and cause.full_key:
-        reason = (getattr(cause, "msg", None) or str(cause)).strip().splitlines()[0]
-        object_type = getattr(cause, "object_type", None)
-        if "not in" in reason and isinstance(object_type, type):
-            return f"unknown key {cause.full_key} ({object_type.__name__} has no such key); check the spelling"
         return describe_error(cause)  # a value outside an Enum-typed field's choices lists them
     text = str(e).split("Config search path:")[0]  # Hydra appends its search path to a missing option
     text = " ".join(line.strip() for line in text.splitlines() if line.strip())
@@ -173,18 +171,14 @@ def composition_error(e: Exception) -> str:
     return f"cannot parse the argument {override!r}: {text}" if override else text
 
 
-# a CPU run on a machine of at most this many cores uses one intra-op thread unless OMP_NUM_THREADS is set: on a
-# shared 2-core machine the tests' pico pretraining took 8-9 s with one thread against 20-32 s with torch's two, the
-# quickstart 50 img/s against 6-60 (loader workers compete for the cores; busy-waiting threads stall each other)
-SINGLE_THREAD_MAX_CORES = 2
-
-
 def default_cpu_threads(device: str) -> None:
-    """One torch thread for a CPU run on a machine of few cores, unless OMP_NUM_THREADS chooses."""
+    """One torch thread for a CPU run on a machine of at most 2 cores, unless OMP_NUM_THREADS chooses."""
     import torch
 
+    # on a shared 2-core machine the tests' pico pretraining took 8-9 s with one thread against 20-32 s with torch's
+    # two, the quickstart 50 img/s against 6-60 (loader workers compete for the cores; busy-waiting threads stall)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if "OMP_NUM_THREADS" in os.environ or cores > SINGLE_THREAD_MAX_CORES:
+    if "OMP_NUM_THREADS" in os.environ or cores > 2:
         return
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         torch.set_num_threads(1)
