@@ -438,8 +438,12 @@ def check_device(name: str, key: str = "run.device") -> None:
 
 
 def _check_training(config: PretrainConfig | FinetuneConfig) -> None:
-    """The lr schedule (warm-up within the epochs, milestones after it), AdamW's betas and data.max_bad_fraction."""
+    """AdamW's betas, data.max_bad_fraction and the lr schedule (warm-up within the epochs, milestones after it)."""
     schedule, betas, max_bad_fraction = config.schedule, config.optim.betas, config.data.max_bad_fraction
+    if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
+        raise ConfigError(f"optim.betas={list(betas)} must be two values (beta1, beta2) in [0, 1), e.g. [0.9, 0.999]")
+    if not 0.0 <= max_bad_fraction <= 1.0:
+        raise ConfigError(f"data.max_bad_fraction={max_bad_fraction} must lie in [0, 1], e.g. 0.01")
     if schedule.warmup_epochs > schedule.epochs:
         raise ConfigError(
             f"schedule.warmup_epochs={schedule.warmup_epochs} must lie in [0, schedule.epochs={schedule.epochs}]; "
@@ -450,7 +454,9 @@ def _check_training(config: PretrainConfig | FinetuneConfig) -> None:
             f"schedule.kind=cosine needs at least one epoch after warm-up; warmup_epochs={schedule.warmup_epochs} "
             f"equals epochs={schedule.epochs}"
         )
-    for epoch in schedule.decay_epochs if schedule.kind == ScheduleKind.multistep else []:
+    if schedule.kind != ScheduleKind.multistep:
+        return
+    for epoch in schedule.decay_epochs:
         if not 0 < epoch < schedule.epochs:
             raise ConfigError(
                 f"schedule.decay_epochs={schedule.decay_epochs}: milestone {epoch} must lie strictly between 0 and "
@@ -462,10 +468,6 @@ def _check_training(config: PretrainConfig | FinetuneConfig) -> None:
                 f"schedule.decay_epochs={schedule.decay_epochs}: milestone {epoch} falls inside the warm-up "
                 f"(warmup_epochs={schedule.warmup_epochs}); move it after the warm-up"
             )
-    if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
-        raise ConfigError(f"optim.betas={list(betas)} must be two values (beta1, beta2) in [0, 1), e.g. [0.9, 0.999]")
-    if not 0.0 <= max_bad_fraction <= 1.0:
-        raise ConfigError(f"data.max_bad_fraction={max_bad_fraction} must lie in [0, 1], e.g. 0.01")
 
 
 # (key, lower bound, whether the bound itself is allowed): every number is also checked to be finite. Keys that a
@@ -601,10 +603,7 @@ def check_image_statistics(
 
 
 def validate_finetune(config: FinetuneConfig) -> None:
-    """Reject fine-tuning settings that cannot work before anything is loaded; raises ConfigError naming the key.
-
-    An evaluation (`evaluate` set) trains nothing: the batch, augmentation, schedule and EMA checks do not apply.
-    """
+    """Reject fine-tuning settings that cannot work before anything is loaded; raises ConfigError naming the key."""
     check_types(config)
     check_numbers(config)
     check_device(config.run.device)
@@ -614,7 +613,7 @@ def validate_finetune(config: FinetuneConfig) -> None:
     if not 0.0 < data.crop_pct <= 1.0:
         raise ConfigError(f"data.crop_pct={data.crop_pct} must lie in (0, 1]; 0.875 is the 224-of-256 protocol")
     check_image_statistics(data.mean, data.std, data.max_image_pixels, config.model.in_chans)
-    if config.evaluate:
+    if config.evaluate:  # an evaluation trains nothing: the batch, augmentation, schedule and EMA checks do not apply
         return
     if len(augment.crop_scale) != 2 or not 0.0 < augment.crop_scale[0] <= augment.crop_scale[1] <= 1.0:
         raise ConfigError(f"augment.crop_scale={augment.crop_scale} must be [min, max] with 0 < min <= max <= 1")
