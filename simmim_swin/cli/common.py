@@ -161,7 +161,8 @@ def composition_error(e: Exception) -> str:
     cause = e if isinstance(e, OmegaConfBaseException) else e.__cause__
     if isinstance(cause, MissingMandatoryValue) and cause.full_key:
         return f"{cause.full_key} must be set on the command line, e.g. {cause.full_key}=VALUE"
-    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and isinstance(cause.object_type, type):
+    unknown = isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and isinstance(cause.object_type, type)
+    if unknown and cause.full_key:
         return f"unknown key {cause.full_key} ({cause.object_type.__name__} has no such key); check the spelling"
     if isinstance(cause, OmegaConfBaseException) and cause.full_key:
         return describe_error(cause)  # a value outside an Enum-typed field's choices lists them
