@@ -104,8 +104,7 @@ class DataConfig:
 
     source: DataSource = DataSource.photos  # photos (scikit-image's photographs) | folder | shards | fashion_mnist
     root: str | None = None  # image folder for source=folder
-    # source=shards: index .json, brace pattern, `a::b`, or `pipe:CMD` URLs (Any: a str, a list of str or None)
-    urls: Any = None
+    urls: Any = None  # source=shards: index .json, brace pattern, `a::b` or `pipe:CMD` URLs (a str or a list of str)
     split: Split = Split.train  # source=fashion_mnist: train (60k) | test (10k)
     batch_size: int = 128  # images per process and micro-batch
     num_workers: int = 4  # data-loader worker processes per process
@@ -126,8 +125,7 @@ class DataConfig:
     # them): the model sees (raw - mean) / std. null: ImageNet's, for 8-bit RGB; 16-bit / float files need them
     mean: list[float] | None = None
     std: list[float] | None = None
-    # images with more pixels count as bad samples (PIL's decompression-bomb guard); null: no limit
-    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS  # larger images count as bad samples; null: no limit
 
     def __post_init__(self) -> None:
         _check_str_or_list(self, "data", "urls", "val_urls")
@@ -209,8 +207,7 @@ class RunConfig:
     compile: bool = False  # torch.compile the model
     parallel: Parallel = Parallel.ddp  # ddp | fsdp (parameters sharded across ranks, for models too large for DDP)
     max_consecutive_skips: int = 10  # stop after this many optimizer steps in a row with a non-finite loss/gradient
-    # a run lock of another host with no heartbeat (written at every metrics line) for this long is taken over
-    lock_stale_after_s: float = 600.0
+    lock_stale_after_s: float = 600.0  # take over another host's run lock silent this long (heartbeat: metrics lines)
 
 
 @dataclass
@@ -252,8 +249,7 @@ class PretrainConfig:
     # weights a NEW run starts from (run dir, checkpoint, .safetensors, Hugging Face folder); a run that resumes
     # continues from its own checkpoint and ignores this. The optimizer and the schedule start fresh
     init_from: str | None = None
-    # auto | simmim (ours) | reference (Microsoft's SimMIM / Swin) | timm | hf
-    init_from_format: WeightFormat = WeightFormat.auto
+    init_from_format: WeightFormat = WeightFormat.auto  # simmim | reference (Microsoft SimMIM / Swin) | timm | hf
 
 
 def from_dict(cls: type, data: dict[str, Any] | None, path: str = "") -> Any:
@@ -407,8 +403,7 @@ class FinetuneConfig:
     """Everything a fine-tuning run needs; `evaluate` turns it into an evaluation of a fine-tuned checkpoint."""
 
     pretrained: str | None = None  # run dir, checkpoint (.pt / .pth) or export (.safetensors); null: from scratch
-    # auto | simmim (ours) | reference (Microsoft's SimMIM / Swin) | timm | hf
-    pretrained_format: WeightFormat = WeightFormat.auto
+    pretrained_format: WeightFormat = WeightFormat.auto  # simmim | reference (Microsoft SimMIM / Swin) | timm | hf
     evaluate: str | None = None  # fine-tuned run dir or checkpoint: evaluate it at model.img_size / window_size
     model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)  # the classifier
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)  # labelled images
