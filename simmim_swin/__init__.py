@@ -1,8 +1,5 @@
-"""SimMIM pretraining for Swin Transformer V2, with CPB-transfer fine-tuning.
-
-The model names below are imported on first use (PEP 562): importing a submodule, such as the command-line
-entry points for `--help`, does not load torch and timm.
-"""
+"""SimMIM pretraining for Swin Transformer V2, with CPB-transfer fine-tuning. The model names below are imported on
+first use (PEP 562): importing a submodule, such as the command-line entry points for `--help`, loads no torch."""
 
 from __future__ import annotations
 

@@ -1,13 +1,6 @@
-"""Typed run configuration: one dataclass per concern, the single source of every key and default.
-
-The dataclasses are registered with Hydra's ConfigStore as structured configs (`pretrain_schema`,
-`finetune_schema`): conf/*.yaml hold only presets and overrides on top of them. `from_dict` builds a dataclass
-from plain dicts (checkpoints, tests, benchmarks) with the same type rules. A setting that names one of a few
-values is an Enum (`Choice`), so both refuse any other value with the key and the choices. `validate_pretrain` /
-`validate_finetune` hold every other check of a value, run once before any directory, model or data exists; the
-code below takes the values as checked. Everything below the command line takes these dataclasses, or better the
-one narrow sub-config it needs.
-"""
+"""Typed run configuration: one dataclass per concern, registered as Hydra structured configs (conf/*.yaml holds
+presets only). `validate_pretrain` / `validate_finetune` check every value once, before any directory, model or data
+exists; the code below takes the values as checked and the one narrow sub-config it needs."""
 
 from __future__ import annotations
 
@@ -19,6 +12,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import EnumNode, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -31,10 +25,9 @@ class ConfigError(ValueError):
 
 
 class Choice(str, enum.Enum):
-    """A setting that names one of a few values: the Enum types the field, so that Hydra's composition and
-    `from_dict` refuse any other value with the key and the choices. A member equals its string and prints as it
-    (str() and f-strings differ between Python versions for a plain (str, Enum))."""
+    """A setting that names one of a few values: Hydra and `from_dict` refuse any other with the key and the choices."""
 
+    # a member prints as its string (str() and f-strings of a plain (str, Enum) differ between Python versions)
     def __str__(self) -> str:
         return self.value
 
@@ -43,8 +36,7 @@ class Choice(str, enum.Enum):
 
 
 def _choices(name: str, values: str) -> Any:
-    """A Choice type of the space-separated `values` (each member is named as its value: OmegaConf, which looks
-    members up by name, then accepts exactly the values)."""
+    # each member is named as its value: OmegaConf, which looks members up by name, then accepts exactly the values
     return Choice(name, [(value, value) for value in values.split()], module=__name__, qualname=name)
 
 
@@ -70,9 +62,7 @@ class ModelConfig:
     """SwinV2 encoder architecture; `arch` names a size, the optional fields override it."""
 
     arch: str = "base"  # a key of simmim_swin.models.swinv2.SWINV2_SIZES (tiny ... giant; pico / nano / micro)
-    # input size in pixels: an int (square) or [height, width] (typed Any: OmegaConf has no int-or-list type;
-    # checked in __post_init__)
-    img_size: Any = 192
+    img_size: Any = 192  # pixels: an int (square) or [height, width] (Any: OmegaConf has no int-or-list type)
     patch_size: int = 4  # pixels per side of a patch-embedding token
     in_chans: int = 3  # image channels
     window_size: int = 12  # attention window in tokens (clipped per stage to the stage's resolution)
@@ -87,23 +77,15 @@ class ModelConfig:
     fused_attn: bool | None = None  # None: SDPA on CUDA, eager elsewhere
 
     def __post_init__(self) -> None:
-        self.img_size = check_img_size(self.img_size, "model.img_size")
-
-
-def check_img_size(value: Any, key: str) -> int | list[int]:
-    """An image size as configs hold it: a positive int, or [height, width] (a square pair becomes the int).
-
-    Digit strings convert, as OmegaConf converts them for typed fields.
-    """
-    value = int(value) if isinstance(value, str) and value.isdigit() else value
-    if isinstance(value, (list, tuple)):
-        value = [int(v) if isinstance(v, str) and v.isdigit() else v for v in value]
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    pair = isinstance(value, (list, tuple)) and len(value) == 2
-    if pair and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
-        return int(value[0]) if value[0] == value[1] else [int(value[0]), int(value[1])]
-    raise ConfigError(f"{key}={value!r} must be a positive int (square) or [height, width], e.g. 192 or [192, 256]")
+        size = self.img_size
+        pair = isinstance(size, (list, tuple))
+        # digit strings convert, as OmegaConf converts them for typed fields
+        sizes = [int(v) if isinstance(v, str) and v.isdigit() else v for v in (size if pair else [size])]
+        if len(sizes) != (2 if pair else 1) or not all(type(v) is int and v > 0 for v in sizes):
+            raise ConfigError(
+                f"model.img_size={size!r} must be a positive int (square) or [height, width], e.g. 192 or [192, 256]"
+            )
+        self.img_size = sizes[0] if sizes[0] == sizes[-1] else sizes  # a square pair becomes the int
 
 
 @dataclass
@@ -122,9 +104,7 @@ class DataConfig:
 
     source: DataSource = DataSource.photos  # photos (scikit-image's photographs) | folder | shards | fashion_mnist
     root: str | None = None  # image folder for source=folder
-    # source=shards: index .json, brace pattern, `a::b`, or `pipe:CMD` URLs; a str, a list of str or None
-    # (typed Any: OmegaConf has no str-or-list type; from_dict checks it)
-    urls: Any = None
+    urls: Any = None  # source=shards: index .json, brace pattern, `a::b` or `pipe:CMD` URLs (a str or a list of str)
     split: Split = Split.train  # source=fashion_mnist: train (60k) | test (10k)
     batch_size: int = 128  # images per process and micro-batch
     num_workers: int = 4  # data-loader worker processes per process
@@ -145,18 +125,19 @@ class DataConfig:
     # them): the model sees (raw - mean) / std. null: ImageNet's, for 8-bit RGB; 16-bit / float files need them
     mean: list[float] | None = None
     std: list[float] | None = None
-    # images with more pixels count as bad samples (PIL's decompression-bomb guard); null: no limit
-    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS  # larger images count as bad samples; null: no limit
 
     def __post_init__(self) -> None:
-        for name in ("urls", "val_urls"):
-            value = getattr(self, name)
-            if not (value is None or isinstance(value, str) or _is_str_list(value)):
-                raise ConfigError(f"data.{name}: expected a string, a list of strings or null, got {value!r}")
+        _check_str_or_list(self, "data", "urls", "val_urls")
 
 
-def _is_str_list(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+def _check_str_or_list(config: Any, section: str, *names: str) -> None:
+    """The fields typed Any because OmegaConf has no str-or-list type: a str, a list of str or None."""
+    for name in names:
+        value = getattr(config, name)
+        strings = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+        if not (value is None or isinstance(value, str) or strings):
+            raise ConfigError(f"{section}.{name}: expected a string, a list of strings or null, got {value!r}")
 
 
 @dataclass
@@ -206,9 +187,8 @@ class LoggerConfig:
     image_every: int = 1000  # optimizer steps between reconstruction panels
     num_images: int = 4  # fixed images in the panel
     val_every: int = 1000  # optimizer steps between validation losses (needs data.val_urls), and at the end
-    # bands shown in the panels (0-based; three as red, green, blue or one in grey), each stretched per image
-    # between its 1st and 99th percentile; null: the first three (one band: grey). 8-bit RGB with ImageNet
-    # statistics is shown as it is
+    # bands shown in the panels (0-based; three as red, green, blue or one in grey), each stretched per image to its
+    # 1st-99th percentile; null: the first three (one band: grey). 8-bit RGB with ImageNet statistics is shown as is
     panel_bands: list[int] | None = None
 
 
@@ -227,21 +207,19 @@ class RunConfig:
     compile: bool = False  # torch.compile the model
     parallel: Parallel = Parallel.ddp  # ddp | fsdp (parameters sharded across ranks, for models too large for DDP)
     max_consecutive_skips: int = 10  # stop after this many optimizer steps in a row with a non-finite loss/gradient
-    # a run lock of another host with no heartbeat (written at every metrics line) for this long is taken over
-    lock_stale_after_s: float = 600.0
+    lock_stale_after_s: float = 600.0  # take over another host's run lock silent this long (heartbeat: metrics lines)
 
 
 @dataclass
 class ProbeConfig:
-    """Online representation probes: kNN (and optionally linear) top-1 of the frozen encoder's features on a small
-    labelled holdout, every `every` steps (simmim_swin/probe.py). Off unless enabled (conf/probe presets)."""
+    """Online kNN (and optionally linear) top-1 of the frozen encoder's features on a small labelled holdout."""
 
-    enabled: bool = False  # run the probes during pretraining
+    enabled: bool = False  # run the probes during pretraining (the conf/probe presets set it)
     every: int = 500  # optimizer steps between probes (and the last step)
     source: ProbeSource = ProbeSource.fashion_mnist  # fashion_mnist | folder (class folders) | shards (.cls labels)
     root: str | None = None  # folder: a folder with train/ and val/ class folders; fashion_mnist: the IDX folder
-    # explicit probe sets: folder: class-folder paths; shards: index .json / URLs of labelled shards (str or list;
-    # typed Any as data.urls). null with source=folder: <root>/train and <root>/val
+    # explicit probe sets (Any: str or list): folder: class-folder paths, null: <root>/train and <root>/val;
+    # shards: index .json / URLs of labelled shards
     train: Any = None
     val: Any = None
     num_train: int = 2000  # labelled images the kNN votes with (class-balanced where the labels are known upfront)
@@ -253,10 +231,7 @@ class ProbeConfig:
     seed: int = 0  # which images the class-balanced subsets pick
 
     def __post_init__(self) -> None:
-        for name in ("train", "val"):
-            value = getattr(self, name)
-            if not (value is None or isinstance(value, str) or _is_str_list(value)):
-                raise ConfigError(f"probe.{name}: expected a string, a list of strings or null, got {value!r}")
+        _check_str_or_list(self, "probe", "train", "val")
 
 
 @dataclass
@@ -274,15 +249,14 @@ class PretrainConfig:
     # weights a NEW run starts from (run dir, checkpoint, .safetensors, Hugging Face folder); a run that resumes
     # continues from its own checkpoint and ignores this. The optimizer and the schedule start fresh
     init_from: str | None = None
-    # auto | simmim (ours) | reference (Microsoft's SimMIM / Swin) | timm | hf
-    init_from_format: WeightFormat = WeightFormat.auto
+    init_from_format: WeightFormat = WeightFormat.auto  # simmim | reference (Microsoft SimMIM / Swin) | timm | hf
 
 
 def from_dict(cls: type, data: dict[str, Any] | None, path: str = "") -> Any:
     """Build dataclass `cls` from nested dicts; unknown keys and mistyped values raise ConfigError naming the key.
 
-    Missing keys keep their defaults. OmegaConf's conversions apply, as on the command line: ints become floats,
-    numeric strings numbers, tuples lists. Args: path: where `data` sits in a larger config, for the messages.
+    Missing keys keep their defaults; OmegaConf converts as on the command line (ints to floats, numeric strings).
+    Args: path: where `data` sits in a larger config, for the messages.
     """
     _check_sections(cls, data or {}, path)
     try:
@@ -291,7 +265,9 @@ def from_dict(cls: type, data: dict[str, Any] | None, path: str = "") -> Any:
     except ConfigKeyError as e:
         key = _join(path, e.full_key)
         parent_key, _, name = key.rpartition(".")
-        valid = sorted(f.name for f in dataclasses.fields(e.object_type)) if _is_dataclass(e.object_type) else []
+        valid = (
+            sorted(f.name for f in dataclasses.fields(e.object_type)) if dataclasses.is_dataclass(e.object_type) else []
+        )
         raise ConfigError(
             f"unknown key(s) [{name!r}] in {parent_key or cls.__name__}; valid keys are {valid}. "
             "Check the spelling of the override."
@@ -301,23 +277,20 @@ def from_dict(cls: type, data: dict[str, Any] | None, path: str = "") -> Any:
 
 
 def describe_error(e: OmegaConfBaseException, path: str = "", where: str = "") -> str:
-    """One line for an OmegaConf error, naming the full key (under `path`; `where` when there is none); a value
-    outside an Enum-typed field's choices gets the choices."""
+    """One line for an OmegaConf error naming the full key (under `path`, else `where`), and an Enum's choices."""
     key = _join(path, e.full_key) or where
     node = getattr(e, "child_node", None)
     if isinstance(node, EnumNode) and getattr(e, "value", None) is not None:
         return f"{key}={e.value!r} is unknown; use one of {[choice.value for choice in node.enum_type]}"
-    return f"{key}: {_first_line(e)}" if key else _first_line(e)
+    reason = (getattr(e, "msg", None) or str(e)).strip().splitlines()[0]  # without the full_key: / object_type= lines
+    return f"{key}: {reason}" if key else reason
 
 
 def to_dict(config: Any) -> dict[str, Any]:
-    """Plain nested dict of a config dataclass, choices as their strings (what checkpoints, config.yaml and W&B
-    store: no pickled objects, and older run directories hold strings)."""
-    return dataclasses.asdict(config, dict_factory=lambda items: {k: _plain(v) for k, v in items})
-
-
-def _plain(value: Any) -> Any:
-    return value.value if isinstance(value, enum.Enum) else value
+    """Plain nested dict of a config dataclass, choices as their strings (as checkpoints, config.yaml and W&B hold)."""
+    return dataclasses.asdict(
+        config, dict_factory=lambda items: {k: v.value if isinstance(v, enum.Enum) else v for k, v in items}
+    )
 
 
 def _check_sections(cls: type, data: Any, path: str) -> None:
@@ -325,22 +298,12 @@ def _check_sections(cls: type, data: Any, path: str) -> None:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path or cls.__name__}: expected a mapping, got {data!r}")
     for f in dataclasses.fields(cls):
-        if f.name in data and _is_dataclass(f.default_factory):
+        if f.name in data and dataclasses.is_dataclass(f.default_factory):
             _check_sections(f.default_factory, data[f.name], _join(path, f.name))
-
-
-def _is_dataclass(obj: Any) -> bool:
-    return isinstance(obj, type) and dataclasses.is_dataclass(obj)
 
 
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path and key else path or key
-
-
-def _first_line(e: OmegaConfBaseException) -> str:
-    """OmegaConf's message without its `full_key:` / `object_type=` lines."""
-    msg = getattr(e, "msg", None) or str(e)
-    return msg.strip().splitlines()[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -377,21 +340,19 @@ class FinetuneDataConfig:
     val_root: str | None = None  # source=folder: validation images (same class folders); null: <root>/val
     num_labelled: int | None = None  # train on this many labelled images, class-balanced; null: all of them
     subset_seed: int = 0  # which images num_labelled picks
-    # hold out this class-balanced share of the labelled training images (after num_labelled) for validation:
-    # evaluation during training, best.pt and train.patience then use it, and the evaluation images (val folder,
-    # Fashion-MNIST's test split) are scored once, at the end, with best.pt. 0: evaluate on the evaluation images
-    val_fraction: float = 0.0
+    # held-out class-balanced share of the labelled training images (after num_labelled) for the evaluations during
+    # training, best.pt and train.patience; the evaluation images are then scored once, at the end, with best.pt
+    val_fraction: float = 0.0  # 0: the evaluations during training score the evaluation images
     batch_size: int = 128  # training images per process and micro-batch
     eval_batch_size: int = 256  # evaluation images per process
     num_workers: int = 4  # data-loader worker processes per process
     crop_pct: float = 0.875  # evaluation: resize to img_size / crop_pct, then centre crop img_size (224 of 256)
     pin_memory: bool = True  # page-locked host batches (CUDA only)
-    # per-channel statistics in the files' raw units, one per model.in_chans (`simmim-swin stats`); null: ImageNet's
-    # for 8-bit RGB through timm's transforms. Set, or with in_chans != 3, images keep their bit depth and get
-    # crop / flip only (RandAugment, colour jitter and random erasing are 8-bit RGB operations)
+    # per-channel statistics in the files' raw units, one per model.in_chans (`simmim-swin stats`); null: ImageNet's.
+    # Set (or in_chans != 3): images keep their bit depth, crop / flip only (RandAugment etc. are 8-bit RGB operations)
     mean: list[float] | None = None
     std: list[float] | None = None
-    max_image_pixels: int | None = 178_956_970  # larger images count as bad samples; null: no limit
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS  # larger images count as bad samples; null: no limit
     max_bad_fraction: float = 0.01  # stop when unreadable training images exceed this fraction of those read
     bad_check_after: int = 1000  # the fraction is bad / max(images read, this)
 
@@ -442,8 +403,7 @@ class FinetuneConfig:
     """Everything a fine-tuning run needs; `evaluate` turns it into an evaluation of a fine-tuned checkpoint."""
 
     pretrained: str | None = None  # run dir, checkpoint (.pt / .pth) or export (.safetensors); null: from scratch
-    # auto | simmim (ours) | reference (Microsoft's SimMIM / Swin) | timm | hf
-    pretrained_format: WeightFormat = WeightFormat.auto
+    pretrained_format: WeightFormat = WeightFormat.auto  # simmim | reference (Microsoft SimMIM / Swin) | timm | hf
     evaluate: str | None = None  # fine-tuned run dir or checkpoint: evaluate it at model.img_size / window_size
     model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)  # the classifier
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)  # labelled images
@@ -462,8 +422,7 @@ class FinetuneConfig:
 
 
 def check_types(config: Any) -> None:
-    """A config built in Python, not by `from_dict` or Hydra, gets the same refusal of a mistyped value or of a
-    choice outside its set: a round trip through OmegaConf's typed merge."""
+    """A config built in Python gets the refusal `from_dict` gives a mistyped value or a choice outside its set."""
     from_dict(type(config), to_dict(config))
 
 
@@ -473,13 +432,13 @@ def check_device(name: str, key: str = "run.device") -> None:
         raise ConfigError(f"{key}={name!r} is unknown; use auto, cpu, cuda or cuda:N")
 
 
-def check_run_config(run: RunConfig) -> None:
-    """Reject run settings that cannot work (shared by pretraining and fine-tuning)."""
-    check_device(run.device)
-
-
-def check_schedule(schedule: ScheduleConfig) -> None:
-    """The lr schedule: the warm-up within the epochs, multistep milestones after the warm-up and before the end."""
+def _check_training(config: PretrainConfig | FinetuneConfig) -> None:
+    """AdamW's betas, data.max_bad_fraction and the lr schedule (warm-up within the epochs, milestones after it)."""
+    schedule, betas, max_bad_fraction = config.schedule, config.optim.betas, config.data.max_bad_fraction
+    if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
+        raise ConfigError(f"optim.betas={list(betas)} must be two values (beta1, beta2) in [0, 1), e.g. [0.9, 0.999]")
+    if not 0.0 <= max_bad_fraction <= 1.0:
+        raise ConfigError(f"data.max_bad_fraction={max_bad_fraction} must lie in [0, 1], e.g. 0.01")
     if schedule.warmup_epochs > schedule.epochs:
         raise ConfigError(
             f"schedule.warmup_epochs={schedule.warmup_epochs} must lie in [0, schedule.epochs={schedule.epochs}]; "
@@ -506,14 +465,6 @@ def check_schedule(schedule: ScheduleConfig) -> None:
             )
 
 
-def check_optim(optim: OptimConfig) -> None:
-    """AdamW's moment decay rates: two values in [0, 1)."""
-    if len(optim.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in optim.betas):
-        raise ConfigError(
-            f"optim.betas={list(optim.betas)} must be two values (beta1, beta2) in [0, 1), e.g. [0.9, 0.999]"
-        )
-
-
 # (key, lower bound, whether the bound itself is allowed): every number is also checked to be finite. Keys that a
 # config does not have (pretraining has no augment.*) are skipped; None means "not set" and passes.
 NUMBER_BOUNDS: tuple[tuple[str, float, bool], ...] = (
@@ -522,10 +473,12 @@ NUMBER_BOUNDS: tuple[tuple[str, float, bool], ...] = (
         "data.batch_size", "data.eval_batch_size", "optim.accum_steps", "optim.lr_reference_batch",
         "schedule.epochs", "run.save_every", "run.keep_last", "run.max_consecutive_skips", "logger.log_every",
         "logger.image_every", "logger.num_images", "logger.val_every", "train.eval_every", "data.num_images",
-        "train.eval_num_images", "data.num_labelled",
+        "train.eval_num_images", "data.num_labelled", "probe.every", "probe.num_train", "probe.num_val", "probe.k",
+        "probe.batch_size",
     )),
     *((key, 0, False) for key in (
         "optim.base_lr", "optim.eps", "model.mlp_ratio", "optim.clip_grad", "run.lock_stale_after_s",
+        "probe.temperature",
     )),
     *((key, 0, True) for key in (
         "optim.warmup_lr", "optim.min_lr", "optim.weight_decay", "model.drop_path_rate", "data.num_workers",
@@ -533,10 +486,6 @@ NUMBER_BOUNDS: tuple[tuple[str, float, bool], ...] = (
         "augment.mixup", "augment.cutmix", "augment.label_smoothing", "augment.reprob", "data.shuffle_buffer",
         "data.val_samples", "train.patience",
     )),
-    *((key, 1, True) for key in (
-        "probe.every", "probe.num_train", "probe.num_val", "probe.k", "probe.batch_size",
-    )),
-    *((key, 0, False) for key in ("probe.temperature",)),
 )  # fmt: skip
 
 
@@ -549,8 +498,7 @@ def check_numbers(config: Any) -> None:
     for key, bound, inclusive in NUMBER_BOUNDS:
         value = values.get(key)
         if value is not None and (value < bound if inclusive else value <= bound):
-            relation = ">=" if inclusive else ">"
-            raise ConfigError(f"{key}={value} must be {relation} {bound}")
+            raise ConfigError(f"{key}={value} must be {'>=' if inclusive else '>'} {bound}")
 
 
 def _numbers(tree: Any, path: str = "") -> Iterator[tuple[str, float]]:
@@ -573,7 +521,7 @@ def validate_pretrain(config: PretrainConfig) -> None:
     from .masking import MaskGenerator
     from .models.swinv2 import SWINV2_SIZES, check_divisible_size
 
-    model_cfg, mask_cfg = config.model, config.mask
+    model_cfg, mask_cfg, data_cfg, probe = config.model, config.mask, config.data, config.probe
     if model_cfg.arch not in SWINV2_SIZES:
         raise ConfigError(f"model.arch={model_cfg.arch!r} is not a known size; choose one of {sorted(SWINV2_SIZES)}")
     num_stages = len(model_cfg.depths or SWINV2_SIZES[model_cfg.arch]["depths"])
@@ -588,11 +536,31 @@ def validate_pretrain(config: PretrainConfig) -> None:
             f"{min(model_cfg.img_size)}). A non-square size works for building an encoder and for its feature maps "
             "(forward_intermediates), which accept any size the patch size and stages divide"
         )
-    check_run_config(config.run)
-    check_schedule(config.schedule)
-    check_optim(config.optim)
-    _validate_pretrain_data(config)
-    _validate_probe(config.probe)
+    check_device(config.run.device)
+    _check_training(config)
+    if data_cfg.source == DataSource.shards and not data_cfg.urls:
+        raise ConfigError("data=shards needs data.urls: the index .json written by `simmim-swin make-shards`")
+    if data_cfg.source == DataSource.folder and not data_cfg.root:
+        raise ConfigError("data.source=folder needs data.root: the folder of images to pretrain on")
+    if data_cfg.source == DataSource.photos and data_cfg.samples_per_epoch < 1:
+        raise ConfigError(
+            f"data.samples_per_epoch={data_cfg.samples_per_epoch}: source=photos needs the crops per epoch, e.g. 8192"
+        )
+    if data_cfg.num_images is not None and data_cfg.source not in (DataSource.folder, DataSource.fashion_mnist):
+        raise ConfigError(
+            f"data.num_images={data_cfg.num_images} picks a subset of a folder or of Fashion-MNIST, not of "
+            f"data.source={data_cfg.source}; set data.samples_per_epoch instead, or data.num_images=null"
+        )
+    check_image_statistics(data_cfg.mean, data_cfg.std, data_cfg.max_image_pixels, model_cfg.in_chans)
+    bands = config.logger.panel_bands
+    if bands is not None and len(bands) not in (1, 3):
+        raise ConfigError(f"logger.panel_bands={list(bands)}: give three bands (red, green, blue) or one")
+    if bands is not None and any(b < 0 or b >= model_cfg.in_chans for b in bands):
+        raise ConfigError(f"logger.panel_bands={list(bands)} must lie in [0, model.in_chans={model_cfg.in_chans})")
+    if probe.enabled and probe.source == ProbeSource.shards and not (probe.train and probe.val):
+        raise ConfigError("probe.source=shards needs probe.train and probe.val: labelled shards (make-shards --labels)")
+    if probe.enabled and probe.source == ProbeSource.folder and not (probe.root or (probe.train and probe.val)):
+        raise ConfigError("probe.source=folder needs probe.root (with train/ and val/) or probe.train and probe.val")
     window = mask_cfg.norm_target_window
     if mask_cfg.norm_target and (window < 3 or window % 2 == 0):
         raise ConfigError(f"mask.norm_target_window={window} must be odd and >= 3 (47 in SwinV2)")
@@ -607,94 +575,53 @@ def validate_pretrain(config: PretrainConfig) -> None:
         raise ConfigError(f"mask: {e}") from e
 
 
-def _validate_pretrain_data(config: PretrainConfig) -> None:
-    """The data settings that can be checked without reading any data."""
-    data_cfg = config.data
-    if data_cfg.source == DataSource.shards and not data_cfg.urls:
-        raise ConfigError("data=shards needs data.urls: the index .json written by `simmim-swin make-shards`")
-    if data_cfg.source == DataSource.folder and not data_cfg.root:
-        raise ConfigError("data.source=folder needs data.root: the folder of images to pretrain on")
-    if data_cfg.source == DataSource.photos and data_cfg.samples_per_epoch < 1:
-        raise ConfigError(
-            f"data.samples_per_epoch={data_cfg.samples_per_epoch}: source=photos needs the crops per epoch, e.g. 8192"
-        )
-    if data_cfg.num_images is not None and data_cfg.source not in (DataSource.folder, DataSource.fashion_mnist):
-        raise ConfigError(
-            f"data.num_images={data_cfg.num_images} picks a subset of a folder or of Fashion-MNIST, not of "
-            f"data.source={data_cfg.source}; set data.samples_per_epoch instead, or data.num_images=null"
-        )
-    check_fraction(data_cfg.max_bad_fraction)
-    check_image_statistics(data_cfg.mean, data_cfg.std, data_cfg.max_image_pixels, config.model.in_chans)
-    check_panel_bands(config.logger.panel_bands, config.model.in_chans)
-
-
-def check_fraction(max_bad_fraction: float) -> None:
-    """data.max_bad_fraction in [0, 1]."""
-    if not 0.0 <= max_bad_fraction <= 1.0:
-        raise ConfigError(f"data.max_bad_fraction={max_bad_fraction} must lie in [0, 1], e.g. 0.01")
-
-
 def check_image_statistics(
     mean: list[float] | None, std: list[float] | None, max_image_pixels: int | None, in_chans: int | None
 ) -> None:
     """data.mean / data.std: both or neither, one value per channel, std > 0; required unless 8-bit RGB."""
     if (mean is None) != (std is None):
         raise ConfigError("data.mean and data.std go together: set both (`simmim-swin stats PATH` prints them)")
-    if mean is None:
-        if in_chans is not None and in_chans != 3:
-            raise ConfigError(
-                f"model.in_chans={in_chans} needs data.mean and data.std (one value per channel, in the files' "
-                "units): run `simmim-swin stats PATH` and pass the override line it prints"
-            )
-    else:
-        if len(mean) != len(std) or (in_chans is not None and len(mean) != in_chans):
-            raise ConfigError(
-                f"data.mean has {len(mean)} values and data.std {len(std)}; give one per channel "
-                f"(model.in_chans={in_chans})"
-            )
-        if not all(math.isfinite(s) and s > 0 for s in std):
-            raise ConfigError(f"data.std={list(std)} must be positive, one value per channel")
+    if mean is None and in_chans is not None and in_chans != 3:
+        raise ConfigError(
+            f"model.in_chans={in_chans} needs data.mean and data.std (one value per channel, in the files' "
+            "units): run `simmim-swin stats PATH` and pass the override line it prints"
+        )
+    if mean is not None and (len(mean) != len(std) or (in_chans is not None and len(mean) != in_chans)):
+        raise ConfigError(
+            f"data.mean has {len(mean)} values and data.std {len(std)}; give one per channel "
+            f"(model.in_chans={in_chans})"
+        )
+    if mean is not None and not all(math.isfinite(s) and s > 0 for s in std):
+        raise ConfigError(f"data.std={list(std)} must be positive, one value per channel")
     if max_image_pixels is not None and max_image_pixels < 1:
         raise ConfigError(f"data.max_image_pixels={max_image_pixels} must be >= 1 (or null for no limit)")
 
 
-def check_panel_bands(panel_bands: list[int] | None, in_chans: int | None) -> None:
-    """logger.panel_bands: one or three band indices below model.in_chans."""
-    if panel_bands is None:
-        return
-    if len(panel_bands) not in (1, 3):
-        raise ConfigError(f"logger.panel_bands={list(panel_bands)}: give three bands (red, green, blue) or one")
-    if any(b < 0 or (in_chans is not None and b >= in_chans) for b in panel_bands):
-        raise ConfigError(f"logger.panel_bands={list(panel_bands)} must lie in [0, model.in_chans={in_chans})")
-
-
-def _validate_probe(probe: ProbeConfig) -> None:
-    """The probe settings that can be checked without reading any data."""
-    if probe.enabled and probe.source == ProbeSource.shards and not (probe.train and probe.val):
-        raise ConfigError("probe.source=shards needs probe.train and probe.val: labelled shards (make-shards --labels)")
-    if probe.enabled and probe.source == ProbeSource.folder and not (probe.root or (probe.train and probe.val)):
-        raise ConfigError("probe.source=folder needs probe.root (with train/ and val/) or probe.train and probe.val")
-
-
 def validate_finetune(config: FinetuneConfig) -> None:
-    """Reject fine-tuning settings that cannot work before anything is loaded; raises ConfigError naming the key.
-
-    An evaluation (`evaluate` set) trains nothing: the batch, augmentation, schedule and EMA checks do not apply.
-    """
+    """Reject fine-tuning settings that cannot work before anything is loaded; raises ConfigError naming the key."""
     check_types(config)
     check_numbers(config)
-    check_run_config(config.run)
+    check_device(config.run.device)
     train, data, augment = config.train, config.data, config.augment
     if data.source == LabelledSource.folder and not data.root:
         raise ConfigError("data.source=folder needs data.root: a folder of class sub-folders (or with train/ and val/)")
     if not 0.0 < data.crop_pct <= 1.0:
         raise ConfigError(f"data.crop_pct={data.crop_pct} must lie in (0, 1]; 0.875 is the 224-of-256 protocol")
     check_image_statistics(data.mean, data.std, data.max_image_pixels, config.model.in_chans)
-    if config.evaluate:
+    if config.evaluate:  # an evaluation trains nothing: the batch, augmentation, schedule and EMA checks do not apply
         return
     if len(augment.crop_scale) != 2 or not 0.0 < augment.crop_scale[0] <= augment.crop_scale[1] <= 1.0:
         raise ConfigError(f"augment.crop_scale={augment.crop_scale} must be [min, max] with 0 < min <= max <= 1")
-    check_auto_augment(augment.rand_augment)
+    if augment.rand_augment:
+        from timm.data import create_transform  # timm's parser is the only full definition of the policy strings
+
+        try:
+            create_transform(32, is_training=True, auto_augment=str(augment.rand_augment))
+        except (AssertionError, KeyError, ValueError, IndexError) as e:
+            raise ConfigError(
+                f"augment.rand_augment={augment.rand_augment!r} is not a timm augmentation policy "
+                f"({type(e).__name__}: {e}); e.g. rand-m9-mstd0.5-inc1, augmix-m5-w3, original, or null for none"
+            ) from None
     mixing = (augment.mixup > 0 or augment.cutmix > 0) and augment.mixup_prob > 0
     if mixing and data.batch_size % 2:
         raise ConfigError(f"mixup / cutmix pair images within a batch: data.batch_size={data.batch_size} must be even")
@@ -704,9 +631,7 @@ def validate_finetune(config: FinetuneConfig) -> None:
         raise ConfigError(f"train.layer_decay={train.layer_decay} must lie in (0, 1]; 1.0 turns layer decay off")
     if not 0.0 <= data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={data.val_fraction} must lie in [0, 1), e.g. 0.2 (0: no held-out part)")
-    check_schedule(config.schedule)
-    check_optim(config.optim)
-    check_fraction(data.max_bad_fraction)
+    _check_training(config)
     if data.val_fraction > 0 and config.run.parallel == Parallel.fsdp:
         # best.pt is scored at the end by loading it into the model, which FSDP holds sharded
         raise ConfigError("data.val_fraction > 0 does not work with run.parallel=fsdp; use run.parallel=ddp")
@@ -717,39 +642,7 @@ def validate_finetune(config: FinetuneConfig) -> None:
         )
 
 
-def check_auto_augment(policy: str | None) -> None:
-    """augment.rand_augment: a policy string timm's transform factory parses (rand-..., augmix-..., original, v0 ...).
-
-    timm is imported here, when a run is validated: its parser is the only full definition of the strings.
-    """
-    if not policy:
-        return
-    from timm.data import create_transform
-
-    try:
-        create_transform(32, is_training=True, auto_augment=str(policy))
-    except (AssertionError, KeyError, ValueError, IndexError) as e:
-        raise ConfigError(
-            f"augment.rand_augment={policy!r} is not a timm augmentation policy ({type(e).__name__}: {e}); "
-            "e.g. rand-m9-mstd0.5-inc1, augmix-m5-w3, original, or null for none"
-        ) from None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Hydra structured configs: conf/pretrain.yaml and conf/finetune.yaml start their defaults lists with these
-
-PRETRAIN_SCHEMA = "pretrain_schema"
-FINETUNE_SCHEMA = "finetune_schema"
-
-
-def register_configs() -> None:
-    """Store the two top-level dataclasses in Hydra's ConfigStore (idempotent; done when this module loads)."""
-    from hydra.core.config_store import ConfigStore
-
-    store = ConfigStore.instance()
-    store.store(name=PRETRAIN_SCHEMA, node=PretrainConfig)
-    store.store(name=FINETUNE_SCHEMA, node=FinetuneConfig)
-
-
-# at import, so that any Hydra compose of conf/ (the command line, tests, notebooks) finds the schemas
-register_configs()
+# Hydra structured configs, stored at import so that any compose of conf/ (the command line, tests, notebooks) finds
+# them: conf/pretrain.yaml and conf/finetune.yaml start their defaults lists with these
+ConfigStore.instance().store(name="pretrain_schema", node=PretrainConfig)
+ConfigStore.instance().store(name="finetune_schema", node=FinetuneConfig)

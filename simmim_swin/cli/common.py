@@ -12,7 +12,7 @@ from typing import Any
 from hydra.errors import HydraException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
 from ..config import ConfigError, describe_error, from_dict
 from ..launcher import launcher_rank
@@ -20,16 +20,10 @@ from ..progress import command_logging
 from .errors import command_errors, describe_os_error, fail
 from .overrides import override_error
 
-
-def find_conf_dir() -> Path:
-    """The Hydra configs: simmim_swin/conf in an installed wheel, else conf/ at the repository root (a source
-    tree or an editable install)."""
-    package = Path(__file__).resolve().parents[1]
-    candidates = (package / "conf", package.parent / "conf")
-    return next((c for c in candidates if (c / "pretrain.yaml").is_file()), candidates[-1])
-
-
-CONF_DIR = find_conf_dir()
+# the Hydra configs: simmim_swin/conf in an installed wheel, else conf/ at the repository root (a source tree or an
+# editable install)
+_PACKAGE = Path(__file__).resolve().parents[1]
+CONF_DIR = _PACKAGE / "conf" if (_PACKAGE / "conf" / "pretrain.yaml").is_file() else _PACKAGE.parent / "conf"
 
 # the config groups each command composes (hydra/launcher is common to both); a group of the other command on the
 # command line is a user mixing up the two tools, answered with the right command instead of Hydra's `+group=`
@@ -67,8 +61,7 @@ SWEEP_SUFFIX = "_sweep"  # a sweep's jobs live in <run.output_dir>/<run.name>_sw
 
 
 def _job_dir(override_dirname: str, num: Any) -> str:
-    """A sweep job's folder: its overrides (`hydra.job.override_dirname`, without path separators), else its
-    number (a sweep over Hydra's own keys only)."""
+    # a sweep job's folder: its overrides without path separators, else its number (a sweep of Hydra's keys only)
     return override_dirname.replace("/", "_") or str(num)
 
 
@@ -76,11 +69,11 @@ OmegaConf.register_new_resolver("simmim_job_dir", _job_dir, replace=True)
 
 
 def hydra_arguments(argv: Sequence[str]) -> list[str]:
-    """Check Hydra's command flags and give the arguments that lay out a sweep.
+    """Check Hydra's command flags; returns the overrides to append to `argv` that lay out a sweep.
 
-    With -m and swept values (`key=a,b`, `range(...)`, a sweeper plugin), each job gets its own run directory,
-    `<run.output_dir>/<run.name>_sweep/<the job's swept overrides>`, unless the command line sets run.name (which
-    must then differ between the jobs) or Hydra's sweep folders. Returns the overrides to append to `argv`.
+    With -m and swept values (`key=a,b`, `range(...)`, a sweeper plugin), each job runs in
+    `<run.output_dir>/<run.name>_sweep/<its swept overrides>`, unless the command line sets run.name (which must then
+    differ between the jobs) or Hydra's sweep folders.
     """
     from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -121,10 +114,8 @@ def hydra_arguments(argv: Sequence[str]) -> list[str]:
 
 
 def place_run(run: dict[str, Any], hydra_cfg: DictConfig) -> bool:
-    """Make run.output_dir / run.name the directory Hydra made for this job, so that the run's files, Hydra's log
-    and the checkpoints share one folder whatever Hydra was told (hydra.run.dir, a sweep's folders,
-    hydra.job.chdir=true). Returns whether the run moved (a sweep job, or Hydra's folders set on the command line).
-    """
+    """Make run.output_dir / run.name the folder Hydra made for this job (hydra.run.dir, a sweep's, chdir=true), so
+    the run's files and Hydra's log share it; returns whether the run moved."""
     job_dir = Path(hydra_cfg.runtime.output_dir)  # absolute
     launch_dir = Path(hydra_cfg.runtime.cwd)
     chdir = bool(hydra_cfg.job.chdir)
@@ -137,12 +128,14 @@ def place_run(run: dict[str, Any], hydra_cfg: DictConfig) -> bool:
     return True
 
 
-def run_hydra(entry: Callable[[], None]) -> None:
-    """Call a @hydra.main function; a composition error (unknown key, wrong type, missing option) ends in one line.
-
-    Hydra prints such errors over several lines with a hint to set HYDRA_FULL_ERROR; with it set the exception
-    reaches this function instead, which names the key in one line.
-    """
+def run_hydra(entry: Callable[[], None], command: str) -> None:
+    """Run the @hydra.main function of `command` (simmim-pretrain / simmim-finetune) on the command line; a bad
+    argument or a composition error (unknown key, wrong type, missing option) ends in one line."""
+    check_command_groups(command, sys.argv[1:])
+    sys.argv += hydra_arguments(sys.argv[1:])
+    if launcher_rank() > 0:  # under torchrun / srun only rank 0 writes Hydra's job log into the shared run directory
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    # Hydra prints a composition error over several lines; with HYDRA_FULL_ERROR set it reaches this function instead
     previous = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
@@ -168,11 +161,10 @@ def composition_error(e: Exception) -> str:
     cause = e if isinstance(e, OmegaConfBaseException) else e.__cause__
     if isinstance(cause, MissingMandatoryValue) and cause.full_key:
         return f"{cause.full_key} must be set on the command line, e.g. {cause.full_key}=VALUE"
+    unknown = isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and isinstance(cause.object_type, type)
+    if unknown and cause.full_key:
+        return f"unknown key {cause.full_key} ({cause.object_type.__name__} has no such key); check the spelling"
     if isinstance(cause, OmegaConfBaseException) and cause.full_key:
-        reason = (getattr(cause, "msg", None) or str(cause)).strip().splitlines()[0]
-        object_type = getattr(cause, "object_type", None)
-        if "not in" in reason and isinstance(object_type, type):
-            return f"unknown key {cause.full_key} ({object_type.__name__} has no such key); check the spelling"
         return describe_error(cause)  # a value outside an Enum-typed field's choices lists them
     text = str(e).split("Config search path:")[0]  # Hydra appends its search path to a missing option
     text = " ".join(line.strip() for line in text.splitlines() if line.strip())
@@ -180,19 +172,14 @@ def composition_error(e: Exception) -> str:
     return f"cannot parse the argument {override!r}: {text}" if override else text
 
 
-# a CPU run on a machine with at most this many cores uses one intra-op thread unless OMP_NUM_THREADS is set:
-# on a shared 2-core machine the tests' pico pretraining (20 steps) took 8-9 s with one thread against 20-32 s with
-# torch's default of two, and the quickstart ran at about 50 img/s against 6-60 img/s (its two loader workers and
-# any other process compete for the same cores, and busy-waiting threads stall each other)
-SINGLE_THREAD_MAX_CORES = 2
-
-
 def default_cpu_threads(device: str) -> None:
-    """One torch thread for a CPU run on a machine of few cores, unless OMP_NUM_THREADS chooses."""
+    """One torch thread for a CPU run on a machine of at most 2 cores, unless OMP_NUM_THREADS chooses."""
     import torch
 
+    # on a shared 2-core machine the tests' pico pretraining took 8-9 s with one thread against 20-32 s with torch's
+    # two, the quickstart 50 img/s against 6-60 (loader workers compete for the cores; busy-waiting threads stall)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if "OMP_NUM_THREADS" in os.environ or cores > SINGLE_THREAD_MAX_CORES:
+    if "OMP_NUM_THREADS" in os.environ or cores > 2:
         return
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         torch.set_num_threads(1)
@@ -201,9 +188,8 @@ def default_cpu_threads(device: str) -> None:
 def name_logger_after_preset(
     logger: dict[str, Any], preset: str | None, environ: Mapping[str, str] | None = None, group: str | None = None
 ) -> None:
-    """W&B group and tag from the selected preset (or `group`, a sweep's folder): logger.group when neither it nor
-    WANDB_RUN_GROUP is set, and the preset as a tag next to logger.tags, or next to WANDB_TAGS when those are empty
-    (an environment variable wins over these defaults, a config key over both)."""
+    """W&B group and tag of the preset (or `group`, a sweep's folder): logger.group unless it or WANDB_RUN_GROUP is
+    set, and the preset as a tag next to logger.tags, or next to WANDB_TAGS when those are empty."""
     environ = os.environ if environ is None else environ
     group = group or preset
     if group and logger.get("group") is None and not environ.get("WANDB_RUN_GROUP"):
@@ -236,28 +222,14 @@ def build_config(
     return from_dict(cls, container)
 
 
-def quiet_hydra_on_other_ranks() -> None:
-    """Under torchrun / srun every rank runs the entry point; only rank 0 writes Hydra's job log into the run
-    directory the ranks share."""
-    if launcher_rank() > 0:
-        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
-
-
-def hydra_log_file() -> Path:
-    """The job log Hydra writes in the run directory (pretrain.log / finetune.log)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    hydra_cfg = HydraConfig.get()
-    return Path(hydra_cfg.runtime.output_dir) / f"{hydra_cfg.job.name}.log"
-
-
 def run_command(cfg: DictConfig, cls: type, preset_group: str, run: Callable[[Any], Any]) -> None:
     """The body of both Hydra entry points: build the typed config, then `run(config)`, every expected failure in one
     line and every message also in the run's log."""
     from hydra.core.hydra_config import HydraConfig
 
     hydra_cfg = HydraConfig.get()
-    with command_logging(hydra_log_file()), command_errors():
+    log_file = Path(hydra_cfg.runtime.output_dir) / f"{hydra_cfg.job.name}.log"  # Hydra's job log: pretrain.log ...
+    with command_logging(log_file), command_errors():
         config = build_config(cls, cfg, hydra_cfg.runtime.choices, preset_group, hydra_cfg)
         default_cpu_threads(config.run.device)
         run(config)  # validates the settings before building anything

@@ -23,13 +23,11 @@ BAD_INPUT = 2
 RUN_FAILED = 1
 DEBUG_ENV = "SIMMIM_DEBUG"
 
-
 log = logging.getLogger(PACKAGE_LOGGER)
 
 
 def fail(message: str, code: int = BAD_INPUT) -> NoReturn:
-    """Print `error: message` on stderr (tagged with the rank on ranks > 0), and into the run's log during a command,
-    then exit with `code`."""
+    """Print `error: message` on stderr (and the run's log during a command), with the rank on ranks > 0; exit."""
     rank = launcher_rank()
     line = f"error{f' (rank {rank})' if rank else ''}: {message}"
     if log.handlers:  # a command's logging (progress.command_logging): stderr and the run's log
@@ -58,16 +56,6 @@ def describe_os_error(e: OSError) -> tuple[str, int]:
     return f"{e.strerror}: {path}", BAD_INPUT
 
 
-def _run_errors() -> tuple[type, type, type, type]:
-    """(Preempted, TrainingDiverged, RunLockedError, RunDirectoryGone): imported when a command fails, so that the
-    tools' start-up and `--help` never load torch."""
-    from ..distributed import Preempted
-    from ..engine import TrainingDiverged
-    from ..run import RunDirectoryGone, RunLockedError
-
-    return Preempted, TrainingDiverged, RunLockedError, RunDirectoryGone
-
-
 @contextmanager
 def command_errors() -> Iterator[None]:
     """Map a command's expected failures to one line and an exit status (see the module docstring)."""
@@ -76,16 +64,20 @@ def command_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         fail("interrupted by a second Ctrl-C: no checkpoint was written for the steps since the last save", 130)
     except Exception as e:
-        preempted, diverged, locked, gone = _run_errors()
-        if isinstance(e, preempted):
+        # imported when a command fails, so that the tools' start-up and `--help` never load torch
+        from ..distributed import Preempted
+        from ..engine import TrainingDiverged
+        from ..run import RunDirectoryGone, RunLockedError
+
+        if isinstance(e, Preempted):
             log.info(str(e))  # every rank stopped at the same step: rank 0 says so (the others show no messages)
             sys.exit(e.exit_code)
         # anything else (a RuntimeError from torch, a bug) keeps its traceback: that is what a report needs
-        if not isinstance(e, (OSError, ValueError, diverged, locked, gone)):
+        if not isinstance(e, (OSError, ValueError, TrainingDiverged, RunLockedError, RunDirectoryGone)):
             raise
         if os.environ.get(DEBUG_ENV) == "1":
             traceback.print_exc()  # then the same line and exit status as without the variable
-        if isinstance(e, (diverged, gone)):
+        if isinstance(e, (TrainingDiverged, RunDirectoryGone)):
             fail(str(e), RUN_FAILED)
         if isinstance(e, OSError):
             fail(*describe_os_error(e))

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
 from ..config import FinetuneConfig
-from .common import CONF_DIR, check_command_groups, hydra_arguments, quiet_hydra_on_other_ranks, run_command, run_hydra
+from .common import CONF_DIR, run_command, run_hydra
 
 
 def _finetune_or_evaluate(config: FinetuneConfig) -> None:
@@ -25,10 +23,7 @@ def _main(cfg: DictConfig) -> None:
 def main() -> None:
     """Console entry point: `simmim-finetune pretrained=RUN_DIR_OR_CHECKPOINT [key=value ...]` (torchrun works too;
     `--help` lists the presets)."""
-    check_command_groups("simmim-finetune", sys.argv[1:])
-    sys.argv += hydra_arguments(sys.argv[1:])
-    quiet_hydra_on_other_ranks()
-    run_hydra(_main)
+    run_hydra(_main, "simmim-finetune")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 
 def _quoted(key: str, value: str) -> str:
-    """`"key='value'"`: Hydra's quotes inside the shell's (escaped double quotes where the value holds a `'`)."""
+    # Hydra's quotes inside the shell's: "key='value'" (escaped double quotes where the value holds a ')
     if "'" in value:
         return f'"{key}=\\"{value}\\""'
     return f"\"{key}='{value}'\""
@@ -15,9 +15,8 @@ def _quoted(key: str, value: str) -> str:
 def override_error(override: str, argv: Sequence[str]) -> str:
     """What went wrong with `override` (the argument Hydra could not parse) among the command's `argv`, and the fix.
 
-    Two ways it happens: the shell split an unquoted value with spaces (`data.root=/my data` gives `data.root=/my`
-    and `data`: an argument without `=`), or Hydra's lexer stopped at a character its unquoted values exclude
-    (non-ASCII letters such as `ü`, brackets, quotes): both are fixed by Hydra quotes inside the shell quotes.
+    The shell split an unquoted value with spaces (`data.root=/my data` gives `data.root=/my` and `data`), or Hydra's
+    lexer stopped at a character its unquoted values exclude (non-ASCII letters such as `ü`, brackets, quotes).
     """
     args = list(argv)
     if "=" not in override and override in args:

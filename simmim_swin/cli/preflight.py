@@ -1,18 +1,13 @@
-"""Every setting checked before Hydra creates anything: a Hydra callback that builds and validates the typed config
-when the run starts, before Hydra makes the run directory and writes .hydra/ and the job log into it.
-
-Registered in conf/pretrain.yaml and conf/finetune.yaml under hydra.callbacks. A bad value ends the command with
-one line (exit 2) and leaves no directory behind; the run itself validates again (library callers get the same
-checks without Hydra).
-"""
+"""A Hydra callback (conf/*.yaml, hydra.callbacks) that validates the typed config when a run or sweep starts, before
+Hydra makes the run directory: a bad value ends the command with one line (exit 2) and leaves no directory behind
+(the run validates again, for library callers)."""
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, open_dict, read_write
+from omegaconf import DictConfig, OmegaConf
 
 from ..config import FinetuneConfig, PretrainConfig, validate_finetune, validate_pretrain
 from .common import build_config
@@ -22,10 +17,8 @@ from .errors import command_errors
 def validate_composed(config: DictConfig, command: str) -> Any:
     """The typed config of a composed Hydra config (its `hydra` node left out), validated as `command` will run it;
     raises ConfigError naming the key."""
-    task = copy.deepcopy(config)
-    with read_write(task), open_dict(task):
-        choices = dict(task.hydra.runtime.choices) if "hydra" in task else {}
-        task.pop("hydra", None)
+    choices = dict(config.hydra.runtime.choices) if "hydra" in config else {}
+    task = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])
     if command == "pretrain":
         typed = build_config(PretrainConfig, task, choices, preset_group="experiment")
         validate_pretrain(typed)
@@ -47,7 +40,5 @@ class ValidateBeforeStart(Callback):
         with command_errors():
             validate_composed(config, self.command)
 
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        # the values before the sweep: a bad value given once stops the sweep before a job is launched
-        with command_errors():
-            validate_composed(config, self.command)
+    # a sweep: the values before the sweep, so that a bad value given once stops it before a job is launched
+    on_multirun_start = on_run_start

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
 from ..config import PretrainConfig
-from .common import CONF_DIR, check_command_groups, hydra_arguments, quiet_hydra_on_other_ranks, run_command, run_hydra
+from .common import CONF_DIR, run_command, run_hydra
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="pretrain")
@@ -20,10 +18,7 @@ def _main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Console entry point: `simmim-pretrain [group=option ...] [key=value ...]` (`--help` lists the groups)."""
-    check_command_groups("simmim-pretrain", sys.argv[1:])
-    sys.argv += hydra_arguments(sys.argv[1:])
-    quiet_hydra_on_other_ranks()
-    run_hydra(_main)
+    run_hydra(_main, "simmim-pretrain")
 
 
 if __name__ == "__main__":

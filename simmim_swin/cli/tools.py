@@ -1,8 +1,5 @@
-"""`simmim-swin`: plain tools around runs and checkpoints (no Hydra here); one module per sub-command.
-
-The sub-command modules import torch and the model code only inside the function that runs the command, so that
-`simmim-swin --help` (and a mistyped option) answers at once.
-"""
+"""`simmim-swin`: plain tools around runs and checkpoints (no Hydra here); one module per sub-command, which imports
+torch only inside the function that runs it, so that `simmim-swin --help` (and a mistyped option) answers at once."""
 
 from __future__ import annotations
 
@@ -18,8 +15,9 @@ from .errors import command_errors
 COMMAND_MODULES = ("inspect", "reconstruct", "plot", "make_shards", "export", "check_data", "stats")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The `simmim-swin` argument parser with one sub-command per tool."""
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, a sub-command's options anywhere among its positionals (`export RUN --format hf DIR`):
+    argparse offers intermixed parsing only without sub-commands, so the chosen sub-command's parser does it."""
     parser = argparse.ArgumentParser(
         prog="simmim-swin",
         description="Tools for simmim-swin runs and checkpoints. Pretraining itself is `simmim-pretrain`.",
@@ -27,19 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(f"{__package__}.{name}").add_parser(sub)
-    return parser
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The command line, with a sub-command's options accepted anywhere among its positionals
-    (`export RUN --format hf DIR`): argparse's intermixed parsing, which it offers for parsers without
-    sub-commands only, so it is applied to the chosen sub-command's own parser."""
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    if not argv or argv[0] not in commands:
+    if not argv or argv[0] not in sub.choices:
         return parser.parse_args(argv)  # --help, a missing or unknown command: argparse's own answer
-    args = commands[argv[0]].parse_intermixed_args(argv[1:])
+    args = sub.choices[argv[0]].parse_intermixed_args(argv[1:])
     args.command = argv[0]
     return args
 
