@@ -1,8 +1,5 @@
-"""Reading a whole data set up front, in parallel: what `simmim-swin check-data` and `simmim-swin stats` do.
-
-A target is an image folder (every image file under it) or a shard set (an index .json, a brace pattern or a tar);
-the work is split by file or by shard over a multiprocessing pool, with a progress line.
-"""
+"""Reading a whole image folder or shard set up front, split by file or shard over a pool of processes: what
+`simmim-swin check-data` and `simmim-swin stats` do."""
 
 from __future__ import annotations
 

@@ -61,15 +61,15 @@ def collate_good(items: list[Any]) -> Batch:
     return Batch(data, len(bad), tuple(b.path for b in bad), tuple(b.reason for b in bad))
 
 
+@dataclass
 class BadSampleLog:
     """A worker's record of skipped samples: counts, the shards they came from, rate-limited log lines."""
 
-    def __init__(self, where: str = "", quiet: bool = False) -> None:
-        self.where = where
-        self.quiet = quiet  # count only: the caller reports the bad samples itself
-        self.total = 0
-        self.pending: list[str] = []  # shards of bad samples not yet handed to the main process
-        self.current_url = ""
+    where: str = ""
+    quiet: bool = False  # count only: the caller reports the bad samples itself
+    total: int = 0
+    pending: list[str] = field(default_factory=list)  # shards of bad samples not yet handed to the main process
+    current_url: str = ""
 
     def record(self, url: str, key: str | None, reason: object) -> None:
         """Count one bad sample (or empty / unreadable shard); log it within the rate limit."""
