@@ -249,9 +249,10 @@ def read_index(path: str | Path) -> dict[str, Any]:
         raise ValueError(
             f"shard index {path} is not valid JSON ({e}); write it again with `simmim-swin make-shards --overwrite`"
         ) from e
-    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT or not isinstance(index.get("shards"), list):
+    shards = index.get("shards") if isinstance(index, dict) else None
+    if not shards or not isinstance(shards, list) or index.get("format") != INDEX_FORMAT:  # an empty set included
         raise ValueError(f"{path} is not a shard index written by `simmim-swin make-shards` (format {INDEX_FORMAT})")
-    for shard in index["shards"]:
+    for shard in shards:
         shard["url"] = str(path.parent / shard["name"])
     return index
 

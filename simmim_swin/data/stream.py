@@ -151,13 +151,11 @@ def collate_good_only(items: list[Any]) -> tuple[torch.Tensor, ...]:
 class ShardStream(IterableDataset):
     """An endless resampled stream of shards cut into epochs of exactly `batches_per_epoch` batches per rank.
 
-    Each iteration (one per epoch; keep the DataLoader's workers persistent) is the next epoch. The workers of a
-    rank share out its batches (round robin, as the DataLoader collects them), so every rank yields the same
-    number whatever its data: no rank ever waits for another's missing batch.
+    Each iteration is the next epoch (keep the DataLoader's workers persistent). The workers of a rank share out its
+    batches round robin, as the DataLoader collects them, so no rank ever waits for another's missing batch.
 
     Args:
         sample_fn: raw sample dict, torch.Generator -> tuple of tensors; raising means "bad sample".
-        start_epoch, skip_batches: where the first iteration starts (a resumed run).
         resume_step: the optimizer step the run (re)started at; part of every seed, so a resumed run draws a new
             order instead of replaying epoch 0.
         shuffle_buffer: raw samples held per worker for shuffling (0 or 1: none).
