@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,7 @@ def check_rank(rank: int, world_size: int) -> None:
         raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
 
 
+@dataclass
 class SeededSampler(Sampler[tuple[int, int]]):
     """Yields (index, sample_seed) in a shuffled order drawn from (seed, epoch); each pass is the next epoch.
 
@@ -39,25 +41,17 @@ class SeededSampler(Sampler[tuple[int, int]]):
     the first pass without loading them, so a resumed run sees exactly the samples an uninterrupted one would.
     """
 
-    def __init__(
-        self,
-        num_samples: int,
-        seed: int,
-        epoch: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        skip: int = 0,
-        samples_per_epoch: int | None = None,
-    ) -> None:
-        check_rank(rank, world_size)
-        self.num_samples = num_samples
-        self.seed, self.epoch = seed, epoch
-        self.rank = rank
-        self.world_size = world_size
-        self.per_rank = min(num_samples // world_size, samples_per_epoch or num_samples)
-        if not 0 <= skip <= self.per_rank:
-            raise ValueError(f"skip={skip} must lie in [0, {self.per_rank}], the samples per process in an epoch")
-        self.skip = skip
+    num_samples: int
+    seed: int
+    epoch: int = 0
+    rank: int = 0
+    world_size: int = 1
+    skip: int = 0
+    samples_per_epoch: int | None = None
+
+    def __post_init__(self) -> None:
+        check_rank(self.rank, self.world_size)
+        self.per_rank = min(self.num_samples // self.world_size, self.samples_per_epoch or self.num_samples)
 
     def __len__(self) -> int:
         return self.per_rank - self.skip
