@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -172,12 +173,9 @@ def scan(
 ) -> UnitReport:  # fmt: skip
     """All units read by a pool of `workers` processes (0: one per CPU), merged into one report."""
     total = UnitReport()
-    progress = Progress(len(units), f"{desc} ({kind})", every=max(1, len(units) // 20))
     tasks = [(unit, kind, max_pixels, in_chans, moments) for unit in units]
-    try:
+    with closing(Progress(len(units), f"{desc} ({kind})", every=max(1, len(units) // 20))) as progress:
         for report in pool_map(check_unit, tasks, workers, ordered=False):
             total.add(report)
             progress.update()
-    finally:
-        progress.close()
     return total
