@@ -33,8 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def add_decode_options(p: argparse.ArgumentParser, in_chans_help: str | None) -> None:
-    """How the tools that read every image (check-data, stats, make-shards) decode them, as a run would:
-    --in-chans (when in_chans_help is given), --max-image-pixels and --workers."""
+    """--in-chans (with in_chans_help), --max-image-pixels and --workers: how the tools decode, as a run would."""
     if in_chans_help:
         p.add_argument("--in-chans", type=int, default=None, help=in_chans_help)
     p.add_argument(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import closing
 
 from .check_data import add_decode_options
 
@@ -90,8 +91,7 @@ def run(args: argparse.Namespace) -> None:
         unread = unread_files(args.folder)
         if unread:
             print(f"note: {describe_unread(unread)}", file=sys.stderr)
-    progress = Progress(total, f"make-shards {args.name}", every=args.log_every)
-    try:
+    with closing(Progress(total, f"make-shards {args.name}", every=args.log_every)) as progress:
         index_path = write_shards(
             samples,
             args.out,
@@ -103,8 +103,6 @@ def run(args: argparse.Namespace) -> None:
             on_sample=progress.update,
             overwrite=args.overwrite,
         )
-    finally:
-        progress.close()
     for line in skipped[:20]:
         print(f"skipped (a run would skip it): {line}", file=sys.stderr)
     if len(skipped) > 20:

@@ -1,14 +1,11 @@
-"""Deterministic data loading for map-style pretraining datasets, and the fixed batch shown in image panels.
-
-Every sample's randomness (crop, flip, mask) comes from its own seed, drawn together with the shuffle order
-from one torch.Generator seeded by (seed, epoch). So a batch depends on the seed, the epoch and the rank only:
-not on num_workers, not on which worker runs it, and not on whatever else used the process's global RNG.
-"""
+"""Deterministic data loading for map-style datasets (a batch depends on the seed, the epoch and the rank only,
+not on num_workers or the process's global RNG), and the fixed batch shown in image panels."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,17 +21,9 @@ _MAX_SAMPLE_SEED = 2**62  # torch and python take seeds this large; numpy's lega
 
 
 def derive_seed(*values: int) -> int:
-    """A 62-bit seed that is a hash of all `values`: neighbouring tuples give unrelated streams (seed + epoch would
-    equate (0, 1) and (1, 0))."""
+    """A 62-bit seed that hashes all `values`: unlike seed + epoch, (0, 1) and (1, 0) give unrelated streams."""
     state = np.random.SeedSequence([int(v) for v in values]).generate_state(1, dtype=np.uint64)[0]
     return int(state) % _MAX_SAMPLE_SEED
-
-
-def make_epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """A CPU torch.Generator whose state is a function of (seed, epoch) alone."""
-    if seed < 0 or epoch < 0:
-        raise ValueError(f"seed={seed} and epoch={epoch} must be non-negative integers")
-    return torch.Generator().manual_seed(derive_seed(seed, epoch))
 
 
 def check_rank(rank: int, world_size: int) -> None:
@@ -43,43 +32,33 @@ def check_rank(rank: int, world_size: int) -> None:
         raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
 
 
+@dataclass
 class SeededSampler(Sampler[tuple[int, int]]):
     """Yields (index, sample_seed) in a shuffled order drawn from (seed, epoch); each pass is the next epoch.
 
-    With world_size > 1 every rank draws the same permutation and takes every world_size-th position starting
-    at its rank, truncated so all ranks see the same number of samples (at most `samples_per_epoch` each).
-    `skip` drops this rank's first samples of the first pass without loading them (resuming mid-epoch). Because
-    the order is a function of (seed, epoch) and not of how many passes came before, one DataLoader (with
-    persistent workers) serves the whole run, and a resumed run sees exactly the samples an uninterrupted one would.
+    Every rank draws the same permutation and takes every world_size-th position from its rank, truncated so all
+    ranks see the same number of samples (at most `samples_per_epoch`). `skip` drops this rank's first samples of
+    the first pass without loading them, so a resumed run sees exactly the samples an uninterrupted one would.
     """
 
-    def __init__(
-        self,
-        num_samples: int,
-        seed: int,
-        epoch: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        skip: int = 0,
-        samples_per_epoch: int | None = None,
-    ) -> None:
-        check_rank(rank, world_size)
-        make_epoch_generator(seed, epoch)  # checks seed and epoch
-        self.num_samples = num_samples
-        self.seed, self.epoch = seed, epoch
-        self.rank = rank
-        self.world_size = world_size
-        self.per_rank = min(num_samples // world_size, samples_per_epoch or num_samples)
-        if not 0 <= skip <= self.per_rank:
-            raise ValueError(f"skip={skip} must lie in [0, {self.per_rank}], the samples per process in an epoch")
-        self.skip = skip
+    num_samples: int
+    seed: int
+    epoch: int = 0
+    rank: int = 0
+    world_size: int = 1
+    skip: int = 0
+    samples_per_epoch: int | None = None
+
+    def __post_init__(self) -> None:
+        check_rank(self.rank, self.world_size)
+        self.per_rank = min(self.num_samples // self.world_size, self.samples_per_epoch or self.num_samples)
 
     def __len__(self) -> int:
         return self.per_rank - self.skip
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         # the DataLoader calls this in the main process once per pass: advance the epoch here, not in the workers
-        generator = make_epoch_generator(self.seed, self.epoch)
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
         skip, self.skip, self.epoch = self.skip, 0, self.epoch + 1
         order = torch.randperm(self.num_samples, generator=generator)
         # seeds are indexed by position in the global order, so ranks never share a sample seed
@@ -90,11 +69,8 @@ class SeededSampler(Sampler[tuple[int, int]]):
 
 
 class SeededSamples(Dataset):
-    """Wraps a map-style dataset: item (index, seed) runs dataset[index] with torch, python and numpy RNGs seeded.
-
-    The caller's RNG states are restored afterwards, so with num_workers=0 the training process's random
-    streams (dropout, drop path) are left untouched.
-    """
+    """Item (index, seed) runs dataset[index] with torch, python and numpy RNGs seeded, then restores them (with
+    num_workers=0 the training process's dropout and drop path streams are left untouched)."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -119,11 +95,10 @@ class SeededSamples(Dataset):
 
 
 class EvalShard(Dataset):
-    """Rank `rank`'s share of an evaluation set: items rank, rank + world_size, ..., padded to an even length.
+    """Rank `rank`'s share of an evaluation set: items rank, rank + world_size, ..., padded to ceil(N / world_size).
 
-    Every rank gets ceil(N / world_size) items, so under FSDP all ranks run the same number of forwards (each
-    one a collective); the padding repeats a real image with the label -1, which evaluate_classifier ignores.
-    With world_size 1 it is the whole set, in order.
+    Under FSDP every forward is a collective, so all ranks must run as many; the padding repeats a real image with
+    the label -1, which evaluate_classifier ignores.
     """
 
     def __init__(self, dataset: Dataset, rank: int = 0, world_size: int = 1) -> None:
@@ -163,21 +138,11 @@ def build_pretrain_loader(
 ) -> DataLoader:
     """One DataLoader for a whole run: each pass over it is one epoch, the first being `epoch`.
 
-    Yields what the dataset's items collate to, e.g. (images (B, 3, H, W), masks (B, h, w)), shuffled and
-    augmented deterministically from (seed, epoch). With world_size > 1 each rank gets a disjoint share of one
-    permutation. `skip_batches` starts the first pass that many batches in, without loading them, and yields
-    exactly the batches an uninterrupted run would have; `batches_per_epoch` caps every pass (whole optimizer
-    steps only, so no remainder spills into the next epoch). Workers persist across passes.
-    Workers need no seeding of their own: torch seeds torch, `random` and numpy in each worker from the loader
-    generator already (torch.utils.data._utils.worker), and the per-sample seeds override them anyway; their
-    worker_init_fn only ties them to the main process (distributed.LoaderWorkerInit).
-    collate_fn=stream.collate_good makes it yield Batch tuples that carry the bad samples dropped from each batch.
+    Each rank gets a disjoint share of one permutation. `skip_batches` starts the first pass that many batches in,
+    without loading them; `batches_per_epoch` caps every pass (whole optimizer steps, so no remainder spills into
+    the next epoch). collate_fn=stream.collate_good yields Batch tuples that count the bad samples dropped.
     """
-    if batch_size <= 0:
-        raise ValueError(f"batch_size={batch_size} must be positive")
-    if num_workers < 0:
-        raise ValueError(f"num_workers={num_workers} must be >= 0 (0 loads in the main process)")
-    check_rank(rank, world_size)
+    # workers need no seeding of their own: the per-sample seeds override what torch seeds in each worker
     per_rank = len(dataset) // world_size
     if per_rank < batch_size:
         total = f" ({len(dataset)} across world_size={world_size})" if world_size > 1 else ""
@@ -203,9 +168,9 @@ def build_pretrain_loader(
         drop_last=drop_last,
         persistent_workers=num_workers > 0,
         collate_fn=collate_fn,
-        # the DataLoader draws its workers' base seed from a generator on every iter(): one of its own, from
-        # (seed, epoch), so that the draw never consumes the process's global torch RNG
-        generator=make_epoch_generator(seed, epoch),
+        # the DataLoader draws its workers' base seed on every iter(): from a generator of its own, so that the
+        # draw never consumes the process's global torch RNG
+        generator=torch.Generator().manual_seed(derive_seed(seed, epoch)),
         worker_init_fn=LoaderWorkerInit(),
     )
 
@@ -224,20 +189,8 @@ def make_fixed_batch(
     seed: int,
     in_chans: int = 3,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same images and masks every call: the first `num_images` readable images (cycled if fewer).
-
-    Args:
-        dataset: any datasets.ImageCollection; images that fail to load are passed over.
-        mask_generator: called as mask_generator(generator=g), e.g. a MaskGenerator.
-
-    Returns:
-        images (N, in_chans, img_size, img_size) in raw units (uint8 for 8-bit files, else float32) through the
-        deterministic eval view; masks (N, h, w) uint8.
-    """
-    if num_images <= 0:
-        raise ValueError(f"num_images={num_images} must be positive")
-    if dataset.num_images <= 0:
-        raise ValueError(f"{dataset!r} has no images to show")
+    """The same images and masks every call: the first `num_images` readable images (cycled if fewer), in raw
+    units (uint8 for 8-bit files, else float32) through the eval view; mask_generator is called with generator=."""
     view = EvalView(img_size, in_chans)
     found: list[torch.Tensor] = []
     errors: list[str] = []

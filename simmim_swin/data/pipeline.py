@@ -63,14 +63,6 @@ def monitored(batches: Iterator[Batch], monitor: BadDataMonitor) -> Iterator[tup
             yield batch.data
 
 
-def _check_steps(steps_per_epoch: int, samples: int, global_batch: int, what: str) -> None:
-    if steps_per_epoch < 1:
-        raise ValueError(
-            f"one optimizer step needs data.batch_size x world size x optim.accum_steps = {global_batch} samples "
-            f"but {what} gives {samples} per epoch; lower the batch size or use more data"
-        )
-
-
 def _decoded_sample(sample: dict[str, Any], generator: torch.Generator) -> tuple[Image.Image | np.ndarray]:
     source = open_image(sample)
     if isinstance(source, Image.Image):
@@ -112,111 +104,77 @@ def build_pretrain_data(
     in_chans: int = 3,
 ) -> PretrainData:
     """The data of a pretraining run for `data_cfg.source` (photos, folder, fashion_mnist or shards), images of
-    `in_chans` channels.
-
-    The panels show the first validation images when there is a validation set, else the first training images.
+    `in_chans` channels; the panels show the first validation images if there are any, else the first training ones.
     """
     val_batches = build_val_batches(data_cfg, img_size, mask_generator, seed, in_chans)
-    layout = _Layout(data_cfg.batch_size, accum_steps, rank, world_size, seed, pin_memory, in_chans)
     map_style = data_cfg.source in MAP_STYLE_SOURCES
-    build = _map_style_data if map_style else _shard_data
-    monitor = BadDataMonitor(data_cfg.max_bad_fraction, data_cfg.bad_check_after, world_size, name_files=map_style)
-    data = build(data_cfg, img_size, mask_generator, layout, monitor, 0 if val_batches else num_panel_images)
+    if map_style:  # photos, folder or fashion_mnist: one seeded DataLoader that skips to any step exactly
+        dataset = build_pretrain_dataset(data_cfg, img_size, mask_generator, in_chans)
+        samples_per_epoch, what, description, panel = len(dataset), f"the dataset ({dataset!r})", repr(dataset), dataset
+    else:  # shards: streamed, each rank and worker its own shards, a new order drawn on resume
+        urls, index_total = resolve_urls(data_cfg.urls)
+        samples_per_epoch, what = data_cfg.samples_per_epoch or index_total, "data.samples_per_epoch"
+        if not samples_per_epoch:
+            raise ValueError(
+                "data.samples_per_epoch=0 means 'the total in the index', but data.urls is not an index file; "
+                "set data.samples_per_epoch to the number of samples (or pass the index .json written by make-shards)"
+            )
+        transform = build_pretrain_transform(data_cfg, img_size, in_chans)
+        sample_fn = PretrainSample(transform, mask_generator, data_cfg.max_image_pixels)
+        description = f"{len(urls)} shards, {samples_per_epoch} samples per epoch"
+        readers = world_size * max(1, data_cfg.num_workers)
+        if len(urls) < readers:  # still correct, but the workers' shards overlap: say so once, at start-up
+            description += f" (fewer shards than the {readers} ranks x workers: every worker reads all of them)"
+        panel = None
+    global_batch = data_cfg.batch_size * accum_steps * world_size
+    steps_per_epoch = samples_per_epoch // global_batch
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"one optimizer step needs data.batch_size x world size x optim.accum_steps = {global_batch} samples "
+            f"but {what} gives {samples_per_epoch} per epoch; lower the batch size or use more data"
+        )
     if val_batches:
         val_urls, _ = resolve_urls(data_cfg.val_urls, what="data.val_urls")
-        data.val_batches = val_batches
-        data.panel_source = _first_images(val_urls, num_panel_images, "first validation images")
-    return data
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """How a run cuts its data: micro-batch, micro-batches per step, this rank of world_size, seed."""
-
-    micro_batch: int
-    accum_steps: int
-    rank: int
-    world_size: int
-    seed: int
-    pin_memory: bool
-    in_chans: int
-
-    @property
-    def global_batch(self) -> int:
-        return self.micro_batch * self.accum_steps * self.world_size
-
-
-def _map_style_data(
-    data_cfg: DataConfig, img_size: int, mask_generator: MaskFn, layout: _Layout, monitor: BadDataMonitor,
-    num_panel_images: int,
-) -> PretrainData:  # fmt: skip
-    """photos, folder or fashion_mnist: one seeded DataLoader that skips to any step exactly."""
-    dataset = build_pretrain_dataset(data_cfg, img_size, mask_generator, layout.in_chans)
-    steps_per_epoch = len(dataset) // layout.global_batch
-    _check_steps(steps_per_epoch, len(dataset), layout.global_batch, f"the dataset ({dataset!r})")
-
-    def map_style_batches(start_step: int) -> Iterator[Batch]:
-        # one loader for the run: each pass is an epoch of whole optimizer steps, and a resumed run continues
-        # its epoch where it stopped without loading the batches already seen
-        loader = build_pretrain_loader(
-            dataset,
-            batch_size=layout.micro_batch,
-            num_workers=data_cfg.num_workers,
-            seed=layout.seed,
-            epoch=start_step // steps_per_epoch,
-            pin_memory=layout.pin_memory,
-            rank=layout.rank,
-            world_size=layout.world_size,
-            skip_batches=(start_step % steps_per_epoch) * layout.accum_steps,
-            batches_per_epoch=steps_per_epoch * layout.accum_steps,
-            collate_fn=collate_good,  # unreadable files are dropped from their batch and counted
-        )
-        yield from endless(loader)
-
-    return PretrainData(steps_per_epoch, repr(dataset), dataset, map_style_batches, monitor)
-
-
-def _shard_data(
-    data_cfg: DataConfig, img_size: int, mask_generator: MaskFn, layout: _Layout, monitor: BadDataMonitor,
-    num_panel_images: int,
-) -> PretrainData:  # fmt: skip
-    """webdataset shards: streamed, each rank and worker its own shards, a new order drawn on resume."""
-    urls, index_total = resolve_urls(data_cfg.urls)
-    samples_per_epoch = data_cfg.samples_per_epoch or index_total
-    if not samples_per_epoch:
-        raise ValueError(
-            "data.samples_per_epoch=0 means 'the total in the index', but data.urls is not an index file; "
-            "set data.samples_per_epoch to the number of samples (or pass the index .json written by make-shards)"
-        )
-    steps_per_epoch = samples_per_epoch // layout.global_batch
-    _check_steps(steps_per_epoch, samples_per_epoch, layout.global_batch, "data.samples_per_epoch")
-    transform = build_pretrain_transform(data_cfg, img_size, layout.in_chans)
-    sample_fn = PretrainSample(transform, mask_generator, data_cfg.max_image_pixels)
-
-    def shard_batches(start_step: int) -> Iterator[Batch]:
-        stream = ShardStream(
-            urls,
-            sample_fn,
-            batch_size=layout.micro_batch,
-            batches_per_epoch=steps_per_epoch * layout.accum_steps,
-            seed=layout.seed,
-            rank=layout.rank,
-            world_size=layout.world_size,
-            start_epoch=start_step // steps_per_epoch,
-            skip_batches=(start_step % steps_per_epoch) * layout.accum_steps,
-            resume_step=start_step,  # a resumed run draws a new order rather than replaying the first one
-            shuffle_buffer=data_cfg.shuffle_buffer,
-        )
-        # one pass over the loader per epoch; persistent workers carry on
-        yield from endless(build_shard_loader(stream, data_cfg.num_workers, pin_memory=layout.pin_memory))
-
-    panel = None
-    if num_panel_images:
+        panel = _first_images(val_urls, num_panel_images, "first validation images")
+    elif panel is None and num_panel_images:
         panel = _first_images(urls, num_panel_images, "first images")
         if not panel.num_images:
             raise ValueError(f"data.urls={data_cfg.urls!r}: no readable image in the shards")
-    description = f"{len(urls)} shards, {samples_per_epoch} samples per epoch"
-    readers = layout.world_size * max(1, data_cfg.num_workers)
-    if len(urls) < readers:  # still correct, but the workers' shards overlap: say so once, at start-up
-        description += f" (fewer shards than the {readers} ranks x workers: every worker reads all of them)"
-    return PretrainData(steps_per_epoch, description, panel, shard_batches, monitor)
+
+    def make_batches(start_step: int) -> Iterator[Batch]:
+        # one loader for the run: each pass is an epoch of whole optimizer steps; a resumed run continues its epoch
+        # where it stopped without loading the batches already seen
+        epoch, skip_batches = start_step // steps_per_epoch, (start_step % steps_per_epoch) * accum_steps
+        if map_style:
+            loader = build_pretrain_loader(
+                dataset,
+                batch_size=data_cfg.batch_size,
+                num_workers=data_cfg.num_workers,
+                seed=seed,
+                epoch=epoch,
+                pin_memory=pin_memory,
+                rank=rank,
+                world_size=world_size,
+                skip_batches=skip_batches,
+                batches_per_epoch=steps_per_epoch * accum_steps,
+                collate_fn=collate_good,  # unreadable files are dropped from their batch and counted
+            )
+        else:
+            stream = ShardStream(
+                urls,
+                sample_fn,
+                batch_size=data_cfg.batch_size,
+                batches_per_epoch=steps_per_epoch * accum_steps,
+                seed=seed,
+                rank=rank,
+                world_size=world_size,
+                start_epoch=epoch,
+                skip_batches=skip_batches,
+                resume_step=start_step,
+                shuffle_buffer=data_cfg.shuffle_buffer,
+            )
+            loader = build_shard_loader(stream, data_cfg.num_workers, pin_memory=pin_memory)
+        yield from endless(loader)
+
+    monitor = BadDataMonitor(data_cfg.max_bad_fraction, data_cfg.bad_check_after, world_size, name_files=map_style)
+    return PretrainData(steps_per_epoch, description, panel, make_batches, monitor, val_batches)

@@ -1,13 +1,11 @@
-"""Reading a whole data set up front, in parallel: what `simmim-swin check-data` and `simmim-swin stats` do.
-
-A target is an image folder (every image file under it) or a shard set (an index .json, a brace pattern or a tar);
-the work is split by file or by shard over a multiprocessing pool, with a progress line.
-"""
+"""Reading a whole image folder or shard set up front, split by file or shard over a pool of processes: what
+`simmim-swin check-data` and `simmim-swin stats` do."""
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -175,12 +173,9 @@ def scan(
 ) -> UnitReport:  # fmt: skip
     """All units read by a pool of `workers` processes (0: one per CPU), merged into one report."""
     total = UnitReport()
-    progress = Progress(len(units), f"{desc} ({kind})", every=max(1, len(units) // 20))
     tasks = [(unit, kind, max_pixels, in_chans, moments) for unit in units]
-    try:
+    with closing(Progress(len(units), f"{desc} ({kind})", every=max(1, len(units) // 20))) as progress:
         for report in pool_map(check_unit, tasks, workers, ordered=False):
             total.add(report)
             progress.update()
-    finally:
-        progress.close()
     return total

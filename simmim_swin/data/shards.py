@@ -1,11 +1,7 @@
 """Webdataset tar shards: writing them from an image folder or Fashion-MNIST, the index file, and URL lists.
 
-A sample in a shard is `<key>.<ext>` (the image file's own bytes: jpg, png, 16-bit png / tif, multi-band tif or
-npy, ...) plus `<key>.cls` (the integer class as ASCII) when the source has labels. Next to the shards,
-`<name>.json` lists every shard with its sample count and the image member types, so a loader knows the data size
-without reading the tars. Every image is decoded completely before it is packed (in a pool of processes): what a run
-would skip as a bad sample never enters a shard. A set is written into a temporary folder and moved into place only
-when complete; the folder a killed run left behind is removed by the next run.
+A sample is `<key>.<ext>` (the image file's own bytes) plus `<key>.cls` (the class as ASCII) when the source has
+labels; `<name>.json` next to the shards lists each shard's sample count, so a loader knows the size without reading.
 """
 
 from __future__ import annotations
@@ -56,11 +52,8 @@ def folder_samples(
     """(number of files, samples, class names) for every image under `root`, bytes as stored on disk.
 
     With labels=True the class is the first-level sub-folder (sorted names -> 0, 1, ...), as torchvision's
-    ImageFolder; images directly under root are then an error. Keys are the relative paths without extension;
-    two files with one key (x.jpg and x.png) are refused here, before any file is read or written.
-    Every file is decoded completely (by `workers` processes; 0: one per CPU, 1: this one) as a run reads it; one
-    that a run would skip (unreadable, truncated, over `max_pixels`, NaN / infinite values) is left out and
-    appended to `skipped` as 'path: reason'. Nothing is re-encoded.
+    ImageFolder. Every file is decoded completely first (by `workers` processes; 0: one per CPU); one that a run
+    would skip is left out and appended to `skipped` as 'path: reason'.
     """
     root = Path(root)
     paths = find_images(root)
@@ -117,7 +110,7 @@ def pool_map(fn: Callable[[Any], Any], tasks: list[Any], workers: int, ordered: 
 
 
 def _check_unique_keys(keys: list[str], paths: list[Path]) -> None:
-    """ValueError naming the files that share a key (x.jpg and x.png; a.b.png and a_b.png)."""
+    # before any file is read or written: x.jpg and x.png, a.b.png and a_b.png
     seen: dict[str, Path] = {}
     clashes = []
     for key, path in zip(keys, paths):
@@ -145,13 +138,6 @@ def fashion_mnist_samples(split: str, root: str | Path | None = None) -> tuple[i
     return len(images), generate(), list(FASHION_MNIST_CLASSES)
 
 
-def existing_set(out_dir: str | Path, name: str) -> list[Path]:
-    """The files of the shard set `name` already in out_dir: its index and its NAME-*.tar shards."""
-    out_dir = Path(out_dir)
-    index = [out_dir / f"{name}.json"] if (out_dir / f"{name}.json").exists() else []
-    return index + sorted(out_dir.glob(f"{name}-*.tar"))
-
-
 def write_shards(
     samples: Iterable[ShardSample],
     out_dir: str | Path,
@@ -165,16 +151,14 @@ def write_shards(
 ) -> Path:
     """Write `samples` to out_dir/<name>-000000.tar, ... and the index out_dir/<name>.json; returns the index path.
 
-    A shard is closed once it holds `max_count` samples or `max_size` bytes (a shard exceeds max_size by at
-    most one sample). The set is written into a temporary folder inside out_dir and moved into place once
-    complete, so a failure (a repeated key, an unreadable file, a full disk) leaves an existing set untouched.
-    An existing set of that name is refused unless `overwrite`, which replaces all of its files (stale shards
-    included). Raises ValueError for a repeated key, an existing set or nothing to write.
+    A shard is closed once it holds `max_count` samples or `max_size` bytes. The set is written into a temporary
+    folder and moved into place once complete, so a failure leaves an existing set untouched; an existing set of
+    that name is refused unless `overwrite`, which replaces all of its files.
     """
     if max_count < 1 or max_size <= 0:
         raise ValueError(f"max_count={max_count} and max_size={max_size} must be positive")
     out_dir = Path(out_dir)
-    old = existing_set(out_dir, name)
+    old = [p for p in [out_dir / f"{name}.json"] if p.exists()] + sorted(out_dir.glob(f"{name}-*.tar"))
     if old and not overwrite:
         raise ValueError(
             f"{out_dir} already holds the shard set {name!r} ({len(old)} files, e.g. {old[0].name}); pass "
@@ -187,7 +171,24 @@ def write_shards(
     prefix = f".{name}.partial-{socket.gethostname()}-{os.getpid()}-"
     staging = Path(tempfile.mkdtemp(prefix=prefix, dir=out_dir))
     try:
-        counts, members = _write_tars(samples, staging, name, max_count, max_size, on_sample)
+        counts: dict[str, int] = {}  # samples per shard file name
+        members: set[str] = set()
+        keys: set[str] = set()
+        pattern = str(staging / f"{name}-%06d.tar")
+        with wds.ShardWriter(pattern, maxcount=max_count, maxsize=max_size, verbose=0, encoder=False) as writer:
+            for sample in samples:
+                if sample.key in keys:
+                    raise ValueError(f"two samples map to the key {sample.key!r}; rename one of the files")
+                keys.add(sample.key)
+                record = {"__key__": sample.key, sample.ext: sample.image}
+                if sample.label is not None:
+                    record["cls"] = str(sample.label).encode("ascii")
+                writer.write(record)
+                members.add(sample.ext)
+                shard = Path(writer.fname).name
+                counts[shard] = counts.get(shard, 0) + 1
+                if on_sample is not None:
+                    on_sample()
         if not counts:
             raise ValueError(f"no samples to write to {out_dir}")
         index = {
@@ -211,12 +212,9 @@ def write_shards(
 
 
 def remove_stale_staging(out_dir: str | Path, name: str) -> list[Path]:
-    """Remove the temporary folders of set `name` that runs killed before the end left in out_dir; returns them.
-
-    A folder is stale when the process named in it (`.NAME.partial-HOST-PID-XXXX`) no longer runs on this host;
-    folders of other hosts are left alone (their process cannot be checked from here), except those without a
-    process id, which only versions before the id was added wrote.
-    """
+    """Remove the temporary folders of set `name` that killed runs left in out_dir; returns them."""
+    # stale: the process in `.NAME.partial-HOST-PID-XXXX` no longer runs on this host (other hosts' are left alone),
+    # or the name has no process id (written before the id was added)
     pattern = re.compile(rf"\.{re.escape(name)}\.partial-(?:(?P<host>.+)-(?P<pid>\d+)-)?[^-]+")
     removed = []
     for folder in sorted(Path(out_dir).glob(f".{name}.partial-*")):
@@ -240,39 +238,6 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def _write_tars(
-    samples: Iterable[ShardSample], out_dir: Path, name: str, max_count: int, max_size: float,
-    on_sample: Callable[[], None] | None,
-) -> tuple[dict[str, int], set[str]]:  # fmt: skip
-    """Write the tars; (samples per shard file name, image member extensions)."""
-    counts: dict[str, int] = {}
-    members: set[str] = set()
-    seen_keys: set[str] = set()
-    writer = None
-    try:
-        for sample in samples:
-            if sample.key in seen_keys:
-                raise ValueError(f"two samples map to the key {sample.key!r}; rename one of the files")
-            seen_keys.add(sample.key)
-            if writer is None:  # opened on the first sample: nothing to write leaves no empty shard behind
-                writer = wds.ShardWriter(
-                    str(out_dir / f"{name}-%06d.tar"), maxcount=max_count, maxsize=max_size, verbose=0, encoder=False
-                )
-            record = {"__key__": sample.key, sample.ext: sample.image}
-            if sample.label is not None:
-                record["cls"] = str(sample.label).encode("ascii")
-            writer.write(record)
-            members.add(sample.ext)
-            shard = Path(writer.fname).name
-            counts[shard] = counts.get(shard, 0) + 1
-            if on_sample is not None:
-                on_sample()
-    finally:
-        if writer is not None:
-            writer.close()
-    return counts, members
-
-
 def read_index(path: str | Path) -> dict[str, Any]:
     """The index JSON written by write_shards, with each shard's `url` resolved next to the index file."""
     path = Path(path)
@@ -284,18 +249,16 @@ def read_index(path: str | Path) -> dict[str, Any]:
         raise ValueError(
             f"shard index {path} is not valid JSON ({e}); write it again with `simmim-swin make-shards --overwrite`"
         ) from e
-    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT or not isinstance(index.get("shards"), list):
+    shards = index.get("shards") if isinstance(index, dict) else None
+    if not shards or not isinstance(shards, list) or index.get("format") != INDEX_FORMAT:  # an empty set included
         raise ValueError(f"{path} is not a shard index written by `simmim-swin make-shards` (format {INDEX_FORMAT})")
-    for shard in index["shards"]:
+    for shard in shards:
         shard["url"] = str(path.parent / shard["name"])
     return index
 
 
 def resolve_urls(urls: str | list[str] | None, what: str = "data.urls") -> tuple[list[str], int | None]:
-    """(shard URLs, total samples if known) from an index .json, a brace pattern, `a::b` lists, or a list.
-
-    Local paths must exist (a typo fails here, not in a worker); `pipe:` and URL schemes are passed through.
-    """
+    """(shard URLs, total samples if known) from an index .json, a brace pattern, `a::b` lists, or a list."""
     if not urls:
         raise ValueError(f"{what} is empty; set it to the index written by make-shards, e.g. {what}=shards/train.json")
     items = [urls] if isinstance(urls, str) else list(urls)
@@ -303,14 +266,11 @@ def resolve_urls(urls: str | list[str] | None, what: str = "data.urls") -> tuple
         index = read_index(items[0])
         return [s["url"] for s in index["shards"]], int(index["total"])
     expanded = [url for item in items for url in wds.shardlists.expand_urls(item)]
-    missing = [u for u in expanded if _is_local(u) and not Path(u).is_file()]
+    # local paths must exist (a typo fails here, not in a worker); `pipe:` and URL schemes are passed through
+    missing = [u for u in expanded if not u.startswith("pipe:") and "://" not in u and not Path(u).is_file()]
     if missing:
         raise ValueError(
             f"{what}: {len(missing)} of {len(expanded)} shards do not exist, e.g. {missing[0]!r}; check the path "
             "(brace patterns must be quoted on the command line: \"data.urls='/d/train-{000000..000009}.tar'\")"
         )
     return expanded, None
-
-
-def _is_local(url: str) -> bool:
-    return not url.startswith("pipe:") and "://" not in url

@@ -1,10 +1,5 @@
 """Streaming webdataset shards for training: resampled shards split by rank and worker, a shuffle buffer,
-decoding and masks in the workers, a fixed number of batches per epoch, and bad samples skipped and counted.
-
-Determinism: each (rank, worker) draws its shards and shuffles from its own random.Random seeded by
-(seed, rank, worker, epoch, resume_step), never from time or /dev/random (webdataset's own resampling does), so
-the same seed gives the same batches and a run resumed at step s draws a new order instead of replaying epoch 0.
-"""
+decoding and masks in the workers, a fixed number of batches per epoch, and bad samples skipped and counted."""
 
 from __future__ import annotations
 
@@ -13,6 +8,7 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -27,7 +23,7 @@ from simmim_swin.data.images import (
     describe_error,
     open_source,
 )
-from simmim_swin.data.loader import check_rank, derive_seed
+from simmim_swin.data.loader import derive_seed
 from simmim_swin.data.shards import IMAGE_MEMBER_KEYS
 from simmim_swin.data.transforms import EvalView, PretrainCrop
 from simmim_swin.distributed import DistInfo, LoaderWorkerInit, all_reduce_sum_
@@ -40,49 +36,43 @@ LOG_BAD_EVERY = 100  # ...then one line per this many
 
 
 def assign_shards(urls: list[str], slot: int, num_slots: int) -> list[str]:
-    """The shards of one (rank, worker) slot: every num_slots-th, so slots never share a shard.
-
-    With fewer shards than slots every slot resamples from all shards instead (seeded differently), which keeps
-    every worker busy: an empty worker would leave its rank short of batches (docs/reference.md, known pitfalls).
-    """
+    """The shards of one (rank, worker) slot: every num_slots-th, so slots never share a shard."""
+    # fewer shards than slots: every slot resamples all of them (seeded differently); an empty worker would leave
+    # its rank short of batches (docs/reference.md, known pitfalls)
     if len(urls) < num_slots:
         return list(urls)
     return urls[slot::num_slots]
 
 
 class Batch(NamedTuple):
-    """What the shard loader yields: tensors, plus the bad samples the worker skipped since its previous batch.
+    """What the shard loader yields: tensors, plus the bad samples the worker skipped since its previous batch."""
 
-    `data` is empty for a report (a worker that skipped many bad samples in a row says so without a batch).
-    """
-
-    data: tuple[torch.Tensor, ...]  # e.g. images (B, C, H, W), masks (B, h, w) uint8
+    data: tuple[torch.Tensor, ...]  # e.g. images (B, C, H, W), masks (B, h, w) uint8; empty: a report of bad samples
     num_bad: int
     bad_shards: tuple[str, ...]  # the shard (or, for image folders, the file) of each bad sample
     bad_reasons: tuple[str, ...] = ()  # image folders: why each file could not be read
 
 
 def collate_good(items: list[Any]) -> Batch:
-    """default_collate over the good samples of a map-style batch; images.BadSample markers are dropped and
-    counted (the batch is that much smaller). A batch of nothing but bad samples is a report with no data."""
+    """default_collate over the good samples of a map-style batch; images.BadSample markers are dropped and counted."""
     bad = [item for item in items if isinstance(item, BadSample)]
     good = [item for item in items if not isinstance(item, BadSample)]
     data = tuple(default_collate(good)) if good else ()
     return Batch(data, len(bad), tuple(b.path for b in bad), tuple(b.reason for b in bad))
 
 
+@dataclass
 class BadSampleLog:
     """A worker's record of skipped samples: counts, the shards they came from, rate-limited log lines."""
 
-    def __init__(self, where: str = "", quiet: bool = False) -> None:
-        self.where = where
-        self.quiet = quiet  # count only: the caller reports the bad samples itself
-        self.total = 0
-        self.pending: list[str] = []  # shards of bad samples not yet handed to the main process
-        self.current_url = ""
+    where: str = ""
+    quiet: bool = False  # count only: the caller reports the bad samples itself
+    total: int = 0
+    pending: list[str] = field(default_factory=list)  # shards of bad samples not yet handed to the main process
+    current_url: str = ""
 
     def record(self, url: str, key: str | None, reason: object) -> None:
-        """Count one bad sample (or empty / unreadable shard) and log it if it is within the rate limit."""
+        """Count one bad sample (or empty / unreadable shard); log it within the rate limit."""
         self.total += 1
         self.pending.append(url)
         if not self.quiet and (self.total <= LOG_FIRST_BAD or self.total % LOG_BAD_EVERY == 0):
@@ -96,17 +86,13 @@ class BadSampleLog:
         return True
 
     def take(self) -> tuple[int, tuple[str, ...]]:
-        """(count, shards) of the bad samples since the last call."""
         pending, self.pending = tuple(self.pending), []
         return len(pending), pending
 
 
 def iter_shard_samples(urls: Iterable[str], log: BadSampleLog) -> Iterator[dict[str, Any] | None]:
-    """Raw samples (dicts of member bytes plus __key__ / __url__) of each shard in turn.
-
-    Yields None after a shard that gave no sample at all (missing, unreadable, empty), so that a consumer
-    regains control even when every shard is bad.
-    """
+    """Raw samples (dicts of member bytes plus __key__ / __url__) of each shard in turn; None after a shard that
+    gave none (missing, unreadable, empty), so that a consumer regains control even when every shard is bad."""
     for url in urls:
         log.current_url = url
         bad_before, count = log.total, 0
@@ -129,18 +115,13 @@ def open_image(sample: dict[str, Any], max_pixels: int | None = DEFAULT_MAX_IMAG
     raise ValueError(f"no image member (has {members}; expected one of {list(IMAGE_MEMBER_KEYS)})")
 
 
+@dataclass
 class PretrainSample:
-    """Raw sample -> (image (C, S, S) uint8 or float32, token mask uint8): `transform` (SimMIM's PretrainCrop with
-    draft decoding, or the deterministic EvalView for validation) and a mask, both drawn from the worker's
-    generator."""
+    """Raw sample -> (image (C, S, S) uint8 or float32, token mask uint8), both drawn from the worker's generator."""
 
-    def __init__(
-        self, transform: PretrainCrop | EvalView, mask_generator: Callable[..., torch.Tensor],
-        max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-    ) -> None:  # fmt: skip
-        self.transform = transform
-        self.mask_generator = mask_generator
-        self.max_pixels = max_pixels
+    transform: PretrainCrop | EvalView
+    mask_generator: Callable[..., torch.Tensor]
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
 
     def __call__(self, sample: dict[str, Any], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         source = open_image(sample, self.max_pixels)
@@ -166,53 +147,32 @@ def collate_good_only(items: list[Any]) -> tuple[torch.Tensor, ...]:
     return batch.data
 
 
+@dataclass
 class ShardStream(IterableDataset):
     """An endless resampled stream of shards cut into epochs of exactly `batches_per_epoch` batches per rank.
 
-    Each iteration (one per epoch; keep the DataLoader's workers persistent) is the next epoch. The workers of a
-    rank share out its batches (round robin, as the DataLoader collects them), so every rank yields the same
-    number whatever its data: no rank ever waits for another's missing batch.
+    Each iteration is the next epoch (keep the DataLoader's workers persistent). The workers of a rank share out its
+    batches round robin, as the DataLoader collects them, so no rank ever waits for another's missing batch.
 
     Args:
-        urls: shard URLs (local paths, `pipe:` commands, http(s)).
         sample_fn: raw sample dict, torch.Generator -> tuple of tensors; raising means "bad sample".
-        batch_size: samples per batch (per process).
-        batches_per_epoch: batches this rank yields per epoch.
-        seed, rank, world_size: the run's seed and this process's place.
-        start_epoch, skip_batches: where the first iteration starts (a resumed run).
-        resume_step: the optimizer step the run (re)started at; part of every seed.
+        resume_step: the optimizer step the run (re)started at; part of every seed, so a resumed run draws a new
+            order instead of replaying epoch 0.
         shuffle_buffer: raw samples held per worker for shuffling (0 or 1: none).
     """
 
-    def __init__(
-        self,
-        urls: list[str],
-        sample_fn: SampleFn,
-        batch_size: int,
-        batches_per_epoch: int,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        start_epoch: int = 0,
-        skip_batches: int = 0,
-        resume_step: int = 0,
-        shuffle_buffer: int = 2000,
-    ) -> None:
-        if not urls:
-            raise ValueError("no shard URLs given")
-        if batch_size < 1 or batches_per_epoch < 1:
-            raise ValueError(f"batch_size={batch_size} and batches_per_epoch={batches_per_epoch} must be >= 1")
-        check_rank(rank, world_size)
-        if not 0 <= skip_batches < batches_per_epoch:
-            raise ValueError(f"skip_batches={skip_batches} must lie in [0, {batches_per_epoch})")
-        self.urls = list(urls)
-        self.sample_fn = sample_fn
-        self.batch_size = batch_size
-        self.batches_per_epoch = batches_per_epoch
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.start_epoch, self.skip_batches, self.resume_step = start_epoch, skip_batches, resume_step
-        self.shuffle_buffer = shuffle_buffer
-        self._iteration = 0  # counted in each worker's copy: persistent workers keep it across epochs
+    urls: list[str]
+    sample_fn: SampleFn
+    batch_size: int
+    batches_per_epoch: int
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    start_epoch: int = 0
+    skip_batches: int = 0
+    resume_step: int = 0
+    shuffle_buffer: int = 2000
+    _iteration: int = field(default=0, init=False)  # per worker copy: persistent workers keep it across epochs
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -224,6 +184,7 @@ class ShardStream(IterableDataset):
         quota = len(range(worker, num_batches, num_workers))
         if quota == 0:
             return
+        # every draw from (seed, rank, worker, epoch, resume_step), never from time as webdataset's resampling does
         seed = derive_seed(self.seed, self.rank, worker, epoch, self.resume_step)
         shard_rng, shuffle_rng = random.Random(derive_seed(seed, 0)), random.Random(derive_seed(seed, 1))
         generator = torch.Generator().manual_seed(derive_seed(seed, 2))  # crops, flips, masks
@@ -252,8 +213,6 @@ class ShardStream(IterableDataset):
 
 def build_shard_loader(stream: ShardStream, num_workers: int, pin_memory: bool = False) -> DataLoader:
     """DataLoader over a ShardStream: batches made in the workers, persistent workers, optional pinned memory."""
-    if num_workers < 0:
-        raise ValueError(f"num_workers={num_workers} must be >= 0 (0 loads in the main process)")
     return DataLoader(
         stream,
         batch_size=None,  # the stream batches itself
@@ -277,11 +236,9 @@ class BadDataError(ValueError):
 class BadDataMonitor:
     """Main-process sum of good and bad samples over all workers; stops the run above `max_bad_fraction`.
 
-    The fraction is bad / max(samples read, check_after), so a few bad samples early on never stop a run,
-    while a broken data set stops it after about check_after * max_bad_fraction bad samples. In one process
-    `update` checks after every batch; with world_size > 1 it leaves the fraction to `reduce`, which every rank
-    calls at the same step with the counts summed over ranks, so all ranks stop together.
-    `name_files=True` (image folders) logs each bad file once, with the reason, the first time it is seen.
+    The fraction is bad / max(samples read, check_after), so a few bad samples early on never stop a run. With
+    world_size > 1 the check waits for `reduce`, which every rank calls at the same step, so all ranks stop together.
+    `name_files=True` (image folders) logs each bad file once, with the reason.
     """
 
     def __init__(
@@ -340,11 +297,7 @@ class BadDataMonitor:
 def read_samples(
     urls: Iterable[str], num_samples: int, sample_fn: SampleFn, seed: int = 0, log: BadSampleLog | None = None
 ) -> list[tuple[Any, ...]]:
-    """The first `num_samples` good samples of the shards in order (no shuffle), through `sample_fn`.
-
-    For fixed sets: validation batches, panel images. Bad samples are skipped and logged; fewer samples come
-    back when the shards hold fewer.
-    """
+    """The first `num_samples` good samples of the shards in order, through `sample_fn` (bad ones are logged)."""
     log = log or BadSampleLog(where=" while reading a fixed set")
     generator = torch.Generator().manual_seed(seed)
     out: list[tuple[Any, ...]] = []
