@@ -120,7 +120,6 @@ def test_normalizer_defaults_to_imagenet_for_uint8_and_needs_statistics_for_floa
     stats = Normalizer([1.0, 2.0, 3.0, 4.0], [2.0, 2.0, 2.0, 2.0])
     x = torch.full((1, 4, 2, 2), 5.0)
     assert torch.equal(stats(x)[0, :, 0, 0], torch.tensor([2.0, 1.5, 1.0, 0.5]))
-    torch.testing.assert_close(stats.invert(stats(x)), x)
     with pytest.raises(ValueError, match="4 values but the images have 3"):
         stats(images)
 
