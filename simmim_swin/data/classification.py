@@ -1,11 +1,6 @@
 """Labelled images for fine-tuning: class folders or Fashion-MNIST, a class-balanced subset, timm's transforms.
 
-8-bit RGB training images go through timm's `create_transform` (RandomResizedCrop, flip, RandAugment, colour
-jitter, random erasing, normalisation); evaluation images are resized to img_size / crop_pct and centre-cropped
-to img_size (224 of 256, the Swin protocol). Both give normalised float tensors (3, img_size, img_size).
-Other data (model.in_chans != 3, or data.mean / data.std set: 16-bit, float, multi-band files) keeps its values:
-RandomResizedCrop and flip only, raw tensors (in_chans, img_size, img_size) normalised on the device
-(transforms.Normalizer). An unreadable image is an images.BadSample that stream.collate_good drops and counts.
+8-bit RGB goes through timm's transforms; other data (model.in_chans != 3 or data.mean set) keeps its values.
 """
 
 from __future__ import annotations
@@ -16,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from timm.data import create_transform
 from timm.data.auto_augment import RandAugment
 from timm.data.auto_augment import posterize as timm_posterize
@@ -25,17 +20,10 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import Compose
 
-from simmim_swin.config import AugmentConfig, FinetuneDataConfig
+from simmim_swin.config import DEFAULT_MAX_IMAGE_PIXELS, AugmentConfig, FinetuneDataConfig
 from simmim_swin.data.datasets import transform_image
 from simmim_swin.data.fashion_mnist import FASHION_MNIST_DIR, FashionMNIST
-from simmim_swin.data.images import (
-    DEFAULT_MAX_IMAGE_PIXELS,
-    EIGHT_BIT_MODES,
-    BadSample,
-    ImageSource,
-    close_source,
-    open_source,
-)
+from simmim_swin.data.images import EIGHT_BIT_MODES, BadSample, ImageSource, close_source, open_source
 from simmim_swin.data.transforms import EvalView, ImageTransform, Normalizer, PretrainCrop, build_eval_transform
 
 
@@ -59,21 +47,12 @@ def build_train_transform(img_size: int, augment: AugmentConfig) -> ImageTransfo
 
 
 def _posterize_keep_zero_bits(img: Image.Image, bits_to_keep: int, **_: object) -> Image.Image:
-    """timm's posterize op, with 0 bits giving a black image as Pillow < 13 did."""
-    if bits_to_keep >= 8:
-        return img
-    if bits_to_keep <= 0:
-        return Image.new(img.mode, img.size)
-    return ImageOps.posterize(img, bits_to_keep)
+    return Image.new(img.mode, img.size) if bits_to_keep <= 0 else timm_posterize(img, bits_to_keep)
 
 
 def _patch_posterize(transform: Callable) -> None:
-    """Make timm's RandAugment posterize survive Pillow 13.
-
-    With increasing magnitudes (`inc1`, the Swin recipe) a magnitude of 10 asks timm 1.0.x for 0 bits, which
-    Pillow 13's ImageOps.posterize rejects: a ValueError mid-epoch (m9-mstd0.5 reaches 10 in ~2% of draws, so a
-    few images per thousand). Older Pillow returned a black image, which is what this op does instead.
-    """
+    # with increasing magnitudes (`inc1`, the Swin recipe) a magnitude of 10 (~2 % of m9-mstd0.5 draws) asks timm
+    # for 0 bits, which Pillow 13's ImageOps.posterize rejects mid-epoch; older Pillow gave a black image, as here
     for step in getattr(transform, "transforms", ()):
         if isinstance(step, RandAugment):
             for op in step.ops:
@@ -83,8 +62,6 @@ def _patch_posterize(transform: Callable) -> None:
 
 def balanced_subset(targets: Sequence[int], num_images: int, seed: int) -> list[int]:
     """`num_images` indices drawn without replacement, as evenly over the classes as they allow, fixed by `seed`."""
-    if num_images < 1:
-        raise ValueError(f"data.num_labelled={num_images} must be positive (or null for every image)")
     if num_images > len(targets):
         raise ValueError(f"data.num_labelled={num_images} exceeds the {len(targets)} labelled training images")
     rng = np.random.default_rng(seed)
@@ -101,38 +78,25 @@ def balanced_subset(targets: Sequence[int], num_images: int, seed: int) -> list[
     return sorted(picked)
 
 
-def _folder_keys(data_cfg: FinetuneDataConfig) -> tuple[str, str]:
-    """The settings that name the training and the validation folder, for messages: ('train/ of data.root=/d', ...)."""
-    train, _ = _folder_roots(data_cfg)
-    return (
-        f"data.root={data_cfg.root}" if Path(data_cfg.root) == train else f"train/ of data.root={data_cfg.root}",
-        f"data.val_root={data_cfg.val_root}" if data_cfg.val_root else f"val/ of data.root={data_cfg.root}",
-    )
-
-
-def _folder_roots(data_cfg: FinetuneDataConfig) -> tuple[Path, Path]:
-    root = Path(data_cfg.root)
+def _folders(data_cfg: FinetuneDataConfig) -> tuple[tuple[Path, str], tuple[Path, str]]:
+    """(training folder, the setting naming it for messages), (validation folder, its setting)."""
+    root, name = Path(data_cfg.root), f"data.root={data_cfg.root}"
     if data_cfg.val_root:
-        return root, Path(data_cfg.val_root)
+        return (root, name), (Path(data_cfg.val_root), f"data.val_root={data_cfg.val_root}")
     if (root / "train").is_dir() and (root / "val").is_dir():
-        return root / "train", root / "val"
+        return (root / "train", f"train/ of {name}"), (root / "val", f"val/ of {name}")
     raise ValueError(
         f"no validation images: set data.val_root, or give data.root={root} with train/ and val/ sub-folders"
     )
 
 
 def keeps_raw_values(data_cfg: FinetuneDataConfig, in_chans: int) -> bool:
-    """Whether images keep the files' values (crop / flip, normalised on the device) instead of timm's 8-bit
-    RGB pipeline: when model.in_chans is not 3 or data.mean / data.std are given."""
+    """Whether images keep the files' values (crop / flip, normalised on the device) instead of timm's RGB pipeline."""
     return in_chans != 3 or data_cfg.mean is not None
 
 
 class CheckedImageFolder(ImageFolder):
-    """torchvision's ImageFolder (class sub-folders, plus .npy files), reading any bit depth and band count; a file
-    that cannot be read gives an images.BadSample naming it instead of an exception (datasets.transform_image).
-
-    raw=False feeds timm's transforms 8-bit RGB PIL images; a 16-bit or float file is then a bad sample whose
-    reason says to set data.mean / data.std."""
+    """torchvision's ImageFolder (plus .npy) of any depth and band count; an unreadable file gives a BadSample."""
 
     def __init__(
         self, root: str | Path, transform: ImageTransform, raw: bool, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
@@ -152,7 +116,12 @@ class CheckedImageFolder(ImageFolder):
         if self.raw:
             return source
         try:
-            return _as_rgb8(source)
+            if not isinstance(source, Image.Image) or source.mode not in EIGHT_BIT_MODES:
+                raise ValueError(
+                    "a 16-bit, float or multi-band image: set data.mean and data.std (`simmim-swin stats PATH`) so "
+                    "that it is read as it is instead of through the 8-bit RGB augmentation"
+                )
+            return source.convert("RGB")
         finally:
             close_source(source)
 
@@ -161,23 +130,13 @@ class CheckedImageFolder(ImageFolder):
         return image if isinstance(image, BadSample) else (image, self.targets[index])
 
 
-def _as_rgb8(source: ImageSource) -> Image.Image:
-    if not isinstance(source, Image.Image) or source.mode not in EIGHT_BIT_MODES:
-        raise ValueError(
-            "a 16-bit, float or multi-band image: set data.mean and data.std (`simmim-swin stats PATH`) so that it "
-            "is read as it is instead of through the 8-bit RGB augmentation"
-        )
-    return source.convert("RGB")
-
-
-def _image_folder(
-    folder: Path, transform: ImageTransform, raw: bool, max_pixels: int | None, role: str, key: str
-) -> ImageFolder:
-    """The class folders under `folder`, the `role` ('training' / 'validation') set named by setting `key`."""
+def _image_folder(data_cfg: FinetuneDataConfig, role: str, transform: ImageTransform, raw: bool) -> ImageFolder:
+    """The class folders of the `role` ('training' / 'validation') images."""
+    folder, key = _folders(data_cfg)[role == "validation"]
     if not folder.is_dir():
         raise FileNotFoundError(f"the {role} image folder {folder} ({key}) does not exist")
     try:
-        return CheckedImageFolder(folder, transform, raw, max_pixels)
+        return CheckedImageFolder(folder, transform, raw, data_cfg.max_image_pixels)
     except FileNotFoundError as e:  # torchvision: no class sub-folder, or no image file in any of them
         raise ValueError(
             f"the {role} folder {folder} ({key}) holds no images in class sub-folders ({e}); it needs one "
@@ -188,8 +147,7 @@ def _image_folder(
 def split_labelled(targets: Sequence[int], indices: Sequence[int], val_fraction: float, seed: int) -> tuple[
     list[int], list[int]
 ]:  # fmt: skip
-    """(training, held-out) parts of `indices`: round(val_fraction * n) of each class's n images held out (at least
-    one where a class has two or more, never all of them), drawn by `seed`; (indices, []) for val_fraction 0."""
+    """(training, held-out) parts of `indices`: round(val_fraction * n) of each class's n images held out."""
     if val_fraction <= 0:
         return sorted(indices), []
     rng = np.random.default_rng([seed, 1])  # a stream of its own: the subset drawn by `seed` is not reused
@@ -198,15 +156,14 @@ def split_labelled(targets: Sequence[int], indices: Sequence[int], val_fraction:
     held_out: list[int] = []
     for c in np.unique(labels):
         members = rng.permutation(indices[labels == c])
-        count = min(len(members) - 1, max(1, round(val_fraction * len(members))))
+        count = min(len(members) - 1, max(1, round(val_fraction * len(members))))  # one at least, never all
         held_out += members[:count].tolist()
     train = sorted(set(indices.tolist()) - set(held_out))
     return train, sorted(held_out)
 
 
 def labelled_split(data_cfg: FinetuneDataConfig, targets: Sequence[int]) -> tuple[list[int], list[int]]:
-    """(training, held-out validation) indices of the labelled training images: the class-balanced num_labelled
-    subset (every image if null), of which a class-balanced data.val_fraction is held out."""
+    """(training, held-out) indices: data.val_fraction of the num_labelled subset (every image if null), by class."""
     picked = (
         balanced_subset(targets, data_cfg.num_labelled, data_cfg.subset_seed)
         if data_cfg.num_labelled is not None
@@ -219,12 +176,12 @@ def _labelled_source(data_cfg: FinetuneDataConfig, transform: ImageTransform, ra
     """The labelled training images (Fashion-MNIST's train split or the training class folders) through `transform`."""
     if data_cfg.source == "fashion_mnist":
         return FashionMNIST("train", transform, data_cfg.root or FASHION_MNIST_DIR)
-    key = _folder_keys(data_cfg)[0]
-    dataset = _image_folder(_folder_roots(data_cfg)[0], transform, raw, data_cfg.max_image_pixels, "training", key)
+    dataset = _image_folder(data_cfg, "training", transform, raw)
     if len(dataset.classes) < 2:
         raise ValueError(
-            f"the training folder ({key}) has one class sub-folder, {dataset.classes[0]!r}: a classifier of one "
-            "class scores 100 % whatever it learns; give one sub-folder of images per class (at least two)"
+            f"the training folder ({_folders(data_cfg)[0][1]}) has one class sub-folder, {dataset.classes[0]!r}: a "
+            "classifier of one class scores 100 % whatever it learns; give one sub-folder of images per class (at "
+            "least two)"
         )
     return dataset
 
@@ -265,8 +222,7 @@ def build_train_dataset(
 def build_labelled_eval_dataset(
     data_cfg: FinetuneDataConfig, img_size: int, part: str, interpolation: str = "bicubic", in_chans: int = 3
 ) -> Dataset:
-    """One part ("train" or "held_out") of labelled_split's labelled training images with the evaluation
-    transform (no augmentation): the held-out validation set, or the training images for a linear-probe head."""
+    """One part ("train" or "held_out") of labelled_split's images with the evaluation transform (no augmentation)."""
     dataset = _labelled_source(
         data_cfg, _eval_transform(data_cfg, img_size, interpolation, in_chans), keeps_raw_values(data_cfg, in_chans)
     )
@@ -277,15 +233,13 @@ def build_labelled_eval_dataset(
 def build_val_dataset(
     data_cfg: FinetuneDataConfig, img_size: int, interpolation: str = "bicubic", in_chans: int = 3
 ) -> tuple[Dataset, list[str]]:
-    """(validation set: resize + centre crop, normalised floats; class names); Fashion-MNIST's 10k test images for
-    that source."""
+    """(validation set with the evaluation transform, class names); Fashion-MNIST's test split for that source."""
     transform = _eval_transform(data_cfg, img_size, interpolation, in_chans)
     if data_cfg.source == "fashion_mnist":
         dataset = FashionMNIST("test", transform, data_cfg.root or FASHION_MNIST_DIR)
         return dataset, list(dataset.classes)
-    train_root, val_root = _folder_roots(data_cfg)
-    raw, val_key = keeps_raw_values(data_cfg, in_chans), _folder_keys(data_cfg)[1]
-    dataset = _image_folder(val_root, transform, raw, data_cfg.max_image_pixels, "validation", val_key)
+    dataset = _image_folder(data_cfg, "validation", transform, keeps_raw_values(data_cfg, in_chans))
+    (train_root, _), (val_root, val_key) = _folders(data_cfg)
     if train_root.is_dir():
         train_classes = sorted(entry.name for entry in train_root.iterdir() if entry.is_dir())
         if train_classes != dataset.classes:
