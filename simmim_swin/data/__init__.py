@@ -2,7 +2,6 @@
 
 from simmim_swin.data.datasets import (
     PHOTO_FILES,
-    ImageCollection,
     ImageFiles,
     MaskedImages,
     build_pretrain_dataset,
@@ -55,7 +54,6 @@ __all__ = [
     "Batch",
     "EvalView",
     "FashionMNIST",
-    "ImageCollection",
     "ImageFiles",
     "ImageTooLargeError",
     "MaskedImages",

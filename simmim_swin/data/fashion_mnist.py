@@ -51,11 +51,7 @@ def load_fashion_mnist(split: str = "train", root: str | Path = FASHION_MNIST_DI
 
 
 class FashionMNIST(Dataset):
-    """A Fashion-MNIST split as RGB PIL images (grey copied to three channels) with their labels.
-
-    The one reader of both uses: indexing gives (transform(image), label) for fine-tuning; as an ImageCollection
-    (`num_images` / `load_image`) it is what datasets.MaskedImages pretrains on and the panels show.
-    """
+    """A Fashion-MNIST split: (transform(image), label) items, and an ImageCollection of RGB PIL images."""
 
     classes = list(FASHION_MNIST_CLASSES)
 

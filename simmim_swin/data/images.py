@@ -197,11 +197,8 @@ def to_tensor(source: ImageSource, in_chans: int) -> torch.Tensor:
     # RGB pipeline does; grey arrays fill three channels; any other band count must equal in_chans
     if isinstance(source, Image.Image):
         if source.mode in EIGHT_BIT_MODES and in_chans in (1, 3):
-            img = (
-                source
-                if source.mode == ("RGB" if in_chans == 3 else "L")
-                else source.convert("RGB" if in_chans == 3 else "L")
-            )
+            target = "RGB" if in_chans == 3 else "L"
+            img = source if source.mode == target else source.convert(target)
             pixels = torch.from_numpy(np.array(img, dtype=np.uint8))
             return pixels[None] if pixels.dim() == 2 else pixels.permute(2, 0, 1)  # H, W, C -> C, H, W (a view)
         if source.mode == "P":

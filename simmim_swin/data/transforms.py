@@ -16,6 +16,7 @@ from PIL import Image
 from timm.data import create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms as T
+from torchvision.transforms.v2 import RGB
 from torchvision.transforms.v2 import functional as TF
 
 from simmim_swin.data.images import EIGHT_BIT_MODES, ImageSource, source_size, to_tensor
@@ -134,11 +135,7 @@ def build_eval_transform(
     view = create_transform(
         img_size, is_training=False, crop_pct=crop_pct, interpolation=interpolation, normalize=normalize
     )
-    return T.Compose([T.Lambda(_to_rgb), *view.transforms])
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    return img if img.mode == "RGB" else img.convert("RGB")
+    return T.Compose([RGB(), *view.transforms])
 
 
 def normalize_images(images: torch.Tensor) -> torch.Tensor:
@@ -177,10 +174,7 @@ def denormalize(images: torch.Tensor) -> np.ndarray:
     # uint8, as wandb and PIL want: a float array in [0, 1] shows up black in wandb
     if images.dim() not in (3, 4) or images.shape[-3] != 3:
         raise ValueError(f"expected images of shape (N, 3, H, W) or (3, H, W), got {tuple(images.shape)}")
-    x = images.detach().to(device="cpu", dtype=torch.float32)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    x = (x * std + mean).clamp(0.0, 1.0)
+    imagenet = Normalizer()
+    x = images.detach().to(device="cpu", dtype=torch.float32) * imagenet.std + imagenet.mean
     # round rather than truncate so that ToTensor -> Normalize -> denormalize gives back the same bytes
-    x = (x * 255.0).round().to(torch.uint8)
-    return x.movedim(-3, -1).numpy()  # ..., H, W, 3
+    return x.clamp(0.0, 255.0).round().to(torch.uint8).movedim(-3, -1).numpy()  # ..., H, W, 3
