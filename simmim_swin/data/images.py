@@ -9,7 +9,6 @@ import io
 import logging
 import os
 import re
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -66,11 +65,10 @@ def _check_pixels(num_pixels: int, max_pixels: int | None, name: str) -> None:
 def open_source(
     data: bytes | str | os.PathLike, ext: str | None = None, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
 ) -> ImageSource:
-    """A file's image: a lazily opened PIL image, or a (C, H, W) numpy array for .npy / .tif / .tiff.
+    """A file's image: a lazily opened PIL image, or a (C, H, W) array (.npy, TIFF, 16-bit colour PNG).
 
     Args:
         data: a path, or the file's bytes (a shard member) with its extension `ext` ("png", ".npy", ...).
-        max_pixels: images with more pixels raise ImageTooLargeError (None: no limit).
     """
     name = str(data) if not isinstance(data, bytes) else f"a .{str(ext).lstrip('.')} member"
     suffix = "." + (ext.lstrip(".") if ext else Path(str(data)).suffix.lstrip(".")).lower()
@@ -92,19 +90,16 @@ def open_source(
             return array
         if isinstance(stream, io.BytesIO):
             stream.seek(0)
-    # per process: DataLoader workers that are spawned read it here too. PIL checks it again when a transform crops
-    # the image (timm's RandomResizedCrop), so it stays set; a tool restores it when it returns (cli/tools.py)
+    Image.MAX_IMAGE_PIXELS = None  # PIL's own check only warns below twice its limit, and names no file
+    img = Image.open(stream)
+    # per process (spawned DataLoader workers read it here too): PIL checks it again when a transform crops the
+    # image, so it stays set; a tool restores it when it returns (cli/tools.py)
     Image.MAX_IMAGE_PIXELS = max_pixels
-    with warnings.catch_warnings():
-        # PIL only warns between its limit and twice it: here any image over the limit is refused
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(stream)
-        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-            raise ImageTooLargeError(
-                f"{name} has more pixels than data.max_image_pixels={max_pixels} (PIL: {e}) a guard against "
-                "decompression bombs; raise data.max_image_pixels if the image is genuine"
-            ) from e
+    try:
+        _check_pixels(img.width * img.height, max_pixels, name)
+    except ImageTooLargeError:
+        img.close()
+        raise
     rawmode = img.tile[0][3] if img.format == "PNG" and img.tile else None
     if rawmode in _PNG16_DECODES:
         img.close()
