@@ -42,14 +42,6 @@ MAP_STYLE_SOURCES: tuple[str, ...] = ("photos", "folder", "fashion_mnist")  # sh
 MaskFn = Callable[[], torch.Tensor]
 
 
-def _load_rgb(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except OSError as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
-        raise OSError(f"cannot read image {path}: {e}") from e
-
-
 def skimage_data_dir() -> Path:
     """The folder of data files shipped inside the installed scikit-image package (skimage/data)."""
     import skimage.data  # imported here: only source=photos needs scikit-image
@@ -144,7 +136,7 @@ def load_photos() -> ImageList:
             f"scikit-image's bundled photos {missing} are not in {data_dir}; reinstall scikit-image "
             "(pip install --force-reinstall scikit-image) or use data.source=folder"
         )
-    return ImageList([_load_rgb(data_dir / name) for name in PHOTO_FILES], "scikit-image photos")
+    return ImageList([Image.open(data_dir / name).convert("RGB") for name in PHOTO_FILES], "scikit-image photos")
 
 
 def find_images(root: str | Path) -> list[Path]:

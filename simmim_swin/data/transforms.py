@@ -27,11 +27,6 @@ IMAGENET_STD: tuple[float, float, float] = IMAGENET_DEFAULT_STD
 ImageTransform = Callable[[ImageSource], torch.Tensor]
 
 
-def _check_img_size(img_size: int) -> None:
-    if not isinstance(img_size, int) or isinstance(img_size, bool) or img_size <= 0:
-        raise ValueError(f"img_size={img_size!r} must be a positive integer number of pixels, e.g. 192")
-
-
 def sample_crop_box(
     width: int,
     height: int,
@@ -80,7 +75,8 @@ class PretrainCrop:
     in_chans: int = 3
 
     def __post_init__(self) -> None:
-        _check_img_size(self.img_size)
+        if not isinstance(self.img_size, int) or isinstance(self.img_size, bool) or self.img_size <= 0:
+            raise ValueError(f"img_size={self.img_size!r} must be a positive integer number of pixels, e.g. 192")
         scale, ratio = list(self.crop_scale), list(self.crop_ratio)
         if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
             raise ValueError(f"crop_scale={scale} must be [min, max] with 0 < min <= max <= 1, e.g. [0.67, 1.0]")
@@ -113,7 +109,7 @@ class EvalView:
     """build_eval_transform(normalize=False) for any band count and depth -> raw (in_chans, img_size, img_size)."""
 
     def __init__(self, img_size: int, in_chans: int = 3, crop_pct: float = 1.0) -> None:
-        self.rgb = build_eval_transform(img_size, normalize=False, crop_pct=crop_pct)  # checks img_size, crop_pct
+        self.rgb = build_eval_transform(img_size, normalize=False, crop_pct=crop_pct)  # checks crop_pct
         self.img_size, self.in_chans, self.crop_pct = img_size, in_chans, crop_pct
 
     def __call__(self, img: ImageSource, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -129,7 +125,6 @@ def build_eval_transform(
     img_size: int, normalize: bool = True, crop_pct: float = 1.0, interpolation: str = "bilinear"
 ) -> ImageTransform:
     """timm's RGB evaluation view: resize to img_size / crop_pct, centre crop img_size; ImageNet-normalised or uint8."""
-    _check_img_size(img_size)
     if not 0.0 < crop_pct <= 1.0:
         raise ValueError(f"crop_pct={crop_pct} must lie in (0, 1]; 0.875 is the 224-of-256 protocol")
     view = create_transform(
