@@ -9,7 +9,7 @@ from simmim_swin.data.datasets import (
     load_photos,
 )
 from simmim_swin.data.fashion_mnist import FashionMNIST
-from simmim_swin.data.images import BadSample, ImageTooLargeError, open_source, read_tensor, to_tensor
+from simmim_swin.data.images import BadSample, ImageTooLargeError, open_source, to_tensor
 from simmim_swin.data.loader import SeededSampler, build_pretrain_loader, make_fixed_batch
 from simmim_swin.data.pipeline import PretrainData, build_pretrain_data
 from simmim_swin.data.shards import (
@@ -80,7 +80,6 @@ __all__ = [
     "open_image",
     "open_source",
     "read_index",
-    "read_tensor",
     "resolve_urls",
     "sample_crop_box",
     "to_tensor",

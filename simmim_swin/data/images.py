@@ -238,22 +238,6 @@ def _check_finite(array: np.ndarray) -> None:
     )
 
 
-def read_tensor(
-    path: str | os.PathLike, in_chans: int, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
-) -> torch.Tensor:
-    """A whole image file as (in_chans, H, W) (uint8 or float32), with errors that name the file."""
-    try:
-        source = open_source(path, max_pixels=max_pixels)
-        try:
-            return to_tensor(source, in_chans)
-        finally:
-            close_source(source)
-    except ImageTooLargeError:
-        raise
-    except Exception as e:  # PIL and tifffile raise several types for unreadable files
-        raise ValueError(f"cannot read image {path}: {e}") from e
-
-
 def close_source(source: ImageSource) -> None:
     """Close the file a PIL image still holds; an in-memory one stays usable (ImageList lends its images)."""
     if isinstance(source, Image.Image) and getattr(source, "fp", None) is not None:
