@@ -12,13 +12,7 @@ from simmim_swin.data.fashion_mnist import FashionMNIST
 from simmim_swin.data.images import BadSample, ImageTooLargeError, open_source, to_tensor
 from simmim_swin.data.loader import SeededSampler, build_pretrain_loader, make_fixed_batch
 from simmim_swin.data.pipeline import PretrainData, build_pretrain_data
-from simmim_swin.data.shards import (
-    ShardSample,
-    folder_samples,
-    read_index,
-    resolve_urls,
-    write_shards,
-)
+from simmim_swin.data.shards import ShardSample, folder_samples, read_index, resolve_urls, write_shards
 from simmim_swin.data.stream import (
     BadDataError,
     BadDataMonitor,

@@ -28,11 +28,7 @@ ImageTransform = Callable[[ImageSource], torch.Tensor]
 
 
 def sample_crop_box(
-    width: int,
-    height: int,
-    scale: Sequence[float],
-    ratio: Sequence[float],
-    generator: torch.Generator | None = None,
+    width: int, height: int, scale: Sequence[float], ratio: Sequence[float], generator: torch.Generator | None = None
 ) -> tuple[int, int, int, int]:
     """RandomResizedCrop's box (left, top, crop width, crop height) for an image of width x height."""
     # torchvision's RandomResizedCrop.get_params, written out: it needs the decoded image and draws from the global
