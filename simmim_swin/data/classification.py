@@ -104,11 +104,7 @@ class CheckedImageFolder(ImageFolder):
         super().__init__(str(root), transform, is_valid_file=lambda p: p.lower().endswith((*IMG_EXTENSIONS, ".npy")))
         self.raw, self.max_pixels = raw, max_pixels
         self.paths = [path for path, _ in self.samples]
-
-    @property
-    def num_images(self) -> int:
-        """Number of image files."""
-        return len(self.samples)
+        self.num_images = len(self.paths)
 
     def load_image(self, k: int) -> ImageSource:
         """The k-th file: opened lazily when raw, else decoded to 8-bit RGB (ValueError for other depths)."""

@@ -53,9 +53,7 @@ def skimage_data_dir() -> Path:
 class ImageCollection(Protocol):
     """Numbered images: what every image source offers and what MaskedImages, the panels and subsets read."""
 
-    @property
-    def num_images(self) -> int:
-        """Number of distinct images."""
+    num_images: int  # distinct images
 
     def load_image(self, k: int) -> ImageSource:
         """The k-th image: a PIL image (shared: not to be modified in place) or a (C, H, W) array."""
@@ -84,12 +82,8 @@ class MaskedImages(Dataset):
         self.images = images
         self.transform = transform
         self.mask_generator = mask_generator
+        self.num_images = images.num_images
         self.samples_per_epoch = samples_per_epoch or images.num_images
-
-    @property
-    def num_images(self) -> int:
-        """Number of distinct images."""
-        return self.images.num_images
 
     def load_image(self, k: int) -> ImageSource:
         """The k-th distinct image, as the collection gives it."""
@@ -99,7 +93,7 @@ class MaskedImages(Dataset):
         return self.samples_per_epoch
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | BadSample:
-        image = transform_image(self.images, index % self.images.num_images, self.transform)
+        image = transform_image(self.images, index % self.num_images, self.transform)
         return image if isinstance(image, BadSample) else (image, self.mask_generator())
 
     def __repr__(self) -> str:
@@ -113,11 +107,7 @@ class ImageList:
     def __init__(self, images: list[Image.Image], name: str = "images") -> None:
         self.images = images
         self.name = name
-
-    @property
-    def num_images(self) -> int:
-        """Number of images."""
-        return len(self.images)
+        self.num_images = len(images)
 
     def load_image(self, k: int) -> Image.Image:
         """The k-th image itself: a copy per sample cost 17 % of a photo crop's time (PIL's transforms copy anyway)."""
@@ -175,11 +165,7 @@ class ImageFiles:
         self.root = Path(root)
         self.paths = find_images(self.root)
         self.max_pixels = max_pixels
-
-    @property
-    def num_images(self) -> int:
-        """Number of image files."""
-        return len(self.paths)
+        self.num_images = len(self.paths)
 
     def load_image(self, k: int) -> ImageSource:
         """The k-th file, opened lazily (a JPEG can then be decoded at reduced size): PIL image or (C, H, W) array."""
@@ -223,11 +209,7 @@ class ImageSubset(Subset):
         # not run.seed: every run sees the same images, and a smaller subset lies inside a larger one (data scaling)
         order = torch.randperm(total, generator=torch.Generator().manual_seed(0))[:num_images]
         super().__init__(dataset, sorted(order.tolist()))
-
-    @property
-    def num_images(self) -> int:
-        """Number of images in the subset."""
-        return len(self.indices)
+        self.num_images = num_images
 
     def load_image(self, k: int) -> ImageSource:
         """The k-th image of the subset, decoded as the wrapped dataset decodes it."""

@@ -62,11 +62,7 @@ class FashionMNIST(Dataset):
         self.images, labels = load_fashion_mnist(split, root)  # N, 28, 28 uint8 and N int64
         self.targets: list[int] = labels.tolist()
         self.transform = transform
-
-    @property
-    def num_images(self) -> int:
-        """Number of images in the split (60k train, 10k test)."""
-        return len(self.images)
+        self.num_images = len(self.images)
 
     def load_image(self, k: int) -> Image.Image:
         """The k-th image of the split as an RGB PIL image."""
