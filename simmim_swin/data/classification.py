@@ -20,7 +20,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import Compose
 
-from simmim_swin.config import DEFAULT_MAX_IMAGE_PIXELS, AugmentConfig, FinetuneDataConfig
+from simmim_swin.config import AugmentConfig, FinetuneDataConfig
 from simmim_swin.data.datasets import transform_image
 from simmim_swin.data.fashion_mnist import FASHION_MNIST_DIR, FashionMNIST
 from simmim_swin.data.images import EIGHT_BIT_MODES, BadSample, ImageSource, close_source, open_source
@@ -96,13 +96,37 @@ def keeps_raw_values(data_cfg: FinetuneDataConfig, in_chans: int) -> bool:
 
 
 class CheckedImageFolder(ImageFolder):
-    """torchvision's ImageFolder (plus .npy) of any depth and band count; an unreadable file gives a BadSample."""
+    """The `role` ('training' / 'validation') class folders of torchvision's ImageFolder plus .npy, any depth and
+    band count; an unreadable file gives a BadSample."""
 
-    def __init__(
-        self, root: str | Path, transform: ImageTransform, raw: bool, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
-    ) -> None:
-        super().__init__(str(root), transform, is_valid_file=lambda p: p.lower().endswith((*IMG_EXTENSIONS, ".npy")))
-        self.raw, self.max_pixels = raw, max_pixels
+    def __init__(self, data_cfg: FinetuneDataConfig, role: str, transform: ImageTransform, raw: bool) -> None:
+        folders = _folders(data_cfg)
+        folder, key = folders[role == "validation"]
+        if not folder.is_dir():
+            raise FileNotFoundError(f"the {role} image folder {folder} ({key}) does not exist")
+        try:
+            super().__init__(
+                str(folder), transform, is_valid_file=lambda p: p.lower().endswith((*IMG_EXTENSIONS, ".npy"))
+            )
+        except FileNotFoundError as e:  # torchvision: no class sub-folder, or no image file in any of them
+            raise ValueError(
+                f"the {role} folder {folder} ({key}) holds no images in class sub-folders ({e}); it needs one "
+                "sub-folder of images per class"
+            ) from e
+        if role == "training" and len(self.classes) < 2:
+            raise ValueError(
+                f"the training folder ({key}) has one class sub-folder, {self.classes[0]!r}: a classifier of one "
+                "class scores 100 % whatever it learns; give one sub-folder of images per class (at least two)"
+            )
+        train_root = folders[0][0]
+        if role == "validation" and train_root.is_dir():
+            train_classes = sorted(entry.name for entry in train_root.iterdir() if entry.is_dir())
+            if train_classes != self.classes:
+                raise ValueError(
+                    f"the validation folder {folder} ({key}) has classes {self.classes[:10]} but the training "
+                    f"folder {train_root} has {train_classes[:10]}; both need the same class sub-folders"
+                )
+        self.raw, self.max_pixels = raw, data_cfg.max_image_pixels
         self.paths = [path for path, _ in self.samples]
         self.num_images = len(self.paths)
 
@@ -124,20 +148,6 @@ class CheckedImageFolder(ImageFolder):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | BadSample:
         image = transform_image(self, index, self.transform)
         return image if isinstance(image, BadSample) else (image, self.targets[index])
-
-
-def _image_folder(data_cfg: FinetuneDataConfig, role: str, transform: ImageTransform, raw: bool) -> ImageFolder:
-    """The class folders of the `role` ('training' / 'validation') images."""
-    folder, key = _folders(data_cfg)[role == "validation"]
-    if not folder.is_dir():
-        raise FileNotFoundError(f"the {role} image folder {folder} ({key}) does not exist")
-    try:
-        return CheckedImageFolder(folder, transform, raw, data_cfg.max_image_pixels)
-    except FileNotFoundError as e:  # torchvision: no class sub-folder, or no image file in any of them
-        raise ValueError(
-            f"the {role} folder {folder} ({key}) holds no images in class sub-folders ({e}); it needs one "
-            "sub-folder of images per class"
-        ) from e
 
 
 def split_labelled(targets: Sequence[int], indices: Sequence[int], val_fraction: float, seed: int) -> tuple[
@@ -172,14 +182,7 @@ def _labelled_source(data_cfg: FinetuneDataConfig, transform: ImageTransform, ra
     """The labelled training images (Fashion-MNIST's train split or the training class folders) through `transform`."""
     if data_cfg.source == "fashion_mnist":
         return FashionMNIST("train", transform, data_cfg.root or FASHION_MNIST_DIR)
-    dataset = _image_folder(data_cfg, "training", transform, raw)
-    if len(dataset.classes) < 2:
-        raise ValueError(
-            f"the training folder ({_folders(data_cfg)[0][1]}) has one class sub-folder, {dataset.classes[0]!r}: a "
-            "classifier of one class scores 100 % whatever it learns; give one sub-folder of images per class (at "
-            "least two)"
-        )
-    return dataset
+    return CheckedImageFolder(data_cfg, "training", transform, raw)
 
 
 def _eval_transform(data_cfg: FinetuneDataConfig, img_size: int, interpolation: str, in_chans: int) -> ImageTransform:
@@ -234,13 +237,5 @@ def build_val_dataset(
     if data_cfg.source == "fashion_mnist":
         dataset = FashionMNIST("test", transform, data_cfg.root or FASHION_MNIST_DIR)
         return dataset, list(dataset.classes)
-    dataset = _image_folder(data_cfg, "validation", transform, keeps_raw_values(data_cfg, in_chans))
-    (train_root, _), (val_root, val_key) = _folders(data_cfg)
-    if train_root.is_dir():
-        train_classes = sorted(entry.name for entry in train_root.iterdir() if entry.is_dir())
-        if train_classes != dataset.classes:
-            raise ValueError(
-                f"the validation folder {val_root} ({val_key}) has classes {dataset.classes[:10]} but the training "
-                f"folder {train_root} has {train_classes[:10]}; both need the same class sub-folders"
-            )
+    dataset = CheckedImageFolder(data_cfg, "validation", transform, keeps_raw_values(data_cfg, in_chans))
     return dataset, list(dataset.classes)

@@ -83,11 +83,8 @@ class MaskedImages(Dataset):
         self.transform = transform
         self.mask_generator = mask_generator
         self.num_images = images.num_images
+        self.load_image = images.load_image  # the panels and ImageSubset read the distinct images
         self.samples_per_epoch = samples_per_epoch or images.num_images
-
-    def load_image(self, k: int) -> ImageSource:
-        """The k-th distinct image, as the collection gives it."""
-        return self.images.load_image(k)
 
     def __len__(self) -> int:
         return self.samples_per_epoch

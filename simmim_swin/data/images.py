@@ -142,13 +142,6 @@ def _read_tiff(stream: io.BytesIO | str | os.PathLike, max_pixels: int | None, n
     return array.reshape(-1, *array.shape[-2:])  # C, H, W
 
 
-def source_size(source: ImageSource) -> tuple[int, int]:
-    """(width, height) of an opened source, without decoding a PIL image."""
-    if isinstance(source, Image.Image):
-        return source.size
-    return int(source.shape[-1]), int(source.shape[-2])
-
-
 def source_channels(source: ImageSource) -> int:
     """The channels an image gives when read as it is (a palette image as RGB)."""
     if isinstance(source, Image.Image):

@@ -19,7 +19,7 @@ from torchvision import transforms as T
 from torchvision.transforms.v2 import RGB
 from torchvision.transforms.v2 import functional as TF
 
-from simmim_swin.data.images import EIGHT_BIT_MODES, ImageSource, source_size, to_tensor
+from simmim_swin.data.images import EIGHT_BIT_MODES, ImageSource, to_tensor
 
 IMAGENET_MEAN: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
 IMAGENET_STD: tuple[float, float, float] = IMAGENET_DEFAULT_STD
@@ -82,7 +82,7 @@ class PretrainCrop:
 
     def __call__(self, img: ImageSource, generator: torch.Generator | None = None) -> torch.Tensor:
         # `generator` None: torch's global RNG, which the loader seeds per sample
-        width, height = source_size(img)
+        width, height = img.size if isinstance(img, Image.Image) else (img.shape[-1], img.shape[-2])  # not decoded
         left, top, w, h = sample_crop_box(width, height, self.crop_scale, self.crop_ratio, generator)
         flip = self.hflip and torch.rand(1, generator=generator).item() < 0.5
         jpeg = isinstance(img, Image.Image) and img.format in ("JPEG", "MPO")  # MPO: multi-picture JPEGs
