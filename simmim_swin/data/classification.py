@@ -1,7 +1,4 @@
-"""Labelled images for fine-tuning: class folders or Fashion-MNIST, a class-balanced subset, timm's transforms.
-
-8-bit RGB goes through timm's transforms; other data (model.in_chans != 3 or data.mean set) keeps its values.
-"""
+"""Labelled images for fine-tuning: class folders or Fashion-MNIST, a class-balanced subset, timm's transforms."""
 
 from __future__ import annotations
 

@@ -1,7 +1,4 @@
-"""Map-style datasets for SimMIM pretraining: bundled scikit-image photographs, image folders, Fashion-MNIST.
-
-Each source is an ImageCollection; MaskedImages turns any of them into (image, mask) samples, or a BadSample.
-"""
+"""Map-style SimMIM datasets: MaskedImages of an ImageCollection (scikit-image's photos, a folder, Fashion-MNIST)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,4 @@
-"""Image files as they are: 8/16-bit and float PNG / TIFF, grey / RGB / RGBA, multi-band `.npy` and TIFF.
-
-Nothing is scaled here: 8-bit images stay uint8, every other depth becomes float32 in the file's own units.
-"""
+"""Image files as they are (8-bit images stay uint8, others become float32 in the file's units): any depth and bands."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Image transforms: the pretraining crop, a fixed evaluation view, normalisation on the device, back to pixels.
 
-Loaders hand out images as the files hold them (uint8 for 8-bit files: a quarter of the bytes of float32 through
-worker queues and the host-to-device copy; float32 otherwise); `Normalizer` maps them to the model's input.
+Loaders hand out the files' values (uint8 for 8-bit files: a quarter of float32's bytes through worker queues and
+the host-to-device copy); `Normalizer` maps them to the model's input on the device.
 """
 
 from __future__ import annotations
@@ -56,12 +56,7 @@ def sample_crop_box(
 
 @dataclass
 class PretrainCrop:
-    """SimMIM's augmentation: RandomResizedCrop (antialiased bilinear) and flip -> (in_chans, img_size, img_size).
-
-    Args:
-        draft: decode a lazily opened JPEG at the smallest DCT scale (1/2, 1/4, 1/8) that still gives the crop
-            img_size pixels a side: less work, never fewer pixels than a full decode.
-    """
+    """SimMIM's augmentation: RandomResizedCrop (antialiased bilinear) and flip -> (in_chans, img_size, img_size)."""
 
     img_size: int
     crop_scale: Sequence[float] = (0.67, 1.0)
@@ -87,8 +82,8 @@ class PretrainCrop:
         flip = self.hflip and torch.rand(1, generator=generator).item() < 0.5
         jpeg = isinstance(img, Image.Image) and img.format in ("JPEG", "MPO")  # MPO: multi-picture JPEGs
         if self.draft and jpeg and self.in_chans == 3:
-            # the full image at a size where the crop box is still >= img_size on both sides; PIL picks the
-            # largest power-of-two reduction that keeps the image at least this large (a no-op once loaded)
+            # draft: a lazily opened JPEG decoded at the smallest DCT scale (1/2, 1/4, 1/8) at which the crop box
+            # still covers img_size on both sides: less work, never fewer pixels (a no-op once loaded)
             factor = self.img_size / min(w, h)
             if factor <= 0.5 and img.draft("RGB", (math.ceil(width * factor), math.ceil(height * factor))):
                 sx, sy = img.size[0] / width, img.size[1] / height
@@ -135,10 +130,7 @@ def normalize_images(images: torch.Tensor) -> torch.Tensor:
 
 
 class Normalizer:
-    """Raw images (B, C, H, W) -> float32 (raw - mean) / std per channel, on their device.
-
-    mean / std: data.mean / data.std in the files' units; None: ImageNet's, for uint8 8-bit RGB only.
-    """
+    """Raw images (B, C, H, W) -> float32 (raw - mean) / std per channel; no data.mean / std: ImageNet's, for uint8."""
 
     def __init__(self, mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> None:
         self.is_default = mean is None
