@@ -6,7 +6,6 @@ import io
 import logging
 import os
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -100,15 +99,15 @@ def open_source(
     rawmode = img.tile[0][3] if img.format == "PNG" and img.tile else None
     if rawmode in _PNG16_DECODES:
         img.close()
-        return _read_png16(lambda: Image.open(io.BytesIO(data) if isinstance(data, bytes) else data), rawmode)
+        return _read_png16(data, rawmode)
     return img
 
 
-def _read_png16(reopen: Callable[[], Image.Image], rawmode: str) -> np.ndarray:
+def _read_png16(data: bytes | str | os.PathLike, rawmode: str) -> np.ndarray:
     decodes, samples = _PNG16_DECODES[rawmode]
     planes = []
     for raw in decodes:
-        with reopen() as img:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
             img.tile = [(*tile[:3], raw) for tile in img.tile]
             img.load()
             planes.append(np.asarray(img, dtype=np.uint16))  # H, W, bands: one byte of each sample
