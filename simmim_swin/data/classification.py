@@ -64,15 +64,9 @@ def balanced_subset(targets: Sequence[int], num_images: int, seed: int) -> list[
     rng = np.random.default_rng(seed)
     targets = np.asarray(targets)
     per_class = [rng.permutation(np.flatnonzero(targets == c)).tolist() for c in np.unique(targets)]
-    picked: list[int] = []
-    rank = 0
     # round-robin over the classes: the k-th image of every class before the (k+1)-th of any
-    while len(picked) < num_images:
-        for indices in per_class:
-            if rank < len(indices) and len(picked) < num_images:
-                picked.append(indices[rank])
-        rank += 1
-    return sorted(picked)
+    order = sorted((rank, c) for c, indices in enumerate(per_class) for rank in range(len(indices)))
+    return sorted(per_class[c][rank] for rank, c in order[:num_images])
 
 
 def _folders(data_cfg: FinetuneDataConfig) -> tuple[tuple[Path, str], tuple[Path, str]]:
