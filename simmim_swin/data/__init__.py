@@ -2,7 +2,6 @@
 
 from simmim_swin.data.datasets import (
     PHOTO_FILES,
-    ImageCollection,
     ImageFiles,
     MaskedImages,
     build_pretrain_dataset,
@@ -10,16 +9,10 @@ from simmim_swin.data.datasets import (
     load_photos,
 )
 from simmim_swin.data.fashion_mnist import FashionMNIST
-from simmim_swin.data.images import BadSample, ImageTooLargeError, open_source, read_tensor, to_tensor
+from simmim_swin.data.images import BadSample, ImageTooLargeError, open_source, to_tensor
 from simmim_swin.data.loader import SeededSampler, build_pretrain_loader, make_fixed_batch
 from simmim_swin.data.pipeline import PretrainData, build_pretrain_data
-from simmim_swin.data.shards import (
-    ShardSample,
-    folder_samples,
-    read_index,
-    resolve_urls,
-    write_shards,
-)
+from simmim_swin.data.shards import ShardSample, folder_samples, read_index, resolve_urls, write_shards
 from simmim_swin.data.stream import (
     BadDataError,
     BadDataMonitor,
@@ -55,7 +48,6 @@ __all__ = [
     "Batch",
     "EvalView",
     "FashionMNIST",
-    "ImageCollection",
     "ImageFiles",
     "ImageTooLargeError",
     "MaskedImages",
@@ -82,7 +74,6 @@ __all__ = [
     "open_image",
     "open_source",
     "read_index",
-    "read_tensor",
     "resolve_urls",
     "sample_crop_box",
     "to_tensor",

@@ -1,12 +1,4 @@
-"""Labelled images for fine-tuning: class folders or Fashion-MNIST, a class-balanced subset, timm's transforms.
-
-8-bit RGB training images go through timm's `create_transform` (RandomResizedCrop, flip, RandAugment, colour
-jitter, random erasing, normalisation); evaluation images are resized to img_size / crop_pct and centre-cropped
-to img_size (224 of 256, the Swin protocol). Both give normalised float tensors (3, img_size, img_size).
-Other data (model.in_chans != 3, or data.mean / data.std set: 16-bit, float, multi-band files) keeps its values:
-RandomResizedCrop and flip only, raw tensors (in_chans, img_size, img_size) normalised on the device
-(transforms.Normalizer). An unreadable image is an images.BadSample that stream.collate_good drops and counts.
-"""
+"""Labelled images for fine-tuning: class folders or Fashion-MNIST, a class-balanced subset, timm's transforms."""
 
 from __future__ import annotations
 
@@ -16,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from timm.data import create_transform
 from timm.data.auto_augment import RandAugment
 from timm.data.auto_augment import posterize as timm_posterize
@@ -28,14 +20,7 @@ from torchvision.transforms import Compose
 from simmim_swin.config import AugmentConfig, FinetuneDataConfig
 from simmim_swin.data.datasets import transform_image
 from simmim_swin.data.fashion_mnist import FASHION_MNIST_DIR, FashionMNIST
-from simmim_swin.data.images import (
-    DEFAULT_MAX_IMAGE_PIXELS,
-    EIGHT_BIT_MODES,
-    BadSample,
-    ImageSource,
-    close_source,
-    open_source,
-)
+from simmim_swin.data.images import EIGHT_BIT_MODES, BadSample, ImageSource, close_source, open_source
 from simmim_swin.data.transforms import EvalView, ImageTransform, Normalizer, PretrainCrop, build_eval_transform
 
 
@@ -59,21 +44,12 @@ def build_train_transform(img_size: int, augment: AugmentConfig) -> ImageTransfo
 
 
 def _posterize_keep_zero_bits(img: Image.Image, bits_to_keep: int, **_: object) -> Image.Image:
-    """timm's posterize op, with 0 bits giving a black image as Pillow < 13 did."""
-    if bits_to_keep >= 8:
-        return img
-    if bits_to_keep <= 0:
-        return Image.new(img.mode, img.size)
-    return ImageOps.posterize(img, bits_to_keep)
+    return Image.new(img.mode, img.size) if bits_to_keep <= 0 else timm_posterize(img, bits_to_keep)
 
 
 def _patch_posterize(transform: Callable) -> None:
-    """Make timm's RandAugment posterize survive Pillow 13.
-
-    With increasing magnitudes (`inc1`, the Swin recipe) a magnitude of 10 asks timm 1.0.x for 0 bits, which
-    Pillow 13's ImageOps.posterize rejects: a ValueError mid-epoch (m9-mstd0.5 reaches 10 in ~2% of draws, so a
-    few images per thousand). Older Pillow returned a black image, which is what this op does instead.
-    """
+    # with increasing magnitudes (`inc1`, the Swin recipe) a magnitude of 10 (~2 % of m9-mstd0.5 draws) asks timm
+    # for 0 bits, which Pillow 13's ImageOps.posterize rejects mid-epoch; older Pillow gave a black image, as here
     for step in getattr(transform, "transforms", ()):
         if isinstance(step, RandAugment):
             for op in step.ops:
@@ -83,68 +59,67 @@ def _patch_posterize(transform: Callable) -> None:
 
 def balanced_subset(targets: Sequence[int], num_images: int, seed: int) -> list[int]:
     """`num_images` indices drawn without replacement, as evenly over the classes as they allow, fixed by `seed`."""
-    if num_images < 1:
-        raise ValueError(f"data.num_labelled={num_images} must be positive (or null for every image)")
     if num_images > len(targets):
         raise ValueError(f"data.num_labelled={num_images} exceeds the {len(targets)} labelled training images")
     rng = np.random.default_rng(seed)
     targets = np.asarray(targets)
     per_class = [rng.permutation(np.flatnonzero(targets == c)).tolist() for c in np.unique(targets)]
-    picked: list[int] = []
-    rank = 0
     # round-robin over the classes: the k-th image of every class before the (k+1)-th of any
-    while len(picked) < num_images:
-        for indices in per_class:
-            if rank < len(indices) and len(picked) < num_images:
-                picked.append(indices[rank])
-        rank += 1
-    return sorted(picked)
+    order = sorted((rank, c) for c, indices in enumerate(per_class) for rank in range(len(indices)))
+    return sorted(per_class[c][rank] for rank, c in order[:num_images])
 
 
-def _folder_keys(data_cfg: FinetuneDataConfig) -> tuple[str, str]:
-    """The settings that name the training and the validation folder, for messages: ('train/ of data.root=/d', ...)."""
-    train, _ = _folder_roots(data_cfg)
-    return (
-        f"data.root={data_cfg.root}" if Path(data_cfg.root) == train else f"train/ of data.root={data_cfg.root}",
-        f"data.val_root={data_cfg.val_root}" if data_cfg.val_root else f"val/ of data.root={data_cfg.root}",
-    )
-
-
-def _folder_roots(data_cfg: FinetuneDataConfig) -> tuple[Path, Path]:
-    root = Path(data_cfg.root)
+def _folders(data_cfg: FinetuneDataConfig) -> tuple[tuple[Path, str], tuple[Path, str]]:
+    """(training folder, the setting naming it for messages), (validation folder, its setting)."""
+    root, name = Path(data_cfg.root), f"data.root={data_cfg.root}"
     if data_cfg.val_root:
-        return root, Path(data_cfg.val_root)
+        return (root, name), (Path(data_cfg.val_root), f"data.val_root={data_cfg.val_root}")
     if (root / "train").is_dir() and (root / "val").is_dir():
-        return root / "train", root / "val"
+        return (root / "train", f"train/ of {name}"), (root / "val", f"val/ of {name}")
     raise ValueError(
         f"no validation images: set data.val_root, or give data.root={root} with train/ and val/ sub-folders"
     )
 
 
 def keeps_raw_values(data_cfg: FinetuneDataConfig, in_chans: int) -> bool:
-    """Whether images keep the files' values (crop / flip, normalised on the device) instead of timm's 8-bit
-    RGB pipeline: when model.in_chans is not 3 or data.mean / data.std are given."""
+    """Whether images keep the files' values (crop / flip, normalised on the device) instead of timm's RGB pipeline."""
     return in_chans != 3 or data_cfg.mean is not None
 
 
 class CheckedImageFolder(ImageFolder):
-    """torchvision's ImageFolder (class sub-folders, plus .npy files), reading any bit depth and band count; a file
-    that cannot be read gives an images.BadSample naming it instead of an exception (datasets.transform_image).
+    """The `role` ('training' / 'validation') class folders of torchvision's ImageFolder plus .npy, any depth and
+    band count; an unreadable file gives a BadSample."""
 
-    raw=False feeds timm's transforms 8-bit RGB PIL images; a 16-bit or float file is then a bad sample whose
-    reason says to set data.mean / data.std."""
-
-    def __init__(
-        self, root: str | Path, transform: ImageTransform, raw: bool, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
-    ) -> None:
-        super().__init__(str(root), transform, is_valid_file=lambda p: p.lower().endswith((*IMG_EXTENSIONS, ".npy")))
-        self.raw, self.max_pixels = raw, max_pixels
+    def __init__(self, data_cfg: FinetuneDataConfig, role: str, transform: ImageTransform, raw: bool) -> None:
+        folders = _folders(data_cfg)
+        folder, key = folders[role == "validation"]
+        if not folder.is_dir():
+            raise FileNotFoundError(f"the {role} image folder {folder} ({key}) does not exist")
+        try:
+            super().__init__(
+                str(folder), transform, is_valid_file=lambda p: p.lower().endswith((*IMG_EXTENSIONS, ".npy"))
+            )
+        except FileNotFoundError as e:  # torchvision: no class sub-folder, or no image file in any of them
+            raise ValueError(
+                f"the {role} folder {folder} ({key}) holds no images in class sub-folders ({e}); it needs one "
+                "sub-folder of images per class"
+            ) from e
+        if role == "training" and len(self.classes) < 2:
+            raise ValueError(
+                f"the training folder ({key}) has one class sub-folder, {self.classes[0]!r}: a classifier of one "
+                "class scores 100 % whatever it learns; give one sub-folder of images per class (at least two)"
+            )
+        train_root = folders[0][0]
+        if role == "validation" and train_root.is_dir():
+            train_classes = sorted(entry.name for entry in train_root.iterdir() if entry.is_dir())
+            if train_classes != self.classes:
+                raise ValueError(
+                    f"the validation folder {folder} ({key}) has classes {self.classes[:10]} but the training "
+                    f"folder {train_root} has {train_classes[:10]}; both need the same class sub-folders"
+                )
+        self.raw, self.max_pixels = raw, data_cfg.max_image_pixels
         self.paths = [path for path, _ in self.samples]
-
-    @property
-    def num_images(self) -> int:
-        """Number of image files."""
-        return len(self.samples)
+        self.num_images = len(self.paths)
 
     def load_image(self, k: int) -> ImageSource:
         """The k-th file: opened lazily when raw, else decoded to 8-bit RGB (ValueError for other depths)."""
@@ -152,7 +127,12 @@ class CheckedImageFolder(ImageFolder):
         if self.raw:
             return source
         try:
-            return _as_rgb8(source)
+            if not isinstance(source, Image.Image) or source.mode not in EIGHT_BIT_MODES:
+                raise ValueError(
+                    "a 16-bit, float or multi-band image: set data.mean and data.std (`simmim-swin stats PATH`) so "
+                    "that it is read as it is instead of through the 8-bit RGB augmentation"
+                )
+            return source.convert("RGB")
         finally:
             close_source(source)
 
@@ -161,35 +141,10 @@ class CheckedImageFolder(ImageFolder):
         return image if isinstance(image, BadSample) else (image, self.targets[index])
 
 
-def _as_rgb8(source: ImageSource) -> Image.Image:
-    if not isinstance(source, Image.Image) or source.mode not in EIGHT_BIT_MODES:
-        raise ValueError(
-            "a 16-bit, float or multi-band image: set data.mean and data.std (`simmim-swin stats PATH`) so that it "
-            "is read as it is instead of through the 8-bit RGB augmentation"
-        )
-    return source.convert("RGB")
-
-
-def _image_folder(
-    folder: Path, transform: ImageTransform, raw: bool, max_pixels: int | None, role: str, key: str
-) -> ImageFolder:
-    """The class folders under `folder`, the `role` ('training' / 'validation') set named by setting `key`."""
-    if not folder.is_dir():
-        raise FileNotFoundError(f"the {role} image folder {folder} ({key}) does not exist")
-    try:
-        return CheckedImageFolder(folder, transform, raw, max_pixels)
-    except FileNotFoundError as e:  # torchvision: no class sub-folder, or no image file in any of them
-        raise ValueError(
-            f"the {role} folder {folder} ({key}) holds no images in class sub-folders ({e}); it needs one "
-            "sub-folder of images per class"
-        ) from e
-
-
 def split_labelled(targets: Sequence[int], indices: Sequence[int], val_fraction: float, seed: int) -> tuple[
     list[int], list[int]
 ]:  # fmt: skip
-    """(training, held-out) parts of `indices`: round(val_fraction * n) of each class's n images held out (at least
-    one where a class has two or more, never all of them), drawn by `seed`; (indices, []) for val_fraction 0."""
+    """(training, held-out) parts of `indices`: round(val_fraction * n) of each class's n images held out."""
     if val_fraction <= 0:
         return sorted(indices), []
     rng = np.random.default_rng([seed, 1])  # a stream of its own: the subset drawn by `seed` is not reused
@@ -198,15 +153,14 @@ def split_labelled(targets: Sequence[int], indices: Sequence[int], val_fraction:
     held_out: list[int] = []
     for c in np.unique(labels):
         members = rng.permutation(indices[labels == c])
-        count = min(len(members) - 1, max(1, round(val_fraction * len(members))))
+        count = min(len(members) - 1, max(1, round(val_fraction * len(members))))  # one at least, never all
         held_out += members[:count].tolist()
     train = sorted(set(indices.tolist()) - set(held_out))
     return train, sorted(held_out)
 
 
 def labelled_split(data_cfg: FinetuneDataConfig, targets: Sequence[int]) -> tuple[list[int], list[int]]:
-    """(training, held-out validation) indices of the labelled training images: the class-balanced num_labelled
-    subset (every image if null), of which a class-balanced data.val_fraction is held out."""
+    """(training, held-out) indices: data.val_fraction of the num_labelled subset (every image if null), by class."""
     picked = (
         balanced_subset(targets, data_cfg.num_labelled, data_cfg.subset_seed)
         if data_cfg.num_labelled is not None
@@ -219,14 +173,7 @@ def _labelled_source(data_cfg: FinetuneDataConfig, transform: ImageTransform, ra
     """The labelled training images (Fashion-MNIST's train split or the training class folders) through `transform`."""
     if data_cfg.source == "fashion_mnist":
         return FashionMNIST("train", transform, data_cfg.root or FASHION_MNIST_DIR)
-    key = _folder_keys(data_cfg)[0]
-    dataset = _image_folder(_folder_roots(data_cfg)[0], transform, raw, data_cfg.max_image_pixels, "training", key)
-    if len(dataset.classes) < 2:
-        raise ValueError(
-            f"the training folder ({key}) has one class sub-folder, {dataset.classes[0]!r}: a classifier of one "
-            "class scores 100 % whatever it learns; give one sub-folder of images per class (at least two)"
-        )
-    return dataset
+    return CheckedImageFolder(data_cfg, "training", transform, raw)
 
 
 def _eval_transform(data_cfg: FinetuneDataConfig, img_size: int, interpolation: str, in_chans: int) -> ImageTransform:
@@ -265,8 +212,7 @@ def build_train_dataset(
 def build_labelled_eval_dataset(
     data_cfg: FinetuneDataConfig, img_size: int, part: str, interpolation: str = "bicubic", in_chans: int = 3
 ) -> Dataset:
-    """One part ("train" or "held_out") of labelled_split's labelled training images with the evaluation
-    transform (no augmentation): the held-out validation set, or the training images for a linear-probe head."""
+    """One part ("train" or "held_out") of labelled_split's images with the evaluation transform (no augmentation)."""
     dataset = _labelled_source(
         data_cfg, _eval_transform(data_cfg, img_size, interpolation, in_chans), keeps_raw_values(data_cfg, in_chans)
     )
@@ -277,20 +223,10 @@ def build_labelled_eval_dataset(
 def build_val_dataset(
     data_cfg: FinetuneDataConfig, img_size: int, interpolation: str = "bicubic", in_chans: int = 3
 ) -> tuple[Dataset, list[str]]:
-    """(validation set: resize + centre crop, normalised floats; class names); Fashion-MNIST's 10k test images for
-    that source."""
+    """(validation set with the evaluation transform, class names); Fashion-MNIST's test split for that source."""
     transform = _eval_transform(data_cfg, img_size, interpolation, in_chans)
     if data_cfg.source == "fashion_mnist":
         dataset = FashionMNIST("test", transform, data_cfg.root or FASHION_MNIST_DIR)
         return dataset, list(dataset.classes)
-    train_root, val_root = _folder_roots(data_cfg)
-    raw, val_key = keeps_raw_values(data_cfg, in_chans), _folder_keys(data_cfg)[1]
-    dataset = _image_folder(val_root, transform, raw, data_cfg.max_image_pixels, "validation", val_key)
-    if train_root.is_dir():
-        train_classes = sorted(entry.name for entry in train_root.iterdir() if entry.is_dir())
-        if train_classes != dataset.classes:
-            raise ValueError(
-                f"the validation folder {val_root} ({val_key}) has classes {dataset.classes[:10]} but the training "
-                f"folder {train_root} has {train_classes[:10]}; both need the same class sub-folders"
-            )
+    dataset = CheckedImageFolder(data_cfg, "validation", transform, keeps_raw_values(data_cfg, in_chans))
     return dataset, list(dataset.classes)

@@ -1,11 +1,4 @@
-"""Map-style datasets for SimMIM pretraining: bundled scikit-image photographs, image folders, Fashion-MNIST.
-
-Each source is an ImageCollection (numbered images: `num_images`, `load_image(k)`), and MaskedImages turns any of
-them into samples (augmented image (C, H, W), token mask (H/p, W/p) uint8); labels are not used. Images keep the
-files' values (uint8 for 8-bit files, float32 otherwise) and are normalised on the device (transforms.Normalizer).
-An image that cannot be read comes back as an images.BadSample (transform_image), which stream.collate_good
-drops and counts. Webdataset shards stream through data/stream.py instead.
-"""
+"""Map-style SimMIM datasets: MaskedImages of an ImageCollection (scikit-image's photos, a folder, Fashion-MNIST)."""
 
 from __future__ import annotations
 
@@ -19,9 +12,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 
-from simmim_swin.config import DataConfig
+from simmim_swin.config import DEFAULT_MAX_IMAGE_PIXELS, DataConfig
 from simmim_swin.data.fashion_mnist import FashionMNIST
-from simmim_swin.data.images import DEFAULT_MAX_IMAGE_PIXELS, BadSample, ImageSource, close_source, open_source
+from simmim_swin.data.images import BadSample, ImageSource, close_source, describe_error, open_source
 from simmim_swin.data.transforms import ImageTransform, PretrainCrop
 
 log = logging.getLogger(__name__)
@@ -46,15 +39,6 @@ MAP_STYLE_SOURCES: tuple[str, ...] = ("photos", "folder", "fashion_mnist")  # sh
 MaskFn = Callable[[], torch.Tensor]
 
 
-def _load_rgb(path: Path) -> Image.Image:
-    """Decode one image file to an RGB PIL image, naming the file if it cannot be read."""
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except OSError as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
-        raise OSError(f"cannot read image {path}: {e}") from e
-
-
 def skimage_data_dir() -> Path:
     """The folder of data files shipped inside the installed scikit-image package (skimage/data)."""
     import skimage.data  # imported here: only source=photos needs scikit-image
@@ -64,21 +48,16 @@ def skimage_data_dir() -> Path:
 
 
 class ImageCollection(Protocol):
-    """Numbered images: what every image source offers (ImageList, ImageFiles, FashionMNIST, the classification
-    folders, ImageSubset, MaskedImages) and what MaskedImages, the panels (make_fixed_batch) and subsets read."""
+    """Numbered images: what every image source offers and what MaskedImages, the panels and subsets read."""
 
-    @property
-    def num_images(self) -> int:
-        """Number of distinct images."""
+    num_images: int  # distinct images
 
     def load_image(self, k: int) -> ImageSource:
-        """The k-th image: a PIL image (not to be modified in place: it may be shared; close_source closes the file
-        of one opened lazily) or a (C, H, W) array."""
+        """The k-th image: a PIL image (shared: not to be modified in place) or a (C, H, W) array."""
 
 
 def transform_image(images: ImageCollection, k: int, transform: ImageTransform) -> torch.Tensor | BadSample:
-    """transform(image k), its file closed afterwards; an images.BadSample naming the file (`images.paths[k]`
-    where the collection has files) if it cannot be read, so that one bad file never ends a run."""
+    """transform(image k), its file closed afterwards; a BadSample naming the file if it cannot be read."""
     try:
         source = images.load_image(k)
         try:
@@ -87,41 +66,28 @@ def transform_image(images: ImageCollection, k: int, transform: ImageTransform) 
             close_source(source)
     except Exception as e:  # the bad-data policy: any failure to read an image skips and counts it
         paths = getattr(images, "paths", None)
-        return BadSample.of(paths[k] if paths is not None else f"image {k} of {images!r}", e)
+        return BadSample(str(paths[k]) if paths is not None else f"image {k} of {images!r}", describe_error(e))
 
 
 class MaskedImages(Dataset):
-    """SimMIM samples of an image collection: item i is (transform(image i % num_images), mask), or a BadSample.
-
-    An epoch is `samples_per_epoch` samples (default: each image once); with more samples than images the random
-    crop / flip / mask make every sample different.
-    """
+    """SimMIM samples: item i is (transform(image i % num_images), mask) or a BadSample; samples_per_epoch of them."""
 
     def __init__(
         self, images: ImageCollection, transform: ImageTransform, mask_generator: MaskFn,
         samples_per_epoch: int | None = None,
     ) -> None:  # fmt: skip
-        if samples_per_epoch is not None and samples_per_epoch <= 0:
-            raise ValueError(f"samples_per_epoch={samples_per_epoch} must be positive, e.g. 8192")
         self.images = images
         self.transform = transform
         self.mask_generator = mask_generator
+        self.num_images = images.num_images
+        self.load_image = images.load_image  # the panels and ImageSubset read the distinct images
         self.samples_per_epoch = samples_per_epoch or images.num_images
-
-    @property
-    def num_images(self) -> int:
-        """Number of distinct images."""
-        return self.images.num_images
-
-    def load_image(self, k: int) -> ImageSource:
-        """The k-th distinct image, as the collection gives it."""
-        return self.images.load_image(k)
 
     def __len__(self) -> int:
         return self.samples_per_epoch
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | BadSample:
-        image = transform_image(self.images, index % self.images.num_images, self.transform)
+        image = transform_image(self.images, index % self.num_images, self.transform)
         return image if isinstance(image, BadSample) else (image, self.mask_generator())
 
     def __repr__(self) -> str:
@@ -135,15 +101,10 @@ class ImageList:
     def __init__(self, images: list[Image.Image], name: str = "images") -> None:
         self.images = images
         self.name = name
-
-    @property
-    def num_images(self) -> int:
-        """Number of images."""
-        return len(self.images)
+        self.num_images = len(images)
 
     def load_image(self, k: int) -> Image.Image:
-        """The k-th image itself, not a copy (a copy per sample cost 17 % of a photo crop's time): PIL's transforms
-        return new images, and close_source leaves an in-memory image open."""
+        """The k-th image itself: a copy per sample cost 17 % of a photo crop's time (PIL's transforms copy anyway)."""
         return self.images[k]
 
     def __repr__(self) -> str:
@@ -159,7 +120,7 @@ def load_photos() -> ImageList:
             f"scikit-image's bundled photos {missing} are not in {data_dir}; reinstall scikit-image "
             "(pip install --force-reinstall scikit-image) or use data.source=folder"
         )
-    return ImageList([_load_rgb(data_dir / name) for name in PHOTO_FILES], "scikit-image photos")
+    return ImageList([Image.open(data_dir / name).convert("RGB") for name in PHOTO_FILES], "scikit-image photos")
 
 
 def find_images(root: str | Path) -> list[Path]:
@@ -198,15 +159,10 @@ class ImageFiles:
         self.root = Path(root)
         self.paths = find_images(self.root)
         self.max_pixels = max_pixels
-
-    @property
-    def num_images(self) -> int:
-        """Number of image files."""
-        return len(self.paths)
+        self.num_images = len(self.paths)
 
     def load_image(self, k: int) -> ImageSource:
-        """The k-th file, opened lazily (a transform then decodes a JPEG at reduced size when its crop allows):
-        a PIL image or a (C, H, W) array."""
+        """The k-th file, opened lazily (a JPEG can then be decoded at reduced size): PIL image or (C, H, W) array."""
         return open_source(self.paths[k], max_pixels=self.max_pixels)
 
     def __repr__(self) -> str:
@@ -219,8 +175,7 @@ def build_pretrain_transform(data_cfg: DataConfig, img_size: int, in_chans: int 
 
 
 def build_pretrain_dataset(data_cfg: DataConfig, img_size: int, mask_generator: MaskFn, in_chans: int = 3) -> Dataset:
-    """The map-style pretraining dataset named by `data_cfg.source`, with the SimMIM augmentation at `img_size`
-    giving `in_chans` channels."""
+    """The map-style pretraining dataset named by `data_cfg.source`, with the SimMIM augmentation."""
     transform = build_pretrain_transform(data_cfg, img_size, in_chans)
     if data_cfg.source == "photos":
         return MaskedImages(load_photos(), transform, mask_generator, samples_per_epoch=data_cfg.samples_per_epoch)
@@ -236,12 +191,7 @@ def build_pretrain_dataset(data_cfg: DataConfig, img_size: int, mask_generator: 
 
 
 class ImageSubset(Subset):
-    """`num_images` images of a pretraining dataset: the first of a seed-0 permutation, in the dataset's order.
-
-    The permutation does not depend on run.seed or num_images, so every run with the same num_images sees the same
-    images and a smaller subset lies inside a larger one (what a study of the unlabelled set's size needs). torch's
-    Subset indexes; this adds the `num_images` / `load_image` interface the panels read.
-    """
+    """`num_images` images of a pretraining dataset: the first of a seed-0 permutation, in the dataset's order."""
 
     def __init__(self, dataset: MaskedImages, num_images: int) -> None:
         total = len(dataset)
@@ -250,13 +200,10 @@ class ImageSubset(Subset):
                 f"data.num_images={num_images} must lie in [1, {total}]: {dataset!r} holds {total} images; lower it "
                 "or set data.num_images=null for all of them"
             )
+        # not run.seed: every run sees the same images, and a smaller subset lies inside a larger one (data scaling)
         order = torch.randperm(total, generator=torch.Generator().manual_seed(0))[:num_images]
         super().__init__(dataset, sorted(order.tolist()))
-
-    @property
-    def num_images(self) -> int:
-        """Number of images in the subset."""
-        return len(self.indices)
+        self.num_images = num_images
 
     def load_image(self, k: int) -> ImageSource:
         """The k-th image of the subset, decoded as the wrapped dataset decodes it."""

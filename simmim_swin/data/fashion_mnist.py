@@ -51,11 +51,7 @@ def load_fashion_mnist(split: str = "train", root: str | Path = FASHION_MNIST_DI
 
 
 class FashionMNIST(Dataset):
-    """A Fashion-MNIST split as RGB PIL images (grey copied to three channels) with their labels.
-
-    The one reader of both uses: indexing gives (transform(image), label) for fine-tuning; as an ImageCollection
-    (`num_images` / `load_image`) it is what datasets.MaskedImages pretrains on and the panels show.
-    """
+    """A Fashion-MNIST split: (transform(image), label) items, and an ImageCollection of RGB PIL images."""
 
     classes = list(FASHION_MNIST_CLASSES)
 
@@ -66,11 +62,7 @@ class FashionMNIST(Dataset):
         self.images, labels = load_fashion_mnist(split, root)  # N, 28, 28 uint8 and N int64
         self.targets: list[int] = labels.tolist()
         self.transform = transform
-
-    @property
-    def num_images(self) -> int:
-        """Number of images in the split (60k train, 10k test)."""
-        return len(self.images)
+        self.num_images = len(self.images)
 
     def load_image(self, k: int) -> Image.Image:
         """The k-th image of the split as an RGB PIL image."""

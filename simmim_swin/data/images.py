@@ -1,13 +1,4 @@
-"""Image files as they are: 8/16-bit and float PNG / TIFF, grey / RGB / RGBA, multi-band `.npy` and TIFF.
-
-`open_source` gives a lazily opened PIL image for the formats PIL reads (a JPEG can then be decoded at reduced
-size), or a (C, H, W) array for `.npy`, TIFF (read with tifffile: multi-page and multi-band, any bit depth) and
-16-bit-per-channel colour PNGs (which PIL itself would cut to 8 bits).
-`to_tensor` turns either into a tensor of `in_chans` channels without clipping anything: 8-bit images stay uint8
-(the fast path: a quarter of the bytes of float32 through the loader queues), every other depth becomes float32
-in the file's own units. Nothing is scaled here; data.mean / data.std map raw values to the model's input on the
-device (transforms.Normalizer).
-"""
+"""Image files as they are (8-bit images stay uint8, others become float32 in the file's units): any depth and bands."""
 
 from __future__ import annotations
 
@@ -15,8 +6,6 @@ import io
 import logging
 import os
 import re
-import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,7 +15,6 @@ from PIL import Image
 
 from simmim_swin.config import DEFAULT_MAX_IMAGE_PIXELS
 
-ARRAY_EXTENSIONS: frozenset[str] = frozenset({".npy", ".tif", ".tiff"})
 EIGHT_BIT_MODES: frozenset[str] = frozenset({"1", "L", "P", "RGB", "RGBA", "LA", "PA", "CMYK", "YCbCr", "RGBX"})
 
 ImageSource = Image.Image | np.ndarray
@@ -35,7 +23,7 @@ ImageSource = Image.Image | np.ndarray
 # only the high byte of each sample. Its own decoder reads every bit when asked for another raw mode of the same
 # bits per pixel (so that the PNG filters still see the right pixel stride): ";16L" unpacks the low bytes of the
 # big-endian samples, and plain "RGBA" passes the 4 bytes of a 16-bit grey + alpha pixel through unchanged.
-# PIL rawmode of the file -> (decodes that together give every byte, samples per pixel)
+# rawmode of the file -> (decodes that together give every byte, samples per pixel)
 _PNG16_DECODES: dict[str, tuple[tuple[str, ...], int]] = {
     "RGB;16B": (("RGB;16B", "RGB;16L"), 3),
     "RGBA;16B": (("RGBA;16B", "RGBA;16L"), 4),
@@ -52,11 +40,6 @@ class BadSample(NamedTuple):
 
     path: str
     reason: str
-
-    @classmethod
-    def of(cls, path: str | os.PathLike, error: BaseException) -> BadSample:
-        """The marker for `path` that failed with `error`."""
-        return cls(str(path), describe_error(error))
 
 
 def describe_error(error: BaseException) -> str:
@@ -78,11 +61,10 @@ def _check_pixels(num_pixels: int, max_pixels: int | None, name: str) -> None:
 def open_source(
     data: bytes | str | os.PathLike, ext: str | None = None, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
 ) -> ImageSource:
-    """A file's image: a lazily opened PIL image, or a (C, H, W) numpy array for .npy / .tif / .tiff.
+    """A file's image: a lazily opened PIL image, or a (C, H, W) array (.npy, TIFF, 16-bit colour PNG).
 
     Args:
         data: a path, or the file's bytes (a shard member) with its extension `ext` ("png", ".npy", ...).
-        max_pixels: images with more pixels raise ImageTooLargeError (None: no limit).
     """
     name = str(data) if not isinstance(data, bytes) else f"a .{str(ext).lstrip('.')} member"
     suffix = "." + (ext.lstrip(".") if ext else Path(str(data)).suffix.lstrip(".")).lower()
@@ -104,32 +86,28 @@ def open_source(
             return array
         if isinstance(stream, io.BytesIO):
             stream.seek(0)
-    # per process: DataLoader workers that are spawned read it here too. PIL checks it again when a transform crops
-    # the image (timm's RandomResizedCrop), so it stays set; a tool restores it when it returns (cli/tools.py)
+    Image.MAX_IMAGE_PIXELS = None  # PIL's own check only warns below twice its limit, and names no file
+    img = Image.open(stream)
+    # per process (spawned DataLoader workers read it here too): PIL checks it again when a transform crops the
+    # image, so it stays set; a tool restores it when it returns (cli/tools.py)
     Image.MAX_IMAGE_PIXELS = max_pixels
-    with warnings.catch_warnings():
-        # PIL only warns between its limit and twice it: here any image over the limit is refused
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(stream)
-        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-            raise ImageTooLargeError(
-                f"{name} has more pixels than data.max_image_pixels={max_pixels} (PIL: {e}) a guard against "
-                "decompression bombs; raise data.max_image_pixels if the image is genuine"
-            ) from e
+    try:
+        _check_pixels(img.width * img.height, max_pixels, name)
+    except ImageTooLargeError:
+        img.close()
+        raise
     rawmode = img.tile[0][3] if img.format == "PNG" and img.tile else None
     if rawmode in _PNG16_DECODES:
         img.close()
-        return _read_png16(lambda: Image.open(io.BytesIO(data) if isinstance(data, bytes) else data), rawmode)
+        return _read_png16(data, rawmode)
     return img
 
 
-def _read_png16(reopen: Callable[[], Image.Image], rawmode: str) -> np.ndarray:
-    """A 16-bit-per-channel RGB / RGBA / grey + alpha PNG as (C, H, W) uint16, every bit kept (see _PNG16_DECODES)."""
+def _read_png16(data: bytes | str | os.PathLike, rawmode: str) -> np.ndarray:
     decodes, samples = _PNG16_DECODES[rawmode]
     planes = []
     for raw in decodes:
-        with reopen() as img:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
             img.tile = [(*tile[:3], raw) for tile in img.tile]
             img.load()
             planes.append(np.asarray(img, dtype=np.uint16))  # H, W, bands: one byte of each sample
@@ -139,8 +117,7 @@ def _read_png16(reopen: Callable[[], Image.Image], rawmode: str) -> np.ndarray:
 
 
 def _read_tiff(stream: io.BytesIO | str | os.PathLike, max_pixels: int | None, name: str) -> np.ndarray | None:
-    """A TIFF's first series as (C, H, W): pages, samples and any other axes become channels. None for a plain
-    8-bit image of one page and at most four samples (grey, RGB, RGBA), which PIL reads as any other photo."""
+    """A TIFF's first series as (C, H, W), every axis but Y, X as channels; None for an 8-bit photo, which PIL reads."""
     import tifffile  # a scikit-image dependency; imported here so that 8-bit photo pipelines never load it
 
     logging.getLogger("tifffile").setLevel(logging.CRITICAL)  # a broken file is reported once, by the caller
@@ -161,20 +138,6 @@ def _read_tiff(stream: io.BytesIO | str | os.PathLike, max_pixels: int | None, n
     return array.reshape(-1, *array.shape[-2:])  # C, H, W
 
 
-def source_size(source: ImageSource) -> tuple[int, int]:
-    """(width, height) of an opened source, without decoding a PIL image."""
-    if isinstance(source, Image.Image):
-        return source.size
-    return int(source.shape[-1]), int(source.shape[-2])
-
-
-def source_bands(source: ImageSource) -> int:
-    """Number of bands the file holds."""
-    if isinstance(source, Image.Image):
-        return len(source.getbands())
-    return int(source.shape[0])
-
-
 def source_channels(source: ImageSource) -> int:
     """The channels an image gives when read as it is (a palette image as RGB)."""
     if isinstance(source, Image.Image):
@@ -185,8 +148,7 @@ def source_channels(source: ImageSource) -> int:
 def verify_image(
     data: bytes | str | os.PathLike, ext: str | None = None, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
 ) -> None:
-    """Decode an image completely, as a run reads it: raises what a run would skip it for (unreadable, truncated,
-    over `max_pixels`, NaN / infinite values)."""
+    """Decode an image completely, as a run does: raises what a run would skip it for."""
     source = open_source(data, ext, max_pixels=max_pixels)
     try:
         to_tensor(source, source_channels(source))
@@ -195,17 +157,12 @@ def verify_image(
 
 
 def describe_source(source: ImageSource, ext: str | None = None) -> str:
-    """A short description for check-data: 'PNG I;16 1 band 16-bit int', 'NPY 13 bands 32-bit float'.
-
-    Args:
-        ext: the file's extension, which names the format of a source read as an array (.npy, TIFF, 16-bit PNG).
-    """
+    """A short description for check-data, 'PNG I;16 1 band 16-bit int'; `ext` names the format of an array."""
     if isinstance(source, Image.Image):
-        kind, mode = source.format or "image", source.mode
+        kind, mode, bands = source.format or "image", source.mode, len(source.getbands())
     else:
         fmt = (ext or "").lower().lstrip(".")
-        kind, mode = {"tif": "TIFF", "tiff": "TIFF"}.get(fmt, fmt.upper() or "array"), ""
-    bands = source_bands(source)
+        kind, mode, bands = {"tif": "TIFF", "tiff": "TIFF"}.get(fmt, fmt.upper() or "array"), "", source.shape[0]
     return " ".join(p for p in (kind, mode, f"{bands} band{'s' if bands != 1 else ''}", source_depth(source)) if p)
 
 
@@ -219,19 +176,13 @@ def source_depth(source: ImageSource) -> str:
 
 
 def to_tensor(source: ImageSource, in_chans: int) -> torch.Tensor:
-    """(in_chans, H, W): uint8 for 8-bit images, float32 in the file's units for every other depth.
-
-    Grey images fill three channels when in_chans is 3 (as PIL's convert("RGB")), colour 8-bit images become grey
-    (PIL's luma) when in_chans is 1 and an alpha band is dropped for 3 channels; any other band count must equal
-    in_chans. 8-bit images with 3 channels go through PIL's convert("RGB") exactly as an RGB pipeline does.
-    """
+    """(in_chans, H, W): uint8 for 8-bit images, float32 in the file's units for every other depth."""
+    # 8-bit images take PIL's convert to RGB / L (grey to three channels, colour to luma, alpha dropped), exactly as an
+    # RGB pipeline does; grey arrays fill three channels; any other band count must equal in_chans
     if isinstance(source, Image.Image):
         if source.mode in EIGHT_BIT_MODES and in_chans in (1, 3):
-            img = (
-                source
-                if source.mode == ("RGB" if in_chans == 3 else "L")
-                else source.convert("RGB" if in_chans == 3 else "L")
-            )
+            target = "RGB" if in_chans == 3 else "L"
+            img = source if source.mode == target else source.convert(target)
             pixels = torch.from_numpy(np.array(img, dtype=np.uint8))
             return pixels[None] if pixels.dim() == 2 else pixels.permute(2, 0, 1)  # H, W, C -> C, H, W (a view)
         if source.mode == "P":
@@ -256,13 +207,12 @@ def to_tensor(source: ImageSource, in_chans: int) -> torch.Tensor:
         )
     if array.dtype == np.uint8:
         return torch.from_numpy(np.ascontiguousarray(array))
-    check_finite(array)
+    _check_finite(array)
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
 
-def check_finite(array: np.ndarray) -> None:
-    """ValueError when a float image (C, H, W) holds NaN or infinite values: one such pixel makes the loss of every
-    batch holding the image non-finite, so a run must skip the file as a bad sample rather than the whole step."""
+def _check_finite(array: np.ndarray) -> None:
+    # one NaN pixel makes the loss of every batch holding the image non-finite: skip the file, not the whole step
     if array.dtype.kind not in "fc":
         return
     finite = np.isfinite(array)
@@ -277,24 +227,7 @@ def check_finite(array: np.ndarray) -> None:
     )
 
 
-def read_tensor(
-    path: str | os.PathLike, in_chans: int, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
-) -> torch.Tensor:
-    """A whole image file as (in_chans, H, W) (uint8 or float32), with errors that name the file."""
-    try:
-        source = open_source(path, max_pixels=max_pixels)
-        try:
-            return to_tensor(source, in_chans)
-        finally:
-            close_source(source)
-    except ImageTooLargeError:
-        raise
-    except Exception as e:  # PIL and tifffile raise several types for unreadable files
-        raise ValueError(f"cannot read image {path}: {e}") from e
-
-
 def close_source(source: ImageSource) -> None:
-    """Close the file a PIL image still holds (one whose decoding failed, or that was never decoded); a decoded or
-    in-memory image holds none, and is left usable (ImageList lends its images without copying them)."""
+    """Close the file a PIL image still holds; an in-memory one stays usable (ImageList lends its images)."""
     if isinstance(source, Image.Image) and getattr(source, "fp", None) is not None:
         source.close()

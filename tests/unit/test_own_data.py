@@ -36,9 +36,10 @@ from simmim_swin.data import (
     normalize_images,
     open_source,
     read_index,
-    read_tensor,
+    to_tensor,
     write_shards,
 )
+from simmim_swin.data.datasets import transform_image
 from simmim_swin.data.shards import folder_samples
 from simmim_swin.data.stream import open_image
 from simmim_swin.figures import BandDisplay, build_display, make_panel_tiles
@@ -87,18 +88,19 @@ def test_16bit_png_reaches_the_model_unclipped_as_raw_minus_mean_over_std(tmp_pa
 def test_float_tiff_multipage_tiff_and_npy_keep_their_values_and_bands(tmp_path):
     values = np.array([[-3.5, 0.0], [1e-3, 7e4]], dtype=np.float32).repeat(8, 0).repeat(8, 1)
     tifffile.imwrite(tmp_path / "f.tif", values)
-    assert torch.equal(read_tensor(tmp_path / "f.tif", 1)[0], torch.from_numpy(values))
+    assert torch.equal(to_tensor(open_source(tmp_path / "f.tif"), 1)[0], torch.from_numpy(values))
     pages = np.stack([_ramp16(16) + i for i in range(5)])  # 5 pages of 16-bit
     tifffile.imwrite(tmp_path / "pages.tif", pages)
-    assert torch.equal(read_tensor(tmp_path / "pages.tif", 5), torch.from_numpy(pages.astype(np.float32)))
+    assert torch.equal(to_tensor(open_source(tmp_path / "pages.tif"), 5), torch.from_numpy(pages.astype(np.float32)))
     bands = np.random.default_rng(0).random((13, 20, 24)).astype(np.float32)
     np.save(tmp_path / "s2.npy", bands)
-    assert torch.equal(read_tensor(tmp_path / "s2.npy", 13), torch.from_numpy(bands))
-    with pytest.raises(ValueError, match=r"s2\.npy.*13 bands but model.in_chans=4"):
-        read_tensor(tmp_path / "s2.npy", 4)
+    assert torch.equal(to_tensor(open_source(tmp_path / "s2.npy"), 13), torch.from_numpy(bands))
+    files = ImageFiles(tmp_path)  # a run names the file of a bad sample
+    bad = transform_image(files, files.paths.index(tmp_path / "s2.npy"), lambda source: to_tensor(source, 4))
+    assert bad.path.endswith("s2.npy") and "13 bands but model.in_chans=4" in bad.reason
     grey8 = np.full((10, 12), 9, dtype=np.uint8)
     Image.fromarray(grey8).save(tmp_path / "g.png")
-    three = read_tensor(tmp_path / "g.png", 3)
+    three = to_tensor(open_source(tmp_path / "g.png"), 3)
     assert three.dtype == torch.uint8 and three.shape == (3, 10, 12) and (three == 9).all()  # grey fills RGB
 
 
@@ -120,7 +122,6 @@ def test_normalizer_defaults_to_imagenet_for_uint8_and_needs_statistics_for_floa
     stats = Normalizer([1.0, 2.0, 3.0, 4.0], [2.0, 2.0, 2.0, 2.0])
     x = torch.full((1, 4, 2, 2), 5.0)
     assert torch.equal(stats(x)[0, :, 0, 0], torch.tensor([2.0, 1.5, 1.0, 0.5]))
-    torch.testing.assert_close(stats.invert(stats(x)), x)
     with pytest.raises(ValueError, match="4 values but the images have 3"):
         stats(images)
 
