@@ -87,10 +87,12 @@ def open_source(
         if isinstance(stream, io.BytesIO):
             stream.seek(0)
     Image.MAX_IMAGE_PIXELS = None  # PIL's own check only warns below twice its limit, and names no file
-    img = Image.open(stream)
-    # per process (spawned DataLoader workers read it here too): PIL checks it again when a transform crops the
-    # image, so it stays set; a tool restores it when it returns (cli/tools.py)
-    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        img = Image.open(stream)
+    finally:
+        # per process (spawned DataLoader workers read it here too): PIL checks it again when a transform crops the
+        # image, so it stays set, also after a file PIL cannot open; a tool restores it when it returns (cli/tools.py)
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         _check_pixels(img.width * img.height, max_pixels, name)
     except ImageTooLargeError:
