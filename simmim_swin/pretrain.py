@@ -26,7 +26,7 @@ from .figures import (
 from .masking import MaskGenerator
 from .models import SimMIM, build_simmim
 from .precision import autocast_context, resolve_device, resolve_precision
-from .probe import ProbeSet, build_probe_set, describe_probe, run_probe
+from .probe import ProbeSet, build_probe_set, run_probe
 from .run import TrainingRun, check_same_settings, run_directory
 from .tracking import check_wandb_credentials
 from .training import start_training, startup_line
@@ -159,7 +159,8 @@ def _evaluations(
     if probe_set is not None and (step % config.probe.every == 0 or last):
         probe_metrics = run_probe(model, probe_set, precision, run.info, sharded=run.sharded)
         metrics.update(probe_metrics)
-        log.info(describe_probe(step, probe_metrics))
+        scores = [f"{k.removeprefix('probe_')} {v:.2f}" for k, v in probe_metrics.items() if k != "probe_seconds"]
+        log.info(f"probe at step {step}: {', '.join(scores)} ({probe_metrics['probe_seconds']:.1f} s)")
     return metrics
 
 

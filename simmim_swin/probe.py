@@ -249,9 +249,3 @@ def run_probe(
             )
     metrics["probe_seconds"] = time.perf_counter() - start
     return metrics
-
-
-def describe_probe(step: int, metrics: dict[str, float]) -> str:
-    """The terminal line of a probe's results."""
-    parts = [f"{key.removeprefix('probe_')} {value:.2f}" for key, value in metrics.items() if key != "probe_seconds"]
-    return f"probe at step {step}: " + ", ".join(parts) + f" ({metrics['probe_seconds']:.1f} s)"
