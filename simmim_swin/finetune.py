@@ -459,7 +459,7 @@ def _evaluate_transfer(config: FinetuneConfig, device: torch.device, info: DistI
     }
     if not info.is_main:
         return result
-    run_dir = Path(config.run.output_dir) / config.run.name
+    run_dir = run_directory(config.run)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "evaluation.json").write_text(json.dumps(result, indent=2))
     log.info(
