@@ -1,11 +1,10 @@
-"""One optimizer step, written out in order (accumulate, unscale, clip, step, update, zero), and the evaluations;
-pretraining and fine-tuning share them."""
+"""One optimizer step written out in order (accumulate, unscale, clip, step, update, zero), and the evaluations."""
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -52,10 +51,8 @@ def train_step(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Accumulate gradients over `micro_batches`, then clip and step once (skipped if anything is non-finite).
 
-    Each micro-batch is a tuple of tensors moved to `device`; `loss_fn(model, batch)` returns its scalar loss.
-
-    Returns the mean loss, the gradient norm before clipping and whether the step was skipped, all as device
-    tensors: nothing here waits for the device, so the caller decides when to sync (every log_every steps).
+    Returns the mean loss, the gradient norm before clipping and whether the step was skipped, as device tensors:
+    nothing here waits for the device, so the caller decides when to sync.
     """
     num_micro = len(micro_batches)
     loss_sum = torch.zeros((), device=device)
@@ -97,11 +94,7 @@ def train_step(
 
 
 class StepStats:
-    """The loop's running counts, kept on the device so that updating them never waits for it.
-
-    Mean loss of the good steps since the last log, skipped steps in total and in a row. Read them (a sync on
-    CUDA) only when checked: `mean_loss` every log_every steps, `in_a_row` when the divergence check is due.
-    """
+    """The loop's running counts (loss of the good steps, skips), on the device: reading them is a sync on CUDA."""
 
     def __init__(self, device: torch.device, skipped_steps: int = 0, consecutive_skips: int = 0) -> None:
         self.loss_sum = torch.zeros((), device=device)
@@ -137,11 +130,8 @@ class StepStats:
 
 
 def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
-    """optimizer.step() unless `skip` (a device bool): a non-finite step changes no weight and no moment.
-
-    Fused Adam(W) takes the flag on the device through its `found_inf` argument, as GradScaler uses it, so there
-    is no host sync; other optimizers need the flag on the host (.item(), free on the CPU, a sync on CUDA).
-    """
+    """optimizer.step() unless `skip` (a device bool): a non-finite step changes no weight and no moment."""
+    # fused Adam(W) reads the flag on the device through `found_inf`, as GradScaler uses it: no host sync
     if optimizer.defaults.get("fused"):
         optimizer.found_inf = skip.float()
         try:
@@ -152,30 +142,32 @@ def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
         optimizer.step()
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """The block runs `model` in eval mode; its mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def evaluate_reconstruction(
     model: nn.Module, batches: Sequence[tuple[torch.Tensor, ...]], precision: str, device: torch.device,
     normalize: Callable[[torch.Tensor], torch.Tensor] = normalize_images,
 ) -> float:  # fmt: skip
-    """Mean SimMIM loss over fixed (images, masks) batches (at least one), in eval mode; the mode is restored after.
-
-    Images are normalised on the device by `normalize` (data.Normalizer with the run's statistics; by default
-    uint8 with the ImageNet mean / std, float taken as normalised).
-    Each batch's loss is weighted by its number of images. This .item() syncs: call it every val_every steps.
-    """
-    was_training = model.training
-    model.eval()
+    """Mean SimMIM loss per image over fixed (images, masks) batches, in eval mode; `normalize` runs on the device."""
     total, count = torch.zeros((), device=device), 0
-    try:
+    with eval_mode(model):
         for images, masks, *_ in batches:
             images = normalize(images.to(device, non_blocking=True))
             with autocast_context(precision, device):
                 loss, _ = model(images, masks.to(device, non_blocking=True))
             total += loss.float() * images.shape[0]
             count += images.shape[0]
-    finally:
-        model.train(was_training)
-    return total.item() / count
+    return total.item() / count  # syncs: once per evaluation
 
 
 @torch.no_grad()
@@ -191,33 +183,28 @@ def evaluate_classifier(
 ) -> dict[str, Any]:
     """Top-1 / top-5 accuracy (%) and mean cross-entropy over (images, labels) batches, in eval mode.
 
-    uint8 images are normalised on the device; float images are taken as normalised. The model's mode is restored.
-    Labels of -1 are padding (data.loader.EvalShard evens out the ranks' shares) and count nowhere. With `info`
-    of a multi-process job each rank evaluates its shard and the counts are summed over ranks: every rank
-    returns the whole set's numbers. confusion=True adds "confusion": the (classes, classes) count matrix, rows
-    true classes, columns predicted.
-
-    `should_stop()` is asked before every batch (every rank asks it the same number of times: StopSignal's
-    should_stop is a collective); when it says yes the evaluation raises EvaluationStopped, so a stop signal
-    never waits for a whole evaluation. `on_batch(n)` is told the size of each batch done (a progress display).
+    Args:
+        confusion: add "confusion", the (classes, classes) count matrix, rows true classes, columns predicted.
+        info: of a multi-process job: the counts are summed over the ranks' shards, every rank returns the whole set's.
+        should_stop: asked before every batch (a collective: every rank asks it as often); yes raises
+            EvaluationStopped, so a stop signal never waits for a whole evaluation.
+        on_batch: told the size of each batch done (a progress display).
     """
     from .figures import confusion_matrix
 
-    was_training = model.training
-    model.eval()
     # correct top-1, correct top-5, summed loss, images; float64 keeps the counts exact past 2**24
     totals = torch.zeros(4, dtype=torch.float64, device=device)
     matrix = None
-    try:
+    with eval_mode(model):
         for images, labels, *_ in loader:
             if should_stop is not None and should_stop():
                 raise EvaluationStopped
-            images = normalize_images(images.to(device, non_blocking=True))
+            images = normalize_images(images.to(device, non_blocking=True))  # uint8 only; float is normalised
             labels = labels.to(device, non_blocking=True)
             with autocast_context(precision, device):
                 logits = model(images)
             logits = logits.float()  # B, classes
-            valid = labels >= 0
+            valid = labels >= 0  # -1: data.loader.EvalShard's padding, counted nowhere
             # by hand rather than timm.utils.accuracy, which has no notion of padded samples
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # B, k
             hits = (top == labels[:, None]) & valid[:, None]
@@ -229,8 +216,6 @@ def evaluate_classifier(
                 matrix = cells if matrix is None else matrix + cells
             if on_batch is not None:
                 on_batch(len(labels))
-    finally:
-        model.train(was_training)
     if info is not None:
         all_reduce_sum_(totals, info)
         if matrix is not None:

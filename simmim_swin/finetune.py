@@ -1,13 +1,5 @@
-"""run_finetune(config): fine-tune a (SimMIM-)pretrained SwinV2 classifier at a new size and window,
-and evaluate_transfer(config): evaluate a fine-tuned classifier at another size and window without training.
-
-The classifier is built at the new image size and window with pretrained_window_sizes = the windows each stage
-used in pretraining, so the continuous position bias transfers (simmim_swin.transfer). Training: AdamW with
-layer-wise lr decay and the pretraining weight-decay exclusions, warm-up + cosine per step, drop path, timm's
-RandAugment / random erasing / mixup / cutmix / label smoothing, gradient clipping, optional weight EMA;
-top-1 / top-5 every eval_every epochs, best and last checkpoints, metrics.jsonl (+ wandb), automatic resume.
-One process or many (torchrun / Slurm / submitit; DDP or FSDP), with the same fault handling as pretraining:
-SIGTERM saves and exits, non-finite steps are skipped, evaluation is sharded over ranks and summed.
+"""run_finetune(config): fine-tune a (SimMIM-)pretrained SwinV2 classifier at a new size and window (the CPB
+transferred through pretrained_window_sizes), and evaluate_transfer(config): evaluate one at another size and window.
 """
 
 from __future__ import annotations
@@ -55,22 +47,18 @@ from .distributed import (
     full_model_state_dict,
     process_group,
 )
-from .engine import EvaluationStopped, LossFn, evaluate_classifier
+from .engine import EvaluationStopped, LossFn, eval_mode, evaluate_classifier
 from .precision import autocast_context, resolve_device, resolve_precision
 from .probe import fit_logistic_regression
 from .progress import Progress
 from .run import TrainingRun, check_same_settings, run_directory
 from .tracking import check_wandb_credentials
-from .training import start_training
+from .training import start_training, startup_line
 from .transfer import build_classifier, load_pretrained, reinit_cpb_mlp, resolve_model_config
 
 BEST_CHECKPOINT = "best.pt"
 
 log = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# training
 
 
 def build_mixup_and_loss(augment: AugmentConfig, num_classes: int) -> tuple[Mixup | None, nn.Module]:
@@ -102,11 +90,11 @@ def _check_resumable(meta: dict[str, Any], config: dict[str, Any], classes: list
 
 
 def _restore_state(run: TrainingRun, ema: ModelEmaV3 | None, best: dict[str, Any]) -> None:
-    """What a resumed checkpoint adds to the run's own state: the EMA weights (a checkpoint without them, EMA
-    switched on at resume, starts the EMA at the loaded weights), the best top-1 so far, a finished early stop."""
+    """What a resumed checkpoint adds to the run's state: the EMA weights, the best top-1 so far, an early stop."""
     if not run.state:
         return
     if ema is not None:
+        # a checkpoint without EMA weights (EMA switched on at resume) starts the EMA at the loaded weights
         ema.module.load_state_dict(run.state["ema"]) if run.state.get("ema") else ema.set(run.model)
     best["top1"], best["since"] = run.state["best_top1"], run.state.get("evaluations_since_best", 0)
     if run.state.get("stopped_early_at") is not None:  # a finished early stop stays finished
@@ -114,11 +102,10 @@ def _restore_state(run: TrainingRun, ema: ModelEmaV3 | None, best: dict[str, Any
 
 
 def run_finetune(config: FinetuneConfig) -> Path:
-    """Fine-tune as configured; resumes from the latest checkpoint in the run directory. Returns the run dir.
+    """Fine-tune as configured, resuming from the run directory's latest checkpoint; returns the run directory.
 
-    Runs in one process or in every process of a torchrun / Slurm / submitit job (DDP or FSDP, run.parallel).
-    Raises Preempted after saving when a stop signal arrives, and TrainingDiverged after
-    run.max_consecutive_skips non-finite steps in a row.
+    Raises Preempted after saving when a stop signal arrives, TrainingDiverged after run.max_consecutive_skips
+    non-finite steps in a row.
     """
     validate_finetune(config)
     check_wandb_credentials(config.logger)
@@ -167,7 +154,9 @@ def _finetune(config: FinetuneConfig, device: torch.device, info: DistInfo, stop
 
     with run.running(lambda meta, path: _check_resumable(meta, run.config, classes, path)):
         _restore_state(run, ema, best)
-        log.info(_describe(config, run, model, len(train_set), len(classes), device, precision, lr))
+        size = f"{config.model.img_size}px / window {config.model.window_size}"
+        what = f"fine-tuning {config.model.arch} at {size} (stage windows {model.stage_window_sizes})"
+        log.info(startup_line(run, device, precision, lr, what, f"{len(train_set)} images of {len(classes)} classes"))
         if val_subset is not scored_set:
             what = "held-out" if holdout_set is not None else "validation"
             log.info(f"evaluating {len(val_subset)} of {len(scored_set)} {what} images during training, all at the end")
@@ -222,8 +211,7 @@ def _classification_loss(config: FinetuneConfig, num_classes: int) -> LossFn:
 
 
 def _evaluation_subset(dataset: Dataset, num_images: int | None, seed: int) -> Dataset:
-    """A fixed random `num_images` of `dataset` in index order (the same at every evaluation, on every rank);
-    the dataset itself when num_images is None or not smaller."""
+    """A fixed random `num_images` of `dataset` in index order (the same at every evaluation, on every rank)."""
     if num_images is None or num_images >= len(dataset):
         return dataset
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
@@ -232,34 +220,27 @@ def _evaluation_subset(dataset: Dataset, num_images: int | None, seed: int) -> D
 
 def _labelled_eval_set(config: FinetuneConfig, part: str) -> Dataset:
     """A part ("train" / "held_out") of the labelled training images with the evaluation transform."""
-    model_cfg = config.model
-    return build_labelled_eval_dataset(
-        config.data, model_cfg.img_size, part, config.augment.interpolation, model_cfg.in_chans
-    )
+    model_cfg, interpolation = config.model, config.augment.interpolation
+    return build_labelled_eval_dataset(config.data, model_cfg.img_size, part, interpolation, model_cfg.in_chans)
 
 
 @torch.no_grad()
 def frozen_features(
     model: nn.Module, dataset: Dataset, batch_size: int, num_workers: int, precision: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pooled features (N, num_features) float32, labels (N,)) of a classifier's frozen encoder, in eval mode: what
-    head.fc reads. Unreadable images are dropped; the model's mode is restored."""
+    """(pooled features (N, num_features) float32: what head.fc reads, labels (N,)) in eval mode; bad images dropped."""
     device = next(model.parameters()).device
     loader = DataLoader(
         dataset, batch_size=batch_size, num_workers=num_workers, worker_init_fn=LoaderWorkerInit(),
         collate_fn=collate_good_only,
     )  # fmt: skip
     features, labels = [], []
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for images, targets, *_ in loader:
             with autocast_context(precision, device):
                 x = model.forward_features(normalize_images(images.to(device)))
                 features.append(model.forward_head(x, pre_logits=True).float())  # B, num_features
             labels.append(targets.to(device))
-    finally:
-        model.train(was_training)
     return torch.cat(features), torch.cat(labels)
 
 
@@ -267,8 +248,8 @@ def frozen_features(
 def _init_head_by_linear_probe(
     model: nn.Module, config: FinetuneConfig, precision: str, num_classes: int
 ) -> float:  # fmt: skip
-    """LP-FT: the classifier set to a logistic regression (L2 1e-3, L-BFGS) on the frozen pooled features of the
-    training images, seen through the evaluation transform; returns its top-1 (%) on those images."""
+    """LP-FT: head.fc set to a logistic regression on the frozen features of the training images (evaluation
+    transform); returns its top-1 (%) on them."""
     features, labels = frozen_features(
         model, _labelled_eval_set(config, "train"), config.data.eval_batch_size, config.data.num_workers, precision
     )
@@ -290,9 +271,8 @@ def _save_confusion(run: TrainingRun, confusion: torch.Tensor, classes: list[str
 def _test_best(
     run: TrainingRun, test_set: Dataset, config: FinetuneConfig, classes: list[str], precision: str
 ) -> bool:  # fmt: skip
-    """Score best.pt (chosen on the held-out labelled images) once on the evaluation images: test_top1 /
-    test_top5 in metrics.jsonl, final_test_top1 in the summary, the confusion matrix picture. False, having logged
-    nothing, when a stop signal cut it short (a restart scores it again)."""
+    """Score best.pt (chosen on the held-out images) once on the evaluation images: test_* metrics, final_test_* in
+    the summary, the confusion matrix. False, having logged nothing, when a stop signal cut it short."""
     device, info = next(run.model.parameters()).device, run.info
     best_path = run.run_dir / CHECKPOINT_DIR / BEST_CHECKPOINT
     if info.distributed:
@@ -380,12 +360,8 @@ def _evaluate(
     run: TrainingRun, loader: DataLoader, ema: ModelEmaV3 | None, classes: list[str], best: dict[str, float],
     precision: str, final: bool,
 ) -> bool:  # fmt: skip
-    """Top-1 / top-5 of the model (and its EMA) on the validation set (or the subset `loader` holds); keeps best.pt;
-    `final` adds the confusion matrix and the final numbers of summary.json.
-
-    Returns False, having logged nothing, when a stop signal arrived meanwhile: the evaluation stops at the next
-    batch so the run can save and exit within the signal's grace time.
-    """
+    """Top-1 / top-5 of the model (and its EMA) on `loader`, keeping best.pt; `final` adds the confusion matrix and
+    summary.json's final numbers. False, having logged nothing, when a stop signal cut it short."""
     model, info, step = run.model, run.info, run.step
     try:
         what = "final evaluation" if final else "evaluation"
@@ -438,32 +414,9 @@ def _scored(
         progress.close()
 
 
-def _describe(
-    config: FinetuneConfig, run: TrainingRun, model: nn.Module, num_images: int, num_classes: int,
-    device: torch.device, precision: str, lr: float,
-) -> str:  # fmt: skip
-    """The start-up line: what trains where, on what data."""
-    model_cfg, info = config.model, run.info
-    return (
-        f"fine-tuning {model_cfg.arch} at {model_cfg.img_size}px / window {model_cfg.window_size} (stage windows "
-        f"{model.stage_window_sizes}) on {info.world_size} x {device} ({precision}, "
-        f"{config.run.parallel if info.distributed else 'one process'}): {num_images} images of "
-        f"{num_classes} classes, {run.steps_per_epoch} steps/epoch, total batch {run.total_batch}, lr {lr:.3g}; "
-        f"run dir {run.run_dir}"
-    )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# resolution transfer without training
-
-
 def evaluate_transfer(config: FinetuneConfig) -> dict[str, Any]:
-    """Evaluate the fine-tuned classifier `config.evaluate` at model.img_size / model.window_size, no training.
-
-    The model is rebuilt at the new size and window with the CPB normalised as in its training (the SwinV2
-    paper's direct transfer to larger images and windows). Writes evaluation.json into the run directory.
-    Under a multi-process launch every rank evaluates a share of the images and rank 0 writes the result.
-    """
+    """Evaluate the fine-tuned classifier `config.evaluate` at model.img_size / window_size (the CPB normalised as in
+    its training: the SwinV2 paper's direct transfer) without training; rank 0 writes evaluation.json."""
     if not config.evaluate:
         raise ConfigError("evaluate is not set: give the fine-tuned run directory or checkpoint to evaluate")
     validate_finetune(config)  # with `evaluate` set: only what an evaluation uses
@@ -506,7 +459,7 @@ def _evaluate_transfer(config: FinetuneConfig, device: torch.device, info: DistI
     }
     if not info.is_main:
         return result
-    run_dir = Path(config.run.output_dir) / config.run.name
+    run_dir = run_directory(config.run)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "evaluation.json").write_text(json.dumps(result, indent=2))
     log.info(

@@ -1,7 +1,4 @@
-"""Device and numeric precision: resolve the config strings, build the autocast context and the fp16 grad scaler.
-
-run.device and run.precision were checked when the config was validated; what is left to check here is the machine.
-"""
+"""Device and numeric precision: the config strings resolved on this machine, autocast and the fp16 grad scaler."""
 
 from __future__ import annotations
 
@@ -33,8 +30,7 @@ def resolve_precision(name: str, device: torch.device) -> str:
     """The precision to run in (fp32, bf16 or fp16); "auto" is bf16 on CUDA and fp32 elsewhere."""
     if name == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
-    if name == "fp16" and device.type != "cuda":
-        # fp16 needs loss scaling and has no speed benefit off the GPU; bf16 autocast works on the CPU.
+    if name == "fp16" and device.type != "cuda":  # no speed benefit off the GPU; bf16 autocast works on the CPU
         raise ValueError(f"run.precision=fp16 needs CUDA, the device is {device}; use run.precision=bf16 or fp32")
     return str(name)  # the plain string of a config choice
 
@@ -50,5 +46,4 @@ def build_grad_scaler(precision: str, device: torch.device | str) -> torch.amp.G
     """A GradScaler for fp16 (its gradients underflow without loss scaling); None for fp32 and bf16."""
     if precision != "fp16":
         return None
-    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
-    return torch.amp.GradScaler(device_type)
+    return torch.amp.GradScaler(torch.device(device).type)

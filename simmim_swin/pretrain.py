@@ -15,7 +15,7 @@ from .checkpoint import find_latest_checkpoint
 from .config import PretrainConfig, to_dict, validate_pretrain
 from .data import Normalizer, PretrainData, build_pretrain_data, make_fixed_batch, normalize_images
 from .distributed import DistInfo, StopSignal, process_group
-from .engine import evaluate_reconstruction
+from .engine import eval_mode, evaluate_reconstruction
 from .figures import (
     BandDisplay,
     build_display,
@@ -26,16 +26,13 @@ from .figures import (
 from .masking import MaskGenerator
 from .models import SimMIM, build_simmim
 from .precision import autocast_context, resolve_device, resolve_precision
-from .probe import ProbeSet, build_probe_set, describe_probe, run_probe
+from .probe import ProbeSet, build_probe_set, run_probe
 from .run import TrainingRun, check_same_settings, run_directory
 from .tracking import check_wandb_credentials
-from .training import start_training
+from .training import start_training, startup_line
 from .transfer import load_simmim_weights, resolve_init_from
 
 log = logging.getLogger(__name__)
-
-# parts of the config that must match a checkpoint for it to be resumed into this run
-RESUME_MUST_MATCH = ("model", "mask")
 
 
 @torch.no_grad()
@@ -47,13 +44,11 @@ def write_panel(
     (if `write`); `display` picks and stretches the bands shown (figures.build_display)."""
     images, masks = batch
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    with autocast_context(precision, device):
-        _, prediction = model(images.to(device), masks.to(device))
-    target = model.target(images.to(device)).cpu()
-    reconstruction = model.target_to_image(images.to(device), prediction, masks.to(device)).cpu()
-    model.train(was_training)
+    with eval_mode(model):
+        with autocast_context(precision, device):
+            _, prediction = model(images.to(device), masks.to(device))
+        target = model.target(images.to(device)).cpu()
+        reconstruction = model.target_to_image(images.to(device), prediction, masks.to(device)).cpu()
     if not write:
         return path
     return save_reconstruction_panel(
@@ -65,38 +60,35 @@ def write_panel(
 def masked_pixel_loss(
     model: nn.Module, batch: tuple[torch.Tensor, ...], normalize: Normalizer | None = None
 ) -> torch.Tensor:
-    """SimMIM's loss on a batch of (raw images, masks) on the device: the images are normalised here (`normalize`:
-    the run's data.mean / data.std; None: ImageNet's for uint8)."""
+    """SimMIM's loss on (raw images, masks) on the device, normalised by `normalize` (None: ImageNet's for uint8)."""
     images, masks = batch[0], batch[1]
     loss, _ = model((normalize or normalize_images)(images), masks)
     return loss
 
 
 def run_pretrain(config: PretrainConfig) -> Path:
-    """Train SimMIM as configured; resumes from the latest checkpoint in the run directory. Returns the run dir.
+    """Train SimMIM as configured, resuming from the run directory's latest checkpoint; returns the run directory.
 
-    Raises Preempted after saving when a stop signal arrives, and TrainingDiverged after
-    run.max_consecutive_skips non-finite steps in a row.
+    Raises Preempted after saving when a stop signal arrives, TrainingDiverged after run.max_consecutive_skips
+    non-finite steps in a row.
     """
     validate_pretrain(config)
     check_wandb_credentials(config.logger)
+    with process_group(resolve_device(config.run.device)) as (device, info, stop):
+        return _train(config, device, info, stop)
+
+
+def _train(config: PretrainConfig, device: torch.device, info: DistInfo, stop: StopSignal) -> Path:
+    precision = resolve_precision(config.run.precision, device)
+    torch.manual_seed(config.run.seed)  # the same initial weights on every rank
+    config, model = _build_model(config, info)
+    model.to(device)
     mask_generator = MaskGenerator(
         input_size=config.model.img_size,
         mask_patch_size=config.mask.mask_patch_size,
         model_patch_size=config.model.patch_size,
         mask_ratio=config.mask.mask_ratio,
     )
-    with process_group(resolve_device(config.run.device)) as (device, info, stop):
-        return _train(config, mask_generator, device, info, stop)
-
-
-def _train(
-    config: PretrainConfig, mask_generator: MaskGenerator, device: torch.device, info: DistInfo, stop: StopSignal
-) -> Path:
-    precision = resolve_precision(config.run.precision, device)
-    torch.manual_seed(config.run.seed)  # the same initial weights on every rank
-    config, model = _build_model(config, info)
-    model.to(device)
     data = build_pretrain_data(
         config.data, config.model.img_size, mask_generator, seed=config.run.seed,
         accum_steps=config.optim.accum_steps, rank=info.rank, world_size=info.world_size,
@@ -118,8 +110,12 @@ def _train(
     probe_set = build_probe_set(config.probe, config.model.img_size, device, info) if config.probe.enabled else None
 
     panel_path, last_loss = None, float("nan")
-    with run.running(lambda meta, path: check_same_settings(meta["config"], run.config, RESUME_MUST_MATCH, path)):
-        log.info(_describe(config, run, data, device, precision, lr))
+    # a checkpoint of another model or mask is refused
+    with run.running(lambda meta, path: check_same_settings(meta["config"], run.config, ("model", "mask"), path)):
+        params = f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params"
+        validation = f", {sum(len(b[0]) for b in data.val_batches)} validation images" if data.val_batches else ""
+        what = f"pretraining {config.model.arch} at {config.model.img_size}px"
+        log.info(startup_line(run, device, precision, lr, what, params, f"data: {data.description}{validation}; "))
         if probe_set is not None:
             log.info(f"probe: {probe_set.description}")
         model.train()
@@ -163,7 +159,8 @@ def _evaluations(
     if probe_set is not None and (step % config.probe.every == 0 or last):
         probe_metrics = run_probe(model, probe_set, precision, run.info, sharded=run.sharded)
         metrics.update(probe_metrics)
-        log.info(describe_probe(step, probe_metrics))
+        scores = [f"{k.removeprefix('probe_')} {v:.2f}" for k, v in probe_metrics.items() if k != "probe_seconds"]
+        log.info(f"probe at step {step}: {', '.join(scores)} ({probe_metrics['probe_seconds']:.1f} s)")
     return metrics
 
 
@@ -218,17 +215,3 @@ def _save_images(
         images["position_bias"] = save_position_bias_figure(make_position_bias_maps(model), bias_path, step=run.step)
     run.logger.log_images(run.step, images)
     return panel
-
-
-def _describe(
-    config: PretrainConfig, run: TrainingRun, data: PretrainData, device: torch.device, precision: str, lr: float
-) -> str:
-    """The start-up line: what trains where, on what data."""
-    info, model = run.info, run.model
-    validation = f", {sum(len(b[0]) for b in data.val_batches)} validation images" if data.val_batches else ""
-    return (
-        f"pretraining {config.model.arch} at {config.model.img_size}px on {info.world_size} x {device} "
-        f"({precision}, {config.run.parallel if info.distributed else 'one process'}): "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {data.steps_per_epoch} steps/epoch, "
-        f"total batch {run.total_batch}, lr {lr:.3g}; data: {data.description}{validation}; run dir {run.run_dir}"
-    )

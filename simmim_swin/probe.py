@@ -1,19 +1,6 @@
-"""Online representation probes: is pretraining working?
-
-The reconstruction loss of masked-image modelling says little about the features. Every probe.every steps the
-frozen encoder (eval mode, no_grad, the training precision) embeds a small labelled holdout, read once at start-up
-and kept on the device as uint8, and a weighted kNN classifier (DINO's: the k most similar training features
-vote for their class with weight exp(cosine / temperature)) scores the validation images. Optionally a
-logistic-regression head is fitted on the same features. Two feature choices:
-
-- `last`: the final-norm output of the last stage, averaged over positions;
-- `last2`: that concatenated with the averaged output of the stage before (MIM features are spread over depth),
-  each part L2-normalised.
-
-Each rank embeds its share of the images; the features are gathered (padded to equal shares) so that every rank
-scores the whole set and returns the same numbers. Nothing here draws from the global random generators, and the
-model's mode is restored: training goes on exactly as without the probe.
-"""
+"""Online representation probes (is pretraining working?): every probe.every steps the frozen encoder embeds a
+small labelled holdout kept on the device, and a weighted kNN (optionally a logistic regression) scores it. Nothing
+here draws from the global random generators and the model's mode is restored: training goes on as without it."""
 
 from __future__ import annotations
 
@@ -33,15 +20,13 @@ from .data.classification import balanced_subset
 from .data.fashion_mnist import FASHION_MNIST_DIR, FashionMNIST
 from .data.transforms import build_eval_transform, normalize_images
 from .distributed import DistInfo
+from .engine import eval_mode
 from .precision import autocast_context
-
-FEATURES = ("last", "last2")  # metric suffixes: probe_knn_top1 (last), probe_knn_top1_last2
 
 
 @dataclass
 class ProbeSet:
-    """A labelled holdout on the device: this rank's share of the images (uint8, zero-padded to equal shares),
-    every rank holding all the labels."""
+    """A labelled holdout on the device: this rank's share of the images (zero-padded), every rank all the labels."""
 
     config: ProbeConfig
     train_images: torch.Tensor  # share, 3, S, S uint8
@@ -52,55 +37,41 @@ class ProbeSet:
     description: str
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# the probe set
-
-
-def _labelled(cfg: ProbeConfig, split: str, num: int, transform: Callable) -> tuple[list, list[int], list[str]]:
-    """A class-balanced `num` of Fashion-MNIST's or a class folder's images (transformed), labels, class names."""
+def _load_split(cfg: ProbeConfig, split: str, num: int, img_size: int) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """(uint8 images (N, 3, S, S), labels (N,), class names or []) of one split, resized and centre-cropped."""
     from torchvision.datasets import ImageFolder
 
-    if cfg.source == "fashion_mnist":
-        dataset = FashionMNIST("train" if split == "train" else "test", transform, cfg.root or FASHION_MNIST_DIR)
-    else:
-        explicit = cfg.train if split == "train" else cfg.val
-        folder = Path(explicit if isinstance(explicit, str) else Path(cfg.root or "") / split)
-        if not folder.is_dir():
-            raise FileNotFoundError(
-                f"probe {split} folder {folder} does not exist; give probe.root with train/ and val/ class folders "
-                f"or probe.{split}=DIR"
-            )
-        dataset = ImageFolder(str(folder), transform)
-    picked = balanced_subset(dataset.targets, min(num, len(dataset)), cfg.seed)
-    items = [dataset[i] for i in picked]
-    return [image for image, _ in items], [label for _, label in items], list(dataset.classes)
-
-
-def _shards(cfg: ProbeConfig, split: str, num: int, transform: Callable) -> tuple[list, list[int]]:
     from .data.shards import resolve_urls
     from .data.stream import open_image, read_samples
 
-    def labelled(sample: dict, generator: torch.Generator) -> tuple[torch.Tensor, int]:
-        if "cls" not in sample:
-            raise ValueError("no .cls member: write the probe shards with `simmim-swin make-shards --labels`")
-        with open_image(sample) as img:
-            return transform(img), int(sample["cls"])
-
-    urls, _ = resolve_urls(cfg.train if split == "train" else cfg.val, what=f"probe.{split}")
-    items = read_samples(urls, num, labelled)
-    return [image for image, _ in items], [label for _, label in items]
-
-
-def _load_split(cfg: ProbeConfig, split: str, num: int, img_size: int) -> tuple[torch.Tensor, torch.Tensor, list]:
-    """(uint8 images (N, 3, S, S), labels (N,), class names or []) of one split, resized and centre-cropped."""
     transform = build_eval_transform(img_size, normalize=False)
+    explicit = cfg.train if split == "train" else cfg.val
     classes: list[str] = []
-    if cfg.source in ("fashion_mnist", "folder"):
-        images, labels, classes = _labelled(cfg, split, num, transform)
+    if cfg.source == "shards":
+
+        def labelled(sample: dict, generator: torch.Generator) -> tuple[torch.Tensor, int]:
+            if "cls" not in sample:
+                raise ValueError("no .cls member: write the probe shards with `simmim-swin make-shards --labels`")
+            with open_image(sample) as img:
+                return transform(img), int(sample["cls"])
+
+        items = read_samples(resolve_urls(explicit, what=f"probe.{split}")[0], num, labelled)
     else:
-        images, labels = _shards(cfg, split, num, transform)
-    if not images:
+        if cfg.source == "fashion_mnist":
+            dataset = FashionMNIST("train" if split == "train" else "test", transform, cfg.root or FASHION_MNIST_DIR)
+        else:
+            folder = Path(explicit if isinstance(explicit, str) else Path(cfg.root or "") / split)
+            if not folder.is_dir():
+                raise FileNotFoundError(
+                    f"probe {split} folder {folder} does not exist; give probe.root with train/ and val/ class "
+                    f"folders or probe.{split}=DIR"
+                )
+            dataset = ImageFolder(str(folder), transform)
+        items = [dataset[i] for i in balanced_subset(dataset.targets, min(num, len(dataset)), cfg.seed)]
+        classes = list(dataset.classes)
+    if not items:
         raise ValueError(f"the probe's {split} set (probe.source={cfg.source}) holds no readable labelled image")
+    images, labels = zip(*items)
     return torch.stack(images), torch.tensor(labels, dtype=torch.int64), classes
 
 
@@ -113,8 +84,8 @@ def _share(images: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 
 def build_probe_set(cfg: ProbeConfig, img_size: int, device: torch.device, info: DistInfo) -> ProbeSet:
-    """Read the probe's training and validation images once (class-balanced subsets of num_train / num_val where
-    the labels are known upfront; the first ones of shards) and keep this rank's share on `device` as uint8."""
+    """Read the probe's images once (class-balanced where the labels are known upfront, else the first of the shards)
+    and keep this rank's share on `device` as uint8."""
     train_images, train_labels, train_classes = _load_split(cfg, "train", cfg.num_train, img_size)
     val_images, val_labels, val_classes = _load_split(cfg, "val", cfg.num_val, img_size)
     if train_classes != val_classes:
@@ -142,21 +113,17 @@ def build_probe_set(cfg: ProbeConfig, img_size: int, device: torch.device, info:
     )
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# features
-
-
-def _pooled_features(model: nn.Module, images: torch.Tensor, sharded: bool) -> dict[str, torch.Tensor]:
-    """{feature name: (B, D) float32, L2-normalised} for normalised images, read off the stages by forward hooks.
-
-    Under FSDP the whole model runs (its root gathers the shared parameters), with an all-zero mask.
-    """
+def embed(
+    model: nn.Module, images: torch.Tensor, batch_size: int, precision: str, sharded: bool = False
+) -> dict[str, torch.Tensor]:
+    """{"last": the final norm's output averaged over positions, "last2": that and the stage before's (MIM features
+    are spread over depth)}: (N, D) float32, L2-normalised, of uint8 images; the model must be in eval mode."""
     encoder = getattr(model, "encoder", model)
-    captured: dict[str, torch.Tensor] = {}
+    parts: dict[str, list[torch.Tensor]] = {"last": [], "before_last": []}
 
     def keep(name: str) -> Callable:
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            captured[name] = output
+            parts[name].append(output.float().mean(dim=(1, 2)))  # B, H, W, C -> B, C
 
         return hook
 
@@ -164,35 +131,23 @@ def _pooled_features(model: nn.Module, images: torch.Tensor, sharded: bool) -> d
     if len(encoder.layers) > 1:
         hooks.append(encoder.layers[-2].register_forward_hook(keep("before_last")))
     try:
-        if sharded:
-            p = encoder.patch_size
-            mask = images.new_zeros((len(images), images.shape[-2] // p, images.shape[-1] // p))
-            model(images, mask)
-        else:
-            encoder.forward_features(images)
+        for start in range(0, len(images), batch_size):
+            batch = normalize_images(images[start : start + batch_size])
+            with autocast_context(precision, images.device):
+                if sharded:  # FSDP: the whole model runs (its root gathers the shared parameters), nothing masked
+                    p = encoder.patch_size
+                    model(batch, batch.new_zeros((len(batch), batch.shape[-2] // p, batch.shape[-1] // p)))
+                else:
+                    encoder.forward_features(batch)
     finally:
         for handle in hooks:
             handle.remove()
-    last = F.normalize(captured["last"].float().mean(dim=(1, 2)), dim=1)  # B, H, W, C -> B, C
+    last = F.normalize(torch.cat(parts["last"]), dim=1)
     features = {"last": last}
-    if "before_last" in captured:
-        before = F.normalize(captured["before_last"].float().mean(dim=(1, 2)), dim=1)
+    if parts["before_last"]:
+        before = F.normalize(torch.cat(parts["before_last"]), dim=1)
         features["last2"] = torch.cat([last, before], dim=1) / math.sqrt(2)  # unit norm, both stages weigh alike
     return features
-
-
-def embed(
-    model: nn.Module, images: torch.Tensor, batch_size: int, precision: str, sharded: bool = False
-) -> dict[str, torch.Tensor]:
-    """{feature name: (N, D)} of uint8 images, batch by batch under autocast; the model must be in eval mode."""
-    device = images.device
-    parts: dict[str, list[torch.Tensor]] = {}
-    for start in range(0, len(images), batch_size):
-        batch = normalize_images(images[start : start + batch_size])
-        with autocast_context(precision, device):
-            for name, value in _pooled_features(model, batch, sharded).items():
-                parts.setdefault(name, []).append(value)
-    return {name: torch.cat(values) for name, values in parts.items()}
 
 
 def gather_rows(share: torch.Tensor, num_rows: int, info: DistInfo) -> torch.Tensor:
@@ -202,10 +157,6 @@ def gather_rows(share: torch.Tensor, num_rows: int, info: DistInfo) -> torch.Ten
     shares = [torch.empty_like(share) for _ in range(info.world_size)]
     dist.all_gather(shares, share.contiguous())
     return torch.cat(shares)[:num_rows]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# classifiers on the features
 
 
 @torch.no_grad()
@@ -219,8 +170,8 @@ def knn_top1(
     num_classes: int,
     chunk: int = 1024,
 ) -> float:
-    """Top-1 (%) of DINO's weighted kNN: the k nearest training features by cosine similarity vote for their
-    class with weight exp(similarity / temperature); ties in the vote go to the lower class index."""
+    """Top-1 (%) of DINO's weighted kNN: the k most cosine-similar training features vote for their class with
+    weight exp(similarity / temperature); ties go to the lower class index."""
     train_feats = F.normalize(train_feats.float(), dim=1)
     val_feats = F.normalize(val_feats.float(), dim=1)
     k = min(k, len(train_feats))
@@ -242,8 +193,7 @@ def linear_top1(
     val_labels: torch.Tensor,
     num_classes: int,
 ) -> float:
-    """Top-1 (%) of fit_logistic_regression's head on the training features standardised with their mean / std
-    (L-BFGS from zero: no random draw)."""
+    """Top-1 (%) of fit_logistic_regression's head on the features standardised with the training mean / std."""
     mean, std = train_feats.mean(dim=0), train_feats.std(dim=0) + 1e-6
     weight, bias = fit_logistic_regression((train_feats - mean) / std, train_labels, num_classes)
     predictions = ((val_feats - mean) / std @ weight.T + bias).argmax(dim=1)
@@ -273,50 +223,29 @@ def fit_logistic_regression(
     return weight.detach(), bias.detach()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# the probe
-
-
 @torch.no_grad()
 def run_probe(
     model: nn.Module, probe_set: ProbeSet, precision: str, info: DistInfo, sharded: bool = False
 ) -> dict[str, float]:
-    """Embed the probe set with the frozen encoder and score it: probe_knn_top1, probe_knn_top1_last2 (and
-    probe_linear_top1[_last2] with probe.linear), plus probe_seconds. The same numbers on every rank.
-
-    Args:
-        model: the SimMIM model (or its encoder), unwrapped from DDP; under FSDP (sharded=True) the sharded
-            SimMIM model itself, which every rank then runs.
-    """
+    """probe_knn_top1[_last2] (and probe_linear_top1[_last2] with probe.linear) and probe_seconds of the frozen
+    encoder, the same on every rank. `model`: SimMIM (or its encoder) unwrapped from DDP, or sharded under FSDP."""
     cfg = probe_set.config
     start = time.perf_counter()
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         train = embed(model, probe_set.train_images, cfg.batch_size, precision, sharded)
         val = embed(model, probe_set.val_images, cfg.batch_size, precision, sharded)
-    finally:
-        model.train(was_training)
     metrics = {}
-    for name in FEATURES:
-        if name not in train:
-            continue
+    train_labels, val_labels = probe_set.train_labels, probe_set.val_labels
+    for name, train_share in train.items():
         suffix = "" if name == "last" else f"_{name}"
-        train_feats = gather_rows(train[name], len(probe_set.train_labels), info)
-        val_feats = gather_rows(val[name], len(probe_set.val_labels), info)
-        labels = (probe_set.train_labels, probe_set.val_labels)
+        train_feats = gather_rows(train_share, len(train_labels), info)
+        val_feats = gather_rows(val[name], len(val_labels), info)
         metrics[f"probe_knn_top1{suffix}"] = knn_top1(
-            train_feats, labels[0], val_feats, labels[1], cfg.k, cfg.temperature, probe_set.num_classes
+            train_feats, train_labels, val_feats, val_labels, cfg.k, cfg.temperature, probe_set.num_classes
         )
         if cfg.linear:
             metrics[f"probe_linear_top1{suffix}"] = linear_top1(
-                train_feats, labels[0], val_feats, labels[1], probe_set.num_classes
+                train_feats, train_labels, val_feats, val_labels, probe_set.num_classes
             )
     metrics["probe_seconds"] = time.perf_counter() - start
     return metrics
-
-
-def describe_probe(step: int, metrics: dict[str, float]) -> str:
-    """The terminal line of a probe's results."""
-    parts = [f"{key.removeprefix('probe_')} {value:.2f}" for key, value in metrics.items() if key != "probe_seconds"]
-    return f"probe at step {step}: " + ", ".join(parts) + f" ({metrics['probe_seconds']:.1f} s)"

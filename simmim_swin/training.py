@@ -21,8 +21,7 @@ def start_training(
     precision: str, steps_per_epoch: int, extra_meta: Callable[[int], dict[str, Any]],
     layer_decay: float | None = None,
 ) -> tuple[TrainingRun, float, Callable[[Iterator[tuple], LossFn], tuple[int, torch.Tensor]]]:  # fmt: skip
-    """Wrap `model` (on `device`) for run.parallel, build its AdamW (lr scaled to the total batch; `layer_decay` for
-    fine-tuning), the per-step schedule and the TrainingRun (`extra_meta`: what each checkpoint adds).
+    """Wrap `model` for run.parallel, build its AdamW, the per-step schedule and the TrainingRun.
 
     Returns the run, the peak lr and `step(batches, loss_fn)`: one optimizer step on the next accum_steps
     micro-batches, which returns the step count and the gradient norm.
@@ -49,3 +48,14 @@ def start_training(
         return run.step_done(loss, skipped), grad_norm
 
     return run, lr, step
+
+
+def startup_line(
+    run: TrainingRun, device: torch.device, precision: str, lr: float, what: str, details: str, data: str = ""
+) -> str:
+    """The start-up line: what trains where, on what data."""
+    parallel = run.run_cfg.parallel if run.info.distributed else "one process"
+    return (
+        f"{what} on {run.info.world_size} x {device} ({precision}, {parallel}): {details}, {run.steps_per_epoch} "
+        f"steps/epoch, total batch {run.total_batch}, lr {lr:.3g}; {data}run dir {run.run_dir}"
+    )
