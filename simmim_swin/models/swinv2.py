@@ -477,9 +477,10 @@ def to_timm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our encoder or classifier state dict (or a SimMIM one, less mask token and decoder) in timm's layout."""
     if any(key.startswith("encoder.") for key in state_dict):
         state_dict = {key[len("encoder.") :]: v for key, v in state_dict.items() if key.startswith("encoder.")}
-    if "absolute_pos_embed" in state_dict:
-        raise ValueError(
-            "this encoder was built with ape=True (absolute position embedding), which timm's swinv2 lacks; "
-            "only ape=False models convert to timm"
-        )
+    for key in state_dict:
+        if key == "absolute_pos_embed" or ".extra_norms." in key:
+            raise ValueError(
+                f"{key} has no place in timm's swinv2, which lacks the absolute position embedding (ape) and the "
+                "huge / giant extra norms; export such a model in our layout (--format simmim)"
+            )
     return {key: value for key, value in state_dict.items() if not is_derived_buffer(key) and key != "mask_token"}
