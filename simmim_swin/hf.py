@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from .models.swinv2 import is_derived_buffer
+
 HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
 HF_CARD = "README.md"
@@ -48,26 +50,23 @@ def _rename(name: str, names: dict[str, str]) -> str | None:
 
 
 def to_hf(state_dict: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
-    """Our encoder / classifier state dict (no `encoder.` prefix or derived tables) -> transformers' names.
-
-    Encoder keys get `prefix` (`swinv2.` for the task models); `head.fc.*` becomes `classifier.*`. The ape and the
-    huge / giant extra norms have no place there and raise.
-    """
+    """Our encoder / classifier state dict (no `encoder.` prefix or derived tables) -> transformers' names; encoder
+    keys get `prefix` (`swinv2.` for the task models)."""
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
-        block = re.fullmatch(r"layers\.(\d+)\.blocks\.(\d+)\.(.+)", key)
-        where = f"{prefix}encoder.layers.{block.group(1)}.blocks.{block.group(2)}." if block else ""
+        in_block = re.fullmatch(r"(layers\.\d+\.blocks\.\d+\.)(.+)", key)
+        block, part = in_block.groups() if in_block else ("", "")
         if top := _rename(key, _TOP_NAMES):
             out[prefix + top] = value
         elif key.startswith("head.fc."):
             out["classifier." + key.removeprefix("head.fc.")] = value
         elif m := re.fullmatch(r"layers\.(\d+)\.downsample\.(.+)", key):
             out[f"{prefix}encoder.layers.{int(m.group(1)) - 1}.downsample.{m.group(2)}"] = value
-        elif block and block.group(3) == "attn.qkv.weight":
-            for name, part in zip(_QKV, value.chunk(3, dim=0), strict=True):
-                out[f"{where}attention.self.{name}.weight"] = part.contiguous()
-        elif block and (name := _rename(block.group(3), _BLOCK_NAMES)):
-            out[where + name] = value
+        elif part == "attn.qkv.weight":
+            for name, chunk in zip(_QKV, value.chunk(3, dim=0), strict=True):
+                out[f"{prefix}encoder.{block}attention.self.{name}.weight"] = chunk.contiguous()
+        elif block and (name := _rename(part, _BLOCK_NAMES)):
+            out[f"{prefix}encoder.{block}{name}"] = value
         else:
             raise ValueError(
                 f"{key} has no place in transformers' Swinv2, which lacks the absolute position embedding (ape) and "
@@ -77,14 +76,15 @@ def to_hf(state_dict: dict[str, torch.Tensor], prefix: str = "") -> dict[str, to
 
 
 def from_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A transformers Swinv2 state dict (Swinv2Model, or a task model with `swinv2.`) -> ours, SimMIM-style:
-    encoder keys under `encoder.` (with `head.fc.*` from `classifier.*`), the MIM decoder as `decoder.*`."""
+    """A transformers Swinv2 state dict (Swinv2Model, or a task model with `swinv2.`) -> ours, SimMIM-style."""
     top_names = {hf: ours for ours, hf in _TOP_NAMES.items()}
     block_names = {hf: ours for ours, hf in _BLOCK_NAMES.items()}
     out: dict[str, torch.Tensor] = {}
     qkv: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state_dict.items():
         name = key.removeprefix("swinv2.")
+        in_block = re.fullmatch(r"(encoder\.layers\.\d+\.blocks\.\d+\.)(.+)", name)  # the same prefix as ours
+        block, part = in_block.groups() if in_block else ("", "")
         if name.startswith("decoder."):
             out[name] = value
         elif name.startswith("classifier."):
@@ -93,17 +93,12 @@ def from_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             out["encoder." + top] = value
         elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.downsample\.(.+)", name):
             out[f"encoder.layers.{int(m.group(1)) + 1}.downsample.{m.group(2)}"] = value
-        elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.(.+)", name):
-            block = f"encoder.layers.{m.group(1)}.blocks.{m.group(2)}."
-            part = m.group(3)
-            if ours := _rename(part, block_names):
-                out[block + ours] = value
-            elif part.removeprefix("attention.self.").removesuffix(".weight") in _QKV:
-                qkv.setdefault(block, {})[part.split(".")[-2]] = value
-            elif part in ("attention.self.relative_coords_table", "attention.self.relative_position_index"):
-                continue  # derived tables (some exports carry them): rebuilt from the window
-            else:
-                raise ValueError(f"{key} is not a transformers Swinv2 weight this loader knows")
+        elif block and (ours := _rename(part, block_names)):
+            out[block + ours] = value
+        elif block and part.removeprefix("attention.self.").removesuffix(".weight") in _QKV:
+            qkv.setdefault(block, {})[part.split(".")[-2]] = value
+        elif block and is_derived_buffer(part):
+            continue  # derived tables (some exports carry them): rebuilt from the window
         elif name == "pooler" or name.startswith("embeddings.position_embeddings"):
             raise ValueError(f"{key}: absolute position embeddings do not convert; only ape=False models do")
         else:

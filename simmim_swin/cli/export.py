@@ -82,10 +82,6 @@ def export_checkpoint(
 
     path, state, weights, model_cfg, num_classes = _read_weights(checkpoint, use_ema, encoder_only)
     if timm_layout:
-        if any(".extra_norms." in k for k in weights):
-            raise ValueError(
-                "this model has the huge / giant extra norms, which timm's swinv2 lacks; export without --timm"
-            )
         weights = to_timm(weights)
     info = {
         "model": model_cfg,

@@ -248,7 +248,6 @@ class SwinTransformerV2(timm_swinv2.SwinTransformerV2):
     """Swin Transformer V2 encoder and classifier: timm's model, keyword names and all, with the module's additions.
 
     Args:
-        window_size: one int for all stages or one per stage.
         pretrained_window_sizes: per stage, the window the CPB inputs are normalised by (the one pretraining used):
             how a model fine-tuned at a larger window inherits the pretrained position bias.
         fused_attn: SDPA or the eager path; None: SDPA on CUDA.
@@ -447,10 +446,7 @@ def size_fields(
 
 
 def create_swinv2(arch: str, **kwargs: Any) -> SwinTransformerV2:
-    """The SwinV2 of a named size (a key of SWINV2_SIZES) with SwinTransformerV2 keyword overrides.
-
-    embed_dim, depths and num_heads set to None mean "from arch", so `**to_dict(config.model)` works.
-    """
+    """The SwinV2 of a named size (a key of SWINV2_SIZES) with keyword overrides; None sizes mean "from arch"."""
     if arch not in SWINV2_SIZES:
         raise ValueError(f"unknown model size {arch!r}; choose one of {sorted(SWINV2_SIZES)}")
     given = {key: value for key, value in kwargs.items() if value is not None or key not in SWINV2_SIZES[arch]}
@@ -459,13 +455,10 @@ def create_swinv2(arch: str, **kwargs: Any) -> SwinTransformerV2:
 
 # timm interoperability: the layouts are the same, only derived tables and SimMIM-only weights differ
 
-# derived tables: rebuilt from the window size, never carried between models
-DERIVED_BUFFER_NAMES = ("relative_position_index", "relative_coords_table", "attn_mask", "k_bias")
-
 
 def is_derived_buffer(key: str) -> bool:
-    """True for keys of tables rebuilt from sizes (coords table, position index, shift mask, zero k bias)."""
-    return key.rsplit(".", 1)[-1] in DERIVED_BUFFER_NAMES
+    """True for keys of tables rebuilt from sizes, never carried between models (and the zero k bias)."""
+    return key.rsplit(".", 1)[-1] in ("relative_position_index", "relative_coords_table", "attn_mask", "k_bias")
 
 
 def from_timm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -477,9 +470,10 @@ def to_timm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our encoder or classifier state dict (or a SimMIM one, less mask token and decoder) in timm's layout."""
     if any(key.startswith("encoder.") for key in state_dict):
         state_dict = {key[len("encoder.") :]: v for key, v in state_dict.items() if key.startswith("encoder.")}
-    if "absolute_pos_embed" in state_dict:
-        raise ValueError(
-            "this encoder was built with ape=True (absolute position embedding), which timm's swinv2 lacks; "
-            "only ape=False models convert to timm"
-        )
+    for key in state_dict:
+        if key == "absolute_pos_embed" or ".extra_norms." in key:
+            raise ValueError(
+                f"{key} has no place in timm's swinv2, which lacks the absolute position embedding (ape) and the "
+                "huge / giant extra norms; export such a model in our layout (--format simmim)"
+            )
     return {key: value for key, value in state_dict.items() if not is_derived_buffer(key) and key != "mask_token"}

@@ -110,3 +110,10 @@ def test_timm_features_only_equals_ours_on_exported_weights(tmp_path) -> None:
     assert features.feature_info.channels() == [f["num_chs"] for f in model.feature_info]
     for a, b in zip(theirs, ours, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("extra", [dict(ape=True), dict(extra_norm_every=1)])
+def test_models_timm_cannot_hold_are_refused_naming_the_key(extra) -> None:
+    model = create_swinv2("pico", img_size=32, window_size=4, num_classes=0, **extra)
+    with pytest.raises(ValueError, match=r"(absolute_pos_embed|extra_norms\.0\.weight) has no place in timm"):
+        to_timm(model.state_dict())
