@@ -125,18 +125,14 @@ def make_panel_tiles(
     targets: torch.Tensor | None = None,
     display: BandDisplay | None = None,
 ) -> tuple[np.ndarray, list[str]]:
-    """uint8 tiles (B, 4 columns, H, W, 3) and one label per row (the masked L1 of the model and of zeros).
-
-    Columns: original, masked input (grey where masked), original with its masked pixels replaced by the
-    reconstruction, |predictions - targets| on the masked pixels, mean over channels, on one scale 0 .. ERROR_MAX.
+    """uint8 tiles (B, 4, H, W, 3): original | masked (grey) | reconstruction pasted in | |error| on the masked
+    pixels (0 .. ERROR_MAX); and per row the masked L1 of the model and of zeros.
 
     Args:
-        images: normalised images (B, C, H, W).
         masks: token masks (B, H/patch_size, W/patch_size), 1 = masked.
-        reconstructions: the model's reconstruction in normalised image space (B, C, H, W).
-        predictions, targets: the model's output and its target in the target space (SimMIM.target), for the error
-            column and the losses; default the reconstructions and the images (the target space without norm_target).
-        display: how channels become RGB (BandDisplay); None: ImageNet-normalised RGB shown as it is.
+        predictions, targets: the model's output and target in SimMIM.target's space; default the reconstructions
+            and the images.
+        display: how channels become RGB; None: ImageNet-normalised RGB shown as it is.
     """
     predictions = reconstructions if predictions is None else predictions
     targets = images if targets is None else targets
@@ -178,10 +174,8 @@ def make_panel_tiles(
     return np.stack([original, masked, pasted, error_rgb], axis=1), labels  # B, 4, H, W, 3
 
 
-def save_reconstruction_panel(path: str | os.PathLike, *args: Any, **kwargs: Any) -> Path:
-    """Write the panel of make_panel_tiles(*args, **kwargs) as a PNG atomically and return its path: column titles
-    above the tiles, each row's losses above it."""
-    tiles, labels = make_panel_tiles(*args, **kwargs)
+def save_reconstruction_panel(path: str | os.PathLike, tiles: np.ndarray, labels: Sequence[str]) -> Path:
+    """PNG of make_panel_tiles' tiles and labels (written atomically): column titles on top, each row's losses above."""
     num_rows, _, h, w, _ = tiles.shape
     canvas = _Canvas(*panel_size(num_rows, h, w))
     for row in range(num_rows):
