@@ -29,19 +29,16 @@ def atomic_write(path: str | os.PathLike, content: bytes | str | Callable[[IO[by
     to `path` atomically (temporary file, fsync, rename, fsync of the folder); if it raises, `path` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(content, (bytes, str)):
-        data = content.encode("utf-8") if isinstance(content, str) else content
-
-        def content(f: IO[bytes]) -> None:
-            f.write(data)
-
     # dot-prefixed, so that it never matches a pattern such as step_*.pt
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with open_temporary(fd) as raw:
             f = _WriteErrors(raw)
             try:
-                content(f)
+                if callable(content):
+                    content(f)
+                else:
+                    f.write(content.encode("utf-8") if isinstance(content, str) else content)
                 f.flush()
             except Exception as e:
                 # torch.save reports a failed write (disk full, quota) as a RuntimeError of its own that loses
