@@ -1,8 +1,6 @@
-"""Training checkpoints: atomic save, keep-last-k with a `latest` pointer, auto-resume lookup, RNG state.
-
-Layout: <run_dir>/checkpoints/step_00001000.pt (or step_00001000.dcp/ for FSDP) ... plus `latest`, a text file
-holding the newest name. Checkpoints hold only tensors and plain types: they load with weights_only=True.
-"""
+"""Training checkpoints: atomic save, keep-last-k with a `latest` pointer, auto-resume lookup, RNG state. Layout:
+<run_dir>/checkpoints/step_00001000.pt (step_00001000.dcp/ for FSDP) ... and `latest`, a text file naming the newest;
+only tensors and plain types, so they load with weights_only=True."""
 
 from __future__ import annotations
 
@@ -101,11 +99,8 @@ def _consolidate_sharded_model(path: Path) -> dict[str, torch.Tensor]:
 
 
 def check_total_batch(state: dict, total_batch: int, path: str | Path, images_per_batch_size: int) -> None:
-    """Refuse to resume with another total batch: the run's step count, schedule and lr are functions of it.
-
-    Args:
-        images_per_batch_size: processes x optim.accum_steps, what one unit of data.batch_size adds to the total.
-    """
+    """Refuse to resume with another total batch (the step count, schedule and lr follow it); images_per_batch_size:
+    processes x optim.accum_steps, what one unit of data.batch_size adds to the total."""
     saved = state.get("total_batch")
     if saved is None or saved == total_batch:  # checkpoints from before the total batch was recorded pass
         return

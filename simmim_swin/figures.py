@@ -96,14 +96,9 @@ class BandDisplay:
         return x.movedim(1, -1).numpy().copy()  # B, H, W, 3
 
 
-def tile_scale(height: int, width: int) -> int:
-    """Integer nearest-neighbour enlargement that makes the shorter tile side at least MIN_TILE_PX."""
-    return max(1, math.ceil(MIN_TILE_PX / min(height, width)))
-
-
 def tile_box(row: int, col: int, height: int, width: int) -> tuple[int, int, int, int]:
     """(top, left, bottom, right) pixel box of one tile in the panel of images of height x width."""
-    scale = tile_scale(height, width)
+    scale = max(1, math.ceil(MIN_TILE_PX / min(height, width)))  # the shorter side at least MIN_TILE_PX
     tile_h, tile_w = height * scale, width * scale
     top = TITLE_PX + GUTTER_PX + row * (ROW_LABEL_PX + tile_h + GUTTER_PX) + ROW_LABEL_PX
     left = GUTTER_PX + col * (tile_w + GUTTER_PX)
@@ -125,18 +120,14 @@ def make_panel_tiles(
     targets: torch.Tensor | None = None,
     display: BandDisplay | None = None,
 ) -> tuple[np.ndarray, list[str]]:
-    """uint8 tiles (B, 4 columns, H, W, 3) and one label per row (the masked L1 of the model and of zeros).
-
-    Columns: original, masked input (grey where masked), original with its masked pixels replaced by the
-    reconstruction, |predictions - targets| on the masked pixels, mean over channels, on one scale 0 .. ERROR_MAX.
+    """uint8 tiles (B, 4, H, W, 3): original | masked (grey) | reconstruction pasted in | |error| on the masked
+    pixels (0 .. ERROR_MAX); and per row the masked L1 of the model and of zeros.
 
     Args:
-        images: normalised images (B, C, H, W).
         masks: token masks (B, H/patch_size, W/patch_size), 1 = masked.
-        reconstructions: the model's reconstruction in normalised image space (B, C, H, W).
-        predictions, targets: the model's output and its target in the target space (SimMIM.target), for the error
-            column and the losses; default the reconstructions and the images (the target space without norm_target).
-        display: how channels become RGB (BandDisplay); None: ImageNet-normalised RGB shown as it is.
+        predictions, targets: the model's output and target in SimMIM.target's space; default the reconstructions
+            and the images.
+        display: how channels become RGB; None: ImageNet-normalised RGB shown as it is.
     """
     predictions = reconstructions if predictions is None else predictions
     targets = images if targets is None else targets
@@ -178,16 +169,14 @@ def make_panel_tiles(
     return np.stack([original, masked, pasted, error_rgb], axis=1), labels  # B, 4, H, W, 3
 
 
-def save_reconstruction_panel(path: str | os.PathLike, *args: Any, **kwargs: Any) -> Path:
-    """Write the panel of make_panel_tiles(*args, **kwargs) as a PNG atomically and return its path: column titles
-    above the tiles, each row's losses above it."""
-    tiles, labels = make_panel_tiles(*args, **kwargs)
+def save_reconstruction_panel(path: str | os.PathLike, tiles: np.ndarray, labels: Sequence[str]) -> Path:
+    """PNG of make_panel_tiles' tiles and labels (written atomically): column titles on top, each row's losses above."""
     num_rows, _, h, w, _ = tiles.shape
     canvas = _Canvas(*panel_size(num_rows, h, w))
     for row in range(num_rows):
         for col in range(NUM_COLUMNS):
-            top, left, _, _ = tile_box(row, col, h, w)
-            canvas.paste(tiles[row, col], left, top, tile_scale(h, w))
+            top, left, bottom, _ = tile_box(row, col, h, w)
+            canvas.paste(tiles[row, col], left, top, (bottom - top) // h)
         top, left, _, _ = tile_box(row, 0, h, w)
         canvas.text(left, top - ROW_LABEL_PX / 2, f"{row}: {labels[row]}", ha="left", va="center")
     for col, title in enumerate(COLUMN_TITLES):
@@ -215,13 +204,8 @@ BIAS_COLORMAP = "viridis"
 
 @torch.no_grad()
 def make_position_bias_maps(model: nn.Module, block: int = 0) -> list[tuple[int, torch.Tensor]]:
-    """16 * sigmoid(cpb_mlp(relative_coords_table)) of one block per stage: [(stage, (heads, 2Wh-1, 2Ww-1))]; entry
-    [a, b] is the bias added for the offset (dy, dx) = (a - (Wh-1), b - (Ww-1)), the centre is offset 0.
-
-    Args:
-        model: a SwinTransformerV2, or a SimMIM (its encoder is used); not wrapped in DDP/FSDP.
-        block: which block of every stage (0 = the first, -1 = the last).
-    """
+    """16 * sigmoid(CPB) of block `block` (-1: the last) of each stage of an unwrapped SwinV2 or SimMIM model:
+    [(stage, (heads, 2Wh-1, 2Ww-1))], entry [a, b] the bias of offset (a - (Wh-1), b - (Ww-1)), the centre offset 0."""
     encoder = getattr(model, "encoder", model)
     layers = getattr(encoder, "layers", None)
     if layers is None:
@@ -267,13 +251,11 @@ def save_position_bias_figure(
     value_range: tuple[float, float] | None = None,
     step: int | None = None,
 ) -> Path:
-    """PNG of bias maps from make_position_bias_maps: one row per stage, one tile per head (viridis), one colour
-    scale for the whole figure with its colour bar at the bottom, and the step in the title.
+    """PNG of make_position_bias_maps' maps: a row per stage, a tile per head, one colour scale and bar, the step.
 
     Args:
-        value_range: the colour scale's (low, high), e.g. (0, 16) to compare runs or steps; None spans the
-            figure's own min..max over every stage (a barely trained model shows as nearly flat, as it is).
-        step: the training step the maps belong to, written in the title.
+        value_range: the colour scale, e.g. (0, 16) to compare runs; None spans the maps' own min..max over every
+            stage (a barely trained model shows as nearly flat, as it is).
     """
     from matplotlib import colormaps
 
@@ -309,11 +291,8 @@ def save_position_bias_figure(
 
 
 def confusion_matrix(preds: torch.Tensor, targets: torch.Tensor, num_classes: int, check: bool = True) -> torch.Tensor:
-    """int64 counts (num_classes, num_classes) on the inputs' device: rows are true classes, columns predicted.
-
-    preds: class indices (N,) or logits (N, num_classes); targets: class indices (N,). check=False skips the range
-    check, which syncs the device, for use inside an evaluation loop.
-    """
+    """int64 counts (num_classes, num_classes) on the inputs' device, rows true and columns predicted classes, of
+    class indices or logits `preds`; check=False skips the range check (a device sync) inside an evaluation loop."""
     if preds.dim() == 2:
         preds = preds.argmax(dim=1)
     if preds.dim() != 1 or targets.dim() != 1 or preds.shape != targets.shape:

@@ -8,9 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-# tempfile.mkstemp creates files with mode 0600 and os.replace keeps it, which would leave every atomically
-# written file unreadable by the group whatever the umask: give temporary files the mode open() would (os.umask
-# can only be read by setting it, so once, at import)
+# mkstemp's mode 0600 would survive os.replace (files unreadable by the group whatever the umask): give them the mode
+# open() would; os.umask can only be read by setting it, so once, at import
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK
@@ -26,27 +25,20 @@ def fsync_dir(folder: str | os.PathLike) -> None:
 
 
 def atomic_write(path: str | os.PathLike, content: bytes | str | Callable[[IO[bytes]], None]) -> Path:
-    """Write `content` to `path` atomically (temporary file, fsync, rename, fsync of the folder); returns the path.
-
-    Args:
-        content: bytes, text (written as UTF-8), or a function called with the open binary file (e.g.
-            `lambda f: torch.save(state, f)`). If it raises, the target is untouched and no temporary file is left.
-    """
+    """Write `content` (bytes, UTF-8 text, or a function of the open binary file, e.g. `lambda f: torch.save(s, f)`)
+    to `path` atomically (temporary file, fsync, rename, fsync of the folder); if it raises, `path` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(content, (bytes, str)):
-        data = content.encode("utf-8") if isinstance(content, str) else content
-
-        def content(f: IO[bytes]) -> None:
-            f.write(data)
-
     # dot-prefixed, so that it never matches a pattern such as step_*.pt
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with open_temporary(fd) as raw:
             f = _WriteErrors(raw)
             try:
-                content(f)
+                if callable(content):
+                    content(f)
+                else:
+                    f.write(content.encode("utf-8") if isinstance(content, str) else content)
                 f.flush()
             except Exception as e:
                 # torch.save reports a failed write (disk full, quota) as a RuntimeError of its own that loses

@@ -19,6 +19,7 @@ from .engine import eval_mode, evaluate_reconstruction
 from .figures import (
     BandDisplay,
     build_display,
+    make_panel_tiles,
     make_position_bias_maps,
     save_position_bias_figure,
     save_reconstruction_panel,
@@ -51,10 +52,8 @@ def write_panel(
         reconstruction = model.target_to_image(images.to(device), prediction, masks.to(device)).cpu()
     if not write:
         return path
-    return save_reconstruction_panel(
-        path, images, masks, reconstruction, model.patch_size, predictions=prediction.float().cpu(), targets=target,
-        display=display,
-    )  # fmt: skip
+    tiles = make_panel_tiles(images, masks, reconstruction, model.patch_size, prediction.float().cpu(), target, display)
+    return save_reconstruction_panel(path, *tiles)
 
 
 def masked_pixel_loss(

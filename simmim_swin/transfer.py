@@ -1,7 +1,5 @@
-"""Load pretrained SwinV2 weights (ours, the reference implementation's, timm's, Hugging Face's) into a model built
-at a new image size and window (docs/reference.md §3): strict about every key, the continuous position bias carried
-over by building the model with `pretrained_window_sizes` set to the windows it was trained at.
-"""
+"""Load pretrained SwinV2 weights (ours, the reference implementation's, timm's, Hugging Face's) strictly into a model
+at a new image size and window (docs/reference.md §3); the CPB carries over through `pretrained_window_sizes`."""
 
 from __future__ import annotations
 
@@ -271,10 +269,7 @@ def load_encoder_weights(
     model: SwinTransformerV2, state_dict: dict[str, torch.Tensor], keep_head: bool = False, source: str = "checkpoint"
 ) -> TransferReport:
     """Load encoder weights strictly into `model` (any size / window); a ValueError names the keys that do not fit.
-
-    Dropped: the derived tables (rebuilt for the model's window), the SimMIM decoder, the mask token unless the
-    model has one of its shape (an `encoder.` prefix is stripped) and `head.*` unless keep_head.
-    """
+    Dropped: derived tables, the SimMIM decoder, a mask token it lacks or of another shape, head.* if not keep_head."""
     weights, dropped, adapted, expected = _match(model, state_dict, keep_head, source)
     target = model.state_dict()
     result = model.load_state_dict(weights, strict=False)

@@ -42,8 +42,7 @@ def run(args: argparse.Namespace) -> None:
         print(f"best top-1: {state['best_top1']:.2f}%")
     groups: dict[str, int] = {}
     for key, tensor in weights.items():
-        top = key.split(".")[1] if key.startswith("encoder.") else key.split(".")[0]
-        name = ("encoder." if key.startswith("encoder.") else "") + top
+        name = ".".join(key.split(".")[: 2 if key.startswith("encoder.") else 1])  # encoder.layers, head ...
         groups[name] = groups.get(name, 0) + tensor.numel()
     total = sum(groups.values())
     print(f"parameters: {total:,} ({total / 1e6:.2f}M) in {len(weights)} tensors")

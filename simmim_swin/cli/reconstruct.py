@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from ..data.images import ImageSource
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -25,21 +21,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def load_image(path: str | Path) -> ImageSource:
-    """An image file as it is (PIL image or (C, H, W) array), read now, with an error naming the file."""
-    from ..data.images import open_source
-
-    try:
-        source = open_source(path, max_pixels=None)
-        if hasattr(source, "load"):
-            source.load()
-        return source
-    except Exception as e:  # PIL, tifffile and numpy raise several types
-        if isinstance(e, OSError) and e.errno is not None:
-            raise  # a missing file or a directory: the tools' error line names the path (cli.errors)
-        raise ValueError(f"{path} is not an image that can be read ({e}); pass PNG, JPEG, TIFF or .npy files") from e
-
-
 def run(args: argparse.Namespace) -> None:
     """Mask the user's images and write the checkpoint's reconstructions as a PNG panel."""
     import torch  # here, not at the top: `simmim-swin --help` must not wait for torch
@@ -47,6 +28,7 @@ def run(args: argparse.Namespace) -> None:
     from ..checkpoint import load_checkpoint, resolve_checkpoint
     from ..config import MaskConfig, ModelConfig, from_dict, to_dict
     from ..data import EvalView, Normalizer
+    from ..data.images import open_source
     from ..figures import build_display
     from ..masking import MaskGenerator
     from ..models import build_simmim
@@ -68,7 +50,14 @@ def run(args: argparse.Namespace) -> None:
     view = EvalView(model_cfg.img_size, model_cfg.in_chans)
     images = []
     for f in args.images:
-        source = load_image(f)
+        try:
+            source = open_source(f, max_pixels=None)
+            if hasattr(source, "load"):
+                source.load()  # decoded now: a file that is not an image fails here, not in the view
+        except Exception as e:  # PIL, tifffile and numpy raise several types
+            if isinstance(e, OSError) and e.errno is not None:
+                raise  # a missing file or a directory: the tools' error line names the path (cli.errors)
+            raise ValueError(f"{f} is not an image that can be read ({e}); pass PNG, JPEG, TIFF or .npy files") from e
         try:
             images.append(view(source))
         except ValueError as e:  # a band count that does not fit the model

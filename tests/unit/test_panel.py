@@ -52,7 +52,7 @@ def _tiles(path, num_rows: int, img_size: int) -> np.ndarray:
 
 def test_panel_layout_upscales_small_tiles(tmp_path) -> None:
     images, masks = _batch(3, 32)
-    path = save_reconstruction_panel(tmp_path / "panel.png", images, masks, images, patch_size=PATCH)
+    path = save_reconstruction_panel(tmp_path / "panel.png", *make_panel_tiles(images, masks, images, patch_size=PATCH))
     assert path == tmp_path / "panel.png" and path.is_file()
     with Image.open(path) as png:
         assert png.format == "PNG" and png.mode == "RGB"
@@ -67,14 +67,16 @@ def test_panel_layout_upscales_small_tiles(tmp_path) -> None:
 
 def test_panel_keeps_large_tiles_at_their_size(tmp_path) -> None:
     images, masks = _batch(2, 160)
-    path = save_reconstruction_panel(tmp_path / "nested" / "dir" / "p.png", images, masks, images, PATCH)
+    path = save_reconstruction_panel(
+        tmp_path / "nested" / "dir" / "p.png", *make_panel_tiles(images, masks, images, PATCH)
+    )
     with Image.open(path) as png:
         assert png.size == (4 * 160 + 5 * GUTTER_PX, TITLE_PX + 2 * (ROW_LABEL_PX + 160) + 3 * GUTTER_PX)
 
 
 def test_panel_columns(tmp_path) -> None:
     images, masks = _batch(2, 32)
-    path = save_reconstruction_panel(tmp_path / "perfect.png", images, masks, images.clone(), PATCH)
+    path = save_reconstruction_panel(tmp_path / "perfect.png", *make_panel_tiles(images, masks, images.clone(), PATCH))
     tiles = _tiles(path, 2, 32)
     original, masked, reconstructed = tiles[:, 0], tiles[:, 1], tiles[:, 2]
     # the original column is the input image, upscaled by pixel repetition
@@ -92,7 +94,7 @@ def test_panel_columns(tmp_path) -> None:
 def test_panel_pastes_reconstruction_only_on_masked_pixels(tmp_path) -> None:
     images, masks = _batch(2, 32)
     reconstructions = torch.full_like(images, 5.0)  # saturates to white once denormalised
-    path = save_reconstruction_panel(tmp_path / "paste.png", images, masks, reconstructions, PATCH)
+    path = save_reconstruction_panel(tmp_path / "paste.png", *make_panel_tiles(images, masks, reconstructions, PATCH))
     tiles = _tiles(path, 2, 32)
     pixel_mask = masks.bool().repeat_interleave(PATCH * 4, 1).repeat_interleave(PATCH * 4, 2).numpy()
     assert np.all(tiles[:, 2][pixel_mask] == 255)
@@ -101,7 +103,7 @@ def test_panel_pastes_reconstruction_only_on_masked_pixels(tmp_path) -> None:
 
 def test_panel_titles_each_column(tmp_path) -> None:
     images, masks = _batch(1, 32)
-    with_titles = save_reconstruction_panel(tmp_path / "t.png", images, masks, images, PATCH)
+    with_titles = save_reconstruction_panel(tmp_path / "t.png", *make_panel_tiles(images, masks, images, PATCH))
     with Image.open(with_titles) as img:
         strip = np.asarray(img.convert("RGB"))[:TITLE_PX]
     dark = strip.min(axis=-1) < 128  # title text is black on the white strip
@@ -117,11 +119,11 @@ def test_panel_titles_each_column(tmp_path) -> None:
 def test_panel_rejects_mismatched_inputs(tmp_path) -> None:
     images, masks = _batch(2, 32)
     with pytest.raises(ValueError, match="token masks"):
-        save_reconstruction_panel(tmp_path / "a.png", images, masks[:, :4, :4], images, PATCH)
+        save_reconstruction_panel(tmp_path / "a.png", *make_panel_tiles(images, masks[:, :4, :4], images, PATCH))
     with pytest.raises(ValueError, match="must match images"):
-        save_reconstruction_panel(tmp_path / "b.png", images, masks, images[:, :, :16], PATCH)
+        save_reconstruction_panel(tmp_path / "b.png", *make_panel_tiles(images, masks, images[:, :, :16], PATCH))
     with pytest.raises(ValueError, match="token masks"):
-        save_reconstruction_panel(tmp_path / "c.png", images, masks, images, patch_size=8)
+        save_reconstruction_panel(tmp_path / "c.png", *make_panel_tiles(images, masks, images, patch_size=8))
     assert not list(tmp_path.iterdir())
 
 

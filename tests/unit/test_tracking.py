@@ -13,7 +13,7 @@ from PIL import Image
 
 from simmim_swin.config import ConfigError, LoggerConfig
 from simmim_swin.data import build_eval_transform
-from simmim_swin.figures import MASK_GREY, save_reconstruction_panel, tile_box
+from simmim_swin.figures import MASK_GREY, make_panel_tiles, save_reconstruction_panel, tile_box
 from simmim_swin.masking import MaskGenerator
 from simmim_swin.models import build_simmim
 from simmim_swin.tracking import (
@@ -244,7 +244,7 @@ def _real_photo_panel(path: Path, img_size: int = 64, patch: int = 4) -> Path:
     with torch.no_grad():
         _, reconstruction = model(image, mask)
         reconstruction = model.target_to_image(image, reconstruction, mask)
-    return save_reconstruction_panel(path, image, mask, reconstruction, patch_size=patch)
+    return save_reconstruction_panel(path, *make_panel_tiles(image, mask, reconstruction, patch_size=patch))
 
 
 def test_wandb_offline_logs_images_and_the_jsonl_holds_the_scalars(tmp_path: Path, wandb_env: None) -> None:
