@@ -57,6 +57,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     no_decay = [p for g in groups if not g["weight_decay"] for p in g["params"]]
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
+
 WEIGHT_DECAY = 0.05
 
 # (arch, keyword overrides): 3 and 4 stages, uneven depths, absolute position embedding, extra norms (huge/giant)
