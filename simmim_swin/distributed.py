@@ -45,6 +45,17 @@ class DistInfo:
         return self.world_size > 1
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's
+    return True
+
+
 def _slurm_master_addr() -> str:
     """First host of the Slurm allocation (what torchrun's rendezvous would pick)."""
     nodelist = os.environ["SLURM_JOB_NODELIST"]
@@ -80,21 +91,6 @@ def export_launcher_env() -> None:
         # every task of the job derives the same port from the job id
         job_id = os.environ.get("SLURM_JOB_ID", "0")
         os.environ.setdefault("MASTER_PORT", str(20000 + zlib.crc32(job_id.encode()) % 20000))
-
-
-def init_distributed(device: torch.device) -> DistInfo:
-    """Join the job's process group (NCCL on CUDA, gloo on CPU) if there is more than one process."""
-    export_launcher_env()
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return DistInfo()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if device.type == "cuda":
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank)
 
 
 def wrap_model(model: nn.Module, info: DistInfo, device: torch.device, strategy: str = "ddp") -> nn.Module:
@@ -284,20 +280,24 @@ def requeue_slurm_job(signum: int | None) -> bool:
     return True
 
 
-def cleanup(info: DistInfo) -> None:
-    """Leave the process group."""
-    if info.distributed and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 @contextlib.contextmanager
 def process_group(device: torch.device) -> Iterator[tuple[torch.device, DistInfo, StopSignal]]:
-    """For one run: join the job's process group and watch the stop signals; yields (this process's device,
-    DistInfo, StopSignal). After Preempted (the checkpoint is saved) hand over the signal and requeue the job."""
-    info = init_distributed(device)
+    """For one run: join the job's process group (NCCL on CUDA, gloo on CPU) if there is more than one process and
+    watch the stop signals; yields (this process's device, DistInfo, StopSignal). After Preempted (the checkpoint is
+    saved) hand over the signal and requeue the job."""
+    export_launcher_env()
+    info = DistInfo()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank)
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)  # one process per GPU
+        if not dist.is_initialized():
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
     stop = StopSignal(info)
-    if device.type == "cuda" and info.distributed:
-        device = torch.device("cuda", info.local_rank)  # one process per GPU
     try:
         yield device, info, stop
     except Preempted:
@@ -307,4 +307,5 @@ def process_group(device: torch.device) -> Iterator[tuple[torch.device, DistInfo
         raise
     finally:
         stop.restore()
-        cleanup(info)
+        if info.distributed and dist.is_initialized():
+            dist.destroy_process_group()

@@ -33,7 +33,7 @@ from .checkpoint import (
     save_training_state,
 )
 from .config import ConfigError, LoggerConfig, RunConfig
-from .distributed import DistInfo, Preempted, StopSignal
+from .distributed import DistInfo, Preempted, StopSignal, process_alive
 from .engine import StepStats, TrainingDiverged
 from .files import FILE_MODE, atomic_write
 from .progress import StepProgress
@@ -146,7 +146,7 @@ class RunLock:
         same_host = host == socket.gethostname()
         if same_host and pid == os.getpid():
             return "left by this process"
-        if same_host and isinstance(pid, int) and not _process_alive(pid):
+        if same_host and isinstance(pid, int) and not process_alive(pid):
             return f"process {pid} on {host} is gone"
         if not same_host and age > self.stale_after_s:
             return f"no heartbeat from {host} for {age:.0f} s (run.lock_stale_after_s={self.stale_after_s:g})"
@@ -167,16 +167,6 @@ class RunLock:
             if self._inode is not None and os.stat(self.path).st_ino == self._inode:
                 self.path.unlink()
         self._inode = None
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # alive, another user's
-    return True
 
 
 def _identity(folder: Path) -> tuple[int, int] | None:
