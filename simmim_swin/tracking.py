@@ -53,18 +53,6 @@ def check_wandb_credentials(logger_cfg: LoggerConfig) -> None:
         )
 
 
-def wandb_reachable(timeout_s: float = 5.0) -> tuple[bool, str]:
-    """Whether the W&B server accepts a TCP connection within `timeout_s` (wandb itself waits about 110 s and then
-    kills the run); returns (reachable, the host:port or the reason it is not)."""
-    url = _wandb_url()
-    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            return True, f"{host}:{port}"
-    except OSError as e:
-        return False, f"{host}:{port} ({e.strerror or type(e).__name__})"
-
-
 # metric name prefixes and their W&B section; everything else is a training metric (train/loss, train/lr ...)
 WANDB_SECTIONS = (("ema_val_", "val/ema_"), ("val_", "val/"), ("best_", "val/best_"), ("probe_", "probe/"))
 
@@ -126,12 +114,16 @@ class MetricsLogger:
 
         mode = str(logger_cfg.wandb)
         if mode == "online":
-            reachable, where = wandb_reachable()
-            if not reachable:
+            url = _wandb_url()
+            host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+            try:  # a 5 s TCP check: wandb itself waits about 110 s for an unreachable server, then kills the run
+                socket.create_connection((host, port), timeout=5.0).close()
+            except OSError as e:
                 mode = "offline"
+                where = self.run_dir / "wandb"
                 log.warning(
-                    f"warning: W&B server {where} is unreachable: logging offline into {self.run_dir / 'wandb'}; "
-                    f"upload later with `wandb sync {self.run_dir / 'wandb'}/offline-run-*`"
+                    f"warning: W&B server {host}:{port} ({e.strerror or type(e).__name__}) is unreachable: logging "
+                    f"offline into {where}; upload later with `wandb sync {where}/offline-run-*`"
                 )
 
         id_file = self.run_dir / "wandb_run_id"
