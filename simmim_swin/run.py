@@ -70,11 +70,9 @@ class RunDirectoryGone(RuntimeError):
 class RunLock:
     """An advisory lock file in the run directory: one live process (rank 0 of one job) trains a run at a time.
 
-    The file names the holder (host, pid, start time) and appears already written (linked into place), so no
-    process reads it half written; its modification time is the holder's heartbeat. A lock whose process is gone
-    (same host) or whose heartbeat is older than `stale_after_s` (another host, e.g. a requeued Slurm job on a new
-    node, or a lock that cannot be read) is taken over with a warning, under flock, so exactly one process takes it.
-    """
+    The file names the holder (host, pid, start time), linked into place already written; its modification time is
+    the holder's heartbeat. A lock whose process is gone (same host) or whose heartbeat is older than `stale_after_s`
+    (another host: a requeued Slurm job on a new node; or unreadable) is taken over under flock, with a warning."""
 
     def __init__(self, run_dir: Path, stale_after_s: float) -> None:
         self.path = run_dir / LOCK_FILE
@@ -197,13 +195,9 @@ def run_directory(run_cfg: RunConfig) -> Path:
 class TrainingRun:
     """One run's lifecycle around a training loop; `run_dir` = run.output_dir / run.name.
 
-    Args:
-        config: the whole run configuration as a plain dict (written to config.yaml and into every checkpoint).
-        model: the unwrapped, uncompiled module whose weights are saved; optimizer and scaler are saved with it.
-        sharded: FSDP: every rank writes its shards into step_N.dcp/ folders.
-        total_batch: images per optimizer step over all ranks; a resume with another one is refused.
-        steps_per_epoch / total_steps: the schedule's length; run.max_steps may stop earlier.
-        extra_meta: what the loop adds to each checkpoint (windows, classes, EMA weights ...), given the step.
+    `config` (a plain dict) goes to config.yaml and into every checkpoint with `model` (unwrapped, uncompiled), the
+    optimizer, the scaler and `extra_meta(step)` (windows, classes, EMA weights ...); `sharded` (FSDP): every rank
+    writes its shards into step_N.dcp/. A resume with another `total_batch` (images per step, all ranks) is refused.
     """
 
     config: dict[str, Any]
@@ -282,7 +276,6 @@ class TrainingRun:
         )
 
     def _resume(self, check: Callable[[dict[str, Any], Path], None]) -> None:
-        """Restore the latest checkpoint of the run directory, if there is one."""
         latest = find_latest_checkpoint(self.run_dir)
         if latest is None:
             return
