@@ -70,8 +70,7 @@ class MetricsLogger:
     """Appends one JSON object per `log` call to run_dir/metrics.jsonl and mirrors it to wandb (logger_cfg.wandb).
 
     `config` is stored with the wandb run; `run_id` (None: the one in run_dir/wandb_run_id, else a new one) resumes
-    it; `run_name` is its display name. Not `enabled` (ranks > 0), nothing is written anywhere.
-    """
+    it; `run_name` is its display name. Not `enabled` (ranks > 0), nothing is written anywhere."""
 
     def __init__(
         self,
@@ -279,10 +278,8 @@ def system_metrics(device: torch.device | str) -> dict[str, float]:
 class StepTimer:
     """Splits the wall time between two `pop` calls into waiting for data (`measure("data")`) and the rest.
 
-    Host clocks only, no device sync: the data wait is the time the loop blocks on the loader. With CUDA the
-    compute part is only exact over a whole interval, which is why `pop` belongs right after the log step's sync.
-    Time inside `measure("excluded")` (checkpoints, panels, evaluation) counts in neither part.
-    """
+    Host clocks, no device sync: with CUDA the split is exact only over a whole interval, so `pop` belongs right after
+    the log step's sync. Time inside `measure("excluded")` (checkpoints, panels, evaluation) counts in neither part."""
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         self.clock = clock
