@@ -52,7 +52,7 @@ def process_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        pass  # alive, another user's
+        pass
     return True
 
 
@@ -236,8 +236,7 @@ class StopSignal:
     def hand_over(self) -> None:
         """Once every rank is past the checkpoint, call the handler the signal had before (a Python function)."""
         if self._group is not None:
-            # rank 0 may still be writing the checkpoint: no rank may exit (and let the launcher kill the job)
-            # before it is on disk
+            # rank 0 may still be writing the checkpoint: no rank exits (the launcher would kill the job) before then
             dist.barrier(group=self._group)
         previous = self._previous.get(self.received)
         # Python's own SIGINT handler would raise KeyboardInterrupt over the clean exit

@@ -16,7 +16,6 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -230,7 +229,7 @@ class TrainingRun:
         self.lock = RunLock(self.run_dir, self.run_cfg.lock_stale_after_s)
         self._run_dir_identity: tuple[int, int] | None = None  # (device, inode) of the run directory at the start
 
-    @contextmanager
+    @contextlib.contextmanager
     def running(self, check: Callable[[dict[str, Any], Path], None]) -> Iterator[TrainingRun]:
         """Lock the run directory, resume from its latest checkpoint (`check(meta, path)` refuses other settings
         first), write config.yaml, open the metrics sinks and the progress display; close them all on the way out."""

@@ -182,8 +182,7 @@ class MetricsLogger:
         pixel_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
         try:
             for key, png_path in images.items():
-                # uint8 pixels: wandb renders a float array in [0, 1] as black.
-                with Image.open(png_path) as image:
+                with Image.open(png_path) as image:  # uint8 pixels: wandb renders a float array in [0, 1] as black
                     pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)  # H, W, 3
                 payload[key] = wandb.Image(pixels, caption=Path(png_path).name)
         finally:
