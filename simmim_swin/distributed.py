@@ -93,6 +93,21 @@ def export_launcher_env() -> None:
         os.environ.setdefault("MASTER_PORT", str(20000 + zlib.crc32(job_id.encode()) % 20000))
 
 
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join the job's process group (NCCL on CUDA, gloo on CPU) if there is more than one process."""
+    export_launcher_env()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistInfo()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank)
+
+
 def wrap_model(model: nn.Module, info: DistInfo, device: torch.device, strategy: str = "ddp") -> nn.Module:
     """DDP or FSDP (`strategy`: run.parallel; fully_shard, parameters sharded across ranks) around `model`; as is on
     one process."""
@@ -279,24 +294,20 @@ def requeue_slurm_job(signum: int | None) -> bool:
     return True
 
 
+def cleanup(info: DistInfo) -> None:
+    """Leave the process group."""
+    if info.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @contextlib.contextmanager
 def process_group(device: torch.device) -> Iterator[tuple[torch.device, DistInfo, StopSignal]]:
-    """For one run: join the job's process group (NCCL on CUDA, gloo on CPU) if there is more than one process and
-    watch the stop signals; yields (this process's device, DistInfo, StopSignal). After Preempted (the checkpoint is
-    saved) hand over the signal and requeue the job."""
-    export_launcher_env()
-    info = DistInfo()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank)
-        if device.type == "cuda":
-            device = torch.device("cuda", local_rank)  # one process per GPU
-        if not dist.is_initialized():
-            if device.type == "cuda":
-                torch.cuda.set_device(device)
-            backend = "nccl" if device.type == "cuda" else "gloo"
-            dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    """For one run: join the job's process group and watch the stop signals; yields (this process's device,
+    DistInfo, StopSignal). After Preempted (the checkpoint is saved) hand over the signal and requeue the job."""
+    info = init_distributed(device)
     stop = StopSignal(info)
+    if device.type == "cuda" and info.distributed:
+        device = torch.device("cuda", info.local_rank)  # one process per GPU
     try:
         yield device, info, stop
     except Preempted:
@@ -306,5 +317,4 @@ def process_group(device: torch.device) -> Iterator[tuple[torch.device, DistInfo
         raise
     finally:
         stop.restore()
-        if info.distributed and dist.is_initialized():
-            dist.destroy_process_group()
+        cleanup(info)
