@@ -45,6 +45,17 @@ class DistInfo:
         return self.world_size > 1
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 def _slurm_master_addr() -> str:
     """First host of the Slurm allocation (what torchrun's rendezvous would pick)."""
     nodelist = os.environ["SLURM_JOB_NODELIST"]
@@ -240,8 +251,7 @@ class StopSignal:
     def hand_over(self) -> None:
         """Once every rank is past the checkpoint, call the handler the signal had before (a Python function)."""
         if self._group is not None:
-            # rank 0 may still be writing the checkpoint: no rank may exit (and let the launcher kill the job)
-            # before it is on disk
+            # rank 0 may still be writing the checkpoint: no rank exits (the launcher would kill the job) before then
             dist.barrier(group=self._group)
         previous = self._previous.get(self.received)
         # Python's own SIGINT handler would raise KeyboardInterrupt over the clean exit

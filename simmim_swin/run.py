@@ -16,7 +16,6 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from .checkpoint import (
     save_training_state,
 )
 from .config import ConfigError, LoggerConfig, RunConfig
-from .distributed import DistInfo, Preempted, StopSignal
+from .distributed import DistInfo, Preempted, StopSignal, process_alive
 from .engine import StepStats, TrainingDiverged
 from .files import FILE_MODE, atomic_write
 from .progress import StepProgress
@@ -70,11 +69,9 @@ class RunDirectoryGone(RuntimeError):
 class RunLock:
     """An advisory lock file in the run directory: one live process (rank 0 of one job) trains a run at a time.
 
-    The file names the holder (host, pid, start time) and appears already written (linked into place), so no
-    process reads it half written; its modification time is the holder's heartbeat. A lock whose process is gone
-    (same host) or whose heartbeat is older than `stale_after_s` (another host, e.g. a requeued Slurm job on a new
-    node, or a lock that cannot be read) is taken over with a warning, under flock, so exactly one process takes it.
-    """
+    The file names the holder (host, pid, start time), linked into place already written; its modification time is
+    the holder's heartbeat. A lock whose process is gone (same host) or whose heartbeat is older than `stale_after_s`
+    (another host: a requeued Slurm job on a new node; or unreadable) is taken over under flock, with a warning."""
 
     def __init__(self, run_dir: Path, stale_after_s: float) -> None:
         self.path = run_dir / LOCK_FILE
@@ -146,7 +143,7 @@ class RunLock:
         same_host = host == socket.gethostname()
         if same_host and pid == os.getpid():
             return "left by this process"
-        if same_host and isinstance(pid, int) and not _process_alive(pid):
+        if same_host and isinstance(pid, int) and not process_alive(pid):
             return f"process {pid} on {host} is gone"
         if not same_host and age > self.stale_after_s:
             return f"no heartbeat from {host} for {age:.0f} s (run.lock_stale_after_s={self.stale_after_s:g})"
@@ -167,16 +164,6 @@ class RunLock:
             if self._inode is not None and os.stat(self.path).st_ino == self._inode:
                 self.path.unlink()
         self._inode = None
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # alive, another user's
-    return True
 
 
 def _identity(folder: Path) -> tuple[int, int] | None:
@@ -207,13 +194,9 @@ def run_directory(run_cfg: RunConfig) -> Path:
 class TrainingRun:
     """One run's lifecycle around a training loop; `run_dir` = run.output_dir / run.name.
 
-    Args:
-        config: the whole run configuration as a plain dict (written to config.yaml and into every checkpoint).
-        model: the unwrapped, uncompiled module whose weights are saved; optimizer and scaler are saved with it.
-        sharded: FSDP: every rank writes its shards into step_N.dcp/ folders.
-        total_batch: images per optimizer step over all ranks; a resume with another one is refused.
-        steps_per_epoch / total_steps: the schedule's length; run.max_steps may stop earlier.
-        extra_meta: what the loop adds to each checkpoint (windows, classes, EMA weights ...), given the step.
+    `config` (a plain dict) goes to config.yaml and into every checkpoint with `model` (unwrapped, uncompiled), the
+    optimizer, the scaler and `extra_meta(step)` (windows, classes, EMA weights ...); `sharded` (FSDP): every rank
+    writes its shards into step_N.dcp/. A resume with another `total_batch` (images per step, all ranks) is refused.
     """
 
     config: dict[str, Any]
@@ -246,7 +229,7 @@ class TrainingRun:
         self.lock = RunLock(self.run_dir, self.run_cfg.lock_stale_after_s)
         self._run_dir_identity: tuple[int, int] | None = None  # (device, inode) of the run directory at the start
 
-    @contextmanager
+    @contextlib.contextmanager
     def running(self, check: Callable[[dict[str, Any], Path], None]) -> Iterator[TrainingRun]:
         """Lock the run directory, resume from its latest checkpoint (`check(meta, path)` refuses other settings
         first), write config.yaml, open the metrics sinks and the progress display; close them all on the way out."""
@@ -292,7 +275,6 @@ class TrainingRun:
         )
 
     def _resume(self, check: Callable[[dict[str, Any], Path], None]) -> None:
-        """Restore the latest checkpoint of the run directory, if there is one."""
         latest = find_latest_checkpoint(self.run_dir)
         if latest is None:
             return

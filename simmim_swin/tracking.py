@@ -53,18 +53,6 @@ def check_wandb_credentials(logger_cfg: LoggerConfig) -> None:
         )
 
 
-def wandb_reachable(timeout_s: float = 5.0) -> tuple[bool, str]:
-    """Whether the W&B server accepts a TCP connection within `timeout_s` (wandb itself waits about 110 s and then
-    kills the run); returns (reachable, the host:port or the reason it is not)."""
-    url = _wandb_url()
-    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            return True, f"{host}:{port}"
-    except OSError as e:
-        return False, f"{host}:{port} ({e.strerror or type(e).__name__})"
-
-
 # metric name prefixes and their W&B section; everything else is a training metric (train/loss, train/lr ...)
 WANDB_SECTIONS = (("ema_val_", "val/ema_"), ("val_", "val/"), ("best_", "val/best_"), ("probe_", "probe/"))
 
@@ -82,8 +70,7 @@ class MetricsLogger:
     """Appends one JSON object per `log` call to run_dir/metrics.jsonl and mirrors it to wandb (logger_cfg.wandb).
 
     `config` is stored with the wandb run; `run_id` (None: the one in run_dir/wandb_run_id, else a new one) resumes
-    it; `run_name` is its display name. Not `enabled` (ranks > 0), nothing is written anywhere.
-    """
+    it; `run_name` is its display name. Not `enabled` (ranks > 0), nothing is written anywhere."""
 
     def __init__(
         self,
@@ -126,12 +113,16 @@ class MetricsLogger:
 
         mode = str(logger_cfg.wandb)
         if mode == "online":
-            reachable, where = wandb_reachable()
-            if not reachable:
+            url = _wandb_url()
+            host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+            try:  # a 5 s TCP check: wandb itself waits about 110 s for an unreachable server, then kills the run
+                socket.create_connection((host, port), timeout=5.0).close()
+            except OSError as e:
                 mode = "offline"
+                where = self.run_dir / "wandb"
                 log.warning(
-                    f"warning: W&B server {where} is unreachable: logging offline into {self.run_dir / 'wandb'}; "
-                    f"upload later with `wandb sync {self.run_dir / 'wandb'}/offline-run-*`"
+                    f"warning: W&B server {host}:{port} ({e.strerror or type(e).__name__}) is unreachable: logging "
+                    f"offline into {where}; upload later with `wandb sync {where}/offline-run-*`"
                 )
 
         id_file = self.run_dir / "wandb_run_id"
@@ -191,8 +182,7 @@ class MetricsLogger:
         pixel_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
         try:
             for key, png_path in images.items():
-                # uint8 pixels: wandb renders a float array in [0, 1] as black.
-                with Image.open(png_path) as image:
+                with Image.open(png_path) as image:  # uint8 pixels: wandb renders a float array in [0, 1] as black
                     pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)  # H, W, 3
                 payload[key] = wandb.Image(pixels, caption=Path(png_path).name)
         finally:
@@ -287,10 +277,8 @@ def system_metrics(device: torch.device | str) -> dict[str, float]:
 class StepTimer:
     """Splits the wall time between two `pop` calls into waiting for data (`measure("data")`) and the rest.
 
-    Host clocks only, no device sync: the data wait is the time the loop blocks on the loader. With CUDA the
-    compute part is only exact over a whole interval, which is why `pop` belongs right after the log step's sync.
-    Time inside `measure("excluded")` (checkpoints, panels, evaluation) counts in neither part.
-    """
+    Host clocks, no device sync: with CUDA the split is exact only over a whole interval, so `pop` belongs right after
+    the log step's sync. Time inside `measure("excluded")` (checkpoints, panels, evaluation) counts in neither part."""
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         self.clock = clock
