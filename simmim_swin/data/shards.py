@@ -26,6 +26,7 @@ from PIL import Image
 from simmim_swin.data.datasets import find_images
 from simmim_swin.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
 from simmim_swin.data.images import DEFAULT_MAX_IMAGE_PIXELS, describe_error, verify_image
+from simmim_swin.distributed import process_alive
 from simmim_swin.files import atomic_write
 
 INDEX_FORMAT = "simmim-swin-shards/1"
@@ -221,21 +222,11 @@ def remove_stale_staging(out_dir: str | Path, name: str) -> list[Path]:
         match = pattern.fullmatch(folder.name)
         if not match or not folder.is_dir():
             continue
-        if match["pid"] is not None and (match["host"] != socket.gethostname() or _process_alive(int(match["pid"]))):
+        if match["pid"] is not None and (match["host"] != socket.gethostname() or process_alive(int(match["pid"]))):
             continue
         shutil.rmtree(folder, ignore_errors=True)
         removed.append(folder)
     return removed
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only checks that the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def read_index(path: str | Path) -> dict[str, Any]:
