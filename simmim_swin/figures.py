@@ -178,10 +178,19 @@ def make_panel_tiles(
     return np.stack([original, masked, pasted, error_rgb], axis=1), labels  # B, 4, H, W, 3
 
 
-def save_reconstruction_panel(path: str | os.PathLike, *args: Any, **kwargs: Any) -> Path:
-    """Write the panel of make_panel_tiles(*args, **kwargs) as a PNG atomically and return its path: column titles
-    above the tiles, each row's losses above it."""
-    tiles, labels = make_panel_tiles(*args, **kwargs)
+def save_reconstruction_panel(
+    path: str | os.PathLike,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    reconstructions: torch.Tensor,
+    patch_size: int,
+    predictions: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
+    display: BandDisplay | None = None,
+) -> Path:
+    """Write the panel of make_panel_tiles (the same arguments) as a PNG atomically and return its path: column
+    titles above the tiles, each row's losses above it."""
+    tiles, labels = make_panel_tiles(images, masks, reconstructions, patch_size, predictions, targets, display)
     num_rows, _, h, w, _ = tiles.shape
     canvas = _Canvas(*panel_size(num_rows, h, w))
     for row in range(num_rows):
