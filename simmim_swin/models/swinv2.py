@@ -233,7 +233,8 @@ class SwinTransformerV2Stage(timm_swinv2.SwinTransformerV2Stage):
         self.extra_norms = nn.ModuleDict({str(j): nn.LayerNorm(out_dim) for j in range(every - 1, depth, every)})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample(x)  # B, H', W', C'
+        """x: (B, H, W, C) -> (B, H', W', C')."""
+        x = self.downsample(x)
         for j, block in enumerate(self.blocks):
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
