@@ -183,6 +183,8 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="where to write the photos and shards (default: a temp dir)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "dataloader.json"))
     args = parser.parse_args()
+    if args.batch_size < 1 or min(args.workers) < 0:  # the loaders take the values as checked
+        parser.error(f"--batch-size {args.batch_size} must be >= 1 and --workers {args.workers} >= 0, e.g. 32 and 2")
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="simmim_loader_bench_"))
     sets = [("imagenet-like", args.num_images, IMAGENET_SIZES)]

@@ -159,7 +159,8 @@ def make_panel_tiles(
     masked = original.copy()
     masked[pixel_mask[:, 0].numpy()] = MASK_GREY
     l1 = (predictions - targets).abs() * pixel_mask  # B, C, H, W
-    error_rgb = colormaps[ERROR_COLORMAP](l1.mean(dim=1).numpy() / ERROR_MAX, bytes=True)[..., :3]  # B, H, W, 3
+    # B, H, W, 3, rounded (matplotlib's bytes=True truncates: a shade darker)
+    error_rgb = (colormaps[ERROR_COLORMAP](l1.mean(dim=1).numpy() / ERROR_MAX)[..., :3] * 255).round().astype(np.uint8)
     error_rgb[~pixel_mask[:, 0].numpy()] = 0
     # SimMIM's loss per image: L1 summed over masked pixels and channels / (masked pixels + eps) / channels
     masked_values = (pixel_mask.sum(dim=(1, 2, 3)) + LOSS_EPS) * targets.shape[1]
@@ -271,7 +272,7 @@ def save_position_bias_figure(
     canvas.text(BIAS_MARGIN_PX, BIAS_MARGIN_PX, f"position bias 16*sigmoid(CPB){at_step}", va="top")
     for (stage_index, bias), row in zip(maps, boxes):
         values = bias.detach().float().numpy()  # heads, h, w
-        tiles = cmap((values - low) / max(high - low, 1e-6), bytes=True)[..., :3]  # heads, h, w, 3
+        tiles = (cmap((values - low) / max(high - low, 1e-6))[..., :3] * 255).round().astype(np.uint8)  # heads, h, w, 3
         heads, h, w = values.shape
         label = (
             f"stage {stage_index} | window {(h + 1) // 2}x{(w + 1) // 2} | {heads} head{'s' if heads != 1 else ''} | "
@@ -281,7 +282,8 @@ def save_position_bias_figure(
         for tile, (left, top, _, tile_h) in zip(tiles, row):
             canvas.paste(tile, left, top, tile_h // h)
     left, top, bar_w, bar_h = colour_bar_box(width, height)
-    canvas.paste(cmap(np.linspace(0.0, 1.0, bar_w)[None], bytes=True)[..., :3].repeat(bar_h, axis=0), left, top)
+    bar = (cmap(np.linspace(0.0, 1.0, bar_w)[None])[..., :3] * 255).round().astype(np.uint8)  # 1, bar_w, 3
+    canvas.paste(bar.repeat(bar_h, axis=0), left, top)
     canvas.text(left, top + bar_h + 2, f"{low:.3f}", va="top")
     canvas.text(left + bar_w, top + bar_h + 2, f"{high:.3f}", ha="right", va="top")
     return _save(canvas.fig, path)

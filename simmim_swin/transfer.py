@@ -15,7 +15,7 @@ import torch
 from timm.models import adapt_input_conv
 
 from .checkpoint import load_weights_file, resolve_checkpoint
-from .config import ConfigError, FinetuneModelConfig, ModelConfig, from_dict, to_dict
+from .config import ConfigError, FinetuneModelConfig, ModelConfig, WeightFormat, from_dict, to_dict
 from .hf import from_hf, hf_windows, is_hf_folder, read_hf_folder
 from .models import SimMIM, build_encoder
 from .models.swinv2 import SWINV2_SIZES, SwinTransformerV2, WindowAttention, is_derived_buffer, size_fields
@@ -111,6 +111,8 @@ def _model_weights(state: dict[str, Any]) -> dict[str, Any]:
 
 def load_pretrained(path: str | Path, fmt: str = "auto") -> PretrainedWeights:
     """Read pretrained weights (run dir, .pt/.pth checkpoint or .safetensors) into our layout."""
+    if fmt not in list(WeightFormat):  # a library caller's string; configs hold a WeightFormat already
+        raise ValueError(f"pretrained_format={fmt!r} is unknown; use one of {[f.value for f in WeightFormat]}")
     hf_config = None
     if is_hf_folder(path):  # a Hugging Face model folder: config.json + model.safetensors
         hf_config, path = read_hf_folder(path)

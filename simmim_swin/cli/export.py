@@ -120,7 +120,8 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, use_ema: bool = False
 
 def model_card(state: dict[str, Any], path: Path, config: dict[str, Any], use_ema: bool) -> str:
     """README.md of an exported folder: architecture, data and steps, CPB windows, how to load and fine-tune."""
-    run_config, kind, stage_windows = state["config"], config["architectures"][0], list(state["stage_window_sizes"])
+    run_config, kind = state["config"], config["architectures"][0]
+    stage_windows = list(state["stage_window_sizes"])
     data = run_config.get("data", {})
     source = data.get("source", "?")
     where = data.get("root") or data.get("urls") or ""

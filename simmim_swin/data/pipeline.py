@@ -110,7 +110,8 @@ def build_pretrain_data(
     map_style = data_cfg.source in MAP_STYLE_SOURCES
     if map_style:  # photos, folder or fashion_mnist: one seeded DataLoader that skips to any step exactly
         dataset = build_pretrain_dataset(data_cfg, img_size, mask_generator, in_chans)
-        samples_per_epoch, what, description, panel = len(dataset), f"the dataset ({dataset!r})", repr(dataset), dataset
+        samples_per_epoch, description, panel = len(dataset), repr(dataset), dataset
+        what = f"the dataset ({description})"
     else:  # shards: streamed, each rank and worker its own shards, a new order drawn on resume
         urls, index_total = resolve_urls(data_cfg.urls)
         samples_per_epoch, what = data_cfg.samples_per_epoch or index_total, "data.samples_per_epoch"

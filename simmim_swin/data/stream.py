@@ -86,6 +86,7 @@ class BadSampleLog:
         return True
 
     def take(self) -> tuple[int, tuple[str, ...]]:
+        """(count, shards) of the bad samples since the last call."""
         pending, self.pending = tuple(self.pending), []
         return len(pending), pending
 

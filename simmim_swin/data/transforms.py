@@ -133,6 +133,8 @@ class Normalizer:
     """Raw images (B, C, H, W) -> float32 (raw - mean) / std per channel; no data.mean / std: ImageNet's, for uint8."""
 
     def __init__(self, mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> None:
+        if (mean is None) != (std is None):  # else ImageNet's would stand in silently for the missing one
+            raise ValueError("data.mean and data.std go together: set both (simmim-swin stats prints them) or neither")
         self.is_default = mean is None
         scale = 255.0 if self.is_default else 1.0
         self.mean = torch.tensor(IMAGENET_MEAN if mean is None else mean, dtype=torch.float32).view(-1, 1, 1) * scale

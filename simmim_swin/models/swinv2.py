@@ -159,8 +159,9 @@ class SwinTransformerV2Block(timm_swinv2.SwinTransformerV2Block):
     """timm's res-post-norm block with the reference's window clipping, the fused attention and any map size."""
 
     def __init__(
-        self, dim: int, input_resolution: tuple[int, int], num_heads: int, fused_attn: bool = False, **kwargs: Any
+        self, dim: int, input_resolution: tuple[int, int], num_heads: int, *, fused_attn: bool = False, **kwargs: Any
     ) -> None:
+        # timm's keyword arguments (window_size, shift_size ...); fused_attn keyword-only: timm's 4th is the window
         super().__init__(dim, input_resolution, num_heads, **kwargs)
         # timm's block takes no attention class: its attention is replaced by the subclass (a build-time cost only)
         names = ("qkv_bias", "attn_drop", "proj_drop", "pretrained_window_size")
@@ -233,7 +234,8 @@ class SwinTransformerV2Stage(timm_swinv2.SwinTransformerV2Stage):
         self.extra_norms = nn.ModuleDict({str(j): nn.LayerNorm(out_dim) for j in range(every - 1, depth, every)})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample(x)  # B, H', W', C'
+        """x: (B, H, W, C) -> (B, H', W', C')."""
+        x = self.downsample(x)
         for j, block in enumerate(self.blocks):
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)

@@ -124,6 +124,8 @@ def test_normalizer_defaults_to_imagenet_for_uint8_and_needs_statistics_for_floa
     assert torch.equal(stats(x)[0, :, 0, 0], torch.tensor([2.0, 1.5, 1.0, 0.5]))
     with pytest.raises(ValueError, match="4 values but the images have 3"):
         stats(images)
+    with pytest.raises(ValueError, match="data.mean and data.std go together"):
+        Normalizer([1.0, 2.0, 3.0], None)
 
 
 def test_eval_view_resizes_any_band_count(tmp_path):

@@ -295,3 +295,8 @@ def test_exports_round_trip_into_finetuning_and_timm(tmp_path, randomize):
         torch.testing.assert_close(timm_encoder.forward_features(x), expected, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="not a simmim-swin"):
         export_checkpoint(tmp_path / "encoder.safetensors", tmp_path / "again.safetensors")
+
+
+def test_load_pretrained_refuses_an_unknown_format_naming_the_choices(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"pretrained_format='refrence' is unknown; use one of \['auto', 'simmim'"):
+        load_pretrained(tmp_path / "model.pt", "refrence")
