@@ -46,6 +46,13 @@ class _Canvas:
         self.fig.text(x / self.width, 1 - y / self.height, text, fontsize=FONT_PT, color="black", **kwargs)
 
 
+def _colour(colormap: str, values: np.ndarray) -> np.ndarray:
+    """uint8 RGB (..., 3) of `values` in 0..1 (outside: the end colours), rounded: bytes=True truncates, a shade off."""
+    from matplotlib import colormaps
+
+    return (colormaps[colormap](values)[..., :3] * 255).round().astype(np.uint8)
+
+
 def _save(fig: Figure, path: str | os.PathLike) -> Path:
     fig.canvas.draw()
     pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3]  # the canvas is white: no transparency to keep
@@ -145,8 +152,6 @@ def make_panel_tiles(
             f"masks {tuple(masks.shape)} must be token masks (B, H/p, W/p) = {(b, h // patch_size, w // patch_size)} "
             f"for images {tuple(images.shape)} and patch_size={patch_size}"
         )
-    from matplotlib import colormaps
-
     images, reconstructions = images.detach().float().cpu(), reconstructions.detach().float().cpu()
     predictions, targets = predictions.detach().float().cpu(), targets.detach().float().cpu()
     pixel_mask = upsample_mask(masks.detach().cpu().bool(), patch_size)  # B, 1, H, W
@@ -159,8 +164,7 @@ def make_panel_tiles(
     masked = original.copy()
     masked[pixel_mask[:, 0].numpy()] = MASK_GREY
     l1 = (predictions - targets).abs() * pixel_mask  # B, C, H, W
-    # B, H, W, 3, rounded (matplotlib's bytes=True truncates: a shade darker)
-    error_rgb = (colormaps[ERROR_COLORMAP](l1.mean(dim=1).numpy() / ERROR_MAX)[..., :3] * 255).round().astype(np.uint8)
+    error_rgb = _colour(ERROR_COLORMAP, l1.mean(dim=1).numpy() / ERROR_MAX)  # B, H, W, 3
     error_rgb[~pixel_mask[:, 0].numpy()] = 0
     # SimMIM's loss per image: L1 summed over masked pixels and channels / (masked pixels + eps) / channels
     masked_values = (pixel_mask.sum(dim=(1, 2, 3)) + LOSS_EPS) * targets.shape[1]
@@ -258,11 +262,8 @@ def save_position_bias_figure(
         value_range: the colour scale, e.g. (0, 16) to compare runs; None spans the maps' own min..max over every
             stage (a barely trained model shows as nearly flat, as it is).
     """
-    from matplotlib import colormaps
-
     if not maps:
         raise ValueError("no bias maps to draw; make them with make_position_bias_maps(encoder)")
-    cmap = colormaps[BIAS_COLORMAP]  # values outside 0..1 take its end colours
     if value_range is None:
         value_range = (min(float(b.min()) for _, b in maps), max(float(b.max()) for _, b in maps))
     low, high = value_range
@@ -272,7 +273,7 @@ def save_position_bias_figure(
     canvas.text(BIAS_MARGIN_PX, BIAS_MARGIN_PX, f"position bias 16*sigmoid(CPB){at_step}", va="top")
     for (stage_index, bias), row in zip(maps, boxes):
         values = bias.detach().float().numpy()  # heads, h, w
-        tiles = (cmap((values - low) / max(high - low, 1e-6))[..., :3] * 255).round().astype(np.uint8)  # heads, h, w, 3
+        tiles = _colour(BIAS_COLORMAP, (values - low) / max(high - low, 1e-6))  # heads, h, w, 3
         heads, h, w = values.shape
         label = (
             f"stage {stage_index} | window {(h + 1) // 2}x{(w + 1) // 2} | {heads} head{'s' if heads != 1 else ''} | "
@@ -282,7 +283,7 @@ def save_position_bias_figure(
         for tile, (left, top, _, tile_h) in zip(tiles, row):
             canvas.paste(tile, left, top, tile_h // h)
     left, top, bar_w, bar_h = colour_bar_box(width, height)
-    bar = (cmap(np.linspace(0.0, 1.0, bar_w)[None])[..., :3] * 255).round().astype(np.uint8)  # 1, bar_w, 3
+    bar = _colour(BIAS_COLORMAP, np.linspace(0.0, 1.0, bar_w)[None])  # 1, bar_w, 3
     canvas.paste(bar.repeat(bar_h, axis=0), left, top)
     canvas.text(left, top + bar_h + 2, f"{low:.3f}", va="top")
     canvas.text(left + bar_w, top + bar_h + 2, f"{high:.3f}", ha="right", va="top")
