@@ -19,6 +19,9 @@ EIGHT_BIT_MODES: frozenset[str] = frozenset({"1", "L", "P", "RGB", "RGBA", "LA",
 
 ImageSource = Image.Image | np.ndarray
 
+# set once, not per TIFF read: setLevel clears the cache of every logger in the process
+logging.getLogger("tifffile").setLevel(logging.CRITICAL)  # a broken file is reported once, by the caller
+
 # PIL opens 16-bit-per-channel colour PNGs (48-bit RGB, 64-bit RGBA) and 16-bit grey + alpha in 8-bit modes, keeping
 # only the high byte of each sample. Its own decoder reads every bit when asked for another raw mode of the same
 # bits per pixel (so that the PNG filters still see the right pixel stride): ";16L" unpacks the low bytes of the
@@ -121,8 +124,6 @@ def _read_png16(data: bytes | str | os.PathLike, rawmode: str) -> np.ndarray:
 def _read_tiff(stream: io.BytesIO | str | os.PathLike, max_pixels: int | None, name: str) -> np.ndarray | None:
     """A TIFF's first series as (C, H, W), every axis but Y, X as channels; None for an 8-bit photo, which PIL reads."""
     import tifffile  # a scikit-image dependency; imported here so that 8-bit photo pipelines never load it
-
-    logging.getLogger("tifffile").setLevel(logging.CRITICAL)  # a broken file is reported once, by the caller
 
     with tifffile.TiffFile(stream) as tif:
         series = tif.series[0]
