@@ -63,9 +63,8 @@ class SeededSampler(Sampler[tuple[int, int]]):
         order = torch.randperm(self.num_samples, generator=generator)
         # seeds are indexed by position in the global order, so ranks never share a sample seed
         seeds = torch.randint(0, _MAX_SAMPLE_SEED, (self.num_samples,), generator=generator)
-        start = self.rank + skip * self.world_size
-        for pos in range(start, self.per_rank * self.world_size, self.world_size):
-            yield int(order[pos]), int(seeds[pos])
+        mine = slice(self.rank + skip * self.world_size, self.per_rank * self.world_size, self.world_size)
+        yield from zip(order[mine].tolist(), seeds[mine].tolist())  # one conversion, not two tensor reads per sample
 
 
 class SeededSamples(Dataset):

@@ -293,6 +293,8 @@ def test_sampler_splits_ranks_disjointly() -> None:
     indices = [i for p in parts for i, _ in p]
     seeds = [s for p in parts for _, s in p]
     assert len(set(indices)) == 9 and len(set(seeds)) == 9
+    assert all(type(v) is int for v in indices + seeds)
+    assert list(SeededSampler(10, seed=0, epoch=2, rank=1, world_size=3, skip=1)) == parts[1][1:]
     with pytest.raises(ValueError, match="rank"):
         SeededSampler(10, seed=0, epoch=0, rank=3, world_size=3)
 
