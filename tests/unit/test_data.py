@@ -6,6 +6,7 @@ import gzip
 import io
 import logging
 import math
+import random
 from pathlib import Path
 
 import numpy as np
@@ -242,6 +243,22 @@ def test_loader_batches_do_not_depend_on_num_workers(photos: MaskedImages) -> No
     in_process = _first_batch(photos, 0, seed=5, epoch=3)
     with_workers = _first_batch(photos, 2, seed=5, epoch=3)
     assert torch.equal(in_process[0], with_workers[0]) and torch.equal(in_process[1], with_workers[1])
+
+
+class _ThreeRngDataset(_IndexDataset):
+    """Item i -> (i, one draw each from torch's, python's and numpy's global RNGs)."""
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
+        return index, torch.tensor([torch.rand(()).item(), random.random(), np.random.random()], dtype=torch.float64)
+
+
+def test_every_global_rng_is_seeded_per_sample_alike_in_and_out_of_workers() -> None:
+    def draws(num_workers: int) -> list:
+        loader = build_pretrain_loader(_ThreeRngDataset(12), batch_size=4, num_workers=num_workers, seed=2)
+        return [(idx.tolist(), rand.tolist()) for idx, rand in loader]
+
+    in_process = draws(0)
+    assert in_process == draws(2) and len({tuple(r) for _, rand in in_process for r in rand}) == 12
 
 
 def test_loader_order_and_global_rng() -> None:
