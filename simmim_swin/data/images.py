@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageMode
 
 from simmim_swin.config import DEFAULT_MAX_IMAGE_PIXELS
 
@@ -171,10 +171,8 @@ def describe_source(source: ImageSource, ext: str | None = None) -> str:
 
 def source_depth(source: ImageSource) -> str:
     """The bits per sample as check-data names them: '8-bit int', '16-bit int', '32-bit float'."""
-    if isinstance(source, Image.Image):
-        dtype = np.dtype("uint8") if source.mode in EIGHT_BIT_MODES else np.asarray(source).dtype
-    else:
-        dtype = source.dtype
+    # a PIL image's numpy dtype from its mode, as PIL's own array interface takes it: no decode
+    dtype = np.dtype(ImageMode.getmode(source.mode).typestr) if isinstance(source, Image.Image) else source.dtype
     return f"{dtype.itemsize * 8}-bit {'float' if dtype.kind == 'f' else 'int'}"
 
 
