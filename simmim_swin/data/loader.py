@@ -208,9 +208,7 @@ def make_fixed_batch(
             break
     if not found:
         raise ValueError(f"{dataset!r}: none of the images can be read, e.g. {errors[0] if errors else '?'}")
-    images = torch.stack([found[k % len(found)].float() for k in range(num_images)])
-    if all(image.dtype == torch.uint8 for image in found):
-        images = images.to(torch.uint8)
+    images = torch.stack([found[k % len(found)] for k in range(num_images)])  # uint8 unless one is float32
     generator = torch.Generator().manual_seed(seed)
     masks = torch.stack([mask_generator(generator=generator) for _ in range(num_images)]).to(torch.uint8)
     return images, masks  # N, C, H, W and N, h, w

@@ -37,7 +37,9 @@ from simmim_swin.data import (
     sample_crop_box,
 )
 from simmim_swin.data.classification import build_val_dataset
+from simmim_swin.data.datasets import ImageList
 from simmim_swin.data.fashion_mnist import FASHION_MNIST_DIR, FashionMNIST
+from simmim_swin.data.transforms import EvalView
 from simmim_swin.masking import MaskGenerator
 
 IMG = 32
@@ -328,6 +330,16 @@ def test_make_fixed_batch_is_deterministic(photos: MaskedImages, mask_generator:
     assert torch.equal(images[0], build_eval_transform(IMG, normalize=False)(photos.load_image(0)))
     _, other_masks = make_fixed_batch(photos, n, IMG, mask_generator, seed=1)
     assert not torch.equal(masks, other_masks)
+
+
+def test_make_fixed_batch_of_8_bit_and_float_images_is_float_with_the_8_bit_values_kept(mask_generator) -> None:
+    grey = np.full((3, 40, 40), 1000.5, dtype=np.float32)
+    mixed = ImageList([Image.new("RGB", (40, 40), (10, 20, 30))], "mixed")
+    mixed.load_image = lambda k: mixed.images[0] if k == 0 else grey
+    mixed.num_images = 2
+    images, _ = make_fixed_batch(mixed, 3, IMG, mask_generator, seed=0)
+    assert images.dtype == torch.float32 and images[[0, 2], :, 0, 0].tolist() == [[10, 20, 30]] * 2
+    assert torch.equal(images[1], EvalView(IMG)(grey))
 
 
 # ----------------------------------------------------------------------------------------------- crop and draft
