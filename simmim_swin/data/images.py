@@ -11,13 +11,16 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageMode
 
 from simmim_swin.config import DEFAULT_MAX_IMAGE_PIXELS
 
 EIGHT_BIT_MODES: frozenset[str] = frozenset({"1", "L", "P", "RGB", "RGBA", "LA", "PA", "CMYK", "YCbCr", "RGBX"})
 
 ImageSource = Image.Image | np.ndarray
+
+# set once, not per TIFF read: setLevel clears the cache of every logger in the process
+logging.getLogger("tifffile").setLevel(logging.CRITICAL)  # a broken file is reported once, by the caller
 
 # PIL opens 16-bit-per-channel colour PNGs (48-bit RGB, 64-bit RGBA) and 16-bit grey + alpha in 8-bit modes, keeping
 # only the high byte of each sample. Its own decoder reads every bit when asked for another raw mode of the same
@@ -122,8 +125,6 @@ def _read_tiff(stream: io.BytesIO | str | os.PathLike, max_pixels: int | None, n
     """A TIFF's first series as (C, H, W), every axis but Y, X as channels; None for an 8-bit photo, which PIL reads."""
     import tifffile  # a scikit-image dependency; imported here so that 8-bit photo pipelines never load it
 
-    logging.getLogger("tifffile").setLevel(logging.CRITICAL)  # a broken file is reported once, by the caller
-
     with tifffile.TiffFile(stream) as tif:
         series = tif.series[0]
         axes, shape = series.axes, series.shape
@@ -170,10 +171,8 @@ def describe_source(source: ImageSource, ext: str | None = None) -> str:
 
 def source_depth(source: ImageSource) -> str:
     """The bits per sample as check-data names them: '8-bit int', '16-bit int', '32-bit float'."""
-    if isinstance(source, Image.Image):
-        dtype = np.dtype("uint8") if source.mode in EIGHT_BIT_MODES else np.asarray(source).dtype
-    else:
-        dtype = source.dtype
+    # a PIL image's numpy dtype from its mode, as PIL's own array interface takes it: no decode
+    dtype = np.dtype(ImageMode.getmode(source.mode).typestr) if isinstance(source, Image.Image) else source.dtype
     return f"{dtype.itemsize * 8}-bit {'float' if dtype.kind == 'f' else 'int'}"
 
 

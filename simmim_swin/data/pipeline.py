@@ -63,16 +63,17 @@ def monitored(batches: Iterator[Batch], monitor: BadDataMonitor) -> Iterator[tup
             yield batch.data
 
 
-def _decoded_sample(sample: dict[str, Any], generator: torch.Generator) -> tuple[Image.Image | np.ndarray]:
-    source = open_image(sample)
-    if isinstance(source, Image.Image):
-        source.load()  # decoded now: the shard's bytes go away
-    return (source,)
+def _first_images(urls: list[str], num_images: int, name: str, max_pixels: int | None) -> ImageList:
+    """The first readable images of the shards `urls` (at most `max_pixels` each, as in training), decoded, for the
+    reconstruction panels."""
 
+    def decoded(sample: dict[str, Any], generator: torch.Generator) -> tuple[Image.Image | np.ndarray]:
+        source = open_image(sample, max_pixels)
+        if isinstance(source, Image.Image):
+            source.load()  # decoded now: the shard's bytes go away
+        return (source,)
 
-def _first_images(urls: list[str], num_images: int, name: str) -> ImageList:
-    """The first readable images of the shards `urls`, decoded, for the reconstruction panels."""
-    return ImageList([item[0] for item in read_samples(urls, num_images, _decoded_sample)], name)
+    return ImageList([item[0] for item in read_samples(urls, num_images, decoded)], name)
 
 
 def build_val_batches(
@@ -136,9 +137,9 @@ def build_pretrain_data(
         )
     if val_batches:
         val_urls, _ = resolve_urls(data_cfg.val_urls, what="data.val_urls")
-        panel = _first_images(val_urls, num_panel_images, "first validation images")
+        panel = _first_images(val_urls, num_panel_images, "first validation images", data_cfg.max_image_pixels)
     elif panel is None and num_panel_images:
-        panel = _first_images(urls, num_panel_images, "first images")
+        panel = _first_images(urls, num_panel_images, "first images", data_cfg.max_image_pixels)
         if not panel.num_images:
             raise ValueError(f"data.urls={data_cfg.urls!r}: no readable image in the shards")
 

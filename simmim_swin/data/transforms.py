@@ -126,7 +126,7 @@ def build_eval_transform(
 
 def normalize_images(images: torch.Tensor) -> torch.Tensor:
     """uint8 RGB images (..., 3, H, W) -> ImageNet-normalised float32; float input is returned as it is."""
-    return Normalizer()(images) if images.dtype == torch.uint8 else images
+    return _IMAGENET(images) if images.dtype == torch.uint8 else images
 
 
 class Normalizer:
@@ -151,7 +151,12 @@ class Normalizer:
                 f"data.mean / data.std have {len(self.mean)} values but the images have {images.shape[-3]} "
                 "channels; give one value per channel (model.in_chans)"
             )
-        return (images.float() - self.mean.to(images.device)) / self.std.to(images.device)
+        if self.mean.device != images.device:  # moved once: a copy per step would also wait for the device each time
+            self.mean, self.std = self.mean.to(images.device), self.std.to(images.device)
+        return (images.float() - self.mean) / self.std
+
+
+_IMAGENET = Normalizer()  # normalize_images's, kept on the device the images come from
 
 
 def denormalize(images: torch.Tensor) -> np.ndarray:

@@ -6,6 +6,7 @@ import gzip
 import io
 import logging
 import math
+import random
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,9 @@ from simmim_swin.data import (
     sample_crop_box,
 )
 from simmim_swin.data.classification import build_val_dataset
+from simmim_swin.data.datasets import ImageList
 from simmim_swin.data.fashion_mnist import FASHION_MNIST_DIR, FashionMNIST
+from simmim_swin.data.transforms import EvalView
 from simmim_swin.masking import MaskGenerator
 
 IMG = 32
@@ -244,6 +247,22 @@ def test_loader_batches_do_not_depend_on_num_workers(photos: MaskedImages) -> No
     assert torch.equal(in_process[0], with_workers[0]) and torch.equal(in_process[1], with_workers[1])
 
 
+class _ThreeRngDataset(_IndexDataset):
+    """Item i -> (i, one draw each from torch's, python's and numpy's global RNGs)."""
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
+        return index, torch.tensor([torch.rand(()).item(), random.random(), np.random.random()], dtype=torch.float64)
+
+
+def test_every_global_rng_is_seeded_per_sample_alike_in_and_out_of_workers() -> None:
+    def draws(num_workers: int) -> list:
+        loader = build_pretrain_loader(_ThreeRngDataset(12), batch_size=4, num_workers=num_workers, seed=2)
+        return [(idx.tolist(), rand.tolist()) for idx, rand in loader]
+
+    in_process = draws(0)
+    assert in_process == draws(2) and len({tuple(r) for _, rand in in_process for r in rand}) == 12
+
+
 def test_loader_order_and_global_rng() -> None:
     loader = build_pretrain_loader(_IndexDataset(20), batch_size=4, num_workers=0, seed=0, epoch=0)
     assert len(loader) == 5
@@ -293,6 +312,8 @@ def test_sampler_splits_ranks_disjointly() -> None:
     indices = [i for p in parts for i, _ in p]
     seeds = [s for p in parts for _, s in p]
     assert len(set(indices)) == 9 and len(set(seeds)) == 9
+    assert all(type(v) is int for v in indices + seeds)
+    assert list(SeededSampler(10, seed=0, epoch=2, rank=1, world_size=3, skip=1)) == parts[1][1:]
     with pytest.raises(ValueError, match="rank"):
         SeededSampler(10, seed=0, epoch=0, rank=3, world_size=3)
 
@@ -309,6 +330,16 @@ def test_make_fixed_batch_is_deterministic(photos: MaskedImages, mask_generator:
     assert torch.equal(images[0], build_eval_transform(IMG, normalize=False)(photos.load_image(0)))
     _, other_masks = make_fixed_batch(photos, n, IMG, mask_generator, seed=1)
     assert not torch.equal(masks, other_masks)
+
+
+def test_make_fixed_batch_of_8_bit_and_float_images_is_float_with_the_8_bit_values_kept(mask_generator) -> None:
+    grey = np.full((3, 40, 40), 1000.5, dtype=np.float32)
+    mixed = ImageList([Image.new("RGB", (40, 40), (10, 20, 30))], "mixed")
+    mixed.load_image = lambda k: mixed.images[0] if k == 0 else grey
+    mixed.num_images = 2
+    images, _ = make_fixed_batch(mixed, 3, IMG, mask_generator, seed=0)
+    assert images.dtype == torch.float32 and images[[0, 2], :, 0, 0].tolist() == [[10, 20, 30]] * 2
+    assert torch.equal(images[1], EvalView(IMG)(grey))
 
 
 # ----------------------------------------------------------------------------------------------- crop and draft

@@ -29,7 +29,7 @@ from simmim_swin.data import (
     to_tensor,
     write_shards,
 )
-from simmim_swin.data.images import describe_source
+from simmim_swin.data.images import describe_source, source_depth
 from simmim_swin.data.shards import ShardSample
 from simmim_swin.masking import MaskGenerator
 
@@ -84,6 +84,14 @@ def test_16bit_colour_png_keeps_every_bit(tmp_path, channels):
     tensor = to_tensor(open_source(tmp_path / "deep.png"), channels)
     assert tensor.dtype == torch.float32 and torch.equal(tensor, torch.from_numpy(expected.astype(np.float32)))
     assert describe_source(from_file, ".png") == f"PNG {channels} bands 16-bit int"
+
+
+def test_the_depth_of_a_pil_image_comes_from_its_mode_without_decoding(tmp_path):
+    Image.fromarray(np.full((4, 4), 40000, np.uint16)).save(tmp_path / "g16.png")
+    lazy = open_source(tmp_path / "g16.png")
+    assert describe_source(lazy) == "PNG I;16 1 band 16-bit int" and lazy.fp is not None  # not decoded
+    depths = [source_depth(Image.new(mode, (2, 2))) for mode in ("1", "P", "RGBA", "I", "F")]
+    assert depths == ["8-bit int", "8-bit int", "8-bit int", "32-bit int", "32-bit float"]
 
 
 def test_check_data_reports_the_depth_of_a_16bit_colour_png(tmp_path, capsys):

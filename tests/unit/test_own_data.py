@@ -122,6 +122,8 @@ def test_normalizer_defaults_to_imagenet_for_uint8_and_needs_statistics_for_floa
     stats = Normalizer([1.0, 2.0, 3.0, 4.0], [2.0, 2.0, 2.0, 2.0])
     x = torch.full((1, 4, 2, 2), 5.0)
     assert torch.equal(stats(x)[0, :, 0, 0], torch.tensor([2.0, 1.5, 1.0, 0.5]))
+    on_device = Normalizer([1.0, 2.0, 3.0, 4.0], [2.0, 2.0, 2.0, 2.0])  # meta: a device other than the CPU's
+    assert on_device(x.to("meta")).device.type == "meta" and on_device.mean.device.type == "meta"  # moved, kept
     with pytest.raises(ValueError, match="4 values but the images have 3"):
         stats(images)
     with pytest.raises(ValueError, match="data.mean and data.std go together"):

@@ -217,3 +217,17 @@ def test_a_stream_of_only_bad_data_stops_instead_of_hanging(tmp_path):
             assert not batch.data  # reports only: nothing good was read
             monitor.update(batch)
     assert monitor.num_good == 0 and monitor.num_bad >= 20 and "empty.tar" in str(err.value)
+
+
+def test_panel_images_of_shards_keep_the_runs_max_image_pixels(tmp_path):
+    from simmim_swin.config import DataConfig
+    from simmim_swin.data import build_pretrain_data
+
+    samples = [ShardSample("big", _png(7, size=40), "png"), ShardSample("a", _png(1, 8), "png"),
+               ShardSample("b", _png(2, 8), "png")]  # fmt: skip
+    index = write_shards(samples, tmp_path)
+    cfg = DataConfig(source="shards", urls=str(index), max_image_pixels=100, batch_size=1, num_workers=0)
+    data = build_pretrain_data(cfg, IMG, MaskGenerator(IMG, 8, 4, 0.6), seed=0, num_panel_images=2)
+    # the 40 x 40 image is over the limit, as in training: the panels show the next two
+    panel = [data.panel_source.load_image(k) for k in range(data.panel_source.num_images)]
+    assert [(img.size, img.getpixel((0, 0))) for img in panel] == [((8, 8), (1, 1, 1)), ((8, 8), (2, 2, 2))]
