@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from simmim_swin.config import OptimConfig
-from simmim_swin.engine import train_step
+from simmim_swin.engine import StepStats, train_step
 from simmim_swin.masking import MaskGenerator
 from simmim_swin.models import build_simmim
 from simmim_swin.optim import build_optimizer
@@ -57,18 +57,20 @@ def test_simmim_forward_is_one_graph_without_breaks(fused_attn, grad_checkpointi
 @pytest.mark.parametrize("clip_grad", [5.0, None])
 @pytest.mark.parametrize("accum_steps", [1, 2])
 def test_training_step_has_no_host_syncs(accum_steps, clip_grad):
-    """Forward, loss, backward, clipping, the non-finite check and fused AdamW's step: nothing reads a device value
-    on the host (no .item() per step), so on a GPU the host can queue the next step while this one runs."""
+    """Forward, loss, backward, clipping, the non-finite check, fused AdamW's step and the loop's counts: nothing
+    reads a device value on the host (no .item() per step), so on a GPU the host can queue the next step meanwhile."""
     model, images, masks = tiny_simmim(fused_attn=True)
     optimizer = build_optimizer(model, OptimConfig(fused=True), lr=1e-3)
     micro_batches = [(images, masks)] * accum_steps
     device = torch.device("cpu")
     # the first step creates the Adam state
     train_step(model, micro_batches, masked_pixel_loss, optimizer, None, "fp32", device, clip_grad)
+    stats = StepStats(device)
     with SyncRecorder() as recorder:
         loss, grad_norm, skipped = train_step(
             model, micro_batches, masked_pixel_loss, optimizer, None, "fp32", device, clip_grad
         )
+        stats.update(loss, skipped)  # the loop's running counts (TrainingRun.step_done) stay on the device too
     assert recorder.syncs == []
     assert not bool(skipped) and torch.isfinite(loss)  # read here, outside the recorded step
 
