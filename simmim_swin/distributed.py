@@ -235,10 +235,11 @@ class StopSignal:
 
     def should_stop(self) -> bool:
         """True on every rank once any rank has received one of the signals; every rank then knows which."""
-        flag = torch.tensor([self.received or 0])
-        if self._group is not None:
+        received = self.received or 0
+        if self._group is not None:  # asked every step: one process needs no tensor
+            flag = torch.tensor([received])
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-        received = int(flag.item())  # a CPU tensor: no device sync
+            received = int(flag.item())  # a CPU tensor: no device sync
         if received:
             self.received = received
         return bool(received)

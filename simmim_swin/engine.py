@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -72,8 +71,10 @@ def train_step(
     # without a scaler and know no accumulation (no_sync) or FSDP's DTensor norm
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-    max_norm = clip_grad if clip_grad is not None else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if clip_grad is not None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    else:  # the norm alone: clip_grad_norm_ with an infinite max would still multiply every gradient by 1
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor holding the global norm
         grad_norm = grad_norm.full_tensor()
     skipped = ~(torch.isfinite(grad_norm) & torch.isfinite(loss_sum))  # device bool: NaN/inf loss or gradient

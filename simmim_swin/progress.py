@@ -49,7 +49,7 @@ class Progress:
         self.bar = tqdm(**options) if self.tty else None
 
     def eta(self) -> str:
-        """The time left at the rate since the start, H:MM:SS with hours unbounded (unlike tqdm's); '?' at first."""
+        """The time left at the rate since the start: H:MM:SS, hours shown even at 0 (unlike tqdm's); '?' at first."""
         done, elapsed = self.count - self.start_count, self.clock() - self.start_time
         if done <= 0 or elapsed <= 0:
             return "?"

@@ -18,7 +18,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -177,14 +176,11 @@ class MetricsLogger:
             return
         import wandb
 
-        payload = {}
-        # the run's own PNGs: the pixel limit the data set on PIL (data.max_image_pixels, process-wide) is not for them
+        # the run's own PNGs (wandb opens them with PIL, then logs the files as they are): the pixel limit the data
+        # set on PIL (data.max_image_pixels, process-wide) is not for them
         pixel_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
         try:
-            for key, png_path in images.items():
-                with Image.open(png_path) as image:  # uint8 pixels: wandb renders a float array in [0, 1] as black
-                    pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)  # H, W, 3
-                payload[key] = wandb.Image(pixels, caption=Path(png_path).name)
+            payload = {key: wandb.Image(str(path), caption=Path(path).name) for key, path in images.items()}
         finally:
             Image.MAX_IMAGE_PIXELS = pixel_limit
         self.wandb_run.log(payload, step=int(step))

@@ -77,3 +77,26 @@ def test_scaler_skips_an_overflowing_step_and_lowers_the_scale() -> None:
         model, bad, lambda m, b: (m(b[0]) - b[1]).square().mean(), optimizer, scaler, "fp32", torch.device("cpu"), 1.0
     )
     assert bool(skipped) and torch.equal(model.weight, before) and scaler.get_scale() == 2.0**11
+
+
+def test_without_clipping_the_norm_is_reported_and_the_gradients_are_untouched() -> None:
+    """clip_grad=None: the returned norm is the gradients' own and the update is the plain one (nothing rescaled)."""
+    from simmim_swin.engine import train_step
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    x, y = torch.randn(3, 4), torch.randn(3, 2)
+    reference = torch.nn.Linear(4, 2)
+    reference.load_state_dict(model.state_dict())
+    (reference(x) - y).square().mean().backward()
+    grads = [p.grad.clone() for p in reference.parameters()]
+    expected_norm = torch.cat([g.flatten() for g in grads]).norm()
+    before = [p.detach().clone() for p in model.parameters()]
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_fn = lambda m, b: (m(b[0]) - b[1]).square().mean()  # noqa: E731
+    _, grad_norm, skipped = train_step(model, [(x, y)], loss_fn, optimizer, None, "fp32", torch.device("cpu"), None)
+    assert not bool(skipped)
+    torch.testing.assert_close(grad_norm, expected_norm)
+    for p, p0, g in zip(model.parameters(), before, grads, strict=True):
+        torch.testing.assert_close(p.detach(), p0 - 0.1 * g)

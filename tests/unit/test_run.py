@@ -56,9 +56,12 @@ def test_lock_of_another_host_is_taken_over_only_without_a_heartbeat(tmp_path):
     _write_lock(tmp_path, "node-that-does-not-exist", 12345, age_s=30)
     with pytest.raises(RunLockedError, match="node-that-does-not-exist"):
         RunLock(tmp_path, stale_after_s=60).acquire()
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["host"] == "node-that-does-not-exist"  # untouched
     _write_lock(tmp_path, "node-that-does-not-exist", 12345, age_s=120)
     with pytest.warns(UserWarning, match="no heartbeat from node-that-does-not-exist for 1[12]\\d s"):
         RunLock(tmp_path, stale_after_s=60).acquire()
+    holder = json.loads((tmp_path / LOCK_FILE).read_text())
+    assert (holder["host"], holder["pid"]) == (socket.gethostname(), os.getpid())  # taken over, not just warned
 
 
 def _slow_write(file, text: str) -> int:

@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from simmim_swin.config import OptimConfig
-from simmim_swin.engine import train_step
+from simmim_swin.engine import StepStats, train_step
 from simmim_swin.masking import MaskGenerator
 from simmim_swin.models import build_simmim
 from simmim_swin.optim import build_optimizer
@@ -54,19 +54,23 @@ def test_simmim_forward_is_one_graph_without_breaks(fused_attn, grad_checkpointi
     assert explanation.graph_count == 1
 
 
+@pytest.mark.parametrize("clip_grad", [5.0, None])
 @pytest.mark.parametrize("accum_steps", [1, 2])
-def test_training_step_has_no_host_syncs(accum_steps):
-    """Forward, loss, backward, clipping, the non-finite check and fused AdamW's step: nothing reads a device value
-    on the host (no .item() per step), so on a GPU the host can queue the next step while this one runs."""
+def test_training_step_has_no_host_syncs(accum_steps, clip_grad):
+    """Forward, loss, backward, clipping, the non-finite check, fused AdamW's step and the loop's counts: nothing
+    reads a device value on the host (no .item() per step), so on a GPU the host can queue the next step meanwhile."""
     model, images, masks = tiny_simmim(fused_attn=True)
     optimizer = build_optimizer(model, OptimConfig(fused=True), lr=1e-3)
     micro_batches = [(images, masks)] * accum_steps
     device = torch.device("cpu")
-    train_step(model, micro_batches, masked_pixel_loss, optimizer, None, "fp32", device, 5.0)  # creates the Adam state
+    # the first step creates the Adam state
+    train_step(model, micro_batches, masked_pixel_loss, optimizer, None, "fp32", device, clip_grad)
+    stats = StepStats(device)
     with SyncRecorder() as recorder:
         loss, grad_norm, skipped = train_step(
-            model, micro_batches, masked_pixel_loss, optimizer, None, "fp32", device, 5.0
+            model, micro_batches, masked_pixel_loss, optimizer, None, "fp32", device, clip_grad
         )
+        stats.update(loss, skipped)  # the loop's running counts (TrainingRun.step_done) stay on the device too
     assert recorder.syncs == []
     assert not bool(skipped) and torch.isfinite(loss)  # read here, outside the recorded step
 

@@ -277,6 +277,7 @@ def test_wandb_offline_logs_images_and_the_jsonl_holds_the_scalars(tmp_path: Pat
     run_folder = next((tmp_path / "run" / "wandb").glob(f"*run-*-{run_id}"))
     recon = list(run_folder.glob("files/media/images/reconstruction_20_*.png"))
     assert len(recon) == 1 and list(run_folder.glob("files/media/images/position_bias_20_*.png"))
+    assert recon[0].read_bytes() == Path(panel).read_bytes()  # the PNG itself, not decoded and encoded again
     with Image.open(recon[0]) as logged:
         assert np.array_equal(np.asarray(logged.convert("RGB")), pixels)  # uint8 as drawn, not a black image
     assert load_metrics(tmp_path / "run") == [{"step": s * 10, **m} for s, m in enumerate(scalars)]
